@@ -1,0 +1,320 @@
+//! The in-memory backend: consumer groups, redelivery and delays inside one
+//! process, bounded so a fast publisher waits for slow consumers. Nothing
+//! survives a restart; use it for tests, benchmarks and pipelines that can
+//! lose messages on a crash.
+//!
+//! URL: `memory://` or `memory://?capacity=N` (messages per group that may be
+//! waiting or in flight before `publish` waits; default 10000).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Backend, Capabilities, Delivery, Receipt, SubscribeOptions, Subscription, pattern};
+use crate::message::Message;
+
+const DEFAULT_CAPACITY: usize = 10_000;
+
+pub struct MemoryBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    capacity: usize,
+    /// Woken whenever a group frees room, so blocked publishers retry.
+    room: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    groups: HashMap<String, Group>,
+    next_delivery: u64,
+}
+
+struct Group {
+    patterns: Vec<String>,
+    ready: VecDeque<Entry>,
+    /// Nacked entries by the time they become ready again.
+    delayed: BTreeMap<(Instant, u64), Entry>,
+    in_flight: HashMap<u64, Entry>,
+    /// Woken when `ready` gains an entry.
+    arrived: Arc<Notify>,
+    members: usize,
+}
+
+#[derive(Clone)]
+struct Entry {
+    message: Arc<Message>,
+    attempts: u32,
+}
+
+impl Group {
+    fn held(&self) -> usize {
+        self.ready.len() + self.delayed.len() + self.in_flight.len()
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        self.patterns.iter().any(|p| pattern::matches(p, topic))
+    }
+
+    /// Moves delayed entries whose time has come to the back of `ready`.
+    fn promote_due(&mut self, now: Instant) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.delayed.keys().next().map(|(at, _)| *at)
+    }
+}
+
+impl MemoryBackend {
+    pub fn new(capacity: usize) -> Self {
+        MemoryBackend {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                capacity: capacity.max(1),
+                room: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn from_url(url: &str) -> Result<Self> {
+        let query = url
+            .strip_prefix("memory://")
+            .context("a memory URL starts with memory://")?;
+        let mut capacity = DEFAULT_CAPACITY;
+        if let Some(params) = query.trim_start_matches('/').strip_prefix('?') {
+            for pair in params.split('&').filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some(("capacity", value)) => {
+                        capacity = value.parse().with_context(|| {
+                            format!("memory URL: capacity `{value}` is not a number")
+                        })?
+                    }
+                    _ => bail!("memory URL: unknown parameter `{pair}` (known: capacity)"),
+                }
+            }
+        }
+        Ok(Self::new(capacity))
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            persistent: false,
+            history: false,
+            consumer_groups: true,
+            ordered_per_key: true,
+            native_delay: true,
+            lease: false,
+            wildcards: true,
+            at_least_once: true,
+        }
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        for message in messages {
+            let message = Arc::new(message);
+            loop {
+                // Register for wake-ups before checking, so a release between
+                // the check and the wait is not missed.
+                let room = self.shared.room.notified();
+                {
+                    let mut state = self.shared.state.lock().unwrap();
+                    let full = state
+                        .groups
+                        .values()
+                        .any(|g| g.wants(&message.topic) && g.held() >= self.shared.capacity);
+                    if !full {
+                        for group in state.groups.values_mut() {
+                            if group.wants(&message.topic) {
+                                group.ready.push_back(Entry {
+                                    message: message.clone(),
+                                    attempts: 0,
+                                });
+                                group.arrived.notify_waiters();
+                            }
+                        }
+                        break;
+                    }
+                }
+                room.await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        for topic in &options.topics {
+            pattern::validate(topic).map_err(anyhow::Error::msg)?;
+        }
+        // History is not kept, so every start position means "from now on".
+        let arrived = {
+            let mut state = self.shared.state.lock().unwrap();
+            let group = state
+                .groups
+                .entry(options.group.clone())
+                .or_insert_with(|| Group {
+                    patterns: Vec::new(),
+                    ready: VecDeque::new(),
+                    delayed: BTreeMap::new(),
+                    in_flight: HashMap::new(),
+                    arrived: Arc::new(Notify::new()),
+                    members: 0,
+                });
+            for topic in &options.topics {
+                if !group.patterns.contains(topic) {
+                    group.patterns.push(topic.clone());
+                }
+            }
+            group.members += 1;
+            group.arrived.clone()
+        };
+        Ok(Box::new(MemorySubscription {
+            shared: self.shared.clone(),
+            group: options.group,
+            ephemeral: options.ephemeral,
+            arrived,
+            mine: Mutex::new(Vec::new()),
+        }))
+    }
+}
+
+struct MemorySubscription {
+    shared: Arc<Shared>,
+    group: String,
+    ephemeral: bool,
+    arrived: Arc<Notify>,
+    /// Deliveries handed to this member and not yet settled, returned to the
+    /// group on close.
+    mine: Mutex<Vec<u64>>,
+}
+
+impl MemorySubscription {
+    /// Takes up to `max` ready entries; also reports when the next delayed
+    /// entry becomes due.
+    fn take(&self, max: usize) -> Result<(Vec<Delivery>, Option<Instant>)> {
+        let mut state = self.shared.state.lock().unwrap();
+        let State {
+            groups,
+            next_delivery,
+        } = &mut *state;
+        let Some(group) = groups.get_mut(&self.group) else {
+            bail!("subscription to group `{}` is closed", self.group);
+        };
+        group.promote_due(Instant::now());
+        let mut deliveries = Vec::new();
+        let mut mine = self.mine.lock().unwrap();
+        while deliveries.len() < max {
+            let Some(mut entry) = group.ready.pop_front() else {
+                break;
+            };
+            entry.attempts += 1;
+            *next_delivery += 1;
+            let id = *next_delivery;
+            deliveries.push(Delivery {
+                message: (*entry.message).clone(),
+                attempt: entry.attempts,
+                receipt: Receipt::new(id),
+            });
+            group.in_flight.insert(id, entry);
+            mine.push(id);
+        }
+        Ok((deliveries, group.next_due()))
+    }
+
+    fn settle(&self, delivery: &Delivery, delay: Option<Duration>) -> Result<()> {
+        let id = *delivery.receipt.get::<u64>()?;
+        let mut state = self.shared.state.lock().unwrap();
+        let group = state
+            .groups
+            .get_mut(&self.group)
+            .with_context(|| format!("group `{}` is gone", self.group))?;
+        let Some(entry) = group.in_flight.remove(&id) else {
+            bail!("delivery {id} was already settled");
+        };
+        self.mine.lock().unwrap().retain(|d| *d != id);
+        match delay {
+            None => self.shared.room.notify_waiters(),
+            Some(delay) if delay.is_zero() => {
+                group.ready.push_back(entry);
+                group.arrived.notify_waiters();
+            }
+            Some(delay) => {
+                group.delayed.insert((Instant::now() + delay, id), entry);
+                // A fetcher may be sleeping until a later due time.
+                group.arrived.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscription for MemorySubscription {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let give_up = Instant::now() + wait;
+        loop {
+            let arrived = self.arrived.notified();
+            let (deliveries, next_due) = self.take(max.max(1))?;
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Ok(Vec::new());
+            }
+            let until = next_due.map_or(give_up, |due| due.min(give_up));
+            tokio::select! {
+                _ = arrived => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        self.settle(delivery, None)
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        self.settle(delivery, Some(delay))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let mut state = self.shared.state.lock().unwrap();
+        let Some(group) = state.groups.get_mut(&self.group) else {
+            return Ok(());
+        };
+        let mine = std::mem::take(&mut *self.mine.lock().unwrap());
+        // Returned in reverse so the oldest ends up first again.
+        for id in mine.into_iter().rev() {
+            if let Some(entry) = group.in_flight.remove(&id) {
+                group.ready.push_front(entry);
+            }
+        }
+        group.members = group.members.saturating_sub(1);
+        group.arrived.notify_waiters();
+        if self.ephemeral && group.members == 0 {
+            state.groups.remove(&self.group);
+            self.shared.room.notify_waiters();
+        }
+        Ok(())
+    }
+}

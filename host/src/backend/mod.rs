@@ -1,0 +1,214 @@
+//! The backend contract: the small surface every message backend implements.
+//!
+//! A backend publishes messages and hands out subscriptions. A subscription
+//! belongs to a consumer group: members of one group compete for messages,
+//! every group gets every message (fan-out). Each delivery is settled exactly
+//! once: `ack` removes it, `nack` makes it visible again after a delay.
+//! Dead-lettering is done by the host on top of every backend (publish to the
+//! dead-letter topic, then ack), so it means the same everywhere.
+//!
+//! What a backend cannot do natively it declares in [`Capabilities`], and the
+//! host fills the gap (see `docs/architecture.md`).
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use async_trait::async_trait;
+
+use crate::message::Message;
+
+pub mod memory;
+pub mod pattern;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// What a backend guarantees and does natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Messages and group positions survive a restart of the host.
+    pub persistent: bool,
+    /// A group that subscribes late still receives messages published before
+    /// it existed (when it starts from the earliest position).
+    pub history: bool,
+    /// Consumer groups: members of a group compete, groups fan out.
+    pub consumer_groups: bool,
+    /// Deliveries of one key arrive in publish order.
+    pub ordered_per_key: bool,
+    /// `nack` with a delay is honoured by the backend itself.
+    pub native_delay: bool,
+    /// Unsettled deliveries of a consumer that died come back by themselves
+    /// after a lease (visibility timeout).
+    pub lease: bool,
+    /// Topic patterns (`*`, `>`) are supported in subscriptions.
+    pub wildcards: bool,
+    /// At-least-once delivery; `false` means at-most-once (best effort).
+    pub at_least_once: bool,
+}
+
+/// Where a group that has never consumed starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// Every message the backend still holds.
+    #[default]
+    Earliest,
+    /// Only messages published after the group was created.
+    Latest,
+}
+
+/// What to subscribe to and as whom.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// Topics or patterns (`orders.*`, `orders.>`).
+    pub topics: Vec<String>,
+    /// The consumer group.
+    pub group: String,
+    /// Where a new group starts.
+    pub start: StartFrom,
+    /// How long a fetched delivery stays invisible to other consumers before
+    /// it is considered abandoned and redelivered.
+    pub lease: Duration,
+    /// The group exists only for this subscription (e.g. `sluice tail`) and
+    /// is removed when it closes.
+    pub ephemeral: bool,
+}
+
+impl SubscribeOptions {
+    pub fn new(topics: Vec<String>, group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            topics,
+            group: group.into(),
+            start: StartFrom::Earliest,
+            lease: Duration::from_secs(30),
+            ephemeral: false,
+        }
+    }
+}
+
+/// A backend's handle on one delivery, opaque to the host.
+pub struct Receipt(Box<dyn Any + Send + Sync>);
+
+impl Receipt {
+    pub fn new<T: Any + Send + Sync>(value: T) -> Self {
+        Receipt(Box::new(value))
+    }
+
+    /// The backend's own value, or an error if the receipt came from another
+    /// backend.
+    pub fn get<T: Any>(&self) -> Result<&T> {
+        match self.0.downcast_ref::<T>() {
+            Some(value) => Ok(value),
+            None => bail!("receipt belongs to a different backend"),
+        }
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Receipt(..)")
+    }
+}
+
+/// One delivery of a message to a consumer.
+#[derive(Debug)]
+pub struct Delivery {
+    pub message: Message,
+    /// 1 on first delivery.
+    pub attempt: u32,
+    pub receipt: Receipt,
+}
+
+/// A message backend.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name of the kind of backend, e.g. `sqlite`.
+    fn kind(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Publishes messages; returns once the backend has accepted all of them
+    /// (durably, for a persistent backend).
+    async fn publish(&self, messages: Vec<Message>) -> Result<()>;
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>>;
+}
+
+/// A consumer's view of one consumer group.
+#[async_trait]
+pub trait Subscription: Send + Sync {
+    /// Up to `max` deliveries; waits at most `wait` for the first one and
+    /// returns an empty list if none came. Cancel-safe: dropping the future
+    /// loses nothing (a claimed delivery comes back after its lease).
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+
+    /// The delivery was handled: never deliver it to this group again.
+    async fn ack(&self, delivery: &Delivery) -> Result<()>;
+
+    /// The delivery failed: deliver it again after `delay`.
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()>;
+
+    /// Stops consuming. Unsettled deliveries go back to the group.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Opens the backend a URL names: `memory://`, `sqlite://PATH`.
+pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        bail!(
+            "backend URL `{}` has no scheme (expected e.g. sqlite://sluice.db or memory://)",
+            redact(url)
+        );
+    };
+    match scheme {
+        "memory" => Ok(Arc::new(memory::MemoryBackend::from_url(url)?)),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(sqlite::SqliteBackend::connect(url).await?)),
+        other => bail!(
+            "unknown backend `{other}` in URL `{}`; this build supports: {}",
+            redact(url),
+            supported_schemes().join(", ")
+        ),
+    }
+}
+
+/// URL schemes this build can connect to.
+pub fn supported_schemes() -> Vec<&'static str> {
+    let mut schemes = vec!["memory"];
+    if cfg!(feature = "sqlite") {
+        schemes.push("sqlite");
+    }
+    schemes
+}
+
+/// The URL with any password replaced, safe to log.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact("redis://user:secret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(super::redact("sqlite://a.db"), "sqlite://a.db");
+    }
+}

@@ -1,0 +1,575 @@
+//! The TOML configuration: backends, plugins and the routes between them.
+//!
+//! Unknown keys are errors, and every error names the key and its line.
+//! Environment variables override what a deployment changes most, so the
+//! same file runs anywhere:
+//!
+//! - `SLUICE_BACKEND_URL` replaces the URL of every backend (move a whole
+//!   deployment to another broker);
+//! - `SLUICE_BACKEND_<NAME>_URL` replaces one backend's URL (NAME upper-cased,
+//!   `-` as `_`), and wins over `SLUICE_BACKEND_URL`.
+//!
+//! Relative plugin paths are resolved against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::backend::{StartFrom, pattern};
+use crate::runtime::PluginSettings;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Message backends by name; routes refer to them by that name.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// Plugins by name; routes refer to them by that name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// What to consume, with which plugin, and where results go.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Settings of the WebAssembly runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// One message backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Where it is, e.g. `sqlite://sluice.db` or `memory://`.
+    pub url: String,
+}
+
+/// One plugin and what it is allowed to do.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The .wasm component, relative to the config file.
+    pub path: PathBuf,
+    /// Longest one call may run, in milliseconds.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Largest linear memory of one instance, in MiB.
+    #[serde(default = "defaults::memory_limit_mb")]
+    pub memory_limit_mb: u64,
+    /// Values the plugin reads with `config-get`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Topic patterns the plugin may publish to; every topic if absent.
+    #[serde(default = "defaults::publish_to")]
+    pub publish_to: Vec<String>,
+    /// Environment variables the plugin sees (none by default).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Host directories the plugin may read, keyed by the path it sees
+    /// (none by default).
+    #[serde(default)]
+    pub read_dirs: BTreeMap<String, PathBuf>,
+}
+
+/// A route: a subscription, the plugin that handles it, and its policies.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs, metrics and dead-letter headers.
+    pub name: String,
+    /// Topics or patterns (`orders.*`, `orders.>`) to consume.
+    pub topics: Vec<Spanned<String>>,
+    /// The backend to consume from; the only backend if there is one.
+    #[serde(default)]
+    pub backend: Option<Spanned<String>>,
+    /// The backend outputs and dead letters go to; the input backend if absent.
+    #[serde(default)]
+    pub output_backend: Option<Spanned<String>>,
+    /// The consumer group; the route's name if absent.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Where a new group starts: `earliest` (default) or `latest`.
+    #[serde(default)]
+    pub start: StartFrom,
+    /// The plugin that handles each message.
+    pub plugin: Spanned<String>,
+    /// Messages handled at once.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Handle messages of one key one at a time, in order (retries of a
+    /// message then hold back later messages of its key).
+    #[serde(default)]
+    pub ordered: bool,
+    /// How long a fetched message is reserved for this consumer before
+    /// another may take it, in milliseconds. Must exceed the plugin timeout.
+    #[serde(default = "defaults::lease_ms")]
+    pub lease_ms: u64,
+    /// Retries and dead-lettering.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Where rejected and exhausted messages go; `<name>.dead-letter` if absent.
+    #[serde(default)]
+    pub dead_letter_topic: Option<Spanned<String>>,
+}
+
+/// How failed messages are retried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included; then the message is dead-lettered.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry, in milliseconds.
+    #[serde(default = "defaults::initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Longest delay between retries, in milliseconds.
+    #[serde(default = "defaults::max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Factor by which the delay grows per attempt.
+    #[serde(default = "defaults::multiplier")]
+    pub multiplier: f64,
+    /// Random spread of each delay, as a fraction (0.2 = ±20%).
+    #[serde(default = "defaults::jitter")]
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: defaults::max_attempts(),
+            initial_backoff_ms: defaults::initial_backoff_ms(),
+            max_backoff_ms: defaults::max_backoff_ms(),
+            multiplier: defaults::multiplier(),
+            jitter: defaults::jitter(),
+        }
+    }
+}
+
+/// Settings of the WebAssembly runtime.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached; the user cache dir if absent.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Set to false to compile every plugin at every start.
+    #[serde(default = "defaults::yes")]
+    pub cache: bool,
+}
+
+mod defaults {
+    pub fn timeout_ms() -> u64 {
+        1_000
+    }
+    pub fn memory_limit_mb() -> u64 {
+        64
+    }
+    pub fn publish_to() -> Vec<String> {
+        vec![">".into()]
+    }
+    pub fn concurrency() -> usize {
+        1
+    }
+    pub fn lease_ms() -> u64 {
+        30_000
+    }
+    pub fn max_attempts() -> u32 {
+        5
+    }
+    pub fn initial_backoff_ms() -> u64 {
+        200
+    }
+    pub fn max_backoff_ms() -> u64 {
+        30_000
+    }
+    pub fn multiplier() -> f64 {
+        2.0
+    }
+    pub fn jitter() -> f64 {
+        0.2
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+/// A config that refers to something that does not exist or makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: line {line}: `{key}`: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+/// A loaded, checked configuration with environment overrides applied.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// The directory relative paths are resolved against.
+    pub base_dir: PathBuf,
+    pub source_name: String,
+}
+
+impl Loaded {
+    /// The settings the runtime needs for a plugin.
+    pub fn plugin_settings(&self, name: &str) -> Option<(PathBuf, PluginSettings)> {
+        let plugin = self.config.plugins.get(name)?;
+        let mut settings = PluginSettings::new(name);
+        settings.timeout = Duration::from_millis(plugin.timeout_ms);
+        settings.memory_limit = (plugin.memory_limit_mb as usize) << 20;
+        settings.config = plugin.config.clone();
+        settings.publish_to = plugin.publish_to.clone();
+        settings.env = plugin.env.clone();
+        settings.read_dirs = plugin
+            .read_dirs
+            .iter()
+            .map(|(guest, host)| (guest.clone(), self.base_dir.join(host)))
+            .collect();
+        Some((self.base_dir.join(&plugin.path), settings))
+    }
+
+    /// The backend a route consumes from.
+    pub fn source_backend<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
+        match &route.backend {
+            Some(name) => name.get_ref(),
+            None => self.config.backends.keys().next().map_or("", |s| s),
+        }
+    }
+
+    /// The backend a route publishes to.
+    pub fn output_backend<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
+        match &route.output_backend {
+            Some(name) => name.get_ref(),
+            None => self.source_backend(route),
+        }
+    }
+}
+
+impl RouteConfig {
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.name)
+    }
+
+    pub fn dead_letter_topic(&self) -> String {
+        match &self.dead_letter_topic {
+            Some(topic) => topic.get_ref().clone(),
+            None => format!("{}.dead-letter", self.name),
+        }
+    }
+}
+
+/// Reads, parses, overrides from the environment and checks a config file.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config `{}`", path.display()))?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &path.display().to_string(), base_dir, |name| {
+        std::env::var(name).ok()
+    })
+}
+
+/// Parses config text; `env` looks up environment variables.
+pub fn parse(
+    text: &str,
+    source_name: &str,
+    base_dir: PathBuf,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Loaded> {
+    let mut config: Config =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{source_name}: {e}"))?;
+    let everywhere = env("SLUICE_BACKEND_URL");
+    for (name, backend) in config.backends.iter_mut() {
+        let own = format!(
+            "SLUICE_BACKEND_{}_URL",
+            name.to_uppercase().replace('-', "_")
+        );
+        if let Some(url) = env(&own).or_else(|| everywhere.clone()) {
+            backend.url = url;
+        }
+    }
+    let loaded = Loaded {
+        config,
+        base_dir,
+        source_name: source_name.to_string(),
+    };
+    check(&loaded, text)?;
+    Ok(loaded)
+}
+
+/// The 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line of `key = ` inside the n-th `[[routes]]` table, for keys
+/// that carry no span of their own.
+fn route_line(text: &str, index: usize, key: &str) -> usize {
+    let mut seen = None;
+    for (number, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("[[routes]]") {
+            seen = Some(seen.map_or(0, |n| n + 1));
+        } else if seen == Some(index)
+            && trimmed
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return number + 1;
+        }
+    }
+    0
+}
+
+fn check(loaded: &Loaded, text: &str) -> Result<()> {
+    let config = &loaded.config;
+    let error = |line: usize, key: String, message: String| ConfigError {
+        file: loaded.source_name.clone(),
+        line,
+        key,
+        message,
+    };
+    for (name, backend) in &config.backends {
+        if !backend.url.contains("://") {
+            let line = text.find(&backend.url).map_or(0, |o| line_of(text, o));
+            return Err(error(
+                line,
+                format!("backends.{name}.url"),
+                format!(
+                    "`{}` is not a URL (expected e.g. sqlite://sluice.db or memory://)",
+                    crate::backend::redact(&backend.url)
+                ),
+            )
+            .into());
+        }
+    }
+    for (name, plugin) in &config.plugins {
+        if plugin.timeout_ms == 0 || plugin.memory_limit_mb == 0 {
+            let key = if plugin.timeout_ms == 0 {
+                "timeout_ms"
+            } else {
+                "memory_limit_mb"
+            };
+            return Err(error(
+                0,
+                format!("plugins.{name}.{key}"),
+                "must be greater than zero".into(),
+            )
+            .into());
+        }
+        for topic in &plugin.publish_to {
+            pattern::validate(topic)
+                .map_err(|m| error(0, format!("plugins.{name}.publish_to"), m))?;
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for (index, route) in config.routes.iter().enumerate() {
+        let key = |field: &str| format!("routes[{index}].{field} (route `{}`)", route.name);
+        if !names.insert(route.name.as_str()) {
+            return Err(error(
+                route_line(text, index, "name"),
+                key("name"),
+                "another route has the same name".into(),
+            )
+            .into());
+        }
+        if route.topics.is_empty() {
+            return Err(error(
+                route_line(text, index, "topics"),
+                key("topics"),
+                "a route needs at least one topic".into(),
+            )
+            .into());
+        }
+        for topic in &route.topics {
+            pattern::validate(topic.get_ref())
+                .map_err(|m| error(line_of(text, topic.span().start), key("topics"), m))?;
+        }
+        if !config.plugins.contains_key(route.plugin.get_ref()) {
+            return Err(error(
+                line_of(text, route.plugin.span().start),
+                key("plugin"),
+                format!(
+                    "no plugin named `{}` (defined: {})",
+                    route.plugin.get_ref(),
+                    list(config.plugins.keys())
+                ),
+            )
+            .into());
+        }
+        for (field, backend) in [
+            ("backend", &route.backend),
+            ("output_backend", &route.output_backend),
+        ] {
+            if let Some(name) = backend
+                && !config.backends.contains_key(name.get_ref())
+            {
+                return Err(error(
+                    line_of(text, name.span().start),
+                    key(field),
+                    format!(
+                        "no backend named `{}` (defined: {})",
+                        name.get_ref(),
+                        list(config.backends.keys())
+                    ),
+                )
+                .into());
+            }
+        }
+        if route.backend.is_none() && config.backends.len() != 1 {
+            return Err(error(
+                route_line(text, index, "name"),
+                key("backend"),
+                format!(
+                    "required when the config has {} backends",
+                    config.backends.len()
+                ),
+            )
+            .into());
+        }
+        if let Some(topic) = &route.dead_letter_topic
+            && (pattern::validate(topic.get_ref()).is_err() || pattern::is_pattern(topic.get_ref()))
+        {
+            return Err(error(
+                line_of(text, topic.span().start),
+                key("dead_letter_topic"),
+                format!("`{}` is not a concrete topic", topic.get_ref()),
+            )
+            .into());
+        }
+        if route.concurrency == 0 {
+            return Err(error(
+                route_line(text, index, "concurrency"),
+                key("concurrency"),
+                "must be at least 1".into(),
+            )
+            .into());
+        }
+        let retry = &route.retry;
+        if retry.max_attempts == 0 || retry.multiplier < 1.0 || !(0.0..=1.0).contains(&retry.jitter)
+        {
+            return Err(error(
+                0,
+                key("retry"),
+                "max_attempts must be at least 1, multiplier at least 1.0 and jitter within 0..=1"
+                    .into(),
+            )
+            .into());
+        }
+        let plugin_timeout = config.plugins[route.plugin.get_ref()].timeout_ms;
+        if route.lease_ms <= plugin_timeout {
+            return Err(error(
+                route_line(text, index, "lease_ms"),
+                key("lease_ms"),
+                format!(
+                    "{} ms must exceed the plugin's timeout_ms ({plugin_timeout} ms), or a slow call \
+                     would be handed to a second consumer while it runs",
+                    route.lease_ms
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[backends.main]
+url = "sqlite://demo.db"
+
+[plugins.upper]
+path = "upper.wasm"
+
+[[routes]]
+name = "upper"
+topics = ["orders.*"]
+plugin = "upper"
+"#;
+
+    fn parse_with(text: &str, env: &[(&str, &str)]) -> Result<Loaded> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse(text, "test.toml", PathBuf::from("/etc/sluice"), |k| {
+            env.get(k).cloned()
+        })
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let loaded = parse_with(GOOD, &[]).unwrap();
+        let route = &loaded.config.routes[0];
+        assert_eq!(route.group(), "upper");
+        assert_eq!(route.dead_letter_topic(), "upper.dead-letter");
+        assert_eq!(loaded.source_backend(route), "main");
+        let (path, settings) = loaded.plugin_settings("upper").unwrap();
+        assert_eq!(path, PathBuf::from("/etc/sluice/upper.wasm"));
+        assert_eq!(settings.timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn environment_overrides_backend_url() {
+        let all = parse_with(GOOD, &[("SLUICE_BACKEND_URL", "memory://")]).unwrap();
+        assert_eq!(all.config.backends["main"].url, "memory://");
+        let one = parse_with(
+            GOOD,
+            &[
+                ("SLUICE_BACKEND_URL", "memory://"),
+                ("SLUICE_BACKEND_MAIN_URL", "sqlite://x.db"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(one.config.backends["main"].url, "sqlite://x.db");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("plugin = \"upper\"", "plugin = \"upper\"\nconcurency = 4");
+        let err = format!("{:#}", parse_with(&text, &[]).unwrap_err());
+        assert!(err.contains("concurency"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_line() {
+        let text = GOOD.replace("[plugins.upper]", "[plugins.upper]\ntimeout_ms = \"soon\"");
+        let err = format!("{:#}", parse_with(&text, &[]).unwrap_err());
+        assert!(err.contains("timeout_ms"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn missing_plugin_is_named_with_its_line() {
+        let text = GOOD.replace("plugin = \"upper\"", "plugin = \"lower\"");
+        let err = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("routes[0].plugin"), "{err}");
+        assert!(err.contains("line 11"), "{err}");
+        assert!(err.contains("no plugin named `lower`"), "{err}");
+    }
+
+    #[test]
+    fn bad_pattern_is_refused() {
+        let text = GOOD.replace("orders.*", "orders.>.x");
+        let err = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("routes[0].topics"), "{err}");
+    }
+}

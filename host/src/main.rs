@@ -1,0 +1,321 @@
+//! The `sluice` command: run a config, check it, publish and tail messages.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use sluice::backend::{self, Backend, StartFrom, SubscribeOptions};
+use sluice::{Message, app, config};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Runs message handlers as sandboxed WebAssembly components"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every route of a config until SIGINT or SIGTERM.
+    Run {
+        /// The TOML config.
+        config: PathBuf,
+        /// Stop once no message has been seen for this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        exit_when_idle: Option<f64>,
+    },
+    /// Check a config and that every plugin implements the handler world.
+    Check { config: PathBuf },
+    /// Publish messages to a topic.
+    Publish {
+        #[command(flatten)]
+        target: Target,
+        /// The topic.
+        topic: String,
+        /// The payload; with --lines, payloads are read from stdin, one per line.
+        payload: Option<String>,
+        /// Read one payload per line from stdin.
+        #[arg(long, conflicts_with = "payload")]
+        lines: bool,
+        /// The message key.
+        #[arg(long)]
+        key: Option<String>,
+        /// A header, NAME=VALUE; repeatable.
+        #[arg(long = "header", short = 'H', value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// Publish the payload this many times.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// Print the messages of topics (patterns allowed), e.g. a dead-letter topic.
+    Tail {
+        #[command(flatten)]
+        target: Target,
+        /// Topics or patterns.
+        #[arg(required = true)]
+        topics: Vec<String>,
+        /// Consume as this group (messages are then acknowledged for it);
+        /// by default a throw-away group reads without disturbing others.
+        #[arg(long)]
+        group: Option<String>,
+        /// Start from the earliest message or only new ones.
+        #[arg(long, value_enum, default_value = "earliest")]
+        from: From,
+        /// Keep waiting for new messages instead of stopping when idle.
+        #[arg(long, short)]
+        follow: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print one JSON object per message.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum From {
+    Earliest,
+    Latest,
+}
+
+/// Which backend a command talks to.
+#[derive(Args)]
+struct Target {
+    /// A backend URL, e.g. sqlite://sluice.db.
+    #[arg(long, env = "SLUICE_BACKEND_URL", conflicts_with = "config")]
+    url: Option<String>,
+    /// Take the backend from this config.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The backend's name in the config (needed when it has several).
+    #[arg(long, requires = "config")]
+    backend: Option<String>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Arc<dyn Backend>> {
+        let url = match (&self.url, &self.config) {
+            (Some(url), _) => url.clone(),
+            (None, Some(path)) => {
+                let loaded = config::load(path)?;
+                let backends = &loaded.config.backends;
+                let name = match &self.backend {
+                    Some(name) => name.clone(),
+                    None if backends.len() == 1 => backends.keys().next().unwrap().clone(),
+                    None => bail!(
+                        "{} has {} backends; choose one with --backend",
+                        path.display(),
+                        backends.len()
+                    ),
+                };
+                backends
+                    .get(&name)
+                    .with_context(|| format!("{} has no backend named `{name}`", path.display()))?
+                    .url
+                    .clone()
+            }
+            (None, None) => {
+                bail!("say which backend: --url URL, --config FILE or SLUICE_BACKEND_URL")
+            }
+        };
+        backend::connect(&url).await
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn,wasmtime=warn,cranelift=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run {
+            config,
+            exit_when_idle,
+        } => run(&config, exit_when_idle.map(Duration::from_secs_f64)).await,
+        Command::Check { config } => check(&config),
+        Command::Publish {
+            target,
+            topic,
+            payload,
+            lines,
+            key,
+            headers,
+            count,
+        } => {
+            let backend = target.connect().await?;
+            let payloads: Vec<String> = if lines {
+                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+            } else {
+                vec![payload.unwrap_or_default(); count]
+            };
+            let mut headers_parsed = Vec::new();
+            for header in headers {
+                let (name, value) = header
+                    .split_once('=')
+                    .with_context(|| format!("header `{header}` is not NAME=VALUE"))?;
+                headers_parsed.push((name.to_string(), value.to_string()));
+            }
+            let total = payloads.len();
+            let messages = payloads.into_iter().map(|payload| {
+                let mut message = Message::new(topic.clone(), payload);
+                message.key = key.clone();
+                message.headers = headers_parsed.clone();
+                message
+            });
+            let messages: Vec<Message> = messages.collect();
+            for chunk in messages.chunks(500) {
+                backend.publish(chunk.to_vec()).await?;
+            }
+            eprintln!("published {total} message(s) to {topic}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tail {
+            target,
+            topics,
+            group,
+            from,
+            follow,
+            limit,
+            json,
+        } => {
+            let backend = target.connect().await?;
+            tail(backend, topics, group, from, follow, limit, json).await
+        }
+    }
+}
+
+async fn run(path: &Path, exit_when_idle: Option<Duration>) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let host = app::Host::from_config(&loaded).await?;
+    let shutdown = app::shutdown_on_signals();
+    let summary = host.run(shutdown, exit_when_idle).await?;
+    println!("Summary");
+    for (route, stats) in summary {
+        println!("  route {route}: {stats}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: &Path) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    for (name, backend_config) in &loaded.config.backends {
+        let scheme = backend_config.url.split("://").next().unwrap_or("");
+        if !backend::supported_schemes().contains(&scheme) {
+            bail!(
+                "backends.{name}.url: this build has no `{scheme}` backend (it has: {})",
+                backend::supported_schemes().join(", ")
+            );
+        }
+    }
+    let runtime = app::runtime(&loaded)?;
+    let plugins = app::load_plugins(&loaded, &runtime)?;
+    println!(
+        "{}: ok ({} backend(s), {} plugin(s), {} route(s))",
+        path.display(),
+        loaded.config.backends.len(),
+        plugins.len(),
+        loaded.config.routes.len()
+    );
+    for (name, plugin) in plugins {
+        println!(
+            "  plugin {name}: implements {} (sha256 {})",
+            sluice::runtime::WORLD,
+            plugin.hash
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tail(
+    backend: Arc<dyn Backend>,
+    topics: Vec<String>,
+    group: Option<String>,
+    from: From,
+    follow: bool,
+    limit: Option<usize>,
+    json: bool,
+) -> Result<ExitCode> {
+    let ephemeral = group.is_none();
+    let group = group.unwrap_or_else(|| format!("sluice-tail-{}", uuid_like()));
+    let mut options = SubscribeOptions::new(topics, group);
+    options.ephemeral = ephemeral;
+    options.start = match from {
+        From::Earliest => StartFrom::Earliest,
+        From::Latest => StartFrom::Latest,
+    };
+    let subscription = backend.subscribe(options).await?;
+    let mut printed = 0usize;
+    let shutdown = app::shutdown_on_signals();
+    loop {
+        if shutdown.is_cancelled() || limit.is_some_and(|l| printed >= l) {
+            break;
+        }
+        let want = limit.map_or(100, |l| (l - printed).min(100));
+        let deliveries = subscription.fetch(want, Duration::from_millis(500)).await?;
+        if deliveries.is_empty() && !follow {
+            break;
+        }
+        for delivery in deliveries {
+            print_message(&delivery.message, delivery.attempt, json);
+            subscription.ack(&delivery).await?;
+            printed += 1;
+        }
+    }
+    subscription.close().await?;
+    eprintln!("{printed} message(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_message(message: &Message, attempt: u32, json: bool) {
+    let payload = String::from_utf8_lossy(&message.payload);
+    if json {
+        let value = serde_json::json!({
+            "id": message.id,
+            "topic": message.topic,
+            "key": message.key,
+            "headers": message.headers,
+            "payload": payload,
+            "timestamp_ms": message.timestamp_ms,
+            "attempt": attempt,
+        });
+        println!("{value}");
+    } else {
+        let key = message
+            .key
+            .as_deref()
+            .map(|k| format!(" key={k}"))
+            .unwrap_or_default();
+        println!("[{}]{key} {payload}", message.topic);
+        for (name, value) in &message.headers {
+            println!("    {name}: {value}");
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    Message::new("x", Vec::new()).id
+}

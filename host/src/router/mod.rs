@@ -1,0 +1,301 @@
+//! The router: runs one route's delivery loop.
+//!
+//! A fetcher task pulls batches from the subscription and hands each delivery
+//! to a worker; with `ordered`, all messages of one key go to the same worker
+//! lane, so they are handled one at a time in order. For each delivery a
+//! worker calls the handler, then settles:
+//!
+//! - outputs → publish them, *then* ack the input (at-least-once end to end:
+//!   a crash between the two repeats outputs, never loses the input);
+//! - retry, trap, timeout, memory cap → nack with an exponential backoff,
+//!   or dead-letter once the attempts are used up;
+//! - reject → dead-letter at once.
+//!
+//! Dead-lettering publishes the input unchanged to the route's dead-letter
+//! topic with headers saying why, then acks it.
+//!
+//! On shutdown the fetcher stops, workers finish what was fetched, settle it,
+//! and the subscription is closed.
+
+mod handler;
+mod retry;
+mod stats;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio_util::sync::CancellationToken;
+
+pub use handler::{FnHandler, MessageHandler, WasmHandler, Worker};
+pub use retry::RetryPolicy;
+pub use stats::{RouteStats, StatsSnapshot};
+
+use crate::backend::{Backend, Delivery, SubscribeOptions, Subscription};
+use crate::message::{Message, headers};
+use crate::runtime::Outcome;
+
+/// How long one fetch waits before the fetcher checks for shutdown again.
+const FETCH_WAIT: Duration = Duration::from_millis(250);
+
+/// Everything a route needs besides its backends and handler.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    pub subscribe: SubscribeOptions,
+    /// Workers handling messages at once.
+    pub concurrency: usize,
+    /// One worker per key: messages of a key are handled in order.
+    pub ordered: bool,
+    pub retry: RetryPolicy,
+    pub dead_letter_topic: String,
+}
+
+/// A route ready to run.
+pub struct Route {
+    pub spec: RouteSpec,
+    pub source: Arc<dyn Backend>,
+    pub sink: Arc<dyn Backend>,
+    pub handler: Arc<dyn MessageHandler>,
+    pub stats: Arc<RouteStats>,
+}
+
+/// How a failed attempt ends.
+struct Failure {
+    /// `retry`, `trap`, `timeout`, `memory-limit`, `publish-failed`.
+    cause: &'static str,
+    reason: String,
+}
+
+struct Context {
+    spec: RouteSpec,
+    subscription: Box<dyn Subscription>,
+    sink: Arc<dyn Backend>,
+    stats: Arc<RouteStats>,
+    shutdown: CancellationToken,
+}
+
+impl Route {
+    /// Runs until `shutdown` is cancelled, then drains and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let subscription = self.source.subscribe(self.spec.subscribe.clone()).await?;
+        tracing::info!(
+            route = %self.spec.name,
+            topics = ?self.spec.subscribe.topics,
+            group = %self.spec.subscribe.group,
+            handler = %self.handler.describe(),
+            backend = self.source.kind(),
+            "route started"
+        );
+        let context = Arc::new(Context {
+            spec: self.spec,
+            subscription,
+            sink: self.sink,
+            stats: self.stats,
+            shutdown,
+        });
+        let workers = context.spec.concurrency.max(1);
+        // Unordered: one queue all workers share. Ordered: a queue per worker.
+        let lanes = if context.spec.ordered { workers } else { 1 };
+        let mut senders = Vec::with_capacity(lanes);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut receivers = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            let (tx, rx) = async_channel::bounded::<Delivery>(workers.div_ceil(lanes).max(1));
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        for index in 0..workers {
+            let rx = receivers[index % lanes].clone();
+            let context = context.clone();
+            let mut worker = self.handler.worker();
+            tasks.spawn(async move {
+                while let Ok(delivery) = rx.recv().await {
+                    context.process(worker.as_mut(), delivery).await;
+                }
+            });
+        }
+        drop(receivers);
+
+        context.fetch_loop(&senders).await;
+        drop(senders);
+        while tasks.join_next().await.is_some() {}
+        if let Err(e) = context.subscription.close().await {
+            tracing::warn!(route = %context.spec.name, "closing the subscription failed: {e:#}");
+        }
+        tracing::info!(route = %context.spec.name, stats = %context.stats.snapshot(), "route stopped");
+        Ok(())
+    }
+}
+
+impl Context {
+    async fn fetch_loop(&self, lanes: &[async_channel::Sender<Delivery>]) {
+        let batch = (self.spec.concurrency * 2).clamp(1, 256);
+        let mut next_lane = 0usize;
+        let mut failures = 0u32;
+        while !self.shutdown.is_cancelled() {
+            let deliveries = match self.subscription.fetch(batch, FETCH_WAIT).await {
+                Ok(deliveries) => {
+                    failures = 0;
+                    deliveries
+                }
+                Err(e) => {
+                    failures += 1;
+                    RouteStats::add(&self.stats.backend_errors, 1);
+                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tracing::warn!(route = %self.spec.name, "fetch failed, retrying in {pause:?}: {e:#}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            };
+            if deliveries.is_empty() {
+                continue;
+            }
+            self.stats.touch();
+            RouteStats::add(&self.stats.received, deliveries.len() as u64);
+            self.stats
+                .in_flight
+                .fetch_add(deliveries.len() as i64, Ordering::Relaxed);
+            for delivery in deliveries {
+                let lane = if lanes.len() == 1 {
+                    0
+                } else if self.spec.ordered {
+                    let mut hasher = DefaultHasher::new();
+                    match &delivery.message.key {
+                        Some(key) => key.hash(&mut hasher),
+                        None => delivery.message.id.hash(&mut hasher),
+                    }
+                    (hasher.finish() % lanes.len() as u64) as usize
+                } else {
+                    next_lane = (next_lane + 1) % lanes.len();
+                    next_lane
+                };
+                // Only fails if every worker is gone, which happens only
+                // after this loop ends.
+                let _ = lanes[lane].send(delivery).await;
+            }
+        }
+    }
+
+    async fn process(&self, worker: &mut dyn Worker, delivery: Delivery) {
+        let mut attempt = delivery.attempt;
+        loop {
+            let failure = match worker.handle(&delivery.message, attempt).await {
+                Ok(Outcome::Outputs(outputs)) => {
+                    match self.publish_outputs(&delivery, outputs).await {
+                        Ok(()) => {
+                            self.ack(&delivery).await;
+                            RouteStats::add(&self.stats.succeeded, 1);
+                            break;
+                        }
+                        Err(e) => Failure {
+                            cause: "publish-failed",
+                            reason: format!("publishing outputs failed: {e:#}"),
+                        },
+                    }
+                }
+                Ok(Outcome::Retry(reason)) => Failure {
+                    cause: "retry",
+                    reason,
+                },
+                Ok(Outcome::Reject(reason)) => {
+                    self.dead_letter(&delivery, attempt, "rejected", &reason)
+                        .await;
+                    break;
+                }
+                Err(error) => {
+                    RouteStats::add(&self.stats.plugin_errors, 1);
+                    Failure {
+                        cause: error.cause(),
+                        reason: error.to_string(),
+                    }
+                }
+            };
+            if !self.spec.retry.may_retry(attempt) {
+                let reason = format!("{} (after {attempt} attempts)", failure.reason);
+                self.dead_letter(&delivery, attempt, "attempts-exhausted", &reason)
+                    .await;
+                break;
+            }
+            RouteStats::add(&self.stats.retried, 1);
+            let delay = self.spec.retry.backoff(attempt);
+            tracing::debug!(route = %self.spec.name, message = %delivery.message.id, attempt, cause = failure.cause, ?delay, "{}", failure.reason);
+            if self.spec.ordered && !self.shutdown.is_cancelled() {
+                // Hold the key's lane: later messages of this key must wait.
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {
+                        attempt += 1;
+                        continue;
+                    }
+                    _ = self.shutdown.cancelled() => {}
+                }
+            }
+            self.nack(&delivery, delay).await;
+            break;
+        }
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.touch();
+    }
+
+    async fn publish_outputs(&self, input: &Delivery, mut outputs: Vec<Message>) -> Result<()> {
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        for output in &mut outputs {
+            output.set_header(headers::CAUSATION_ID, input.message.id.clone());
+        }
+        let count = outputs.len() as u64;
+        self.sink.publish(outputs).await?;
+        RouteStats::add(&self.stats.published, count);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, attempt: u32, cause: &str, reason: &str) {
+        let original = &delivery.message;
+        let mut letter = Message::new(
+            self.spec.dead_letter_topic.clone(),
+            original.payload.clone(),
+        );
+        letter.key = original.key.clone();
+        letter.headers = original.headers.clone();
+        letter.set_header(headers::DEAD_LETTER_CAUSE, cause);
+        letter.set_header(headers::DEAD_LETTER_REASON, reason);
+        letter.set_header(headers::ORIGINAL_TOPIC, original.topic.clone());
+        letter.set_header(headers::ORIGINAL_ID, original.id.clone());
+        letter.set_header(headers::ATTEMPTS, attempt.to_string());
+        letter.set_header(headers::ROUTE, self.spec.name.clone());
+        tracing::warn!(route = %self.spec.name, message = %original.id, topic = %self.spec.dead_letter_topic, cause, "dead-lettering: {reason}");
+        match self.sink.publish(vec![letter]).await {
+            Ok(()) => {
+                self.ack(delivery).await;
+                RouteStats::add(&self.stats.dead_lettered, 1);
+            }
+            Err(e) => {
+                // Keep the message: it comes back and is dead-lettered again.
+                RouteStats::add(&self.stats.backend_errors, 1);
+                tracing::error!(route = %self.spec.name, "publishing to the dead-letter topic failed: {e:#}");
+                self.nack(delivery, self.spec.retry.backoff(attempt)).await;
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        if let Err(e) = self.subscription.ack(delivery).await {
+            // The message comes back after its lease; its outputs may repeat.
+            RouteStats::add(&self.stats.backend_errors, 1);
+            tracing::error!(route = %self.spec.name, message = %delivery.message.id, "ack failed: {e:#}");
+        }
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) {
+        if let Err(e) = self.subscription.nack(delivery, delay).await {
+            RouteStats::add(&self.stats.backend_errors, 1);
+            tracing::error!(route = %self.spec.name, message = %delivery.message.id, "nack failed: {e:#}");
+        }
+    }
+}

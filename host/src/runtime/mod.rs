@@ -1,0 +1,201 @@
+//! The WebAssembly runtime: one wasmtime `Engine` for the process, plugins
+//! compiled once (and cached on disk by content hash), and warm instances
+//! that workers reuse from call to call.
+//!
+//! Every call runs under a deadline (epoch interruption; the call yields to
+//! the async executor at every tick so a busy plugin never starves others)
+//! and every store under a memory cap. A trap, timeout or cap hit poisons the
+//! instance: the worker drops it and instantiates afresh.
+
+mod cache;
+mod host_api;
+mod instance;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+pub use instance::{CallError, Instance, Outcome};
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "handler",
+    exports: { default: async },
+});
+
+/// The WIT world a plugin must implement.
+pub const WORLD: &str = "sluice:plugin/handler@0.1.0";
+
+/// How often the epoch advances; deadlines are rounded up to this.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits and grants of one plugin, from its config.
+#[derive(Debug, Clone)]
+pub struct PluginSettings {
+    pub name: String,
+    /// Longest a single call may run.
+    pub timeout: Duration,
+    /// Largest linear memory a store may grow to, in bytes.
+    pub memory_limit: usize,
+    /// Values the plugin reads with `config-get`.
+    pub config: BTreeMap<String, String>,
+    /// Topic patterns the plugin may publish to (outputs and `publish`).
+    pub publish_to: Vec<String>,
+    /// Environment variables visible to the plugin.
+    pub env: BTreeMap<String, String>,
+    /// Host directories the plugin may read, by the path it sees them at.
+    pub read_dirs: BTreeMap<String, PathBuf>,
+}
+
+impl PluginSettings {
+    pub fn new(name: impl Into<String>) -> Self {
+        PluginSettings {
+            name: name.into(),
+            timeout: Duration::from_secs(1),
+            memory_limit: 64 << 20,
+            config: BTreeMap::new(),
+            publish_to: vec![">".into()],
+            env: BTreeMap::new(),
+            read_dirs: BTreeMap::new(),
+        }
+    }
+}
+
+/// The process-wide engine, linker and compiled-component cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<instance::State>,
+    cache_dir: Option<PathBuf>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+/// A loaded plugin: validated against the world and ready to instantiate.
+pub struct Plugin {
+    pub settings: Arc<PluginSettings>,
+    /// SHA-256 of the .wasm file, hex.
+    pub hash: String,
+    engine: Engine,
+    pre: HandlerPre<instance::State>,
+}
+
+impl Runtime {
+    /// Builds the engine. `cache_dir` keeps compiled components between runs.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Handler::add_to_linker::<instance::State, HasSelf<instance::State>>(&mut linker, |s| s)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticking_engine = engine.clone();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking_engine.increment_epoch();
+                }
+            })?;
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir,
+            ticker_stop,
+        })
+    }
+
+    /// The cache directory used when the config names none.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        dirs::cache_dir().map(|d| d.join("sluice").join("components"))
+    }
+
+    /// Loads a plugin from a .wasm file.
+    pub fn load_file(&self, path: &Path, settings: PluginSettings) -> Result<Plugin> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read plugin `{}`", path.display()))?;
+        self.load(&bytes, settings)
+            .with_context(|| format!("plugin `{}` ({})", path.display(), settings_name(path)))
+    }
+
+    /// Compiles (or fetches from the cache) and validates a component.
+    pub fn load(&self, wasm: &[u8], settings: PluginSettings) -> Result<Plugin> {
+        let hash = hex::encode(Sha256::digest(wasm));
+        let component = match &self.cache_dir {
+            Some(dir) => cache::load_or_compile(&self.engine, dir, &hash, wasm)?,
+            None => Component::new(&self.engine, wasm).map_err(not_a_component)?,
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| wrong_world(e, &component, &self.engine))?;
+        let pre = HandlerPre::new(pre).map_err(|e| wrong_world(e, &component, &self.engine))?;
+        Ok(Plugin {
+            settings: Arc::new(settings),
+            hash,
+            engine: self.engine.clone(),
+            pre,
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Plugin {
+    /// A fresh warm instance for one worker.
+    pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
+        Instance::new(self.clone()).await
+    }
+
+    /// The first 12 hex digits of the content hash, for logs.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+}
+
+fn settings_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn not_a_component(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "not a valid WebAssembly component (build plugins for wasm32-wasip2 or with a component toolchain): {e:#}"
+    )
+}
+
+/// Explains a failed link: which import or export does not match the world.
+fn wrong_world(e: wasmtime::Error, component: &Component, engine: &Engine) -> anyhow::Error {
+    let ty = component.component_type();
+    let exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let imports: Vec<String> = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    anyhow::anyhow!(
+        "component does not implement the `{WORLD}` world: {e:#} \
+         (it exports [{}]; it imports [{}]; a handler must export `handle` and may import only \
+         `sluice:plugin/host` and WASI 0.2)",
+        exports.join(", "),
+        imports.join(", ")
+    )
+}
