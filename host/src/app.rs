@@ -116,9 +116,21 @@ impl Host {
         for (_, s) in &stats {
             s.touch();
         }
-        let mut tasks = tokio::task::JoinSet::new();
+        // Every route joins its group before any runs, so outputs of one
+        // route reach the next even on a backend that keeps no history.
+        let mut subscribed = Vec::new();
         for route in self.routes {
             let name = route.spec.name.clone();
+            subscribed.push((
+                name.clone(),
+                route
+                    .subscribe()
+                    .await
+                    .with_context(|| format!("route `{name}`"))?,
+            ));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, route) in subscribed {
             let token = shutdown.clone();
             tasks.spawn(async move {
                 route

@@ -78,8 +78,14 @@ struct Context {
 }
 
 impl Route {
-    /// Runs until `shutdown` is cancelled, then drains and returns.
+    /// Subscribes, then runs until `shutdown` is cancelled, then drains.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        self.subscribe().await?.run(shutdown).await
+    }
+
+    /// Joins the consumer group. Done before running so that, on a backend
+    /// that keeps no history, nothing published after this call is missed.
+    pub async fn subscribe(self) -> Result<Subscribed> {
         let subscription = self.source.subscribe(self.spec.subscribe.clone()).await?;
         tracing::info!(
             route = %self.spec.name,
@@ -87,13 +93,39 @@ impl Route {
             group = %self.spec.subscribe.group,
             handler = %self.handler.describe(),
             backend = self.source.kind(),
-            "route started"
+            "route subscribed"
         );
-        let context = Arc::new(Context {
-            spec: self.spec,
+        Ok(Subscribed {
+            route: self,
             subscription,
-            sink: self.sink,
-            stats: self.stats,
+        })
+    }
+}
+
+/// A route whose subscription is open, ready to run.
+pub struct Subscribed {
+    route: Route,
+    subscription: Box<dyn Subscription>,
+}
+
+impl Subscribed {
+    pub fn stats(&self) -> &Arc<RouteStats> {
+        &self.route.stats
+    }
+
+    /// Runs until `shutdown` is cancelled, then finishes and settles what
+    /// was fetched and closes the subscription.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let Subscribed {
+            route,
+            subscription,
+        } = self;
+        let handler = route.handler;
+        let context = Arc::new(Context {
+            spec: route.spec,
+            subscription,
+            sink: route.sink,
+            stats: route.stats,
             shutdown,
         });
         let workers = context.spec.concurrency.max(1);
@@ -110,7 +142,7 @@ impl Route {
         for index in 0..workers {
             let rx = receivers[index % lanes].clone();
             let context = context.clone();
-            let mut worker = self.handler.worker();
+            let mut worker = handler.worker();
             tasks.spawn(async move {
                 while let Ok(delivery) = rx.recv().await {
                     context.process(worker.as_mut(), delivery).await;

@@ -14,8 +14,12 @@
 //! | `oom`           | allocate and touch 1 MiB chunks until memory runs out |
 //! | `publish:TOPIC` | host `publish` of `side` to TOPIC, then succeed       |
 //! | `log`           | host `log` at info, then succeed                      |
+//! | `env:NAME`      | succeed with the variable's value, or `<unset>`       |
+//! | `read:PATH`     | succeed with the file's text, or `<denied: reason>`   |
 //!
-//! Success is one output with the same payload, key and headers, plus an
+//! `env:` and `read:` probe the sandbox: the host grants no environment and
+//! no files unless the config says so. Otherwise success is one output with
+//! the same payload, key and headers, plus an
 //! `attempt: <n>` header, on topic config `output` (default `out`).
 //! Surrounding whitespace is ignored so shell-typed payloads work.
 
@@ -33,6 +37,8 @@ enum Command<'a> {
     Oom,
     Publish(&'a str),
     Log,
+    Env(&'a str),
+    Read(&'a str),
 }
 
 impl<'a> Command<'a> {
@@ -52,6 +58,10 @@ impl<'a> Command<'a> {
                     Command::Retry(Some(n))
                 } else if let Some(topic) = other.strip_prefix("publish:") {
                     Command::Publish(topic)
+                } else if let Some(name) = other.strip_prefix("env:") {
+                    Command::Env(name)
+                } else if let Some(path) = other.strip_prefix("read:") {
+                    Command::Read(path)
                 } else {
                     Command::Ok
                 }
@@ -75,11 +85,25 @@ fn chaos(msg: Message) -> Result<Vec<Outgoing>, Failure> {
         Command::Publish(topic) => publish(&Outgoing::new(topic, "side"))
             .map_err(|e| Failure::reject(format!("publish to `{topic}` refused: {e}")))?,
         Command::Log => log::info("chaos: asked to log"),
+        Command::Env(name) => {
+            let value = std::env::var(name).unwrap_or_else(|_| "<unset>".to_owned());
+            return Ok(vec![Outgoing::new(output_topic(), value)]);
+        }
+        Command::Read(path) => {
+            let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<denied: {e}>"));
+            return Ok(vec![Outgoing::new(output_topic(), text)]);
+        }
     }
 
-    let output = config_get("output").unwrap_or_else(|| "out".to_owned());
     let attempt = msg.attempt.to_string();
-    Ok(vec![msg.forward_to(output).with_header("attempt", attempt)])
+    Ok(vec![
+        msg.forward_to(output_topic())
+            .with_header("attempt", attempt),
+    ])
+}
+
+fn output_topic() -> String {
+    config_get("output").unwrap_or_else(|| "out".to_owned())
 }
 
 /// Must really run until the host interrupts it; `black_box` stops the

@@ -1,0 +1,215 @@
+//! Helpers shared by the integration tests: building the example plugins,
+//! opening backends, running routes and collecting what they publish.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sluice::Message;
+use sluice::backend::{self, Backend, SubscribeOptions};
+use sluice::router::{RetryPolicy, Route, RouteSpec, RouteStats, WasmHandler};
+use sluice::runtime::{Plugin, PluginSettings, Runtime};
+use tokio_util::sync::CancellationToken;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of an example plugin, built (once per test binary) from `plugins/`.
+pub fn plugin_path(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let plugins = repo_root().join("plugins");
+        let target = plugins.join("target");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+            .arg("--target-dir")
+            .arg(&target)
+            .current_dir(&plugins)
+            .status()
+            .expect("run cargo to build the plugins");
+        assert!(
+            status.success(),
+            "building the plugins failed; is the wasm32-wasip2 target installed? (cargo xtask plugins installs it)"
+        );
+        target.join("wasm32-wasip2/release")
+    });
+    dir.join(format!("{name}.wasm"))
+}
+
+/// A runtime whose compiled-component cache is shared by the test run.
+pub fn runtime() -> Runtime {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("component-cache");
+    Runtime::new(Some(cache)).expect("runtime")
+}
+
+/// Settings for a test plugin: short deadline, small memory, given config.
+pub fn settings(name: &str, config: &[(&str, &str)]) -> PluginSettings {
+    let mut settings = PluginSettings::new(name);
+    settings.timeout = Duration::from_millis(500);
+    settings.memory_limit = 32 << 20;
+    settings.config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    settings
+}
+
+pub fn load(runtime: &Runtime, plugin: &str, settings: PluginSettings) -> Arc<Plugin> {
+    Arc::new(
+        runtime
+            .load_file(&plugin_path(plugin), settings)
+            .expect("load plugin"),
+    )
+}
+
+/// Fast retries, so tests do not wait on backoff.
+pub fn quick_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        multiplier: 2.0,
+        jitter: 0.0,
+    }
+}
+
+/// Every backend that needs no server, each fresh.
+pub async fn embedded_backends() -> Vec<(&'static str, Arc<dyn Backend>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!(
+        "sqlite://{}?poll_ms=20",
+        dir.path().join("sluice.db").display()
+    );
+    vec![
+        (
+            "memory",
+            backend::connect("memory://").await.unwrap(),
+            tempfile::tempdir().unwrap(),
+        ),
+        ("sqlite", backend::connect(&sqlite_url).await.unwrap(), dir),
+    ]
+}
+
+/// A route consuming `input` with `plugin`, publishing to the same backend.
+pub fn route(
+    name: &str,
+    backend: &Arc<dyn Backend>,
+    input: &str,
+    plugin: Arc<Plugin>,
+    retry: RetryPolicy,
+) -> Route {
+    let mut subscribe = SubscribeOptions::new(vec![input.to_string()], name);
+    subscribe.lease = Duration::from_secs(5);
+    Route {
+        spec: RouteSpec {
+            name: name.to_string(),
+            subscribe,
+            concurrency: 1,
+            ordered: false,
+            retry,
+            dead_letter_topic: format!("{name}.dead-letter"),
+        },
+        source: backend.clone(),
+        sink: backend.clone(),
+        handler: Arc::new(WasmHandler { plugin }),
+        stats: Arc::new(RouteStats::default()),
+    }
+}
+
+/// A running route; stops and drains on `stop`.
+pub struct Running {
+    pub stats: Arc<RouteStats>,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(route: Route) -> Self {
+        let token = CancellationToken::new();
+        let stats = route.stats.clone();
+        let subscribed = route.subscribe().await.expect("route subscribes");
+        let task = tokio::spawn(subscribed.run(token.clone()));
+        Running { stats, token, task }
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("route stops within 10 s")
+            .expect("route task")
+            .expect("route ran");
+    }
+}
+
+/// Collects every message of some topics, acknowledging them.
+pub struct Collector {
+    seen: Arc<Mutex<Vec<Message>>>,
+    token: CancellationToken,
+}
+
+impl Collector {
+    /// Subscribes now (so nothing published later is missed, even on a
+    /// backend that keeps no history).
+    pub async fn start(backend: &Arc<dyn Backend>, topics: &[&str]) -> Self {
+        let group = format!("collector-{}", Message::new("x", "").id);
+        let mut options =
+            SubscribeOptions::new(topics.iter().map(|t| t.to_string()).collect(), group);
+        options.ephemeral = true;
+        let subscription = backend.subscribe(options).await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let token = CancellationToken::new();
+        let (seen2, token2) = (seen.clone(), token.clone());
+        tokio::spawn(async move {
+            while !token2.is_cancelled() {
+                for delivery in subscription
+                    .fetch(100, Duration::from_millis(50))
+                    .await
+                    .unwrap()
+                {
+                    seen2.lock().unwrap().push(delivery.message.clone());
+                    subscription.ack(&delivery).await.unwrap();
+                }
+            }
+            subscription.close().await.unwrap();
+        });
+        Collector { seen, token }
+    }
+
+    /// Waits until `count` messages arrived (panics after `limit`), then a
+    /// little longer to catch extras, and returns them all.
+    pub async fn wait_for(&self, count: usize, limit: Duration) -> Vec<Message> {
+        let give_up = tokio::time::Instant::now() + limit;
+        while self.seen.lock().unwrap().len() < count {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "expected {count} messages, got {:?}",
+                self.seen.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn now(&self) -> Vec<Message> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+pub fn text(message: &Message) -> String {
+    String::from_utf8_lossy(&message.payload).into_owned()
+}

@@ -1,0 +1,412 @@
+//! End to end through the host: real plugins built from `plugins/`, run by
+//! wasmtime, on the in-memory and SQLite backends.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use sluice::Message;
+use sluice::message::headers;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn success_path_transforms_and_publishes() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(
+            &runtime,
+            "uppercase",
+            settings("uppercase", &[("output", "out")]),
+        );
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let running = Running::start(route("upper", &backend, "in", plugin, quick_retry(3))).await;
+        let input = Message::new("in", "hello sluice")
+            .with_key("k1")
+            .with_header("trace", "t-1");
+        backend.publish(vec![input.clone()]).await.unwrap();
+
+        let got = outputs.wait_for(1, LIMIT).await;
+        assert_eq!(got.len(), 1, "{kind}");
+        assert_eq!(text(&got[0]), "HELLO SLUICE", "{kind}");
+        assert_eq!(got[0].key.as_deref(), Some("k1"), "{kind}");
+        assert_eq!(got[0].header("trace"), Some("t-1"), "{kind}");
+        assert_eq!(got[0].header("processed-by"), Some("uppercase"), "{kind}");
+        assert_eq!(
+            got[0].header(headers::CAUSATION_ID),
+            Some(input.id.as_str()),
+            "{kind}"
+        );
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        assert_eq!(
+            (stats.succeeded, stats.retried, stats.dead_lettered),
+            (1, 0, 0),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_then_success() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let running = Running::start(route("flaky", &backend, "in", plugin, quick_retry(5))).await;
+        backend
+            .publish(vec![Message::new("in", "retry:2")])
+            .await
+            .unwrap();
+
+        let got = outputs.wait_for(1, LIMIT).await;
+        assert_eq!(got.len(), 1, "{kind}");
+        assert_eq!(
+            got[0].header("attempt"),
+            Some("3"),
+            "{kind}: succeeded on the third attempt"
+        );
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        assert_eq!(
+            (stats.succeeded, stats.retried, stats.dead_lettered),
+            (1, 2, 0),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reject_goes_straight_to_dead_letter_with_reason() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+        let letters = Collector::start(&backend, &["strict.dead-letter"]).await;
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let running =
+            Running::start(route("strict", &backend, "orders", plugin, quick_retry(5))).await;
+        let input = Message::new("orders", "reject").with_key("order-7");
+        backend.publish(vec![input.clone()]).await.unwrap();
+
+        let got = letters.wait_for(1, LIMIT).await;
+        let letter = &got[0];
+        assert_eq!(text(letter), "reject", "{kind}: payload kept");
+        assert_eq!(letter.key.as_deref(), Some("order-7"), "{kind}");
+        assert_eq!(
+            letter.header(headers::DEAD_LETTER_CAUSE),
+            Some("rejected"),
+            "{kind}"
+        );
+        assert_eq!(
+            letter.header(headers::DEAD_LETTER_REASON),
+            Some("asked to reject"),
+            "{kind}"
+        );
+        assert_eq!(
+            letter.header(headers::ORIGINAL_TOPIC),
+            Some("orders"),
+            "{kind}"
+        );
+        assert_eq!(
+            letter.header(headers::ORIGINAL_ID),
+            Some(input.id.as_str()),
+            "{kind}"
+        );
+        assert_eq!(letter.header(headers::ATTEMPTS), Some("1"), "{kind}");
+        assert_eq!(letter.header(headers::ROUTE), Some("strict"), "{kind}");
+        assert!(
+            outputs.now().is_empty(),
+            "{kind}: no output for a rejected message"
+        );
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        assert_eq!((stats.retried, stats.dead_lettered), (0, 1), "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn exhausted_attempts_go_to_dead_letter() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+        let letters = Collector::start(&backend, &["stubborn.dead-letter"]).await;
+        let running =
+            Running::start(route("stubborn", &backend, "in", plugin, quick_retry(3))).await;
+        backend
+            .publish(vec![Message::new("in", "retry")])
+            .await
+            .unwrap();
+
+        let got = letters.wait_for(1, LIMIT).await;
+        assert_eq!(got.len(), 1, "{kind}");
+        assert_eq!(
+            got[0].header(headers::DEAD_LETTER_CAUSE),
+            Some("attempts-exhausted"),
+            "{kind}"
+        );
+        assert_eq!(got[0].header(headers::ATTEMPTS), Some("3"), "{kind}");
+        let reason = got[0].header(headers::DEAD_LETTER_REASON).unwrap();
+        assert!(reason.contains("asked to retry"), "{kind}: {reason}");
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        assert_eq!(
+            (stats.received, stats.retried, stats.dead_lettered),
+            (3, 2, 1),
+            "{kind}"
+        );
+    }
+}
+
+/// A plugin failure of each kind is retried, then dead-lettered; the host
+/// keeps running and the next message succeeds on a fresh instance.
+async fn plugin_failure_is_contained(command: &str, expected_reason: &str) {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let mut plugin_settings = settings("chaos", &[]);
+        plugin_settings.timeout = Duration::from_millis(200);
+        plugin_settings.memory_limit = 16 << 20;
+        let plugin = load(&runtime, "chaos", plugin_settings);
+        let letters = Collector::start(&backend, &["fragile.dead-letter"]).await;
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let running =
+            Running::start(route("fragile", &backend, "in", plugin, quick_retry(2))).await;
+        backend
+            .publish(vec![Message::new("in", command), Message::new("in", "ok")])
+            .await
+            .unwrap();
+
+        let got = letters.wait_for(1, LIMIT).await;
+        let reason = got[0].header(headers::DEAD_LETTER_REASON).unwrap();
+        assert!(
+            reason.contains(expected_reason),
+            "{kind}/{command}: {reason}"
+        );
+        assert_eq!(
+            got[0].header(headers::ATTEMPTS),
+            Some("2"),
+            "{kind}/{command}"
+        );
+        let ok = outputs.wait_for(1, LIMIT).await;
+        assert_eq!(
+            text(&ok[0]),
+            "ok",
+            "{kind}/{command}: host alive after the failure"
+        );
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        assert_eq!(
+            stats.plugin_errors, 2,
+            "{kind}/{command}: one error per attempt"
+        );
+        assert_eq!(stats.succeeded, 1, "{kind}/{command}");
+    }
+}
+
+#[tokio::test]
+async fn trapping_plugin_is_retried_and_host_stays_up() {
+    plugin_failure_is_contained("panic", "trap").await;
+}
+
+#[tokio::test]
+async fn infinite_loop_is_stopped_at_the_deadline() {
+    plugin_failure_is_contained("loop", "deadline").await;
+}
+
+#[tokio::test]
+async fn memory_bomb_is_stopped_at_the_cap() {
+    plugin_failure_is_contained("oom", "memory limit of 16 MiB").await;
+}
+
+#[tokio::test]
+async fn plugins_have_no_ambient_authority() {
+    let runtime = runtime();
+    let backend = sluice::backend::connect("memory://").await.unwrap();
+    // SAFETY: set before any thread of this test reads the environment.
+    unsafe { std::env::set_var("SLUICE_TEST_SECRET", "hunter2") };
+    let outputs = Collector::start(&backend, &["out"]).await;
+    let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+    let running = Running::start(route("probe", &backend, "in", plugin, quick_retry(1))).await;
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    backend
+        .publish(vec![
+            Message::new("in", "env:SLUICE_TEST_SECRET"),
+            Message::new("in", format!("read:{manifest}")),
+        ])
+        .await
+        .unwrap();
+    let got = outputs.wait_for(2, LIMIT).await;
+    assert_eq!(text(&got[0]), "<unset>", "host environment is not visible");
+    assert!(
+        text(&got[1]).starts_with("<denied"),
+        "host files are not visible: {}",
+        text(&got[1])
+    );
+    running.stop().await;
+
+    // Granted explicitly, both become visible.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("greeting.txt"), "hello from the host").unwrap();
+    let mut granted = settings("chaos", &[]);
+    granted.env.insert("GRANTED".into(), "yes".into());
+    granted
+        .read_dirs
+        .insert("/data".into(), dir.path().to_path_buf());
+    let outputs = Collector::start(&backend, &["out"]).await;
+    let plugin = load(&runtime, "chaos", granted);
+    let running = Running::start(route("probe2", &backend, "in2", plugin, quick_retry(1))).await;
+    backend
+        .publish(vec![
+            Message::new("in2", "env:GRANTED"),
+            Message::new("in2", "read:/data/greeting.txt"),
+        ])
+        .await
+        .unwrap();
+    let got = outputs.wait_for(2, LIMIT).await;
+    assert_eq!(text(&got[0]), "yes");
+    assert_eq!(text(&got[1]), "hello from the host");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn host_publish_is_limited_to_granted_topics() {
+    let runtime = runtime();
+    let backend = sluice::backend::connect("memory://").await.unwrap();
+    let mut limited = settings("chaos", &[]);
+    limited.publish_to = vec!["out".into(), "side.*".into()];
+    let plugin = load(&runtime, "chaos", limited);
+    let outputs = Collector::start(&backend, &["out", "side.*", "elsewhere"]).await;
+    let letters = Collector::start(&backend, &["pub.dead-letter"]).await;
+    let running = Running::start(route("pub", &backend, "in", plugin, quick_retry(1))).await;
+    backend
+        .publish(vec![
+            Message::new("in", "publish:side.a"),
+            Message::new("in", "publish:elsewhere"),
+        ])
+        .await
+        .unwrap();
+    let got = outputs.wait_for(2, LIMIT).await;
+    let mut topics: Vec<&str> = got.iter().map(|m| m.topic.as_str()).collect();
+    topics.sort();
+    assert_eq!(topics, ["out", "side.a"]);
+    let letters = letters.wait_for(1, LIMIT).await;
+    let reason = letters[0].header(headers::DEAD_LETTER_REASON).unwrap();
+    assert!(
+        reason.contains("may not publish to `elsewhere`"),
+        "{reason}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn ordered_route_keeps_per_key_order() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "echo", settings("echo", &[("output", "out")]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let mut ordered = route("ordered", &backend, "in", plugin, quick_retry(3));
+        ordered.spec.ordered = true;
+        ordered.spec.concurrency = 4;
+        let running = Running::start(ordered).await;
+        let mut batch = Vec::new();
+        for i in 0..50 {
+            for key in ["a", "b", "c", "d", "e"] {
+                batch.push(Message::new("in", format!("{key}:{i}")).with_key(key));
+            }
+        }
+        backend.publish(batch).await.unwrap();
+        let got = outputs.wait_for(250, LIMIT).await;
+        for key in ["a", "b", "c", "d", "e"] {
+            let seen: Vec<String> = got
+                .iter()
+                .filter(|m| m.key.as_deref() == Some(key))
+                .map(text)
+                .collect();
+            let expected: Vec<String> = (0..50).map(|i| format!("{key}:{i}")).collect();
+            assert_eq!(seen, expected, "{kind}: key {key} out of order");
+        }
+        running.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_workers_lose_nothing() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "echo", settings("echo", &[("output", "out")]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let mut wide = route("wide", &backend, "in", plugin, quick_retry(3));
+        wide.spec.concurrency = 4;
+        let running = Running::start(wide).await;
+        let inputs: Vec<Message> = (0..500)
+            .map(|i| Message::new("in", format!("m{i}")))
+            .collect();
+        backend.publish(inputs).await.unwrap();
+        let got = outputs.wait_for(500, LIMIT).await;
+        let mut payloads: Vec<String> = got.iter().map(text).collect();
+        payloads.sort();
+        payloads.dedup();
+        assert_eq!(payloads.len(), 500, "{kind}: every message exactly once");
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        assert_eq!(stats.succeeded, 500, "{kind}");
+        assert_eq!(running_in_flight_after_stop(&stats), 0, "{kind}");
+    }
+}
+
+fn running_in_flight_after_stop(stats: &sluice::router::StatsSnapshot) -> i64 {
+    stats.in_flight
+}
+
+#[tokio::test]
+async fn invalid_and_wrong_world_components_are_refused() {
+    let runtime = runtime();
+    let not_wasm = runtime.load(b"this is not wasm", settings("junk", &[]));
+    let error = format!("{:#}", not_wasm.err().expect("refused"));
+    assert!(
+        error.contains("not a valid WebAssembly component"),
+        "{error}"
+    );
+
+    let wrong = runtime.load_file(&plugin_path("wrong_world"), settings("wrong", &[]));
+    let error = format!("{:#}", wrong.err().expect("refused"));
+    assert!(
+        error.contains("does not implement the `sluice:plugin/handler@0.1.0` world"),
+        "{error}"
+    );
+    assert!(
+        error.contains("handle"),
+        "names the missing export: {error}"
+    );
+    assert!(
+        error.contains("process"),
+        "names what it exports instead: {error}"
+    );
+}
+
+#[tokio::test]
+async fn graceful_stop_settles_in_flight_work() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "echo", settings("echo", &[("output", "out")]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let mut wide = route("drain", &backend, "in", plugin, quick_retry(3));
+        wide.spec.concurrency = 2;
+        let stats = wide.stats.clone();
+        let running = Running::start(wide).await;
+        let inputs: Vec<Message> = (0..200)
+            .map(|i| Message::new("in", format!("m{i}")))
+            .collect();
+        backend.publish(inputs).await.unwrap();
+        outputs.wait_for(1, LIMIT).await;
+        running.stop().await;
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.in_flight, 0, "{kind}: nothing left unsettled");
+        assert_eq!(
+            snapshot.received, snapshot.succeeded,
+            "{kind}: every fetched message settled"
+        );
+        assert_eq!(stats.in_flight.load(Ordering::Relaxed), 0);
+    }
+}
