@@ -1,1 +1,672 @@
-fn main() {}
+//! Benchmarks the in-memory pipeline with the `echo` WebAssembly plugin
+//! against the same pipeline with a native Rust handler doing the same, so
+//! the cost of the sandbox shows as a ratio: throughput at concurrency 1 and
+//! 4, and round-trip latency one message at a time. Results go to the
+//! terminal, to `target/bench/pipeline.json` and to an SVG chart beside it.
+//!
+//! `SLUICE_BENCH_MESSAGES` (default 20000) sets the messages per throughput
+//! run, `SLUICE_BENCH_ROUNDS` (default 2000) the round trips per latency run.
+//! Needs the plugins built: `cargo xtask bench` does both.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use sluice::Message;
+use sluice::backend::memory::MemoryBackend;
+use sluice::backend::{Backend, SubscribeOptions, Subscription};
+use sluice::router::{
+    FnHandler, MessageHandler, RetryPolicy, Route, RouteSpec, RouteStats, WasmHandler,
+};
+use sluice::runtime::{Outcome, PluginSettings, Runtime};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const INPUT: &str = "bench.in";
+const OUTPUT: &str = "bench.out";
+const PAYLOAD_BYTES: usize = 1024;
+const CONCURRENCIES: [usize; 2] = [1, 4];
+const LATENCY_CONCURRENCY: usize = 1;
+/// Enough for every worker's instance to exist and every code path to be hot.
+const WARMUP_MESSAGES: usize = 2_000;
+const PUBLISH_BATCH: usize = 100;
+/// Longest wait for any output before a run is declared stuck.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Every message carries the phase it belongs to, so outputs of an earlier
+/// phase that arrive late are never counted in a later one.
+const PHASE: &str = "bench-phase";
+const PROBE: &str = "probe";
+const WARMUP: &str = "warmup";
+const MEASURE: &str = "measure";
+
+const WASM_COLOUR: &str = "#654ff0";
+const NATIVE_COLOUR: &str = "#f0883e";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let settings = Settings::from_env()?;
+    let runtime = Runtime::new(None)?;
+    let handlers = Handlers::new(&runtime)?;
+    let mut throughput = Vec::new();
+    for concurrency in CONCURRENCIES {
+        throughput.push(Throughput {
+            concurrency,
+            rate: Pair {
+                wasm: measure_throughput("wasm", &handlers.wasm, concurrency, &settings).await?,
+                native: measure_throughput("native", &handlers.native, concurrency, &settings)
+                    .await?,
+            },
+        });
+    }
+    let latency = Pair {
+        wasm: measure_latency("wasm", &handlers.wasm, &settings).await?,
+        native: measure_latency("native", &handlers.native, &settings).await?,
+    };
+    let results = Results {
+        settings,
+        throughput,
+        latency,
+    };
+    results.print();
+    results.save()
+}
+
+struct Settings {
+    messages: usize,
+    rounds: usize,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self> {
+        Ok(Settings {
+            messages: positive_env("SLUICE_BENCH_MESSAGES", 20_000)?,
+            rounds: positive_env("SLUICE_BENCH_ROUNDS", 2_000)?,
+        })
+    }
+}
+
+fn positive_env(name: &str, default: usize) -> Result<usize> {
+    let Ok(value) = std::env::var(name) else {
+        return Ok(default);
+    };
+    match value.parse() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!("{name} must be a positive number, not `{value}`"),
+    }
+}
+
+/// The two handlers compared: they produce the same outputs.
+struct Handlers {
+    wasm: Arc<dyn MessageHandler>,
+    native: Arc<dyn MessageHandler>,
+}
+
+impl Handlers {
+    fn new(runtime: &Runtime) -> Result<Self> {
+        let path = workspace_root().join("plugins/target/wasm32-wasip2/release/echo.wasm");
+        println!("loading {}", path.display());
+        let mut settings = PluginSettings::new("echo");
+        settings.config.insert("output".into(), OUTPUT.into());
+        settings.publish_to = vec![OUTPUT.into()];
+        let plugin = runtime
+            .load_file(&path, settings)
+            .context("the plugins must be built first (cargo xtask plugins)")?;
+        Ok(Handlers {
+            wasm: Arc::new(WasmHandler {
+                plugin: Arc::new(plugin),
+            }),
+            native: Arc::new(FnHandler(native_echo)),
+        })
+    }
+}
+
+/// What the `echo` plugin does, natively: the host turns a plugin's output
+/// into a fresh message with the same key, headers and payload.
+fn native_echo(message: &Message, _attempt: u32) -> Outcome {
+    let mut output = Message::new(OUTPUT, message.payload.clone());
+    output.key = message.key.clone();
+    output.headers = message.headers.clone();
+    Outcome::Outputs(vec![output])
+}
+
+async fn measure_throughput(
+    kind: &str,
+    handler: &Arc<dyn MessageHandler>,
+    concurrency: usize,
+    settings: &Settings,
+) -> Result<f64> {
+    println!(
+        "throughput: {kind:<6} concurrency {concurrency}, {} messages…",
+        settings.messages
+    );
+    let mut pipeline = Pipeline::start(handler.clone(), concurrency).await?;
+    pipeline.warm_up().await?;
+    let rate = pipeline.throughput(settings.messages).await?;
+    pipeline.stop().await?;
+    println!("            {} msgs/s", thousands(rate));
+    Ok(rate)
+}
+
+async fn measure_latency(
+    kind: &str,
+    handler: &Arc<dyn MessageHandler>,
+    settings: &Settings,
+) -> Result<Latency> {
+    println!(
+        "latency:    {kind:<6} concurrency {LATENCY_CONCURRENCY}, {} round trips…",
+        settings.rounds
+    );
+    let mut pipeline = Pipeline::start(handler.clone(), LATENCY_CONCURRENCY).await?;
+    pipeline.warm_up().await?;
+    // Round trips exercise paths that batches do not: warm those too.
+    pipeline.round_trips(settings.rounds / 10 + 1).await?;
+    let latency = Latency::from_samples(pipeline.round_trips(settings.rounds).await?);
+    pipeline.stop().await?;
+    println!(
+        "            p50 {:.1} µs, p99 {:.1} µs",
+        micros(latency.p50),
+        micros(latency.p99)
+    );
+    Ok(latency)
+}
+
+/// One route from `bench.in` to `bench.out` on a fresh in-memory backend,
+/// with its own consumer of `bench.out` feeding a channel.
+struct Pipeline {
+    backend: Arc<MemoryBackend>,
+    stats: Arc<RouteStats>,
+    shutdown: CancellationToken,
+    route: JoinHandle<Result<()>>,
+    consumer: JoinHandle<Result<()>>,
+    outputs: mpsc::UnboundedReceiver<Message>,
+}
+
+impl Pipeline {
+    async fn start(handler: Arc<dyn MessageHandler>, concurrency: usize) -> Result<Self> {
+        let backend = Arc::new(MemoryBackend::from_url("memory://")?);
+        let shutdown = CancellationToken::new();
+        // Subscribed before anything is published: the memory backend keeps
+        // nothing for a group that does not exist yet.
+        let subscription = backend
+            .subscribe(SubscribeOptions::new(vec![OUTPUT.into()], "bench-consumer"))
+            .await?;
+        let (sender, outputs) = mpsc::unbounded_channel();
+        let consumer = tokio::spawn(consume(subscription, sender, shutdown.clone()));
+        let stats = Arc::new(RouteStats::default());
+        let route = Route {
+            spec: route_spec(concurrency),
+            source: backend.clone(),
+            sink: backend.clone(),
+            handler,
+            stats: stats.clone(),
+        };
+        let route = tokio::spawn(route.run(shutdown.clone()));
+        let mut pipeline = Pipeline {
+            backend,
+            stats,
+            shutdown,
+            route,
+            consumer,
+            outputs,
+        };
+        pipeline.wait_until_routed().await?;
+        Ok(pipeline)
+    }
+
+    /// The route subscribes in its own task; until then its input is
+    /// dropped, so probe until one comes out the other end.
+    async fn wait_until_routed(&mut self) -> Result<()> {
+        let give_up = Instant::now() + STALL;
+        while Instant::now() < give_up {
+            self.backend.publish(vec![message(PROBE)]).await?;
+            let wait = tokio::time::timeout(Duration::from_millis(50), self.outputs.recv());
+            if let Ok(Some(_)) = wait.await {
+                return Ok(());
+            }
+        }
+        bail!("the route produced nothing within {STALL:?}")
+    }
+
+    async fn warm_up(&mut self) -> Result<()> {
+        for batch in batches(WARMUP, WARMUP_MESSAGES) {
+            self.backend.publish(batch).await?;
+        }
+        self.collect(WARMUP, WARMUP_MESSAGES).await
+    }
+
+    /// Messages per second from the first publish until the last output is
+    /// consumed, publishing as fast as back-pressure allows.
+    async fn throughput(&mut self, messages: usize) -> Result<f64> {
+        // Built beforehand: the publisher's own costs are not the pipeline's.
+        let batches = batches(MEASURE, messages);
+        let backend = self.backend.clone();
+        let started = Instant::now();
+        let publisher = tokio::spawn(async move {
+            for batch in batches {
+                backend.publish(batch).await?;
+            }
+            anyhow::Ok(())
+        });
+        self.collect(MEASURE, messages).await?;
+        let elapsed = started.elapsed();
+        publisher.await??;
+        Ok(messages as f64 / elapsed.as_secs_f64())
+    }
+
+    /// Publishes one message at a time and times until its output arrives.
+    async fn round_trips(&mut self, rounds: usize) -> Result<Vec<Duration>> {
+        let mut samples = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let message = message(MEASURE);
+            let started = Instant::now();
+            self.backend.publish(vec![message]).await?;
+            self.collect(MEASURE, 1).await?;
+            samples.push(started.elapsed());
+        }
+        Ok(samples)
+    }
+
+    /// Waits for `count` outputs of `phase`, skipping any others.
+    async fn collect(&mut self, phase: &str, count: usize) -> Result<()> {
+        let mut seen = 0;
+        while seen < count {
+            let output = tokio::time::timeout(STALL, self.outputs.recv())
+                .await
+                .map_err(|_| anyhow!("no output for {STALL:?}; route: {}", self.stats.snapshot()))?
+                .context("the output consumer stopped")?;
+            if output.header(PHASE) == Some(phase) {
+                seen += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.route.await??;
+        self.consumer.await??;
+        Ok(())
+    }
+}
+
+fn route_spec(concurrency: usize) -> RouteSpec {
+    RouteSpec {
+        name: "bench".into(),
+        subscribe: SubscribeOptions::new(vec![INPUT.into()], "bench"),
+        concurrency,
+        ordered: false,
+        retry: RetryPolicy::default(),
+        dead_letter_topic: "bench.dead-letter".into(),
+    }
+}
+
+/// Acknowledges every output and hands it to the measuring task.
+async fn consume(
+    subscription: Box<dyn Subscription>,
+    sender: mpsc::UnboundedSender<Message>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    while !shutdown.is_cancelled() {
+        for delivery in subscription.fetch(256, Duration::from_millis(100)).await? {
+            subscription.ack(&delivery).await?;
+            // Nobody listening means the pipeline is stopping.
+            let _ = sender.send(delivery.message);
+        }
+    }
+    subscription.close().await
+}
+
+fn message(phase: &str) -> Message {
+    let payload: Vec<u8> = (0..PAYLOAD_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
+    Message::new(INPUT, payload).with_header(PHASE, phase)
+}
+
+fn batches(phase: &str, count: usize) -> Vec<Vec<Message>> {
+    let messages: Vec<Message> = (0..count).map(|_| message(phase)).collect();
+    messages
+        .chunks(PUBLISH_BATCH)
+        .map(<[Message]>::to_vec)
+        .collect()
+}
+
+/// A figure for each handler.
+#[derive(Clone, Copy)]
+struct Pair<T> {
+    wasm: T,
+    native: T,
+}
+
+impl Pair<f64> {
+    fn ratio(&self) -> f64 {
+        self.wasm / self.native
+    }
+}
+
+struct Throughput {
+    concurrency: usize,
+    /// Messages per second.
+    rate: Pair<f64>,
+}
+
+#[derive(Clone, Copy)]
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+impl Latency {
+    fn from_samples(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+        Latency {
+            p50: percentile(&samples, 0.50),
+            p99: percentile(&samples, 0.99),
+            mean,
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
+    let rank = (quantile * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl Pair<Latency> {
+    /// The latency figures by name, in microseconds.
+    fn figures(&self) -> [(&'static str, Pair<f64>); 3] {
+        let pick = |f: fn(&Latency) -> Duration| Pair {
+            wasm: micros(f(&self.wasm)),
+            native: micros(f(&self.native)),
+        };
+        [
+            ("p50", pick(|l| l.p50)),
+            ("p99", pick(|l| l.p99)),
+            ("mean", pick(|l| l.mean)),
+        ]
+    }
+}
+
+struct Results {
+    settings: Settings,
+    throughput: Vec<Throughput>,
+    latency: Pair<Latency>,
+}
+
+impl Results {
+    fn print(&self) {
+        println!();
+        println!(
+            "Throughput: {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
+            self.settings.messages
+        );
+        println!(
+            "  {:>11}  {:>10}  {:>10}  {:>11}",
+            "concurrency", "wasm", "native", "wasm/native"
+        );
+        for run in &self.throughput {
+            println!(
+                "  {:>11}  {:>10}  {:>10}  {:>11.2}",
+                run.concurrency,
+                thousands(run.rate.wasm),
+                thousands(run.rate.native),
+                run.rate.ratio()
+            );
+        }
+        println!();
+        println!(
+            "Round-trip latency: {} messages one at a time, concurrency {LATENCY_CONCURRENCY}, µs (lower is better)",
+            self.settings.rounds
+        );
+        println!(
+            "  {:>11}  {:>10}  {:>10}  {:>11}",
+            "", "wasm", "native", "wasm/native"
+        );
+        for (name, figure) in self.latency.figures() {
+            println!(
+                "  {name:>11}  {:>10.1}  {:>10.1}  {:>11.2}",
+                figure.wasm,
+                figure.native,
+                figure.ratio()
+            );
+        }
+        println!();
+    }
+
+    fn save(&self) -> Result<()> {
+        let dir = workspace_root().join("target").join("bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json_path = dir.join("pipeline.json");
+        let json = serde_json::to_string_pretty(&self.to_json())?;
+        std::fs::write(&json_path, json + "\n")
+            .with_context(|| format!("writing {}", json_path.display()))?;
+        println!("wrote {}", json_path.display());
+        let svg_path = dir.join("pipeline.svg");
+        std::fs::write(&svg_path, self.to_svg())
+            .with_context(|| format!("writing {}", svg_path.display()))?;
+        println!("wrote {}", svg_path.display());
+        Ok(())
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let runs: Vec<_> = self
+            .throughput
+            .iter()
+            .map(|run| {
+                json!({
+                    "concurrency": run.concurrency,
+                    "wasm_msgs_per_sec": run.rate.wasm.round(),
+                    "native_msgs_per_sec": run.rate.native.round(),
+                    "wasm_over_native": round2(run.rate.ratio()),
+                })
+            })
+            .collect();
+        let mut latency = serde_json::Map::new();
+        for (name, figure) in self.latency.figures() {
+            let entry = json!({
+                "wasm_us": round2(figure.wasm),
+                "native_us": round2(figure.native),
+                "wasm_over_native": round2(figure.ratio()),
+            });
+            latency.insert(name.into(), entry);
+        }
+        json!({
+            "payload_bytes": PAYLOAD_BYTES,
+            "throughput": { "messages": self.settings.messages, "runs": runs },
+            "latency": {
+                "rounds": self.settings.rounds,
+                "concurrency": LATENCY_CONCURRENCY,
+                "figures": latency,
+            },
+        })
+    }
+
+    fn to_svg(&self) -> String {
+        let throughput = Panel {
+            title: "Throughput, msgs/s (higher is better)",
+            groups: self
+                .throughput
+                .iter()
+                .map(|run| (format!("concurrency {}", run.concurrency), run.rate))
+                .collect(),
+        };
+        let latency = Panel {
+            title: "Round-trip latency, µs (lower is better)",
+            groups: self
+                .latency
+                .figures()
+                .into_iter()
+                .filter(|(name, _)| *name != "mean")
+                .map(|(name, figure)| (name.to_owned(), figure))
+                .collect(),
+        };
+        chart(
+            &format!(
+                "Sluice pipeline, {PAYLOAD_BYTES} B messages: echo plugin (wasm) vs native handler"
+            ),
+            &[throughput, latency],
+        )
+    }
+}
+
+/// One bar chart: groups of a wasm bar and a native bar.
+struct Panel {
+    title: &'static str,
+    groups: Vec<(String, Pair<f64>)>,
+}
+
+const PANEL_WIDTH: f64 = 420.0;
+const PANEL_HEIGHT: f64 = 300.0;
+const MARGIN: f64 = 30.0;
+const TOP: f64 = 80.0;
+
+fn chart(title: &str, panels: &[Panel]) -> String {
+    let width = MARGIN + panels.len() as f64 * (PANEL_WIDTH + MARGIN);
+    let height = TOP + PANEL_HEIGHT + MARGIN;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect width="100%" height="100%" fill="#ffffff"/><text x="{MARGIN}" y="28" font-size="16" font-weight="bold">{title}</text>"##
+    );
+    svg.push_str(&legend(MARGIN, 50.0));
+    for (index, panel) in panels.iter().enumerate() {
+        let x = MARGIN + index as f64 * (PANEL_WIDTH + MARGIN);
+        svg.push_str(&panel.to_svg(x, TOP));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn legend(x: f64, y: f64) -> String {
+    let mut svg = String::new();
+    for (offset, (name, colour)) in [
+        ("wasm (echo plugin)", WASM_COLOUR),
+        ("native", NATIVE_COLOUR),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = x + offset as f64 * 160.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{colour}"/><text x="{}" y="{}">{name}</text>"#,
+            y - 10.0,
+            x + 18.0,
+            y
+        );
+    }
+    svg
+}
+
+impl Panel {
+    fn to_svg(&self, x: f64, y: f64) -> String {
+        let plot_top = y + 40.0;
+        let baseline = y + PANEL_HEIGHT - 40.0;
+        // Headroom above the tallest bar for its value label.
+        let max = self
+            .groups
+            .iter()
+            .flat_map(|(_, pair)| [pair.wasm, pair.native])
+            .fold(0.0, f64::max)
+            * 1.1;
+        let scale = if max > 0.0 {
+            (baseline - plot_top) / max
+        } else {
+            0.0
+        };
+        let group_width = PANEL_WIDTH / self.groups.len().max(1) as f64;
+        let bar_width = (group_width * 0.3).min(70.0);
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="middle" font-size="14">{}</text><line x1="{x}" y1="{baseline}" x2="{}" y2="{baseline}" stroke="#333333"/>"##,
+            x + PANEL_WIDTH / 2.0,
+            y + 10.0,
+            self.title,
+            x + PANEL_WIDTH
+        );
+        for (index, (label, pair)) in self.groups.iter().enumerate() {
+            let centre = x + group_width * (index as f64 + 0.5);
+            for (value, colour, left) in [
+                (pair.wasm, WASM_COLOUR, centre - bar_width - 2.0),
+                (pair.native, NATIVE_COLOUR, centre + 2.0),
+            ] {
+                svg.push_str(&bar(
+                    left,
+                    bar_width,
+                    baseline,
+                    value,
+                    value * scale,
+                    colour,
+                ));
+            }
+            let _ = writeln!(
+                svg,
+                r##"<text x="{centre}" y="{}" text-anchor="middle">{label}</text><text x="{centre}" y="{}" text-anchor="middle" fill="#555555">wasm/native {:.2}</text>"##,
+                baseline + 18.0,
+                baseline + 34.0,
+                pair.ratio()
+            );
+        }
+        svg
+    }
+}
+
+fn bar(left: f64, width: f64, baseline: f64, value: f64, height: f64, colour: &str) -> String {
+    format!(
+        r#"<rect x="{left:.1}" y="{:.1}" width="{width:.1}" height="{height:.1}" fill="{colour}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>
+"#,
+        baseline - height,
+        left + width / 2.0,
+        baseline - height - 4.0,
+        compact(value)
+    )
+}
+
+/// Short labels for bars: 41.2k, 812, 23.4.
+fn compact(value: f64) -> String {
+    if value >= 10_000.0 {
+        format!("{:.1}k", value / 1000.0)
+    } else if value >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+/// 41234.6 → "41,235".
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value);
+    let mut grouped = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the host package lives inside the workspace")
+}

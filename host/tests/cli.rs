@@ -1,0 +1,206 @@
+//! The `sluice` binary as an operator uses it: check, publish, run, tail.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::plugin_path;
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .env_remove("SLUICE_BACKEND_URL")
+        .output()
+        .expect("run sluice")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn write_config(dir: &Path, body: &str) -> String {
+    let path = dir.join("sluice.toml");
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+fn pipeline_config(dir: &Path, plugin: &str) -> String {
+    format!(
+        r#"[backends.main]
+url = "sqlite://{db}"
+
+[plugins.upper]
+path = "{plugin}"
+config = {{ output = "shouted" }}
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "upper"
+topics = ["words"]
+plugin = "upper"
+"#,
+        db = dir.join("sluice.db").display(),
+        plugin = plugin,
+        cache = dir.join("cache").display(),
+    )
+}
+
+#[test]
+fn check_names_the_unknown_key_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string())
+        .replace("plugin = \"upper\"\n", "plugin = \"upper\"\nretries = 3\n");
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("unknown field `retries`"), "{err}");
+    assert!(err.contains("line 15"), "{err}");
+}
+
+#[test]
+fn check_names_a_dangling_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string())
+        .replace("plugin = \"upper\"\n", "plugin = \"lower\"\n");
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("routes[0].plugin"), "{err}");
+    assert!(err.contains("line 14"), "{err}");
+}
+
+#[test]
+fn check_refuses_a_component_of_another_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pipeline_config(
+        dir.path(),
+        &plugin_path("wrong_world").display().to_string(),
+    );
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("plugins.upper"), "{err}");
+    assert!(
+        err.contains("does not implement the `sluice:plugin/handler@0.1.0` world"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string());
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("implements sluice:plugin/handler@0.1.0"));
+}
+
+#[test]
+fn run_processes_then_drains_on_sigterm_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string()),
+    );
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let published = sluice(&["publish", "--url", &url, "words", "hello", "--count", "50"]);
+    assert!(published.status.success(), "{}", stderr(&published));
+
+    let mut run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config])
+        .env("SLUICE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the outputs are there, then ask it to stop.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tail = sluice(&["tail", "--url", &url, "shouted", "--json", "--limit", "50"]);
+        if stdout(&tail).lines().count() == 50 {
+            break;
+        }
+        assert!(Instant::now() < give_up, "outputs did not appear");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < give_up, "did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = run.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        stderr(&output)
+    );
+    let summary = stdout(&output);
+    assert!(
+        summary.contains("route upper: received 50, succeeded 50"),
+        "{summary}"
+    );
+
+    let tail = sluice(&["tail", "--url", &url, "shouted", "--json"]);
+    let lines: Vec<serde_json::Value> = stdout(&tail)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        50,
+        "a throw-away tail group reads everything again"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|m| m["payload"] == "HELLO" && m["topic"] == "shouted")
+    );
+}
+
+#[test]
+fn environment_moves_the_same_config_to_another_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string()),
+    );
+    let other = dir.path().join("other.db");
+    let other_url = format!("sqlite://{}", other.display());
+    let published = sluice(&["publish", "--url", &other_url, "words", "moved"]);
+    assert!(published.status.success(), "{}", stderr(&published));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config, "--exit-when-idle", "1"])
+        .env("SLUICE_LOG", "warn")
+        .env("SLUICE_BACKEND_MAIN_URL", &other_url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("succeeded 1"), "{}", stdout(&out));
+    assert!(
+        !dir.path().join("sluice.db").exists(),
+        "the file in the config was not used"
+    );
+    let tail = sluice(&["tail", "--url", &other_url, "shouted"]);
+    assert!(
+        stdout(&tail).contains("[shouted] MOVED"),
+        "{}",
+        stdout(&tail)
+    );
+}
