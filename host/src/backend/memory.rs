@@ -7,6 +7,7 @@
 //! waiting or in flight before `publish` waits; default 10000).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,7 +171,7 @@ impl Backend for MemoryBackend {
             let mut state = self.shared.state.lock().unwrap();
             let group = state
                 .groups
-                .entry(options.group.clone())
+                .entry(options.group_key())
                 .or_insert_with(|| Group {
                     patterns: Vec::new(),
                     ready: VecDeque::new(),
@@ -189,7 +190,8 @@ impl Backend for MemoryBackend {
         };
         Ok(Box::new(MemorySubscription {
             shared: self.shared.clone(),
-            group: options.group,
+            group: options.group_key(),
+            closed: AtomicBool::new(false),
             ephemeral: options.ephemeral,
             arrived,
             mine: Mutex::new(Vec::new()),
@@ -199,7 +201,9 @@ impl Backend for MemoryBackend {
 
 struct MemorySubscription {
     shared: Arc<Shared>,
+    /// The group's key (name and topics).
     group: String,
+    closed: AtomicBool,
     ephemeral: bool,
     arrived: Arc<Notify>,
     /// Deliveries handed to this member and not yet settled, returned to the
@@ -254,7 +258,8 @@ impl MemorySubscription {
         match delay {
             None => self.shared.room.notify_waiters(),
             Some(delay) if delay.is_zero() => {
-                group.ready.push_back(entry);
+                // First again, so a retried message keeps its place in line.
+                group.ready.push_front(entry);
                 group.arrived.notify_waiters();
             }
             Some(delay) => {
@@ -272,6 +277,9 @@ impl Subscription for MemorySubscription {
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let give_up = Instant::now() + wait;
         loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(super::closed_error(&self.group));
+            }
             let arrived = self.arrived.notified();
             let (deliveries, next_due) = self.take(max.max(1))?;
             if !deliveries.is_empty() {
@@ -298,6 +306,9 @@ impl Subscription for MemorySubscription {
     }
 
     async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
         let mut state = self.shared.state.lock().unwrap();
         let Some(group) = state.groups.get_mut(&self.group) else {
             return Ok(());

@@ -77,6 +77,16 @@ pub struct SubscribeOptions {
 }
 
 impl SubscribeOptions {
+    /// The identity of the consumer group inside a backend: its name and
+    /// its topics. Two routes that reuse a group name for different topics
+    /// are thus independent, and never receive each other's messages.
+    pub fn group_key(&self) -> String {
+        let mut topics = self.topics.clone();
+        topics.sort();
+        topics.dedup();
+        format!("{}[{}]", self.group, topics.join(","))
+    }
+
     pub fn new(topics: Vec<String>, group: impl Into<String>) -> Self {
         SubscribeOptions {
             topics,
@@ -150,8 +160,14 @@ pub trait Subscription: Send + Sync {
     /// The delivery failed: deliver it again after `delay`.
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()>;
 
-    /// Stops consuming. Unsettled deliveries go back to the group.
+    /// Stops consuming: later fetches fail. Unsettled deliveries go back to
+    /// the group.
     async fn close(&self) -> Result<()>;
+}
+
+/// The error of a fetch on a closed subscription.
+pub fn closed_error(group: &str) -> anyhow::Error {
+    anyhow::anyhow!("the subscription of group `{group}` is closed")
 }
 
 /// Opens the backend a URL names: `memory://`, `sqlite://PATH`.

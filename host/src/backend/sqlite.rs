@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -190,7 +191,7 @@ impl Backend for SqliteBackend {
             sqlx::query(
                 "INSERT OR IGNORE INTO sluice_groups (group_name, pattern, cursor) VALUES (?1, ?2, ?3)",
             )
-            .bind(&options.group)
+            .bind(options.group_key())
             .bind(topic)
             .bind(cursor)
             .execute(&mut *tx)
@@ -199,7 +200,8 @@ impl Backend for SqliteBackend {
         tx.commit().await?;
         Ok(Box::new(SqliteSubscription {
             shared: self.shared.clone(),
-            group: options.group,
+            group: options.group_key(),
+            closed: AtomicBool::new(false),
             lease: options.lease,
             ephemeral: options.ephemeral,
             mine: Mutex::new(HashSet::new()),
@@ -209,7 +211,9 @@ impl Backend for SqliteBackend {
 
 struct SqliteSubscription {
     shared: Arc<Shared>,
+    /// The group's key (name and topics), as stored in the tables.
     group: String,
+    closed: AtomicBool,
     lease: Duration,
     ephemeral: bool,
     /// Claimed and unsettled, released on close.
@@ -336,6 +340,9 @@ impl Subscription for SqliteSubscription {
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let give_up = Instant::now() + wait;
         loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(super::closed_error(&self.group));
+            }
             let changed = self.shared.changed.notified();
             let deliveries = self.claim(max.max(1)).await?;
             if !deliveries.is_empty() {
@@ -385,6 +392,9 @@ impl Subscription for SqliteSubscription {
     }
 
     async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
         if self.ephemeral {
             let mut tx = self.shared.pool.begin_with("BEGIN IMMEDIATE").await?;
             sqlx::query("DELETE FROM sluice_deliveries WHERE group_name = ?1")

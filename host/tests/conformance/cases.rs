@@ -1,0 +1,536 @@
+//! The contract cases: publish, subscribe, settle, groups, durability,
+//! each checked directly against a backend.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use sluice::Message;
+use sluice::backend::{Capabilities, StartFrom};
+
+use crate::case;
+use crate::harness::{Case, Ctx, consume, distinct_ids, expect_nothing, numbered, payload};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const QUIET: Duration = Duration::from_millis(300);
+
+pub fn all() -> Vec<Case> {
+    vec![
+        case!(publish_subscribe_keeps_payload_key_and_headers),
+        case!(concurrent_publishers_and_subscribers_lose_nothing),
+        case!(many_topics_at_once),
+        case!(topics_are_isolated),
+        case!(redelivery_after_nack),
+        case!(nacked_message_returns_before_later_ones, needs_order),
+        case!(order_preserved_per_key, needs_order),
+        case!(continue_after_subscriber_closes),
+        case!(concurrent_close),
+        case!(continue_after_repeated_errors),
+        case!(nothing_lost_when_publisher_closes),
+        case!(cancelled_subscription_receives_nothing_more),
+        case!(new_subscriber_sees_old_messages, needs_history),
+        case!(latest_start_skips_old_messages, needs_history),
+        case!(every_group_gets_every_message),
+        case!(members_of_a_group_split_messages),
+        case!(nack_delay_is_honoured),
+        case!(abandoned_delivery_returns_after_lease, needs_lease),
+        case!(pattern_subscription_sees_new_topics, needs_wildcards),
+        case!(reconnect_after_server_restart, needs_restart),
+    ]
+}
+
+fn needs_order(caps: &Capabilities, _: bool) -> Option<&'static str> {
+    (!caps.ordered_per_key).then_some("no ordering per key")
+}
+
+fn needs_history(caps: &Capabilities, _: bool) -> Option<&'static str> {
+    (!caps.history).then_some("keeps no history")
+}
+
+fn needs_lease(caps: &Capabilities, _: bool) -> Option<&'static str> {
+    (!caps.lease).then_some("in-process, no lease")
+}
+
+fn needs_wildcards(caps: &Capabilities, _: bool) -> Option<&'static str> {
+    (!caps.wildcards).then_some("no wildcards")
+}
+
+fn needs_restart(_: &Capabilities, can_restart: bool) -> Option<&'static str> {
+    (!can_restart).then_some("embedded, no server")
+}
+
+async fn publish_subscribe_keeps_payload_key_and_headers(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sent: Vec<Message> = (0..50)
+        .map(|i| {
+            Message::new(&topic, vec![i as u8; 10 + i])
+                .with_key(format!("k{}", i % 3))
+                .with_header("n", i.to_string())
+                .with_header("n", "repeated")
+                .with_header("unicode", "zoë ✓")
+        })
+        .collect();
+    ctx.backend.publish(sent.clone()).await?;
+    let got = consume(sub.as_ref(), 50, LIMIT).await?;
+    for original in &sent {
+        let received = got
+            .iter()
+            .find(|m| m.id == original.id)
+            .with_context(|| format!("message {} missing", original.id))?;
+        ensure!(received.payload == original.payload, "payload changed");
+        ensure!(received.key == original.key, "key changed");
+        ensure!(
+            received.headers == original.headers,
+            "headers changed: {:?}",
+            received.headers
+        );
+        ensure!(received.topic == original.topic, "topic changed");
+        ensure!(
+            received.timestamp_ms == original.timestamp_ms,
+            "timestamp changed"
+        );
+    }
+    Ok(())
+}
+
+async fn concurrent_publishers_and_subscribers_lose_nothing(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        subscribers.push(ctx.subscribe(&[topic.clone()], "g").await?);
+    }
+    let mut publishers = Vec::new();
+    for _ in 0..4 {
+        let backend = ctx.target.open().await?;
+        let topic = topic.clone();
+        publishers.push(tokio::spawn(async move {
+            for chunk in numbered(&topic, 100).chunks(10) {
+                backend.publish(chunk.to_vec()).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let consumers = subscribers.into_iter().map(|sub| {
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut idle = 0;
+            while idle < 5 {
+                let batch = sub.fetch(20, Duration::from_millis(200)).await?;
+                idle = if batch.is_empty() { idle + 1 } else { 0 };
+                for d in batch {
+                    sub.ack(&d).await?;
+                    seen.push(d.message.id.clone());
+                }
+            }
+            anyhow::Ok(seen)
+        })
+    });
+    for publisher in publishers {
+        publisher.await??;
+    }
+    let mut ids = HashSet::new();
+    for consumer in consumers {
+        ids.extend(consumer.await??);
+    }
+    ensure!(
+        ids.len() == 400,
+        "{} of 400 distinct messages consumed",
+        ids.len()
+    );
+    Ok(())
+}
+
+async fn many_topics_at_once(ctx: Ctx) -> Result<()> {
+    let topics: Vec<String> = (0..20).map(|i| ctx.topic(&format!("t{i}"))).collect();
+    let mut subs = Vec::new();
+    for topic in &topics {
+        subs.push(ctx.subscribe(&[topic.clone()], "g").await?);
+    }
+    let all: Vec<Message> = topics.iter().flat_map(|t| numbered(t, 10)).collect();
+    ctx.backend.publish(all).await?;
+    for (topic, sub) in topics.iter().zip(&subs) {
+        let got = consume(sub.as_ref(), 10, LIMIT).await?;
+        ensure!(
+            got.iter().all(|m| &m.topic == topic),
+            "a message of another topic arrived on {topic}"
+        );
+        expect_nothing(sub.as_ref(), Duration::from_millis(50)).await?;
+    }
+    Ok(())
+}
+
+async fn topics_are_isolated(ctx: Ctx) -> Result<()> {
+    let (a, b) = (ctx.topic("a"), ctx.topic("b"));
+    let sub_a = ctx.subscribe(&[a.clone()], "g").await?;
+    ctx.backend.publish(numbered(&b, 5)).await?;
+    ctx.backend.publish(numbered(&a, 3)).await?;
+    let got = consume(sub_a.as_ref(), 3, LIMIT).await?;
+    ensure!(got.iter().all(|m| m.topic == a), "saw another topic");
+    expect_nothing(sub_a.as_ref(), QUIET).await
+}
+
+async fn redelivery_after_nack(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 1)).await?;
+    let first = sub.fetch(1, LIMIT).await?.pop().context("no delivery")?;
+    ensure!(first.attempt == 1, "first attempt is {}", first.attempt);
+    sub.nack(&first, Duration::ZERO).await?;
+    let again = sub
+        .fetch(1, LIMIT)
+        .await?
+        .pop()
+        .context("not redelivered")?;
+    ensure!(
+        again.message.id == first.message.id,
+        "a different message came back"
+    );
+    ensure!(
+        again.attempt == 2,
+        "attempt is {} after one nack",
+        again.attempt
+    );
+    sub.ack(&again).await?;
+    expect_nothing(sub.as_ref(), QUIET).await
+}
+
+async fn nacked_message_returns_before_later_ones(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 5)).await?;
+    let first = sub.fetch(1, LIMIT).await?.pop().context("no delivery")?;
+    ensure!(
+        payload(&first) == "0",
+        "first delivery is {}",
+        payload(&first)
+    );
+    sub.nack(&first, Duration::ZERO).await?;
+    let mut order = Vec::new();
+    while order.len() < 5 {
+        let batch = sub.fetch(1, LIMIT).await?;
+        ensure!(!batch.is_empty(), "stalled after {order:?}");
+        for d in batch {
+            order.push(payload(&d));
+            sub.ack(&d).await?;
+        }
+    }
+    ensure!(
+        order == ["0", "1", "2", "3", "4"],
+        "order after a nack: {order:?}"
+    );
+    Ok(())
+}
+
+async fn order_preserved_per_key(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let messages: Vec<Message> = (0..100)
+        .map(|i| {
+            Message::new(&topic, format!("{i}")).with_key(if i % 2 == 0 { "even" } else { "odd" })
+        })
+        .collect();
+    for chunk in messages.chunks(7) {
+        ctx.backend.publish(chunk.to_vec()).await?;
+    }
+    let got = consume(sub.as_ref(), 100, LIMIT).await?;
+    for key in ["even", "odd"] {
+        let seen: Vec<u32> = got
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(key))
+            .map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap())
+            .collect();
+        ensure!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {seen:?}"
+        );
+    }
+    Ok(())
+}
+
+async fn continue_after_subscriber_closes(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let first = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 50)).await?;
+    let mut acked = HashSet::new();
+    let batch = first.fetch(10, LIMIT).await?;
+    ensure!(!batch.is_empty(), "nothing delivered");
+    for d in batch.iter().take(5) {
+        first.ack(d).await?;
+        acked.insert(d.message.id.clone());
+    }
+    first.close().await?;
+    let second = ctx.subscribe(&[topic.clone()], "g").await?;
+    let rest = consume(second.as_ref(), 50 - acked.len(), LIMIT).await?;
+    let rest_ids = distinct_ids(&rest);
+    ensure!(
+        rest_ids.is_disjoint(&acked),
+        "an acknowledged message came back"
+    );
+    ensure!(rest_ids.len() + acked.len() == 50, "lost messages");
+    Ok(())
+}
+
+async fn concurrent_close(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let mut subs = Vec::new();
+    for _ in 0..10 {
+        subs.push(ctx.subscribe(&[topic.clone()], "g").await?);
+    }
+    ctx.backend.publish(numbered(&topic, 30)).await?;
+    // Some of them hold deliveries when they close.
+    for sub in subs.iter().take(3) {
+        let _held = sub.fetch(3, Duration::from_millis(500)).await?;
+    }
+    let closes = subs
+        .into_iter()
+        .map(|sub| tokio::spawn(async move { sub.close().await }));
+    let closed = tokio::time::timeout(LIMIT, futures::future::join_all(closes))
+        .await
+        .context("closing hung")?;
+    for result in closed {
+        result??;
+    }
+    let after = ctx.subscribe(&[topic.clone()], "g").await?;
+    let got = consume(after.as_ref(), 30, LIMIT).await?;
+    ensure!(distinct_ids(&got).len() == 30, "lost messages");
+    Ok(())
+}
+
+async fn continue_after_repeated_errors(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 3)).await?;
+    let mut failures = 0;
+    let mut done = HashSet::new();
+    while done.len() < 3 {
+        let batch = sub.fetch(3, LIMIT).await?;
+        ensure!(!batch.is_empty(), "stalled");
+        for d in batch {
+            if payload(&d) == "1" && failures < 3 {
+                failures += 1;
+                sub.nack(&d, Duration::ZERO).await?;
+            } else {
+                if payload(&d) == "1" {
+                    ensure!(d.attempt == 4, "attempt {} after three nacks", d.attempt);
+                }
+                sub.ack(&d).await?;
+                done.insert(payload(&d));
+            }
+        }
+    }
+    expect_nothing(sub.as_ref(), QUIET).await
+}
+
+async fn nothing_lost_when_publisher_closes(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    {
+        let publisher = ctx.target.open().await?;
+        publisher.publish(numbered(&topic, 100)).await?;
+        // Dropped right after publishing returns.
+    }
+    let got = consume(sub.as_ref(), 100, LIMIT).await?;
+    ensure!(distinct_ids(&got).len() == 100, "lost messages");
+    Ok(())
+}
+
+async fn cancelled_subscription_receives_nothing_more(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let other = ctx.subscribe(&[topic.clone()], "g").await?;
+    sub.close().await?;
+    ctx.backend.publish(numbered(&topic, 10)).await?;
+    let after_close = sub.fetch(10, QUIET).await;
+    if let Ok(deliveries) = &after_close {
+        ensure!(
+            deliveries.is_empty(),
+            "a closed subscription still receives"
+        );
+    }
+    let got = consume(other.as_ref(), 10, LIMIT).await?;
+    ensure!(
+        distinct_ids(&got).len() == 10,
+        "the group's other member lost messages"
+    );
+    Ok(())
+}
+
+async fn new_subscriber_sees_old_messages(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    ctx.backend.publish(numbered(&topic, 10)).await?;
+    let sub = ctx.subscribe(&[topic.clone()], "late").await?;
+    consume(sub.as_ref(), 10, LIMIT).await?;
+    Ok(())
+}
+
+async fn latest_start_skips_old_messages(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    ctx.backend.publish(numbered(&topic, 10)).await?;
+    let sub = ctx
+        .subscribe_with(&[topic.clone()], "latest", |o| o.start = StartFrom::Latest)
+        .await?;
+    ctx.backend
+        .publish(vec![Message::new(&topic, "new")])
+        .await?;
+    let got = consume(sub.as_ref(), 1, LIMIT).await?;
+    ensure!(got[0].payload == b"new", "got an old message");
+    expect_nothing(sub.as_ref(), QUIET).await
+}
+
+async fn every_group_gets_every_message(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let a = ctx.subscribe(&[topic.clone()], "a").await?;
+    let b = ctx.subscribe(&[topic.clone()], "b").await?;
+    ctx.backend.publish(numbered(&topic, 30)).await?;
+    for sub in [&a, &b] {
+        let got = consume(sub.as_ref(), 30, LIMIT).await?;
+        ensure!(distinct_ids(&got).len() == 30, "a group missed messages");
+        expect_nothing(sub.as_ref(), Duration::from_millis(100)).await?;
+    }
+    Ok(())
+}
+
+async fn members_of_a_group_split_messages(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let one = ctx.subscribe(&[topic.clone()], "g").await?;
+    let two = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 60)).await?;
+    let mut seen = HashSet::new();
+    let mut counts = [0usize; 2];
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    while seen.len() < 60 {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "stalled at {}",
+            seen.len()
+        );
+        for (i, sub) in [&one, &two].into_iter().enumerate() {
+            for d in sub.fetch(3, Duration::from_millis(100)).await? {
+                ensure!(
+                    seen.insert(d.message.id.clone()),
+                    "a message reached both members"
+                );
+                counts[i] += 1;
+                sub.ack(&d).await?;
+            }
+        }
+    }
+    ensure!(
+        counts[0] > 0 && counts[1] > 0,
+        "one member got everything: {counts:?}"
+    );
+    Ok(())
+}
+
+async fn nack_delay_is_honoured(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 1)).await?;
+    let first = sub.fetch(1, LIMIT).await?.pop().context("no delivery")?;
+    let nacked_at = tokio::time::Instant::now();
+    sub.nack(&first, Duration::from_millis(700)).await?;
+    let early = sub.fetch(1, Duration::from_millis(100)).await?;
+    if !early.is_empty() {
+        ensure!(
+            nacked_at.elapsed() >= Duration::from_millis(700),
+            "redelivered after {:?}, before its 700 ms delay",
+            nacked_at.elapsed()
+        );
+    }
+    let again = match early.into_iter().next() {
+        Some(d) => d,
+        None => sub
+            .fetch(1, LIMIT)
+            .await?
+            .pop()
+            .context("never redelivered")?,
+    };
+    ensure!(
+        again.message.id == first.message.id && again.attempt == 2,
+        "wrong redelivery"
+    );
+    sub.ack(&again).await?;
+    Ok(())
+}
+
+async fn abandoned_delivery_returns_after_lease(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let lease = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_millis(500);
+    let doomed = ctx.subscribe_with(&[topic.clone()], "g", lease).await?;
+    ctx.backend.publish(numbered(&topic, 5)).await?;
+    let held = doomed.fetch(5, LIMIT).await?;
+    ensure!(held.len() == 5, "fetched {} of 5", held.len());
+    // The consumer dies: never settles, never closes.
+    std::mem::forget(held);
+    std::mem::forget(doomed);
+    let survivor = ctx.subscribe_with(&[topic.clone()], "g", lease).await?;
+    let mut attempts = Vec::new();
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    while attempts.len() < 5 {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "only {} came back",
+            attempts.len()
+        );
+        for d in survivor.fetch(5, Duration::from_millis(200)).await? {
+            attempts.push(d.attempt);
+            survivor.ack(&d).await?;
+        }
+    }
+    ensure!(
+        attempts.iter().all(|a| *a == 2),
+        "attempts after a lost lease: {attempts:?}"
+    );
+    Ok(())
+}
+
+async fn pattern_subscription_sees_new_topics(ctx: Ctx) -> Result<()> {
+    let pattern = format!("{}.orders.*", ctx.topic("w"));
+    let sub = ctx.subscribe(&[pattern], "g").await?;
+    let fresh = format!("{}.orders.brand-new", ctx.topic("w"));
+    let deeper = format!("{}.orders.eu.paid", ctx.topic("w"));
+    ctx.backend
+        .publish(vec![Message::new(&fresh, "1"), Message::new(&deeper, "2")])
+        .await?;
+    let got = consume(sub.as_ref(), 1, LIMIT).await?;
+    ensure!(got[0].topic == fresh, "got {}", got[0].topic);
+    expect_nothing(sub.as_ref(), QUIET).await
+}
+
+async fn reconnect_after_server_restart(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 10)).await?;
+    ctx.target.restart().await?;
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let more = numbered(&topic, 10);
+    loop {
+        match ctx.backend.publish(more.clone()).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                tracing::debug!("publish after restart: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.context("publishing never recovered")),
+        }
+    }
+    let mut ids = HashSet::new();
+    while ids.len() < 20 {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "{} of 20 after the restart",
+            ids.len()
+        );
+        match sub.fetch(20, Duration::from_millis(200)).await {
+            Ok(batch) => {
+                for d in batch {
+                    ids.insert(d.message.id.clone());
+                    let _ = sub.ack(&d).await;
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    Ok(())
+}

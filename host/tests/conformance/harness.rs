@@ -1,0 +1,236 @@
+//! Runs the cases against one target, decides which apply, and reports.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use sluice::Message;
+use sluice::backend::{Backend, Capabilities, Delivery, SubscribeOptions, Subscription};
+
+use crate::targets::Target;
+
+/// What a case gets: the target, a handle on it, and a namespace of its own
+/// so cases can share a server without seeing each other's messages.
+#[derive(Clone)]
+pub struct Ctx {
+    pub target: Arc<dyn Target>,
+    pub backend: Arc<dyn Backend>,
+    prefix: String,
+}
+
+impl Ctx {
+    /// A topic private to this case run.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    /// A group private to this case run.
+    pub fn group(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    pub async fn subscribe(&self, topics: &[String], group: &str) -> Result<Box<dyn Subscription>> {
+        self.subscribe_with(topics, group, |_| {}).await
+    }
+
+    pub async fn subscribe_with(
+        &self,
+        topics: &[String],
+        group: &str,
+        adjust: impl FnOnce(&mut SubscribeOptions),
+    ) -> Result<Box<dyn Subscription>> {
+        let mut options = SubscribeOptions::new(topics.to_vec(), self.group(group));
+        options.lease = Duration::from_secs(30);
+        adjust(&mut options);
+        self.backend.subscribe(options).await
+    }
+}
+
+type CaseFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// One behaviour of the contract.
+pub struct Case {
+    pub name: &'static str,
+    /// `Some(reason)` if the case does not apply to this backend.
+    pub skip: fn(&Capabilities, has_restart: bool) -> Option<&'static str>,
+    pub run: fn(Ctx) -> CaseFuture,
+}
+
+/// Builds a [`Case`] from an async fn.
+#[macro_export]
+macro_rules! case {
+    ($name:ident) => {
+        $crate::harness::Case {
+            name: stringify!($name),
+            skip: |_, _| None,
+            run: |ctx| Box::pin($name(ctx)),
+        }
+    };
+    ($name:ident, $skip:expr) => {
+        $crate::harness::Case {
+            name: stringify!($name),
+            skip: $skip,
+            run: |ctx| Box::pin($name(ctx)),
+        }
+    };
+}
+
+const CASE_LIMIT: Duration = Duration::from_secs(90);
+
+enum Verdict {
+    Pass(Duration),
+    Fail(String),
+    NotApplicable(&'static str),
+}
+
+async fn run_once(target: Arc<dyn Target>, round: usize) -> Vec<(&'static str, Verdict)> {
+    let backend = target.open().await.expect("open the backend");
+    let caps = backend.capabilities();
+    let has_restart = target.can_restart();
+    let mut results = Vec::new();
+    let cases = crate::cases::all()
+        .into_iter()
+        .chain(crate::host_cases::all());
+    for (index, case) in cases.enumerate() {
+        if round > 0 && case.name == "reconnect_after_server_restart" {
+            results.push((case.name, Verdict::NotApplicable("first round only")));
+            continue;
+        }
+        if let Some(reason) = (case.skip)(&caps, has_restart) {
+            results.push((case.name, Verdict::NotApplicable(reason)));
+            continue;
+        }
+        let ctx = Ctx {
+            target: target.clone(),
+            backend: target.open().await.expect("open the backend"),
+            prefix: format!("conf{round}x{index}x{}", short_id()),
+        };
+        let started = Instant::now();
+        let verdict = match tokio::time::timeout(CASE_LIMIT, (case.run)(ctx)).await {
+            Ok(Ok(())) => Verdict::Pass(started.elapsed()),
+            Ok(Err(e)) => Verdict::Fail(format!("{e:#}")),
+            Err(_) => Verdict::Fail(format!("timed out after {CASE_LIMIT:?}")),
+        };
+        results.push((case.name, verdict));
+    }
+    results
+}
+
+/// Runs every case (N times in parallel in stress mode), prints the table,
+/// writes it for the combined report, and fails if any case failed.
+pub async fn run_suite(target: Arc<dyn Target>) {
+    let rounds: usize = std::env::var("SLUICE_CONFORMANCE_STRESS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    // The restart case is run by one round only: restarting a server under
+    // the other rounds would make their failures meaningless.
+    let runs = (0..rounds).map(|round| {
+        let target = target.clone();
+        tokio::spawn(async move { run_once(target, round).await })
+    });
+    let mut all = Vec::new();
+    for run in futures::future::join_all(runs).await {
+        all.push(run.expect("suite task"));
+    }
+
+    let mut table = String::new();
+    let mut tsv = String::new();
+    let mut failures = Vec::new();
+    writeln!(
+        table,
+        "conformance: {} ({} round(s))",
+        target.name(),
+        rounds
+    )
+    .unwrap();
+    for (i, (name, _)) in all[0].iter().enumerate() {
+        let verdicts: Vec<&Verdict> = all.iter().map(|r| &r[i].1).collect();
+        let failed: Vec<&String> = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Fail(why) => Some(why),
+                _ => None,
+            })
+            .collect();
+        let cell = match (verdicts[0], failed.first()) {
+            (_, Some(why)) => {
+                failures.push(format!("{name}: {why}"));
+                format!("FAIL ({} of {rounds})", failed.len())
+            }
+            (Verdict::NotApplicable(reason), None) => format!("n/a ({reason})"),
+            (Verdict::Pass(took), None) => format!("pass ({} ms)", took.as_millis()),
+            (Verdict::Fail(_), None) => unreachable!(),
+        };
+        writeln!(table, "  {name:<44} {cell}").unwrap();
+        writeln!(tsv, "{name}\t{cell}").unwrap();
+    }
+    println!("{table}");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{}.tsv", target.name())), tsv).unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed:\n{}",
+        target.name(),
+        failures.join("\n")
+    );
+}
+
+fn short_id() -> String {
+    let id = Message::new("x", "").id;
+    id[id.len() - 8..].to_string()
+}
+
+// ---- helpers shared by the cases ----
+
+pub fn numbered(topic: &str, n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::new(topic, format!("{i}")))
+        .collect()
+}
+
+pub fn payload(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.message.payload).into_owned()
+}
+
+/// Fetches and acks until `want` distinct messages arrived; fails after
+/// `limit`. Returns every delivery seen, duplicates included.
+pub async fn consume(sub: &dyn Subscription, want: usize, limit: Duration) -> Result<Vec<Message>> {
+    let give_up = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut ids = HashSet::new();
+    while ids.len() < want {
+        ensure!(
+            Instant::now() < give_up,
+            "got {} of {want} distinct messages within {limit:?}",
+            ids.len()
+        );
+        for delivery in sub.fetch(100, Duration::from_millis(200)).await? {
+            ids.insert(delivery.message.id.clone());
+            sub.ack(&delivery).await.context("ack")?;
+            seen.push(delivery.message);
+        }
+    }
+    Ok(seen)
+}
+
+/// Asserts that nothing (more) is delivered within `quiet`.
+pub async fn expect_nothing(sub: &dyn Subscription, quiet: Duration) -> Result<()> {
+    let extra = sub.fetch(10, quiet).await?;
+    ensure!(
+        extra.is_empty(),
+        "unexpected deliveries: {:?}",
+        extra.iter().map(payload).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+pub fn distinct_ids(messages: &[Message]) -> HashSet<String> {
+    messages.iter().map(|m| m.id.clone()).collect()
+}

@@ -1,0 +1,277 @@
+//! The host cases: the full router with a real WebAssembly plugin on the
+//! backend under test.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use async_trait::async_trait;
+use sluice::Message;
+use sluice::backend::{Backend, Capabilities, Delivery, SubscribeOptions, Subscription};
+use sluice::message::headers;
+use sluice::router::Route;
+
+use crate::case;
+use crate::common::{Collector, Running, load, quick_retry, route, runtime, settings, text};
+use crate::harness::{Case, Ctx};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+pub fn all() -> Vec<Case> {
+    vec![
+        case!(host_retry_with_backoff_then_success),
+        case!(host_dead_letter_after_max_attempts),
+        case!(host_reject_goes_straight_to_dead_letter),
+        case!(host_trapping_plugin_is_retried_then_dead_lettered),
+        case!(host_outputs_published_before_ack),
+        case!(host_graceful_shutdown_settles_in_flight),
+    ]
+}
+
+/// A route of the `chaos` plugin from `in` to `out` in this case's namespace.
+fn chaos_route(ctx: &Ctx, name: &str, max_attempts: u32) -> Route {
+    let runtime = runtime();
+    let output = ctx.topic("out");
+    let plugin = load(
+        &runtime,
+        "chaos",
+        settings("chaos", &[("output", output.as_str())]),
+    );
+    let mut route = route(
+        &ctx.group(name),
+        &ctx.backend,
+        &ctx.topic("in"),
+        plugin,
+        quick_retry(max_attempts),
+    );
+    route.spec.dead_letter_topic = ctx.topic("dead");
+    route
+}
+
+async fn host_retry_with_backoff_then_success(ctx: Ctx) -> Result<()> {
+    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    let running = Running::start(chaos_route(&ctx, "r", 5)).await;
+    ctx.backend
+        .publish(vec![Message::new(ctx.topic("in"), "retry:2")])
+        .await?;
+    let got = outputs.wait_for(1, LIMIT).await;
+    ensure!(
+        got[0].header("attempt") == Some("3"),
+        "succeeded on attempt {:?}",
+        got[0].header("attempt")
+    );
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    ensure!(stats.retried == 2 && stats.succeeded == 1, "{stats}");
+    Ok(())
+}
+
+async fn host_dead_letter_after_max_attempts(ctx: Ctx) -> Result<()> {
+    let letters = Collector::start(&ctx.backend, &[&ctx.topic("dead")]).await;
+    let running = Running::start(chaos_route(&ctx, "r", 3)).await;
+    let input = Message::new(ctx.topic("in"), "retry");
+    ctx.backend.publish(vec![input.clone()]).await?;
+    let got = letters.wait_for(1, LIMIT).await;
+    running.stop().await;
+    let letter = &got[0];
+    ensure!(
+        letter.header(headers::DEAD_LETTER_CAUSE) == Some("attempts-exhausted"),
+        "{letter:?}"
+    );
+    ensure!(letter.header(headers::ATTEMPTS) == Some("3"), "{letter:?}");
+    ensure!(
+        letter.header(headers::ORIGINAL_ID) == Some(input.id.as_str()),
+        "{letter:?}"
+    );
+    ensure!(
+        letter.header(headers::ORIGINAL_TOPIC) == Some(input.topic.as_str()),
+        "{letter:?}"
+    );
+    let reason = letter.header(headers::DEAD_LETTER_REASON).unwrap_or("");
+    ensure!(reason.contains("asked to retry"), "reason: {reason}");
+    Ok(())
+}
+
+async fn host_reject_goes_straight_to_dead_letter(ctx: Ctx) -> Result<()> {
+    let letters = Collector::start(&ctx.backend, &[&ctx.topic("dead")]).await;
+    let running = Running::start(chaos_route(&ctx, "r", 5)).await;
+    ctx.backend
+        .publish(vec![Message::new(ctx.topic("in"), "reject")])
+        .await?;
+    let got = letters.wait_for(1, LIMIT).await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    ensure!(
+        got[0].header(headers::DEAD_LETTER_CAUSE) == Some("rejected"),
+        "{:?}",
+        got[0]
+    );
+    ensure!(
+        got[0].header(headers::ATTEMPTS) == Some("1"),
+        "{:?}",
+        got[0]
+    );
+    ensure!(stats.retried == 0, "a rejected message was retried");
+    Ok(())
+}
+
+async fn host_trapping_plugin_is_retried_then_dead_lettered(ctx: Ctx) -> Result<()> {
+    let letters = Collector::start(&ctx.backend, &[&ctx.topic("dead")]).await;
+    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    let running = Running::start(chaos_route(&ctx, "r", 3)).await;
+    ctx.backend
+        .publish(vec![
+            Message::new(ctx.topic("in"), "panic"),
+            Message::new(ctx.topic("in"), "ok"),
+        ])
+        .await?;
+    let got = letters.wait_for(1, LIMIT).await;
+    outputs.wait_for(1, LIMIT).await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    let reason = got[0].header(headers::DEAD_LETTER_REASON).unwrap_or("");
+    ensure!(reason.contains("trap"), "reason: {reason}");
+    ensure!(stats.plugin_errors == 3, "{stats}");
+    Ok(())
+}
+
+/// The process "dies" between publishing outputs and acking: the output
+/// may be published twice, the input is never lost.
+async fn host_outputs_published_before_ack(ctx: Ctx) -> Result<()> {
+    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    let mut first = chaos_route(&ctx, "r", 3);
+    let failing_acks = Arc::new(AtomicUsize::new(1));
+    first.source = Arc::new(AckFails {
+        inner: ctx.backend.clone(),
+        remaining: failing_acks.clone(),
+    });
+    first.spec.subscribe.lease = Duration::from_secs(1);
+    let running = Running::start(first).await;
+    let input = Message::new(ctx.topic("in"), "ok");
+    ctx.backend.publish(vec![input.clone()]).await?;
+    outputs.wait_for(1, LIMIT).await;
+    ensure!(
+        failing_acks.load(Ordering::SeqCst) == 0,
+        "the ack was never attempted"
+    );
+    running.stop().await;
+
+    // A new consumer of the group gets the unacknowledged input again.
+    let mut second = chaos_route(&ctx, "r", 3);
+    second.spec.subscribe.lease = Duration::from_secs(1);
+    let running = Running::start(second).await;
+    let got = outputs.wait_for(2, LIMIT).await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    let from_input = got
+        .iter()
+        .filter(|m| m.header(headers::CAUSATION_ID) == Some(input.id.as_str()))
+        .count();
+    ensure!(
+        from_input == 2,
+        "outputs of the input: {from_input} (expected a repeat)"
+    );
+    ensure!(
+        stats.succeeded == 1,
+        "the input was not handled again: {stats}"
+    );
+    Ok(())
+}
+
+async fn host_graceful_shutdown_settles_in_flight(ctx: Ctx) -> Result<()> {
+    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    // A lease longer than the test: anything left leased would never return.
+    let mut first = chaos_route(&ctx, "r", 3);
+    first.spec.concurrency = 4;
+    first.spec.subscribe.lease = Duration::from_secs(600);
+    let running = Running::start(first).await;
+    let inputs: Vec<Message> = (0..200)
+        .map(|i| Message::new(ctx.topic("in"), format!("ok-{i}")))
+        .collect();
+    for chunk in inputs.chunks(20) {
+        ctx.backend.publish(chunk.to_vec()).await?;
+    }
+    outputs.wait_for(10, LIMIT).await;
+    let stats = running.stats.clone();
+    running.stop().await;
+    let after_stop = stats.snapshot();
+    ensure!(
+        after_stop.in_flight == 0,
+        "unsettled after shutdown: {after_stop}"
+    );
+    ensure!(
+        after_stop.received == after_stop.succeeded,
+        "fetched but not settled: {after_stop}"
+    );
+
+    let mut second = chaos_route(&ctx, "r", 3);
+    second.spec.subscribe.lease = Duration::from_secs(600);
+    second.spec.concurrency = 4;
+    let running = Running::start(second).await;
+    let got = outputs.wait_for(200, LIMIT).await;
+    running.stop().await;
+    let distinct: std::collections::HashSet<String> = got.iter().map(text).collect();
+    ensure!(distinct.len() == 200, "{} of 200 handled", distinct.len());
+    Ok(())
+}
+
+/// A backend whose subscriptions fail their first `remaining` acks, as if
+/// the process died right after publishing a message's outputs.
+struct AckFails {
+    inner: Arc<dyn Backend>,
+    remaining: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Backend for AckFails {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.inner.publish(messages).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        Ok(Box::new(AckFailsSubscription {
+            inner: self.inner.subscribe(options).await?,
+            remaining: self.remaining.clone(),
+        }))
+    }
+}
+
+struct AckFailsSubscription {
+    inner: Box<dyn Subscription>,
+    remaining: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Subscription for AckFailsSubscription {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        self.inner.fetch(max, wait).await
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        let failed = self
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failed {
+            return Err(anyhow::anyhow!("simulated crash before the ack")).context("ack");
+        }
+        self.inner.ack(delivery).await
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        self.inner.nack(delivery, delay).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}

@@ -1,0 +1,40 @@
+//! The conformance suite: the behaviours every backend must show, run
+//! against each backend by one line in `backends!` below.
+//!
+//! The contract cases are ported from the behaviours Watermill's universal
+//! Pub/Sub tests check, in Sluice's terms; the host cases run the full
+//! router with a real WebAssembly plugin. Each backend declares its
+//! capabilities, and a case that needs one the backend lacks is reported as
+//! "n/a" with the reason — never hidden as a pass.
+//!
+//! Each backend's results are printed as a table (visible with
+//! `--nocapture`) and written to `target/tmp/conformance/<backend>.tsv`,
+//! which `cargo xtask test` prints as one table. Set
+//! `SLUICE_CONFORMANCE_STRESS=N` to run the whole suite N times in parallel
+//! per backend.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cases;
+mod harness;
+mod host_cases;
+mod targets;
+
+use harness::run_suite;
+
+macro_rules! backends {
+    ($($name:ident => $target:expr;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                run_suite(std::sync::Arc::new($target)).await;
+            }
+        )*
+    };
+}
+
+backends! {
+    memory => targets::Memory::new();
+    sqlite => targets::Sqlite::new();
+}
