@@ -14,6 +14,7 @@
 //! | `oom`           | allocate and touch 1 MiB chunks until memory runs out |
 //! | `publish:TOPIC` | host `publish` of `side` to TOPIC, then succeed       |
 //! | `log`           | host `log` at info, then succeed                      |
+//! | `sleep:MS`      | sleep MS milliseconds (a slow handler), then succeed  |
 //! | `env:NAME`      | succeed with the variable's value, or `<unset>`       |
 //! | `read:PATH`     | succeed with the file's text, or `<denied: reason>`   |
 //!
@@ -37,6 +38,7 @@ enum Command<'a> {
     Oom,
     Publish(&'a str),
     Log,
+    Sleep(u64),
     Env(&'a str),
     Read(&'a str),
 }
@@ -58,6 +60,8 @@ impl<'a> Command<'a> {
                     Command::Retry(Some(n))
                 } else if let Some(topic) = other.strip_prefix("publish:") {
                     Command::Publish(topic)
+                } else if let Some(ms) = other.strip_prefix("sleep:").and_then(|n| n.parse().ok()) {
+                    Command::Sleep(ms)
                 } else if let Some(name) = other.strip_prefix("env:") {
                     Command::Env(name)
                 } else if let Some(path) = other.strip_prefix("read:") {
@@ -85,6 +89,7 @@ fn chaos(msg: Message) -> Result<Vec<Outgoing>, Failure> {
         Command::Publish(topic) => publish(&Outgoing::new(topic, "side"))
             .map_err(|e| Failure::reject(format!("publish to `{topic}` refused: {e}")))?,
         Command::Log => log::info("chaos: asked to log"),
+        Command::Sleep(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
         Command::Env(name) => {
             let value = std::env::var(name).unwrap_or_else(|_| "<unset>".to_owned());
             return Ok(vec![Outgoing::new(output_topic(), value)]);
