@@ -67,8 +67,14 @@ pub struct SqliteBackend {
     shared: Arc<Shared>,
 }
 
+/// Messages waiting for the next group commit, with whom to tell.
+type PublishQueue = Vec<(Vec<Message>, tokio::sync::oneshot::Sender<Result<()>>)>;
+
 struct Shared {
     pool: SqlitePool,
+    queued: Mutex<PublishQueue>,
+    /// Held by the publisher committing a batch.
+    writer: tokio::sync::Mutex<()>,
     poll: Duration,
     /// Wakes this process's fetchers when it publishes or nacks.
     changed: Notify,
@@ -126,6 +132,8 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             shared: Arc::new(Shared {
                 pool,
+                queued: Mutex::new(Vec::new()),
+                writer: tokio::sync::Mutex::new(()),
                 poll,
                 changed: Notify::new(),
             }),
@@ -156,25 +164,29 @@ impl Backend for SqliteBackend {
         if messages.is_empty() {
             return Ok(());
         }
-        let mut tx = self.shared.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for message in &messages {
-            let headers = serde_json::to_string(&message.headers)?;
-            sqlx::query(
-                "INSERT INTO sluice_messages (id, topic, msg_key, headers, payload, timestamp_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .bind(&message.id)
-            .bind(&message.topic)
-            .bind(&message.key)
-            .bind(headers)
-            .bind(&message.payload)
-            .bind(message.timestamp_ms as i64)
-            .execute(&mut *tx)
-            .await?;
+        // Group commit: concurrent publishers queue their messages, and
+        // whoever holds the writer lock commits everything queued in one
+        // transaction, so N workers share one fsync instead of paying N.
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.shared.queued.lock().unwrap().push((messages, done));
+        {
+            let _writer = self.shared.writer.lock().await;
+            let batch = std::mem::take(&mut *self.shared.queued.lock().unwrap());
+            if !batch.is_empty() {
+                let result =
+                    write_messages(&self.shared.pool, batch.iter().flat_map(|(m, _)| m)).await;
+                for (_, done) in batch {
+                    let _ = done.send(
+                        result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| anyhow::anyhow!("{e:#}")),
+                    );
+                }
+                self.shared.changed.notify_waiters();
+            }
         }
-        tx.commit().await?;
-        self.shared.changed.notify_waiters();
-        Ok(())
+        outcome.await.context("publish abandoned")?
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
@@ -205,8 +217,34 @@ impl Backend for SqliteBackend {
             lease: options.lease,
             ephemeral: options.ephemeral,
             mine: Mutex::new(HashSet::new()),
+            acks: AckBatcher::start(self.shared.pool.clone(), options.group_key()),
         }))
     }
+}
+
+/// Appends messages to the log in one transaction.
+async fn write_messages<'a>(
+    pool: &SqlitePool,
+    messages: impl Iterator<Item = &'a Message>,
+) -> Result<()> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    for message in messages {
+        let headers = serde_json::to_string(&message.headers)?;
+        sqlx::query(
+            "INSERT INTO sluice_messages (id, topic, msg_key, headers, payload, timestamp_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&message.id)
+        .bind(&message.topic)
+        .bind(&message.key)
+        .bind(headers)
+        .bind(&message.payload)
+        .bind(message.timestamp_ms as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 struct SqliteSubscription {
@@ -218,6 +256,90 @@ struct SqliteSubscription {
     ephemeral: bool,
     /// Claimed and unsettled, released on close.
     mine: Mutex<HashSet<i64>>,
+    /// Acks not yet written; see [`AckBatcher`].
+    acks: Arc<AckBatcher>,
+}
+
+/// Writes acks in batches, one transaction (and one fsync) for many.
+///
+/// An ack returns once queued. Losing queued acks in a crash only makes
+/// those messages come back after their lease — a duplicate, never a loss —
+/// so the fsync per ack is not worth its cost. `close` flushes.
+struct AckBatcher {
+    pool: SqlitePool,
+    group: String,
+    queued: Mutex<Vec<i64>>,
+    wake: Notify,
+    stop: AtomicBool,
+}
+
+impl AckBatcher {
+    /// How long acks gather before they are written.
+    const LINGER: Duration = Duration::from_millis(5);
+
+    fn start(pool: SqlitePool, group: String) -> Arc<Self> {
+        let batcher = Arc::new(AckBatcher {
+            pool,
+            group,
+            queued: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            stop: AtomicBool::new(false),
+        });
+        let worker = batcher.clone();
+        tokio::spawn(async move {
+            loop {
+                worker.wake.notified().await;
+                let stopping = worker.stop.load(Ordering::SeqCst);
+                if !stopping {
+                    tokio::time::sleep(Self::LINGER).await;
+                }
+                let result = worker.flush().await;
+                if stopping {
+                    if let Err(e) = result {
+                        tracing::warn!(group = %worker.group, "acks not written; they will be redelivered: {e:#}");
+                    }
+                    return;
+                }
+                if let Err(e) = result {
+                    tracing::warn!(group = %worker.group, "writing acks failed, retrying: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    worker.wake.notify_one();
+                }
+            }
+        });
+        batcher
+    }
+
+    fn push(&self, seq: i64) {
+        self.queued.lock().unwrap().push(seq);
+        self.wake.notify_one();
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let seqs = std::mem::take(&mut *self.queued.lock().unwrap());
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let result = sqlx::query(
+            "DELETE FROM sluice_deliveries \
+             WHERE group_name = ?1 AND seq IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(&self.group)
+        .bind(serde_json::to_string(&seqs)?)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = result {
+            self.queued.lock().unwrap().extend(seqs);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        self.flush().await
+    }
 }
 
 impl SqliteSubscription {
@@ -335,6 +457,14 @@ impl SqliteSubscription {
     }
 }
 
+impl Drop for SqliteSubscription {
+    /// Dropped without `close`: still write what was acknowledged.
+    fn drop(&mut self) {
+        self.acks.stop.store(true, Ordering::SeqCst);
+        self.acks.wake.notify_one();
+    }
+}
+
 #[async_trait]
 impl Subscription for SqliteSubscription {
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
@@ -363,12 +493,8 @@ impl Subscription for SqliteSubscription {
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
         let receipt = delivery.receipt.get::<SqliteReceipt>()?;
-        sqlx::query("DELETE FROM sluice_deliveries WHERE group_name = ?1 AND seq = ?2")
-            .bind(&self.group)
-            .bind(receipt.seq)
-            .execute(&self.shared.pool)
-            .await?;
         self.mine.lock().unwrap().remove(&receipt.seq);
+        self.acks.push(receipt.seq);
         Ok(())
     }
 
@@ -395,6 +521,7 @@ impl Subscription for SqliteSubscription {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        self.acks.stop().await?;
         if self.ephemeral {
             let mut tx = self.shared.pool.begin_with("BEGIN IMMEDIATE").await?;
             sqlx::query("DELETE FROM sluice_deliveries WHERE group_name = ?1")

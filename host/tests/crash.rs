@@ -1,0 +1,249 @@
+//! Crash and scale-out tests with the real `sluice` binary: SIGKILL in the
+//! middle of a run loses nothing, and several processes in one consumer
+//! group share the work and take over from one that dies.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::plugin_path;
+use sluice::Message;
+use sluice::backend::{self, SubscribeOptions};
+use sluice::message::headers;
+
+/// A `sluice run` process whose stderr is watched for progress.
+struct Host {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Host {
+    fn start(config: &Path) -> Host {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", config.to_str().unwrap()])
+            .env("SLUICE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sluice run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Host { child, lines }
+    }
+
+    /// Waits until every route has subscribed.
+    fn wait_subscribed(&self, routes: usize) {
+        let mut seen = 0;
+        while seen < routes {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("sluice run did not start");
+            if line.contains("route subscribed") {
+                seen += 1;
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the summary line's `succeeded` count.
+    fn stop(self) -> u64 {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let output = self.child.wait_with_output().unwrap();
+        assert!(output.status.success(), "exit {:?}", output.status);
+        succeeded(&String::from_utf8_lossy(&output.stdout))
+    }
+}
+
+fn succeeded(summary: &str) -> u64 {
+    summary
+        .split("succeeded ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no summary in {summary:?}"))
+}
+
+fn config(
+    dir: &Path,
+    url: &str,
+    command_timeout_ms: u64,
+    lease_ms: u64,
+    concurrency: usize,
+) -> std::path::PathBuf {
+    let body = format!(
+        r#"[backends.main]
+url = "{url}"
+
+[plugins.work]
+path = "{plugin}"
+config = {{ output = "done" }}
+timeout_ms = {command_timeout_ms}
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "work"
+topics = ["jobs"]
+plugin = "work"
+concurrency = {concurrency}
+lease_ms = {lease_ms}
+"#,
+        plugin = plugin_path("chaos").display(),
+        cache = dir.join("cache").display(),
+    );
+    let path = dir.join("sluice.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+/// Publishes `payloads` to `jobs` from this process and returns their ids.
+async fn publish_jobs(url: &str, payloads: impl Iterator<Item = String>) -> Vec<String> {
+    let backend = backend::connect(url).await.unwrap();
+    let messages: Vec<Message> = payloads.map(|p| Message::new("jobs", p)).collect();
+    let ids = messages.iter().map(|m| m.id.clone()).collect();
+    for chunk in messages.chunks(1000) {
+        backend.publish(chunk.to_vec()).await.unwrap();
+    }
+    ids
+}
+
+/// Counts outputs of `done` per input id (read by a throw-away group).
+async fn outputs_by_input(url: &str) -> HashMap<String, usize> {
+    let backend = backend::connect(url).await.unwrap();
+    let mut options = SubscribeOptions::new(
+        vec!["done".into()],
+        format!("count-{}", Message::new("x", "").id),
+    );
+    options.ephemeral = true;
+    let sub = backend.subscribe(options).await.unwrap();
+    let mut counts = HashMap::new();
+    loop {
+        let batch = sub.fetch(1000, Duration::from_millis(500)).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            let input = d.message.header(headers::CAUSATION_ID).unwrap().to_string();
+            *counts.entry(input).or_insert(0) += 1;
+            sub.ack(&d).await.unwrap();
+        }
+    }
+    sub.close().await.unwrap();
+    counts
+}
+
+/// Publishes 50k messages, SIGKILLs the host mid-run, restarts it, and
+/// checks every message was processed at least once.
+async fn kill_mid_run_loses_nothing(url: &str, dir: &Path) {
+    const TOTAL: usize = 50_000;
+    let config = config(dir, url, 1_000, 5_000, 4);
+    let ids = publish_jobs(url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
+
+    let host = Host::start(&config);
+    host.wait_subscribed(1);
+    std::thread::sleep(Duration::from_secs(2));
+    host.kill();
+    let before = outputs_by_input(url).await;
+    assert!(
+        before.len() < TOTAL,
+        "the run finished before the kill; the test needs a larger count"
+    );
+
+    let host = Host::start(&config);
+    host.wait_subscribed(1);
+    let give_up = Instant::now() + Duration::from_secs(300);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let done = outputs_by_input(url).await;
+        if ids.iter().all(|id| done.contains_key(id)) {
+            let duplicates: usize = done.values().map(|n| n - 1).sum();
+            println!(
+                "{url}: {TOTAL} messages, {} processed before SIGKILL, all {TOTAL} after restart, {duplicates} duplicate output(s)",
+                before.len()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{} of {TOTAL} processed after the restart",
+            done.len()
+        );
+    }
+    host.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_sigkill_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("crash.db").display());
+    kill_mid_run_loses_nothing(&url, dir.path()).await;
+}
+
+/// Three processes in one group on one SQLite file share the work; when one
+/// is killed, the others finish its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_three_processes_share_a_group_and_take_over() {
+    const TOTAL: usize = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?poll_ms=20",
+        dir.path().join("shared.db").display()
+    );
+    let config = config(dir.path(), &url, 1_000, 2_000, 2);
+    // Slow jobs, so every process is busy when one dies.
+    let ids = publish_jobs(&url, (0..TOTAL).map(|_| "sleep:10".to_string())).await;
+
+    let hosts: Vec<Host> = (0..3).map(|_| Host::start(&config)).collect();
+    for host in &hosts {
+        host.wait_subscribed(1);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let mut hosts = hosts.into_iter();
+    let victim = hosts.next().unwrap();
+    victim.kill();
+
+    let give_up = Instant::now() + Duration::from_secs(120);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let done = outputs_by_input(&url).await;
+        if ids.iter().all(|id| done.contains_key(id)) {
+            break;
+        }
+        assert!(Instant::now() < give_up, "{} of {TOTAL} done", done.len());
+    }
+    let shares: Vec<u64> = hosts.map(Host::stop).collect();
+    println!("survivors handled {shares:?} of {TOTAL} (the killed process handled the rest)");
+    assert!(
+        shares.iter().all(|n| *n > 0),
+        "every survivor took a share: {shares:?}"
+    );
+    assert!(
+        (shares.iter().sum::<u64>() as usize) < TOTAL,
+        "the killed process did part of the work before it died"
+    );
+}
