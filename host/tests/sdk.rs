@@ -1,0 +1,75 @@
+//! The plugin author's path from the README: a fifteen-line Rust plugin in
+//! its own crate, built with one command, run by the host.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Collector, Running, quick_retry, route, runtime, settings};
+use sluice::Message;
+
+const CARGO_TOML: &str = r#"[package]
+name = "shout"
+version = "0.1.0"
+edition = "2024"
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+sluice-sdk = { path = "SDK" }
+
+[profile.release]
+panic = "abort"
+"#;
+
+const LIB_RS: &str = r#"use sluice_sdk::prelude::*;
+
+fn shout(msg: Message) -> Result<Vec<Outgoing>, Failure> {
+    let text = msg.payload_str()?.to_uppercase();
+    Ok(vec![Outgoing::new("shouted", text).with_header("by", "shout")])
+}
+
+handler!(shout);
+"#;
+
+#[tokio::test]
+async fn a_plugin_written_against_the_sdk_builds_and_runs() {
+    let project = tempfile::tempdir().unwrap();
+    let sdk = common::repo_root().join("sdk");
+    std::fs::write(
+        project.path().join("Cargo.toml"),
+        CARGO_TOML.replace("SDK", sdk.to_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::create_dir(project.path().join("src")).unwrap();
+    std::fs::write(project.path().join("src/lib.rs"), LIB_RS).unwrap();
+
+    // The one build command; the shared target dir only saves rebuilding
+    // the SDK's dependencies.
+    let target_dir = common::repo_root().join("plugins/target");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--target", "wasm32-wasip2", "--release"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(project.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the plugin did not build");
+    let wasm = target_dir.join("wasm32-wasip2/release/shout.wasm");
+
+    let runtime = runtime();
+    let plugin = std::sync::Arc::new(runtime.load_file(&wasm, settings("shout", &[])).unwrap());
+    let backend = sluice::backend::connect("memory://").await.unwrap();
+    let outputs = Collector::start(&backend, &["shouted"]).await;
+    let running = Running::start(route("shout", &backend, "words", plugin, quick_retry(2))).await;
+    backend
+        .publish(vec![Message::new("words", "hello")])
+        .await
+        .unwrap();
+    let got = outputs.wait_for(1, Duration::from_secs(20)).await;
+    running.stop().await;
+    assert_eq!(got[0].payload, b"HELLO");
+    assert_eq!(got[0].header("by"), Some("shout"));
+}
