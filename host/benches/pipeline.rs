@@ -117,9 +117,7 @@ impl Handlers {
             .load_file(&path, settings)
             .context("the plugins must be built first (cargo xtask plugins)")?;
         Ok(Handlers {
-            wasm: Arc::new(WasmHandler {
-                plugin: Arc::new(plugin),
-            }),
+            wasm: Arc::new(WasmHandler::new(Arc::new(plugin))),
             native: Arc::new(FnHandler(native_echo)),
         })
     }

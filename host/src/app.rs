@@ -9,11 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminState, BackendHandle, RouteHandle};
 use crate::backend::{self, Backend, SubscribeOptions};
-use crate::config::Loaded;
+use crate::config::{AdminConfig, Loaded};
+use crate::deploy::Deployer;
 use crate::message::now_ms;
-use crate::router::{Route, RouteSpec, RouteStats, StatsSnapshot, WasmHandler};
-use crate::runtime::{Plugin, Runtime};
+use crate::router::{Route, RouteControl, RouteSpec, RouteStats, StatsSnapshot, WasmHandler};
+use crate::runtime::Runtime;
 
 /// Builds the runtime the config asks for.
 pub fn runtime(loaded: &Loaded) -> Result<Runtime> {
@@ -28,20 +30,6 @@ pub fn runtime(loaded: &Loaded) -> Result<Runtime> {
         None
     };
     Runtime::new(cache_dir)
-}
-
-/// Loads and validates every plugin of the config.
-pub fn load_plugins(loaded: &Loaded, runtime: &Runtime) -> Result<BTreeMap<String, Arc<Plugin>>> {
-    let mut plugins = BTreeMap::new();
-    for name in loaded.config.plugins.keys() {
-        let (path, settings) = loaded.plugin_settings(name).expect("listed plugin");
-        let plugin = runtime
-            .load_file(&path, settings)
-            .with_context(|| format!("plugins.{name}"))?;
-        tracing::info!(plugin = %name, version = plugin.short_hash(), path = %path.display(), "plugin loaded");
-        plugins.insert(name.clone(), Arc::new(plugin));
-    }
-    Ok(plugins)
 }
 
 /// Connects every backend of the config.
@@ -59,17 +47,20 @@ pub async fn connect_backends(loaded: &Loaded) -> Result<BTreeMap<String, Arc<dy
 
 /// A host ready to run: its routes, wired.
 pub struct Host {
-    routes: Vec<Route>,
-    // Kept alive for the epoch ticker while routes run.
-    _runtime: Runtime,
+    routes: Vec<(Route, Arc<RouteControl>)>,
+    deployer: Arc<Deployer>,
+    admin: Option<(AdminConfig, Vec<RouteHandle>, Vec<BackendHandle>)>,
+    watch_plugins: bool,
+    grace: Duration,
 }
 
 impl Host {
     pub async fn from_config(loaded: &Loaded) -> Result<Self> {
-        let runtime = runtime(loaded)?;
-        let plugins = load_plugins(loaded, &runtime)?;
+        let runtime = Arc::new(runtime(loaded)?);
+        let deployer = Arc::new(Deployer::load(runtime, loaded)?);
         let backends = connect_backends(loaded).await?;
         let mut routes = Vec::new();
+        let mut handles = Vec::new();
         for route in &loaded.config.routes {
             let mut subscribe = SubscribeOptions::new(
                 route.topics.iter().map(|t| t.get_ref().clone()).collect(),
@@ -77,27 +68,62 @@ impl Host {
             );
             subscribe.start = route.start;
             subscribe.lease = Duration::from_millis(route.lease_ms);
-            routes.push(Route {
-                spec: RouteSpec {
-                    name: route.name.clone(),
-                    subscribe,
-                    concurrency: route.concurrency,
-                    ordered: route.ordered,
-                    retry: (&route.retry).into(),
-                    dead_letter_topic: route.dead_letter_topic(),
-                },
-                source: backends[loaded.source_backend(route)].clone(),
-                sink: backends[loaded.output_backend(route)].clone(),
-                handler: Arc::new(WasmHandler {
-                    plugin: plugins[route.plugin.get_ref()].clone(),
-                }),
-                stats: Arc::new(RouteStats::default()),
+            let slot = deployer
+                .slot(route.plugin.get_ref())
+                .expect("checked plugin")
+                .clone();
+            let stats = Arc::new(RouteStats::default());
+            let control = Arc::new(RouteControl::default());
+            handles.push(RouteHandle {
+                name: route.name.clone(),
+                topics: subscribe.topics.clone(),
+                group: route.group().to_string(),
+                plugin: route.plugin.get_ref().clone(),
+                backend: loaded.source_backend(route).to_string(),
+                stats: stats.clone(),
+                control: control.clone(),
             });
+            routes.push((
+                Route {
+                    spec: RouteSpec {
+                        name: route.name.clone(),
+                        subscribe,
+                        concurrency: route.concurrency,
+                        ordered: route.ordered,
+                        retry: (&route.retry).into(),
+                        dead_letter_topic: route.dead_letter_topic(),
+                    },
+                    source: backends[loaded.source_backend(route)].clone(),
+                    sink: backends[loaded.output_backend(route)].clone(),
+                    handler: Arc::new(WasmHandler { slot }),
+                    stats,
+                },
+                control,
+            ));
         }
+        let backend_handles = backends
+            .iter()
+            .map(|(name, b)| BackendHandle {
+                name: name.clone(),
+                kind: b.kind(),
+            })
+            .collect();
         Ok(Host {
             routes,
-            _runtime: runtime,
+            deployer,
+            admin: loaded
+                .config
+                .admin
+                .clone()
+                .map(|config| (config, handles, backend_handles)),
+            watch_plugins: loaded.config.runtime.watch_plugins,
+            grace: Duration::from_millis(loaded.config.runtime.shutdown_grace_ms),
         })
+    }
+
+    /// The plugins of this host, for deploying new versions.
+    pub fn deployer(&self) -> &Arc<Deployer> {
+        &self.deployer
     }
 
     /// Runs every route until `shutdown` is cancelled or, with
@@ -111,7 +137,7 @@ impl Host {
         let stats: Vec<(String, Arc<RouteStats>)> = self
             .routes
             .iter()
-            .map(|r| (r.spec.name.clone(), r.stats.clone()))
+            .map(|(r, _)| (r.spec.name.clone(), r.stats.clone()))
             .collect();
         for (_, s) in &stats {
             s.touch();
@@ -119,53 +145,66 @@ impl Host {
         // Every route joins its group before any runs, so outputs of one
         // route reach the next even on a backend that keeps no history.
         let mut subscribed = Vec::new();
-        for route in self.routes {
+        for (route, control) in self.routes {
             let name = route.spec.name.clone();
-            subscribed.push((
-                name.clone(),
-                route
-                    .subscribe()
-                    .await
-                    .with_context(|| format!("route `{name}`"))?,
+            let route = route
+                .subscribe()
+                .await
+                .with_context(|| format!("route `{name}`"))?;
+            subscribed.push((name, route, control));
+        }
+        // Side services stop only after the routes have drained.
+        let services = CancellationToken::new();
+        let _stop_services = services.clone().drop_guard();
+        if let Some((config, routes, backends)) = self.admin {
+            let state = Arc::new(AdminState::new(
+                self.deployer.clone(),
+                routes,
+                backends,
+                config.token.clone(),
             ));
+            admin::serve(&config, state, services.clone()).await?;
+        }
+        if self.watch_plugins {
+            self.deployer.watch(services.clone())?;
         }
         let mut tasks = tokio::task::JoinSet::new();
-        for (name, route) in subscribed {
+        for (name, route, control) in subscribed {
             let token = shutdown.clone();
             tasks.spawn(async move {
                 route
-                    .run(token)
+                    .run_with(token, control)
                     .await
                     .with_context(|| format!("route `{name}`"))
             });
         }
         if let Some(idle) = exit_when_idle {
-            let watched = stats.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>();
-            let token = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    }
-                    let busy = watched
-                        .iter()
-                        .any(|s| s.in_flight.load(Ordering::Relaxed) > 0);
-                    let last = watched
-                        .iter()
-                        .map(|s| s.last_activity_ms.load(Ordering::Relaxed))
-                        .max()
-                        .unwrap_or(0);
-                    if !busy && now_ms().saturating_sub(last) >= idle.as_millis() as u64 {
-                        tracing::info!("idle for {idle:?}, shutting down");
-                        token.cancel();
-                        return;
-                    }
-                }
-            });
+            spawn_idle_watch(
+                stats.iter().map(|(_, s)| s.clone()).collect(),
+                idle,
+                shutdown.clone(),
+            );
         }
         let mut first_error = None;
-        while let Some(joined) = tasks.join_next().await {
+        let mut deadline = None;
+        loop {
+            let joined = tokio::select! {
+                joined = tasks.join_next() => joined,
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + self.grace);
+                    continue;
+                }
+                _ = sleep_until(deadline) => {
+                    tracing::warn!(
+                        "in-flight messages did not finish within the {:?} grace period; exiting anyway \
+                         (they will be redelivered after their lease)",
+                        self.grace
+                    );
+                    tasks.abort_all();
+                    break;
+                }
+            };
+            let Some(joined) = joined else { break };
             let result = joined.context("route task panicked").and_then(|r| r);
             if let Err(e) = result {
                 tracing::error!("{e:#}");
@@ -181,6 +220,38 @@ impl Host {
             .map(|(name, s)| (name, s.snapshot()))
             .collect())
     }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Cancels `shutdown` once no route has done anything for `idle`.
+fn spawn_idle_watch(watched: Vec<Arc<RouteStats>>, idle: Duration, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let busy = watched
+                .iter()
+                .any(|s| s.in_flight.load(Ordering::Relaxed) > 0);
+            let last = watched
+                .iter()
+                .map(|s| s.last_activity_ms.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0);
+            if !busy && now_ms().saturating_sub(last) >= idle.as_millis() as u64 {
+                tracing::info!("idle for {idle:?}, shutting down");
+                shutdown.cancel();
+                return;
+            }
+        }
+    });
 }
 
 /// A cancellation token cancelled by SIGINT or SIGTERM.

@@ -38,6 +38,27 @@ pub struct Config {
     /// Settings of the WebAssembly runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// The admin HTTP API (deploy, rollback, pause, metrics, health); off
+    /// unless this table is present.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on; loopback only unless a token is set.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+    /// Bearer token required on every request except health checks;
+    /// `SLUICE_ADMIN_TOKEN` overrides it. Required when `listen` is not a
+    /// loopback address.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Largest plugin upload, in MiB.
+    #[serde(default = "defaults::max_upload_mb")]
+    pub max_upload_mb: u64,
 }
 
 /// One message backend.
@@ -150,7 +171,7 @@ impl Default for RetryConfig {
 }
 
 /// Settings of the WebAssembly runtime.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Where compiled components are cached; the user cache dir if absent.
@@ -159,6 +180,24 @@ pub struct RuntimeConfig {
     /// Set to false to compile every plugin at every start.
     #[serde(default = "defaults::yes")]
     pub cache: bool,
+    /// Deploy a plugin's new version when its file changes.
+    #[serde(default = "defaults::yes")]
+    pub watch_plugins: bool,
+    /// On SIGTERM, how long in-flight messages may take to finish before the
+    /// host exits anyway (their leases then return them), in milliseconds.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cache_dir: None,
+            cache: true,
+            watch_plugins: true,
+            shutdown_grace_ms: defaults::shutdown_grace_ms(),
+        }
+    }
 }
 
 mod defaults {
@@ -194,6 +233,15 @@ mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        30_000
+    }
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9464".into()
+    }
+    pub fn max_upload_mb() -> u64 {
+        32
     }
 }
 
@@ -283,6 +331,9 @@ pub fn parse(
 ) -> Result<Loaded> {
     let mut config: Config =
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{source_name}: {e}"))?;
+    if let (Some(admin), Some(token)) = (config.admin.as_mut(), env("SLUICE_ADMIN_TOKEN")) {
+        admin.token = Some(token);
+    }
     let everywhere = env("SLUICE_BACKEND_URL");
     for (name, backend) in config.backends.iter_mut() {
         let own = format!(
@@ -365,6 +416,27 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
         for topic in &plugin.publish_to {
             pattern::validate(topic)
                 .map_err(|m| error(0, format!("plugins.{name}.publish_to"), m))?;
+        }
+    }
+    if let Some(admin) = &config.admin {
+        let line = text.find("[admin]").map_or(0, |o| line_of(text, o));
+        let address: std::net::SocketAddr = admin.listen.parse().map_err(|_| {
+            error(
+                line,
+                "admin.listen".into(),
+                format!("`{}` is not an IP address and port", admin.listen),
+            )
+        })?;
+        if !address.ip().is_loopback() && admin.token.as_deref().unwrap_or("").is_empty() {
+            return Err(error(
+                line,
+                "admin.token".into(),
+                format!(
+                    "required when the admin API listens on {address}, which is not loopback \
+                     (or set SLUICE_ADMIN_TOKEN)"
+                ),
+            )
+            .into());
         }
     }
     let mut names = std::collections::HashSet::new();

@@ -7,11 +7,15 @@
 //! - [`runtime`]: wasmtime, plugin loading and warm instances;
 //! - [`router`]: the delivery loop of a route (call, publish, settle);
 //! - [`config`]: the TOML configuration;
+//! - [`deploy`]: new plugin versions into a running host, and rollback;
+//! - [`admin`]: the admin HTTP API, health and metrics;
 //! - [`app`]: wiring it all into a running host.
 
+pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod deploy;
 pub mod message;
 pub mod router;
 pub mod runtime;

@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Admin(sluice::admin::cli::AdminCommand),
     /// Run every route of a config until SIGINT or SIGTERM.
     Run {
         /// The TOML config.
@@ -78,6 +80,12 @@ enum Command {
         /// Print one JSON object per message.
         #[arg(long)]
         json: bool,
+    },
+    /// Check, repair, compact or describe a file log directory (file:// backend).
+    #[cfg(feature = "filelog")]
+    Log {
+        #[command(subcommand)]
+        command: backend::filelog::LogCommand,
     },
 }
 
@@ -152,6 +160,10 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
+        Command::Admin(command) => {
+            tokio::task::spawn_blocking(move || command.run()).await??;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             config,
             exit_when_idle,
@@ -205,6 +217,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             let backend = target.connect().await?;
             tail(backend, topics, group, from, follow, limit, json).await
         }
+        #[cfg(feature = "filelog")]
+        Command::Log { command } => Ok(backend::filelog::run_cli(command)),
     }
 }
 
@@ -231,20 +245,21 @@ fn check(path: &Path) -> Result<ExitCode> {
             );
         }
     }
-    let runtime = app::runtime(&loaded)?;
-    let plugins = app::load_plugins(&loaded, &runtime)?;
+    let runtime = std::sync::Arc::new(app::runtime(&loaded)?);
+    let plugins = sluice::deploy::Deployer::load(runtime, &loaded)?;
     println!(
         "{}: ok ({} backend(s), {} plugin(s), {} route(s))",
         path.display(),
         loaded.config.backends.len(),
-        plugins.len(),
+        plugins.slots().count(),
         loaded.config.routes.len()
     );
-    for (name, plugin) in plugins {
+    for slot in plugins.slots() {
         println!(
-            "  plugin {name}: implements {} (sha256 {})",
+            "  plugin {}: implements {} (sha256 {})",
+            slot.name,
             sluice::runtime::WORLD,
-            plugin.hash
+            slot.current_info().hash
         );
     }
     Ok(ExitCode::SUCCESS)

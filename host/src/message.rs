@@ -78,6 +78,9 @@ pub mod headers {
     pub const ATTEMPTS: &str = "sluice-attempts";
     /// The route that dead-lettered the message.
     pub const ROUTE: &str = "sluice-route";
+    /// On an output: the plugin version (first 12 hex digits of its
+    /// SHA-256) that produced it.
+    pub const PLUGIN_VERSION: &str = "sluice-plugin-version";
     /// On an output: the id of the input message it was produced from.
     pub const CAUSATION_ID: &str = "sluice-causation-id";
 }

@@ -20,6 +20,8 @@ use async_trait::async_trait;
 
 use crate::message::Message;
 
+#[cfg(feature = "filelog")]
+pub mod filelog;
 pub mod memory;
 pub mod pattern;
 #[cfg(feature = "sqlite")]
@@ -170,7 +172,7 @@ pub fn closed_error(group: &str) -> anyhow::Error {
     anyhow::anyhow!("the subscription of group `{group}` is closed")
 }
 
-/// Opens the backend a URL names: `memory://`, `sqlite://PATH`.
+/// Opens the backend a URL names: `memory://`, `sqlite://PATH`, `file://DIR`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     let Some((scheme, _)) = url.split_once("://") else {
         bail!(
@@ -182,6 +184,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         "memory" => Ok(Arc::new(memory::MemoryBackend::from_url(url)?)),
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Arc::new(sqlite::SqliteBackend::connect(url).await?)),
+        #[cfg(feature = "filelog")]
+        "file" => Ok(Arc::new(filelog::FileLogBackend::connect(url).await?)),
         other => bail!(
             "unknown backend `{other}` in URL `{}`; this build supports: {}",
             redact(url),
@@ -195,6 +199,9 @@ pub fn supported_schemes() -> Vec<&'static str> {
     let mut schemes = vec!["memory"];
     if cfg!(feature = "sqlite") {
         schemes.push("sqlite");
+    }
+    if cfg!(feature = "filelog") {
+        schemes.push("file");
     }
     schemes
 }

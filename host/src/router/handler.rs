@@ -6,7 +6,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use async_trait::async_trait;
 
-use crate::message::Message;
+use crate::deploy::PluginSlot;
+use crate::message::{Message, headers};
 use crate::runtime::{CallError, Instance, Outcome, Plugin};
 
 /// Makes one [`Worker`] per concurrent slot of a route.
@@ -22,48 +23,84 @@ pub trait Worker: Send {
     async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError>;
 }
 
-/// Runs a WebAssembly plugin, keeping one warm instance per worker.
+/// Runs the current version of a WebAssembly plugin, keeping one warm
+/// instance per worker.
 pub struct WasmHandler {
-    pub plugin: Arc<Plugin>,
+    pub slot: Arc<PluginSlot>,
+}
+
+impl WasmHandler {
+    /// A handler over a slot of its own holding `plugin`.
+    pub fn new(plugin: Arc<Plugin>) -> Self {
+        let name = plugin.settings.name.clone();
+        WasmHandler {
+            slot: Arc::new(PluginSlot::new(name, plugin, "loaded")),
+        }
+    }
 }
 
 impl MessageHandler for WasmHandler {
     fn worker(&self) -> Box<dyn Worker> {
         Box::new(WasmWorker {
-            plugin: self.plugin.clone(),
+            slot: self.slot.clone(),
             instance: None,
         })
     }
 
     fn describe(&self) -> String {
-        format!("{}@{}", self.plugin.settings.name, self.plugin.short_hash())
+        let current = self.slot.current();
+        format!("{}@{}", self.slot.name, current.short_hash())
     }
 }
 
 struct WasmWorker {
-    plugin: Arc<Plugin>,
-    /// Dropped after a failed call, re-created on the next one.
+    slot: Arc<PluginSlot>,
+    /// Dropped after a failed call or when the slot's version changes.
     instance: Option<Instance>,
 }
 
 #[async_trait]
 impl Worker for WasmWorker {
     async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
+        // A swap takes effect here, between messages: the call below runs
+        // to its end on whichever version it started with.
+        let current = self.slot.current();
+        if self
+            .instance
+            .as_ref()
+            .is_some_and(|i| !Arc::ptr_eq(i.plugin(), &current))
+        {
+            self.instance = None;
+        }
         let instance = match &mut self.instance {
             Some(instance) => instance,
             None => {
-                let fresh = self
-                    .plugin
+                let fresh = current
                     .instantiate()
                     .await
                     .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
                 self.instance.insert(fresh)
             }
         };
-        let result = instance.handle(message, attempt).await;
-        if let Err(error) = &result {
-            tracing::warn!(plugin = %self.plugin.settings.name, message = %message.id, "{error}; discarding the instance");
-            self.instance = None;
+        let counters = &self.slot.counters;
+        self.slot.count(&counters.calls);
+        let mut result = instance.handle(message, attempt).await;
+        match &mut result {
+            Ok(Outcome::Outputs(outputs)) => {
+                for output in outputs {
+                    output.set_header(headers::PLUGIN_VERSION, current.short_hash());
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                self.slot.count(match error {
+                    CallError::Trap(_) => &counters.traps,
+                    CallError::Timeout(_) => &counters.timeouts,
+                    CallError::MemoryLimit(_) => &counters.memory_limit_hits,
+                });
+                tracing::warn!(plugin = %self.slot.name, message = %message.id, "{error}; discarding the instance");
+                self.instance = None;
+            }
         }
         result
     }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use handler::{FnHandler, MessageHandler, WasmHandler, Worker};
 pub use retry::RetryPolicy;
-pub use stats::{RouteStats, StatsSnapshot};
+pub use stats::{Histogram, LATENCY_BUCKETS, RouteStats, StatsSnapshot};
 
 use crate::backend::{Backend, Delivery, SubscribeOptions, Subscription};
 use crate::message::{Message, headers};
@@ -75,6 +75,7 @@ struct Context {
     sink: Arc<dyn Backend>,
     stats: Arc<RouteStats>,
     shutdown: CancellationToken,
+    control: Arc<RouteControl>,
 }
 
 impl Route {
@@ -102,6 +103,35 @@ impl Route {
     }
 }
 
+/// Operator controls of a running route.
+#[derive(Debug)]
+pub struct RouteControl {
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for RouteControl {
+    fn default() -> Self {
+        RouteControl {
+            paused: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl RouteControl {
+    /// Stops fetching; messages already fetched are finished and settled.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+}
+
 /// A route whose subscription is open, ready to run.
 pub struct Subscribed {
     route: Route,
@@ -116,6 +146,16 @@ impl Subscribed {
     /// Runs until `shutdown` is cancelled, then finishes and settles what
     /// was fetched and closes the subscription.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        self.run_with(shutdown, Arc::new(RouteControl::default()))
+            .await
+    }
+
+    /// [`Subscribed::run`], obeying `control` (pause and resume).
+    pub async fn run_with(
+        self,
+        shutdown: CancellationToken,
+        control: Arc<RouteControl>,
+    ) -> Result<()> {
         let Subscribed {
             route,
             subscription,
@@ -127,7 +167,9 @@ impl Subscribed {
             sink: route.sink,
             stats: route.stats,
             shutdown,
+            control,
         });
+        context.stats.backend_ok.store(true, Ordering::Relaxed);
         let workers = context.spec.concurrency.max(1);
         // Unordered: one queue all workers share. Ordered: a queue per worker.
         let lanes = if context.spec.ordered { workers } else { 1 };
@@ -167,14 +209,24 @@ impl Context {
         let batch = (self.spec.concurrency * 2).clamp(1, 256);
         let mut next_lane = 0usize;
         let mut failures = 0u32;
+        let mut paused = self.control.paused.subscribe();
         while !self.shutdown.is_cancelled() {
+            if *paused.borrow_and_update() {
+                tokio::select! {
+                    _ = paused.changed() => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
+                continue;
+            }
             let deliveries = match self.subscription.fetch(batch, FETCH_WAIT).await {
                 Ok(deliveries) => {
                     failures = 0;
+                    self.stats.backend_ok.store(true, Ordering::Relaxed);
                     deliveries
                 }
                 Err(e) => {
                     failures += 1;
+                    self.stats.backend_ok.store(false, Ordering::Relaxed);
                     RouteStats::add(&self.stats.backend_errors, 1);
                     let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tracing::warn!(route = %self.spec.name, "fetch failed, retrying in {pause:?}: {e:#}");
@@ -217,7 +269,10 @@ impl Context {
     async fn process(&self, worker: &mut dyn Worker, delivery: Delivery) {
         let mut attempt = delivery.attempt;
         loop {
-            let failure = match worker.handle(&delivery.message, attempt).await {
+            let started = std::time::Instant::now();
+            let result = worker.handle(&delivery.message, attempt).await;
+            self.stats.handler_latency.observe(started.elapsed());
+            let failure = match result {
                 Ok(Outcome::Outputs(outputs)) => {
                     match self.publish_outputs(&delivery, outputs).await {
                         Ok(()) => {

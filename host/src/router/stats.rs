@@ -1,7 +1,8 @@
 //! Counters of one route, shared by its tasks and read for the summary.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::message::now_ms;
 
@@ -25,6 +26,54 @@ pub struct RouteStats {
     pub in_flight: AtomicI64,
     /// Milliseconds since the epoch of the last fetch or settle.
     pub last_activity_ms: AtomicU64,
+    /// The subscription is open and its last fetch succeeded.
+    pub backend_ok: AtomicBool,
+    /// Time spent in the handler per call.
+    pub handler_latency: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in seconds (Prometheus style).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A fixed-bucket histogram, updated without locks.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each bound (not cumulative).
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound, total count, and sum in seconds.
+    pub fn read(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut running = 0;
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(bound, n)| {
+                running += n.load(Ordering::Relaxed);
+                (*bound, running)
+            })
+            .collect();
+        (
+            buckets,
+            self.count.load(Ordering::Relaxed),
+            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
 }
 
 impl RouteStats {

@@ -131,7 +131,7 @@ impl Runtime {
 
     /// Compiles (or fetches from the cache) and validates a component.
     pub fn load(&self, wasm: &[u8], settings: PluginSettings) -> Result<Plugin> {
-        let hash = hex::encode(Sha256::digest(wasm));
+        let hash = hash(wasm);
         let component = match &self.cache_dir {
             Some(dir) => cache::load_or_compile(&self.engine, dir, &hash, wasm)?,
             None => Component::new(&self.engine, wasm).map_err(not_a_component)?,
@@ -166,6 +166,11 @@ impl Plugin {
     pub fn short_hash(&self) -> &str {
         &self.hash[..12]
     }
+}
+
+/// SHA-256 of a component, hex: the identity of a plugin version.
+pub fn hash(wasm: &[u8]) -> String {
+    hex::encode(Sha256::digest(wasm))
 }
 
 fn settings_name(path: &Path) -> String {

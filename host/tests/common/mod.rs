@@ -94,6 +94,11 @@ pub async fn embedded_backends() -> Vec<(&'static str, Arc<dyn Backend>, tempfil
             tempfile::tempdir().unwrap(),
         ),
         ("sqlite", backend::connect(&sqlite_url).await.unwrap(), dir),
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("file://{}", dir.path().join("log").display());
+            ("file", backend::connect(&url).await.unwrap(), dir)
+        },
     ]
 }
 
@@ -118,7 +123,7 @@ pub fn route(
         },
         source: backend.clone(),
         sink: backend.clone(),
-        handler: Arc::new(WasmHandler { plugin }),
+        handler: Arc::new(WasmHandler::new(plugin)),
         stats: Arc::new(RouteStats::default()),
     }
 }

@@ -67,7 +67,7 @@ fn needs_restart(_: &Capabilities, can_restart: bool) -> Option<&'static str> {
 
 async fn publish_subscribe_keeps_payload_key_and_headers(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     let sent: Vec<Message> = (0..50)
         .map(|i| {
             Message::new(&topic, vec![i as u8; 10 + i])
@@ -104,7 +104,7 @@ async fn concurrent_publishers_and_subscribers_lose_nothing(ctx: Ctx) -> Result<
     let topic = ctx.topic("t");
     let mut subscribers = Vec::new();
     for _ in 0..3 {
-        subscribers.push(ctx.subscribe(&[topic.clone()], "g").await?);
+        subscribers.push(ctx.subscribe([topic.clone()], "g").await?);
     }
     let mut publishers = Vec::new();
     for _ in 0..4 {
@@ -151,7 +151,7 @@ async fn many_topics_at_once(ctx: Ctx) -> Result<()> {
     let topics: Vec<String> = (0..20).map(|i| ctx.topic(&format!("t{i}"))).collect();
     let mut subs = Vec::new();
     for topic in &topics {
-        subs.push(ctx.subscribe(&[topic.clone()], "g").await?);
+        subs.push(ctx.subscribe([topic.clone()], "g").await?);
     }
     let all: Vec<Message> = topics.iter().flat_map(|t| numbered(t, 10)).collect();
     ctx.backend.publish(all).await?;
@@ -168,7 +168,7 @@ async fn many_topics_at_once(ctx: Ctx) -> Result<()> {
 
 async fn topics_are_isolated(ctx: Ctx) -> Result<()> {
     let (a, b) = (ctx.topic("a"), ctx.topic("b"));
-    let sub_a = ctx.subscribe(&[a.clone()], "g").await?;
+    let sub_a = ctx.subscribe([a.clone()], "g").await?;
     ctx.backend.publish(numbered(&b, 5)).await?;
     ctx.backend.publish(numbered(&a, 3)).await?;
     let got = consume(sub_a.as_ref(), 3, LIMIT).await?;
@@ -178,7 +178,7 @@ async fn topics_are_isolated(ctx: Ctx) -> Result<()> {
 
 async fn redelivery_after_nack(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 1)).await?;
     let first = sub.fetch(1, LIMIT).await?.pop().context("no delivery")?;
     ensure!(first.attempt == 1, "first attempt is {}", first.attempt);
@@ -203,7 +203,7 @@ async fn redelivery_after_nack(ctx: Ctx) -> Result<()> {
 
 async fn nacked_message_returns_before_later_ones(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 5)).await?;
     let first = sub.fetch(1, LIMIT).await?.pop().context("no delivery")?;
     ensure!(
@@ -230,7 +230,7 @@ async fn nacked_message_returns_before_later_ones(ctx: Ctx) -> Result<()> {
 
 async fn order_preserved_per_key(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     let messages: Vec<Message> = (0..100)
         .map(|i| {
             Message::new(&topic, format!("{i}")).with_key(if i % 2 == 0 { "even" } else { "odd" })
@@ -256,7 +256,7 @@ async fn order_preserved_per_key(ctx: Ctx) -> Result<()> {
 
 async fn continue_after_subscriber_closes(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let first = ctx.subscribe(&[topic.clone()], "g").await?;
+    let first = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 50)).await?;
     let mut acked = HashSet::new();
     let batch = first.fetch(10, LIMIT).await?;
@@ -266,7 +266,7 @@ async fn continue_after_subscriber_closes(ctx: Ctx) -> Result<()> {
         acked.insert(d.message.id.clone());
     }
     first.close().await?;
-    let second = ctx.subscribe(&[topic.clone()], "g").await?;
+    let second = ctx.subscribe([topic.clone()], "g").await?;
     let rest = consume(second.as_ref(), 50 - acked.len(), LIMIT).await?;
     let rest_ids = distinct_ids(&rest);
     ensure!(
@@ -281,7 +281,7 @@ async fn concurrent_close(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
     let mut subs = Vec::new();
     for _ in 0..10 {
-        subs.push(ctx.subscribe(&[topic.clone()], "g").await?);
+        subs.push(ctx.subscribe([topic.clone()], "g").await?);
     }
     ctx.backend.publish(numbered(&topic, 30)).await?;
     // Some of them hold deliveries when they close.
@@ -297,7 +297,7 @@ async fn concurrent_close(ctx: Ctx) -> Result<()> {
     for result in closed {
         result??;
     }
-    let after = ctx.subscribe(&[topic.clone()], "g").await?;
+    let after = ctx.subscribe([topic.clone()], "g").await?;
     let got = consume(after.as_ref(), 30, LIMIT).await?;
     ensure!(distinct_ids(&got).len() == 30, "lost messages");
     Ok(())
@@ -305,7 +305,7 @@ async fn concurrent_close(ctx: Ctx) -> Result<()> {
 
 async fn continue_after_repeated_errors(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 3)).await?;
     let mut failures = 0;
     let mut done = HashSet::new();
@@ -330,7 +330,7 @@ async fn continue_after_repeated_errors(ctx: Ctx) -> Result<()> {
 
 async fn nothing_lost_when_publisher_closes(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     {
         let publisher = ctx.target.open().await?;
         publisher.publish(numbered(&topic, 100)).await?;
@@ -343,8 +343,8 @@ async fn nothing_lost_when_publisher_closes(ctx: Ctx) -> Result<()> {
 
 async fn cancelled_subscription_receives_nothing_more(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
-    let other = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
+    let other = ctx.subscribe([topic.clone()], "g").await?;
     sub.close().await?;
     ctx.backend.publish(numbered(&topic, 10)).await?;
     let after_close = sub.fetch(10, QUIET).await;
@@ -365,7 +365,7 @@ async fn cancelled_subscription_receives_nothing_more(ctx: Ctx) -> Result<()> {
 async fn new_subscriber_sees_old_messages(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
     ctx.backend.publish(numbered(&topic, 10)).await?;
-    let sub = ctx.subscribe(&[topic.clone()], "late").await?;
+    let sub = ctx.subscribe([topic.clone()], "late").await?;
     consume(sub.as_ref(), 10, LIMIT).await?;
     Ok(())
 }
@@ -374,7 +374,7 @@ async fn latest_start_skips_old_messages(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
     ctx.backend.publish(numbered(&topic, 10)).await?;
     let sub = ctx
-        .subscribe_with(&[topic.clone()], "latest", |o| o.start = StartFrom::Latest)
+        .subscribe_with([topic.clone()], "latest", |o| o.start = StartFrom::Latest)
         .await?;
     ctx.backend
         .publish(vec![Message::new(&topic, "new")])
@@ -386,8 +386,8 @@ async fn latest_start_skips_old_messages(ctx: Ctx) -> Result<()> {
 
 async fn every_group_gets_every_message(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let a = ctx.subscribe(&[topic.clone()], "a").await?;
-    let b = ctx.subscribe(&[topic.clone()], "b").await?;
+    let a = ctx.subscribe([topic.clone()], "a").await?;
+    let b = ctx.subscribe([topic.clone()], "b").await?;
     ctx.backend.publish(numbered(&topic, 30)).await?;
     for sub in [&a, &b] {
         let got = consume(sub.as_ref(), 30, LIMIT).await?;
@@ -399,8 +399,8 @@ async fn every_group_gets_every_message(ctx: Ctx) -> Result<()> {
 
 async fn members_of_a_group_split_messages(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let one = ctx.subscribe(&[topic.clone()], "g").await?;
-    let two = ctx.subscribe(&[topic.clone()], "g").await?;
+    let one = ctx.subscribe([topic.clone()], "g").await?;
+    let two = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 60)).await?;
     let mut seen = HashSet::new();
     let mut counts = [0usize; 2];
@@ -431,7 +431,7 @@ async fn members_of_a_group_split_messages(ctx: Ctx) -> Result<()> {
 
 async fn nack_delay_is_honoured(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 1)).await?;
     let first = sub.fetch(1, LIMIT).await?.pop().context("no delivery")?;
     let nacked_at = tokio::time::Instant::now();
@@ -463,14 +463,14 @@ async fn nack_delay_is_honoured(ctx: Ctx) -> Result<()> {
 async fn abandoned_delivery_returns_after_lease(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
     let lease = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_millis(500);
-    let doomed = ctx.subscribe_with(&[topic.clone()], "g", lease).await?;
+    let doomed = ctx.subscribe_with([topic.clone()], "g", lease).await?;
     ctx.backend.publish(numbered(&topic, 5)).await?;
     let held = doomed.fetch(5, LIMIT).await?;
     ensure!(held.len() == 5, "fetched {} of 5", held.len());
     // The consumer dies: never settles, never closes.
     std::mem::forget(held);
     std::mem::forget(doomed);
-    let survivor = ctx.subscribe_with(&[topic.clone()], "g", lease).await?;
+    let survivor = ctx.subscribe_with([topic.clone()], "g", lease).await?;
     let mut attempts = Vec::new();
     let give_up = tokio::time::Instant::now() + LIMIT;
     while attempts.len() < 5 {
@@ -493,7 +493,7 @@ async fn abandoned_delivery_returns_after_lease(ctx: Ctx) -> Result<()> {
 
 async fn pattern_subscription_sees_new_topics(ctx: Ctx) -> Result<()> {
     let pattern = format!("{}.orders.*", ctx.topic("w"));
-    let sub = ctx.subscribe(&[pattern], "g").await?;
+    let sub = ctx.subscribe([pattern], "g").await?;
     let fresh = format!("{}.orders.brand-new", ctx.topic("w"));
     let deeper = format!("{}.orders.eu.paid", ctx.topic("w"));
     ctx.backend
@@ -506,7 +506,7 @@ async fn pattern_subscription_sees_new_topics(ctx: Ctx) -> Result<()> {
 
 async fn reconnect_after_server_restart(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let sub = ctx.subscribe(&[topic.clone()], "g").await?;
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
     ctx.backend.publish(numbered(&topic, 10)).await?;
     ctx.target.restart().await?;
     let give_up = tokio::time::Instant::now() + LIMIT;

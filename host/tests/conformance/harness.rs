@@ -33,17 +33,21 @@ impl Ctx {
         format!("{}-{name}", self.prefix)
     }
 
-    pub async fn subscribe(&self, topics: &[String], group: &str) -> Result<Box<dyn Subscription>> {
+    pub async fn subscribe(
+        &self,
+        topics: impl IntoIterator<Item = String>,
+        group: &str,
+    ) -> Result<Box<dyn Subscription>> {
         self.subscribe_with(topics, group, |_| {}).await
     }
 
     pub async fn subscribe_with(
         &self,
-        topics: &[String],
+        topics: impl IntoIterator<Item = String>,
         group: &str,
         adjust: impl FnOnce(&mut SubscribeOptions),
     ) -> Result<Box<dyn Subscription>> {
-        let mut options = SubscribeOptions::new(topics.to_vec(), self.group(group));
+        let mut options = SubscribeOptions::new(topics.into_iter().collect(), self.group(group));
         options.lease = Duration::from_secs(30);
         adjust(&mut options);
         self.backend.subscribe(options).await

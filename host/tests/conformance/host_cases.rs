@@ -24,8 +24,14 @@ pub fn all() -> Vec<Case> {
         case!(host_dead_letter_after_max_attempts),
         case!(host_reject_goes_straight_to_dead_letter),
         case!(host_trapping_plugin_is_retried_then_dead_lettered),
-        case!(host_outputs_published_before_ack, crate::cases::needs_at_least_once),
-        case!(host_graceful_shutdown_settles_in_flight, crate::cases::needs_at_least_once),
+        case!(
+            host_outputs_published_before_ack,
+            crate::cases::needs_at_least_once
+        ),
+        case!(
+            host_graceful_shutdown_settles_in_flight,
+            crate::cases::needs_at_least_once
+        ),
     ]
 }
 

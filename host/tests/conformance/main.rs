@@ -37,4 +37,5 @@ macro_rules! backends {
 backends! {
     memory => targets::Memory::new();
     sqlite => targets::Sqlite::new();
+    file => targets::FileLog::new();
 }

@@ -74,3 +74,29 @@ impl Target for Sqlite {
         backend::connect(&self.url).await
     }
 }
+
+/// The append-only file log: every handle opens the same directory (and so,
+/// within one process, shares one store).
+pub struct FileLog {
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl FileLog {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("log").display());
+        FileLog { _dir: dir, url }
+    }
+}
+
+#[async_trait]
+impl Target for FileLog {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    async fn open(&self) -> Result<Arc<dyn Backend>> {
+        backend::connect(&self.url).await
+    }
+}

@@ -1,0 +1,184 @@
+//! The operator commands that talk to a running host's admin API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::client::AdminClient;
+
+/// Where the running host's admin API is.
+#[derive(Args, Debug, Clone)]
+pub struct AdminTarget {
+    /// The admin API's base URL.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_URL",
+        default_value = "http://127.0.0.1:9464",
+        global = true
+    )]
+    pub admin: String,
+    /// Bearer token, if the API requires one.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Deploy a new version of a plugin into the running host.
+    Deploy {
+        /// The .wasm component.
+        file: PathBuf,
+        /// The plugin it is a version of.
+        #[arg(long)]
+        plugin: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List plugins, their running versions and earlier ones.
+    Plugins {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Return a plugin to its previous version.
+    Rollback {
+        plugin: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List routes and whether they are paused.
+    Routes {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Stop fetching on a route (messages in flight finish).
+    Pause {
+        route: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Resume a paused route.
+    Resume {
+        route: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Print each route's counters and each plugin's failures.
+    Stats {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+impl AdminCommand {
+    pub fn run(self) -> Result<()> {
+        match self {
+            AdminCommand::Deploy {
+                file,
+                plugin,
+                target,
+            } => {
+                let wasm = std::fs::read(&file)
+                    .with_context(|| format!("cannot read `{}`", file.display()))?;
+                let answer = client(&target).put(&format!("/api/plugins/{plugin}"), wasm)?;
+                match answer.get("deployed") {
+                    Some(info) => println!("plugin {plugin}: version {} is live", short(info)),
+                    None => println!("plugin {plugin}: that version is already running"),
+                }
+            }
+            AdminCommand::Plugins { target } => {
+                for plugin in list(client(&target).get("/api/plugins")?) {
+                    println!(
+                        "{:<20} {}  since {}  ({} earlier version(s))",
+                        plugin["name"].as_str().unwrap_or(""),
+                        short(&plugin["current"]),
+                        plugin["current"]["loaded_at_ms"],
+                        plugin["earlier"].as_array().map_or(0, Vec::len)
+                    );
+                    if let Some(error) = plugin["last_error"].as_str() {
+                        println!("{:<20} last refused version: {error}", "");
+                    }
+                }
+            }
+            AdminCommand::Rollback { plugin, target } => {
+                let answer = client(&target).post(&format!("/api/plugins/{plugin}/rollback"))?;
+                println!(
+                    "plugin {plugin}: version {} is live again",
+                    short(&answer["current"])
+                );
+            }
+            AdminCommand::Routes { target } => {
+                for route in list(client(&target).get("/api/routes")?) {
+                    println!(
+                        "{:<20} {:<8} plugin {:<16} group {:<16} topics {}",
+                        route["name"].as_str().unwrap_or(""),
+                        if route["paused"].as_bool() == Some(true) {
+                            "paused"
+                        } else {
+                            "running"
+                        },
+                        route["plugin"].as_str().unwrap_or(""),
+                        route["group"].as_str().unwrap_or(""),
+                        route["topics"]
+                    );
+                }
+            }
+            AdminCommand::Pause { route, target } => {
+                client(&target).post(&format!("/api/routes/{route}/pause"))?;
+                println!("route {route}: paused");
+            }
+            AdminCommand::Resume { route, target } => {
+                client(&target).post(&format!("/api/routes/{route}/resume"))?;
+                println!("route {route}: resumed");
+            }
+            AdminCommand::Stats { target } => {
+                let client = client(&target);
+                for route in list(client.get("/api/routes")?) {
+                    let s = &route["stats"];
+                    println!(
+                        "route {:<20} received {} acked {} outputs {} retried {} dead-lettered {} in flight {} plugin errors {} backend errors {}",
+                        route["name"].as_str().unwrap_or(""),
+                        s["received"],
+                        s["succeeded"],
+                        s["published"],
+                        s["retried"],
+                        s["dead_lettered"],
+                        s["in_flight"],
+                        s["plugin_errors"],
+                        s["backend_errors"]
+                    );
+                }
+                let metrics = client.metrics()?;
+                for line in metrics.lines().filter(|l| {
+                    l.starts_with("sluice_plugin_traps_total")
+                        || l.starts_with("sluice_plugin_timeouts_total")
+                        || l.starts_with("sluice_plugin_memory_limit_hits_total")
+                }) {
+                    println!("{line}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn client(target: &AdminTarget) -> AdminClient {
+    AdminClient::new(&target.admin, target.token.clone())
+}
+
+fn list(value: Value) -> Vec<Value> {
+    value.as_array().cloned().unwrap_or_default()
+}
+
+fn short(info: &Value) -> String {
+    info["hash"]
+        .as_str()
+        .map(|h| h[..12.min(h.len())].to_string())
+        .unwrap_or_default()
+}

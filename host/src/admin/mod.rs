@@ -1,0 +1,271 @@
+//! The admin HTTP API: deploy and roll back plugins, pause and resume
+//! routes, and expose health, readiness and Prometheus metrics.
+//!
+//! It listens on loopback by default; bound anywhere else it requires a
+//! bearer token (the config check refuses to start without one). Health
+//! endpoints are open so orchestrators can probe them.
+
+pub mod cli;
+pub mod client;
+mod metrics;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AdminConfig;
+use crate::deploy::Deployer;
+use crate::router::{RouteControl, RouteStats};
+
+/// What the API reports and controls of one route.
+pub struct RouteHandle {
+    pub name: String,
+    pub topics: Vec<String>,
+    pub group: String,
+    pub plugin: String,
+    pub backend: String,
+    pub stats: Arc<RouteStats>,
+    pub control: Arc<RouteControl>,
+}
+
+/// A backend, for metrics.
+pub struct BackendHandle {
+    pub name: String,
+    pub kind: &'static str,
+}
+
+pub struct AdminState {
+    pub deployer: Arc<Deployer>,
+    pub routes: Vec<RouteHandle>,
+    pub backends: Vec<BackendHandle>,
+    token: Option<String>,
+}
+
+impl AdminState {
+    pub fn new(
+        deployer: Arc<Deployer>,
+        routes: Vec<RouteHandle>,
+        backends: Vec<BackendHandle>,
+        token: Option<String>,
+    ) -> Self {
+        AdminState {
+            deployer,
+            routes,
+            backends,
+            token,
+        }
+    }
+
+    /// Why the host is not ready, if it is not.
+    fn not_ready(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|r| !r.stats.backend_ok.load(Ordering::Relaxed))
+            .map(|r| format!("route `{}`: backend `{}` not connected", r.name, r.backend))
+            .collect()
+    }
+
+    fn route(&self, name: &str) -> Result<&RouteHandle, ApiError> {
+        self.routes
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no route named `{name}`")))
+    }
+}
+
+/// Starts the server; it stops when `shutdown` is cancelled.
+pub async fn serve(
+    config: &AdminConfig,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let upload_limit = (config.max_upload_mb as usize) << 20;
+    let api = Router::new()
+        .route("/api/plugins", get(list_plugins))
+        .route(
+            "/api/plugins/{name}",
+            put(deploy_plugin).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/api/plugins/{name}/rollback", post(rollback_plugin))
+        .route("/api/routes", get(list_routes))
+        .route("/api/routes/{name}/pause", post(pause_route))
+        .route("/api/routes/{name}/resume", post(resume_route))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .merge(api)
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", config.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "admin API listening");
+    tokio::spawn(async move {
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(e) = server.await {
+            tracing::error!("admin API stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+async fn authorize(State(state): State<Arc<AdminState>>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// An error answered as JSON `{"error": …}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+async fn ready(State(state): State<Arc<AdminState>>) -> Response {
+    let problems = state.not_ready();
+    if problems.is_empty() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n").into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct PluginView {
+    name: String,
+    current: crate::deploy::VersionInfo,
+    earlier: Vec<crate::deploy::VersionInfo>,
+    last_error: Option<String>,
+}
+
+async fn list_plugins(State(state): State<Arc<AdminState>>) -> Json<Vec<PluginView>> {
+    Json(
+        state
+            .deployer
+            .slots()
+            .map(|slot| PluginView {
+                name: slot.name.clone(),
+                current: slot.current_info(),
+                earlier: slot.history(),
+                last_error: slot.last_error(),
+            })
+            .collect(),
+    )
+}
+
+async fn deploy_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.deployer.slot(&name).is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no plugin named `{name}`"),
+        ));
+    }
+    match state.deployer.deploy_upload(&name, body.to_vec()).await {
+        Ok(Some(info)) => Ok(Json(json!({ "deployed": info }))),
+        Ok(None) => Ok(Json(
+            json!({ "unchanged": state.deployer.slot(&name).unwrap().current_info() }),
+        )),
+        Err(e) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))),
+    }
+}
+
+async fn rollback_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.deployer.rollback(&name) {
+        Ok(info) => Ok(Json(json!({ "current": info }))),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, format!("{e:#}"))),
+    }
+}
+
+async fn list_routes(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let routes: Vec<serde_json::Value> = state
+        .routes
+        .iter()
+        .map(|r| {
+            let s = r.stats.snapshot();
+            json!({
+                "name": r.name,
+                "topics": r.topics,
+                "group": r.group,
+                "plugin": r.plugin,
+                "backend": r.backend,
+                "paused": r.control.is_paused(),
+                "backend_ok": r.stats.backend_ok.load(Ordering::Relaxed),
+                "stats": {
+                    "received": s.received,
+                    "succeeded": s.succeeded,
+                    "published": s.published,
+                    "retried": s.retried,
+                    "dead_lettered": s.dead_lettered,
+                    "plugin_errors": s.plugin_errors,
+                    "backend_errors": s.backend_errors,
+                    "in_flight": s.in_flight,
+                },
+            })
+        })
+        .collect();
+    Json(json!(routes))
+}
+
+async fn pause_route(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.route(&name)?.control.pause();
+    tracing::info!(route = %name, "paused");
+    Ok(Json(json!({ "route": name, "paused": true })))
+}
+
+async fn resume_route(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.route(&name)?.control.resume();
+    tracing::info!(route = %name, "resumed");
+    Ok(Json(json!({ "route": name, "paused": false })))
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::render(&state),
+    )
+        .into_response()
+}

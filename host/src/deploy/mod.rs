@@ -1,0 +1,158 @@
+//! Deploying plugin versions into a running host: load and validate off the
+//! hot path, swap atomically, keep earlier versions for rollback, and watch
+//! the plugin files so dropping a new .wasm in place deploys it.
+//!
+//! A version that fails to compile or does not fit the world is refused: the
+//! error is logged and kept for the admin API, and the running version stays.
+
+mod slot;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+pub use slot::{PluginCounters, PluginSlot, VersionInfo};
+
+use crate::config::Loaded;
+use crate::runtime::{PluginSettings, Runtime};
+
+/// One configured plugin.
+struct Entry {
+    slot: Arc<PluginSlot>,
+    path: PathBuf,
+    settings: PluginSettings,
+}
+
+/// The plugins of a running host.
+pub struct Deployer {
+    runtime: Arc<Runtime>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Deployer {
+    /// Loads every plugin of the config; any refusal is an error here, at
+    /// startup, where there is no running version to keep.
+    pub fn load(runtime: Arc<Runtime>, loaded: &Loaded) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        for name in loaded.config.plugins.keys() {
+            let (path, settings) = loaded.plugin_settings(name).expect("listed plugin");
+            let plugin = runtime
+                .load_file(&path, settings.clone())
+                .with_context(|| format!("plugins.{name}"))?;
+            tracing::info!(plugin = %name, version = plugin.short_hash(), path = %path.display(), "plugin loaded");
+            let slot = Arc::new(PluginSlot::new(
+                name.clone(),
+                Arc::new(plugin),
+                path.display().to_string(),
+            ));
+            entries.insert(
+                name.clone(),
+                Entry {
+                    slot,
+                    path,
+                    settings,
+                },
+            );
+        }
+        Ok(Deployer { runtime, entries })
+    }
+
+    pub fn slot(&self, name: &str) -> Option<&Arc<PluginSlot>> {
+        self.entries.get(name).map(|e| &e.slot)
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = &Arc<PluginSlot>> {
+        self.entries.values().map(|e| &e.slot)
+    }
+
+    /// Compiles and validates `wasm` as a new version of plugin `name` on a
+    /// blocking thread, then makes it current. `Ok(None)`: already current.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+        source: &str,
+    ) -> Result<Option<VersionInfo>> {
+        let entry = self
+            .entries
+            .get(name)
+            .with_context(|| format!("no plugin named `{name}`"))?;
+        if crate::runtime::hash(&wasm) == entry.slot.current_info().hash {
+            return Ok(None);
+        }
+        let runtime = self.runtime.clone();
+        let settings = entry.settings.clone();
+        let loaded = tokio::task::spawn_blocking(move || runtime.load(&wasm, settings))
+            .await
+            .context("the compile task failed")?;
+        match loaded {
+            Ok(plugin) => {
+                let info = entry.slot.swap(Arc::new(plugin), source);
+                if let Some(info) = &info {
+                    tracing::info!(plugin = %name, version = &info.hash[..12], source, "new plugin version is live");
+                }
+                Ok(info)
+            }
+            Err(error) => {
+                let message = format!("{error:#}");
+                tracing::error!(
+                    plugin = %name,
+                    running = &entry.slot.current_info().hash[..12],
+                    source,
+                    "new plugin version refused, the running version stays: {message}"
+                );
+                entry.slot.record_error(message);
+                Err(error)
+            }
+        }
+    }
+
+    /// Deploys an uploaded version and, once it is live, writes it over the
+    /// plugin's file (atomically), so a restart runs the same version.
+    pub async fn deploy_upload(&self, name: &str, wasm: Vec<u8>) -> Result<Option<VersionInfo>> {
+        let info = self.deploy(name, wasm.clone(), "upload").await?;
+        if info.is_some() {
+            let path = &self.entries[name].path;
+            write_atomically(path, &wasm).with_context(|| {
+                format!("version is live but `{}` was not updated", path.display())
+            })?;
+        }
+        Ok(info)
+    }
+
+    /// Makes the previous version current again.
+    pub fn rollback(&self, name: &str) -> Result<VersionInfo> {
+        let entry = self
+            .entries
+            .get(name)
+            .with_context(|| format!("no plugin named `{name}`"))?;
+        let info = entry.slot.rollback()?;
+        tracing::info!(plugin = %name, version = &info.hash[..12], "rolled back");
+        Ok(info)
+    }
+
+    /// The configured file of each plugin.
+    fn paths(&self) -> Vec<(String, PathBuf)> {
+        self.entries
+            .iter()
+            .map(|(name, e)| (name.clone(), e.path.clone()))
+            .collect()
+    }
+
+    /// Watches the plugin files until `shutdown`; see [`watch`].
+    pub fn watch(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
+        watch::spawn(self.clone(), self.paths(), shutdown)
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().context("plugin path has no file name")?;
+    let tmp = dir.join(format!(".{}.upload", name.to_string_lossy()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

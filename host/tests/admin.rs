@@ -1,0 +1,227 @@
+//! The admin API and the operator commands against a running `sluice run`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::plugin_path;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sluice(args: &[&str], admin: &str, token: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .args(args)
+        .env("SLUICE_ADMIN_URL", admin)
+        .env_remove("SLUICE_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.env("SLUICE_ADMIN_TOKEN", token);
+    }
+    command.output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &Path, port: u16, token: Option<&str>) -> Running {
+    let plugin = dir.join("upper.wasm");
+    std::fs::copy(plugin_path("uppercase"), &plugin).unwrap();
+    let token_line = token
+        .map(|t| format!("token = \"{t}\"\n"))
+        .unwrap_or_default();
+    let config = format!(
+        r#"[backends.main]
+url = "sqlite://{db}"
+
+[plugins.upper]
+path = "upper.wasm"
+config = {{ output = "shouted" }}
+
+[runtime]
+cache_dir = "cache"
+
+[admin]
+listen = "127.0.0.1:{port}"
+{token_line}
+[[routes]]
+name = "upper"
+topics = ["words"]
+plugin = "upper"
+"#,
+        db = dir.join("sluice.db").display(),
+    );
+    std::fs::write(dir.join("sluice.toml"), config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", dir.join("sluice.toml").to_str().unwrap()])
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin = format!("http://127.0.0.1:{port}");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !sluice(&["routes"], &admin, token).status.success() {
+        assert!(Instant::now() < give_up, "the admin API never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Running(child)
+}
+
+fn get(url: &str) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut response = agent.get(url).call().unwrap();
+    (
+        response.status().as_u16(),
+        response.body_mut().read_to_string().unwrap(),
+    )
+}
+
+#[test]
+fn deploy_refuse_rollback_pause_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let _host = start(dir.path(), port, None);
+
+    assert_eq!(get(&format!("{admin}/healthz")).0, 200);
+    assert_eq!(get(&format!("{admin}/readyz")).0, 200);
+
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    let first = sluice::runtime::hash(&std::fs::read(plugin_path("uppercase")).unwrap());
+    assert!(plugins.contains(&first[..12]), "{plugins}");
+
+    // A component of another world is refused; the running version stays.
+    let wrong = sluice(
+        &[
+            "deploy",
+            plugin_path("wrong_world").to_str().unwrap(),
+            "--plugin",
+            "upper",
+        ],
+        &admin,
+        None,
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong.stderr).contains("does not implement"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    assert!(
+        plugins.contains(&first[..12]) && plugins.contains("last refused version"),
+        "{plugins}"
+    );
+
+    // A good one goes live and is written over the plugin file.
+    let echo = plugin_path("echo");
+    let deployed = sluice(
+        &["deploy", echo.to_str().unwrap(), "--plugin", "upper"],
+        &admin,
+        None,
+    );
+    assert!(deployed.status.success(), "{}", text(&deployed.stderr));
+    let second = sluice::runtime::hash(&std::fs::read(&echo).unwrap());
+    assert!(text(&deployed.stdout).contains(&second[..12]));
+    assert_eq!(
+        std::fs::read(dir.path().join("upper.wasm")).unwrap(),
+        std::fs::read(&echo).unwrap()
+    );
+
+    let rolled = sluice(&["rollback", "upper"], &admin, None);
+    assert!(
+        text(&rolled.stdout).contains(&first[..12]),
+        "{}",
+        text(&rolled.stdout)
+    );
+
+    assert!(sluice(&["pause", "upper"], &admin, None).status.success());
+    assert!(text(&sluice(&["routes"], &admin, None).stdout).contains("paused"));
+    assert!(sluice(&["resume", "upper"], &admin, None).status.success());
+    assert!(text(&sluice(&["routes"], &admin, None).stdout).contains("running"));
+    let unknown = sluice(&["pause", "nope"], &admin, None);
+    assert!(text(&unknown.stderr).contains("no route named `nope`"));
+
+    let (status, metrics) = get(&format!("{admin}/metrics"));
+    assert_eq!(status, 200);
+    for family in [
+        "sluice_route_received_total{route=\"upper\"}",
+        "sluice_route_in_flight{route=\"upper\"}",
+        "sluice_handler_duration_seconds_bucket{route=\"upper\",le=\"+Inf\"}",
+        "sluice_plugin_traps_total{plugin=\"upper\"}",
+        "sluice_plugin_version_info{plugin=\"upper\"",
+        "sluice_backend_up{backend=\"main\",kind=\"sqlite\"} 1",
+    ] {
+        assert!(metrics.contains(family), "missing {family} in\n{metrics}");
+    }
+    let stats = sluice(&["stats"], &admin, None);
+    assert!(
+        text(&stats.stdout).contains("route upper"),
+        "{}",
+        text(&stats.stdout)
+    );
+}
+
+#[test]
+fn a_token_guards_everything_but_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let _host = start(dir.path(), port, Some("s3cret"));
+    assert_eq!(get(&format!("{admin}/healthz")).0, 200);
+    assert_eq!(get(&format!("{admin}/api/plugins")).0, 401);
+    assert_eq!(get(&format!("{admin}/metrics")).0, 401);
+    let refused = sluice(&["plugins"], &admin, None);
+    assert!(
+        text(&refused.stderr).contains("bearer token"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(
+        sluice(&["plugins"], &admin, Some("s3cret"))
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn listening_beyond_loopback_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[backends.main]\nurl = \"memory://\"\n\n[admin]\nlisten = \"0.0.0.0:{}\"\n",
+        free_port()
+    );
+    std::fs::write(dir.path().join("sluice.toml"), config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", dir.path().join("sluice.toml").to_str().unwrap()])
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("admin.token"),
+        "{}",
+        text(&out.stderr)
+    );
+}
