@@ -5,8 +5,8 @@
 //! terminal, to `target/bench/pipeline.json` and to an SVG chart beside it.
 //!
 //! `SLUICE_BENCH_MESSAGES` (default 20000) sets the messages per throughput
-//! run, `SLUICE_BENCH_ROUNDS` (default 2000) the round trips per latency run.
-//! Needs the plugins built: `cargo xtask bench` does both.
+//! run, `SLUICE_BENCH_ROUNDS` (default 10000) the round trips per handler
+//! for latency. Needs the plugins built: `cargo xtask bench` does both.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -33,16 +33,13 @@ const CONCURRENCIES: [usize; 2] = [1, 4];
 const LATENCY_CONCURRENCY: usize = 1;
 /// Enough for every worker's instance to exist and every code path to be hot.
 const WARMUP_MESSAGES: usize = 2_000;
+const WARMUP_ROUNDS: usize = 500;
+/// Runs per throughput figure, which is their median: a single run of a
+/// few thousand messages lasts a fraction of a second and is easily skewed.
+const REPEATS: usize = 5;
 const PUBLISH_BATCH: usize = 100;
 /// Longest wait for any output before a run is declared stuck.
 const STALL: Duration = Duration::from_secs(30);
-
-/// Every message carries the phase it belongs to, so outputs of an earlier
-/// phase that arrive late are never counted in a later one.
-const PHASE: &str = "bench-phase";
-const PROBE: &str = "probe";
-const WARMUP: &str = "warmup";
-const MEASURE: &str = "measure";
 
 const WASM_COLOUR: &str = "#654ff0";
 const NATIVE_COLOUR: &str = "#f0883e";
@@ -54,19 +51,10 @@ async fn main() -> Result<()> {
     let handlers = Handlers::new(&runtime)?;
     let mut throughput = Vec::new();
     for concurrency in CONCURRENCIES {
-        throughput.push(Throughput {
-            concurrency,
-            rate: Pair {
-                wasm: measure_throughput("wasm", &handlers.wasm, concurrency, &settings).await?,
-                native: measure_throughput("native", &handlers.native, concurrency, &settings)
-                    .await?,
-            },
-        });
+        let rate = measure_throughput(&handlers, concurrency, &settings).await?;
+        throughput.push(Throughput { concurrency, rate });
     }
-    let latency = Pair {
-        wasm: measure_latency("wasm", &handlers.wasm, &settings).await?,
-        native: measure_latency("native", &handlers.native, &settings).await?,
-    };
+    let latency = measure_latency(&handlers, &settings).await?;
     let results = Results {
         settings,
         throughput,
@@ -85,7 +73,7 @@ impl Settings {
     fn from_env() -> Result<Self> {
         Ok(Settings {
             messages: positive_env("SLUICE_BENCH_MESSAGES", 20_000)?,
-            rounds: positive_env("SLUICE_BENCH_ROUNDS", 2_000)?,
+            rounds: positive_env("SLUICE_BENCH_ROUNDS", 10_000)?,
         })
     }
 }
@@ -132,45 +120,100 @@ fn native_echo(message: &Message, _attempt: u32) -> Outcome {
     Outcome::Outputs(vec![output])
 }
 
+/// Median messages per second of each handler over [`REPEATS`] runs.
 async fn measure_throughput(
-    kind: &str,
-    handler: &Arc<dyn MessageHandler>,
+    handlers: &Handlers,
     concurrency: usize,
     settings: &Settings,
-) -> Result<f64> {
+) -> Result<Pair<f64>> {
+    let phase = format!("throughput, concurrency {concurrency}:");
+    println!("{phase} warming up…");
+    let mut pipelines = Pair::<Pipeline>::start(handlers, concurrency).await?;
     println!(
-        "throughput: {kind:<6} concurrency {concurrency}, {} messages…",
+        "{phase} {REPEATS} × {} messages, wasm and native in turn…",
         settings.messages
     );
-    let mut pipeline = Pipeline::start(handler.clone(), concurrency).await?;
-    pipeline.warm_up().await?;
-    let rate = pipeline.throughput(settings.messages).await?;
-    pipeline.stop().await?;
-    println!("            {} msgs/s", thousands(rate));
+    let mut rates = Pair {
+        wasm: Vec::new(),
+        native: Vec::new(),
+    };
+    for _ in 0..REPEATS {
+        rates
+            .wasm
+            .push(pipelines.wasm.throughput(settings.messages).await?);
+        rates
+            .native
+            .push(pipelines.native.throughput(settings.messages).await?);
+    }
+    pipelines.stop().await?;
+    let rate = Pair {
+        wasm: median(rates.wasm),
+        native: median(rates.native),
+    };
+    println!(
+        "{phase} wasm {} msgs/s, native {} msgs/s",
+        thousands(rate.wasm),
+        thousands(rate.native)
+    );
     Ok(rate)
 }
 
-async fn measure_latency(
-    kind: &str,
-    handler: &Arc<dyn MessageHandler>,
-    settings: &Settings,
-) -> Result<Latency> {
+/// Round trips one message at a time, both handlers.
+async fn measure_latency(handlers: &Handlers, settings: &Settings) -> Result<Pair<Latency>> {
+    let phase = format!("latency, concurrency {LATENCY_CONCURRENCY}:");
+    println!("{phase} warming up…");
+    let mut pipelines = Pair::<Pipeline>::start(handlers, LATENCY_CONCURRENCY).await?;
+    // Round trips exercise paths that batches do not: warm those too.
+    pipelines.wasm.round_trips(WARMUP_ROUNDS).await?;
+    pipelines.native.round_trips(WARMUP_ROUNDS).await?;
     println!(
-        "latency:    {kind:<6} concurrency {LATENCY_CONCURRENCY}, {} round trips…",
+        "{phase} {} round trips each, wasm and native in turn…",
         settings.rounds
     );
-    let mut pipeline = Pipeline::start(handler.clone(), LATENCY_CONCURRENCY).await?;
-    pipeline.warm_up().await?;
-    // Round trips exercise paths that batches do not: warm those too.
-    pipeline.round_trips(settings.rounds / 10 + 1).await?;
-    let latency = Latency::from_samples(pipeline.round_trips(settings.rounds).await?);
-    pipeline.stop().await?;
+    let mut samples = Pair {
+        wasm: Vec::new(),
+        native: Vec::new(),
+    };
+    let slice = settings.rounds.div_ceil(REPEATS);
+    while samples.wasm.len() < settings.rounds {
+        let rounds = slice.min(settings.rounds - samples.wasm.len());
+        samples
+            .wasm
+            .extend(pipelines.wasm.round_trips(rounds).await?);
+        samples
+            .native
+            .extend(pipelines.native.round_trips(rounds).await?);
+    }
+    pipelines.stop().await?;
+    let latency = Pair {
+        wasm: Latency::from_samples(samples.wasm),
+        native: Latency::from_samples(samples.native),
+    };
     println!(
-        "            p50 {:.1} µs, p99 {:.1} µs",
-        micros(latency.p50),
-        micros(latency.p99)
+        "{phase} p50 wasm {:.1} µs, native {:.1} µs",
+        micros(latency.wasm.p50),
+        micros(latency.native.p50)
     );
     Ok(latency)
+}
+
+/// Both pipelines live side by side and are measured in turn, so a burst
+/// of load from elsewhere on the machine hits both rather than one.
+impl Pair<Pipeline> {
+    async fn start(handlers: &Handlers, concurrency: usize) -> Result<Self> {
+        let mut pipelines = Pair {
+            wasm: Pipeline::start(handlers.wasm.clone(), concurrency).await?,
+            native: Pipeline::start(handlers.native.clone(), concurrency).await?,
+        };
+        pipelines.wasm.warm_up().await?;
+        pipelines.native.warm_up().await?;
+        Ok(pipelines)
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.wasm.stop().await?;
+        self.native.stop().await
+    }
 }
 
 /// One route from `bench.in` to `bench.out` on a fresh in-memory backend,
@@ -203,45 +246,30 @@ impl Pipeline {
             handler,
             stats: stats.clone(),
         };
-        let route = tokio::spawn(route.run(shutdown.clone()));
-        let mut pipeline = Pipeline {
+        // Likewise for the route's own group: joined here, not in its task.
+        let route = tokio::spawn(route.subscribe().await?.run(shutdown.clone()));
+        Ok(Pipeline {
             backend,
             stats,
             shutdown,
             route,
             consumer,
             outputs,
-        };
-        pipeline.wait_until_routed().await?;
-        Ok(pipeline)
-    }
-
-    /// The route subscribes in its own task; until then its input is
-    /// dropped, so probe until one comes out the other end.
-    async fn wait_until_routed(&mut self) -> Result<()> {
-        let give_up = Instant::now() + STALL;
-        while Instant::now() < give_up {
-            self.backend.publish(vec![message(PROBE)]).await?;
-            let wait = tokio::time::timeout(Duration::from_millis(50), self.outputs.recv());
-            if let Ok(Some(_)) = wait.await {
-                return Ok(());
-            }
-        }
-        bail!("the route produced nothing within {STALL:?}")
+        })
     }
 
     async fn warm_up(&mut self) -> Result<()> {
-        for batch in batches(WARMUP, WARMUP_MESSAGES) {
+        for batch in batches(WARMUP_MESSAGES) {
             self.backend.publish(batch).await?;
         }
-        self.collect(WARMUP, WARMUP_MESSAGES).await
+        self.collect(WARMUP_MESSAGES).await
     }
 
     /// Messages per second from the first publish until the last output is
     /// consumed, publishing as fast as back-pressure allows.
     async fn throughput(&mut self, messages: usize) -> Result<f64> {
         // Built beforehand: the publisher's own costs are not the pipeline's.
-        let batches = batches(MEASURE, messages);
+        let batches = batches(messages);
         let backend = self.backend.clone();
         let started = Instant::now();
         let publisher = tokio::spawn(async move {
@@ -250,7 +278,7 @@ impl Pipeline {
             }
             anyhow::Ok(())
         });
-        self.collect(MEASURE, messages).await?;
+        self.collect(messages).await?;
         let elapsed = started.elapsed();
         publisher.await??;
         Ok(messages as f64 / elapsed.as_secs_f64())
@@ -260,26 +288,23 @@ impl Pipeline {
     async fn round_trips(&mut self, rounds: usize) -> Result<Vec<Duration>> {
         let mut samples = Vec::with_capacity(rounds);
         for _ in 0..rounds {
-            let message = message(MEASURE);
+            let message = message();
             let started = Instant::now();
             self.backend.publish(vec![message]).await?;
-            self.collect(MEASURE, 1).await?;
+            self.collect(1).await?;
             samples.push(started.elapsed());
         }
         Ok(samples)
     }
 
-    /// Waits for `count` outputs of `phase`, skipping any others.
-    async fn collect(&mut self, phase: &str, count: usize) -> Result<()> {
-        let mut seen = 0;
-        while seen < count {
-            let output = tokio::time::timeout(STALL, self.outputs.recv())
+    /// Waits for `count` outputs. Every input yields one output, and
+    /// nothing fails, so none is left over from an earlier phase.
+    async fn collect(&mut self, count: usize) -> Result<()> {
+        for _ in 0..count {
+            tokio::time::timeout(STALL, self.outputs.recv())
                 .await
                 .map_err(|_| anyhow!("no output for {STALL:?}; route: {}", self.stats.snapshot()))?
                 .context("the output consumer stopped")?;
-            if output.header(PHASE) == Some(phase) {
-                seen += 1;
-            }
         }
         Ok(())
     }
@@ -319,13 +344,13 @@ async fn consume(
     subscription.close().await
 }
 
-fn message(phase: &str) -> Message {
+fn message() -> Message {
     let payload: Vec<u8> = (0..PAYLOAD_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
-    Message::new(INPUT, payload).with_header(PHASE, phase)
+    Message::new(INPUT, payload)
 }
 
-fn batches(phase: &str, count: usize) -> Vec<Vec<Message>> {
-    let messages: Vec<Message> = (0..count).map(|_| message(phase)).collect();
+fn batches(count: usize) -> Vec<Vec<Message>> {
+    let messages: Vec<Message> = (0..count).map(|_| message()).collect();
     messages
         .chunks(PUBLISH_BATCH)
         .map(<[Message]>::to_vec)
@@ -370,6 +395,11 @@ impl Latency {
     }
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// Nearest-rank percentile of sorted samples.
 fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
     let rank = (quantile * sorted.len() as f64).ceil() as usize;
@@ -401,7 +431,7 @@ impl Results {
     fn print(&self) {
         println!();
         println!(
-            "Throughput: {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
+            "Throughput: median of {REPEATS} runs of {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
             self.settings.messages
         );
         println!(
@@ -476,7 +506,12 @@ impl Results {
         }
         json!({
             "payload_bytes": PAYLOAD_BYTES,
-            "throughput": { "messages": self.settings.messages, "runs": runs },
+            "throughput": {
+                "messages_per_run": self.settings.messages,
+                "runs_per_figure": REPEATS,
+                "statistic": "median",
+                "figures": runs,
+            },
             "latency": {
                 "rounds": self.settings.rounds,
                 "concurrency": LATENCY_CONCURRENCY,

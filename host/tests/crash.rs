@@ -22,6 +22,14 @@ struct Host {
     lines: mpsc::Receiver<String>,
 }
 
+/// Never leave a host running after a failed test.
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Host {
     fn start(config: &Path) -> Host {
         Host::start_with(config, &[])
@@ -63,23 +71,28 @@ impl Host {
     }
 
     /// Waits for the process to exit by itself; its `succeeded` count.
-    fn wait(self, limit: Duration) -> u64 {
-        let pid = self.child.id();
-        let (done, finished) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = done.send(self.child.wait_with_output());
-        });
-        let output = finished
-            .recv_timeout(limit)
-            .unwrap_or_else(|_| {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-                panic!("sluice run did not finish within {limit:?}")
-            })
-            .unwrap();
-        assert!(output.status.success(), "exit {:?}", output.status);
-        succeeded(&String::from_utf8_lossy(&output.stdout))
+    fn wait(mut self, limit: Duration) -> u64 {
+        let give_up = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "sluice run did not finish within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "exit {status:?}");
+        succeeded(&self.stdout())
+    }
+
+    fn stdout(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            std::io::Read::read_to_string(&mut out, &mut text).unwrap();
+        }
+        text
     }
 
     fn kill(mut self) {
@@ -97,9 +110,7 @@ impl Host {
                 .unwrap()
                 .success()
         );
-        let output = self.child.wait_with_output().unwrap();
-        assert!(output.status.success(), "exit {:?}", output.status);
-        succeeded(&String::from_utf8_lossy(&output.stdout))
+        self.wait(Duration::from_secs(60))
     }
 }
 

@@ -1,1 +1,85 @@
-fn main() {}
+//! Sluice's project tasks, run as `cargo xtask <task>`: building the guest
+//! plugins, the demo, the tests, the benchmark and the lints, each in one
+//! command that works on a fresh checkout.
+
+mod demo;
+mod process;
+mod report;
+mod tasks;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use process::Failed;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Sluice project tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build every plugin for wasm32-wasip2 in release (installing the
+    /// target if needed).
+    Plugins,
+    /// Run examples/demo.toml on sample messages, show and check the results.
+    Demo,
+    /// Build the plugins, then run the host's tests and the SDK's.
+    Test {
+        /// Passed on to `cargo test --workspace` as given, e.g. a test name
+        /// filter, `--release` or `-- --nocapture`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the plugins, then benchmark the pipeline, wasm against native.
+    Bench,
+    /// Check formatting and run clippy in both workspaces.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            exit_code(&error)
+        }
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    match task {
+        Task::Plugins => tasks::plugins(),
+        Task::Demo => demo::demo(),
+        Task::Test { .. } => tasks::test(&passthrough_args("test")),
+        Task::Bench => tasks::bench(),
+        Task::Lint => tasks::lint(),
+    }
+}
+
+/// The words after `task` exactly as typed. Clap drops the first `--`, but
+/// `cargo test` needs it to tell its own options from the test binaries'.
+fn passthrough_args(task: &str) -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .skip_while(|arg| arg != task)
+        .skip(1)
+        .collect()
+}
+
+/// A failed step's own status, so callers such as CI see what cargo said.
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    let code = error
+        .downcast_ref::<Failed>()
+        .map_or(1, |failed| failed.code);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -23,7 +23,11 @@ use crate::message::Message;
 #[cfg(feature = "filelog")]
 pub mod filelog;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod pattern;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -172,7 +176,8 @@ pub fn closed_error(group: &str) -> anyhow::Error {
     anyhow::anyhow!("the subscription of group `{group}` is closed")
 }
 
-/// Opens the backend a URL names: `memory://`, `sqlite://PATH`, `file://DIR`.
+/// Opens the backend a URL names: `memory://`, `sqlite://PATH`, `file://DIR`,
+/// `redis://`, `redis+pubsub://`, `nats://`, `jetstream://`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     let Some((scheme, _)) = url.split_once("://") else {
         bail!(
@@ -186,6 +191,16 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         "sqlite" => Ok(Arc::new(sqlite::SqliteBackend::connect(url).await?)),
         #[cfg(feature = "filelog")]
         "file" => Ok(Arc::new(filelog::FileLogBackend::connect(url).await?)),
+        #[cfg(feature = "redis")]
+        "redis" => Ok(Arc::new(redis::RedisStreamsBackend::connect(url).await?)),
+        #[cfg(feature = "redis")]
+        "redis+pubsub" => Ok(Arc::new(redis::RedisPubSubBackend::connect(url).await?)),
+        #[cfg(feature = "nats")]
+        "nats" => Ok(Arc::new(nats::core::NatsCoreBackend::connect(url).await?)),
+        #[cfg(feature = "nats")]
+        "jetstream" => Ok(Arc::new(
+            nats::jetstream::JetStreamBackend::connect(url).await?,
+        )),
         other => bail!(
             "unknown backend `{other}` in URL `{}`; this build supports: {}",
             redact(url),
@@ -202,6 +217,14 @@ pub fn supported_schemes() -> Vec<&'static str> {
     }
     if cfg!(feature = "filelog") {
         schemes.push("file");
+    }
+    if cfg!(feature = "redis") {
+        schemes.push("redis");
+        schemes.push("redis+pubsub");
+    }
+    if cfg!(feature = "nats") {
+        schemes.push("nats");
+        schemes.push("jetstream");
     }
     schemes
 }

@@ -38,4 +38,8 @@ backends! {
     memory => targets::Memory::new();
     sqlite => targets::Sqlite::new();
     file => targets::FileLog::new();
+    redis_streams => targets::Redis::streams();
+    redis_pubsub => targets::Redis::pubsub();
+    nats => targets::Nats::core();
+    jetstream => targets::Nats::jetstream();
 }

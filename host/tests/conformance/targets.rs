@@ -100,3 +100,221 @@ impl Target for FileLog {
         backend::connect(&self.url).await
     }
 }
+
+/// A server process of the suite's own, on a free port with its own data
+/// directory, so the restart case can kill it (SIGKILL: a crash, not a clean
+/// shutdown) without disturbing the servers other tests share.
+pub struct ServerProcess {
+    child: std::sync::Mutex<std::process::Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    spawn: fn(u16, &std::path::Path) -> std::process::Child,
+}
+
+impl ServerProcess {
+    fn start(spawn: fn(u16, &std::path::Path) -> std::process::Child) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = spawn(port, dir.path());
+        wait_listening(port);
+        ServerProcess {
+            child: std::sync::Mutex::new(child),
+            port,
+            dir,
+            spawn,
+        }
+    }
+
+    fn url(&self, scheme: &str, rest: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}{rest}", self.port)
+    }
+
+    fn restart(&self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        *child = (self.spawn)(self.port, self.dir.path());
+        wait_listening(self.port);
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // The last case's collectors close their subscriptions just after
+        // the suite ends; let them, rather than fail against a dead server.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let child = self.child.get_mut().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn wait_listening(port: u16) {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !answers(port) {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "no server answered on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether something accepts connections and speaks first or answers PING
+/// (Redis answers `+PONG` once loaded; NATS sends `INFO` on connect).
+fn answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+    let _ = stream.write_all(b"PING\r\n");
+    let mut first = [0u8; 5];
+    stream.read_exact(&mut first).is_ok() && (&first == b"+PONG" || &first[..4] == b"INFO")
+}
+
+fn quiet(command: &mut std::process::Command) -> &mut std::process::Command {
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+}
+
+/// Redis Streams or pub/sub on a private `redis-server`, its append-only
+/// file fsynced on every write so a crash loses no accepted write.
+pub struct Redis {
+    server: ServerProcess,
+    name: &'static str,
+    scheme: &'static str,
+    rest: &'static str,
+}
+
+impl Redis {
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+        quiet(std::process::Command::new("redis-server").args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            dir.to_str().unwrap(),
+        ]))
+        .spawn()
+        .expect("start redis-server (apt-get install redis-server)")
+    }
+
+    pub fn streams() -> Self {
+        Redis {
+            server: ServerProcess::start(Self::spawn),
+            name: "redis-streams",
+            scheme: "redis",
+            rest: "/0?scan_ms=500",
+        }
+    }
+
+    pub fn pubsub() -> Self {
+        Redis {
+            server: ServerProcess::start(Self::spawn),
+            name: "redis-pubsub",
+            scheme: "redis+pubsub",
+            rest: "",
+        }
+    }
+}
+
+#[async_trait]
+impl Target for Redis {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn open(&self) -> Result<Arc<dyn Backend>> {
+        backend::connect(&self.server.url(self.scheme, self.rest)).await
+    }
+
+    fn can_restart(&self) -> bool {
+        true
+    }
+
+    async fn restart(&self) -> Result<()> {
+        tokio::task::block_in_place(|| self.server.restart());
+        Ok(())
+    }
+}
+
+/// NATS core or JetStream on a private `nats-server` (JetStream with a file
+/// store and the server's default sync: fsync about every two minutes, so
+/// the restart case tests a process crash, not a power failure).
+pub struct Nats {
+    server: ServerProcess,
+    name: &'static str,
+}
+
+impl Nats {
+    fn spawn_core(port: u16, _: &std::path::Path) -> std::process::Child {
+        quiet(std::process::Command::new("nats-server").args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ]))
+        .spawn()
+        .expect("start nats-server (apt-get install nats-server)")
+    }
+
+    fn spawn_jetstream(port: u16, dir: &std::path::Path) -> std::process::Child {
+        quiet(std::process::Command::new("nats-server").args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "-sd",
+            dir.to_str().unwrap(),
+        ]))
+        .spawn()
+        .expect("start nats-server (apt-get install nats-server)")
+    }
+
+    pub fn core() -> Self {
+        Nats {
+            server: ServerProcess::start(Self::spawn_core),
+            name: "nats",
+        }
+    }
+
+    pub fn jetstream() -> Self {
+        Nats {
+            server: ServerProcess::start(Self::spawn_jetstream),
+            name: "jetstream",
+        }
+    }
+}
+
+#[async_trait]
+impl Target for Nats {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn open(&self) -> Result<Arc<dyn Backend>> {
+        backend::connect(&self.server.url(self.name, "")).await
+    }
+
+    fn can_restart(&self) -> bool {
+        true
+    }
+
+    async fn restart(&self) -> Result<()> {
+        tokio::task::block_in_place(|| self.server.restart());
+        Ok(())
+    }
+}

@@ -1,0 +1,456 @@
+//! A JetStream subscription: pulls from the group's consumers, settles with
+//! ack subjects, keeps held deliveries alive, and hands them back on close.
+//!
+//! Each consumer has at most one pull request pending at a time, whose
+//! answers arrive on an inbox private to the subscription (one subject per
+//! consumer, so a request's end is told apart). A request asks for as many
+//! messages as the fetch wants and lasts at most [`MAX_PULL`]; what it
+//! delivers after a fetch returned waits in the inbox for the next fetch.
+//!
+//! Settling publishes to the message's ack subject without waiting for the
+//! server (`+ACK`, `-NAK` with the delay); a lost ack only means a
+//! redelivery, which at-least-once allows. Rejects are dead-lettered by the
+//! host (publish, then ack), so `+TERM` is never sent.
+//!
+//! In-progress acks (`progress=true`, the default): a background task sends
+//! `+WPI` for every delivery held longer than half the lease, so a slow
+//! handler, a backoff in an ordered lane or a full worker queue does not
+//! let the lease run out under a live consumer. A consumer that made no
+//! call (fetch, ack, nack) for a whole lease is taken for stalled and gets
+//! no more progress acks, so its deliveries return to the group.
+//!
+//! Close: a pending pull request may still deliver, so close waits for it
+//! to end (at most [`MAX_PULL`] and a little), `-NAK`s what it brought and
+//! every delivery still held, and for an ephemeral group deletes the
+//! consumers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{Client, StatusCode, Subject, Subscriber};
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::core::flush;
+use super::{ServerUrl, headers};
+use crate::backend::{Delivery, Receipt, Subscription, closed_error};
+use crate::message::Message;
+
+/// The longest a pull request waits on the server.
+pub const MAX_PULL: Duration = Duration::from_secs(1);
+/// How long past its expiry a request's end may arrive.
+const GRACE: Duration = Duration::from_millis(200);
+/// The shortest pull request (shorter ones could end before they arrive).
+const MIN_PULL: Duration = Duration::from_millis(20);
+/// A pause before pulling again after the server had no responder.
+const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(250);
+
+/// A consumer this subscription pulls from.
+pub(crate) struct PullTarget {
+    pub stream: String,
+    pub consumer: String,
+}
+
+pub(crate) struct JsSubscription {
+    inner: Arc<Inner>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct Inner {
+    client: Client,
+    js: jetstream::Context,
+    server: ServerUrl,
+    group: String,
+    targets: Vec<PullTarget>,
+    /// Consumer name → its index in `targets`.
+    by_name: HashMap<String, usize>,
+    inbox_prefix: String,
+    lease: Duration,
+    ephemeral: bool,
+    pulls: tokio::sync::Mutex<Pulls>,
+    held: Mutex<HashMap<u64, Held>>,
+    next_token: AtomicU64,
+    closed: AtomicBool,
+    /// Woken by close, so a waiting fetch lets go of the inbox.
+    woken: Notify,
+    last_call: Mutex<Instant>,
+}
+
+struct Pulls {
+    /// `None` once closed.
+    inbox: Option<Subscriber>,
+    /// Per target: when its pending request ends, and what it still owes.
+    pending: Vec<Option<(Instant, usize)>>,
+}
+
+struct Held {
+    ack_subject: Subject,
+    /// Fetched or last kept alive.
+    since: Instant,
+}
+
+impl JsSubscription {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn start(
+        client: Client,
+        js: jetstream::Context,
+        server: ServerUrl,
+        group: String,
+        targets: Vec<PullTarget>,
+        lease: Duration,
+        ephemeral: bool,
+        progress: bool,
+    ) -> Result<Self> {
+        let inbox_prefix = client.new_inbox();
+        let inbox = client
+            .subscribe(format!("{inbox_prefix}.*"))
+            .await
+            .context("NATS subscribe to the pull inbox")?;
+        let by_name = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.consumer.clone(), i))
+            .collect();
+        let count = targets.len();
+        let inner = Arc::new(Inner {
+            client,
+            js,
+            server,
+            group,
+            targets,
+            by_name,
+            inbox_prefix,
+            lease,
+            ephemeral,
+            pulls: tokio::sync::Mutex::new(Pulls {
+                inbox: Some(inbox),
+                pending: vec![None; count],
+            }),
+            held: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            woken: Notify::new(),
+            last_call: Mutex::new(Instant::now()),
+        });
+        let ticker = progress.then(|| tokio::spawn(keep_alive(Arc::downgrade(&inner))));
+        Ok(JsSubscription { inner, ticker })
+    }
+}
+
+impl Drop for JsSubscription {
+    fn drop(&mut self) {
+        if let Some(ticker) = &self.ticker {
+            ticker.abort();
+        }
+    }
+}
+
+/// Sends in-progress acks for deliveries held longer than half the lease,
+/// while the subscription shows signs of life.
+async fn keep_alive(inner: Weak<Inner>) {
+    let lease = match inner.upgrade() {
+        Some(inner) => inner.lease,
+        None => return,
+    };
+    let tick = (lease / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.last_call.lock().unwrap().elapsed() >= lease {
+            continue;
+        }
+        let now = Instant::now();
+        let due: Vec<Subject> = {
+            let mut held = inner.held.lock().unwrap();
+            held.values_mut()
+                .filter(|h| now.duration_since(h.since) >= lease / 2)
+                .map(|h| {
+                    h.since = now;
+                    h.ack_subject.clone()
+                })
+                .collect()
+        };
+        for subject in due {
+            if let Err(e) = inner.send_ack(subject, AckKind::Progress).await {
+                tracing::debug!(group = %inner.group, "in-progress ack: {e:#}");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn touch(&self) {
+        *self.last_call.lock().unwrap() = Instant::now();
+    }
+
+    async fn send_ack(&self, subject: Subject, kind: AckKind) -> Result<()> {
+        self.client
+            .publish(subject, kind.into())
+            .await
+            .context("NATS publish of an ack")
+    }
+
+    /// Sends a pull request to every consumer that has none pending.
+    async fn request_more(
+        &self,
+        pending: &mut [Option<(Instant, usize)>],
+        max: usize,
+        wait: Duration,
+    ) -> Result<()> {
+        let now = Instant::now();
+        let expires = wait.clamp(MIN_PULL, MAX_PULL);
+        for (index, slot) in pending.iter_mut().enumerate() {
+            if matches!(slot, Some((until, _)) if now < *until + GRACE) {
+                continue;
+            }
+            let target = &self.targets[index];
+            let request = serde_json::json!({
+                "batch": max,
+                "expires": expires.as_nanos() as u64,
+            });
+            self.client
+                .publish_with_reply(
+                    format!(
+                        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                        target.stream, target.consumer
+                    ),
+                    format!("{}.{index}", self.inbox_prefix),
+                    serde_json::to_vec(&request)?.into(),
+                )
+                .await
+                .context("NATS publish of a pull request")?;
+            *slot = Some((now + expires, max));
+        }
+        Ok(())
+    }
+
+    /// Takes one message from the inbox: a delivery, or news about a pull
+    /// request (which ends it, or says why there is nothing).
+    fn receive(
+        &self,
+        raw: async_nats::Message,
+        pending: &mut [Option<(Instant, usize)>],
+    ) -> Result<Option<Delivery>> {
+        if let Some(status) = raw.status {
+            let index = raw
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|i| *i < pending.len());
+            let Some(index) = index else {
+                return Ok(None);
+            };
+            match status {
+                StatusCode::IDLE_HEARTBEAT => {}
+                StatusCode::NOT_FOUND | StatusCode::TIMEOUT => pending[index] = None,
+                StatusCode::NO_RESPONDERS => {
+                    // JetStream not ready (just restarted) or the consumer is gone.
+                    tracing::debug!(group = %self.group, consumer = %self.targets[index].consumer, "JetStream did not answer a pull request");
+                    pending[index] = Some((Instant::now() + UNAVAILABLE_PAUSE - GRACE, 0));
+                }
+                _ => {
+                    let why = raw.description.clone().unwrap_or_default();
+                    if why.to_ascii_lowercase().contains("consumer deleted") {
+                        bail!(
+                            "JetStream consumer `{}` of group `{}` was deleted",
+                            self.targets[index].consumer,
+                            self.group
+                        );
+                    }
+                    tracing::debug!(group = %self.group, "pull request ended: {status} {why}");
+                    pending[index] = None;
+                }
+            }
+            return Ok(None);
+        }
+        let Some(ack_subject) = raw.reply.clone() else {
+            return Ok(None);
+        };
+        let message = jetstream::Message {
+            message: raw,
+            context: self.js.clone(),
+        };
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("malformed JetStream ack subject: {e}"))?;
+        if let Some(&index) = self.by_name.get(info.consumer)
+            && let Some((until, owed)) = pending[index]
+        {
+            pending[index] = (owed > 1).then(|| (until, owed - 1));
+        }
+        let attempt = u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1);
+        let fallback_id = format!("{}:{}", info.stream, info.stream_sequence);
+        let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
+        let raw = message.message;
+        let decoded = headers::decode_lossy(raw.headers.as_ref());
+        let message = Message {
+            id: decoded.id.unwrap_or(fallback_id),
+            topic: raw.subject.to_string(),
+            key: decoded.key,
+            headers: decoded.headers,
+            payload: raw.payload.to_vec(),
+            timestamp_ms: decoded.timestamp_ms.unwrap_or(published_ms),
+        };
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.held.lock().unwrap().insert(
+            token,
+            Held {
+                ack_subject,
+                since: Instant::now(),
+            },
+        );
+        Ok(Some(Delivery {
+            message,
+            attempt,
+            receipt: Receipt::new(token),
+        }))
+    }
+
+    fn take_held(&self, delivery: &Delivery) -> Result<Subject> {
+        let token = *delivery.receipt.get::<u64>()?;
+        match self.held.lock().unwrap().remove(&token) {
+            Some(held) => Ok(held.ack_subject),
+            None => bail!(
+                "delivery of message {} was already settled (or its subscription closed)",
+                delivery.message.id
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for JsSubscription {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let inner = &self.inner;
+        inner.touch();
+        let max = max.max(1);
+        let give_up = Instant::now() + wait;
+        let mut out = Vec::new();
+        let mut asked = false;
+        loop {
+            if inner.closed.load(Ordering::SeqCst) {
+                return Err(closed_error(&inner.group));
+            }
+            let woken = inner.woken.notified();
+            let mut pulls = inner.pulls.lock().await;
+            let Pulls { inbox, pending } = &mut *pulls;
+            let Some(inbox) = inbox.as_mut() else {
+                return Err(closed_error(&inner.group));
+            };
+            while out.len() < max {
+                match inbox.next().now_or_never() {
+                    Some(Some(raw)) => out.extend(inner.receive(raw, pending)?),
+                    Some(None) => {
+                        bail!("the NATS connection of group `{}` was closed", inner.group)
+                    }
+                    None => break,
+                }
+            }
+            if !out.is_empty() {
+                inner.touch();
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if asked && now >= give_up {
+                return Ok(out);
+            }
+            // Even a fetch that may not wait asks the server once.
+            inner
+                .request_more(pending, max, give_up.saturating_duration_since(now))
+                .await?;
+            asked = true;
+            let until = give_up.max(now + MIN_PULL);
+            tokio::select! {
+                raw = inbox.next() => match raw {
+                    Some(raw) => out.extend(inner.receive(raw, pending)?),
+                    None => bail!("the NATS connection of group `{}` was closed", inner.group),
+                },
+                _ = tokio::time::sleep_until(until) => return Ok(out),
+                _ = woken => {}
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        self.inner.touch();
+        let subject = self.inner.take_held(delivery)?;
+        self.inner.send_ack(subject, AckKind::Ack).await
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        self.inner.touch();
+        let subject = self.inner.take_held(delivery)?;
+        let kind = AckKind::Nak((!delay.is_zero()).then_some(delay));
+        self.inner.send_ack(subject, kind).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        inner.woken.notify_waiters();
+        let mut pulls = inner.pulls.lock().await;
+        let Pulls { inbox, pending } = &mut *pulls;
+        if let Some(mut inbox) = inbox.take() {
+            let end = pending
+                .iter()
+                .flatten()
+                .map(|(until, _)| *until + GRACE)
+                .max()
+                .unwrap_or_else(Instant::now)
+                .min(Instant::now() + MAX_PULL + GRACE);
+            while pending.iter().any(Option::is_some) {
+                let raw = tokio::select! {
+                    raw = inbox.next() => raw,
+                    _ = tokio::time::sleep_until(end) => None,
+                };
+                let Some(raw) = raw else {
+                    break;
+                };
+                // Received only to be handed back: `receive` holds it below.
+                if let Err(e) = inner.receive(raw, pending) {
+                    tracing::debug!(group = %inner.group, "while closing: {e:#}");
+                }
+            }
+            if let Err(e) = inbox.unsubscribe().await {
+                tracing::debug!(group = %inner.group, "NATS unsubscribe: {e}");
+            }
+        }
+        let held: Vec<Subject> = inner
+            .held
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, h)| h.ack_subject)
+            .collect();
+        for subject in held {
+            inner.send_ack(subject, AckKind::Nak(None)).await?;
+        }
+        flush(&inner.client, &inner.server).await?;
+        if inner.ephemeral {
+            for target in &inner.targets {
+                if let Err(e) = inner
+                    .js
+                    .delete_consumer_from_stream(&target.consumer, &target.stream)
+                    .await
+                {
+                    tracing::warn!(group = %inner.group, consumer = %target.consumer, "could not delete an ephemeral JetStream consumer (the server removes it after inactivity): {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}

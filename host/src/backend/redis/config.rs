@@ -1,0 +1,232 @@
+//! Backend URLs: where the Redis server is, and the query parameters each
+//! Redis backend understands, parsed with errors that name the parameter.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::backend::redact;
+
+/// A backend URL split into what the `redis` crate connects to and our own
+/// parameters.
+pub struct RedisUrl {
+    /// `redis://[user:password@]host[:port][/db]`, for `redis::Client`.
+    pub connection: String,
+    /// Safe to log.
+    pub redacted: String,
+    params: Vec<(String, String)>,
+}
+
+impl RedisUrl {
+    /// Splits `url`, which must start with `scheme://`.
+    pub fn parse(url: &str, scheme: &str) -> Result<Self> {
+        let redacted = redact(url);
+        let Some(rest) = url.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")) else {
+            bail!("backend URL `{redacted}` does not start with {scheme}://");
+        };
+        // The query starts after the credentials, which may hold a `?`.
+        let query_from = rest.rfind('@').map_or(0, |at| at + 1);
+        let (address, query) = match rest[query_from..].find('?') {
+            Some(i) => (&rest[..query_from + i], &rest[query_from + i + 1..]),
+            None => (rest, ""),
+        };
+        if address.is_empty() {
+            bail!("backend URL `{redacted}` names no server (expected {scheme}://HOST:PORT)");
+        }
+        let mut params = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let Some((name, value)) = pair.split_once('=') else {
+                bail!(
+                    "backend URL `{redacted}`: parameter `{pair}` has no value (expected NAME=VALUE)"
+                );
+            };
+            params.push((name.to_string(), value.to_string()));
+        }
+        Ok(RedisUrl {
+            connection: format!("redis://{address}"),
+            redacted,
+            params,
+        })
+    }
+
+    /// Removes and parses parameter `name`.
+    pub fn take<T: FromStr>(&mut self, name: &str, expected: &str) -> Result<Option<T>> {
+        let Some(i) = self.params.iter().position(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        let (_, value) = self.params.remove(i);
+        if self.params.iter().any(|(n, _)| n == name) {
+            bail!("backend URL `{}`: `{name}` is given twice", self.redacted);
+        }
+        match value.parse() {
+            Ok(parsed) => Ok(Some(parsed)),
+            Err(_) => bail!(
+                "backend URL `{}`: {name} `{value}` is not {expected}",
+                self.redacted
+            ),
+        }
+    }
+
+    /// A duration parameter in milliseconds.
+    pub fn take_ms(&mut self, name: &str) -> Result<Option<Duration>> {
+        Ok(self
+            .take::<u64>(name, "a number of milliseconds")?
+            .map(Duration::from_millis))
+    }
+
+    /// Fails on any parameter not taken yet.
+    pub fn finish(&self, known: &[&str]) -> Result<()> {
+        if let Some((name, _)) = self.params.first() {
+            bail!(
+                "backend URL `{}`: unknown parameter `{name}` (known: {})",
+                self.redacted,
+                known.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn client(&self) -> Result<::redis::Client> {
+        ::redis::Client::open(self.connection.as_str())
+            .with_context(|| format!("backend URL `{}` is not a valid Redis URL", self.redacted))
+    }
+}
+
+/// Settings of the Redis Streams backend.
+#[derive(Debug, Clone)]
+pub struct StreamsConfig {
+    /// Prepended to every key Sluice creates (`prefix`, default `sluice:`).
+    pub prefix: String,
+    /// The longest one XREADGROUP blocks (`block_ms`, default 1000).
+    pub block: Duration,
+    /// Entries per stream per XREADGROUP at most (`count`, default 100).
+    pub count: usize,
+    /// How long an entry stays unacknowledged before another consumer may
+    /// claim it (`claim_idle_ms`); by default the subscription's lease.
+    pub claim_idle: Option<Duration>,
+    /// Approximate length cap of each topic stream (`maxlen`); none by
+    /// default.
+    pub maxlen: Option<usize>,
+    /// How often pattern subscriptions look for new streams written by other
+    /// processes (`scan_ms`, default 5000).
+    pub scan: Duration,
+}
+
+impl StreamsConfig {
+    pub const PARAMS: &[&str] = &[
+        "prefix",
+        "block_ms",
+        "count",
+        "claim_idle_ms",
+        "maxlen",
+        "scan_ms",
+    ];
+
+    pub fn from_url(url: &mut RedisUrl) -> Result<Self> {
+        let config = StreamsConfig {
+            prefix: url
+                .take("prefix", "a key prefix")?
+                .unwrap_or_else(|| "sluice:".into()),
+            block: url
+                .take_ms("block_ms")?
+                .unwrap_or(Duration::from_millis(1000)),
+            count: url.take("count", "a number")?.unwrap_or(100),
+            claim_idle: url.take_ms("claim_idle_ms")?,
+            maxlen: url.take("maxlen", "a number of entries")?,
+            scan: url
+                .take_ms("scan_ms")?
+                .unwrap_or(Duration::from_millis(5000)),
+        };
+        if config.block.is_zero() {
+            bail!(
+                "backend URL `{}`: block_ms must be at least 1",
+                url.redacted
+            );
+        }
+        if config.count == 0 {
+            bail!("backend URL `{}`: count must be at least 1", url.redacted);
+        }
+        if config.maxlen == Some(0) {
+            bail!("backend URL `{}`: maxlen must be at least 1", url.redacted);
+        }
+        if config.claim_idle.is_some_and(|d| d.is_zero()) {
+            bail!(
+                "backend URL `{}`: claim_idle_ms must be at least 1",
+                url.redacted
+            );
+        }
+        Ok(config)
+    }
+}
+
+/// Settings of the Redis pub/sub backend.
+#[derive(Debug, Clone)]
+pub struct PubSubConfig {
+    /// Prepended to every channel (`prefix`, default `sluice:`). Pub/sub
+    /// channels ignore the database number, so this is what separates
+    /// deployments sharing a server.
+    pub prefix: String,
+    /// Messages a group holds in memory (waiting, delayed or in flight)
+    /// before newer ones are dropped (`capacity`, default 10000).
+    pub capacity: usize,
+}
+
+impl PubSubConfig {
+    pub const PARAMS: &[&str] = &["prefix", "capacity"];
+
+    pub fn from_url(url: &mut RedisUrl) -> Result<Self> {
+        let config = PubSubConfig {
+            prefix: url
+                .take("prefix", "a channel prefix")?
+                .unwrap_or_else(|| "sluice:".into()),
+            capacity: url.take("capacity", "a number")?.unwrap_or(10_000),
+        };
+        if config.capacity == 0 {
+            bail!(
+                "backend URL `{}`: capacity must be at least 1",
+                url.redacted
+            );
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_address_and_parameters() {
+        let mut url = RedisUrl::parse(
+            "redis://user:p?ss@127.0.0.1:6379/2?prefix=app:&block_ms=50&count=7",
+            "redis",
+        )
+        .unwrap();
+        assert_eq!(url.connection, "redis://user:p?ss@127.0.0.1:6379/2");
+        let config = StreamsConfig::from_url(&mut url).unwrap();
+        url.finish(StreamsConfig::PARAMS).unwrap();
+        assert_eq!(config.prefix, "app:");
+        assert_eq!(config.block, Duration::from_millis(50));
+        assert_eq!(config.count, 7);
+        assert_eq!(config.maxlen, None);
+    }
+
+    #[test]
+    fn errors_name_the_parameter_and_hide_the_password() {
+        let mut url = RedisUrl::parse("redis://u:secret@h/0?block_ms=soon", "redis").unwrap();
+        let err = StreamsConfig::from_url(&mut url).unwrap_err().to_string();
+        assert!(err.contains("block_ms `soon`"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+
+        let mut url = RedisUrl::parse("redis://h?colour=red", "redis").unwrap();
+        StreamsConfig::from_url(&mut url).unwrap();
+        let err = url.finish(StreamsConfig::PARAMS).unwrap_err().to_string();
+        assert!(err.contains("unknown parameter `colour`"), "{err}");
+
+        let mut url = RedisUrl::parse("redis+pubsub://h?capacity=0", "redis+pubsub").unwrap();
+        let err = PubSubConfig::from_url(&mut url).unwrap_err().to_string();
+        assert!(err.contains("capacity"), "{err}");
+        assert!(RedisUrl::parse("redis://?prefix=x", "redis").is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! The read side of a Streams subscription: XREADGROUP over every stream it
+//! covers, XAUTOCLAIM of entries whose consumer went quiet, discovery of new
+//! streams for patterns, and turning entries into deliveries.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use ::redis::{RedisError, Value};
+use anyhow::{Context, Result};
+use tokio::time::Instant;
+
+use super::delayed;
+use super::envelope;
+use super::streams::{Keys, Shared};
+use super::subscription::{EntryReceipt, Held, StreamSubscription};
+use crate::backend::{Delivery, Receipt, pattern};
+use crate::message::Message;
+
+/// How often due delayed retries are looked for when nothing here nacked;
+/// bounds how late another process's delayed retry is noticed.
+const PROMOTE_EVERY: Duration = Duration::from_millis(500);
+
+/// Extra time a blocking read gets before it counts as hung.
+const READ_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Reader {
+    conn: ConnectionManager,
+    retry: String,
+    /// Topic streams read, besides the retry stream.
+    streams: Vec<String>,
+    /// Read but not yet returned, with when they were read.
+    pub buffer: VecDeque<(Delivery, Instant)>,
+    next_scan: Instant,
+    next_reclaim: Instant,
+    next_promote: Instant,
+    /// XAUTOCLAIM cursor per stream.
+    cursors: HashMap<String, String>,
+    published_seen: usize,
+    nacks_seen: u64,
+    handbacks_seen: u64,
+    /// Since when Redis has been failing to answer, if it is.
+    pub outage: Option<Instant>,
+}
+
+impl Reader {
+    /// `published_mark`: how many topics this process had published to
+    /// when the subscription's first scan began.
+    pub fn new(
+        shared: &Shared,
+        retry: String,
+        streams: Vec<String>,
+        published_mark: usize,
+    ) -> Result<Self> {
+        let now = Instant::now();
+        Ok(Reader {
+            conn: shared.reader_connection()?,
+            retry,
+            streams,
+            buffer: VecDeque::new(),
+            next_scan: now + shared.config.scan,
+            // A new member first looks for work others left behind.
+            next_reclaim: now,
+            next_promote: now,
+            cursors: HashMap::new(),
+            published_seen: published_mark,
+            nacks_seen: shared.nacks.load(Ordering::SeqCst),
+            handbacks_seen: shared.handbacks.load(Ordering::SeqCst),
+            outage: None,
+        })
+    }
+
+    /// The retry stream first (so redeliveries are not starved), then the
+    /// topic streams.
+    pub fn all_streams(&self) -> Vec<String> {
+        let mut all = Vec::with_capacity(self.streams.len() + 1);
+        all.push(self.retry.clone());
+        all.extend(self.streams.iter().cloned());
+        all
+    }
+
+    /// When the next periodic chore is due.
+    pub fn next_chore(&self) -> Instant {
+        self.next_reclaim.min(self.next_promote).min(self.next_scan)
+    }
+
+    /// Discovers streams, moves due retries, reclaims abandoned entries.
+    pub async fn maintain(&mut self, sub: &StreamSubscription) -> Result<()> {
+        let shared = &sub.shared;
+        let now = Instant::now();
+        if !sub.patterns.is_empty() {
+            self.discover(sub, now).await?;
+        } else {
+            self.next_scan = now + Duration::from_secs(3600);
+        }
+
+        let nacks = shared.nacks.load(Ordering::SeqCst);
+        if now >= self.next_promote || nacks != self.nacks_seen {
+            self.nacks_seen = nacks;
+            let next_due = delayed::promote(sub, &mut self.conn).await?;
+            self.next_promote = now + next_due.map_or(PROMOTE_EVERY, |d| d.min(PROMOTE_EVERY));
+        }
+
+        let handbacks = shared.handbacks.load(Ordering::SeqCst);
+        if now >= self.next_reclaim || handbacks != self.handbacks_seen {
+            self.handbacks_seen = handbacks;
+            let full = self.reclaim(sub).await?;
+            let every =
+                (sub.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            // A full batch means more may be waiting: go on next time.
+            self.next_reclaim = if full { now } else { now + every };
+        }
+        Ok(())
+    }
+
+    /// Adds streams matching the patterns: topics published here at once,
+    /// everything else at each scan.
+    async fn discover(&mut self, sub: &StreamSubscription, now: Instant) -> Result<()> {
+        let shared = &sub.shared;
+        let (published, seen) = shared.published_since(self.published_seen);
+        self.published_seen = seen;
+        let mut found: Vec<String> = published
+            .iter()
+            .filter(|topic| sub.patterns.iter().any(|p| pattern::matches(p, topic)))
+            .map(|topic| shared.keys.stream(topic))
+            .collect();
+        if now >= self.next_scan {
+            for topic_pattern in &sub.patterns {
+                found.extend(shared.scan(topic_pattern).await?);
+            }
+            self.next_scan = now + shared.config.scan;
+        }
+        found.retain(|s| !self.streams.contains(s));
+        found.sort();
+        found.dedup();
+        if !found.is_empty() {
+            shared.ensure_groups(&sub.group, sub.start, &found).await?;
+            tracing::debug!(group = %sub.group, streams = ?found, "pattern subscription joined new streams");
+            self.streams.extend(found);
+        }
+        Ok(())
+    }
+
+    /// After the server lost the group (or a stream was deleted), joins
+    /// again where the group starts.
+    async fn rejoin(&mut self, sub: &StreamSubscription) -> Result<()> {
+        tracing::warn!(group = %sub.group, "consumer group missing on the server; creating it again");
+        sub.shared
+            .ensure_groups(&sub.group, sub.start, &self.streams)
+            .await?;
+        Ok(())
+    }
+
+    /// One XREADGROUP for new entries on every stream, blocking up to
+    /// `block` (not at all if it is under a millisecond).
+    pub async fn read_new(
+        &mut self,
+        sub: &StreamSubscription,
+        max: usize,
+        block: Duration,
+    ) -> Result<()> {
+        let count = max.min(sub.shared.config.count);
+        let streams = self.all_streams();
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&sub.group)
+            .arg(&sub.consumer)
+            .arg("COUNT")
+            .arg(count);
+        let block_ms = block.as_millis() as u64;
+        if block_ms > 0 {
+            cmd.arg("BLOCK").arg(block_ms);
+        }
+        cmd.arg("STREAMS").arg(&streams);
+        for _ in &streams {
+            cmd.arg(">");
+        }
+        let reply = tokio::time::timeout(
+            block + READ_GRACE,
+            cmd.query_async::<Option<StreamReadReply>>(&mut self.conn),
+        )
+        .await
+        .context("XREADGROUP did not answer")?;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) if is_nogroup(&e) => return self.rejoin(sub).await,
+            Err(e) => return Err(e).context("XREADGROUP"),
+        };
+        let now = Instant::now();
+        let mut held = sub.held.lock().unwrap();
+        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in stream.ids {
+                let delivery = self.deliver(sub, &stream.key, &entry, 1, &mut held);
+                self.buffer.push_back((delivery, now));
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims entries idle longer than the claim time from whichever
+    /// consumer holds them. Returns whether a batch came back full.
+    async fn reclaim(&mut self, sub: &StreamSubscription) -> Result<bool> {
+        let count = sub.shared.config.count;
+        let streams = self.all_streams();
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for stream in &streams {
+            let cursor = self.cursors.get(stream).map_or("0-0", String::as_str);
+            pipe.cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(&sub.group)
+                .arg(&sub.consumer)
+                .arg(sub.claim_idle.as_millis() as u64)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(count);
+        }
+        let replies: Vec<::redis::RedisResult<StreamAutoClaimReply>> = pipe
+            .query_async(&mut sub.shared.conn.clone())
+            .await
+            .context("XAUTOCLAIM")?;
+        let mut claimed = Vec::new();
+        let mut full = false;
+        for (stream, reply) in streams.iter().zip(replies) {
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) if is_nogroup(&e) => {
+                    self.rejoin(sub).await?;
+                    continue;
+                }
+                Err(e) => return Err(e).context("XAUTOCLAIM"),
+            };
+            if !reply.deleted_ids.is_empty() {
+                tracing::warn!(
+                    group = %sub.group,
+                    stream,
+                    lost = reply.deleted_ids.len(),
+                    "pending entries were trimmed from the stream before they were acknowledged"
+                );
+            }
+            full |= reply.claimed.len() >= count;
+            self.cursors
+                .insert(stream.clone(), reply.next_stream_id.clone());
+            for entry in reply.claimed {
+                claimed.push((stream.clone(), entry));
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(full);
+        }
+        // XAUTOCLAIM does not say how often an entry was delivered; the
+        // pending list does.
+        let mut pipe = ::redis::pipe();
+        for (stream, entry) in &claimed {
+            pipe.cmd("XPENDING")
+                .arg(stream)
+                .arg(&sub.group)
+                .arg(&entry.id)
+                .arg(&entry.id)
+                .arg(1);
+        }
+        let counts: Vec<Vec<(String, String, u64, u64)>> = pipe
+            .query_async(&mut sub.shared.conn.clone())
+            .await
+            .context("XPENDING")?;
+        let now = Instant::now();
+        let mut held = sub.held.lock().unwrap();
+        for ((stream, entry), pending) in claimed.iter().zip(counts) {
+            let count = pending.first().map_or(1, |p| p.3.max(1));
+            let delivery = self.deliver(sub, stream, entry, count, &mut held);
+            self.buffer.push_back((delivery, now));
+        }
+        Ok(full)
+    }
+
+    /// Turns an entry this consumer now holds into a delivery.
+    fn deliver(
+        &self,
+        sub: &StreamSubscription,
+        stream: &str,
+        entry: &StreamId,
+        count: u64,
+        held: &mut HashMap<(String, String), Held>,
+    ) -> Delivery {
+        let (message, attempts_before) = if stream == self.retry {
+            decode_retry(entry)
+        } else {
+            (decode_entry(&sub.shared.keys, stream, entry), 0)
+        };
+        held.insert(
+            (stream.to_string(), entry.id.clone()),
+            Held {
+                count,
+                handed_out: false,
+            },
+        );
+        Delivery {
+            message,
+            attempt: attempts_before.saturating_add(count.min(u32::MAX as u64) as u32),
+            receipt: Receipt::new(EntryReceipt {
+                stream: stream.to_string(),
+                id: entry.id.clone(),
+            }),
+        }
+    }
+}
+
+fn is_nogroup(e: &RedisError) -> bool {
+    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
+}
+
+fn field_bytes(entry: &StreamId, name: &str) -> Option<Vec<u8>> {
+    match entry.map.get(name)? {
+        Value::BulkString(bytes) => Some(bytes.clone()),
+        Value::SimpleString(text) => Some(text.clone().into_bytes()),
+        Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn field_text(entry: &StreamId, name: &str) -> Option<String> {
+    field_bytes(entry, name).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A topic stream entry as a message. Lenient, so streams written by other
+/// tools can be consumed: a missing id becomes `<stream>/<entry id>`, a
+/// missing timestamp the entry id's time, a missing payload empty.
+fn decode_entry(keys: &Keys, stream: &str, entry: &StreamId) -> Message {
+    let topic = keys.topic(stream).unwrap_or(stream).to_string();
+    let headers = match field_text(entry, "headers") {
+        None => Vec::new(),
+        Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+            tracing::warn!(stream, entry = %entry.id, "unreadable headers dropped: {e}");
+            Vec::new()
+        }),
+    };
+    let entry_ms = entry
+        .id
+        .split('-')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0);
+    Message {
+        id: field_text(entry, "id").unwrap_or_else(|| format!("{stream}/{}", entry.id)),
+        topic,
+        key: field_text(entry, "key"),
+        headers,
+        payload: field_bytes(entry, "payload").unwrap_or_default(),
+        timestamp_ms: field_text(entry, "ts")
+            .and_then(|ts| ts.parse().ok())
+            .unwrap_or(entry_ms),
+    }
+}
+
+/// A retry stream entry: the envelope parked by a nack.
+fn decode_retry(entry: &StreamId) -> (Message, u32) {
+    let bytes = field_bytes(entry, "m").unwrap_or_default();
+    envelope::decode(&bytes).unwrap_or_else(|e| {
+        // Only Sluice writes retry streams; a broken entry is delivered as
+        // what it is so the route dead-letters it instead of looping.
+        tracing::warn!(entry = %entry.id, "unreadable retry entry: {e:#}");
+        (
+            Message {
+                id: format!("unreadable-retry/{}", entry.id),
+                topic: String::new(),
+                key: None,
+                headers: vec![("sluice-decode-error".into(), format!("{e:#}"))],
+                payload: bytes,
+                timestamp_ms: 0,
+            },
+            0,
+        )
+    })
+}

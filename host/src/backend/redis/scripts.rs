@@ -1,0 +1,175 @@
+//! The Lua scripts of the Streams backend: each is a step that must happen
+//! atomically on the server (check-then-act on a group's pending list, or a
+//! move between two keys). Times come from the server's clock (`TIME`), so
+//! processes with skewed clocks agree on when a delayed retry is due.
+
+use std::sync::LazyLock;
+
+use ::redis::Script;
+
+/// Creates the group on the retry stream (at `0`) and on topic streams
+/// (MKSTREAM), recording when the group was born so every member starts a
+/// stream it discovers later at the same place.
+///
+/// KEYS: groups hash, the group's stream set, retry stream, topic streams….
+/// ARGV: group, `earliest` | `latest`. Returns the group's start id.
+pub static ENSURE_GROUPS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local start = redis.call('HGET', KEYS[1], ARGV[1])
+local born = false
+if not start then
+  if ARGV[2] == 'latest' then
+    local t = redis.call('TIME')
+    start = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)) .. '-0'
+  else
+    start = '0'
+  end
+  redis.call('HSET', KEYS[1], ARGV[1], start)
+  born = true
+end
+local function create(key, id)
+  local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', key, ARGV[1], id, 'MKSTREAM')
+  if not ok then
+    local text = type(err) == 'table' and err.err or tostring(err)
+    if not string.find(text, 'BUSYGROUP', 1, true) then return text end
+  end
+  redis.call('SADD', KEYS[2], key)
+  return nil
+end
+local failed = create(KEYS[3], '0')
+if failed then return redis.error_reply(failed) end
+for i = 4, #KEYS do
+  -- The first member starts existing streams exactly at their end; streams
+  -- found later start at the group's birth.
+  local id = start
+  if born and start ~= '0' then id = '$' end
+  failed = create(KEYS[i], id)
+  if failed then return redis.error_reply(failed) end
+end
+return start
+"#,
+    )
+});
+
+/// Settles a delivery as failed, only if this consumer still holds it: acks
+/// the entry and parks a copy (an envelope carrying the attempts so far) in
+/// the group's delayed set, or straight in its retry stream for no delay.
+///
+/// KEYS: source stream, retry stream, delayed set.
+/// ARGV: group, entry id, consumer, delay ms, envelope. Returns 1, or 0 if
+/// the delivery was no longer this consumer's (settled, or claimed by
+/// another after its lease).
+pub static NACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if KEYS[1] == KEYS[2] then redis.call('XDEL', KEYS[1], ARGV[2]) end
+local delay = tonumber(ARGV[4])
+if delay <= 0 then
+  redis.call('XADD', KEYS[2], '*', 'm', ARGV[5])
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[3], string.format('%.0f', now + delay), ARGV[5])
+end
+return 1
+"#,
+    )
+});
+
+/// Moves due delayed retries into the retry stream.
+///
+/// KEYS: delayed set, retry stream. ARGV: most to move.
+/// Returns milliseconds until the next one is due, or -1 if none is left.
+pub static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, tonumber(ARGV[1]))
+for _, m in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'm', m)
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return -1 end
+return math.max(0, tonumber(nxt[2]) - now)
+"#,
+    )
+});
+
+/// Hands a closing consumer's unsettled entries back to the group: each
+/// entry it still holds moves to the placeholder consumer, idle for ages so
+/// any member's next XAUTOCLAIM takes it at once, with its delivery count
+/// set as given. Then the consumer is removed from every stream where it
+/// holds nothing more.
+///
+/// KEYS: streams. ARGV: group, consumer, placeholder consumer, idle ms, then
+/// (KEYS index, entry id, delivery count) triples. Returns entries handed back.
+pub static HAND_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = 0
+for i = 5, #ARGV, 3 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local id = ARGV[i + 1]
+  local ok, p = pcall(redis.call, 'XPENDING', key, ARGV[1], id, id, 1)
+  if ok and #p == 1 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', key, ARGV[1], ARGV[3], 0, id, 'IDLE', ARGV[4], 'RETRYCOUNT', ARGV[i + 2], 'JUSTID')
+    n = n + 1
+  end
+end
+for _, key in ipairs(KEYS) do
+  local ok, p = pcall(redis.call, 'XPENDING', key, ARGV[1], '-', '+', 1, ARGV[2])
+  if ok and #p == 0 then redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], ARGV[2]) end
+end
+return n
+"#,
+    )
+});
+
+/// Removes consumers that hold nothing and have been idle for a while (the
+/// names of crashed processes). Atomic, so a consumer that reads in between
+/// cannot lose entries; one removed while alive is re-created by its next
+/// read.
+///
+/// KEYS: streams. ARGV: group, idle ms. Returns consumers removed.
+pub static TIDY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local removed = 0
+for _, key in ipairs(KEYS) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', key, ARGV[1])
+  if ok then
+    for _, c in ipairs(consumers) do
+      local info = {}
+      for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+      if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], info['name'])
+        removed = removed + 1
+      end
+    end
+  end
+end
+return removed
+"#,
+    )
+});
+
+/// Removes an ephemeral group everywhere.
+///
+/// KEYS: groups hash, stream set, retry stream, delayed set, topic streams….
+/// ARGV: group.
+pub static DESTROY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+for i = 5, #KEYS do pcall(redis.call, 'XGROUP', 'DESTROY', KEYS[i], ARGV[1]) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});

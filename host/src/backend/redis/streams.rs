@@ -1,0 +1,383 @@
+//! The Redis Streams backend: publishing (XADD, one MULTI per batch), joining
+//! consumer groups, the key layout, and the pending count for monitoring.
+//! What a subscription does is in `subscription.rs`.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Value};
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+
+use super::config::{RedisUrl, StreamsConfig};
+use super::subscription::StreamSubscription;
+use super::{glob_escape, scripts, transient};
+use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
+use crate::message::Message;
+
+/// Where everything lives, under the configured prefix `P`:
+///
+/// | key | type | holds |
+/// |---|---|---|
+/// | `P<topic>` | stream | the topic's messages (fields `id`, `key`, `headers`, `payload`, `ts`) |
+/// | `P.retry:<group>` | stream | the group's redeliveries, one envelope per entry (`m`) |
+/// | `P.delayed:<group>` | sorted set | envelopes waiting for their delay, scored by due time |
+/// | `P.streams:<group>` | set | every stream the group has joined |
+/// | `P.groups` | hash | group → the id it starts new streams at |
+///
+/// A topic never starts with `.` (its first token would be empty), so the
+/// bookkeeping keys can never collide with a topic's stream.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn stream(&self, topic: &str) -> String {
+        format!("{}{topic}", self.prefix)
+    }
+
+    /// The topic a stream key belongs to, if it is a topic stream.
+    pub fn topic<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let topic = key.strip_prefix(&self.prefix)?;
+        (pattern::validate(topic).is_ok() && !pattern::is_pattern(topic)).then_some(topic)
+    }
+
+    pub fn retry(&self, group: &str) -> String {
+        format!("{}.retry:{group}", self.prefix)
+    }
+
+    pub fn delayed(&self, group: &str) -> String {
+        format!("{}.delayed:{group}", self.prefix)
+    }
+
+    pub fn streams_of(&self, group: &str) -> String {
+        format!("{}.streams:{group}", self.prefix)
+    }
+
+    pub fn groups(&self) -> String {
+        format!("{}.groups", self.prefix)
+    }
+
+    /// A SCAN MATCH glob covering every stream a pattern could match: the
+    /// literal tokens before its first wildcard, then anything.
+    pub fn scan_glob(&self, topic_pattern: &str) -> String {
+        let mut literal = String::new();
+        for token in topic_pattern.split('.') {
+            if token == "*" || token == ">" {
+                break;
+            }
+            literal.push_str(token);
+            literal.push('.');
+        }
+        format!("{}{}*", glob_escape(&self.prefix), glob_escape(&literal))
+    }
+}
+
+pub struct RedisStreamsBackend {
+    shared: Arc<Shared>,
+}
+
+/// What the backend and its subscriptions share.
+pub struct Shared {
+    pub client: Client,
+    /// Publishing, acks, nacks, scripts: everything that never blocks.
+    pub conn: ConnectionManager,
+    pub config: StreamsConfig,
+    pub keys: Keys,
+    /// Topics this instance published to, in order, so its pattern
+    /// subscriptions find new streams at once instead of at the next scan.
+    published: Mutex<(Vec<String>, HashSet<String>)>,
+    /// Bumped by every nack here, so readers look for due retries now.
+    pub nacks: AtomicU64,
+    /// Bumped when a subscription here hands entries back on close, so the
+    /// group's other members claim them now rather than at their next
+    /// reclaim round.
+    pub handbacks: AtomicU64,
+}
+
+impl Shared {
+    /// Topics published here since `seen`, and the new mark.
+    pub fn published_since(&self, seen: usize) -> (Vec<String>, usize) {
+        let published = self.published.lock().unwrap();
+        (
+            published.0[seen.min(published.0.len())..].to_vec(),
+            published.0.len(),
+        )
+    }
+
+    /// A connection of its own, for a subscription's blocking reads.
+    pub fn reader_connection(&self) -> Result<ConnectionManager> {
+        // No response timeout: XREADGROUP BLOCK answers late on purpose, and
+        // the reader bounds each call itself.
+        let config = reconnecting().set_response_timeout(None);
+        Ok(ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            config,
+        )?)
+    }
+
+    /// Makes sure the group exists on the retry stream and on `streams`,
+    /// returning the id new streams start at.
+    pub async fn ensure_groups(
+        &self,
+        group: &str,
+        start: StartFrom,
+        streams: &[String],
+    ) -> Result<String> {
+        let mut invocation = scripts::ENSURE_GROUPS.prepare_invoke();
+        invocation
+            .key(self.keys.groups())
+            .key(self.keys.streams_of(group))
+            .key(self.keys.retry(group));
+        for stream in streams {
+            invocation.key(stream);
+        }
+        invocation.arg(group).arg(match start {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        });
+        let invocation = &invocation;
+        let start: String = transient::retry(|| {
+            let mut conn = self.conn.clone();
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+        .with_context(|| format!("cannot create consumer group `{group}`"))?;
+        Ok(start)
+    }
+
+    /// Every topic stream whose topic matches `topic_pattern`.
+    pub async fn scan(&self, topic_pattern: &str) -> Result<Vec<String>> {
+        let glob = self.keys.scan_glob(topic_pattern);
+        let mut cursor = 0u64;
+        let mut found = Vec::new();
+        loop {
+            let mut scan = ::redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&glob)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("stream");
+            let scan = &scan;
+            let (next, keys): (u64, Vec<String>) = transient::retry(|| {
+                let mut conn = self.conn.clone();
+                async move { scan.query_async(&mut conn).await }
+            })
+            .await
+            .context("SCAN for streams")?;
+            for key in keys {
+                if self
+                    .keys
+                    .topic(&key)
+                    .is_some_and(|topic| pattern::matches(topic_pattern, topic))
+                {
+                    found.push(key);
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+}
+
+/// Reconnects with backoff (100 ms doubling, at most 2 s between tries);
+/// once the tries run out, the next command starts over.
+fn reconnecting() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(2))
+        .set_number_of_retries(6)
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+}
+
+impl RedisStreamsBackend {
+    /// Connects to `redis://[user:password@]host[:port][/db][?params]`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let mut url = RedisUrl::parse(url, "redis")?;
+        let config = StreamsConfig::from_url(&mut url)?;
+        url.finish(StreamsConfig::PARAMS)?;
+        let client = url.client()?;
+        let conn = ConnectionManager::new_with_config(
+            client.clone(),
+            reconnecting().set_response_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .with_context(|| format!("cannot connect to Redis at `{}`", url.redacted))?;
+        check_version(&mut conn.clone(), &url.redacted).await?;
+        Ok(RedisStreamsBackend {
+            shared: Arc::new(Shared {
+                client,
+                conn,
+                keys: Keys::new(&config.prefix),
+                config,
+                published: Mutex::new((Vec::new(), HashSet::new())),
+                nacks: AtomicU64::new(0),
+                handbacks: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Unsettled messages of a group, for monitoring: delivered and not yet
+    /// acknowledged (its pending entries on every stream it reads, including
+    /// its retry stream), plus nacked ones waiting for their delay. `group`
+    /// is the group's key, [`SubscribeOptions::group_key`].
+    pub async fn pending(&self, group: &str) -> Result<u64> {
+        let keys = &self.shared.keys;
+        let mut conn = self.shared.conn.clone();
+        let streams: Vec<String> = ::redis::cmd("SMEMBERS")
+            .arg(keys.streams_of(group))
+            .query_async(&mut conn)
+            .await?;
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for stream in &streams {
+            pipe.cmd("XPENDING").arg(stream).arg(group);
+        }
+        pipe.cmd("ZCARD").arg(keys.delayed(group));
+        let replies: Vec<::redis::RedisResult<Value>> = pipe.query_async(&mut conn).await?;
+        let mut total = 0u64;
+        for reply in replies {
+            // A stream deleted behind our back answers NOGROUP: nothing pending.
+            total += match reply {
+                Ok(Value::Int(n)) => n as u64,
+                Ok(Value::Array(summary)) => match summary.first() {
+                    Some(Value::Int(n)) => *n as u64,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+        }
+        Ok(total)
+    }
+
+    /// The key layout this backend uses.
+    pub fn keys(&self) -> &Keys {
+        &self.shared.keys
+    }
+}
+
+/// XAUTOCLAIM needs 6.2; refuse older servers up front.
+async fn check_version(conn: &mut ConnectionManager, redacted: &str) -> Result<()> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .with_context(|| format!("cannot query Redis at `{redacted}`"))?;
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .unwrap_or("")
+        .trim();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (6, 2) {
+        bail!(
+            "Redis at `{redacted}` is version `{version}`; the Streams backend needs 6.2 or newer"
+        );
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for RedisStreamsBackend {
+    fn kind(&self) -> &'static str {
+        "redis-streams"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // With AOF (`appendonly yes`, `appendfsync always` for every
+            // write); a server that keeps nothing on disk loses everything.
+            persistent: true,
+            history: true,
+            consumer_groups: true,
+            // A nacked message waits in the retry stream while later ones
+            // of its key are delivered.
+            ordered_per_key: false,
+            native_delay: false,
+            lease: true,
+            wildcards: true,
+            at_least_once: true,
+        }
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        // All or nothing, so a failed publish can simply be repeated.
+        pipe.atomic();
+        for message in &messages {
+            if let Err(e) = pattern::validate(&message.topic) {
+                bail!("cannot publish: {e}");
+            }
+            if pattern::is_pattern(&message.topic) {
+                bail!(
+                    "cannot publish to `{}`: a pattern is not a topic",
+                    message.topic
+                );
+            }
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(self.shared.keys.stream(&message.topic));
+            if let Some(maxlen) = self.shared.config.maxlen {
+                cmd.arg("MAXLEN").arg("~").arg(maxlen);
+            }
+            cmd.arg("*").arg("id").arg(&message.id);
+            if let Some(key) = &message.key {
+                cmd.arg("key").arg(key);
+            }
+            if !message.headers.is_empty() {
+                cmd.arg("headers")
+                    .arg(serde_json::to_string(&message.headers)?);
+            }
+            cmd.arg("payload")
+                .arg(&message.payload)
+                .arg("ts")
+                .arg(message.timestamp_ms)
+                .ignore();
+        }
+        let pipe = &pipe;
+        let _: () = transient::retry(|| {
+            let mut conn = self.shared.conn.clone();
+            async move { pipe.query_async(&mut conn).await }
+        })
+        .await
+        .context("XADD to Redis")?;
+        let mut published = self.shared.published.lock().unwrap();
+        for message in messages {
+            if !published.1.contains(&message.topic) {
+                published.1.insert(message.topic.clone());
+                published.0.push(message.topic);
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        for topic in &options.topics {
+            pattern::validate(topic).map_err(anyhow::Error::msg)?;
+        }
+        Ok(Box::new(
+            StreamSubscription::join(self.shared.clone(), options).await?,
+        ))
+    }
+}

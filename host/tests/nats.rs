@@ -1,0 +1,377 @@
+//! NATS-specific behaviour on the shared server at 127.0.0.1:4222 (with
+//! JetStream): request-reply, queue-group splits, JetStream nak delays and
+//! attempts, AckWait redelivery, in-progress acks, and the `sluice` binary
+//! moved onto JetStream by `SLUICE_BACKEND_URL` alone.
+//!
+//! The server is shared with other test runs: every test uses subjects and
+//! streams of its own (a unique first token and stream prefix) and deletes
+//! only the streams it made. Without a server the tests fail when `CI` is
+//! set and are skipped, loudly, otherwise.
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use sluice::Message;
+use sluice::backend::{self, SubscribeOptions, Subscription};
+use sluice::router::{FnHandler, Route, RouteSpec, RouteStats};
+use sluice::runtime::Outcome;
+
+use common::{Running, plugin_path, quick_retry};
+
+const SERVER: &str = "127.0.0.1:4222";
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Whether the shared server is there; panics under CI if it is not.
+fn server_up(test: &str) -> bool {
+    let reachable = SERVER
+        .parse()
+        .ok()
+        .and_then(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .is_some();
+    if !reachable {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "NATS is not reachable at {SERVER} (CI is set, so {test} cannot be skipped): \
+             start nats-server -js"
+        );
+        eprintln!("\n*** SKIPPING {test}: no NATS server at {SERVER} ***\n");
+    }
+    reachable
+}
+
+/// A first topic token and stream prefix no other run uses.
+fn unique(label: &str) -> String {
+    let id = Message::new("x", "").id;
+    format!("sluicetest{label}{}", &id[id.len() - 12..])
+}
+
+/// The JetStream URL for a test's own streams.
+fn jetstream_url(token: &str) -> String {
+    format!("jetstream://{SERVER}?stream_prefix=T{token}")
+}
+
+/// Deletes the stream a test's topics went to (and only that one).
+async fn delete_own_stream(token: &str) {
+    let Ok(client) = async_nats::connect(SERVER).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    let name = format!("T{token}_{token}");
+    if let Err(e) = js.delete_stream(&name).await {
+        eprintln!("could not delete test stream {name}: {e}");
+    }
+}
+
+fn options(topic: &str, group: &str, lease: Duration) -> SubscribeOptions {
+    let mut options = SubscribeOptions::new(vec![topic.to_string()], group);
+    options.lease = lease;
+    options
+}
+
+async fn fetch_one(sub: &dyn Subscription, within: Duration) -> Result<sluice::backend::Delivery> {
+    let give_up = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(d) = sub.fetch(1, Duration::from_millis(200)).await?.pop() {
+            return Ok(d);
+        }
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "nothing delivered within {within:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_is_answered_by_a_route_through_sluice_reply_to() -> Result<()> {
+    if !server_up("request_is_answered_by_a_route_through_sluice_reply_to") {
+        return Ok(());
+    }
+    let token = unique("rpc");
+    let topic = format!("{token}.rpc.upper");
+    let backend = backend::connect(&format!("nats://{SERVER}")).await?;
+    // What a plugin does: answer to the topic in `sluice-reply-to`.
+    let handler =
+        FnHandler(
+            |message: &Message, _attempt: u32| match message.header("sluice-reply-to") {
+                Some(reply_to) => Outcome::Outputs(vec![Message::new(
+                    reply_to,
+                    String::from_utf8_lossy(&message.payload).to_uppercase(),
+                )]),
+                None => Outcome::Reject("not a request".into()),
+            },
+        );
+    let route = Route {
+        spec: RouteSpec {
+            name: "rpc".into(),
+            subscribe: options(&topic, "rpc", Duration::from_secs(5)),
+            concurrency: 2,
+            ordered: false,
+            retry: quick_retry(3),
+            dead_letter_topic: format!("{token}.dead"),
+        },
+        source: backend.clone(),
+        sink: backend.clone(),
+        handler: Arc::new(handler),
+        stats: Arc::new(RouteStats::default()),
+    };
+    let running = Running::start(route).await;
+    let requester = async_nats::connect(SERVER).await?;
+    for word in ["hello", "queue", "reply"] {
+        let answer = tokio::time::timeout(LIMIT, requester.request(topic.clone(), word.into()))
+            .await
+            .context("no answer in time")??;
+        ensure!(
+            answer.payload.as_ref() == word.to_uppercase().as_bytes(),
+            "answer {:?}",
+            answer.payload
+        );
+    }
+    // The answer can arrive before the route counts it: stop (drain) first.
+    let stats = running.stats.clone();
+    running.stop().await;
+    let stats = stats.snapshot();
+    ensure!(stats.succeeded == 3, "{stats}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_queue_group_members_split_and_groups_fan_out() -> Result<()> {
+    if !server_up("core_queue_group_members_split_and_groups_fan_out") {
+        return Ok(());
+    }
+    let token = unique("queue");
+    let topic = format!("{token}.events");
+    let backend = backend::connect(&format!("nats://{SERVER}")).await?;
+    let one = backend.subscribe(options(&topic, "workers", LIMIT)).await?;
+    let two = backend.subscribe(options(&topic, "workers", LIMIT)).await?;
+    let audit = backend
+        .subscribe(options(&format!("{token}.*"), "audit", LIMIT))
+        .await?;
+    let sent: Vec<Message> = (0..200)
+        .map(|i| Message::new(&topic, i.to_string()))
+        .collect();
+    backend.publish(sent).await?;
+    let mut counts = [0usize; 3];
+    let mut workers_seen = std::collections::HashSet::new();
+    let mut audit_seen = std::collections::HashSet::new();
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    while workers_seen.len() < 200 || audit_seen.len() < 200 {
+        ensure!(tokio::time::Instant::now() < give_up, "stalled: {counts:?}");
+        for (i, sub) in [&one, &two, &audit].into_iter().enumerate() {
+            for d in sub.fetch(50, Duration::from_millis(50)).await? {
+                counts[i] += 1;
+                let fresh = if i == 2 {
+                    audit_seen.insert(d.message.id.clone())
+                } else {
+                    workers_seen.insert(d.message.id.clone())
+                };
+                ensure!(fresh, "a message came twice to one group");
+                sub.ack(&d).await?;
+            }
+        }
+    }
+    ensure!(
+        counts[0] > 0 && counts[1] > 0,
+        "one member got everything: {counts:?}"
+    );
+    ensure!(
+        counts[0] + counts[1] == 200 && counts[2] == 200,
+        "{counts:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_nak_delay_is_counted_in_attempts() -> Result<()> {
+    if !server_up("jetstream_nak_delay_is_counted_in_attempts") {
+        return Ok(());
+    }
+    let token = unique("nak");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let backend = backend::connect(&jetstream_url(&token)).await?;
+        let sub = backend
+            .subscribe(options(&topic, "g", Duration::from_secs(10)))
+            .await?;
+        backend.publish(vec![Message::new(&topic, "job")]).await?;
+        let first = fetch_one(sub.as_ref(), LIMIT).await?;
+        ensure!(first.attempt == 1, "first attempt {}", first.attempt);
+        let nacked_at = tokio::time::Instant::now();
+        sub.nack(&first, Duration::from_millis(800)).await?;
+        let second = fetch_one(sub.as_ref(), LIMIT).await?;
+        ensure!(
+            nacked_at.elapsed() >= Duration::from_millis(800),
+            "back after {:?}, before the delay",
+            nacked_at.elapsed()
+        );
+        ensure!(second.attempt == 2 && second.message.id == first.message.id);
+        sub.nack(&second, Duration::ZERO).await?;
+        let third = fetch_one(sub.as_ref(), LIMIT).await?;
+        ensure!(third.attempt == 3, "attempt {}", third.attempt);
+        sub.ack(&third).await?;
+        ensure!(
+            sub.fetch(1, Duration::from_millis(500)).await?.is_empty(),
+            "came back after ack"
+        );
+        sub.close().await
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_abandoned_delivery_returns_after_ack_wait() -> Result<()> {
+    if !server_up("jetstream_abandoned_delivery_returns_after_ack_wait") {
+        return Ok(());
+    }
+    let token = unique("lease");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let lease = Duration::from_millis(700);
+        let backend = backend::connect(&jetstream_url(&token)).await?;
+        let doomed = backend.subscribe(options(&topic, "g", lease)).await?;
+        backend.publish(vec![Message::new(&topic, "job")]).await?;
+        let held = fetch_one(doomed.as_ref(), LIMIT).await?;
+        // The consumer dies holding it: no ack, no nack, no close.
+        drop(doomed);
+        let fetched_at = tokio::time::Instant::now();
+        let survivor = backend.subscribe(options(&topic, "g", lease)).await?;
+        let again = fetch_one(survivor.as_ref(), LIMIT).await?;
+        ensure!(
+            again.message.id == held.message.id && again.attempt == 2,
+            "attempt {}",
+            again.attempt
+        );
+        ensure!(
+            fetched_at.elapsed() >= lease / 2,
+            "returned after {:?}, well before AckWait",
+            fetched_at.elapsed()
+        );
+        survivor.ack(&again).await?;
+        survivor.close().await
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_in_progress_acks_keep_a_slow_delivery() -> Result<()> {
+    if !server_up("jetstream_in_progress_acks_keep_a_slow_delivery") {
+        return Ok(());
+    }
+    let token = unique("wpi");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let lease = Duration::from_millis(600);
+        let backend = backend::connect(&jetstream_url(&token)).await?;
+        let slow = backend.subscribe(options(&topic, "g", lease)).await?;
+        let other = backend.subscribe(options(&topic, "g", lease)).await?;
+        backend
+            .publish(vec![Message::new(&topic, "long job")])
+            .await?;
+        let held = fetch_one(slow.as_ref(), LIMIT).await?;
+        // Three leases long, while the slow member is alive and fetching.
+        let until = tokio::time::Instant::now() + lease * 3;
+        while tokio::time::Instant::now() < until {
+            ensure!(slow.fetch(1, Duration::from_millis(100)).await?.is_empty());
+            ensure!(
+                other.fetch(1, Duration::from_millis(100)).await?.is_empty(),
+                "redelivered although in progress"
+            );
+        }
+        slow.ack(&held).await?;
+        ensure!(
+            other.fetch(1, lease * 2).await?.is_empty(),
+            "came back after the ack"
+        );
+        slow.close().await?;
+        other.close().await
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
+}
+
+#[test]
+fn the_same_plugin_and_config_run_on_jetstream_by_environment() {
+    if !server_up("the_same_plugin_and_config_run_on_jetstream_by_environment") {
+        return;
+    }
+    let token = unique("cli");
+    let url = jetstream_url(&token);
+    let dir = tempfile::tempdir().unwrap();
+    // The same config as the SQLite CLI tests, but with topics of our own.
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[backends.main]
+url = "sqlite://{db}"
+
+[plugins.upper]
+path = "{plugin}"
+config = {{ output = "{token}.shouted" }}
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "upper"
+topics = ["{token}.words"]
+plugin = "upper"
+"#,
+            db = dir.path().join("sluice.db").display(),
+            plugin = plugin_path("uppercase").display(),
+            cache = dir.path().join("cache").display(),
+        ),
+    )
+    .unwrap();
+    let sluice = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .env("SLUICE_LOG", "warn")
+            .env("SLUICE_BACKEND_URL", &url)
+            .output()
+            .expect("run sluice")
+    };
+    let words = format!("{token}.words");
+    let published = sluice(&["publish", &words, "moved", "--count", "5"]);
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let run = sluice(&["run", config.to_str().unwrap(), "--exit-when-idle", "2"]);
+    let summary = String::from_utf8_lossy(&run.stdout).into_owned();
+    let shouted = format!("{token}.shouted");
+    let tail = sluice(&["tail", &shouted, "--json", "--limit", "5"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(delete_own_stream(&token));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(summary.contains("succeeded 5"), "{summary}");
+    assert!(
+        !dir.path().join("sluice.db").exists(),
+        "the SQLite file of the config was used"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&tail.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{}", String::from_utf8_lossy(&tail.stderr));
+    assert!(
+        lines
+            .iter()
+            .all(|m| m["payload"] == "MOVED" && m["topic"] == shouted.as_str())
+    );
+}
