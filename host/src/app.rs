@@ -2,16 +2,18 @@
 //! plugins, builds the routes, runs them until shutdown and reports.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState, BackendHandle, RouteHandle};
+use crate::admin::{self, Admin, AdminState, BackendHandle, RouteHandle};
 use crate::backend::{self, Backend, SubscribeOptions};
-use crate::config::{AdminConfig, Loaded};
+use crate::config::{self, AdminConfig, Loaded};
 use crate::deploy::Deployer;
 use crate::message::now_ms;
 use crate::router::{Route, RouteControl, RouteSpec, RouteStats, StatsSnapshot, WasmHandler};
@@ -49,7 +51,9 @@ pub async fn connect_backends(loaded: &Loaded) -> Result<BTreeMap<String, Arc<dy
 pub struct Host {
     routes: Vec<(Route, Arc<RouteControl>)>,
     deployer: Arc<Deployer>,
-    admin: Option<(AdminConfig, Vec<RouteHandle>, Vec<BackendHandle>)>,
+    routes_view: Vec<RouteHandle>,
+    backends_view: Vec<BackendHandle>,
+    admin: Option<AdminConfig>,
     watch_plugins: bool,
     grace: Duration,
 }
@@ -82,6 +86,8 @@ impl Host {
                 backend: loaded.source_backend(route).to_string(),
                 stats: stats.clone(),
                 control: control.clone(),
+                group_key: subscribe.group_key(),
+                source: backends[loaded.source_backend(route)].clone(),
             });
             routes.push((
                 Route {
@@ -111,11 +117,9 @@ impl Host {
         Ok(Host {
             routes,
             deployer,
-            admin: loaded
-                .config
-                .admin
-                .clone()
-                .map(|config| (config, handles, backend_handles)),
+            routes_view: handles,
+            backends_view: backend_handles,
+            admin: loaded.config.admin.clone(),
             watch_plugins: loaded.config.runtime.watch_plugins,
             grace: Duration::from_millis(loaded.config.runtime.shutdown_grace_ms),
         })
@@ -124,6 +128,16 @@ impl Host {
     /// The plugins of this host, for deploying new versions.
     pub fn deployer(&self) -> &Arc<Deployer> {
         &self.deployer
+    }
+
+    /// What the admin API shows and controls of this host; the routes view
+    /// is handed over, so call it once.
+    fn admin_state(&mut self) -> AdminState {
+        AdminState::new(
+            self.deployer.clone(),
+            std::mem::take(&mut self.routes_view),
+            std::mem::take(&mut self.backends_view),
+        )
     }
 
     /// Runs every route until `shutdown` is cancelled or, with
@@ -156,15 +170,6 @@ impl Host {
         // Side services stop only after the routes have drained.
         let services = CancellationToken::new();
         let _stop_services = services.clone().drop_guard();
-        if let Some((config, routes, backends)) = self.admin {
-            let state = Arc::new(AdminState::new(
-                self.deployer.clone(),
-                routes,
-                backends,
-                config.token.clone(),
-            ));
-            admin::serve(&config, state, services.clone()).await?;
-        }
         if self.watch_plugins {
             self.deployer.watch(services.clone())?;
         }
@@ -220,6 +225,107 @@ impl Host {
             .map(|(name, s)| (name, s.snapshot()))
             .collect())
     }
+}
+
+/// Runs the config at `path` until SIGINT or SIGTERM (or idle), and on
+/// SIGHUP or `POST /api/reload` re-reads it: the new config is checked, its
+/// backends connected and its plugins loaded while the old routes keep
+/// running; only then are the old routes drained and the new ones started.
+/// A config that fails any of that is refused and the running one stays.
+pub async fn serve(
+    path: &Path,
+    shutdown: CancellationToken,
+    exit_when_idle: Option<Duration>,
+) -> Result<Vec<(String, StatsSnapshot)>> {
+    let loaded = config::load(path)?;
+    let mut host = Host::from_config(&loaded).await?;
+    let (reload_requests, mut reloads) = mpsc::channel::<ReloadReply>(4);
+    let admin = match host.admin.clone() {
+        Some(config) => {
+            let admin = Arc::new(Admin::new(
+                host.admin_state(),
+                config.token.clone(),
+                reload_requests.clone(),
+            ));
+            admin::serve(&config, admin.clone(), shutdown.clone()).await?;
+            Some(admin)
+        }
+        None => None,
+    };
+    spawn_hangup_listener(reload_requests, shutdown.clone());
+    loop {
+        let generation = shutdown.child_token();
+        let running = tokio::spawn(host.run(generation.clone(), exit_when_idle));
+        tokio::pin!(running);
+        let next = loop {
+            tokio::select! {
+                finished = &mut running => return finished.context("host task panicked")?,
+                Some(reply) = reloads.recv() => {
+                    match prepare(path).await {
+                        Ok(next) => break (next, reply),
+                        Err(e) => {
+                            let message = format!("{e:#}");
+                            tracing::error!("config reload refused, the running config stays: {message}");
+                            let _ = reply.send(Err(message));
+                        }
+                    }
+                }
+            }
+        };
+        let (mut next, reply) = next;
+        tracing::info!("config reloaded: draining the running routes");
+        generation.cancel();
+        let drained = running.await.context("host task panicked")?;
+        if let Ok(summary) = &drained {
+            for (route, stats) in summary {
+                tracing::info!(route = %route, %stats, "route stopped for the reload");
+            }
+        }
+        if let Some(admin) = &admin {
+            admin.replace(next.admin_state());
+        }
+        let _ = reply.send(Ok(()));
+        host = next;
+        if shutdown.is_cancelled() {
+            return drained;
+        }
+    }
+}
+
+/// Where a reload request gets its answer.
+pub type ReloadReply = oneshot::Sender<std::result::Result<(), String>>;
+
+/// Reads, checks and builds the next host without touching the running one.
+async fn prepare(path: &Path) -> Result<Host> {
+    let loaded = config::load(path)?;
+    Host::from_config(&loaded).await
+}
+
+/// Turns SIGHUP into reload requests.
+fn spawn_hangup_listener(requests: mpsc::Sender<ReloadReply>, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload through the admin API instead");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(()) = hangups.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let (reply, outcome) = oneshot::channel();
+                    if requests.send(reply).await.is_err() {
+                        return;
+                    }
+                    let _ = outcome.await;
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (requests, shutdown);
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -147,6 +147,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,sqlx=warn,wasmtime=warn,cranelift=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(dispatch(cli.command)) {
@@ -223,10 +224,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 async fn run(path: &Path, exit_when_idle: Option<Duration>) -> Result<ExitCode> {
-    let loaded = config::load(path)?;
-    let host = app::Host::from_config(&loaded).await?;
     let shutdown = app::shutdown_on_signals();
-    let summary = host.run(shutdown, exit_when_idle).await?;
+    let summary = app::serve(path, shutdown, exit_when_idle).await?;
     println!("Summary");
     for (route, stats) in summary {
         println!("  route {route}: {stats}");

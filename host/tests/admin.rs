@@ -172,6 +172,7 @@ fn deploy_refuse_rollback_pause_and_metrics() {
         "sluice_plugin_traps_total{plugin=\"upper\"}",
         "sluice_plugin_version_info{plugin=\"upper\"",
         "sluice_backend_up{backend=\"main\",kind=\"sqlite\"} 1",
+        "sluice_route_pending{route=\"upper\"} 0",
     ] {
         assert!(metrics.contains(family), "missing {family} in\n{metrics}");
     }
@@ -224,4 +225,101 @@ fn listening_beyond_loopback_needs_a_token() {
         "{}",
         text(&out.stderr)
     );
+}
+
+fn publish_and_tail(dir: &Path, payload: &str, topic: &str) -> String {
+    let url = format!("sqlite://{}", dir.join("sluice.db").display());
+    let sluice_bin = env!("CARGO_BIN_EXE_sluice");
+    let published = Command::new(sluice_bin)
+        .args(["publish", "--url", &url, "words", payload])
+        .output()
+        .unwrap();
+    assert!(published.status.success());
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tail = Command::new(sluice_bin)
+            .args(["tail", "--url", &url, topic])
+            .output()
+            .unwrap();
+        let seen = text(&tail.stdout);
+        if seen.contains(&payload.to_uppercase()) {
+            return seen;
+        }
+        assert!(Instant::now() < give_up, "{payload} never reached {topic}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn reload_applies_a_new_config_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let host = start(dir.path(), port, None);
+    publish_and_tail(dir.path(), "before", "shouted");
+
+    // Outputs move to another topic with a reload through the API.
+    let config_path = dir.path().join("sluice.toml");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        original.replace("output = \"shouted\"", "output = \"yelled\""),
+    )
+    .unwrap();
+    let reloaded = sluice(&["reload"], &admin, None);
+    assert!(reloaded.status.success(), "{}", text(&reloaded.stderr));
+    publish_and_tail(dir.path(), "after", "yelled");
+
+    // A broken config is refused and the running one stays.
+    std::fs::write(
+        &config_path,
+        original.replace("plugin = \"upper\"", "plugin = \"missing\""),
+    )
+    .unwrap();
+    let refused = sluice(&["reload"], &admin, None);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("no plugin named `missing`"),
+        "{}",
+        text(&refused.stderr)
+    );
+    publish_and_tail(dir.path(), "still", "yelled");
+
+    // SIGHUP does the same as the API, in the background: messages keep
+    // flowing to the old topic until the new config is live.
+    std::fs::write(
+        &config_path,
+        original.replace("output = \"shouted\"", "output = \"hollered\""),
+    )
+    .unwrap();
+    let pid = host.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let give_up = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        let payload = format!("hangup-{round}");
+        let published = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["publish", "--url", &url, "words", &payload])
+            .output()
+            .unwrap();
+        assert!(published.status.success());
+        std::thread::sleep(Duration::from_millis(300));
+        let tail = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["tail", "--url", &url, "hollered"])
+            .output()
+            .unwrap();
+        if text(&tail.stdout).contains("HANGUP-") {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "the SIGHUP reload never took effect"
+        );
+    }
 }

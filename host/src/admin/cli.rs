@@ -74,6 +74,11 @@ pub enum AdminCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Re-read the running host's config file and apply it (like SIGHUP).
+    Reload {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
 }
 
 impl AdminCommand {
@@ -137,6 +142,10 @@ impl AdminCommand {
                 client(&target).post(&format!("/api/routes/{route}/resume"))?;
                 println!("route {route}: resumed");
             }
+            AdminCommand::Reload { target } => {
+                client(&target).post("/api/reload")?;
+                println!("config reloaded");
+            }
             AdminCommand::Stats { target } => {
                 let client = client(&target);
                 for route in list(client.get("/api/routes")?) {
@@ -156,7 +165,8 @@ impl AdminCommand {
                 }
                 let metrics = client.metrics()?;
                 for line in metrics.lines().filter(|l| {
-                    l.starts_with("sluice_plugin_traps_total")
+                    l.starts_with("sluice_route_pending{")
+                        || l.starts_with("sluice_plugin_traps_total")
                         || l.starts_with("sluice_plugin_timeouts_total")
                         || l.starts_with("sluice_plugin_memory_limit_hits_total")
                 }) {

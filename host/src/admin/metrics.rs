@@ -16,7 +16,8 @@ type PluginFamily = (
     fn(&PluginCounters) -> &AtomicU64,
 );
 
-pub fn render(state: &AdminState) -> String {
+/// `pending[i]` is route i's pending count, where its backend reports one.
+pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
     let mut out = String::new();
     let route_counters: [RouteFamily; 7] = [
         (
@@ -84,6 +85,22 @@ pub fn render(state: &AdminState) -> String {
             snapshot.in_flight
         )
         .unwrap();
+    }
+    header(
+        &mut out,
+        "sluice_route_pending",
+        "Messages of the route's group delivered and unsettled or delayed, as the backend reports them.",
+        "gauge",
+    );
+    for (route, count) in state.routes.iter().zip(pending) {
+        if let Some(count) = count {
+            writeln!(
+                out,
+                "sluice_route_pending{{route=\"{}\"}} {count}",
+                escape(&route.name)
+            )
+            .unwrap();
+        }
     }
     header(
         &mut out,

@@ -37,6 +37,9 @@ pub struct RouteHandle {
     pub backend: String,
     pub stats: Arc<RouteStats>,
     pub control: Arc<RouteControl>,
+    /// The group's identity in the backend, for pending counts.
+    pub group_key: String,
+    pub source: Arc<dyn crate::backend::Backend>,
 }
 
 /// A backend, for metrics.
@@ -45,11 +48,42 @@ pub struct BackendHandle {
     pub kind: &'static str,
 }
 
+/// What the API sees of the host's current config generation.
 pub struct AdminState {
     pub deployer: Arc<Deployer>,
     pub routes: Vec<RouteHandle>,
     pub backends: Vec<BackendHandle>,
+}
+
+/// The API's own state: the current generation (replaced by a config
+/// reload), the token, and where reload requests go.
+pub struct Admin {
+    current: std::sync::RwLock<Arc<AdminState>>,
     token: Option<String>,
+    reloads: tokio::sync::mpsc::Sender<crate::app::ReloadReply>,
+}
+
+impl Admin {
+    pub fn new(
+        state: AdminState,
+        token: Option<String>,
+        reloads: tokio::sync::mpsc::Sender<crate::app::ReloadReply>,
+    ) -> Self {
+        Admin {
+            current: std::sync::RwLock::new(Arc::new(state)),
+            token,
+            reloads,
+        }
+    }
+
+    /// Points the API at a new config generation.
+    pub fn replace(&self, state: AdminState) {
+        *self.current.write().unwrap() = Arc::new(state);
+    }
+
+    fn current(&self) -> Arc<AdminState> {
+        self.current.read().unwrap().clone()
+    }
 }
 
 impl AdminState {
@@ -57,13 +91,11 @@ impl AdminState {
         deployer: Arc<Deployer>,
         routes: Vec<RouteHandle>,
         backends: Vec<BackendHandle>,
-        token: Option<String>,
     ) -> Self {
         AdminState {
             deployer,
             routes,
             backends,
-            token,
         }
     }
 
@@ -87,7 +119,7 @@ impl AdminState {
 /// Starts the server; it stops when `shutdown` is cancelled.
 pub async fn serve(
     config: &AdminConfig,
-    state: Arc<AdminState>,
+    state: Arc<Admin>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let upload_limit = (config.max_upload_mb as usize) << 20;
@@ -101,6 +133,7 @@ pub async fn serve(
         .route("/api/routes", get(list_routes))
         .route("/api/routes/{name}/pause", post(pause_route))
         .route("/api/routes/{name}/resume", post(resume_route))
+        .route("/api/reload", post(reload))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -125,7 +158,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn authorize(State(state): State<Arc<AdminState>>, request: Request, next: Next) -> Response {
+async fn authorize(State(state): State<Arc<Admin>>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
         let given = request
             .headers()
@@ -152,7 +185,23 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn ready(State(state): State<Arc<AdminState>>) -> Response {
+async fn reload(State(admin): State<Arc<Admin>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let refused = |why: String| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why);
+    admin
+        .reloads
+        .send(reply)
+        .await
+        .map_err(|_| refused("the host is shutting down".into()))?;
+    match outcome.await {
+        Ok(Ok(())) => Ok(Json(json!({ "reloaded": true }))),
+        Ok(Err(why)) => Err(refused(why)),
+        Err(_) => Err(refused("the host is shutting down".into())),
+    }
+}
+
+async fn ready(State(admin): State<Arc<Admin>>) -> Response {
+    let state = admin.current();
     let problems = state.not_ready();
     if problems.is_empty() {
         "ready\n".into_response()
@@ -169,7 +218,8 @@ struct PluginView {
     last_error: Option<String>,
 }
 
-async fn list_plugins(State(state): State<Arc<AdminState>>) -> Json<Vec<PluginView>> {
+async fn list_plugins(State(admin): State<Arc<Admin>>) -> Json<Vec<PluginView>> {
+    let state = admin.current();
     Json(
         state
             .deployer
@@ -185,10 +235,11 @@ async fn list_plugins(State(state): State<Arc<AdminState>>) -> Json<Vec<PluginVi
 }
 
 async fn deploy_plugin(
-    State(state): State<Arc<AdminState>>,
+    State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = admin.current();
     if state.deployer.slot(&name).is_none() {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -205,16 +256,18 @@ async fn deploy_plugin(
 }
 
 async fn rollback_plugin(
-    State(state): State<Arc<AdminState>>,
+    State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = admin.current();
     match state.deployer.rollback(&name) {
         Ok(info) => Ok(Json(json!({ "current": info }))),
         Err(e) => Err(ApiError(StatusCode::CONFLICT, format!("{e:#}"))),
     }
 }
 
-async fn list_routes(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+    let state = admin.current();
     let routes: Vec<serde_json::Value> = state
         .routes
         .iter()
@@ -245,27 +298,41 @@ async fn list_routes(State(state): State<Arc<AdminState>>) -> Json<serde_json::V
 }
 
 async fn pause_route(
-    State(state): State<Arc<AdminState>>,
+    State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = admin.current();
     state.route(&name)?.control.pause();
     tracing::info!(route = %name, "paused");
     Ok(Json(json!({ "route": name, "paused": true })))
 }
 
 async fn resume_route(
-    State(state): State<Arc<AdminState>>,
+    State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = admin.current();
     state.route(&name)?.control.resume();
     tracing::info!(route = %name, "resumed");
     Ok(Json(json!({ "route": name, "paused": false })))
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let state = admin.current();
+    let mut pending = Vec::with_capacity(state.routes.len());
+    for route in &state.routes {
+        let count = match route.source.pending(&route.group_key).await {
+            Ok(count) => count,
+            Err(e) => {
+                tracing::debug!(route = %route.name, "pending count unavailable: {e:#}");
+                None
+            }
+        };
+        pending.push(count);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(&state),
+        metrics::render(&state, &pending),
     )
         .into_response()
 }

@@ -113,6 +113,11 @@ impl MemoryBackend {
 
 #[async_trait]
 impl Backend for MemoryBackend {
+    async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
+        let state = self.shared.state.lock().unwrap();
+        Ok(state.groups.get(group_key).map(|g| g.held() as u64))
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

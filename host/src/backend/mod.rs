@@ -150,6 +150,13 @@ pub trait Backend: Send + Sync + 'static {
     async fn publish(&self, messages: Vec<Message>) -> Result<()>;
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>>;
+
+    /// Messages of a group (by [`SubscribeOptions::group_key`]) delivered
+    /// and not yet settled, or waiting out a nack delay, for monitoring;
+    /// `None` where the backend cannot say cheaply.
+    async fn pending(&self, _group_key: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A consumer's view of one consumer group.

@@ -143,6 +143,17 @@ impl SqliteBackend {
 
 #[async_trait]
 impl Backend for SqliteBackend {
+    async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
+        // Deliveries the group has taken on and not acknowledged; messages
+        // past its cursors are not counted until a fetch reaches them.
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM sluice_deliveries WHERE group_name = ?1")
+                .bind(group_key)
+                .fetch_one(&self.shared.pool)
+                .await?;
+        Ok(Some(count as u64))
+    }
+
     fn kind(&self) -> &'static str {
         "sqlite"
     }

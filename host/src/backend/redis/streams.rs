@@ -297,6 +297,12 @@ async fn check_version(conn: &mut ConnectionManager, redacted: &str) -> Result<(
 
 #[async_trait]
 impl Backend for RedisStreamsBackend {
+    async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
+        RedisStreamsBackend::pending(self, group_key)
+            .await
+            .map(Some)
+    }
+
     fn kind(&self) -> &'static str {
         "redis-streams"
     }
