@@ -9,11 +9,11 @@
 //! for latency. Needs the plugins built: `cargo xtask bench` does both.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use chart::{bar, legend, round2, save, svg_open, thousands, workspace_root};
 use serde_json::json;
 use sluice::Message;
 use sluice::backend::memory::MemoryBackend;
@@ -25,6 +25,9 @@ use sluice::runtime::{Outcome, PluginSettings, Runtime};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+#[path = "common/chart.rs"]
+mod chart;
 
 const INPUT: &str = "bench.in";
 const OUTPUT: &str = "bench.out";
@@ -468,18 +471,7 @@ impl Results {
     }
 
     fn save(&self) -> Result<()> {
-        let dir = workspace_root().join("target").join("bench");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let json_path = dir.join("pipeline.json");
-        let json = serde_json::to_string_pretty(&self.to_json())?;
-        std::fs::write(&json_path, json + "\n")
-            .with_context(|| format!("writing {}", json_path.display()))?;
-        println!("wrote {}", json_path.display());
-        let svg_path = dir.join("pipeline.svg");
-        std::fs::write(&svg_path, self.to_svg())
-            .with_context(|| format!("writing {}", svg_path.display()))?;
-        println!("wrote {}", svg_path.display());
-        Ok(())
+        save("pipeline", &self.to_json(), &self.to_svg())
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -562,42 +554,20 @@ const TOP: f64 = 80.0;
 fn chart(title: &str, panels: &[Panel]) -> String {
     let width = MARGIN + panels.len() as f64 * (PANEL_WIDTH + MARGIN);
     let height = TOP + PANEL_HEIGHT + MARGIN;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        svg,
-        r##"<rect width="100%" height="100%" fill="#ffffff"/><text x="{MARGIN}" y="28" font-size="16" font-weight="bold">{title}</text>"##
-    );
-    svg.push_str(&legend(MARGIN, 50.0));
+    let mut svg = svg_open(width, height, MARGIN, title);
+    svg.push_str(&legend(
+        MARGIN,
+        50.0,
+        &[
+            ("wasm (echo plugin)", WASM_COLOUR),
+            ("native", NATIVE_COLOUR),
+        ],
+    ));
     for (index, panel) in panels.iter().enumerate() {
         let x = MARGIN + index as f64 * (PANEL_WIDTH + MARGIN);
         svg.push_str(&panel.to_svg(x, TOP));
     }
     svg.push_str("</svg>\n");
-    svg
-}
-
-fn legend(x: f64, y: f64) -> String {
-    let mut svg = String::new();
-    for (offset, (name, colour)) in [
-        ("wasm (echo plugin)", WASM_COLOUR),
-        ("native", NATIVE_COLOUR),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let x = x + offset as f64 * 160.0;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{colour}"/><text x="{}" y="{}">{name}</text>"#,
-            y - 10.0,
-            x + 18.0,
-            y
-        );
-    }
     svg
 }
 
@@ -655,51 +625,6 @@ impl Panel {
     }
 }
 
-fn bar(left: f64, width: f64, baseline: f64, value: f64, height: f64, colour: &str) -> String {
-    format!(
-        r#"<rect x="{left:.1}" y="{:.1}" width="{width:.1}" height="{height:.1}" fill="{colour}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>
-"#,
-        baseline - height,
-        left + width / 2.0,
-        baseline - height - 4.0,
-        compact(value)
-    )
-}
-
-/// Short labels for bars: 41.2k, 812, 23.4.
-fn compact(value: f64) -> String {
-    if value >= 10_000.0 {
-        format!("{:.1}k", value / 1000.0)
-    } else if value >= 100.0 {
-        format!("{value:.0}")
-    } else {
-        format!("{value:.1}")
-    }
-}
-
-/// 41234.6 → "41,235".
-fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value);
-    let mut grouped = String::new();
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    grouped
-}
-
 fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
-}
-
-fn round2(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
-}
-
-fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the host package lives inside the workspace")
 }

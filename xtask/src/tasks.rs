@@ -31,11 +31,14 @@ pub fn test(extra: &[String]) -> Result<()> {
     result
 }
 
-/// The wasm-versus-native pipeline benchmark.
+/// The wasm-versus-native pipeline benchmark, then Sluice against plain
+/// client loops on Redis and NATS (which skips a broker it cannot reach).
 pub fn bench() -> Result<()> {
     plugins()?;
     println!("==> benchmarking the pipeline (release build)…");
-    run(cargo().args(["bench", "-p", "sluice", "--bench", "pipeline"]))
+    run(cargo().args(["bench", "-p", "sluice", "--bench", "pipeline"]))?;
+    println!("==> benchmarking the brokers (release build)…");
+    run(cargo().args(["bench", "-p", "sluice", "--bench", "brokers"]))
 }
 
 /// Formatting and clippy, both workspaces; clippy on the guests checks them

@@ -37,6 +37,9 @@ use crate::backend::{Backend, Delivery, SubscribeOptions, Subscription};
 use crate::message::{Message, headers};
 use crate::runtime::Outcome;
 
+/// The smallest batch the fetcher asks for.
+const FETCH_BATCH_MIN: usize = 32;
+
 /// How long one fetch waits before the fetcher checks for shutdown again.
 const FETCH_WAIT: Duration = Duration::from_millis(250);
 
@@ -206,7 +209,10 @@ impl Subscribed {
 
 impl Context {
     async fn fetch_loop(&self, lanes: &[async_channel::Sender<Delivery>]) {
-        let batch = (self.spec.concurrency * 2).clamp(1, 256);
+        // Fetch well ahead of the workers: a round trip to the broker per
+        // couple of messages would cap a route far below what it can do.
+        // Fetched messages wait in the lanes, leased, until a worker is free.
+        let batch = (self.spec.concurrency * 2).clamp(FETCH_BATCH_MIN, 256);
         let mut next_lane = 0usize;
         let mut failures = 0u32;
         let mut paused = self.control.paused.subscribe();

@@ -1,0 +1,871 @@
+//! Benchmarks Sluice on the networked backends against a plain client loop
+//! doing the same broker work without Sluice, so what the host costs on a
+//! real broker shows as a ratio. For Redis Streams and NATS JetStream:
+//!
+//! - Sluice: a route running the `echo` plugin from `bench.in` to
+//!   `bench.out`, and a counting subscription on `bench.out`;
+//! - plain: the broker's own client crate reading batches of 100 from an
+//!   input stream, writing each to an output stream (pipelined), acking the
+//!   batch, and a second loop counting (and acking) the outputs.
+//!
+//! Both get the same pre-published 1 KiB messages and are timed from the
+//! start of consuming until the last output is counted. Results go to the
+//! terminal, to `target/bench/brokers.json` and to an SVG chart beside it.
+//!
+//! Needs Redis on 127.0.0.1:6379 and NATS with JetStream on 127.0.0.1:4222
+//! (a broker that cannot be reached is skipped). Every run uses key
+//! prefixes and stream names of its own and deletes them afterwards.
+//! `SLUICE_BENCH_BROKER_MESSAGES` (default 20000) sets the messages per
+//! run. Needs the plugins built: `cargo xtask bench` does both.
+
+use std::fmt::Write as _;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
+use chart::{bar, legend, round2, save, svg_open, thousands, workspace_root};
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamReadReply};
+use serde_json::json;
+use sluice::Message;
+use sluice::backend::{Backend, SubscribeOptions, Subscription};
+use sluice::router::{
+    MessageHandler, RetryPolicy, Route, RouteControl, RouteSpec, RouteStats, WasmHandler,
+};
+use sluice::runtime::{PluginSettings, Runtime};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[path = "common/chart.rs"]
+mod chart;
+
+const INPUT: &str = "bench.in";
+const OUTPUT: &str = "bench.out";
+const PAYLOAD_BYTES: usize = 1024;
+/// The router fetches twice its concurrency at a time, so on a broker the
+/// concurrency also sets how many round trips a message costs.
+const CONCURRENCIES: [usize; 3] = [1, 8, 32];
+/// Enough for connections, wasm instances and code paths to be warm.
+const WARMUP_MESSAGES: usize = 1_000;
+const PUBLISH_BATCH: usize = 500;
+/// Entries the plain loops read at once, as Sluice's Redis backend does.
+const PLAIN_BATCH: usize = 100;
+/// Longer than the router's fetch wait and a JetStream pull request, so a
+/// paused route has stopped reading before the timed messages go in.
+const SETTLE: Duration = Duration::from_millis(1_500);
+/// Longest wait for any output before a run is declared stuck.
+const STALL: Duration = Duration::from_secs(30);
+
+const SLUICE_COLOURS: [&str; 3] = ["#b7adf7", "#8a78f3", "#654ff0"];
+const PLAIN_COLOUR: &str = "#f0883e";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let messages = positive_env("SLUICE_BENCH_BROKER_MESSAGES", 20_000)?;
+    let runtime = Runtime::new(None)?;
+    let handler = echo_handler(&runtime)?;
+    let mut results = Vec::new();
+    for broker in [Broker::RedisStreams, Broker::JetStream] {
+        if tokio::net::TcpStream::connect(broker.address())
+            .await
+            .is_err()
+        {
+            println!(
+                "{}: nothing listens on {}, skipped",
+                broker.name(),
+                broker.address()
+            );
+            continue;
+        }
+        results.push(measure(broker, &handler, messages).await?);
+    }
+    if results.is_empty() {
+        bail!("no broker could be reached");
+    }
+    print_tables(&results, messages);
+    save("brokers", &to_json(&results, messages), &to_svg(&results))
+}
+
+fn positive_env(name: &str, default: usize) -> Result<usize> {
+    let Ok(value) = std::env::var(name) else {
+        return Ok(default);
+    };
+    match value.parse() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!("{name} must be a positive number, not `{value}`"),
+    }
+}
+
+fn echo_handler(runtime: &Runtime) -> Result<Arc<dyn MessageHandler>> {
+    let path = workspace_root().join("plugins/target/wasm32-wasip2/release/echo.wasm");
+    println!("loading {}", path.display());
+    let mut settings = PluginSettings::new("echo");
+    settings.config.insert("output".into(), OUTPUT.into());
+    settings.publish_to = vec![OUTPUT.into()];
+    let plugin = runtime
+        .load_file(&path, settings)
+        .context("the plugins must be built first (cargo xtask plugins)")?;
+    Ok(Arc::new(WasmHandler::new(Arc::new(plugin))))
+}
+
+#[derive(Clone, Copy)]
+enum Broker {
+    RedisStreams,
+    JetStream,
+}
+
+impl Broker {
+    fn name(self) -> &'static str {
+        match self {
+            Broker::RedisStreams => "Redis Streams",
+            Broker::JetStream => "NATS JetStream",
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Broker::RedisStreams => "redis-streams",
+            Broker::JetStream => "jetstream",
+        }
+    }
+
+    fn address(self) -> &'static str {
+        match self {
+            Broker::RedisStreams => "127.0.0.1:6379",
+            Broker::JetStream => "127.0.0.1:4222",
+        }
+    }
+
+    fn sluice_url(self, namespace: &str) -> String {
+        match self {
+            Broker::RedisStreams => format!("redis://{}/0?prefix={namespace}:", self.address()),
+            Broker::JetStream => {
+                format!("jetstream://{}?stream_prefix={namespace}", self.address())
+            }
+        }
+    }
+
+    /// Deletes whatever a run under `namespace` left on the broker.
+    async fn clean(self, namespace: &str) -> Result<()> {
+        match self {
+            Broker::RedisStreams => redis_clean(namespace).await,
+            Broker::JetStream => jetstream_clean(namespace).await,
+        }
+    }
+}
+
+/// A name no other run shares: the servers are shared, and a leftover of
+/// an earlier run must not be read as this one's.
+fn namespace(broker: Broker, phase: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let slug = broker.slug().replace('-', "");
+    format!("sluicebench{slug}{}x{nanos}{phase}", std::process::id())
+}
+
+struct BrokerResult {
+    broker: Broker,
+    /// Messages per second at each router concurrency.
+    sluice: Vec<(usize, f64)>,
+    plain: f64,
+}
+
+/// Every Sluice concurrency, then the plain loop, each on fresh keys.
+async fn measure(
+    broker: Broker,
+    handler: &Arc<dyn MessageHandler>,
+    messages: usize,
+) -> Result<BrokerResult> {
+    let mut sluice = Vec::new();
+    for concurrency in CONCURRENCIES {
+        let namespace = namespace(broker, &format!("c{concurrency}"));
+        let rate = sluice_rate(broker, &namespace, handler, concurrency, messages).await;
+        // Cleaned even when the run failed; the run's error matters more.
+        let cleaned = broker.clean(&namespace).await;
+        sluice.push((concurrency, rate?));
+        cleaned?;
+    }
+    let namespace = namespace(broker, "plain");
+    let plain = plain_rate(broker, &namespace, messages).await;
+    let cleaned = broker.clean(&namespace).await;
+    let plain = plain?;
+    cleaned?;
+    Ok(BrokerResult {
+        broker,
+        sluice,
+        plain,
+    })
+}
+
+async fn sluice_rate(
+    broker: Broker,
+    namespace: &str,
+    handler: &Arc<dyn MessageHandler>,
+    concurrency: usize,
+    messages: usize,
+) -> Result<f64> {
+    let phase = format!("{}, sluice, concurrency {concurrency}:", broker.name());
+    if let Broker::JetStream = broker {
+        refuse_foreign_stream().await?;
+    }
+    println!("{phase} warming up…");
+    let backend = sluice::backend::connect(&broker.sluice_url(namespace)).await?;
+    let mut run = SluiceRun::start(backend, handler.clone(), concurrency).await?;
+    run.publish(WARMUP_MESSAGES).await?;
+    run.collect(WARMUP_MESSAGES).await?;
+    run.control.pause();
+    tokio::time::sleep(SETTLE).await;
+    println!(
+        "{phase} publishing {} messages…",
+        thousands(messages as f64)
+    );
+    run.publish(messages).await?;
+    println!("{phase} consuming…");
+    let started = Instant::now();
+    run.control.resume();
+    run.collect(messages).await?;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    run.stop().await?;
+    println!("{phase} {} msgs/s", thousands(rate));
+    Ok(rate)
+}
+
+/// Sluice's JetStream backend uses whatever stream already keeps a topic:
+/// one left on the shared server would bring old messages into the count.
+async fn refuse_foreign_stream() -> Result<()> {
+    let client = async_nats::connect(Broker::JetStream.address()).await?;
+    let js = jetstream::new(client);
+    if let Ok(stream) = js.stream_by_subject(INPUT).await {
+        bail!("JetStream stream `{stream}` already keeps `{INPUT}`; delete it to run this bench");
+    }
+    Ok(())
+}
+
+/// A route from `bench.in` to `bench.out` and a consumer of `bench.out`
+/// feeding a channel, on one backend.
+struct SluiceRun {
+    backend: Arc<dyn Backend>,
+    stats: Arc<RouteStats>,
+    control: Arc<RouteControl>,
+    shutdown: CancellationToken,
+    route: JoinHandle<Result<()>>,
+    counter: JoinHandle<Result<()>>,
+    outputs: mpsc::UnboundedReceiver<()>,
+}
+
+impl SluiceRun {
+    async fn start(
+        backend: Arc<dyn Backend>,
+        handler: Arc<dyn MessageHandler>,
+        concurrency: usize,
+    ) -> Result<Self> {
+        let shutdown = CancellationToken::new();
+        let subscription = backend
+            .subscribe(SubscribeOptions::new(vec![OUTPUT.into()], "bench-counter"))
+            .await?;
+        let (sender, outputs) = mpsc::unbounded_channel();
+        let counter = tokio::spawn(count(subscription, sender, shutdown.clone()));
+        let stats = Arc::new(RouteStats::default());
+        let route = Route {
+            spec: route_spec(concurrency),
+            source: backend.clone(),
+            sink: backend.clone(),
+            handler,
+            stats: stats.clone(),
+        };
+        let control = Arc::new(RouteControl::default());
+        let subscribed = route.subscribe().await?;
+        let route = tokio::spawn(subscribed.run_with(shutdown.clone(), control.clone()));
+        Ok(SluiceRun {
+            backend,
+            stats,
+            control,
+            shutdown,
+            route,
+            counter,
+            outputs,
+        })
+    }
+
+    async fn publish(&self, count: usize) -> Result<()> {
+        let payload = payload();
+        let mut left = count;
+        while left > 0 {
+            let batch = left.min(PUBLISH_BATCH);
+            let messages = (0..batch)
+                .map(|_| Message::new(INPUT, payload.clone()))
+                .collect();
+            self.backend.publish(messages).await?;
+            left -= batch;
+        }
+        Ok(())
+    }
+
+    /// Waits for `count` outputs. Every input yields one output and the
+    /// route is paused between phases, so none is left from an earlier one.
+    async fn collect(&mut self, count: usize) -> Result<()> {
+        for _ in 0..count {
+            tokio::time::timeout(STALL, self.outputs.recv())
+                .await
+                .map_err(|_| anyhow!("no output for {STALL:?}; route: {}", self.stats.snapshot()))?
+                .context("the output counter stopped")?;
+        }
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.route.await??;
+        self.counter.await??;
+        Ok(())
+    }
+}
+
+fn route_spec(concurrency: usize) -> RouteSpec {
+    RouteSpec {
+        name: "bench".into(),
+        subscribe: SubscribeOptions::new(vec![INPUT.into()], "bench"),
+        concurrency,
+        ordered: false,
+        retry: RetryPolicy::default(),
+        dead_letter_topic: "bench.dead-letter".into(),
+    }
+}
+
+/// Acknowledges every output and reports it. The acks of a batch go out
+/// together: one at a time, the counter would be what is measured.
+async fn count(
+    subscription: Box<dyn Subscription>,
+    sender: mpsc::UnboundedSender<()>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    while !shutdown.is_cancelled() {
+        let deliveries = subscription.fetch(256, Duration::from_millis(100)).await?;
+        let acks = deliveries.iter().map(|d| subscription.ack(d));
+        futures::future::try_join_all(acks).await?;
+        for _ in &deliveries {
+            // Nobody listening means the run is stopping.
+            let _ = sender.send(());
+        }
+    }
+    subscription.close().await
+}
+
+fn payload() -> Vec<u8> {
+    (0..PAYLOAD_BYTES).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// The plain loop: warmed up on a first batch, then timed on the second.
+async fn plain_rate(broker: Broker, namespace: &str, messages: usize) -> Result<f64> {
+    let phase = format!("{}, plain client:", broker.name());
+    println!("{phase} warming up…");
+    let mut plain = Plain::connect(broker, namespace).await?;
+    plain.publish(WARMUP_MESSAGES).await?;
+    plain.process(WARMUP_MESSAGES).await?;
+    println!(
+        "{phase} publishing {} messages…",
+        thousands(messages as f64)
+    );
+    plain.publish(messages).await?;
+    println!("{phase} consuming…");
+    let started = Instant::now();
+    plain.process(messages).await?;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    println!("{phase} {} msgs/s", thousands(rate));
+    Ok(rate)
+}
+
+enum Plain {
+    // Boxed: both are large, and unequal in size.
+    Redis(Box<PlainRedis>),
+    JetStream(Box<PlainJetStream>),
+}
+
+impl Plain {
+    async fn connect(broker: Broker, namespace: &str) -> Result<Self> {
+        Ok(match broker {
+            Broker::RedisStreams => Plain::Redis(Box::new(PlainRedis::connect(namespace).await?)),
+            Broker::JetStream => {
+                Plain::JetStream(Box::new(PlainJetStream::connect(namespace).await?))
+            }
+        })
+    }
+
+    async fn publish(&mut self, count: usize) -> Result<()> {
+        match self {
+            Plain::Redis(plain) => plain.publish(count).await,
+            Plain::JetStream(plain) => plain.publish(count).await,
+        }
+    }
+
+    /// Moves `count` messages from input to output and counts them there;
+    /// the two loops run at once, as Sluice's route and counter do.
+    async fn process(&mut self, count: usize) -> Result<()> {
+        match self {
+            Plain::Redis(plain) => plain.process(count).await,
+            Plain::JetStream(plain) => plain.process(count).await,
+        }
+    }
+}
+
+/// Redis Streams through the `redis` crate: XREADGROUP, XADD, XACK.
+struct PlainRedis {
+    input: String,
+    output: String,
+    /// One connection per loop: a blocking XREADGROUP holds up whatever is
+    /// queued behind it on a multiplexed connection.
+    publisher: MultiplexedConnection,
+    worker: MultiplexedConnection,
+    counter: MultiplexedConnection,
+}
+
+const WORK_GROUP: &str = "work";
+const COUNT_GROUP: &str = "count";
+
+impl PlainRedis {
+    async fn connect(namespace: &str) -> Result<Self> {
+        let client = redis::Client::open(format!("redis://{}/0", Broker::RedisStreams.address()))?;
+        let mut publisher = redis_connection(&client).await?;
+        let worker = redis_connection(&client).await?;
+        let counter = redis_connection(&client).await?;
+        let input = format!("{namespace}:plain.in");
+        let output = format!("{namespace}:plain.out");
+        for (stream, group) in [(&input, WORK_GROUP), (&output, COUNT_GROUP)] {
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async::<()>(&mut publisher)
+                .await?;
+        }
+        Ok(PlainRedis {
+            input,
+            output,
+            publisher,
+            worker,
+            counter,
+        })
+    }
+
+    async fn publish(&mut self, count: usize) -> Result<()> {
+        let payload = payload();
+        let mut left = count;
+        while left > 0 {
+            let batch = left.min(PUBLISH_BATCH);
+            let mut pipe = redis::pipe();
+            for _ in 0..batch {
+                pipe.cmd("XADD")
+                    .arg(&self.input)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(&payload)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut self.publisher).await?;
+            left -= batch;
+        }
+        Ok(())
+    }
+
+    async fn process(&mut self, count: usize) -> Result<()> {
+        let work = redis_work(&mut self.worker, &self.input, &self.output, count);
+        let counting = redis_count(&mut self.counter, &self.output, count);
+        tokio::try_join!(work, counting)?;
+        Ok(())
+    }
+}
+
+async fn redis_connection(client: &redis::Client) -> Result<MultiplexedConnection> {
+    // No response timeout: XREADGROUP BLOCK answers late on purpose.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+/// Reads a batch, writes each entry's payload to the output and acks the
+/// batch, all in one pipeline: outputs before the ack, as Sluice does.
+async fn redis_work(
+    conn: &mut MultiplexedConnection,
+    input: &str,
+    output: &str,
+    count: usize,
+) -> Result<()> {
+    let mut done = 0;
+    while done < count {
+        let entries = read_group(conn, input, WORK_GROUP, count - done).await?;
+        if entries.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for entry in &entries {
+            let Some(redis::Value::BulkString(payload)) = entry.map.get("payload") else {
+                bail!("entry {} of {input} has no payload", entry.id);
+            };
+            pipe.cmd("XADD")
+                .arg(output)
+                .arg("*")
+                .arg("payload")
+                .arg(payload)
+                .ignore();
+        }
+        pipe.cmd("XACK")
+            .arg(input)
+            .arg(WORK_GROUP)
+            .arg(ids(&entries))
+            .ignore();
+        pipe.query_async::<()>(&mut *conn).await?;
+        done += entries.len();
+    }
+    Ok(())
+}
+
+async fn redis_count(conn: &mut MultiplexedConnection, output: &str, count: usize) -> Result<()> {
+    let mut counted = 0;
+    while counted < count {
+        let entries = read_group(conn, output, COUNT_GROUP, count - counted).await?;
+        if entries.is_empty() {
+            continue;
+        }
+        redis::cmd("XACK")
+            .arg(output)
+            .arg(COUNT_GROUP)
+            .arg(ids(&entries))
+            .query_async::<()>(&mut *conn)
+            .await?;
+        counted += entries.len();
+    }
+    Ok(())
+}
+
+/// Up to [`PLAIN_BATCH`] (and `left`) new entries for `group`; none if
+/// nothing came for a second.
+async fn read_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    left: usize,
+) -> Result<Vec<StreamId>> {
+    let reply: Option<StreamReadReply> = tokio::time::timeout(
+        STALL,
+        redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg("bench")
+            .arg("COUNT")
+            .arg(left.min(PLAIN_BATCH))
+            .arg("BLOCK")
+            .arg(1_000)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut *conn),
+    )
+    .await
+    .map_err(|_| anyhow!("XREADGROUP on {stream} did not answer for {STALL:?}"))??;
+    Ok(reply
+        .map(|r| r.keys.into_iter().flat_map(|key| key.ids).collect())
+        .unwrap_or_default())
+}
+
+fn ids(entries: &[StreamId]) -> Vec<&str> {
+    entries.iter().map(|entry| entry.id.as_str()).collect()
+}
+
+/// Removes every key under the namespace (SCAN, never FLUSHALL: the
+/// server is shared).
+async fn redis_clean(namespace: &str) -> Result<()> {
+    let client = redis::Client::open(format!("redis://{}/0", Broker::RedisStreams.address()))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{namespace}:*"))
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("DEL")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// JetStream through `async-nats`: a stream of its own with a pull
+/// consumer on the input and another on the output.
+struct PlainJetStream {
+    js: jetstream::Context,
+    input: String,
+    output: String,
+    work: jetstream::consumer::Consumer<pull::Config>,
+    count: jetstream::consumer::Consumer<pull::Config>,
+}
+
+impl PlainJetStream {
+    async fn connect(namespace: &str) -> Result<Self> {
+        let client = async_nats::connect(Broker::JetStream.address()).await?;
+        let js = jetstream::new(client);
+        let input = format!("{namespace}.in");
+        let output = format!("{namespace}.out");
+        // File storage and default limits, like the streams Sluice makes.
+        let stream = js
+            .create_stream(jetstream::stream::Config {
+                name: format!("{namespace}_plain"),
+                subjects: vec![input.clone(), output.clone()],
+                ..Default::default()
+            })
+            .await?;
+        let consumer = |name: &str, subject: &str| pull::Config {
+            durable_name: Some(name.into()),
+            filter_subject: subject.into(),
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        };
+        let work = stream.create_consumer(consumer("work", &input)).await?;
+        let count = stream.create_consumer(consumer("count", &output)).await?;
+        Ok(PlainJetStream {
+            js,
+            input,
+            output,
+            work,
+            count,
+        })
+    }
+
+    async fn publish(&mut self, count: usize) -> Result<()> {
+        let payload = payload();
+        let mut left = count;
+        while left > 0 {
+            let batch = left.min(PUBLISH_BATCH);
+            let mut acks = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let payload = payload.clone().into();
+                acks.push(self.js.publish(self.input.clone(), payload).await?);
+            }
+            futures::future::try_join_all(acks.into_iter().map(IntoFuture::into_future)).await?;
+            left -= batch;
+        }
+        Ok(())
+    }
+
+    async fn process(&mut self, count: usize) -> Result<()> {
+        tokio::try_join!(self.work_loop(count), self.count_loop(count))?;
+        Ok(())
+    }
+
+    /// Fetches a batch, publishes each payload and awaits the PubAcks
+    /// together, then acks the batch.
+    async fn work_loop(&self, count: usize) -> Result<()> {
+        let mut done = 0;
+        while done < count {
+            let mut batch = self
+                .work
+                .batch()
+                .max_messages((count - done).min(PLAIN_BATCH))
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await?;
+            let mut messages = Vec::new();
+            while let Some(message) = batch.next().await {
+                messages.push(message.map_err(|e| anyhow!(e))?);
+            }
+            let mut acks = Vec::with_capacity(messages.len());
+            for message in &messages {
+                let payload = message.payload.clone();
+                acks.push(self.js.publish(self.output.clone(), payload).await?);
+            }
+            futures::future::try_join_all(acks.into_iter().map(IntoFuture::into_future)).await?;
+            for message in &messages {
+                message.ack().await.map_err(|e| anyhow!(e))?;
+            }
+            done += messages.len();
+        }
+        Ok(())
+    }
+
+    async fn count_loop(&self, count: usize) -> Result<()> {
+        let mut counted = 0;
+        while counted < count {
+            let mut batch = self
+                .count
+                .batch()
+                .max_messages((count - counted).min(PLAIN_BATCH))
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await?;
+            // Acked as each arrives: outputs trickle in while the worker runs.
+            while let Some(message) = batch.next().await {
+                message
+                    .map_err(|e| anyhow!(e))?
+                    .ack()
+                    .await
+                    .map_err(|e| anyhow!(e))?;
+                counted += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deletes the streams made under the namespace (consumers go with them).
+async fn jetstream_clean(namespace: &str) -> Result<()> {
+    let client = async_nats::connect(Broker::JetStream.address()).await?;
+    let js = jetstream::new(client);
+    let mut names = js.stream_names();
+    let mut ours = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name?;
+        if name.starts_with(namespace) {
+            ours.push(name);
+        }
+    }
+    for name in ours {
+        js.delete_stream(&name).await?;
+    }
+    Ok(())
+}
+
+fn print_tables(results: &[BrokerResult], messages: usize) {
+    println!();
+    for result in results {
+        println!(
+            "{}: {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
+            result.broker.name(),
+            thousands(messages as f64)
+        );
+        println!(
+            "  {:>11}  {:>10}  {:>12}  {:>12}",
+            "concurrency", "sluice", "plain client", "sluice/plain"
+        );
+        for (concurrency, rate) in &result.sluice {
+            println!(
+                "  {concurrency:>11}  {:>10}  {:>12}  {:>12.2}",
+                thousands(*rate),
+                thousands(result.plain),
+                rate / result.plain
+            );
+        }
+        println!();
+    }
+}
+
+fn to_json(results: &[BrokerResult], messages: usize) -> serde_json::Value {
+    let brokers: Vec<_> = results
+        .iter()
+        .map(|result| {
+            let sluice: Vec<_> = result
+                .sluice
+                .iter()
+                .map(|(concurrency, rate)| {
+                    json!({
+                        "concurrency": concurrency,
+                        "msgs_per_sec": rate.round(),
+                        "sluice_over_plain": round2(rate / result.plain),
+                    })
+                })
+                .collect();
+            json!({
+                "broker": result.broker.slug(),
+                "plain_msgs_per_sec": result.plain.round(),
+                "sluice": sluice,
+            })
+        })
+        .collect();
+    json!({
+        "payload_bytes": PAYLOAD_BYTES,
+        "messages_per_run": messages,
+        "warmup_messages": WARMUP_MESSAGES,
+        "plain_batch": PLAIN_BATCH,
+        "brokers": brokers,
+    })
+}
+
+const PANEL_WIDTH: f64 = 420.0;
+const PANEL_HEIGHT: f64 = 300.0;
+const MARGIN: f64 = 30.0;
+const TOP: f64 = 80.0;
+
+/// A panel per broker: a bar per Sluice concurrency, then the plain loop.
+fn to_svg(results: &[BrokerResult]) -> String {
+    let width = MARGIN + results.len() as f64 * (PANEL_WIDTH + MARGIN);
+    let height = TOP + PANEL_HEIGHT + MARGIN;
+    let title = format!("Sluice (echo plugin) vs a plain client loop, {PAYLOAD_BYTES} B, msgs/s");
+    let mut svg = svg_open(width, height, MARGIN, &title);
+    let mut entries: Vec<(String, &str)> = CONCURRENCIES
+        .iter()
+        .zip(SLUICE_COLOURS)
+        .map(|(concurrency, colour)| (format!("sluice, concurrency {concurrency}"), colour))
+        .collect();
+    entries.push(("plain client".into(), PLAIN_COLOUR));
+    let entries: Vec<(&str, &str)> = entries.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+    svg.push_str(&legend(MARGIN, 50.0, &entries));
+    for (index, result) in results.iter().enumerate() {
+        let x = MARGIN + index as f64 * (PANEL_WIDTH + MARGIN);
+        svg.push_str(&panel(result, x, TOP));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn panel(result: &BrokerResult, x: f64, y: f64) -> String {
+    let plot_top = y + 40.0;
+    let baseline = y + PANEL_HEIGHT - 40.0;
+    let mut bars: Vec<(String, f64, &str)> = result
+        .sluice
+        .iter()
+        .zip(SLUICE_COLOURS)
+        .map(|((concurrency, rate), colour)| (format!("c{concurrency}"), *rate, colour))
+        .collect();
+    bars.push(("plain".into(), result.plain, PLAIN_COLOUR));
+    // Headroom above the tallest bar for its value label.
+    let max = bars.iter().map(|(_, v, _)| *v).fold(0.0, f64::max) * 1.1;
+    let scale = if max > 0.0 {
+        (baseline - plot_top) / max
+    } else {
+        0.0
+    };
+    let slot = PANEL_WIDTH / bars.len() as f64;
+    let bar_width = (slot * 0.6).min(70.0);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r##"<text x="{}" y="{}" text-anchor="middle" font-size="14">{}</text><line x1="{x}" y1="{baseline}" x2="{}" y2="{baseline}" stroke="#333333"/>"##,
+        x + PANEL_WIDTH / 2.0,
+        y + 10.0,
+        result.broker.name(),
+        x + PANEL_WIDTH
+    );
+    for (index, (label, value, colour)) in bars.iter().enumerate() {
+        let centre = x + slot * (index as f64 + 0.5);
+        svg.push_str(&bar(
+            centre - bar_width / 2.0,
+            bar_width,
+            baseline,
+            *value,
+            value * scale,
+            colour,
+        ));
+        let _ = writeln!(
+            svg,
+            r#"<text x="{centre}" y="{}" text-anchor="middle">{label}</text>"#,
+            baseline + 18.0
+        );
+    }
+    svg
+}
