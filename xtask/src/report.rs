@@ -47,7 +47,9 @@ pub fn conformance_table() {
     }
     cases.sort();
     let width = cases.iter().map(String::len).max().unwrap_or(4);
-    println!("\nConformance (pass / n/a / FAIL per backend; reasons in each backend's test output)");
+    println!(
+        "\nConformance (pass / n/a / FAIL per backend; reasons in each backend's test output)"
+    );
     print!("{:width$}", "case");
     for (name, _) in &backends {
         print!(" {name:>13}");
@@ -74,8 +76,16 @@ fn short(verdict: &str) -> String {
 
 /// Embedded backends first, then the networked ones.
 fn order(name: &str) -> usize {
-    ["memory", "sqlite", "file", "redis-streams", "redis-pubsub", "nats", "jetstream"]
-        .iter()
-        .position(|n| *n == name)
-        .unwrap_or(usize::MAX)
+    [
+        "memory",
+        "sqlite",
+        "file",
+        "redis-streams",
+        "redis-pubsub",
+        "nats",
+        "jetstream",
+    ]
+    .iter()
+    .position(|n| *n == name)
+    .unwrap_or(usize::MAX)
 }
