@@ -124,6 +124,7 @@ fn succeeded(summary: &str) -> u64 {
 }
 
 fn config(
+    ns: &str,
     dir: &Path,
     url: &str,
     command_timeout_ms: u64,
@@ -136,7 +137,7 @@ url = "{url}"
 
 [plugins.work]
 path = "{plugin}"
-config = {{ output = "done" }}
+config = {{ output = "{ns}.done" }}
 timeout_ms = {command_timeout_ms}
 
 [runtime]
@@ -144,7 +145,7 @@ cache_dir = "{cache}"
 
 [[routes]]
 name = "work"
-topics = ["jobs"]
+topics = ["{ns}.jobs"]
 plugin = "work"
 concurrency = {concurrency}
 lease_ms = {lease_ms}
@@ -158,9 +159,11 @@ lease_ms = {lease_ms}
 }
 
 /// Publishes `payloads` to `jobs` from this process and returns their ids.
-async fn publish_jobs(url: &str, payloads: impl Iterator<Item = String>) -> Vec<String> {
+async fn publish_jobs(ns: &str, url: &str, payloads: impl Iterator<Item = String>) -> Vec<String> {
     let backend = backend::connect(url).await.unwrap();
-    let messages: Vec<Message> = payloads.map(|p| Message::new("jobs", p)).collect();
+    let messages: Vec<Message> = payloads
+        .map(|p| Message::new(format!("{ns}.jobs"), p))
+        .collect();
     let ids = messages.iter().map(|m| m.id.clone()).collect();
     for chunk in messages.chunks(1000) {
         backend.publish(chunk.to_vec()).await.unwrap();
@@ -169,10 +172,10 @@ async fn publish_jobs(url: &str, payloads: impl Iterator<Item = String>) -> Vec<
 }
 
 /// Counts outputs of `done` per input id (read by a throw-away group).
-async fn outputs_by_input(url: &str) -> HashMap<String, usize> {
+async fn outputs_by_input(ns: &str, url: &str) -> HashMap<String, usize> {
     let backend = backend::connect(url).await.unwrap();
     let mut options = SubscribeOptions::new(
-        vec!["done".into()],
+        vec![format!("{ns}.done")],
         format!("count-{}", Message::new("x", "").id),
     );
     options.ephemeral = true;
@@ -197,14 +200,14 @@ async fn outputs_by_input(url: &str) -> HashMap<String, usize> {
 /// checks every message was processed at least once.
 async fn kill_mid_run_loses_nothing(url: &str, dir: &Path) {
     const TOTAL: usize = 50_000;
-    let config = config(dir, url, 1_000, 5_000, 4);
-    let ids = publish_jobs(url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
+    let config = config("crash", dir, url, 1_000, 5_000, 4);
+    let ids = publish_jobs("crash", url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
 
     let host = Host::start(&config);
     host.wait_subscribed(1);
     std::thread::sleep(Duration::from_secs(2));
     host.kill();
-    let before = outputs_by_input(url).await;
+    let before = outputs_by_input("crash", url).await;
     assert!(
         before.len() < TOTAL,
         "the run finished before the kill; the test needs a larger count"
@@ -214,7 +217,7 @@ async fn kill_mid_run_loses_nothing(url: &str, dir: &Path) {
     // are counted once it has exited (a file log admits one process).
     let host = Host::start_with(&config, &["--exit-when-idle", "3"]);
     host.wait(Duration::from_secs(600));
-    let done = outputs_by_input(url).await;
+    let done = outputs_by_input("crash", url).await;
     let missing = ids.iter().filter(|id| !done.contains_key(*id)).count();
     assert_eq!(missing, 0, "{missing} of {TOTAL} messages never processed");
     let duplicates: usize = done.values().map(|n| n - 1).sum();
@@ -244,7 +247,7 @@ async fn file_log_sigkill_mid_run_loses_nothing() {
 async fn file_log_refuses_a_second_process() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("log").display());
-    let config = config(dir.path(), &url, 1_000, 5_000, 1);
+    let config = config("crash", dir.path(), &url, 1_000, 5_000, 1);
     let first = Host::start(&config);
     first.wait_subscribed(1);
     let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -257,19 +260,14 @@ async fn file_log_refuses_a_second_process() {
     first.stop();
 }
 
-/// Three processes in one group on one SQLite file share the work; when one
-/// is killed, the others finish its messages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_three_processes_share_a_group_and_take_over() {
+/// Three processes in one consumer group share the work; when one is
+/// killed, the others finish its messages. This is how a deployment grows
+/// past one machine on the broker it already runs.
+async fn three_processes_share_a_group_and_take_over(ns: &str, url: &str, dir: &Path) {
     const TOTAL: usize = 1_500;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!(
-        "sqlite://{}?poll_ms=20",
-        dir.path().join("shared.db").display()
-    );
-    let config = config(dir.path(), &url, 1_000, 2_000, 2);
+    let config = config(ns, dir, url, 1_000, 2_000, 2);
     // Slow jobs, so every process is busy when one dies.
-    let ids = publish_jobs(&url, (0..TOTAL).map(|_| "sleep:10".to_string())).await;
+    let ids = publish_jobs(ns, url, (0..TOTAL).map(|_| "sleep:10".to_string())).await;
 
     let hosts: Vec<Host> = (0..3).map(|_| Host::start(&config)).collect();
     for host in &hosts {
@@ -283,14 +281,17 @@ async fn sqlite_three_processes_share_a_group_and_take_over() {
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let done = outputs_by_input(&url).await;
+        let done = outputs_by_input(ns, url).await;
         if ids.iter().all(|id| done.contains_key(id)) {
             break;
         }
         assert!(Instant::now() < give_up, "{} of {TOTAL} done", done.len());
     }
     let shares: Vec<u64> = hosts.map(Host::stop).collect();
-    println!("survivors handled {shares:?} of {TOTAL} (the killed process handled the rest)");
+    println!(
+        "{}: survivors handled {shares:?} of {TOTAL} (the killed process handled the rest)",
+        sluice::backend::redact(url)
+    );
     assert!(
         shares.iter().all(|n| *n > 0),
         "every survivor took a share: {shares:?}"
@@ -299,4 +300,58 @@ async fn sqlite_three_processes_share_a_group_and_take_over() {
         (shares.iter().sum::<u64>() as usize) < TOTAL,
         "the killed process did part of the work before it died"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_three_processes_share_a_group_and_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?poll_ms=20",
+        dir.path().join("shared.db").display()
+    );
+    three_processes_share_a_group_and_take_over("crash", &url, dir.path()).await;
+}
+
+/// A namespace of its own on a shared server.
+fn unique(prefix: &str) -> String {
+    let id = Message::new("x", "").id.replace('-', "");
+    format!("{prefix}{}", &id[id.len() - 10..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_three_processes_share_a_group_and_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("scale");
+    let prefix = format!("sluicetest-{ns}:");
+    let url = format!("redis://127.0.0.1:6379/0?prefix={prefix}");
+    three_processes_share_a_group_and_take_over(&ns, &url, dir.path()).await;
+    // Remove this test's keys from the shared server.
+    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_three_processes_share_a_group_and_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("scale");
+    let prefix = unique("CRASH");
+    let url = format!("jetstream://127.0.0.1:4222?stream_prefix={prefix}");
+    three_processes_share_a_group_and_take_over(&ns, &url, dir.path()).await;
+    // Remove this test's stream from the shared server.
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(format!("{prefix}_{ns}"))
+        .await;
 }
