@@ -23,34 +23,29 @@ use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
-use chart::{bar, legend, round2, save, svg_open, thousands, workspace_root};
+use chart::{bar, legend, round2, save, svg_open, thousands};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use serde_json::json;
-use sluice::Message;
-use sluice::backend::{Backend, SubscribeOptions, Subscription};
-use sluice::router::{
-    MessageHandler, RetryPolicy, Route, RouteControl, RouteSpec, RouteStats, WasmHandler,
-};
-use sluice::runtime::{PluginSettings, Runtime};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use sluice::router::MessageHandler;
+use sluice::runtime::Runtime;
 
 #[path = "common/chart.rs"]
 mod chart;
+#[path = "common/pipeline.rs"]
+mod pipeline;
 
-const INPUT: &str = "bench.in";
-const OUTPUT: &str = "bench.out";
-const PAYLOAD_BYTES: usize = 1024;
+use pipeline::{INPUT, PAYLOAD_BYTES, Pipeline, echo_handler, positive_env};
+
 /// The router fetches twice its concurrency at a time, so on a broker the
 /// concurrency also sets how many round trips a message costs.
 const CONCURRENCIES: [usize; 3] = [1, 8, 32];
 /// Enough for connections, wasm instances and code paths to be warm.
 const WARMUP_MESSAGES: usize = 1_000;
+/// Publish batch of the plain loops' producers.
 const PUBLISH_BATCH: usize = 500;
 /// Entries the plain loops read at once, as Sluice's Redis backend does.
 const PLAIN_BATCH: usize = 100;
@@ -88,28 +83,6 @@ async fn main() -> Result<()> {
     }
     print_tables(&results, messages);
     save("brokers", &to_json(&results, messages), &to_svg(&results))
-}
-
-fn positive_env(name: &str, default: usize) -> Result<usize> {
-    let Ok(value) = std::env::var(name) else {
-        return Ok(default);
-    };
-    match value.parse() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => bail!("{name} must be a positive number, not `{value}`"),
-    }
-}
-
-fn echo_handler(runtime: &Runtime) -> Result<Arc<dyn MessageHandler>> {
-    let path = workspace_root().join("plugins/target/wasm32-wasip2/release/echo.wasm");
-    println!("loading {}", path.display());
-    let mut settings = PluginSettings::new("echo");
-    settings.config.insert("output".into(), OUTPUT.into());
-    settings.publish_to = vec![OUTPUT.into()];
-    let plugin = runtime
-        .load_file(&path, settings)
-        .context("the plugins must be built first (cargo xtask plugins)")?;
-    Ok(Arc::new(WasmHandler::new(Arc::new(plugin))))
 }
 
 #[derive(Clone, Copy)]
@@ -215,10 +188,11 @@ async fn sluice_rate(
     }
     println!("{phase} warming up…");
     let backend = sluice::backend::connect(&broker.sluice_url(namespace)).await?;
-    let mut run = SluiceRun::start(backend, handler.clone(), concurrency).await?;
+    let mut run = Pipeline::start(backend, handler.clone(), concurrency).await?;
     run.publish(WARMUP_MESSAGES).await?;
     run.collect(WARMUP_MESSAGES).await?;
-    run.control.pause();
+    run.control.pause_and_wait(SETTLE).await;
+    // A JetStream pull request already sent may still bring messages in.
     tokio::time::sleep(SETTLE).await;
     println!(
         "{phase} publishing {} messages…",
@@ -248,116 +222,9 @@ async fn refuse_foreign_stream() -> Result<()> {
 
 /// A route from `bench.in` to `bench.out` and a consumer of `bench.out`
 /// feeding a channel, on one backend.
-struct SluiceRun {
-    backend: Arc<dyn Backend>,
-    stats: Arc<RouteStats>,
-    control: Arc<RouteControl>,
-    shutdown: CancellationToken,
-    route: JoinHandle<Result<()>>,
-    counter: JoinHandle<Result<()>>,
-    outputs: mpsc::UnboundedReceiver<()>,
-}
-
-impl SluiceRun {
-    async fn start(
-        backend: Arc<dyn Backend>,
-        handler: Arc<dyn MessageHandler>,
-        concurrency: usize,
-    ) -> Result<Self> {
-        let shutdown = CancellationToken::new();
-        let subscription = backend
-            .subscribe(SubscribeOptions::new(vec![OUTPUT.into()], "bench-counter"))
-            .await?;
-        let (sender, outputs) = mpsc::unbounded_channel();
-        let counter = tokio::spawn(count(subscription, sender, shutdown.clone()));
-        let stats = Arc::new(RouteStats::default());
-        let route = Route {
-            spec: route_spec(concurrency),
-            source: backend.clone(),
-            sink: backend.clone(),
-            handler,
-            stats: stats.clone(),
-        };
-        let control = Arc::new(RouteControl::default());
-        let subscribed = route.subscribe().await?;
-        let route = tokio::spawn(subscribed.run_with(shutdown.clone(), control.clone()));
-        Ok(SluiceRun {
-            backend,
-            stats,
-            control,
-            shutdown,
-            route,
-            counter,
-            outputs,
-        })
-    }
-
-    async fn publish(&self, count: usize) -> Result<()> {
-        let payload = payload();
-        let mut left = count;
-        while left > 0 {
-            let batch = left.min(PUBLISH_BATCH);
-            let messages = (0..batch)
-                .map(|_| Message::new(INPUT, payload.clone()))
-                .collect();
-            self.backend.publish(messages).await?;
-            left -= batch;
-        }
-        Ok(())
-    }
-
-    /// Waits for `count` outputs. Every input yields one output and the
-    /// route is paused between phases, so none is left from an earlier one.
-    async fn collect(&mut self, count: usize) -> Result<()> {
-        for _ in 0..count {
-            tokio::time::timeout(STALL, self.outputs.recv())
-                .await
-                .map_err(|_| anyhow!("no output for {STALL:?}; route: {}", self.stats.snapshot()))?
-                .context("the output counter stopped")?;
-        }
-        Ok(())
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        self.route.await??;
-        self.counter.await??;
-        Ok(())
-    }
-}
-
-fn route_spec(concurrency: usize) -> RouteSpec {
-    RouteSpec {
-        name: "bench".into(),
-        subscribe: SubscribeOptions::new(vec![INPUT.into()], "bench"),
-        concurrency,
-        ordered: false,
-        retry: RetryPolicy::default(),
-        dead_letter_topic: "bench.dead-letter".into(),
-    }
-}
-
-/// Acknowledges every output and reports it. The acks of a batch go out
-/// together: one at a time, the counter would be what is measured.
-async fn count(
-    subscription: Box<dyn Subscription>,
-    sender: mpsc::UnboundedSender<()>,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    while !shutdown.is_cancelled() {
-        let deliveries = subscription.fetch(256, Duration::from_millis(100)).await?;
-        let acks = deliveries.iter().map(|d| subscription.ack(d));
-        futures::future::try_join_all(acks).await?;
-        for _ in &deliveries {
-            // Nobody listening means the run is stopping.
-            let _ = sender.send(());
-        }
-    }
-    subscription.close().await
-}
-
+/// The same payload the Sluice pipeline gets.
 fn payload() -> Vec<u8> {
-    (0..PAYLOAD_BYTES).map(|i| b'a' + (i % 26) as u8).collect()
+    pipeline::message().payload
 }
 
 /// The plain loop: warmed up on a first batch, then timed on the second.

@@ -12,26 +12,23 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use chart::{bar, legend, round2, save, svg_open, thousands, workspace_root};
+use anyhow::Result;
+use chart::{bar, legend, round2, save, svg_open, thousands};
 use serde_json::json;
 use sluice::Message;
 use sluice::backend::memory::MemoryBackend;
-use sluice::backend::{Backend, SubscribeOptions, Subscription};
-use sluice::router::{
-    FnHandler, MessageHandler, RetryPolicy, Route, RouteSpec, RouteStats, WasmHandler,
-};
-use sluice::runtime::{Outcome, PluginSettings, Runtime};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use sluice::router::{FnHandler, MessageHandler};
+use sluice::runtime::{Outcome, Runtime};
 
 #[path = "common/chart.rs"]
 mod chart;
+// Shared with the broker benchmark, which uses parts this one does not.
+#[allow(dead_code)]
+#[path = "common/pipeline.rs"]
+mod pipeline;
 
-const INPUT: &str = "bench.in";
-const OUTPUT: &str = "bench.out";
-const PAYLOAD_BYTES: usize = 1024;
+use pipeline::{OUTPUT, PAYLOAD_BYTES, Pipeline, batches, echo_handler, message, positive_env};
+
 const CONCURRENCIES: [usize; 2] = [1, 4];
 const LATENCY_CONCURRENCY: usize = 1;
 /// Enough for every worker's instance to exist and every code path to be hot.
@@ -40,9 +37,6 @@ const WARMUP_ROUNDS: usize = 500;
 /// Runs per throughput figure, which is their median: a single run of a
 /// few thousand messages lasts a fraction of a second and is easily skewed.
 const REPEATS: usize = 5;
-const PUBLISH_BATCH: usize = 100;
-/// Longest wait for any output before a run is declared stuck.
-const STALL: Duration = Duration::from_secs(30);
 
 const WASM_COLOUR: &str = "#654ff0";
 const NATIVE_COLOUR: &str = "#f0883e";
@@ -81,16 +75,6 @@ impl Settings {
     }
 }
 
-fn positive_env(name: &str, default: usize) -> Result<usize> {
-    let Ok(value) = std::env::var(name) else {
-        return Ok(default);
-    };
-    match value.parse() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => bail!("{name} must be a positive number, not `{value}`"),
-    }
-}
-
 /// The two handlers compared: they produce the same outputs.
 struct Handlers {
     wasm: Arc<dyn MessageHandler>,
@@ -99,16 +83,8 @@ struct Handlers {
 
 impl Handlers {
     fn new(runtime: &Runtime) -> Result<Self> {
-        let path = workspace_root().join("plugins/target/wasm32-wasip2/release/echo.wasm");
-        println!("loading {}", path.display());
-        let mut settings = PluginSettings::new("echo");
-        settings.config.insert("output".into(), OUTPUT.into());
-        settings.publish_to = vec![OUTPUT.into()];
-        let plugin = runtime
-            .load_file(&path, settings)
-            .context("the plugins must be built first (cargo xtask plugins)")?;
         Ok(Handlers {
-            wasm: Arc::new(WasmHandler::new(Arc::new(plugin))),
+            wasm: echo_handler(runtime)?,
             native: Arc::new(FnHandler(native_echo)),
         })
     }
@@ -143,10 +119,10 @@ async fn measure_throughput(
     for _ in 0..REPEATS {
         rates
             .wasm
-            .push(pipelines.wasm.throughput(settings.messages).await?);
+            .push(throughput(&mut pipelines.wasm, settings.messages).await?);
         rates
             .native
-            .push(pipelines.native.throughput(settings.messages).await?);
+            .push(throughput(&mut pipelines.native, settings.messages).await?);
     }
     pipelines.stop().await?;
     let rate = Pair {
@@ -167,8 +143,8 @@ async fn measure_latency(handlers: &Handlers, settings: &Settings) -> Result<Pai
     println!("{phase} warming up…");
     let mut pipelines = Pair::<Pipeline>::start(handlers, LATENCY_CONCURRENCY).await?;
     // Round trips exercise paths that batches do not: warm those too.
-    pipelines.wasm.round_trips(WARMUP_ROUNDS).await?;
-    pipelines.native.round_trips(WARMUP_ROUNDS).await?;
+    round_trips(&mut pipelines.wasm, WARMUP_ROUNDS).await?;
+    round_trips(&mut pipelines.native, WARMUP_ROUNDS).await?;
     println!(
         "{phase} {} round trips each, wasm and native in turn…",
         settings.rounds
@@ -182,10 +158,10 @@ async fn measure_latency(handlers: &Handlers, settings: &Settings) -> Result<Pai
         let rounds = slice.min(settings.rounds - samples.wasm.len());
         samples
             .wasm
-            .extend(pipelines.wasm.round_trips(rounds).await?);
+            .extend(round_trips(&mut pipelines.wasm, rounds).await?);
         samples
             .native
-            .extend(pipelines.native.round_trips(rounds).await?);
+            .extend(round_trips(&mut pipelines.native, rounds).await?);
     }
     pipelines.stop().await?;
     let latency = Pair {
@@ -205,11 +181,11 @@ async fn measure_latency(handlers: &Handlers, settings: &Settings) -> Result<Pai
 impl Pair<Pipeline> {
     async fn start(handlers: &Handlers, concurrency: usize) -> Result<Self> {
         let mut pipelines = Pair {
-            wasm: Pipeline::start(handlers.wasm.clone(), concurrency).await?,
-            native: Pipeline::start(handlers.native.clone(), concurrency).await?,
+            wasm: memory_pipeline(handlers.wasm.clone(), concurrency).await?,
+            native: memory_pipeline(handlers.native.clone(), concurrency).await?,
         };
-        pipelines.wasm.warm_up().await?;
-        pipelines.native.warm_up().await?;
+        warm_up(&mut pipelines.wasm).await?;
+        warm_up(&mut pipelines.native).await?;
         Ok(pipelines)
     }
 
@@ -219,145 +195,47 @@ impl Pair<Pipeline> {
     }
 }
 
-/// One route from `bench.in` to `bench.out` on a fresh in-memory backend,
-/// with its own consumer of `bench.out` feeding a channel.
-struct Pipeline {
-    backend: Arc<MemoryBackend>,
-    stats: Arc<RouteStats>,
-    shutdown: CancellationToken,
-    route: JoinHandle<Result<()>>,
-    consumer: JoinHandle<Result<()>>,
-    outputs: mpsc::UnboundedReceiver<Message>,
+/// A pipeline on a fresh in-memory backend of its own.
+async fn memory_pipeline(handler: Arc<dyn MessageHandler>, concurrency: usize) -> Result<Pipeline> {
+    let backend = Arc::new(MemoryBackend::from_url("memory://")?);
+    Pipeline::start(backend, handler, concurrency).await
 }
 
-impl Pipeline {
-    async fn start(handler: Arc<dyn MessageHandler>, concurrency: usize) -> Result<Self> {
-        let backend = Arc::new(MemoryBackend::from_url("memory://")?);
-        let shutdown = CancellationToken::new();
-        // Subscribed before anything is published: the memory backend keeps
-        // nothing for a group that does not exist yet.
-        let subscription = backend
-            .subscribe(SubscribeOptions::new(vec![OUTPUT.into()], "bench-consumer"))
-            .await?;
-        let (sender, outputs) = mpsc::unbounded_channel();
-        let consumer = tokio::spawn(consume(subscription, sender, shutdown.clone()));
-        let stats = Arc::new(RouteStats::default());
-        let route = Route {
-            spec: route_spec(concurrency),
-            source: backend.clone(),
-            sink: backend.clone(),
-            handler,
-            stats: stats.clone(),
-        };
-        // Likewise for the route's own group: joined here, not in its task.
-        let route = tokio::spawn(route.subscribe().await?.run(shutdown.clone()));
-        Ok(Pipeline {
-            backend,
-            stats,
-            shutdown,
-            route,
-            consumer,
-            outputs,
-        })
-    }
+async fn warm_up(pipeline: &mut Pipeline) -> Result<()> {
+    pipeline.publish(WARMUP_MESSAGES).await?;
+    pipeline.collect(WARMUP_MESSAGES).await
+}
 
-    async fn warm_up(&mut self) -> Result<()> {
-        for batch in batches(WARMUP_MESSAGES) {
-            self.backend.publish(batch).await?;
+/// Messages per second from the first publish until the last output is
+/// consumed, publishing as fast as back-pressure allows.
+async fn throughput(pipeline: &mut Pipeline, messages: usize) -> Result<f64> {
+    // Built beforehand: the publisher's own costs are not the pipeline's.
+    let batches = batches(messages);
+    let backend = pipeline.backend.clone();
+    let started = Instant::now();
+    let publisher = tokio::spawn(async move {
+        for batch in batches {
+            backend.publish(batch).await?;
         }
-        self.collect(WARMUP_MESSAGES).await
-    }
+        anyhow::Ok(())
+    });
+    pipeline.collect(messages).await?;
+    let elapsed = started.elapsed();
+    publisher.await??;
+    Ok(messages as f64 / elapsed.as_secs_f64())
+}
 
-    /// Messages per second from the first publish until the last output is
-    /// consumed, publishing as fast as back-pressure allows.
-    async fn throughput(&mut self, messages: usize) -> Result<f64> {
-        // Built beforehand: the publisher's own costs are not the pipeline's.
-        let batches = batches(messages);
-        let backend = self.backend.clone();
+/// Publishes one message at a time and times until its output arrives.
+async fn round_trips(pipeline: &mut Pipeline, rounds: usize) -> Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let message = message();
         let started = Instant::now();
-        let publisher = tokio::spawn(async move {
-            for batch in batches {
-                backend.publish(batch).await?;
-            }
-            anyhow::Ok(())
-        });
-        self.collect(messages).await?;
-        let elapsed = started.elapsed();
-        publisher.await??;
-        Ok(messages as f64 / elapsed.as_secs_f64())
+        pipeline.backend.publish(vec![message]).await?;
+        pipeline.collect(1).await?;
+        samples.push(started.elapsed());
     }
-
-    /// Publishes one message at a time and times until its output arrives.
-    async fn round_trips(&mut self, rounds: usize) -> Result<Vec<Duration>> {
-        let mut samples = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let message = message();
-            let started = Instant::now();
-            self.backend.publish(vec![message]).await?;
-            self.collect(1).await?;
-            samples.push(started.elapsed());
-        }
-        Ok(samples)
-    }
-
-    /// Waits for `count` outputs. Every input yields one output, and
-    /// nothing fails, so none is left over from an earlier phase.
-    async fn collect(&mut self, count: usize) -> Result<()> {
-        for _ in 0..count {
-            tokio::time::timeout(STALL, self.outputs.recv())
-                .await
-                .map_err(|_| anyhow!("no output for {STALL:?}; route: {}", self.stats.snapshot()))?
-                .context("the output consumer stopped")?;
-        }
-        Ok(())
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        self.route.await??;
-        self.consumer.await??;
-        Ok(())
-    }
-}
-
-fn route_spec(concurrency: usize) -> RouteSpec {
-    RouteSpec {
-        name: "bench".into(),
-        subscribe: SubscribeOptions::new(vec![INPUT.into()], "bench"),
-        concurrency,
-        ordered: false,
-        retry: RetryPolicy::default(),
-        dead_letter_topic: "bench.dead-letter".into(),
-    }
-}
-
-/// Acknowledges every output and hands it to the measuring task.
-async fn consume(
-    subscription: Box<dyn Subscription>,
-    sender: mpsc::UnboundedSender<Message>,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    while !shutdown.is_cancelled() {
-        for delivery in subscription.fetch(256, Duration::from_millis(100)).await? {
-            subscription.ack(&delivery).await?;
-            // Nobody listening means the pipeline is stopping.
-            let _ = sender.send(delivery.message);
-        }
-    }
-    subscription.close().await
-}
-
-fn message() -> Message {
-    let payload: Vec<u8> = (0..PAYLOAD_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
-    Message::new(INPUT, payload)
-}
-
-fn batches(count: usize) -> Vec<Vec<Message>> {
-    let messages: Vec<Message> = (0..count).map(|_| message()).collect();
-    messages
-        .chunks(PUBLISH_BATCH)
-        .map(<[Message]>::to_vec)
-        .collect()
+    Ok(samples)
 }
 
 /// A figure for each handler.

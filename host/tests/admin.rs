@@ -60,6 +60,7 @@ cache_dir = "cache"
 
 [admin]
 listen = "127.0.0.1:{port}"
+max_upload_mb = 1
 {token_line}
 [[routes]]
 name = "upper"
@@ -155,11 +156,70 @@ fn deploy_refuse_rollback_pause_and_metrics() {
         "{}",
         text(&rolled.stdout)
     );
+    // Rolled back on disk too, and the watcher, seeing the files the host
+    // wrote itself, does not deploy them again.
+    assert_eq!(
+        std::fs::read(dir.path().join("upper.wasm")).unwrap(),
+        std::fs::read(plugin_path("uppercase")).unwrap()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    assert!(
+        plugins.contains(&first[..12]),
+        "the rollback was undone: {plugins}"
+    );
 
+    // A paused route fetches nothing; resumed, it takes up what waited.
     assert!(sluice(&["pause", "upper"], &admin, None).status.success());
     assert!(text(&sluice(&["routes"], &admin, None).stdout).contains("paused"));
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let sluice_bin = env!("CARGO_BIN_EXE_sluice");
+    let publish = Command::new(sluice_bin)
+        .args(["publish", "--url", &url, "words", "held back"])
+        .output()
+        .unwrap();
+    assert!(publish.status.success());
+    std::thread::sleep(Duration::from_secs(1));
+    let tail = |topic: &str| {
+        text(
+            &Command::new(sluice_bin)
+                .args(["tail", "--url", &url, topic])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    };
+    assert!(!tail("words.upper").contains("HELD BACK") && !tail("shouted").contains("HELD BACK"));
+    let (_, routes) = get(&format!("{admin}/api/routes"));
+    assert!(
+        routes.contains("\"received\":0"),
+        "a paused route fetched: {routes}"
+    );
     assert!(sluice(&["resume", "upper"], &admin, None).status.success());
     assert!(text(&sluice(&["routes"], &admin, None).stdout).contains("running"));
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while !tail("shouted").contains("HELD BACK") {
+        assert!(
+            Instant::now() < give_up,
+            "the resumed route never handled the waiting message"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Uploads over the limit are refused before they are looked at.
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, vec![0u8; 2 << 20]).unwrap();
+    let too_big = sluice(
+        &["deploy", big.to_str().unwrap(), "--plugin", "upper"],
+        &admin,
+        None,
+    );
+    assert!(!too_big.status.success());
+    assert!(
+        text(&too_big.stderr).contains("413"),
+        "{}",
+        text(&too_big.stderr)
+    );
     let unknown = sluice(&["pause", "nope"], &admin, None);
     assert!(text(&unknown.stderr).contains("no route named `nope`"));
 

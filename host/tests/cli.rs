@@ -32,26 +32,7 @@ fn write_config(dir: &Path, body: &str) -> String {
 }
 
 fn pipeline_config(dir: &Path, plugin: &str) -> String {
-    format!(
-        r#"[backends.main]
-url = "sqlite://{db}"
-
-[plugins.upper]
-path = "{plugin}"
-config = {{ output = "shouted" }}
-
-[runtime]
-cache_dir = "{cache}"
-
-[[routes]]
-name = "upper"
-topics = ["words"]
-plugin = "upper"
-"#,
-        db = dir.join("sluice.db").display(),
-        plugin = plugin,
-        cache = dir.join("cache").display(),
-    )
+    common::upper_config(dir, Path::new(plugin), "")
 }
 
 #[test]
@@ -202,5 +183,98 @@ fn environment_moves_the_same_config_to_another_backend() {
         stdout(&tail).contains("[shouted] MOVED"),
         "{}",
         stdout(&tail)
+    );
+}
+
+/// SIGTERM waits for in-flight messages only as long as the grace period;
+/// a message cut off there is not lost: it comes back after its lease.
+#[test]
+fn shutdown_grace_period_cuts_a_slow_message_which_then_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"[backends.main]
+url = "{url}"
+
+[plugins.slow]
+path = "{plugin}"
+config = {{ output = "done" }}
+timeout_ms = 5000
+
+[runtime]
+cache_dir = "{cache}"
+shutdown_grace_ms = 300
+
+[[routes]]
+name = "slow"
+topics = ["jobs"]
+plugin = "slow"
+lease_ms = 6000
+"#,
+            plugin = plugin_path("chaos").display(),
+            cache = dir.path().join("cache").display(),
+        ),
+    );
+    assert!(
+        sluice(&["publish", "--url", &url, "jobs", "sleep:2000"])
+            .status
+            .success()
+    );
+
+    let mut run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config])
+        .env("SLUICE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = run.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(log));
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("route subscribed"))),
+        "sluice run did not start"
+    );
+    // Let the fetcher hand the message to the plugin, then stop mid-call.
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = run.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = run.wait().unwrap();
+    assert!(status.success(), "exit {status:?}");
+    let nothing = sluice(&["tail", "--url", &url, "done"]);
+    assert!(
+        !stdout(&nothing).contains("sleep:2000"),
+        "the cut-off call was not finished"
+    );
+
+    let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config, "--exit-when-idle", "8"])
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(second.status.success(), "{}", stderr(&second));
+    let done = sluice(&["tail", "--url", &url, "done", "--json"]);
+    let outputs: Vec<serde_json::Value> = stdout(&done)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outputs.len(), 1, "{outputs:?}");
+    let attempt = outputs[0]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "attempt")
+        .map(|h| h[1].clone());
+    assert_eq!(
+        attempt,
+        Some(serde_json::json!("2")),
+        "redelivered after its lease"
     );
 }

@@ -311,26 +311,7 @@ fn the_same_plugin_and_config_run_on_jetstream_by_environment() {
     let config = dir.path().join("sluice.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"[backends.main]
-url = "sqlite://{db}"
-
-[plugins.upper]
-path = "{plugin}"
-config = {{ output = "{token}.shouted" }}
-
-[runtime]
-cache_dir = "{cache}"
-
-[[routes]]
-name = "upper"
-topics = ["{token}.words"]
-plugin = "upper"
-"#,
-            db = dir.path().join("sluice.db").display(),
-            plugin = plugin_path("uppercase").display(),
-            cache = dir.path().join("cache").display(),
-        ),
+        common::upper_config(dir.path(), &plugin_path("uppercase"), &format!("{token}.")),
     )
     .unwrap();
     let sluice = |args: &[&str]| {

@@ -355,25 +355,7 @@ fn the_same_plugin_and_config_run_on_redis_by_url_alone() {
     let config = dir.path().join("sluice.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"[backends.main]
-url = "{sqlite_url}"
-
-[plugins.upper]
-path = "{plugin}"
-config = {{ output = "shouted" }}
-
-[runtime]
-cache_dir = "{cache}"
-
-[[routes]]
-name = "upper"
-topics = ["words"]
-plugin = "upper"
-"#,
-            plugin = common::plugin_path("uppercase").display(),
-            cache = dir.path().join("cache").display(),
-        ),
+        common::upper_config(dir.path(), &common::plugin_path("uppercase"), ""),
     )
     .unwrap();
 

@@ -302,7 +302,15 @@ async fn pause_route(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let state = admin.current();
-    state.route(&name)?.control.pause();
+    let control = &state.route(&name)?.control;
+    // Answer once the route has really stopped fetching, so an operator
+    // (or a script) can rely on nothing more arriving.
+    if !control
+        .pause_and_wait(std::time::Duration::from_secs(5))
+        .await
+    {
+        tracing::warn!(route = %name, "paused, but the fetcher did not confirm within 5 s");
+    }
     tracing::info!(route = %name, "paused");
     Ok(Json(json!({ "route": name, "paused": true })))
 }

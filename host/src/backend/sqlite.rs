@@ -440,13 +440,11 @@ impl SqliteSubscription {
         tx.commit().await?;
 
         let mut deliveries = Vec::with_capacity(rows.len());
+        let attempts: std::collections::HashMap<i64, i64> = claimed.into_iter().collect();
         let mut mine = self.mine.lock().unwrap();
         for row in rows {
             let seq: i64 = row.try_get("seq")?;
-            let attempt = claimed
-                .iter()
-                .find(|(s, _)| *s == seq)
-                .map_or(1, |(_, a)| *a);
+            let attempt = attempts.get(&seq).copied().unwrap_or(1);
             let headers: String = row.try_get("headers")?;
             let message = Message {
                 id: row.try_get("id")?,

@@ -24,6 +24,10 @@ struct Entry {
     slot: Arc<PluginSlot>,
     path: PathBuf,
     settings: PluginSettings,
+    /// Hash of what the plugin's file holds, as far as this host knows: the
+    /// watcher deploys a file only when it differs, so the host's own
+    /// writes (an upload, a rollback) are not deployed a second time.
+    file_hash: std::sync::Mutex<String>,
 }
 
 /// The plugins of a running host.
@@ -43,6 +47,7 @@ impl Deployer {
                 .load_file(&path, settings.clone())
                 .with_context(|| format!("plugins.{name}"))?;
             tracing::info!(plugin = %name, version = plugin.short_hash(), path = %path.display(), "plugin loaded");
+            let file_hash = std::sync::Mutex::new(plugin.hash.clone());
             let slot = Arc::new(PluginSlot::new(
                 name.clone(),
                 Arc::new(plugin),
@@ -54,6 +59,7 @@ impl Deployer {
                     slot,
                     path,
                     settings,
+                    file_hash,
                 },
             );
         }
@@ -110,20 +116,37 @@ impl Deployer {
         }
     }
 
+    /// Deploys what the watcher found in the plugin's file, unless the file
+    /// holds what this host last wrote or loaded there.
+    pub async fn deploy_file(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+        source: &str,
+    ) -> Result<Option<VersionInfo>> {
+        let entry = self
+            .entries
+            .get(name)
+            .with_context(|| format!("no plugin named `{name}`"))?;
+        let hash = crate::runtime::hash(&wasm);
+        if *entry.file_hash.lock().unwrap() == hash {
+            return Ok(None);
+        }
+        *entry.file_hash.lock().unwrap() = hash;
+        self.deploy(name, wasm, source).await
+    }
+
     /// Deploys an uploaded version and, once it is live, writes it over the
     /// plugin's file (atomically), so a restart runs the same version.
     pub async fn deploy_upload(&self, name: &str, wasm: Vec<u8>) -> Result<Option<VersionInfo>> {
         let info = self.deploy(name, wasm.clone(), "upload").await?;
         if info.is_some() {
-            let path = &self.entries[name].path;
-            write_atomically(path, &wasm).with_context(|| {
-                format!("version is live but `{}` was not updated", path.display())
-            })?;
+            self.write_plugin_file(name, &wasm)?;
         }
         Ok(info)
     }
 
-    /// Makes the previous version current again.
+    /// Makes the previous version current again, on disk too.
     pub fn rollback(&self, name: &str) -> Result<VersionInfo> {
         let entry = self
             .entries
@@ -131,7 +154,22 @@ impl Deployer {
             .with_context(|| format!("no plugin named `{name}`"))?;
         let info = entry.slot.rollback()?;
         tracing::info!(plugin = %name, version = &info.hash[..12], "rolled back");
+        self.write_plugin_file(name, &entry.slot.current().wasm)?;
         Ok(info)
+    }
+
+    /// Writes the running version over the plugin's file, so a restart (or
+    /// the watcher) finds what runs.
+    fn write_plugin_file(&self, name: &str, wasm: &[u8]) -> Result<()> {
+        let entry = &self.entries[name];
+        write_atomically(&entry.path, wasm).with_context(|| {
+            format!(
+                "version is live but `{}` was not updated",
+                entry.path.display()
+            )
+        })?;
+        *entry.file_hash.lock().unwrap() = crate::runtime::hash(wasm);
+        Ok(())
     }
 
     /// The configured file of each plugin.

@@ -80,7 +80,7 @@ pub fn spawn(
                             match settled(&path).await {
                                 Some(bytes) => {
                                     let source = path.display().to_string();
-                                    let _ = deployer.deploy(&name, bytes, &source).await;
+                                    let _ = deployer.deploy_file(&name, bytes, &source).await;
                                 }
                                 // Still changing: look again later.
                                 None => { due.insert(name, Instant::now() + SETTLE); }

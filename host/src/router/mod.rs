@@ -110,12 +110,15 @@ impl Route {
 #[derive(Debug)]
 pub struct RouteControl {
     paused: tokio::sync::watch::Sender<bool>,
+    /// Set by the fetcher once it has seen a pause and stopped fetching.
+    halted: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for RouteControl {
     fn default() -> Self {
         RouteControl {
             paused: tokio::sync::watch::Sender::new(false),
+            halted: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -124,6 +127,18 @@ impl RouteControl {
     /// Stops fetching; messages already fetched are finished and settled.
     pub fn pause(&self) {
         self.paused.send_replace(true);
+    }
+
+    /// Pauses, then waits (at most `limit`) until the fetcher has stopped:
+    /// a fetch already waiting when the pause came may still bring messages,
+    /// and only after this returns does nothing more arrive. `false` if the
+    /// fetcher did not confirm in time (e.g. the route is not running).
+    pub async fn pause_and_wait(&self, limit: Duration) -> bool {
+        let mut halted = self.halted.subscribe();
+        self.pause();
+        tokio::time::timeout(limit, halted.wait_for(|h| *h))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     pub fn resume(&self) {
@@ -218,10 +233,12 @@ impl Context {
         let mut paused = self.control.paused.subscribe();
         while !self.shutdown.is_cancelled() {
             if *paused.borrow_and_update() {
+                self.control.halted.send_replace(true);
                 tokio::select! {
                     _ = paused.changed() => {}
                     _ = self.shutdown.cancelled() => {}
                 }
+                self.control.halted.send_replace(false);
                 continue;
             }
             let deliveries = match self.subscription.fetch(batch, FETCH_WAIT).await {

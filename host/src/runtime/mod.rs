@@ -81,6 +81,8 @@ pub struct Plugin {
     pub settings: Arc<PluginSettings>,
     /// SHA-256 of the .wasm file, hex.
     pub hash: String,
+    /// The component as loaded, so a rollback can put it back on disk.
+    pub wasm: Arc<[u8]>,
     engine: Engine,
     pre: HandlerPre<instance::State>,
 }
@@ -144,6 +146,7 @@ impl Runtime {
         Ok(Plugin {
             settings: Arc::new(settings),
             hash,
+            wasm: Arc::from(wasm),
             engine: self.engine.clone(),
             pre,
         })

@@ -218,3 +218,29 @@ impl Drop for Collector {
 pub fn text(message: &Message) -> String {
     String::from_utf8_lossy(&message.payload).into_owned()
 }
+
+/// A config for the `sluice` binary: a SQLite backend in `dir`, `plugin` as
+/// plugin `upper`, and route `upper` from `<ns>words` to `<ns>shouted` (`ns`
+/// keeps topics apart on a shared server; empty for none).
+pub fn upper_config(dir: &Path, plugin: &Path, ns: &str) -> String {
+    format!(
+        r#"[backends.main]
+url = "sqlite://{db}"
+
+[plugins.upper]
+path = "{plugin}"
+config = {{ output = "{ns}shouted" }}
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "upper"
+topics = ["{ns}words"]
+plugin = "upper"
+"#,
+        db = dir.join("sluice.db").display(),
+        plugin = plugin.display(),
+        cache = dir.join("cache").display(),
+    )
+}

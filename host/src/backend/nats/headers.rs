@@ -191,20 +191,7 @@ fn escape(text: &str) -> String {
 }
 
 fn unescape(text: &str) -> Result<String> {
-    let mut out = Vec::with_capacity(text.len());
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).context("truncated %-escape")?;
-            out.push(u8::from_str_radix(hex, 16).context("bad %-escape")?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).context("escaped header is not UTF-8")
+    super::percent_decode(text).context("escaped header")
 }
 
 #[cfg(test)]

@@ -167,6 +167,7 @@ pub(crate) fn parse_bool(scheme: &str, key: &str, value: &str) -> Result<bool> {
     }
 }
 
+/// Undoes `%XX` escapes (URL parameters, escaped headers).
 fn percent_decode(text: &str) -> Result<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
