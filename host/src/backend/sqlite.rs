@@ -120,15 +120,7 @@ impl SqliteBackend {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .with_context(|| format!("cannot open SQLite database `{path}`"))?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&pool)
-            .await
-            .with_context(|| format!("cannot create Sluice tables in `{path}`"))?;
+        let pool = open(options, path).await?;
         Ok(SqliteBackend {
             shared: Arc::new(Shared {
                 pool,
@@ -138,6 +130,36 @@ impl SqliteBackend {
                 changed: Notify::new(),
             }),
         })
+    }
+}
+
+/// Opens the pool and creates the tables. Switching a file to WAL and
+/// creating tables take locks that SQLite's busy timeout does not always
+/// wait for when other processes (or pools) open the same file at the same
+/// moment, so "database is locked" at open is retried for a while.
+async fn open(options: SqliteConnectOptions, path: &str) -> Result<SqlitePool> {
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let result = async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.clone())
+                .await
+                .with_context(|| format!("cannot open SQLite database `{path}`"))?;
+            sqlx::raw_sql(SCHEMA)
+                .execute(&pool)
+                .await
+                .with_context(|| format!("cannot create Sluice tables in `{path}`"))?;
+            anyhow::Ok(pool)
+        }
+        .await;
+        match result {
+            Err(e) if attempt < 50 && format!("{e:#}").contains("database is locked") => {
+                tokio::time::sleep(Duration::from_millis(20 * attempt.min(10))).await;
+            }
+            other => return other,
+        }
     }
 }
 
