@@ -22,14 +22,20 @@ use crate::message::Message;
 
 #[cfg(feature = "filelog")]
 pub mod filelog;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod pattern;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 
 /// What a backend guarantees and does natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +190,8 @@ pub fn closed_error(group: &str) -> anyhow::Error {
 }
 
 /// Opens the backend a URL names: `memory://`, `sqlite://PATH`, `file://DIR`,
-/// `redis://`, `redis+pubsub://`, `nats://`, `jetstream://`.
+/// `redis://`, `redis+pubsub://`, `nats://`, `jetstream://`, `postgres://`,
+/// `kafka://`, `sqs://`, `sns+sqs://`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     let Some((scheme, _)) = url.split_once("://") else {
         bail!(
@@ -208,6 +215,14 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         "jetstream" => Ok(Arc::new(
             nats::jetstream::JetStreamBackend::connect(url).await?,
         )),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(postgres::PostgresBackend::connect(url).await?)),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(kafka::KafkaBackend::connect(url).await?)),
+        #[cfg(feature = "sqs")]
+        "sqs" => Ok(Arc::new(sqs::SqsBackend::connect(url).await?)),
+        #[cfg(feature = "sqs")]
+        "sns+sqs" => Ok(Arc::new(sqs::SnsSqsBackend::connect(url).await?)),
         other => bail!(
             "unknown backend `{other}` in URL `{}`; this build supports: {}",
             redact(url),
@@ -232,6 +247,16 @@ pub fn supported_schemes() -> Vec<&'static str> {
     if cfg!(feature = "nats") {
         schemes.push("nats");
         schemes.push("jetstream");
+    }
+    if cfg!(feature = "postgres") {
+        schemes.push("postgres");
+    }
+    if cfg!(feature = "kafka") {
+        schemes.push("kafka");
+    }
+    if cfg!(feature = "sqs") {
+        schemes.push("sqs");
+        schemes.push("sns+sqs");
     }
     schemes
 }

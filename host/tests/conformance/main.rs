@@ -24,8 +24,9 @@ mod targets;
 use harness::run_suite;
 
 macro_rules! backends {
-    ($($name:ident => $target:expr;)*) => {
+    ($($(#[$meta:meta])* $name:ident => $target:expr;)*) => {
         $(
+            $(#[$meta])*
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 run_suite(std::sync::Arc::new($target)).await;
@@ -42,4 +43,12 @@ backends! {
     redis_pubsub => targets::Redis::pubsub();
     nats => targets::Nats::core();
     jetstream => targets::Nats::jetstream();
+    #[cfg(feature = "postgres")]
+    postgres => targets::postgres::Postgres::new();
+    #[cfg(feature = "kafka")]
+    kafka => targets::kafka::Kafka::new();
+    #[cfg(feature = "sqs")]
+    sqs => targets::sqs::Sqs::queue();
+    #[cfg(feature = "sqs")]
+    sns_sqs => targets::sqs::Sqs::fan_out();
 }

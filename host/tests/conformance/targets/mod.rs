@@ -109,22 +109,33 @@ pub struct ServerProcess {
     port: u16,
     dir: tempfile::TempDir,
     spawn: fn(u16, &std::path::Path) -> std::process::Child,
+    ready: fn(u16) -> bool,
 }
 
 impl ServerProcess {
+    /// A Redis or NATS server: ready once it answers PING or sends INFO.
     fn start(spawn: fn(u16, &std::path::Path) -> std::process::Child) -> Self {
+        Self::start_with(spawn, answers)
+    }
+
+    /// A server that is ready once `ready(port)` says so.
+    fn start_with(
+        spawn: fn(u16, &std::path::Path) -> std::process::Child,
+        ready: fn(u16) -> bool,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let dir = tempfile::tempdir().unwrap();
         let child = spawn(port, dir.path());
-        wait_listening(port);
+        wait_ready(port, ready);
         ServerProcess {
             child: std::sync::Mutex::new(child),
             port,
             dir,
             spawn,
+            ready,
         }
     }
 
@@ -137,7 +148,7 @@ impl ServerProcess {
         let _ = child.kill();
         let _ = child.wait();
         *child = (self.spawn)(self.port, self.dir.path());
-        wait_listening(self.port);
+        wait_ready(self.port, self.ready);
     }
 }
 
@@ -152,9 +163,9 @@ impl Drop for ServerProcess {
     }
 }
 
-fn wait_listening(port: u16) {
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !answers(port) {
+fn wait_ready(port: u16, ready: fn(u16) -> bool) {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready(port) {
         assert!(
             std::time::Instant::now() < give_up,
             "no server answered on port {port}"
@@ -318,3 +329,10 @@ impl Target for Nats {
         Ok(())
     }
 }
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqs")]
+pub mod sqs;
