@@ -36,6 +36,7 @@ pub mod redis;
 pub mod sqlite;
 #[cfg(feature = "sqs")]
 pub mod sqs;
+pub mod url;
 
 /// What a backend guarantees and does natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +180,21 @@ pub trait Subscription: Send + Sync {
     /// The delivery failed: deliver it again after `delay`.
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()>;
 
+    /// Whether [`Subscription::publish_and_ack`] is available: the backend
+    /// can publish to itself and settle a delivery in one transaction.
+    fn transactional(&self) -> bool {
+        false
+    }
+
+    /// Publishes `messages` to this subscription's own backend and acks
+    /// `delivery` atomically: both take effect, or neither does and an
+    /// error says why (e.g. the delivery's lease ran out and another
+    /// consumer holds it). Only for [`Subscription::transactional`] ones.
+    async fn publish_and_ack(&self, delivery: &Delivery, messages: Vec<Message>) -> Result<()> {
+        let _ = (delivery, messages);
+        bail!("this backend cannot publish and acknowledge in one transaction")
+    }
+
     /// Stops consuming: later fetches fail. Unsettled deliveries go back to
     /// the group.
     async fn close(&self) -> Result<()>;
@@ -271,10 +287,10 @@ pub fn redact(url: &str) -> String {
         None => (rest, ""),
     };
     match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_string(),
+        },
         None => url.to_string(),
     }
 }
@@ -288,5 +304,9 @@ mod tests {
             "redis://user:***@host:6379/0"
         );
         assert_eq!(super::redact("sqlite://a.db"), "sqlite://a.db");
+        assert_eq!(
+            super::redact("postgres://app@db/test"),
+            "postgres://app@db/test"
+        );
     }
 }

@@ -6,7 +6,9 @@
 //! worker calls the handler, then settles:
 //!
 //! - outputs → publish them, *then* ack the input (at-least-once end to end:
-//!   a crash between the two repeats outputs, never loses the input);
+//!   a crash between the two repeats outputs, never loses the input); when
+//!   the route reads from and writes to one transactional backend, both
+//!   happen in one transaction instead (exactly once within that backend);
 //! - retry, trap, timeout, memory cap → nack with an exponential backoff,
 //!   or dead-letter once the attempts are used up;
 //! - reject → dead-letter at once.
@@ -76,6 +78,9 @@ struct Context {
     spec: RouteSpec,
     subscription: Box<dyn Subscription>,
     sink: Arc<dyn Backend>,
+    /// Outputs and the input's ack go in one transaction: the route's sink
+    /// is its source and that backend can do it.
+    atomic: bool,
     stats: Arc<RouteStats>,
     shutdown: CancellationToken,
     control: Arc<RouteControl>,
@@ -179,10 +184,13 @@ impl Subscribed {
             subscription,
         } = self;
         let handler = route.handler;
+        let atomic = subscription.transactional()
+            && std::ptr::addr_eq(Arc::as_ptr(&route.source), Arc::as_ptr(&route.sink));
         let context = Arc::new(Context {
             spec: route.spec,
             subscription,
             sink: route.sink,
+            atomic,
             stats: route.stats,
             shutdown,
             control,
@@ -297,9 +305,8 @@ impl Context {
             self.stats.handler_latency.observe(started.elapsed());
             let failure = match result {
                 Ok(Outcome::Outputs(outputs)) => {
-                    match self.publish_outputs(&delivery, outputs).await {
+                    match self.publish_and_settle(&delivery, outputs).await {
                         Ok(()) => {
-                            self.ack(&delivery).await;
                             RouteStats::add(&self.stats.succeeded, 1);
                             break;
                         }
@@ -352,15 +359,21 @@ impl Context {
         self.stats.touch();
     }
 
-    async fn publish_outputs(&self, input: &Delivery, mut outputs: Vec<Message>) -> Result<()> {
-        if outputs.is_empty() {
-            return Ok(());
-        }
+    /// Publishes a handled message's outputs and acks it; an error means
+    /// the outputs were not (all) published and the input is not settled.
+    async fn publish_and_settle(&self, input: &Delivery, mut outputs: Vec<Message>) -> Result<()> {
         for output in &mut outputs {
             output.set_header(headers::CAUSATION_ID, input.message.id.clone());
         }
         let count = outputs.len() as u64;
-        self.sink.publish(outputs).await?;
+        if self.atomic {
+            self.subscription.publish_and_ack(input, outputs).await?;
+        } else {
+            if !outputs.is_empty() {
+                self.sink.publish(outputs).await?;
+            }
+            self.ack(input).await;
+        }
         RouteStats::add(&self.stats.published, count);
         Ok(())
     }
@@ -380,9 +393,19 @@ impl Context {
         letter.set_header(headers::ATTEMPTS, attempt.to_string());
         letter.set_header(headers::ROUTE, self.spec.name.clone());
         tracing::warn!(route = %self.spec.name, message = %original.id, topic = %self.spec.dead_letter_topic, cause, "dead-lettering: {reason}");
-        match self.sink.publish(vec![letter]).await {
-            Ok(()) => {
+        let settled = if self.atomic {
+            self.subscription
+                .publish_and_ack(delivery, vec![letter])
+                .await
+        } else {
+            let published = self.sink.publish(vec![letter]).await;
+            if published.is_ok() {
                 self.ack(delivery).await;
+            }
+            published
+        };
+        match settled {
+            Ok(()) => {
                 RouteStats::add(&self.stats.dead_lettered, 1);
             }
             Err(e) => {

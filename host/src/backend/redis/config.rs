@@ -1,94 +1,20 @@
 //! Backend URLs: where the Redis server is, and the query parameters each
 //! Redis backend understands, parsed with errors that name the parameter.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::backend::redact;
+use crate::backend::url::BackendUrl;
 
 /// A backend URL split into what the `redis` crate connects to and our own
 /// parameters.
-pub struct RedisUrl {
+pub type RedisUrl = BackendUrl;
+
+impl BackendUrl {
     /// `redis://[user:password@]host[:port][/db]`, for `redis::Client`.
-    pub connection: String,
-    /// Safe to log.
-    pub redacted: String,
-    params: Vec<(String, String)>,
-}
-
-impl RedisUrl {
-    /// Splits `url`, which must start with `scheme://`.
-    pub fn parse(url: &str, scheme: &str) -> Result<Self> {
-        let redacted = redact(url);
-        let Some(rest) = url.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")) else {
-            bail!("backend URL `{redacted}` does not start with {scheme}://");
-        };
-        // The query starts after the credentials, which may hold a `?`.
-        let query_from = rest.rfind('@').map_or(0, |at| at + 1);
-        let (address, query) = match rest[query_from..].find('?') {
-            Some(i) => (&rest[..query_from + i], &rest[query_from + i + 1..]),
-            None => (rest, ""),
-        };
-        if address.is_empty() {
-            bail!("backend URL `{redacted}` names no server (expected {scheme}://HOST:PORT)");
-        }
-        let mut params = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let Some((name, value)) = pair.split_once('=') else {
-                bail!(
-                    "backend URL `{redacted}`: parameter `{pair}` has no value (expected NAME=VALUE)"
-                );
-            };
-            params.push((name.to_string(), value.to_string()));
-        }
-        Ok(RedisUrl {
-            connection: format!("redis://{address}"),
-            redacted,
-            params,
-        })
-    }
-
-    /// Removes and parses parameter `name`.
-    pub fn take<T: FromStr>(&mut self, name: &str, expected: &str) -> Result<Option<T>> {
-        let Some(i) = self.params.iter().position(|(n, _)| n == name) else {
-            return Ok(None);
-        };
-        let (_, value) = self.params.remove(i);
-        if self.params.iter().any(|(n, _)| n == name) {
-            bail!("backend URL `{}`: `{name}` is given twice", self.redacted);
-        }
-        match value.parse() {
-            Ok(parsed) => Ok(Some(parsed)),
-            Err(_) => bail!(
-                "backend URL `{}`: {name} `{value}` is not {expected}",
-                self.redacted
-            ),
-        }
-    }
-
-    /// A duration parameter in milliseconds.
-    pub fn take_ms(&mut self, name: &str) -> Result<Option<Duration>> {
-        Ok(self
-            .take::<u64>(name, "a number of milliseconds")?
-            .map(Duration::from_millis))
-    }
-
-    /// Fails on any parameter not taken yet.
-    pub fn finish(&self, known: &[&str]) -> Result<()> {
-        if let Some((name, _)) = self.params.first() {
-            bail!(
-                "backend URL `{}`: unknown parameter `{name}` (known: {})",
-                self.redacted,
-                known.join(", ")
-            );
-        }
-        Ok(())
-    }
-
     pub fn client(&self) -> Result<::redis::Client> {
-        ::redis::Client::open(self.connection.as_str())
+        ::redis::Client::open(format!("redis://{}", self.address).as_str())
             .with_context(|| format!("backend URL `{}` is not a valid Redis URL", self.redacted))
     }
 }
@@ -203,7 +129,7 @@ mod tests {
             "redis",
         )
         .unwrap();
-        assert_eq!(url.connection, "redis://user:p?ss@127.0.0.1:6379/2");
+        assert_eq!(url.address, "user:p?ss@127.0.0.1:6379/2");
         let config = StreamsConfig::from_url(&mut url).unwrap();
         url.finish(StreamsConfig::PARAMS).unwrap();
         assert_eq!(config.prefix, "app:");

@@ -1,0 +1,325 @@
+//! A consumer of one group on the PostgreSQL backend: claims with
+//! `FOR UPDATE SKIP LOCKED`, acks in batches, and publishes-and-acks in one
+//! transaction for routes whose output is this same database.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use sqlx::Row;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Shared, insert_messages};
+use crate::backend::{Delivery, Receipt, SubscribeOptions, Subscription};
+use crate::message::Message;
+
+pub struct PostgresSubscription {
+    shared: Arc<Shared>,
+    group_key: String,
+    lease: Duration,
+    ephemeral: bool,
+    closed: AtomicBool,
+    wake: Arc<Notify>,
+    /// Deliveries claimed and not settled, handed back on close.
+    mine: Mutex<HashSet<i64>>,
+    acks: Arc<AckBatcher>,
+}
+
+/// Which row a delivery is, and which claim of it.
+struct PostgresReceipt {
+    seq: i64,
+    attempt: i32,
+}
+
+impl PostgresSubscription {
+    pub fn new(shared: Arc<Shared>, group_key: String, options: &SubscribeOptions) -> Self {
+        PostgresSubscription {
+            wake: shared.waker(&group_key),
+            acks: AckBatcher::start(shared.clone(), group_key.clone()),
+            shared,
+            group_key,
+            lease: options.lease,
+            ephemeral: options.ephemeral,
+            closed: AtomicBool::new(false),
+            mine: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Claims up to `max` visible deliveries: rows other consumers are
+    /// claiming at this moment are skipped, not waited for.
+    async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "WITH claimable AS ( \
+                 SELECT seq FROM sluice_deliveries \
+                 WHERE group_key = $1 AND visible_at <= now() \
+                 ORDER BY seq LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED \
+             ), claimed AS ( \
+                 UPDATE sluice_deliveries d \
+                 SET attempt = d.attempt + 1, visible_at = now() + $3 * interval '1 millisecond' \
+                 FROM claimable WHERE d.group_key = $1 AND d.seq = claimable.seq \
+                 RETURNING d.seq, d.attempt \
+             ) \
+             SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
+                    m.payload, m.timestamp_ms \
+             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq \
+             ORDER BY claimed.seq",
+        )
+        .bind(&self.group_key)
+        .bind(max as i64)
+        .bind(self.lease.as_millis() as i64)
+        .fetch_all(&self.shared.pool)
+        .await?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        let mut mine = self.mine.lock().unwrap();
+        for row in rows {
+            let seq: i64 = row.try_get("seq")?;
+            let attempt: i32 = row.try_get("attempt")?;
+            let headers: String = row.try_get("headers")?;
+            let message = Message {
+                id: row.try_get("id")?,
+                topic: row.try_get("topic")?,
+                key: row.try_get("msg_key")?,
+                headers: serde_json::from_str(&headers)
+                    .with_context(|| format!("message {seq} has malformed headers"))?,
+                payload: row.try_get("payload")?,
+                timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
+            };
+            mine.insert(seq);
+            deliveries.push(Delivery {
+                message,
+                attempt: attempt as u32,
+                receipt: Receipt::new(PostgresReceipt { seq, attempt }),
+            });
+        }
+        Ok(deliveries)
+    }
+
+    /// How long until the group's next delivery becomes visible (a nack's
+    /// delay or a lease running out), if it has any.
+    async fn next_due(&self) -> Result<Option<Duration>> {
+        let millis: Option<f64> = sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM MIN(visible_at) - now()) * 1000)::float8 \
+             FROM sluice_deliveries WHERE group_key = $1",
+        )
+        .bind(&self.group_key)
+        .fetch_one(&self.shared.pool)
+        .await?;
+        Ok(millis.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
+    }
+}
+
+#[async_trait]
+impl Subscription for PostgresSubscription {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let give_up = Instant::now() + wait;
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(crate::backend::closed_error(&self.group_key));
+            }
+            // Registered before the claim, so a notification that arrives
+            // between an empty claim and the wait is not missed.
+            let woken = self.wake.notified();
+            let deliveries = self.claim(max.max(1)).await?;
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Ok(Vec::new());
+            }
+            let mut until = (now + self.shared.settings.poll).min(give_up);
+            if let Some(due) = self.next_due().await? {
+                until = until.min(now + due);
+            }
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        let receipt = delivery.receipt.get::<PostgresReceipt>()?;
+        self.mine.lock().unwrap().remove(&receipt.seq);
+        self.acks.push(receipt.seq);
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        let receipt = delivery.receipt.get::<PostgresReceipt>()?;
+        // Only the current claim may move the row: if the lease ran out and
+        // another consumer holds it, this nack is stale.
+        sqlx::query(
+            "UPDATE sluice_deliveries SET visible_at = now() + $1 * interval '1 millisecond' \
+             WHERE group_key = $2 AND seq = $3 AND attempt = $4",
+        )
+        .bind(delay.as_millis() as i64)
+        .bind(&self.group_key)
+        .bind(receipt.seq)
+        .bind(receipt.attempt)
+        .execute(&self.shared.pool)
+        .await?;
+        self.mine.lock().unwrap().remove(&receipt.seq);
+        Ok(())
+    }
+
+    fn transactional(&self) -> bool {
+        true
+    }
+
+    async fn publish_and_ack(&self, delivery: &Delivery, messages: Vec<Message>) -> Result<()> {
+        let receipt = delivery.receipt.get::<PostgresReceipt>()?;
+        let mut tx = self.shared.pool.begin().await?;
+        if !messages.is_empty() {
+            insert_messages(&mut *tx, &self.shared.channel, &messages).await?;
+        }
+        let settled = sqlx::query(
+            "DELETE FROM sluice_deliveries WHERE group_key = $1 AND seq = $2 AND attempt = $3",
+        )
+        .bind(&self.group_key)
+        .bind(receipt.seq)
+        .bind(receipt.attempt)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if settled == 0 {
+            // Rolled back on drop: nothing of this attempt takes effect.
+            bail!(
+                "message {} is no longer held by this consumer (its lease ran out); \
+                 its outputs were not published",
+                delivery.message.id
+            );
+        }
+        tx.commit().await?;
+        self.mine.lock().unwrap().remove(&receipt.seq);
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.acks.stop().await?;
+        if self.ephemeral {
+            let mut tx = self.shared.pool.begin().await?;
+            sqlx::query("DELETE FROM sluice_groups WHERE group_key = $1")
+                .bind(&self.group_key)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM sluice_deliveries WHERE group_key = $1")
+                .bind(&self.group_key)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(());
+        }
+        let mine: Vec<i64> = self.mine.lock().unwrap().drain().collect();
+        if !mine.is_empty() {
+            sqlx::query(
+                "UPDATE sluice_deliveries SET visible_at = now() \
+                 WHERE group_key = $1 AND seq = ANY($2)",
+            )
+            .bind(&self.group_key)
+            .bind(&mine)
+            .execute(&self.shared.pool)
+            .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.shared.channel)
+                .bind(&self.group_key)
+                .execute(&self.shared.pool)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PostgresSubscription {
+    /// Dropped without `close`: still write what was acknowledged.
+    fn drop(&mut self) {
+        self.acks.stop.store(true, Ordering::SeqCst);
+        self.acks.wake.notify_one();
+    }
+}
+
+/// Acks gathered for a few milliseconds and deleted with one statement:
+/// a round trip per ack would cap a consumer far below what the database
+/// can do. A crash loses only queued acks, whose messages come back.
+struct AckBatcher {
+    shared: Arc<Shared>,
+    group_key: String,
+    queued: Mutex<Vec<i64>>,
+    wake: Notify,
+    stop: AtomicBool,
+}
+
+impl AckBatcher {
+    /// How long acks gather before they are written.
+    const LINGER: Duration = Duration::from_millis(2);
+
+    fn start(shared: Arc<Shared>, group_key: String) -> Arc<Self> {
+        let batcher = Arc::new(AckBatcher {
+            shared,
+            group_key,
+            queued: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            stop: AtomicBool::new(false),
+        });
+        let worker = batcher.clone();
+        tokio::spawn(async move {
+            loop {
+                worker.wake.notified().await;
+                let stopping = worker.stop.load(Ordering::SeqCst);
+                if !stopping {
+                    tokio::time::sleep(Self::LINGER).await;
+                }
+                let result = worker.flush().await;
+                if stopping {
+                    if let Err(e) = result {
+                        tracing::warn!(group = %worker.group_key, "acks not written; they will be redelivered: {e:#}");
+                    }
+                    return;
+                }
+                if let Err(e) = result {
+                    tracing::warn!(group = %worker.group_key, "writing acks failed, retrying: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    worker.wake.notify_one();
+                }
+            }
+        });
+        batcher
+    }
+
+    fn push(&self, seq: i64) {
+        self.queued.lock().unwrap().push(seq);
+        self.wake.notify_one();
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let seqs = std::mem::take(&mut *self.queued.lock().unwrap());
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let result =
+            sqlx::query("DELETE FROM sluice_deliveries WHERE group_key = $1 AND seq = ANY($2)")
+                .bind(&self.group_key)
+                .bind(&seqs)
+                .execute(&self.shared.pool)
+                .await;
+        if let Err(e) = result {
+            self.queued.lock().unwrap().extend(seqs);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        self.flush().await
+    }
+}
