@@ -16,7 +16,8 @@
 //! (a broker that cannot be reached is skipped). Every run uses key
 //! prefixes and stream names of its own and deletes them afterwards.
 //! `SLUICE_BENCH_BROKER_MESSAGES` (default 20000) sets the messages per
-//! run. Needs the plugins built: `cargo xtask bench` does both.
+//! run; `SLUICE_BENCH_BROKERS` (e.g. `postgres,kafka`) picks brokers by
+//! slug. Needs the plugins built: `cargo xtask bench` does both.
 
 use std::fmt::Write as _;
 use std::future::IntoFuture;
@@ -37,6 +38,9 @@ use sluice::runtime::Runtime;
 mod chart;
 #[path = "common/pipeline.rs"]
 mod pipeline;
+#[cfg(feature = "postgres")]
+#[path = "plain/postgres.rs"]
+mod plain_postgres;
 
 use pipeline::{INPUT, PAYLOAD_BYTES, Pipeline, echo_handler, positive_env};
 
@@ -64,7 +68,13 @@ async fn main() -> Result<()> {
     let runtime = Runtime::new(None)?;
     let handler = echo_handler(&runtime)?;
     let mut results = Vec::new();
-    for broker in [Broker::RedisStreams, Broker::JetStream] {
+    let only = std::env::var("SLUICE_BENCH_BROKERS").ok();
+    for &broker in Broker::ALL {
+        if let Some(only) = &only
+            && !only.split(',').any(|slug| slug.trim() == broker.slug())
+        {
+            continue;
+        }
         if tokio::net::TcpStream::connect(broker.address())
             .await
             .is_err()
@@ -89,13 +99,24 @@ async fn main() -> Result<()> {
 enum Broker {
     RedisStreams,
     JetStream,
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 impl Broker {
+    const ALL: &[Broker] = &[
+        Broker::RedisStreams,
+        Broker::JetStream,
+        #[cfg(feature = "postgres")]
+        Broker::Postgres,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Broker::RedisStreams => "Redis Streams",
             Broker::JetStream => "NATS JetStream",
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => "PostgreSQL",
         }
     }
 
@@ -103,6 +124,8 @@ impl Broker {
         match self {
             Broker::RedisStreams => "redis-streams",
             Broker::JetStream => "jetstream",
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => "postgres",
         }
     }
 
@@ -110,6 +133,8 @@ impl Broker {
         match self {
             Broker::RedisStreams => "127.0.0.1:6379",
             Broker::JetStream => "127.0.0.1:4222",
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => plain_postgres::ADDRESS,
         }
     }
 
@@ -119,6 +144,8 @@ impl Broker {
             Broker::JetStream => {
                 format!("jetstream://{}?stream_prefix={namespace}", self.address())
             }
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => plain_postgres::sluice_url(namespace),
         }
     }
 
@@ -127,6 +154,8 @@ impl Broker {
         match self {
             Broker::RedisStreams => redis_clean(namespace).await,
             Broker::JetStream => jetstream_clean(namespace).await,
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => plain_postgres::clean(namespace).await,
         }
     }
 }
@@ -248,9 +277,11 @@ async fn plain_rate(broker: Broker, namespace: &str, messages: usize) -> Result<
 }
 
 enum Plain {
-    // Boxed: both are large, and unequal in size.
+    // Boxed: they are large, and unequal in size.
     Redis(Box<PlainRedis>),
     JetStream(Box<PlainJetStream>),
+    #[cfg(feature = "postgres")]
+    Postgres(Box<plain_postgres::PlainPostgres>),
 }
 
 impl Plain {
@@ -260,6 +291,10 @@ impl Plain {
             Broker::JetStream => {
                 Plain::JetStream(Box::new(PlainJetStream::connect(namespace).await?))
             }
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => Plain::Postgres(Box::new(
+                plain_postgres::PlainPostgres::connect(namespace).await?,
+            )),
         })
     }
 
@@ -267,6 +302,8 @@ impl Plain {
         match self {
             Plain::Redis(plain) => plain.publish(count).await,
             Plain::JetStream(plain) => plain.publish(count).await,
+            #[cfg(feature = "postgres")]
+            Plain::Postgres(plain) => plain.publish(count, &payload()).await,
         }
     }
 
@@ -276,6 +313,8 @@ impl Plain {
         match self {
             Plain::Redis(plain) => plain.process(count).await,
             Plain::JetStream(plain) => plain.process(count).await,
+            #[cfg(feature = "postgres")]
+            Plain::Postgres(plain) => plain.process(count).await,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! plugins, the demo, the tests, the benchmark and the lints, each in one
 //! command that works on a fresh checkout.
 
+mod brokers;
 mod demo;
 mod process;
 mod report;

@@ -10,6 +10,11 @@ use crate::process::{cargo, plugins_dir, run, run_all};
 /// The target every plugin is built for.
 pub const WASM_TARGET: &str = "wasm32-wasip2";
 
+/// The host built with every backend, as the tests, benchmarks and lints
+/// build it (the default build leaves out Kafka and AWS, which take long to
+/// compile and need extra build tools).
+const ALL_BACKENDS: &str = "sluice/full";
+
 /// Builds every plugin in release, installing the wasm target if needed.
 pub fn plugins() -> Result<()> {
     ensure_wasm_target()?;
@@ -21,9 +26,11 @@ pub fn plugins() -> Result<()> {
 /// tests, which run natively.
 pub fn test(extra: &[String]) -> Result<()> {
     plugins()?;
-    println!("==> testing the host workspace…");
+    crate::brokers::ensure()?;
+    println!("==> testing the host workspace, every backend…");
     let mut host = cargo();
-    host.args(["test", "--workspace"]).args(extra);
+    host.args(["test", "--workspace", "--features", ALL_BACKENDS])
+        .args(extra);
     let mut sdk = guest_cargo();
     sdk.args(["test", "-p", "sluice-sdk"]);
     let result = run_all([host, sdk]);
@@ -36,9 +43,26 @@ pub fn test(extra: &[String]) -> Result<()> {
 pub fn bench() -> Result<()> {
     plugins()?;
     println!("==> benchmarking the pipeline (release build)…");
-    run(cargo().args(["bench", "-p", "sluice", "--bench", "pipeline"]))?;
+    run(cargo().args([
+        "bench",
+        "-p",
+        "sluice",
+        "--features",
+        ALL_BACKENDS,
+        "--bench",
+        "pipeline",
+    ]))?;
     println!("==> benchmarking the brokers (release build)…");
-    run(cargo().args(["bench", "-p", "sluice", "--bench", "brokers"]))
+    crate::brokers::ensure()?;
+    run(cargo().args([
+        "bench",
+        "-p",
+        "sluice",
+        "--features",
+        ALL_BACKENDS,
+        "--bench",
+        "brokers",
+    ]))
 }
 
 /// Formatting and clippy, both workspaces; clippy on the guests checks them
@@ -55,6 +79,8 @@ pub fn lint() -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--features",
+        ALL_BACKENDS,
         "--",
         "-D",
         "warnings",

@@ -1,0 +1,134 @@
+//! The plain PostgreSQL loop of the broker benchmark: a job table per
+//! topic, worked the way a hand-written SKIP LOCKED queue is. The worker
+//! takes a batch (`DELETE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED)
+//! RETURNING`), writes each payload to the output table and commits, so
+//! inputs are consumed and outputs published in one transaction — the same
+//! exactly-once guarantee Sluice gives a route within one database. A
+//! second loop takes and counts the outputs.
+
+use anyhow::{Result, bail};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// The shared server; every run gets a schema of its own.
+pub const SERVER: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const ADDRESS: &str = "127.0.0.1:5432";
+
+/// Rows a plain loop takes at once.
+const BATCH: i64 = 100;
+
+pub fn sluice_url(namespace: &str) -> String {
+    format!("{SERVER}?schema={namespace}")
+}
+
+pub struct PlainPostgres {
+    pool: PgPool,
+}
+
+impl PlainPostgres {
+    pub async fn connect(namespace: &str) -> Result<Self> {
+        create_schema(namespace).await?;
+        let options: PgConnectOptions = SERVER.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.options([("search_path", namespace)]))
+            .await?;
+        sqlx::raw_sql(
+            "CREATE TABLE plain_in (seq BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL); \
+             CREATE TABLE plain_out (seq BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL);",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(PlainPostgres { pool })
+    }
+
+    pub async fn publish(&mut self, count: usize, payload: &[u8]) -> Result<()> {
+        let mut left = count;
+        while left > 0 {
+            let batch = left.min(super::PUBLISH_BATCH);
+            let payloads = vec![payload; batch];
+            sqlx::query("INSERT INTO plain_in (payload) SELECT * FROM UNNEST($1::bytea[])")
+                .bind(&payloads)
+                .execute(&self.pool)
+                .await?;
+            left -= batch;
+        }
+        Ok(())
+    }
+
+    pub async fn process(&mut self, count: usize) -> Result<()> {
+        let work = async {
+            let mut done = 0;
+            while done < count {
+                let mut tx = self.pool.begin().await?;
+                let moved = sqlx::query(
+                    "WITH taken AS ( \
+                         DELETE FROM plain_in WHERE seq IN ( \
+                             SELECT seq FROM plain_in ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                         RETURNING seq, payload) \
+                     INSERT INTO plain_out (payload) SELECT payload FROM taken ORDER BY seq",
+                )
+                .bind(BATCH)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                tx.commit().await?;
+                done += moved as usize;
+                idle_if_empty(moved).await;
+            }
+            anyhow::Ok(())
+        };
+        let counting = async {
+            let mut counted = 0;
+            let mut idle = std::time::Instant::now();
+            while counted < count {
+                let taken = sqlx::query(
+                    "DELETE FROM plain_out WHERE seq IN ( \
+                         SELECT seq FROM plain_out ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)",
+                )
+                .bind(BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                counted += taken as usize;
+                if taken > 0 {
+                    idle = std::time::Instant::now();
+                } else if idle.elapsed() > super::STALL {
+                    bail!("no output for {:?}", super::STALL);
+                }
+                idle_if_empty(taken).await;
+            }
+            anyhow::Ok(())
+        };
+        tokio::try_join!(work, counting)?;
+        Ok(())
+    }
+}
+
+/// A hand-written queue polls; a short sleep on an empty table keeps the
+/// poll from starving the other loop.
+async fn idle_if_empty(rows: u64) {
+    if rows == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+async fn create_schema(namespace: &str) -> Result<()> {
+    let pool = PgPool::connect(SERVER).await?;
+    // The namespace is made of lowercase letters and digits only.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {namespace}")))
+        .execute(&pool)
+        .await?;
+    Ok(())
+}
+
+/// Drops the run's schema with everything in it.
+pub async fn clean(namespace: &str) -> Result<()> {
+    let pool = PgPool::connect(SERVER).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {namespace} CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! `examples/anywhere.toml` on every backend a second process can reach:
+//! the same config file and the same plugin, with only `SLUICE_BACKEND_URL`
+//! changed, handle the same messages the same way. (The in-memory backend
+//! lives inside one process, and the file log admits one process per
+//! directory; the pipeline and backend tests run this plugin on both.)
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sluice::Message;
+use sluice::backend::{self, SubscribeOptions};
+
+const INPUTS: [&str; 3] = ["espresso", "green tea", "croissant"];
+
+/// `sluice run examples/anywhere.toml` with the backend from the environment.
+struct Host(Child);
+
+impl Host {
+    fn start(url: &str) -> Host {
+        // Built before the host needs it.
+        common::plugin_path("uppercase");
+        let root = common::repo_root();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "examples/anywhere.toml"])
+            .current_dir(&root)
+            .env("SLUICE_BACKEND_URL", url)
+            .env("SLUICE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sluice run");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (subscribed, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("route subscribed") {
+                    let _ = subscribed.send(());
+                }
+            }
+        });
+        wait.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("sluice run on {url} did not subscribe"));
+        Host(child)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the example on `url`, publishes the inputs, and checks the outputs.
+async fn shouts_on(url: &str) {
+    let backend = backend::connect(url).await.unwrap();
+    let mut options = SubscribeOptions::new(vec!["orders.shouted".into()], "anywhere-check");
+    options.ephemeral = true;
+    let outputs = backend.subscribe(options).await.unwrap();
+    let host = Host::start(url);
+    let published: Vec<Message> = INPUTS
+        .iter()
+        .map(|text| Message::new("orders.new", *text))
+        .collect();
+    backend.publish(published).await.unwrap();
+
+    let mut got = Vec::new();
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < INPUTS.len() && std::time::Instant::now() < give_up {
+        for delivery in outputs.fetch(10, Duration::from_millis(500)).await.unwrap() {
+            got.push(String::from_utf8(delivery.message.payload.clone()).unwrap());
+            outputs.ack(&delivery).await.unwrap();
+        }
+    }
+    drop(host);
+    outputs.close().await.unwrap();
+    got.sort();
+    let mut expected: Vec<String> = INPUTS.iter().map(|s| s.to_uppercase()).collect();
+    expected.sort();
+    assert_eq!(got, expected, "on {}", backend::redact(url));
+}
+
+/// A name of this run's own on a shared server.
+fn unique(prefix: &str) -> String {
+    let id = Message::new("x", "").id.replace('-', "");
+    format!("{prefix}{}", &id[id.len() - 10..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    shouts_on(&format!("sqlite://{}", dir.path().join("a.db").display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams() {
+    shouts_on(&format!(
+        "redis://127.0.0.1:6379/0?prefix={}:",
+        unique("anywhere")
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pubsub() {
+    shouts_on(&format!(
+        "redis+pubsub://127.0.0.1:6379?prefix={}:",
+        unique("anywhere")
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_core() {
+    shouts_on("nats://127.0.0.1:4222").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream() {
+    let prefix = unique("ANYWHERE");
+    shouts_on(&format!("jetstream://127.0.0.1:4222?stream_prefix={prefix}")).await;
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(format!("{prefix}_orders"))
+        .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres() {
+    let schema = unique("anywhere_").to_lowercase();
+    shouts_on(&format!(
+        "postgres://postgres@127.0.0.1:5432/test?schema={schema}"
+    ))
+    .await;
+    let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+}
