@@ -124,7 +124,10 @@ async fn nats_core() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream() {
     let prefix = unique("ANYWHERE");
-    shouts_on(&format!("jetstream://127.0.0.1:4222?stream_prefix={prefix}")).await;
+    shouts_on(&format!(
+        "jetstream://127.0.0.1:4222?stream_prefix={prefix}"
+    ))
+    .await;
     let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
     let _ = async_nats::jetstream::new(client)
         .delete_stream(format!("{prefix}_orders"))
