@@ -1,0 +1,139 @@
+//! PostgreSQL backend specifics on the shared server (127.0.0.1:5432,
+//! database `test`), each test in a schema of its own: NOTIFY wakes a
+//! waiting consumer, settled messages are deleted after their retention,
+//! migrations run once and a newer schema is refused.
+#![cfg(feature = "postgres")]
+
+use std::time::Duration;
+
+use sluice::Message;
+use sluice::backend::{self, SubscribeOptions};
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A schema of this test's own, dropped when the test ends.
+struct Schema(String);
+
+impl Schema {
+    fn new() -> Self {
+        let id = Message::new("x", "").id.replace('-', "");
+        Schema(format!("sluicetest_{}", &id[id.len() - 10..]))
+    }
+
+    fn url(&self, params: &str) -> String {
+        format!("{SERVER}?schema={}&{params}", self.0)
+    }
+
+    async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&format!("{SERVER}?options=-csearch_path%3D{}", self.0))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // Dropped inside the test's runtime: drop the schema from a thread
+        // with a runtime of its own.
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let pool = sqlx::PgPool::connect(SERVER).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS {name} CASCADE"
+                )))
+                .execute(&pool)
+                .await
+                .unwrap();
+            })
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_wakes_a_waiting_consumer_without_polling() {
+    let schema = Schema::new();
+    // Polling once a minute: only a notification can deliver within the wait.
+    let url = schema.url("poll_ms=60000");
+    let consumer_side = backend::connect(&url).await.unwrap();
+    let publisher_side = backend::connect(&url).await.unwrap();
+    let sub = consumer_side
+        .subscribe(SubscribeOptions::new(vec!["wake".into()], "g"))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let got = sub.fetch(10, Duration::from_secs(30)).await.unwrap();
+        (sub, got)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher_side
+        .publish(vec![Message::new("wake", "up")])
+        .await
+        .unwrap();
+    let (sub, got) = waiting.await.unwrap();
+    assert_eq!(got.len(), 1, "the waiting fetch was not woken");
+    sub.ack(&got[0]).await.unwrap();
+    sub.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_messages_are_deleted_after_their_retention() {
+    let schema = Schema::new();
+    let backend = backend::connect(&schema.url("retention_ms=0&cleanup_ms=100"))
+        .await
+        .unwrap();
+    let sub = backend
+        .subscribe(SubscribeOptions::new(vec!["kept".into()], "g"))
+        .await
+        .unwrap();
+    backend
+        .publish(vec![Message::new("kept", "a"), Message::new("kept", "b")])
+        .await
+        .unwrap();
+    let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 2);
+    // One settled, one still held: only the settled one may go.
+    sub.ack(&got[0]).await.unwrap();
+    let pool = schema.pool().await;
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    let remaining = loop {
+        let payloads: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT payload FROM sluice_messages ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        if payloads.len() < 2 || std::time::Instant::now() > give_up {
+            break payloads;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(remaining, vec![got[1].message.payload.clone()]);
+    sub.ack(&got[1]).await.unwrap();
+    sub.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_once_and_a_newer_schema_is_refused() {
+    let schema = Schema::new();
+    let url = schema.url("pool=2");
+    drop(backend::connect(&url).await.unwrap());
+    drop(backend::connect(&url).await.unwrap());
+    let pool = schema.pool().await;
+    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM sluice_migrations")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![1]);
+
+    sqlx::query("INSERT INTO sluice_migrations (version) VALUES (99)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let error = format!("{:#}", backend::connect(&url).await.err().expect("refused"));
+    assert!(
+        error.contains("version 99, newer than this build"),
+        "{error}"
+    );
+}
