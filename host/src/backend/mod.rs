@@ -20,6 +20,8 @@ use async_trait::async_trait;
 
 use crate::message::Message;
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod ack_batch;
 #[cfg(feature = "filelog")]
 pub mod filelog;
 #[cfg(feature = "kafka")]

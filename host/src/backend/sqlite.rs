@@ -28,6 +28,7 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::ack_batch::AckBatcher;
 use super::{
     Backend, Capabilities, Delivery, Receipt, StartFrom, SubscribeOptions, Subscription, pattern,
 };
@@ -250,7 +251,7 @@ impl Backend for SqliteBackend {
             lease: options.lease,
             ephemeral: options.ephemeral,
             mine: Mutex::new(HashSet::new()),
-            acks: AckBatcher::start(self.shared.pool.clone(), options.group_key()),
+            acks: sqlite_acks(self.shared.pool.clone(), options.group_key()),
         }))
     }
 }
@@ -293,86 +294,28 @@ struct SqliteSubscription {
     acks: Arc<AckBatcher>,
 }
 
-/// Writes acks in batches, one transaction (and one fsync) for many.
-///
-/// An ack returns once queued. Losing queued acks in a crash only makes
-/// those messages come back after their lease — a duplicate, never a loss —
-/// so the fsync per ack is not worth its cost. `close` flushes.
-struct AckBatcher {
-    pool: SqlitePool,
-    group: String,
-    queued: Mutex<Vec<i64>>,
-    wake: Notify,
-    stop: AtomicBool,
-}
-
-impl AckBatcher {
-    /// How long acks gather before they are written.
-    const LINGER: Duration = Duration::from_millis(5);
-
-    fn start(pool: SqlitePool, group: String) -> Arc<Self> {
-        let batcher = Arc::new(AckBatcher {
-            pool,
-            group,
-            queued: Mutex::new(Vec::new()),
-            wake: Notify::new(),
-            stop: AtomicBool::new(false),
-        });
-        let worker = batcher.clone();
-        tokio::spawn(async move {
-            loop {
-                worker.wake.notified().await;
-                let stopping = worker.stop.load(Ordering::SeqCst);
-                if !stopping {
-                    tokio::time::sleep(Self::LINGER).await;
-                }
-                let result = worker.flush().await;
-                if stopping {
-                    if let Err(e) = result {
-                        tracing::warn!(group = %worker.group, "acks not written; they will be redelivered: {e:#}");
-                    }
-                    return;
-                }
-                if let Err(e) = result {
-                    tracing::warn!(group = %worker.group, "writing acks failed, retrying: {e:#}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    worker.wake.notify_one();
-                }
-            }
-        });
-        batcher
-    }
-
-    fn push(&self, seq: i64) {
-        self.queued.lock().unwrap().push(seq);
-        self.wake.notify_one();
-    }
-
-    async fn flush(&self) -> Result<()> {
-        let seqs = std::mem::take(&mut *self.queued.lock().unwrap());
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        let result = sqlx::query(
-            "DELETE FROM sluice_deliveries \
-             WHERE group_name = ?1 AND seq IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(&self.group)
-        .bind(serde_json::to_string(&seqs)?)
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = result {
-            self.queued.lock().unwrap().extend(seqs);
-            return Err(e.into());
-        }
-        Ok(())
-    }
-
-    async fn stop(&self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
-        self.flush().await
-    }
+/// Acks written in batches, one transaction (and one fsync) for many.
+fn sqlite_acks(pool: SqlitePool, group: String) -> Arc<AckBatcher> {
+    let table_group = group.clone();
+    AckBatcher::start(
+        group,
+        Duration::from_millis(5),
+        Box::new(move |seqs| {
+            let pool = pool.clone();
+            let group = table_group.clone();
+            Box::pin(async move {
+                sqlx::query(
+                    "DELETE FROM sluice_deliveries \
+                     WHERE group_name = ?1 AND seq IN (SELECT value FROM json_each(?2))",
+                )
+                .bind(&group)
+                .bind(serde_json::to_string(&seqs)?)
+                .execute(&pool)
+                .await?;
+                Ok(())
+            })
+        }),
+    )
 }
 
 impl SqliteSubscription {
@@ -491,8 +434,7 @@ impl SqliteSubscription {
 impl Drop for SqliteSubscription {
     /// Dropped without `close`: still write what was acknowledged.
     fn drop(&mut self) {
-        self.acks.stop.store(true, Ordering::SeqCst);
-        self.acks.wake.notify_one();
+        self.acks.stop_soon();
     }
 }
 

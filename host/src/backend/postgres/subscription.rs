@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Shared, insert_messages};
+use crate::backend::ack_batch::AckBatcher;
 use crate::backend::{Delivery, Receipt, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -35,11 +36,34 @@ struct PostgresReceipt {
     attempt: i32,
 }
 
+/// Acks deleted with one statement per few milliseconds: a round trip per
+/// ack would cap a consumer far below what the database can do.
+fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
+    let pool = shared.pool.clone();
+    let table_group = group_key.clone();
+    AckBatcher::start(
+        group_key,
+        Duration::from_millis(2),
+        Box::new(move |seqs| {
+            let pool = pool.clone();
+            let group_key = table_group.clone();
+            Box::pin(async move {
+                sqlx::query("DELETE FROM sluice_deliveries WHERE group_key = $1 AND seq = ANY($2)")
+                    .bind(&group_key)
+                    .bind(&seqs)
+                    .execute(&pool)
+                    .await?;
+                Ok(())
+            })
+        }),
+    )
+}
+
 impl PostgresSubscription {
     pub fn new(shared: Arc<Shared>, group_key: String, options: &SubscribeOptions) -> Self {
         PostgresSubscription {
             wake: shared.waker(&group_key),
-            acks: AckBatcher::start(shared.clone(), group_key.clone()),
+            acks: postgres_acks(&shared, group_key.clone()),
             shared,
             group_key,
             lease: options.lease,
@@ -241,85 +265,6 @@ impl Subscription for PostgresSubscription {
 impl Drop for PostgresSubscription {
     /// Dropped without `close`: still write what was acknowledged.
     fn drop(&mut self) {
-        self.acks.stop.store(true, Ordering::SeqCst);
-        self.acks.wake.notify_one();
-    }
-}
-
-/// Acks gathered for a few milliseconds and deleted with one statement:
-/// a round trip per ack would cap a consumer far below what the database
-/// can do. A crash loses only queued acks, whose messages come back.
-struct AckBatcher {
-    shared: Arc<Shared>,
-    group_key: String,
-    queued: Mutex<Vec<i64>>,
-    wake: Notify,
-    stop: AtomicBool,
-}
-
-impl AckBatcher {
-    /// How long acks gather before they are written.
-    const LINGER: Duration = Duration::from_millis(2);
-
-    fn start(shared: Arc<Shared>, group_key: String) -> Arc<Self> {
-        let batcher = Arc::new(AckBatcher {
-            shared,
-            group_key,
-            queued: Mutex::new(Vec::new()),
-            wake: Notify::new(),
-            stop: AtomicBool::new(false),
-        });
-        let worker = batcher.clone();
-        tokio::spawn(async move {
-            loop {
-                worker.wake.notified().await;
-                let stopping = worker.stop.load(Ordering::SeqCst);
-                if !stopping {
-                    tokio::time::sleep(Self::LINGER).await;
-                }
-                let result = worker.flush().await;
-                if stopping {
-                    if let Err(e) = result {
-                        tracing::warn!(group = %worker.group_key, "acks not written; they will be redelivered: {e:#}");
-                    }
-                    return;
-                }
-                if let Err(e) = result {
-                    tracing::warn!(group = %worker.group_key, "writing acks failed, retrying: {e:#}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    worker.wake.notify_one();
-                }
-            }
-        });
-        batcher
-    }
-
-    fn push(&self, seq: i64) {
-        self.queued.lock().unwrap().push(seq);
-        self.wake.notify_one();
-    }
-
-    async fn flush(&self) -> Result<()> {
-        let seqs = std::mem::take(&mut *self.queued.lock().unwrap());
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        let result =
-            sqlx::query("DELETE FROM sluice_deliveries WHERE group_key = $1 AND seq = ANY($2)")
-                .bind(&self.group_key)
-                .bind(&seqs)
-                .execute(&self.shared.pool)
-                .await;
-        if let Err(e) = result {
-            self.queued.lock().unwrap().extend(seqs);
-            return Err(e.into());
-        }
-        Ok(())
-    }
-
-    async fn stop(&self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
-        self.flush().await
+        self.acks.stop_soon();
     }
 }
