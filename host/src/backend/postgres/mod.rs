@@ -23,6 +23,7 @@
 mod listener;
 mod schema;
 mod settings;
+mod settle;
 mod subscription;
 
 use std::collections::HashMap;

@@ -1,19 +1,21 @@
 //! A consumer of one group on the PostgreSQL backend: claims with
 //! `FOR UPDATE SKIP LOCKED`, acks in batches, and publishes-and-acks in one
-//! transaction for routes whose output is this same database.
+//! transaction for routes whose output is this same database (see
+//! `settle.rs`).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use sqlx::Row;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Shared, insert_messages};
+use super::Shared;
+use super::settle::Settler;
 use crate::backend::ack_batch::AckBatcher;
 use crate::backend::{Delivery, Receipt, SubscribeOptions, Subscription};
 use crate::message::Message;
@@ -28,6 +30,7 @@ pub struct PostgresSubscription {
     /// Deliveries claimed and not settled, handed back on close.
     mine: Mutex<HashSet<i64>>,
     acks: Arc<AckBatcher>,
+    settler: Settler,
 }
 
 /// Which row a delivery is, and which claim of it.
@@ -64,6 +67,7 @@ impl PostgresSubscription {
         PostgresSubscription {
             wake: shared.waker(&group_key),
             acks: postgres_acks(&shared, group_key.clone()),
+            settler: Settler::start(shared.clone(), group_key.clone()),
             shared,
             group_key,
             lease: options.lease,
@@ -198,28 +202,9 @@ impl Subscription for PostgresSubscription {
 
     async fn publish_and_ack(&self, delivery: &Delivery, messages: Vec<Message>) -> Result<()> {
         let receipt = delivery.receipt.get::<PostgresReceipt>()?;
-        let mut tx = self.shared.pool.begin().await?;
-        if !messages.is_empty() {
-            insert_messages(&mut *tx, &self.shared.channel, &messages).await?;
-        }
-        let settled = sqlx::query(
-            "DELETE FROM sluice_deliveries WHERE group_key = $1 AND seq = $2 AND attempt = $3",
-        )
-        .bind(&self.group_key)
-        .bind(receipt.seq)
-        .bind(receipt.attempt)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if settled == 0 {
-            // Rolled back on drop: nothing of this attempt takes effect.
-            bail!(
-                "message {} is no longer held by this consumer (its lease ran out); \
-                 its outputs were not published",
-                delivery.message.id
-            );
-        }
-        tx.commit().await?;
+        self.settler
+            .settle(receipt.seq, receipt.attempt, messages)
+            .await?;
         self.mine.lock().unwrap().remove(&receipt.seq);
         Ok(())
     }
