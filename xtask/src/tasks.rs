@@ -10,11 +10,39 @@ use crate::process::{cargo, plugins_dir, run, run_all};
 /// The target every plugin is built for.
 pub const WASM_TARGET: &str = "wasm32-wasip2";
 
-/// Builds every plugin in release, installing the wasm target if needed.
+/// The example plugins written in Python, JavaScript and C, each built by
+/// `sluice build` into its own `target/`.
+pub const LANGUAGE_EXAMPLES: &[&str] = &[
+    "plugins/python/enrich",
+    "plugins/js/enrich",
+    "plugins/c/enrich",
+];
+
+/// Builds every plugin: the Rust ones, then the other languages' examples.
 pub fn plugins() -> Result<()> {
+    rust_plugins()?;
+    language_examples()
+}
+
+/// Builds the Rust plugins in release, installing the wasm target if needed.
+pub fn rust_plugins() -> Result<()> {
     ensure_wasm_target()?;
     println!("==> building plugins…");
     run(guest_cargo().args(["build", "--target", WASM_TARGET, "--release"]))
+}
+
+/// Builds the Python, JavaScript and C examples with `sluice build`,
+/// installing the system toolchains when missing (componentize-py and
+/// componentize-js go into target/toolchains).
+pub fn language_examples() -> Result<()> {
+    crate::toolchains::ensure()?;
+    println!("==> building the Python, JavaScript and C examples…");
+    for example in LANGUAGE_EXAMPLES {
+        run(cargo()
+            .args(["run", "--quiet", "-p", "sluice", "--", "build", example])
+            .env("SLUICE_TOOLCHAINS", crate::toolchains::dir()))?;
+    }
+    Ok(())
 }
 
 /// Host tests (with `extra` passed on to `cargo test`), then the SDK's own
@@ -31,12 +59,17 @@ pub fn test(extra: &[String]) -> Result<()> {
     result
 }
 
-/// The wasm-versus-native pipeline benchmark, then Sluice against plain
-/// client loops on Redis and NATS (which skips a broker it cannot reach).
+/// The wasm-versus-native pipeline benchmark, the plugin languages side by
+/// side, then Sluice against plain client loops on Redis and NATS (which
+/// skips a broker it cannot reach).
 pub fn bench() -> Result<()> {
     plugins()?;
     println!("==> benchmarking the pipeline (release build)…");
     run(cargo().args(["bench", "-p", "sluice", "--bench", "pipeline"]))?;
+    println!("==> benchmarking the plugin languages (release build)…");
+    run(cargo()
+        .args(["bench", "-p", "sluice", "--bench", "languages"])
+        .env("SLUICE_TOOLCHAINS", crate::toolchains::dir()))?;
     println!("==> benchmarking the brokers (release build)…");
     run(cargo().args(["bench", "-p", "sluice", "--bench", "brokers"]))
 }
