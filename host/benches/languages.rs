@@ -1,6 +1,7 @@
 //! Benchmarks the JSON-enrich example plugin in each language it is written
 //! in (Rust, Python, JavaScript, C): the build from a clean state with the
-//! toolchain installed, the component's size, the time to compile it for
+//! toolchain installed, the rebuild after an edit of the entry file, the
+//! component's size, the time to compile it for
 //! the host, the cost of one call on a warm instance and of a fresh
 //! instance (instantiate plus one call). Rust is the baseline of every
 //! ratio. Results go to the terminal, `target/bench/languages.json` and an
@@ -23,14 +24,17 @@ use serde_json::json;
 use sluice::Message;
 use sluice::runtime::{Outcome, Plugin, PluginSettings, Runtime};
 
+// Shared with the other benchmarks, which use parts this one does not.
+#[allow(dead_code)]
 #[path = "common/chart.rs"]
 mod chart;
 
-const LANGS: [(&str, &str); 4] = [
-    ("rust", "plugins/enrich"),
-    ("python", "plugins/python/enrich"),
-    ("js", "plugins/js/enrich"),
-    ("c", "plugins/c/enrich"),
+/// Language, project, entry file.
+const LANGS: [(&str, &str, &str); 4] = [
+    ("rust", "plugins/enrich", "src/lib.rs"),
+    ("python", "plugins/python/enrich", "plugin.py"),
+    ("js", "plugins/js/enrich", "plugin.js"),
+    ("c", "plugins/c/enrich", "plugin.c"),
 ];
 const COLOURS: [&str; 4] = ["#dea584", "#3572a5", "#f1e05a", "#555555"];
 const PAYLOAD: &str = r#"{"order":1,"item":"tea","customer":"c-17","amount_cents":1250,"currency":"EUR","lines":[{"sku":"t-1","qty":2},{"sku":"b-9","qty":1}]}"#;
@@ -43,9 +47,16 @@ async fn main() -> Result<()> {
     let runtime = Runtime::new(None)?;
     let scratch = tempfile::tempdir()?;
     let mut rows = Vec::new();
-    for (lang, project) in LANGS {
+    for (lang, project, entry) in LANGS {
+        let project = chart::workspace_root().join(project);
         println!("{lang}: building from clean…");
-        let (wasm, build) = build(lang, &chart::workspace_root().join(project), scratch.path())?;
+        let (wasm, clean) = build(lang, &project, scratch.path())?;
+        println!("{lang}: rebuilding after an edit…");
+        std::fs::File::options()
+            .append(true)
+            .open(project.join(entry))?
+            .set_modified(std::time::SystemTime::now())?;
+        let (_, rebuild) = build(lang, &project, scratch.path())?;
         let size = std::fs::metadata(&wasm)?.len();
         println!("{lang}: compiling for the host…");
         let started = Instant::now();
@@ -56,7 +67,8 @@ async fn main() -> Result<()> {
         let fresh = fresh_instance(&plugin, fresh).await?;
         rows.push(Row {
             lang,
-            build,
+            build: clean,
+            rebuild,
             size,
             compile,
             warm,
@@ -70,6 +82,7 @@ async fn main() -> Result<()> {
 struct Row {
     lang: &'static str,
     build: Duration,
+    rebuild: Duration,
     size: u64,
     compile: Duration,
     /// Median of one call on a warm instance.
@@ -86,8 +99,8 @@ fn settings() -> PluginSettings {
 }
 
 /// Builds the project with `sluice build --force` into `scratch`; Rust with
-/// an empty target dir, so every build starts from nothing but the
-/// installed toolchain. Returns the component and the language build's
+/// a target dir of its own there, so the first build starts from nothing
+/// but the installed toolchain and the second is cargo's incremental one. Returns the component and the language build's
 /// own time as `sluice build` reports it (without the world check).
 fn build(lang: &str, project: &Path, scratch: &Path) -> Result<(PathBuf, Duration)> {
     let out = scratch.join(format!("enrich-{lang}.wasm"));
@@ -179,9 +192,10 @@ fn positive_env(name: &str, default: usize) -> Result<usize> {
 
 /// The figures of one language, with its name and unit, for printing,
 /// JSON and the chart.
-fn figures(row: &Row) -> [(&'static str, &'static str, f64); 5] {
+fn figures(row: &Row) -> [(&'static str, &'static str, f64); 6] {
     [
         ("build", "s", row.build.as_secs_f64()),
+        ("rebuild", "s", row.rebuild.as_secs_f64()),
         ("size", "KiB", row.size as f64 / 1024.0),
         ("compile", "ms", row.compile.as_secs_f64() * 1e3),
         ("warm call", "µs", row.warm.as_secs_f64() * 1e6),
@@ -237,6 +251,7 @@ fn to_json(rows: &[Row], calls: usize) -> serde_json::Value {
         "warm_calls": calls,
         "statistic": "median",
         "build": "clean build with the toolchain installed, as `sluice build --force` times it",
+        "rebuild": "the same after the entry file's modification time changed",
         "languages": languages,
     })
 }

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::Message;
-use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings, Runtime};
+use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,18 +60,17 @@ pub async fn run(options: &TestOptions) -> Result<(Verdict, Vec<String>)> {
     settings.config = options.config.iter().cloned().collect();
     settings.timeout = options.timeout;
     settings.memory_limit = options.memory_limit;
-    let runtime = Runtime::new(None)?;
+    let runtime = super::runtime()?;
     let plugin = Arc::new(runtime.load_file(&options.wasm, settings)?);
 
     let mut lines = Vec::new();
     let mut trapped = false;
     let mut instance: Option<Instance> = None;
     for (number, (message, attempt)) in messages.iter().enumerate() {
-        let warm = match instance.take() {
+        let mut warm = match instance.take() {
             Some(warm) => warm,
             None => fresh(&plugin).await?,
         };
-        let mut warm = warm;
         let line = match warm.handle(message, *attempt).await {
             Ok(outcome) => {
                 instance = Some(warm);
