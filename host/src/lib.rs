@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML configuration;
 //! - [`deploy`]: new plugin versions into a running host, and rollback;
 //! - [`admin`]: the admin HTTP API, health and metrics;
+//! - `kit`: `sluice new`, `sluice build` and `sluice test` for plugin authors;
 //! - [`app`]: wiring it all into a running host.
 
 pub mod admin;
@@ -16,6 +17,8 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod deploy;
+#[cfg(feature = "kit")]
+pub mod kit;
 pub mod message;
 pub mod router;
 pub mod runtime;

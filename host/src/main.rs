@@ -1,4 +1,5 @@
-//! The `sluice` command: run a config, check it, publish and tail messages.
+//! The `sluice` command: run a config, check it, publish and tail messages;
+//! create, build and test plugins.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,9 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Admin(sluice::admin::cli::AdminCommand),
+    #[cfg(feature = "kit")]
+    #[command(flatten)]
+    Kit(sluice::kit::cli::KitCommand),
     /// Run every route of a config until SIGINT or SIGTERM.
     Run {
         /// The TOML config.
@@ -165,6 +169,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             tokio::task::spawn_blocking(move || command.run()).await??;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "kit")]
+        Command::Kit(command) => command.run().await,
         Command::Run {
             config,
             exit_when_idle,

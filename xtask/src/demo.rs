@@ -41,7 +41,7 @@ const CAUSE: &str = "sluice-dead-letter-cause";
 const REASON: &str = "sluice-dead-letter-reason";
 
 pub fn demo() -> Result<()> {
-    tasks::plugins()?;
+    tasks::rust_plugins()?;
     println!("==> building the host…");
     run(cargo().args(["build", "-p", "sluice"]))?;
     let sluice = Sluice::built()?;

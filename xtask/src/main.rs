@@ -7,6 +7,7 @@ mod demo;
 mod process;
 mod report;
 mod tasks;
+mod toolchains;
 
 use std::process::ExitCode;
 
@@ -28,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build every plugin for wasm32-wasip2 in release (installing the
-    /// target if needed).
+    /// Build every plugin: the Rust ones for wasm32-wasip2 in release, and
+    /// the Python, JavaScript and C examples with `sluice build` (installing
+    /// the wasm target and missing toolchains).
     Plugins,
     /// Run examples/demo.toml on sample messages, show and check the results.
     Demo,

@@ -15,11 +15,40 @@ pub const WASM_TARGET: &str = "wasm32-wasip2";
 /// compile and need extra build tools).
 const ALL_BACKENDS: &str = "sluice/full";
 
-/// Builds every plugin in release, installing the wasm target if needed.
+/// The example plugins written in Python, JavaScript and C, each built by
+/// `sluice build` into its own `target/`.
+pub const LANGUAGE_EXAMPLES: &[&str] = &[
+    "plugins/python/enrich",
+    "plugins/js/enrich",
+    "plugins/c/enrich",
+];
+
+/// Builds every plugin: the Rust ones, then the other languages' examples.
 pub fn plugins() -> Result<()> {
+    rust_plugins()?;
+    language_examples()
+}
+
+/// Builds the Rust plugins in release, installing the wasm target if needed.
+pub fn rust_plugins() -> Result<()> {
     ensure_wasm_target()?;
     println!("==> building plugins…");
     run(guest_cargo().args(["build", "--target", WASM_TARGET, "--release"]))
+}
+
+/// Builds the Python, JavaScript and C examples with `sluice build`,
+/// installing the system toolchains when missing (componentize-py and
+/// componentize-js go into target/toolchains).
+pub fn language_examples() -> Result<()> {
+    crate::toolchains::ensure()?;
+    println!("==> building the Python, JavaScript and C examples…");
+    for example in LANGUAGE_EXAMPLES {
+        run(cargo()
+            .args(["run", "--quiet", "-p", "sluice", "--features", ALL_BACKENDS])
+            .args(["--", "build", example])
+            .env("SLUICE_TOOLCHAINS", crate::toolchains::dir()))?;
+    }
+    Ok(())
 }
 
 /// Host tests (with `extra` passed on to `cargo test`), then the SDK's own
@@ -38,8 +67,9 @@ pub fn test(extra: &[String]) -> Result<()> {
     result
 }
 
-/// The wasm-versus-native pipeline benchmark, then Sluice against plain
-/// client loops on Redis and NATS (which skips a broker it cannot reach).
+/// The wasm-versus-native pipeline benchmark, the plugin languages side by
+/// side, then Sluice against plain client loops on Redis and NATS (which
+/// skips a broker it cannot reach).
 pub fn bench() -> Result<()> {
     plugins()?;
     println!("==> benchmarking the pipeline (release build)…");
@@ -52,6 +82,18 @@ pub fn bench() -> Result<()> {
         "--bench",
         "pipeline",
     ]))?;
+    println!("==> benchmarking the plugin languages (release build)…");
+    run(cargo()
+        .args([
+            "bench",
+            "-p",
+            "sluice",
+            "--features",
+            ALL_BACKENDS,
+            "--bench",
+            "languages",
+        ])
+        .env("SLUICE_TOOLCHAINS", crate::toolchains::dir()))?;
     println!("==> benchmarking the brokers (release build)…");
     crate::brokers::ensure()?;
     run(cargo().args([

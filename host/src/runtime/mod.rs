@@ -8,6 +8,7 @@
 //! instance: the worker drops it and instantiates afresh.
 
 mod cache;
+mod denied;
 mod host_api;
 mod instance;
 
@@ -138,8 +139,18 @@ impl Runtime {
             Some(dir) => cache::load_or_compile(&self.engine, dir, &hash, wasm)?,
             None => Component::new(&self.engine, wasm).map_err(not_a_component)?,
         };
-        let pre = self
-            .linker
+        // Imports the host denies (wasi:http) get trapping stubs; all the
+        // others must link for real. WASI imports of a newer 0.2.x than the
+        // host's match the host's by semver.
+        let stubbed;
+        let linker = if denied::denied_imports(&component, &self.engine).is_empty() {
+            &self.linker
+        } else {
+            stubbed = denied::linker_with_stubs(&self.linker, &component, &self.engine)
+                .map_err(|e| wrong_world(e, &component, &self.engine))?;
+            &stubbed
+        };
+        let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| wrong_world(e, &component, &self.engine))?;
         let pre = HandlerPre::new(pre).map_err(|e| wrong_world(e, &component, &self.engine))?;

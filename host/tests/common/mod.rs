@@ -43,6 +43,34 @@ pub fn plugin_path(name: &str) -> PathBuf {
     dir.join(format!("{name}.wasm"))
 }
 
+/// The example plugin `name` written in `lang` (`python`, `js` or `c`), from
+/// `plugins/<lang>/<name>`, built with the kit's `sluice build` (skipped when
+/// its inputs did not change). componentize-py and componentize-js are
+/// installed into `target/toolchains` on first use.
+pub fn example_path(lang: &str, name: &str) -> PathBuf {
+    // One build at a time: parallel tests would otherwise race on the
+    // same project's `target/`.
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let options = sluice::kit::build::BuildOptions {
+        project: repo_root().join("plugins").join(lang).join(name),
+        out: None,
+        toolchains: sluice::kit::toolchain::Toolchains::at(toolchains_dir()),
+        force: false,
+    };
+    match sluice::kit::build::build(&options) {
+        Ok(built) => built.wasm,
+        Err(error) => panic!(
+            "building the {lang} example `{name}` failed (cargo xtask plugins installs what it needs): {error:#}"
+        ),
+    }
+}
+
+/// Where the kit installs componentize-py and componentize-js for tests.
+pub fn toolchains_dir() -> PathBuf {
+    repo_root().join("target").join("toolchains")
+}
+
 /// A runtime whose compiled-component cache is shared by the test run.
 pub fn runtime() -> Runtime {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("component-cache");

@@ -1,0 +1,30 @@
+//! Python plugins: `plugin.py` and the `sluice` helper module, made into a
+//! component by componentize-py.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::copy_sources;
+use crate::kit::toolchain::{Toolchains, run};
+
+pub fn build(project: &Path, stage: &Path, out: &Path, toolchains: &Toolchains) -> Result<()> {
+    let componentize = toolchains.componentize_py()?;
+    let sources = stage.join("src");
+    copy_sources(project, &sources, &["py"])?;
+    let helpers = stage.join("helpers");
+    std::fs::create_dir_all(&helpers)?;
+    std::fs::write(helpers.join("sluice.py"), crate::kit::PYTHON_HELPER)?;
+    run(Command::new(componentize)
+        .arg("--wit-path")
+        .arg(stage.join("wit"))
+        .args(["--world", "handler", "componentize", "plugin"])
+        .arg("--python-path")
+        .arg(&sources)
+        .arg("--python-path")
+        .arg(&helpers)
+        .arg("--output")
+        .arg(out)
+        .stdout(std::process::Stdio::null()))
+}

@@ -1,0 +1,260 @@
+//! `sluice test`: runs a component locally on recorded messages, with no
+//! backend, and prints one line per message with its outcome.
+//!
+//! Input is JSON lines, one message each, in the shape `sluice tail --json`
+//! prints, so a topic's traffic can be recorded and replayed:
+//! `{"topic": "orders", "key": "a1", "headers": [["h", "v"]], "payload": "…", "attempt": 1}`.
+//! Only `payload` is required; a payload that is not a string is sent as
+//! compact JSON; headers may also be an object. Blank lines and lines
+//! starting with `#` are skipped.
+//!
+//! One warm instance handles the messages in order, as a worker would; after
+//! a trap the next message gets a fresh one.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::Message;
+use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every message was handled (outputs, retry or reject) and, with
+    /// `--expect`, the lines matched.
+    Passed,
+    /// Some message trapped, timed out or hit the memory cap.
+    Trapped,
+    /// The printed lines differ from the expected file.
+    Mismatch,
+}
+
+/// What `sluice test` runs.
+pub struct TestOptions {
+    pub wasm: PathBuf,
+    pub input: PathBuf,
+    /// The plugin's `config` table.
+    pub config: Vec<(String, String)>,
+    /// Compare the outcome lines with this file.
+    pub expect: Option<PathBuf>,
+    pub timeout: Duration,
+    pub memory_limit: usize,
+}
+
+/// Runs every message of the input; prints and returns the outcome lines.
+pub async fn run(options: &TestOptions) -> Result<(Verdict, Vec<String>)> {
+    let text = std::fs::read_to_string(&options.input)
+        .with_context(|| format!("cannot read {}", options.input.display()))?;
+    let messages = parse_input(&text)
+        .with_context(|| format!("{} is not JSON lines of messages", options.input.display()))?;
+    let name = options
+        .wasm
+        .file_stem()
+        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
+    let mut settings = PluginSettings::new(name);
+    settings.config = options.config.iter().cloned().collect();
+    settings.timeout = options.timeout;
+    settings.memory_limit = options.memory_limit;
+    let runtime = super::runtime()?;
+    let plugin = Arc::new(runtime.load_file(&options.wasm, settings)?);
+
+    let mut lines = Vec::new();
+    let mut trapped = false;
+    let mut instance: Option<Instance> = None;
+    for (number, (message, attempt)) in messages.iter().enumerate() {
+        let mut warm = match instance.take() {
+            Some(warm) => warm,
+            None => fresh(&plugin).await?,
+        };
+        let line = match warm.handle(message, *attempt).await {
+            Ok(outcome) => {
+                instance = Some(warm);
+                describe(number + 1, &outcome)
+            }
+            Err(error) => {
+                trapped = true;
+                describe_error(number + 1, &error)
+            }
+        };
+        println!("{line}");
+        lines.push(line);
+    }
+
+    let verdict = match &options.expect {
+        Some(path) => {
+            let expected = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if compare(&expected, &lines) {
+                if trapped {
+                    Verdict::Trapped
+                } else {
+                    Verdict::Passed
+                }
+            } else {
+                Verdict::Mismatch
+            }
+        }
+        None if trapped => Verdict::Trapped,
+        None => Verdict::Passed,
+    };
+    Ok((verdict, lines))
+}
+
+async fn fresh(plugin: &Arc<Plugin>) -> Result<Instance> {
+    plugin
+        .instantiate()
+        .await
+        .context("cannot instantiate the plugin")
+}
+
+/// Whether the printed lines are the expected ones; prints the first
+/// difference if not.
+fn compare(expected: &str, got: &[String]) -> bool {
+    let expected: Vec<&str> = expected.lines().filter(|l| !l.trim().is_empty()).collect();
+    for (i, want) in expected.iter().enumerate() {
+        match got.get(i) {
+            Some(line) if line == want => {}
+            Some(line) => {
+                eprintln!("line {}: expected\n  {want}\nbut got\n  {line}", i + 1);
+                return false;
+            }
+            None => {
+                eprintln!("expected {} lines, got {}", expected.len(), got.len());
+                return false;
+            }
+        }
+    }
+    if got.len() > expected.len() {
+        eprintln!("expected {} lines, got {}", expected.len(), got.len());
+        return false;
+    }
+    true
+}
+
+/// The messages of a JSON-lines file, each with its attempt number.
+pub fn parse_input(text: &str) -> Result<Vec<(Message, u32)>> {
+    let mut messages = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let record: Value =
+            serde_json::from_str(line).with_context(|| format!("line {}", index + 1))?;
+        messages.push(
+            parse_record(&record, messages.len() + 1)
+                .with_context(|| format!("line {}", index + 1))?,
+        );
+    }
+    Ok(messages)
+}
+
+fn parse_record(record: &Value, number: usize) -> Result<(Message, u32)> {
+    let Value::Object(fields) = record else {
+        bail!("a message must be a JSON object");
+    };
+    let payload = match fields.get("payload") {
+        Some(Value::String(text)) => text.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+        None => bail!("no `payload`"),
+    };
+    let topic = match fields.get("topic") {
+        Some(Value::String(topic)) => topic.clone(),
+        None => "test".to_string(),
+        Some(_) => bail!("`topic` must be a string"),
+    };
+    let mut message = Message::new(topic, payload);
+    message.id = match fields.get("id") {
+        Some(Value::String(id)) => id.clone(),
+        _ => format!("test-{number}"),
+    };
+    message.key = match fields.get("key") {
+        Some(Value::String(key)) => Some(key.clone()),
+        None | Some(Value::Null) => None,
+        Some(_) => bail!("`key` must be a string or null"),
+    };
+    message.timestamp_ms = fields
+        .get("timestamp_ms")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    message.headers = match fields.get("headers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(name, value)| Ok((name.clone(), text_of(value)?)))
+            .collect::<Result<_>>()?,
+        Some(Value::Array(pairs)) => pairs
+            .iter()
+            .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                Some([Value::String(name), value]) => Ok((name.clone(), text_of(value)?)),
+                _ => bail!("each header must be [name, value]"),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => bail!("`headers` must be an object or a list of [name, value]"),
+    };
+    let attempt = match fields.get("attempt") {
+        None => 1,
+        Some(value) => value
+            .as_u64()
+            .and_then(|a| u32::try_from(a).ok())
+            .filter(|a| *a >= 1)
+            .context("`attempt` must be a whole number from 1")?,
+    };
+    Ok((message, attempt))
+}
+
+fn text_of(value: &Value) -> Result<String> {
+    match value {
+        Value::String(text) => Ok(text.clone()),
+        Value::Number(_) | Value::Bool(_) => Ok(value.to_string()),
+        _ => bail!("a header value must be a string"),
+    }
+}
+
+/// `N ok -> TOPIC [key=K] [NAME=VALUE…] PAYLOAD | …`, `N retry: …`, `N reject: …`.
+pub fn describe(number: usize, outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Outputs(outputs) if outputs.is_empty() => format!("{number} ok (no outputs)"),
+        Outcome::Outputs(outputs) => {
+            let mut line = format!("{number} ok");
+            for (i, output) in outputs.iter().enumerate() {
+                line.push_str(if i == 0 { " -> " } else { " | " });
+                line.push_str(&output.topic);
+                if let Some(key) = &output.key {
+                    let _ = write!(line, " key={key}");
+                }
+                for (name, value) in &output.headers {
+                    let _ = write!(line, " {name}={value}");
+                }
+                let _ = write!(line, " {}", printable(&output.payload));
+            }
+            line
+        }
+        Outcome::Retry(reason) => format!("{number} retry: {reason}"),
+        Outcome::Reject(reason) => format!("{number} reject: {reason}"),
+    }
+}
+
+/// `N trap: …`, `N timeout: …` or `N memory-limit: …`.
+pub fn describe_error(number: usize, error: &CallError) -> String {
+    format!("{number} {}: {error}", error.cause())
+}
+
+/// The payload as text on one line: control characters escaped.
+fn printable(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload)
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}

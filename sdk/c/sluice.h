@@ -1,0 +1,124 @@
+/* Sluice handlers in C.
+ *
+ * A handler is one function, `sluice_handle`, that reads a message and
+ * either emits outputs and returns SLUICE_OK, or returns sluice_retry(...)
+ * (a transient failure: the message comes back after a backoff) or
+ * sluice_reject(...) (a permanent one: it goes to the dead-letter topic):
+ *
+ *     #include "sluice.h"
+ *
+ *     sluice_status sluice_handle(const sluice_message *msg, sluice_outputs *out) {
+ *         if (msg->payload_len == 0) return sluice_reject(out, "empty payload");
+ *         sluice_emit(out, "copied", msg->key, msg->payload, msg->payload_len);
+ *         return SLUICE_OK;
+ *     }
+ *
+ * Everything the message points to is valid during the call only. Outputs
+ * are owned by `out`. `sluice build` generates the world's bindings, puts
+ * this header on the include path and links sluice.c in.
+ */
+#ifndef SLUICE_H
+#define SLUICE_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    const char *name;
+    const char *value;
+} sluice_header;
+
+/* A delivered message; every string is NUL-terminated. */
+typedef struct {
+    const char *id;
+    const char *topic;
+    /* NULL when the publisher gave no key. */
+    const char *key;
+    const sluice_header *headers;
+    size_t header_count;
+    /* Followed by a NUL byte, so a text payload is also a C string. */
+    const uint8_t *payload;
+    size_t payload_len;
+    /* 1 on first delivery, 2 on the first retry, and so on. */
+    uint32_t attempt;
+    uint64_t timestamp_ms;
+} sluice_message;
+
+/* A message to publish; change its fields freely (they are malloc'd). */
+typedef struct {
+    char *topic;
+    char *key;
+    sluice_header *headers;
+    size_t header_count;
+    uint8_t *payload;
+    size_t payload_len;
+} sluice_output;
+
+/* What the handler returns: its outputs, or why it failed. */
+typedef struct {
+    sluice_output *items;
+    size_t count;
+    size_t capacity;
+    char *reason;
+} sluice_outputs;
+
+typedef enum { SLUICE_OK, SLUICE_RETRY, SLUICE_REJECT } sluice_status;
+
+typedef enum {
+    SLUICE_TRACE,
+    SLUICE_DEBUG,
+    SLUICE_INFO,
+    SLUICE_WARN,
+    SLUICE_ERROR
+} sluice_level;
+
+/* A growable byte buffer, for building payloads. */
+typedef struct {
+    uint8_t *data;
+    size_t len;
+    size_t capacity;
+} sluice_buf;
+
+/* The function every C plugin defines. */
+sluice_status sluice_handle(const sluice_message *msg, sluice_outputs *out);
+
+/* Adds an output with a copy of `payload` (`key` may be NULL). The pointer
+ * stays valid until the next sluice_emit. */
+sluice_output *sluice_emit(sluice_outputs *out, const char *topic, const char *key,
+                           const void *payload, size_t len);
+/* Adds an output that takes over the buffer's bytes (the buffer is emptied). */
+sluice_output *sluice_emit_buf(sluice_outputs *out, const char *topic, const char *key,
+                               sluice_buf *buf);
+/* Appends a header to an output. */
+void sluice_set_header(sluice_output *output, const char *name, const char *value);
+
+/* Record the reason (printf-style) and return SLUICE_RETRY / SLUICE_REJECT. */
+sluice_status sluice_retry(sluice_outputs *out, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+sluice_status sluice_reject(sluice_outputs *out, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* The value of the first header called exactly `name`, or NULL. */
+const char *sluice_header_value(const sluice_message *msg, const char *name);
+/* A value of the plugin's `config` table (malloc'd; free it), or NULL. */
+char *sluice_config(const char *key);
+/* Publishes a message along with the outputs (only if the handler succeeds).
+ * Returns false if the host refused; then *error (if not NULL) gets the
+ * reason, malloc'd. */
+bool sluice_publish(const char *topic, const char *key, const void *payload, size_t len,
+                    char **error);
+/* Writes a line to the host's log (printf-style). */
+void sluice_log(sluice_level level, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+
+void sluice_buf_append(sluice_buf *buf, const void *data, size_t len);
+void sluice_buf_puts(sluice_buf *buf, const char *text);
+void sluice_buf_printf(sluice_buf *buf, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Appends `text` as a quoted, escaped JSON string. */
+void sluice_buf_json_string(sluice_buf *buf, const char *text);
+void sluice_buf_free(sluice_buf *buf);
+
+#endif
