@@ -25,8 +25,9 @@ pub const WIT: &str = include_str!("../../../wit/sluice.wit");
 pub const PYTHON_HELPER: &str = include_str!("../../../sdk/python/sluice.py");
 /// The JavaScript helper module (`import … from "./sluice.js"`).
 pub const JS_HELPER: &str = include_str!("../../../sdk/js/sluice.js");
-/// The C helper: a header and its implementation.
+/// The C helper's header (`#include "sluice.h"`).
 pub const C_HEADER: &str = include_str!("../../../sdk/c/sluice.h");
+/// The C helper's implementation, compiled into every C plugin.
 pub const C_SOURCE: &str = include_str!("../../../sdk/c/sluice.c");
 
 /// The runtime the kit checks and runs components with: compiled
