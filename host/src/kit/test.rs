@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::Message;
-use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings};
+use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings, Runtime};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub struct TestOptions {
     pub expect: Option<PathBuf>,
     pub timeout: Duration,
     pub memory_limit: usize,
+    /// Where compiled components are cached (none: not cached).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Runs every message of the input; prints and returns the outcome lines.
@@ -60,7 +62,7 @@ pub async fn run(options: &TestOptions) -> Result<(Verdict, Vec<String>)> {
     settings.config = options.config.iter().cloned().collect();
     settings.timeout = options.timeout;
     settings.memory_limit = options.memory_limit;
-    let runtime = super::runtime()?;
+    let runtime = Runtime::new(options.cache_dir.clone())?;
     let plugin = Arc::new(runtime.load_file(&options.wasm, settings)?);
 
     let mut lines = Vec::new();
