@@ -111,6 +111,8 @@ fn build(lang: &str, project: &Path, scratch: &Path) -> Result<(PathBuf, Duratio
         .arg("--out")
         .arg(&out)
         .env("CARGO_TARGET_DIR", scratch.join(format!("cargo-{lang}")))
+        // The world check's compiled component stays in the scratch dir.
+        .env("SLUICE_CACHE_DIR", scratch.join("component-cache"))
         .env(
             "SLUICE_TOOLCHAINS",
             chart::workspace_root().join("target/toolchains"),

@@ -233,3 +233,61 @@ async fn wasi_http_is_denied_with_a_clear_trap() {
         sluice::runtime::Outcome::Reject("no URL".to_string())
     );
 }
+
+/// A component that imports, under each name, an instance with one
+/// function `f: func()`, and exports nothing.
+fn component_importing(names: &[&str]) -> Vec<u8> {
+    use wasm_encoder::{
+        ComponentImportSection, ComponentTypeRef, ComponentTypeSection, ComponentValType,
+        InstanceType,
+    };
+    let mut instance = InstanceType::new();
+    instance
+        .ty()
+        .function()
+        .params(std::iter::empty::<(&str, ComponentValType)>())
+        .result(None);
+    instance.export("f", ComponentTypeRef::Func(0));
+    let mut types = ComponentTypeSection::new();
+    types.ty().instance(&instance);
+    let mut imports = ComponentImportSection::new();
+    for name in names {
+        imports.import(*name, ComponentTypeRef::Instance(0));
+    }
+    let mut component = wasm_encoder::Component::new();
+    component.section(&types);
+    component.section(&imports);
+    component.finish()
+}
+
+#[test]
+fn only_wasi_http_is_linked_as_denied() {
+    let runtime = runtime();
+    let unlinked = "matching implementation was not found";
+
+    let wasm = component_importing(&["wasi:http/types@0.2.10", "acme:vault/secrets@1.0.0"]);
+    let error = format!(
+        "{:#}",
+        runtime
+            .load(&wasm, settings("odd", &[]))
+            .err()
+            .expect("refused")
+    );
+    assert!(
+        error.contains(&format!("`acme:vault/secrets@1.0.0`, but a {unlinked}")),
+        "{error}"
+    );
+
+    // wasi:http alone links; the component is refused only for not
+    // exporting `handle`.
+    let wasm = component_importing(&["wasi:http/types@0.2.10"]);
+    let error = format!(
+        "{:#}",
+        runtime
+            .load(&wasm, settings("odd", &[]))
+            .err()
+            .expect("refused")
+    );
+    assert!(!error.contains(unlinked), "{error}");
+    assert!(error.contains("handle"), "{error}");
+}

@@ -100,6 +100,7 @@ impl KitCommand {
                     out,
                     toolchains: Toolchains::locate()?,
                     force,
+                    cache_dir: super::cache_dir(),
                 };
                 let built = tokio::task::spawn_blocking(move || build(&options)).await??;
                 let how = if built.up_to_date {
@@ -139,6 +140,7 @@ impl KitCommand {
                     expect,
                     timeout: Duration::from_millis(timeout_ms),
                     memory_limit: memory_mb << 20,
+                    cache_dir: super::cache_dir(),
                 };
                 let (verdict, _) = super::test::run(&options).await?;
                 Ok(match verdict {

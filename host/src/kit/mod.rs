@@ -25,19 +25,18 @@ pub const WIT: &str = include_str!("../../../wit/sluice.wit");
 pub const PYTHON_HELPER: &str = include_str!("../../../sdk/python/sluice.py");
 /// The JavaScript helper module (`import … from "./sluice.js"`).
 pub const JS_HELPER: &str = include_str!("../../../sdk/js/sluice.js");
-/// The C helper: a header and its implementation.
+/// The C helper's header (`#include "sluice.h"`).
 pub const C_HEADER: &str = include_str!("../../../sdk/c/sluice.h");
+/// The C helper's implementation, compiled into every C plugin.
 pub const C_SOURCE: &str = include_str!("../../../sdk/c/sluice.c");
 
-/// The runtime the kit checks and runs components with: compiled
-/// components are cached in `$SLUICE_CACHE_DIR`, or where `sluice run`
-/// caches them by default, so a build's check makes the next test and run
-/// start at once.
-pub fn runtime() -> Result<crate::runtime::Runtime> {
-    let cache = std::env::var_os("SLUICE_CACHE_DIR")
+/// Where the kit caches compiled components: `$SLUICE_CACHE_DIR`, or where
+/// `sluice run` caches them by default, so a build's check makes the next
+/// test and run start at once.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("SLUICE_CACHE_DIR")
         .map(std::path::PathBuf::from)
-        .or_else(crate::runtime::Runtime::default_cache_dir);
-    crate::runtime::Runtime::new(cache)
+        .or_else(crate::runtime::Runtime::default_cache_dir)
 }
 
 /// The languages a plugin can be written in.

@@ -91,3 +91,39 @@ fn lang_name(lang: Lang) -> &'static str {
         Lang::C => "C",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_suit_a_crate_a_file_and_a_topic() {
+        for good in ["enrich", "my-plugin", "p2_x"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Enrich", "2fast", "a b", "a.b", "a/b", "-x"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_language_gets_its_entry_file_and_the_shared_test() {
+        let dir = tempfile::tempdir().unwrap();
+        for lang in [Lang::Python, Lang::Js, Lang::C] {
+            let name = format!("p-{lang}");
+            let project = scaffold(&name, lang, dir.path(), None).unwrap();
+            assert_eq!(Lang::detect(&project).unwrap(), lang);
+            let expected = std::fs::read_to_string(project.join("test/expected.txt")).unwrap();
+            assert!(expected.contains(&format!("{name}.out key=k1 by={name} HELLO")));
+            let entry = std::fs::read_to_string(project.join(lang.marker())).unwrap();
+            assert!(!entry.contains("{{"), "{entry}");
+            assert!(scaffold(&name, lang, dir.path(), None).is_err(), "exists");
+        }
+        let empty = tempfile::tempdir().unwrap();
+        assert!(Lang::detect(empty.path()).is_err());
+        std::fs::write(empty.path().join("plugin.py"), "").unwrap();
+        std::fs::write(empty.path().join("plugin.c"), "").unwrap();
+        let error = Lang::detect(empty.path()).unwrap_err().to_string();
+        assert!(error.contains("several languages"), "{error}");
+    }
+}

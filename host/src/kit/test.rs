@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::Message;
-use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings};
+use crate::runtime::{CallError, Instance, Outcome, Plugin, PluginSettings, Runtime};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub struct TestOptions {
     pub expect: Option<PathBuf>,
     pub timeout: Duration,
     pub memory_limit: usize,
+    /// Where compiled components are cached (none: not cached).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Runs every message of the input; prints and returns the outcome lines.
@@ -60,7 +62,7 @@ pub async fn run(options: &TestOptions) -> Result<(Verdict, Vec<String>)> {
     settings.config = options.config.iter().cloned().collect();
     settings.timeout = options.timeout;
     settings.memory_limit = options.memory_limit;
-    let runtime = super::runtime()?;
+    let runtime = Runtime::new(options.cache_dir.clone())?;
     let plugin = Arc::new(runtime.load_file(&options.wasm, settings)?);
 
     let mut lines = Vec::new();
@@ -257,4 +259,85 @@ fn printable(payload: &[u8]) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_take_the_shape_tail_prints_and_a_looser_one() {
+        let input = r#"
+# recorded
+{"id": "m1", "topic": "orders", "key": "k", "headers": [["a", "1"]], "payload": "hi", "timestamp_ms": 5, "attempt": 3}
+
+{"payload": {"n": 1}, "headers": {"b": 2}}
+"#;
+        let messages = parse_input(input).unwrap();
+        assert_eq!(messages.len(), 2);
+        let (first, attempt) = &messages[0];
+        assert_eq!((first.id.as_str(), first.topic.as_str()), ("m1", "orders"));
+        assert_eq!(first.key.as_deref(), Some("k"));
+        assert_eq!(first.headers, vec![("a".to_string(), "1".to_string())]);
+        assert_eq!(
+            (first.payload.as_slice(), first.timestamp_ms, *attempt),
+            (&b"hi"[..], 5, 3)
+        );
+        let (second, attempt) = &messages[1];
+        assert_eq!(
+            (second.id.as_str(), second.topic.as_str()),
+            ("test-2", "test")
+        );
+        assert_eq!(second.payload, br#"{"n":1}"#);
+        assert_eq!(second.headers, vec![("b".to_string(), "2".to_string())]);
+        assert_eq!((second.key.clone(), *attempt), (None, 1));
+    }
+
+    #[test]
+    fn bad_records_name_their_line() {
+        for (input, expected) in [
+            ("{\"topic\": \"t\"}", "no `payload`"),
+            ("{\"payload\": \"x\", \"attempt\": 0}", "`attempt`"),
+            ("\n[1]", "JSON object"),
+            (
+                "{\"payload\": \"x\", \"headers\": [[\"a\"]]}",
+                "[name, value]",
+            ),
+        ] {
+            let error = format!("{:#}", parse_input(input).unwrap_err());
+            assert!(error.contains(expected), "{input}: {error}");
+            assert!(error.starts_with("line "), "{input}: {error}");
+        }
+    }
+
+    #[test]
+    fn outcome_lines() {
+        let mut out = Message::new("out", "A\nB");
+        out.key = Some("k".into());
+        out.headers = vec![("h".into(), "v".into())];
+        let outputs = Outcome::Outputs(vec![out, Message::new("side", "x")]);
+        assert_eq!(
+            describe(1, &outputs),
+            "1 ok -> out key=k h=v A\\nB | side x"
+        );
+        assert_eq!(describe(2, &Outcome::Outputs(vec![])), "2 ok (no outputs)");
+        assert_eq!(
+            describe(3, &Outcome::Retry("later".into())),
+            "3 retry: later"
+        );
+        assert_eq!(describe(4, &Outcome::Reject("bad".into())), "4 reject: bad");
+        assert_eq!(
+            describe_error(5, &CallError::Trap("unreachable".into())),
+            "5 trap: plugin trapped: unreachable"
+        );
+    }
+
+    #[test]
+    fn expected_lines_must_match_exactly_and_all() {
+        let got = vec!["1 ok".to_string(), "2 retry: x".to_string()];
+        assert!(compare("1 ok\n2 retry: x\n\n", &got));
+        assert!(!compare("1 ok\n", &got));
+        assert!(!compare("1 ok\n2 retry: y\n", &got));
+        assert!(!compare("1 ok\n2 retry: x\n3 ok\n", &got));
+    }
 }

@@ -213,7 +213,7 @@ fn wrong_world(e: wasmtime::Error, component: &Component, engine: &Engine) -> an
     anyhow::anyhow!(
         "component does not implement the `{WORLD}` world: {e:#} \
          (it exports [{}]; it imports [{}]; a handler must export `handle` and may import only \
-         `sluice:plugin/host` and WASI 0.2)",
+         `sluice:plugin/host`, WASI 0.2 and `wasi:http` (linked but denied))",
         exports.join(", "),
         imports.join(", ")
     )

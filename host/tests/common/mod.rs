@@ -57,6 +57,7 @@ pub fn example_path(lang: &str, name: &str) -> PathBuf {
         out: None,
         toolchains: sluice::kit::toolchain::Toolchains::at(toolchains_dir()),
         force: false,
+        cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("component-cache")),
     };
     match sluice::kit::build::build(&options) {
         Ok(built) => built.wasm,

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::Lang;
 use super::toolchain::Toolchains;
-use crate::runtime::{PluginSettings, WORLD};
+use crate::runtime::{PluginSettings, Runtime, WORLD};
 
 /// What to build and where.
 pub struct BuildOptions {
@@ -34,6 +34,8 @@ pub struct BuildOptions {
     pub toolchains: Toolchains,
     /// Build even if the inputs did not change since the last build.
     pub force: bool,
+    /// Where the check caches the compiled component (none: not cached).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// A component that was built and fits the world.
@@ -92,7 +94,7 @@ pub fn build(options: &BuildOptions) -> Result<Built> {
     }
     .with_context(|| format!("building the {lang} plugin in {}", project.display()))?;
     let elapsed = started.elapsed();
-    check(&out, &name)?;
+    check(&out, &name, options.cache_dir.clone())?;
     if let Some(fingerprint) = fingerprint {
         std::fs::write(&stamp, fingerprint)?;
     }
@@ -108,8 +110,8 @@ pub fn build(options: &BuildOptions) -> Result<Built> {
 
 /// Loads the component the way the host does: compiled, linked against the
 /// host's imports and checked to export the world's `handle`.
-pub fn check(wasm: &Path, name: &str) -> Result<()> {
-    super::runtime()?
+pub fn check(wasm: &Path, name: &str, cache_dir: Option<PathBuf>) -> Result<()> {
+    Runtime::new(cache_dir)?
         .load_file(wasm, PluginSettings::new(name))
         .with_context(|| format!("{} does not fit {WORLD}", wasm.display()))?;
     Ok(())
