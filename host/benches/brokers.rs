@@ -17,7 +17,9 @@
 //! prefixes and stream names of its own and deletes them afterwards.
 //! `SLUICE_BENCH_BROKER_MESSAGES` (default 20000) sets the messages per
 //! run; `SLUICE_BENCH_BROKERS` (e.g. `postgres,kafka`) picks brokers by
-//! slug. Needs the plugins built: `cargo xtask bench` does both.
+//! slug. SQS (feature `sqs`) runs against the endpoint `SLUICE_BENCH_SQS`
+//! (default 127.0.0.1:5000, e.g. `moto_server -p 5000`) with fewer
+//! messages (see `plain/sqs.rs`). Needs the plugins built: `cargo xtask bench` does both.
 
 use std::fmt::Write as _;
 use std::future::IntoFuture;
@@ -41,6 +43,9 @@ mod pipeline;
 #[cfg(feature = "postgres")]
 #[path = "plain/postgres.rs"]
 mod plain_postgres;
+#[cfg(feature = "sqs")]
+#[path = "plain/sqs.rs"]
+mod plain_sqs;
 
 use pipeline::{INPUT, PAYLOAD_BYTES, Pipeline, echo_handler, positive_env};
 
@@ -91,7 +96,7 @@ async fn main() -> Result<()> {
     if results.is_empty() {
         bail!("no broker could be reached");
     }
-    print_tables(&results, messages);
+    print_tables(&results);
     save("brokers", &to_json(&results, messages), &to_svg(&results))
 }
 
@@ -101,6 +106,8 @@ enum Broker {
     JetStream,
     #[cfg(feature = "postgres")]
     Postgres,
+    #[cfg(feature = "sqs")]
+    Sqs,
 }
 
 impl Broker {
@@ -109,6 +116,8 @@ impl Broker {
         Broker::JetStream,
         #[cfg(feature = "postgres")]
         Broker::Postgres,
+        #[cfg(feature = "sqs")]
+        Broker::Sqs,
     ];
 
     fn name(self) -> &'static str {
@@ -117,6 +126,8 @@ impl Broker {
             Broker::JetStream => "NATS JetStream",
             #[cfg(feature = "postgres")]
             Broker::Postgres => "PostgreSQL",
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => "SQS",
         }
     }
 
@@ -126,6 +137,8 @@ impl Broker {
             Broker::JetStream => "jetstream",
             #[cfg(feature = "postgres")]
             Broker::Postgres => "postgres",
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => "sqs",
         }
     }
 
@@ -135,6 +148,8 @@ impl Broker {
             Broker::JetStream => "127.0.0.1:4222",
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::ADDRESS,
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => plain_sqs::address(),
         }
     }
 
@@ -146,6 +161,8 @@ impl Broker {
             }
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::sluice_url(namespace),
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => plain_sqs::sluice_url(namespace),
         }
     }
 
@@ -156,7 +173,27 @@ impl Broker {
             Broker::JetStream => jetstream_clean(namespace).await,
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::clean(namespace).await,
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => plain_sqs::clean(namespace).await,
         }
+    }
+
+    /// The timed messages of a run: as requested, or fewer for an emulator
+    /// that slows down as its queues grow.
+    fn messages(self, requested: usize) -> Result<usize> {
+        #[cfg(feature = "sqs")]
+        if let Broker::Sqs = self {
+            return plain_sqs::messages(requested);
+        }
+        Ok(requested)
+    }
+
+    fn warmup_messages(self) -> usize {
+        #[cfg(feature = "sqs")]
+        if let Broker::Sqs = self {
+            return plain_sqs::WARMUP;
+        }
+        WARMUP_MESSAGES
     }
 }
 
@@ -172,6 +209,8 @@ fn namespace(broker: Broker, phase: &str) -> String {
 
 struct BrokerResult {
     broker: Broker,
+    /// Timed messages per run.
+    messages: usize,
     /// Messages per second at each router concurrency.
     sluice: Vec<(usize, f64)>,
     plain: f64,
@@ -183,6 +222,7 @@ async fn measure(
     handler: &Arc<dyn MessageHandler>,
     messages: usize,
 ) -> Result<BrokerResult> {
+    let messages = broker.messages(messages)?;
     let mut sluice = Vec::new();
     for concurrency in CONCURRENCIES {
         let namespace = namespace(broker, &format!("c{concurrency}"));
@@ -199,6 +239,7 @@ async fn measure(
     cleaned?;
     Ok(BrokerResult {
         broker,
+        messages,
         sluice,
         plain,
     })
@@ -218,8 +259,8 @@ async fn sluice_rate(
     println!("{phase} warming up…");
     let backend = sluice::backend::connect(&broker.sluice_url(namespace)).await?;
     let mut run = Pipeline::start(backend, handler.clone(), concurrency).await?;
-    run.publish(WARMUP_MESSAGES).await?;
-    run.collect(WARMUP_MESSAGES).await?;
+    run.publish(broker.warmup_messages()).await?;
+    run.collect(broker.warmup_messages()).await?;
     run.control.pause_and_wait(SETTLE).await;
     // A JetStream pull request already sent may still bring messages in.
     tokio::time::sleep(SETTLE).await;
@@ -261,8 +302,8 @@ async fn plain_rate(broker: Broker, namespace: &str, messages: usize) -> Result<
     let phase = format!("{}, plain client:", broker.name());
     println!("{phase} warming up…");
     let mut plain = Plain::connect(broker, namespace).await?;
-    plain.publish(WARMUP_MESSAGES).await?;
-    plain.process(WARMUP_MESSAGES).await?;
+    plain.publish(broker.warmup_messages()).await?;
+    plain.process(broker.warmup_messages()).await?;
     println!(
         "{phase} publishing {} messages…",
         thousands(messages as f64)
@@ -282,6 +323,8 @@ enum Plain {
     JetStream(Box<PlainJetStream>),
     #[cfg(feature = "postgres")]
     Postgres(Box<plain_postgres::PlainPostgres>),
+    #[cfg(feature = "sqs")]
+    Sqs(Box<plain_sqs::PlainSqs>),
 }
 
 impl Plain {
@@ -295,6 +338,8 @@ impl Plain {
             Broker::Postgres => Plain::Postgres(Box::new(
                 plain_postgres::PlainPostgres::connect(namespace).await?,
             )),
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => Plain::Sqs(Box::new(plain_sqs::PlainSqs::connect(namespace).await?)),
         })
     }
 
@@ -304,6 +349,8 @@ impl Plain {
             Plain::JetStream(plain) => plain.publish(count).await,
             #[cfg(feature = "postgres")]
             Plain::Postgres(plain) => plain.publish(count, &payload()).await,
+            #[cfg(feature = "sqs")]
+            Plain::Sqs(plain) => plain.publish(count, &payload()).await,
         }
     }
 
@@ -315,6 +362,8 @@ impl Plain {
             Plain::JetStream(plain) => plain.process(count).await,
             #[cfg(feature = "postgres")]
             Plain::Postgres(plain) => plain.process(count).await,
+            #[cfg(feature = "sqs")]
+            Plain::Sqs(plain) => plain.process(count).await,
         }
     }
 }
@@ -647,13 +696,13 @@ async fn jetstream_clean(namespace: &str) -> Result<()> {
     Ok(())
 }
 
-fn print_tables(results: &[BrokerResult], messages: usize) {
+fn print_tables(results: &[BrokerResult]) {
     println!();
     for result in results {
         println!(
             "{}: {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
             result.broker.name(),
-            thousands(messages as f64)
+            thousands(result.messages as f64)
         );
         println!(
             "  {:>11}  {:>10}  {:>12}  {:>12}",
@@ -688,6 +737,7 @@ fn to_json(results: &[BrokerResult], messages: usize) -> serde_json::Value {
                 .collect();
             json!({
                 "broker": result.broker.slug(),
+                "messages": result.messages,
                 "plain_msgs_per_sec": result.plain.round(),
                 "sluice": sluice,
             })

@@ -10,9 +10,9 @@ use crate::process::{cargo, plugins_dir, run, run_all};
 /// The target every plugin is built for.
 pub const WASM_TARGET: &str = "wasm32-wasip2";
 
-/// The host built with every backend, as the tests, benchmarks and lints
-/// build it (the default build leaves out Kafka and AWS, which take long to
-/// compile and need extra build tools).
+/// The host built with every finished backend, as the tests, benchmarks
+/// and lints build it (the default build leaves out AWS, which takes long
+/// to compile).
 const ALL_BACKENDS: &str = "sluice/full";
 
 /// The example plugins written in Python, JavaScript and C, each built by

@@ -33,6 +33,11 @@ impl Ctx {
         format!("{}-{name}", self.prefix)
     }
 
+    /// `n` messages, scaled by the target's [`Target::volume_scale`].
+    pub fn volume(&self, n: usize) -> usize {
+        ((n as f64 * self.target.volume_scale()).round() as usize).max(1)
+    }
+
     pub async fn subscribe(
         &self,
         topics: impl IntoIterator<Item = String>,
@@ -166,9 +171,15 @@ pub async fn run_suite(target: Arc<dyn Target>) {
     let mut table = String::new();
     let mut tsv = String::new();
     let mut failures = Vec::new();
+    let scale = target.volume_scale();
+    let volume = if scale == 1.0 {
+        String::new()
+    } else {
+        format!(", volume-heavy cases at {scale}x")
+    };
     writeln!(
         table,
-        "conformance: {} ({} round(s))",
+        "conformance: {} ({} round(s){volume})",
         target.name(),
         rounds
     )

@@ -16,6 +16,12 @@ pub trait Target: Send + Sync + 'static {
     /// publishes, another can consume.
     async fn open(&self) -> Result<Arc<dyn Backend>>;
 
+    /// A factor on the message counts of volume-heavy cases, below 1 for an
+    /// emulator too slow for the full volume (reported with the results).
+    fn volume_scale(&self) -> f64 {
+        1.0
+    }
+
     /// Whether [`Target::restart`] can restart anything.
     fn can_restart(&self) -> bool {
         false

@@ -1,0 +1,133 @@
+//! The AWS backends: plain SQS (`sqs://`), where publishers send to every
+//! group's queue themselves, and SNS fan-out to SQS (`sns+sqs://`), where
+//! they publish to an SNS topic and SNS copies each message into the queue
+//! of every group subscribed to it.
+//!
+//! # URLs
+//!
+//! `sqs://aws?region=eu-west-1[&params]` is AWS itself, with credentials
+//! (and, without `region`, the region) from the standard AWS chain:
+//! environment, shared config and credentials files, SSO, web identity,
+//! container and instance roles. `sqs://[KEY:SECRET@]HOST:PORT[?params]`
+//! is an endpoint override, `http://HOST:PORT` (`https` with `tls=true`),
+//! for a local emulator or a private endpoint; the user info gives static
+//! credentials (percent-encoded: a `/` in a secret is `%2F`), else the
+//! chain's. `sns+sqs://` takes the same forms.
+//!
+//! Parameters (see [`config::SqsConfig`]): `region`; `prefix` (of every
+//! queue and topic name, default `sluice-`); `max_receive` (redrive to a
+//! dead-letter queue after that many receives, default 25, 0 = none);
+//! `retention_s` (default 14 days, SQS's most); `discover_ms` (`sqs://`
+//! only: how long a publisher trusts its list of a topic's groups, default
+//! 2000); `ack_batch_ms` (how long acks wait to be deleted together,
+//! default 10); `heartbeat` (extend held deliveries, default true); `tls`.
+//!
+//! # Semantics
+//!
+//! | | `sqs://` | `sns+sqs://` |
+//! |---|---|---|
+//! | delivery | at least once: a received message is invisible for the lease, deleted on ack, visible again after a nack's delay or when the lease runs out | the same |
+//! | groups | a queue per topic and group ([`names`]); members of a group share it, and a publisher sends each message to every group's queue of its topic, found by listing queues by name ([`directory`]) | an SNS topic per topic; a queue per topic and group, subscribed to the topic with raw delivery |
+//! | history | no: a group receives what is published once it exists (and, across processes, once publishers have listed it, within `discover_ms`); `start` makes no difference | no: a group receives what is published once its subscription is in place |
+//! | ordering | none (standard queues); the host orders per key for `ordered` routes | none |
+//! | persistence | SQS's: an accepted publish is stored redundantly; messages are kept `retention_s` | the same, once SNS delivered it to the queues |
+//! | nack with delay | native: ChangeMessageVisibility to the delay (whole seconds, rounded up; at most 12 hours after the first receive) | the same |
+//! | lease | the receive's visibility timeout = the route's lease (whole seconds, at least 1); a heartbeat extends what a live consumer holds | the same |
+//! | attempts | `ApproximateReceiveCount` | the same |
+//! | patterns | none (`*` and `>` are refused) | none |
+//! | what the host adds | dead-lettering (to the route's dead-letter topic) and the retry policy; the per-queue dead-letter queue after `max_receive` receives is only a safety net, see [`queues`] | the same |
+//!
+//! Receiving long polls (WaitTimeSeconds from the fetch's wait, at most 20
+//! s) for up to 10 messages per call; publishing sends SendMessageBatch
+//! (PublishBatch on SNS) of up to 10 messages and 256 KiB; acks are deleted
+//! in DeleteMessageBatch. How a message travels is in [`codec`]; fetching,
+//! settling and close in [`subscription`].
+//!
+//! Plain `sqs://` needs nothing but SQS, and one send per group; its price
+//! is that fan-out is decided by the publisher, so a group that a
+//! publisher has not yet listed misses what it publishes. `sns+sqs://` lets
+//! SNS fan out (one publish whatever the number of groups, and a new group
+//! gets every message SNS accepts once its subscription is in place), for
+//! SNS's cost and limits.
+
+mod client;
+pub mod codec;
+pub mod config;
+pub mod directory;
+mod lease;
+pub mod names;
+mod plain;
+pub mod queues;
+mod receive;
+mod send;
+mod settle;
+mod sns;
+pub mod subscription;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{Result, bail};
+
+pub use plain::SqsBackend;
+pub use sns::SnsSqsBackend;
+
+use super::{Capabilities, SubscribeOptions, pattern};
+
+/// What both backends guarantee.
+const CAPABILITIES: Capabilities = Capabilities {
+    persistent: true,
+    history: false,
+    consumer_groups: true,
+    ordered_per_key: false,
+    native_delay: true,
+    lease: true,
+    wildcards: false,
+    at_least_once: true,
+};
+
+/// The distinct topics of a subscription; patterns are refused.
+fn exact_topics(options: &SubscribeOptions, scheme: &str) -> Result<Vec<String>> {
+    let mut topics = options.topics.clone();
+    topics.sort();
+    topics.dedup();
+    if topics.is_empty() {
+        bail!("group `{}` subscribes to no topic", options.group);
+    }
+    if let Some(p) = topics.iter().find(|t| pattern::is_pattern(t)) {
+        bail!(
+            "{scheme}: topic pattern `{p}` of group `{}`: SQS has no wildcard subscriptions; name the topics",
+            options.group
+        );
+    }
+    Ok(topics)
+}
+
+/// The queues of the groups subscribed through one backend handle, by
+/// group key, for [`crate::backend::Backend::pending`].
+#[derive(Default)]
+struct GroupQueues(Mutex<HashMap<String, Vec<String>>>);
+
+impl GroupQueues {
+    fn insert(&self, group_key: String, urls: Vec<String>) {
+        self.0.lock().unwrap().insert(group_key, urls);
+    }
+
+    fn remove(&self, group_key: &str) {
+        self.0.lock().unwrap().remove(group_key);
+    }
+
+    /// Messages in flight or waiting out a nack delay, summed over the
+    /// group's queues.
+    async fn pending(&self, sqs: &aws_sdk_sqs::Client, group_key: &str) -> Result<Option<u64>> {
+        let urls = self.0.lock().unwrap().get(group_key).cloned();
+        let Some(urls) = urls else {
+            return Ok(None);
+        };
+        let mut total = 0;
+        for url in urls {
+            total += queues::in_flight(sqs, &url).await?;
+        }
+        Ok(Some(total))
+    }
+}

@@ -1,0 +1,139 @@
+//! Queue and topic names. SQS allows 80 characters of `[A-Za-z0-9_-]` in a
+//! queue name and SNS 256 in a topic name; Sluice topics and groups allow
+//! more (dots above all), so each name carries a readable part and a hash.
+//!
+//! A queue is `<prefix><topic part>--<group part>`, each part being the
+//! name cut to letters, digits and `_` (anything else becomes `_`, and it is
+//! shortened to fit) followed by `-` and 12 hex digits of the SHA-256 of the
+//! full name. The readable parts hold no `-`, so the first `-` ends the
+//! topic's readable part, the hash after it is the topic's, and a listing
+//! with the prefix `<prefix><topic part>--` finds exactly that topic's group
+//! queues. A queue's dead-letter queue has the same name with `-dlq`
+//! appended, which a group part (ending in hex digits) never has.
+//! The group part hashes [`SubscribeOptions::group_key`], so the same group
+//! name used with other topics is another group.
+//!
+//! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
+
+use sha2::{Digest, Sha256};
+
+/// SQS's longest queue name.
+const MAX_QUEUE_NAME: usize = 80;
+/// Hex digits of the hash in each part.
+const HASH_HEX: usize = 12;
+/// Appended to a queue's name for its dead-letter queue.
+pub const DLQ_SUFFIX: &str = "-dlq";
+/// Between the topic part and the group part.
+const SEPARATOR: &str = "--";
+
+/// Names of one deployment's queues and topics (one prefix).
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Names {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Characters left for the topic and group parts of a queue name.
+    fn room(&self) -> usize {
+        MAX_QUEUE_NAME - self.prefix.len() - SEPARATOR.len() - DLQ_SUFFIX.len()
+    }
+
+    fn topic_part(&self, topic: &str) -> String {
+        part(topic, topic, self.room() / 2)
+    }
+
+    /// What every group queue of `topic` starts with.
+    pub fn topic_queue_prefix(&self, topic: &str) -> String {
+        format!("{}{}{SEPARATOR}", self.prefix, self.topic_part(topic))
+    }
+
+    /// The queue of group `group_key` (named `group`) for `topic`.
+    pub fn queue(&self, topic: &str, group: &str, group_key: &str) -> String {
+        let room = self.room() - self.topic_part(topic).len();
+        let name = format!(
+            "{}{}",
+            self.topic_queue_prefix(topic),
+            part(group, group_key, room)
+        );
+        debug_assert!(name.len() + DLQ_SUFFIX.len() <= MAX_QUEUE_NAME);
+        name
+    }
+
+    /// The dead-letter queue of queue `queue`.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}{DLQ_SUFFIX}")
+    }
+
+    /// Whether a queue found by listing is a group queue, not a dead-letter
+    /// queue.
+    pub fn is_group_queue(name: &str) -> bool {
+        !name.ends_with(DLQ_SUFFIX)
+    }
+
+    /// The SNS topic of a Sluice topic.
+    pub fn sns_topic(&self, topic: &str) -> String {
+        format!("{}{}", self.prefix, self.topic_part(topic))
+    }
+}
+
+/// At most `room` characters: `readable` cut short in `[A-Za-z0-9_]`, then
+/// `-` and the hash of `identity`.
+fn part(readable: &str, identity: &str, room: usize) -> String {
+    let keep = room.saturating_sub(1 + HASH_HEX);
+    let clean: String = readable
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(keep)
+        .collect();
+    let digest = Sha256::digest(identity.as_bytes());
+    format!("{clean}-{}", &hex::encode(digest)[..HASH_HEX])
+}
+
+/// The queue name at the end of a queue URL.
+pub fn queue_name_of(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(name: &str) -> bool {
+        name.len() <= MAX_QUEUE_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    }
+
+    #[test]
+    fn names_are_valid_distinct_and_found_by_their_topic_prefix() {
+        let names = Names::new("sluice-");
+        let a = names.queue("orders.eu", "billing", "billing[orders.eu]");
+        let b = names.queue("orders_eu", "billing", "billing[orders_eu]");
+        assert_ne!(a, b);
+        assert!(a.starts_with("sluice-orders_eu-"), "{a}");
+        assert!(a.starts_with(&names.topic_queue_prefix("orders.eu")));
+        assert!(!b.starts_with(&names.topic_queue_prefix("orders.eu")));
+        assert!(valid(&Names::dead_letter_queue(&a)));
+        assert!(Names::is_group_queue(&a));
+        assert!(!Names::is_group_queue(&Names::dead_letter_queue(&a)));
+
+        let long = "x".repeat(300);
+        let names = Names::new(&"p".repeat(20));
+        let q = names.queue(&long, &long, &format!("{long}[{long}]"));
+        assert!(valid(&Names::dead_letter_queue(&q)), "{q}");
+        assert_ne!(q, names.queue(&long, &long, "other"));
+        assert!(names.sns_topic(&long).len() <= 256);
+
+        // A topic whose readable part looks like another's full part.
+        let tricky = names.topic_queue_prefix("a");
+        let other = names.queue(&format!("a-{}", "0".repeat(12)), "g", "g[x]");
+        assert!(!other.starts_with(&tricky));
+    }
+}

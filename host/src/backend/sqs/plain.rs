@@ -1,0 +1,180 @@
+//! `sqs://`: a queue per topic and group, and publishers that send each
+//! message to every group queue of its topic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use futures::{StreamExt, TryStreamExt};
+
+use super::codec::{Encoded, encode};
+use super::config::SqsConfig;
+use super::directory::Directory;
+use super::names::Names;
+use super::send::{Sent, batches, send_batch};
+use super::subscription::{QueueSource, SqsSubscription, SubscriptionSpec, Teardown};
+use super::{CAPABILITIES, GroupQueues, client, exact_topics, queues};
+use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
+use crate::message::Message;
+
+const SCHEME: &str = "sqs";
+/// Batch requests of one publish under way at once.
+const PARALLEL_SENDS: usize = 16;
+
+/// Plain SQS.
+pub struct SqsBackend {
+    sqs: Client,
+    config: SqsConfig,
+    names: Names,
+    directory: Arc<Directory>,
+    groups: Arc<GroupQueues>,
+}
+
+impl SqsBackend {
+    /// Connects and checks that SQS answers (a queue listing).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = SqsConfig::parse(url, SCHEME)?;
+        let sdk = client::sdk_config(&config).await?;
+        let sqs = Client::new(&sdk);
+        let names = Names::new(&config.prefix);
+        queues::ping(&sqs, &config.prefix)
+            .await
+            .with_context(|| format!("cannot reach SQS at `{}`", config.shown))?;
+        let scope = format!(
+            "{:?}|{:?}|{:?}|{}",
+            config.endpoint,
+            sdk.region(),
+            config.credentials.as_ref().map(|(key, _)| key),
+            config.prefix
+        );
+        let directory = Directory::shared(scope, sqs.clone(), names.clone(), config.discover);
+        Ok(SqsBackend {
+            sqs,
+            config,
+            names,
+            directory,
+            groups: Arc::default(),
+        })
+    }
+
+    /// Sends one batch to one group queue of `topic`.
+    async fn send_run(
+        &self,
+        topic: &str,
+        url: &str,
+        encoded: &[Encoded],
+        ids: &[&str],
+    ) -> Result<()> {
+        if send_batch(&self.sqs, url, encoded, ids).await? == Sent::Gone {
+            tracing::info!(
+                topic,
+                queue = url,
+                "a group's queue is gone; no longer publishing to it"
+            );
+            self.directory.forget(topic, url);
+        }
+        Ok(())
+    }
+
+    /// Sends `messages` (all of `topic`) to every group queue of the topic.
+    async fn publish_topic(&self, topic: &str, messages: &[&Message]) -> Result<()> {
+        let encoded: Vec<Encoded> = messages.iter().map(|m| encode(m)).collect::<Result<_>>()?;
+        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        let urls = self.directory.queues_of(topic).await?;
+        if urls.is_empty() {
+            tracing::debug!(
+                topic,
+                "no group has a queue for this topic; messages dropped"
+            );
+            return Ok(());
+        }
+        let runs = batches(&encoded);
+        let mut sends = Vec::new();
+        for url in &urls {
+            for run in &runs {
+                sends.push(self.send_run(topic, url, &encoded[run.clone()], &ids[run.clone()]));
+            }
+        }
+        futures::stream::iter(sends)
+            .buffer_unordered(PARALLEL_SENDS)
+            .try_collect::<()>()
+            .await
+    }
+}
+
+#[async_trait]
+impl Backend for SqsBackend {
+    fn kind(&self) -> &'static str {
+        SCHEME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        let mut by_topic: HashMap<&str, Vec<&Message>> = HashMap::new();
+        for message in &messages {
+            by_topic.entry(&message.topic).or_default().push(message);
+        }
+        futures::future::try_join_all(
+            by_topic
+                .iter()
+                .map(|(topic, messages)| self.publish_topic(topic, messages)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        let topics = exact_topics(&options, SCHEME)?;
+        let group_key = options.group_key();
+        let mut sources = Vec::new();
+        for topic in topics {
+            let name = self.names.queue(&topic, &options.group, &group_key);
+            let url = queues::ensure_group_queue(&self.sqs, &self.config, &name, options.ephemeral)
+                .await?;
+            self.directory.register(&topic, &url);
+            sources.push(QueueSource { url, topic });
+        }
+        self.groups.insert(
+            group_key.clone(),
+            sources.iter().map(|s| s.url.clone()).collect(),
+        );
+        let teardown: Option<Teardown> = options.ephemeral.then(|| {
+            let (sqs, directory, groups) = (
+                self.sqs.clone(),
+                self.directory.clone(),
+                self.groups.clone(),
+            );
+            let sources = sources.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    groups.remove(&group_key);
+                    for source in &sources {
+                        directory.forget(&source.topic, &source.url);
+                        queues::delete(&sqs, &source.url).await?;
+                    }
+                    Ok(())
+                }) as futures::future::BoxFuture<'static, Result<()>>
+            }) as Teardown
+        });
+        Ok(Box::new(SqsSubscription::start(
+            self.sqs.clone(),
+            SubscriptionSpec {
+                group: options.group,
+                queues: sources,
+                lease: options.lease,
+                ack_batch: self.config.ack_batch,
+                heartbeat: self.config.heartbeat,
+                teardown,
+            },
+        )))
+    }
+
+    async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
+        self.groups.pending(&self.sqs, group_key).await
+    }
+}

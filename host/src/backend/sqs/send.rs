@@ -1,0 +1,175 @@
+//! Sending encoded messages in batches: SendMessageBatch (SQS) and
+//! PublishBatch (SNS) take up to 10 entries and 256 KiB in all. Entries a
+//! batch reports failed through no fault of the sender (throttling, a
+//! server error) are sent again a few times; any other failure fails the
+//! publish, naming the message.
+
+use std::future::Future;
+use std::ops::Range;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+
+use super::client::{error_code, is_missing_queue};
+use super::codec::{Encoded, MAX_MESSAGE_BYTES, META_ATTRIBUTE};
+use super::names::queue_name_of;
+
+/// Entries per batch request, for SQS and SNS alike.
+pub const MAX_BATCH: usize = 10;
+/// Tries of an entry that failed through no fault of ours.
+const TRIES: u32 = 4;
+
+/// Splits messages into runs that fit one batch request.
+pub fn batches(messages: &[Encoded]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, message) in messages.iter().enumerate() {
+        let size = message.size();
+        if i > start && (i - start == MAX_BATCH || bytes + size > MAX_MESSAGE_BYTES) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < messages.len() {
+        out.push(start..messages.len());
+    }
+    out
+}
+
+/// What became of a send.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Every message was accepted.
+    All,
+    /// The queue (or topic) does not exist (any more).
+    Gone,
+}
+
+/// An entry of a batch request that was refused.
+pub struct EntryFailure {
+    /// Its index in the messages given to [`with_entry_retries`].
+    pub index: usize,
+    /// The request was wrong (too big, bad attribute), not the service.
+    pub sender_fault: bool,
+    pub why: String,
+}
+
+/// Runs `send` with the indices of the messages to send, and again with
+/// those that failed through no fault of ours (at most [`TRIES`] times in
+/// all). `send` returns the refused entries, or `None` if the target is
+/// gone. `ids` and `target` name messages and target in errors.
+pub async fn with_entry_retries<F, Fut>(
+    count: usize,
+    ids: &[&str],
+    target: &str,
+    mut send: F,
+) -> Result<Sent>
+where
+    F: FnMut(Vec<usize>) -> Fut,
+    Fut: Future<Output = Result<Option<Vec<EntryFailure>>>>,
+{
+    let mut waiting: Vec<usize> = (0..count).collect();
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1..=TRIES {
+        let Some(failures) = send(waiting).await? else {
+            return Ok(Sent::Gone);
+        };
+        let mut again = Vec::new();
+        for failure in failures {
+            if failure.sender_fault || attempt == TRIES {
+                let id = ids.get(failure.index).copied().unwrap_or("?");
+                bail!("`{target}` refused message {id}: {}", failure.why);
+            }
+            again.push(failure.index);
+        }
+        if again.is_empty() {
+            return Ok(Sent::All);
+        }
+        tracing::debug!(
+            target,
+            failed = again.len(),
+            "batch entries failed; sending them again"
+        );
+        waiting = again;
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    unreachable!("the last try returns")
+}
+
+/// Sends `messages` (one batch, see [`batches`]) to the queue at `url`.
+/// `ids` name them in errors.
+pub async fn send_batch(
+    sqs: &Client,
+    url: &str,
+    messages: &[Encoded],
+    ids: &[&str],
+) -> Result<Sent> {
+    let target = queue_name_of(url);
+    with_entry_retries(messages.len(), ids, target, |indices| async move {
+        let entries = indices
+            .iter()
+            .map(|&i| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&messages[i].body)
+                    .message_attributes(META_ATTRIBUTE, messages[i].sqs_attribute())
+                    .build()
+                    .expect("id and body are set")
+            })
+            .collect();
+        let out = match sqs
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if is_missing_queue(error_code(&e)) => return Ok(None),
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("SQS SendMessageBatch to `{target}`"));
+            }
+        };
+        out.failed()
+            .iter()
+            .map(|failed| {
+                Ok(EntryFailure {
+                    index: failed
+                        .id()
+                        .parse()
+                        .context("SQS answered for a batch entry it was not sent")?,
+                    sender_fault: failed.sender_fault(),
+                    why: format!("{} {}", failed.code(), failed.message().unwrap_or("")),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+
+    #[test]
+    fn batches_respect_count_and_size() {
+        let small: Vec<Encoded> = (0..25)
+            .map(|i| super::super::codec::encode(&Message::new("t", format!("{i}"))).unwrap())
+            .collect();
+        assert_eq!(batches(&small), vec![0..10, 10..20, 20..25]);
+        let big: Vec<Encoded> = (0..3)
+            .map(|_| super::super::codec::encode(&Message::new("t", "x".repeat(100_000))).unwrap())
+            .collect();
+        assert_eq!(batches(&big), vec![0..2, 2..3]);
+        assert!(batches(&[]).is_empty());
+    }
+}

@@ -1,0 +1,329 @@
+//! A subscription of one consumer group: it receives from the group's
+//! queue of each topic, and settles with deletes and visibility changes.
+//!
+//! Receives run as tasks of their own (see [`super::receive`]), at most one
+//! per queue (a few when the queue is busy and the fetch wants more than
+//! ten). A fetch starts them, waits for what they bring until its wait is
+//! over, and returns; a receive still under way then delivers into the
+//! subscription for the next fetch. So a fetch honours its wait to the
+//! millisecond although SQS long polls in whole seconds, one topic's empty
+//! queue never holds up another's messages, and a dropped fetch loses
+//! nothing. What a receive brings is held (its visibility kept up by the
+//! heartbeat while the consumer is alive) until a fetch hands it out; one
+//! whose lease ran out meanwhile is dropped, as SQS has made it visible
+//! again.
+//!
+//! Close waits for the receives under way (each ends within its long poll,
+//! at most 20 s), sends the queued deletes, hands every delivery not
+//! settled back with visibility 0, and for an ephemeral group removes its
+//! queues.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::codec::Received;
+use super::lease::{self, LeaseSeconds};
+use super::names::queue_name_of;
+use super::settle::{AckBatcher, change_visibility};
+use crate::backend::{Delivery, Receipt, Subscription, closed_error};
+
+/// The least a fetch waits, so even one that may not wait asks SQS once.
+const MIN_WAIT: Duration = Duration::from_millis(20);
+/// A received delivery this close to the end of its lease is not handed
+/// out any more.
+const STALE_MARGIN: Duration = Duration::from_millis(200);
+/// The longest close waits for receives under way.
+const CLOSE_WAIT: Duration = Duration::from_secs(25);
+
+/// A queue the subscription reads, and the topic its messages belong to.
+#[derive(Debug, Clone)]
+pub struct QueueSource {
+    pub url: String,
+    pub topic: String,
+}
+
+/// Removes an ephemeral group's queues (and subscriptions) on close.
+pub type Teardown = Box<dyn FnOnce() -> BoxFuture<'static, Result<()>> + Send>;
+
+/// What a subscription is made of.
+pub struct SubscriptionSpec {
+    pub group: String,
+    pub queues: Vec<QueueSource>,
+    pub lease: Duration,
+    pub ack_batch: Duration,
+    pub heartbeat: bool,
+    pub teardown: Option<Teardown>,
+}
+
+/// The receipt of an SQS delivery: a token for the subscription's held map.
+struct SqsReceipt(u64);
+
+pub struct SqsSubscription {
+    inner: Arc<Inner>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub(super) struct Inner {
+    pub sqs: Client,
+    pub group: String,
+    pub queues: Vec<QueueSource>,
+    pub lease: LeaseSeconds,
+    pub state: Mutex<State>,
+    /// Woken when a receive ends, and on close.
+    pub arrived: Notify,
+    pub closed: AtomicBool,
+    pub last_call: Mutex<Instant>,
+    acks: Arc<AckBatcher>,
+    teardown: Mutex<Option<Teardown>>,
+}
+
+pub(super) struct State {
+    /// Received, not yet handed out by a fetch.
+    pub ready: VecDeque<(u64, Received)>,
+    /// Every received delivery not settled yet (handed out or ready).
+    pub held: HashMap<u64, Held>,
+    /// Receives under way, per queue.
+    pub receiving: Vec<usize>,
+    /// Whether the queue's last receive came back full.
+    pub busy: Vec<bool>,
+    /// After a failed receive, the queue rests until then.
+    pub rest_until: Vec<Option<Instant>>,
+    /// The last receive error, for the next fetch to report.
+    pub error: Option<anyhow::Error>,
+    pub next_token: u64,
+}
+
+pub(super) struct Held {
+    pub queue: usize,
+    pub receipt: String,
+    pub received: Instant,
+    /// Received or last kept alive.
+    pub extended: Instant,
+}
+
+impl SqsSubscription {
+    pub fn start(sqs: Client, spec: SubscriptionSpec) -> Self {
+        let count = spec.queues.len();
+        let acks = AckBatcher::new(
+            sqs.clone(),
+            spec.queues.iter().map(|q| q.url.clone()).collect(),
+            spec.ack_batch,
+        );
+        let inner = Arc::new(Inner {
+            sqs,
+            group: spec.group,
+            queues: spec.queues,
+            lease: LeaseSeconds::of(spec.lease),
+            state: Mutex::new(State {
+                ready: VecDeque::new(),
+                held: HashMap::new(),
+                receiving: vec![0; count],
+                busy: vec![false; count],
+                rest_until: vec![None; count],
+                error: None,
+                next_token: 0,
+            }),
+            arrived: Notify::new(),
+            closed: AtomicBool::new(false),
+            last_call: Mutex::new(Instant::now()),
+            acks,
+            teardown: Mutex::new(spec.teardown),
+        });
+        let heartbeat = spec
+            .heartbeat
+            .then(|| tokio::spawn(lease::keep_alive(Arc::downgrade(&inner))));
+        SqsSubscription { inner, heartbeat }
+    }
+}
+
+impl Drop for SqsSubscription {
+    fn drop(&mut self) {
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn touch(&self) {
+        *self.last_call.lock().unwrap() = Instant::now();
+    }
+
+    fn take_held(&self, delivery: &Delivery) -> Result<Held> {
+        let SqsReceipt(token) = delivery.receipt.get::<SqsReceipt>()?;
+        match self.state.lock().unwrap().held.remove(token) {
+            Some(held) => Ok(held),
+            None => bail!(
+                "delivery of message {} was already settled (or its subscription closed)",
+                delivery.message.id
+            ),
+        }
+    }
+
+    /// Up to `max` received deliveries, leaving out any whose lease ran out
+    /// while it waited (it is visible again, maybe already delivered to
+    /// another member: handing it out would only make a duplicate).
+    fn take_ready(&self, state: &mut State, max: usize) -> Vec<Delivery> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((token, received)) = state.ready.pop_front() else {
+                break;
+            };
+            let live = state
+                .held
+                .get(&token)
+                .is_some_and(|held| now + STALE_MARGIN < held.extended + self.lease.duration);
+            if !live {
+                state.held.remove(&token);
+                continue;
+            }
+            out.push(Delivery {
+                message: received.message,
+                attempt: received.attempt,
+                receipt: Receipt::new(SqsReceipt(token)),
+            });
+        }
+        out
+    }
+
+    /// Waits (at most [`CLOSE_WAIT`]) until no receive is under way.
+    async fn receives_ended(&self) {
+        let give_up = Instant::now() + CLOSE_WAIT;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.state.lock().unwrap().receiving.iter().all(|n| *n == 0) {
+                return;
+            }
+            tokio::select! {
+                _ = arrived => {}
+                _ = tokio::time::sleep_until(give_up) => {
+                    tracing::warn!(group = %self.group, "receives still under way at close; what they bring returns after its lease");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for SqsSubscription {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let inner = &self.inner;
+        inner.touch();
+        let max = max.max(1);
+        let deadline = Instant::now() + wait.max(MIN_WAIT);
+        loop {
+            if inner.closed.load(Ordering::SeqCst) {
+                return Err(closed_error(&inner.group));
+            }
+            let arrived = inner.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut state = inner.state.lock().unwrap();
+                let out = inner.take_ready(&mut state, max);
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                if let Some(error) = state.error.take() {
+                    return Err(error);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                super::receive::start(inner, &mut state, max, deadline - now);
+            }
+            tokio::select! {
+                _ = arrived => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        self.inner.touch();
+        let held = self.inner.take_held(delivery)?;
+        self.inner.acks.delete(held.queue, held.receipt);
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        let inner = &self.inner;
+        inner.touch();
+        let held = inner.take_held(delivery)?;
+        let url = &inner.queues[held.queue].url;
+        inner
+            .sqs
+            .change_message_visibility()
+            .queue_url(url)
+            .receipt_handle(held.receipt)
+            .visibility_timeout(lease::delay_seconds(delay, held.received))
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "SQS ChangeMessageVisibility (nack of message {}) on `{}`",
+                    delivery.message.id,
+                    queue_name_of(url)
+                )
+            })?;
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.abort();
+        }
+        inner.arrived.notify_waiters();
+        inner.receives_ended().await;
+        inner.acks.drain().await;
+        let unsettled: Vec<Held> = {
+            let mut state = inner.state.lock().unwrap();
+            state.ready.clear();
+            state.held.drain().map(|(_, held)| held).collect()
+        };
+        let mut first_error = None;
+        for (index, queue) in inner.queues.iter().enumerate() {
+            let entries: Vec<(String, i32)> = unsettled
+                .iter()
+                .filter(|h| h.queue == index)
+                .map(|h| (h.receipt.clone(), 0))
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            if let Err(e) = change_visibility(&inner.sqs, &queue.url, &entries).await {
+                tracing::warn!(group = %inner.group, "deliveries not handed back return after their lease: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+        let teardown = inner.teardown.lock().unwrap().take();
+        if let Some(teardown) = teardown {
+            teardown().await?;
+        }
+        match first_error {
+            Some(e) => Err(e.context(format!(
+                "closing the subscription of group `{}`",
+                inner.group
+            ))),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! SQS and SNS+SQS on a private moto server (`moto_server`, from PyPI's
+//! `moto[server]`), on a free port. moto keeps everything in memory, so a
+//! restart would lose every queue: the restart case does not apply.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use sluice::backend::{self, Backend};
+
+use super::{ServerProcess, Target, quiet};
+
+pub struct Sqs {
+    server: ServerProcess,
+    name: &'static str,
+    scheme: &'static str,
+}
+
+impl Sqs {
+    fn spawn(port: u16, _: &std::path::Path) -> std::process::Child {
+        quiet(std::process::Command::new("moto_server").args([
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ]))
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start moto_server ({e}); install it with: pip install 'moto[server]'")
+        })
+    }
+
+    /// Whether an HTTP server answers on `port`.
+    fn answers_http(port: u16) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let request = format!(
+            "GET /moto-api/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        );
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut first = [0u8; 5];
+        stream.read_exact(&mut first).is_ok() && &first == b"HTTP/"
+    }
+
+    fn start(name: &'static str, scheme: &'static str) -> Self {
+        Sqs {
+            server: ServerProcess::start_with(Self::spawn, Self::answers_http),
+            name,
+            scheme,
+        }
+    }
+
+    /// Plain SQS: publishers send to every group's queue.
+    pub fn queue() -> Self {
+        Self::start("sqs", "sqs")
+    }
+
+    /// SNS topics fanning out to a queue per group.
+    pub fn fan_out() -> Self {
+        Self::start("sns-sqs", "sns+sqs")
+    }
+}
+
+#[async_trait]
+impl Target for Sqs {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// moto scans a whole queue several times per received message, so a
+    /// receive from a 400-message backlog takes 0.3-1 s on a busy machine,
+    /// as long as the concurrent case gives a consumer to go idle; at a
+    /// quarter of the volume it takes about a quarter of that.
+    fn volume_scale(&self) -> f64 {
+        0.25
+    }
+
+    async fn open(&self) -> Result<Arc<dyn Backend>> {
+        backend::connect(&format!(
+            "{}://test:test@127.0.0.1:{}?region=us-east-1",
+            self.scheme, self.server.port
+        ))
+        .await
+    }
+}
