@@ -1,0 +1,393 @@
+//! The books one member keeps on one assigned partition: every offset it
+//! has received and not yet committed past, whether each is buffered, out
+//! with the application, waiting out a nack delay, or done, and how often
+//! each has been delivered.
+//!
+//! The offset to commit is the lowest one not done (or one past the last
+//! received when all are done), so concurrent handling never commits past
+//! an unfinished message. Attempt counts travel in the commit's metadata
+//! (see [`Prior`]) so that the member that gets the partition next, after a
+//! rebalance or a crash, counts on from them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::message::Message;
+
+/// Attempts and settled ranges listed in commit metadata, at most each;
+/// Kafka limits metadata to 4096 bytes by default
+/// (`offset.metadata.max.bytes`). Past them, deliveries count from 2 and
+/// settled messages are delivered again.
+const LISTED: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Received, not yet handed out.
+    Buffered,
+    /// Handed out, not settled.
+    Out,
+    /// Nacked: handed out again once its delay is over.
+    Waiting,
+    Done,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Dropped once done.
+    message: Option<Message>,
+    /// Deliveries so far, by this member and before it.
+    attempts: u32,
+    stage: Stage,
+}
+
+/// What an earlier owner of the partition left in its last commit's
+/// metadata: `v1;THROUGH;OFFSET:ATTEMPTS,…;FIRST-LAST,…`. Every offset up
+/// to THROUGH was delivered at least once; the first list has the offsets
+/// delivered more often, the second the ranges past the committed offset
+/// already settled (so the next owner skips them). Everything an earlier
+/// owner left unfinished is at or past the committed offset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prior {
+    pub delivered_through: Option<i64>,
+    pub attempts: BTreeMap<i64, u32>,
+    /// Settled ranges, inclusive, in order.
+    pub settled: Vec<(i64, i64)>,
+}
+
+impl Prior {
+    /// Reads commit metadata; anything else (another client's, or none)
+    /// means no deliveries are known.
+    pub fn parse(metadata: &str) -> Prior {
+        let mut parts = metadata.split(';');
+        if parts.next() != Some("v1") {
+            return Prior::default();
+        }
+        let delivered_through = parts.next().and_then(|t| t.parse().ok());
+        let attempts = parts
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|pair| {
+                let (offset, attempts) = pair.split_once(':')?;
+                Some((offset.parse().ok()?, attempts.parse().ok()?))
+            })
+            .collect();
+        let settled = parts
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                Some((first.parse().ok()?, last.parse().ok()?))
+            })
+            .collect();
+        Prior {
+            delivered_through,
+            attempts,
+            settled,
+        }
+    }
+
+    /// Both accounts together: the more deliveries, the more settled.
+    pub fn merge(mut self, other: Prior) -> Prior {
+        self.delivered_through = self.delivered_through.max(other.delivered_through);
+        for (offset, attempts) in other.attempts {
+            let mine = self.attempts.entry(offset).or_default();
+            *mine = (*mine).max(attempts);
+        }
+        self.settled.extend(other.settled);
+        self.settled.sort_unstable();
+        self.settled.dedup();
+        self
+    }
+
+    pub fn encode(&self) -> String {
+        let through = self
+            .delivered_through
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let listed: Vec<String> = self
+            .attempts
+            .iter()
+            .take(LISTED)
+            .map(|(offset, attempts)| format!("{offset}:{attempts}"))
+            .collect();
+        let settled: Vec<String> = self
+            .settled
+            .iter()
+            .take(LISTED)
+            .map(|(first, last)| match first == last {
+                true => first.to_string(),
+                false => format!("{first}-{last}"),
+            })
+            .collect();
+        format!("v1;{through};{};{}", listed.join(","), settled.join(","))
+    }
+
+    fn is_settled(&self, offset: i64) -> bool {
+        self.settled
+            .iter()
+            .any(|(first, last)| (*first..=*last).contains(&offset))
+    }
+
+    /// Deliveries of `offset` before this member's.
+    fn attempts(&self, offset: i64) -> u32 {
+        match self.attempts.get(&offset) {
+            Some(attempts) => *attempts,
+            None if self.delivered_through.is_some_and(|t| offset <= t) => 1,
+            None => 0,
+        }
+    }
+}
+
+/// The books on one partition, for one assignment of it (its `epoch`).
+#[derive(Debug)]
+pub struct Ledger {
+    pub epoch: u64,
+    entries: BTreeMap<i64, Entry>,
+    /// One past the last offset received; where this member started when
+    /// nothing is received yet, if known.
+    next_offset: Option<i64>,
+    delivered_through: Option<i64>,
+    prior: Prior,
+    /// The last commit sent: offset and metadata.
+    committed: Option<(i64, String)>,
+}
+
+impl Ledger {
+    /// `start` is the offset fetching starts at, when known.
+    pub fn new(epoch: u64, start: Option<i64>, prior: Prior) -> Self {
+        Ledger {
+            epoch,
+            entries: BTreeMap::new(),
+            next_offset: start,
+            delivered_through: None,
+            prior,
+            committed: None,
+        }
+    }
+
+    /// Records a received message; false if it is not to be handed out:
+    /// received already (the consumer re-fetched it), or settled under an
+    /// earlier owner.
+    pub fn receive(&mut self, offset: i64, message: Message) -> bool {
+        if self.next_offset.is_some_and(|next| offset < next) {
+            return false;
+        }
+        self.next_offset = Some(offset + 1);
+        let settled = self.prior.is_settled(offset);
+        self.entries.insert(
+            offset,
+            Entry {
+                message: Some(message),
+                attempts: self.prior.attempts(offset),
+                stage: Stage::Buffered,
+            },
+        );
+        if settled {
+            self.ack(offset);
+        }
+        !settled
+    }
+
+    /// Hands out a buffered or nacked message: the message and its attempt
+    /// number (1 on first delivery).
+    pub fn hand_out(&mut self, offset: i64) -> Option<(Message, u32)> {
+        let entry = self.entries.get_mut(&offset)?;
+        if !matches!(entry.stage, Stage::Buffered | Stage::Waiting) {
+            return None;
+        }
+        let message = entry.message.clone()?;
+        entry.stage = Stage::Out;
+        entry.attempts += 1;
+        self.delivered_through = self.delivered_through.max(Some(offset));
+        Some((message, entry.attempts))
+    }
+
+    /// Settles a message for good; false if it was not out.
+    pub fn ack(&mut self, offset: i64) -> bool {
+        let Some(entry) = self.entries.get_mut(&offset) else {
+            return false;
+        };
+        if entry.stage == Stage::Done {
+            return false;
+        }
+        entry.stage = Stage::Done;
+        entry.message = None;
+        while let Some(first) = self.entries.first_entry() {
+            if first.get().stage != Stage::Done {
+                break;
+            }
+            first.remove();
+        }
+        true
+    }
+
+    /// Marks a message handed out as `attempt` as waiting for redelivery;
+    /// false if that delivery is no longer the current one.
+    pub fn nack(&mut self, offset: i64, attempt: u32) -> bool {
+        match self.entries.get_mut(&offset) {
+            Some(entry) if entry.stage == Stage::Out && entry.attempts == attempt => {
+                entry.stage = Stage::Waiting;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether anything received is not done yet.
+    pub fn holds_work(&self) -> bool {
+        self.entries.values().any(|e| e.stage != Stage::Done)
+    }
+
+    /// The offset to commit: the lowest not done.
+    pub fn commit_offset(&self) -> Option<i64> {
+        match self.entries.first_key_value() {
+            Some((offset, _)) => Some(*offset),
+            None => self.next_offset,
+        }
+    }
+
+    /// What the commit metadata says about attempts past the commit offset.
+    pub fn notes(&self) -> Prior {
+        let mut books = Prior {
+            delivered_through: self.delivered_through.max(self.prior.delivered_through),
+            ..Prior::default()
+        };
+        for (offset, entry) in &self.entries {
+            if entry.stage == Stage::Done {
+                match books.settled.last_mut() {
+                    Some((_, last)) if *last + 1 == *offset => *last = *offset,
+                    _ => books.settled.push((*offset, *offset)),
+                }
+            } else if entry.attempts >= 2 {
+                books.attempts.insert(*offset, entry.attempts);
+            }
+        }
+        // What an earlier owner noted and this member has not received.
+        let received_up_to = self.next_offset.unwrap_or(i64::MIN);
+        for (offset, attempts) in self.prior.attempts.range(received_up_to..) {
+            books.attempts.insert(*offset, *attempts);
+        }
+        for (first, last) in &self.prior.settled {
+            if *last >= received_up_to {
+                books.settled.push(((*first).max(received_up_to), *last));
+            }
+        }
+        books
+    }
+
+    /// The commit to send, if it differs from the last one sent.
+    pub fn due_commit(&self) -> Option<(i64, String)> {
+        let offset = self.commit_offset()?;
+        let metadata = self.notes().encode();
+        let due = (offset, metadata);
+        (self.committed.as_ref() != Some(&due)).then_some(due)
+    }
+
+    pub fn committed(&mut self, commit: (i64, String)) {
+        self.committed = Some(commit);
+    }
+}
+
+/// Ledgers of the partitions a member holds, by topic and partition.
+pub type Ledgers = HashMap<std::sync::Arc<str>, BTreeMap<i32, Ledger>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(n: i64) -> Message {
+        Message::new("t", n.to_string())
+    }
+
+    #[test]
+    fn commits_only_up_to_the_first_unfinished_offset() {
+        let mut ledger = Ledger::new(1, None, Prior::default());
+        for offset in 10..15 {
+            assert!(ledger.receive(offset, message(offset)));
+        }
+        assert!(!ledger.receive(12, message(12)), "a re-fetch is ignored");
+        for offset in 10..15 {
+            assert_eq!(ledger.hand_out(offset).unwrap().1, 1);
+        }
+        assert!(ledger.ack(11));
+        assert!(ledger.ack(13));
+        assert_eq!(ledger.commit_offset(), Some(10));
+        assert!(ledger.ack(10));
+        assert_eq!(ledger.commit_offset(), Some(12));
+        assert!(ledger.nack(12, 1));
+        assert!(!ledger.nack(12, 1), "settled once");
+        assert_eq!(ledger.hand_out(12).unwrap().1, 2);
+        assert!(ledger.ack(12));
+        assert!(ledger.ack(14));
+        assert_eq!(ledger.commit_offset(), Some(15));
+        assert!(!ledger.holds_work());
+        assert!(!ledger.ack(14));
+    }
+
+    #[test]
+    fn attempts_survive_a_handover_through_commit_metadata() {
+        let mut first = Ledger::new(1, Some(0), Prior::default());
+        for offset in 0..4 {
+            first.receive(offset, message(offset));
+            first.hand_out(offset);
+        }
+        first.nack(2, 1);
+        first.hand_out(2);
+        first.ack(0);
+        let (offset, metadata) = first.due_commit().unwrap();
+        assert_eq!((offset, metadata.as_str()), (1, "v1;3;2:2;"));
+        first.committed((offset, metadata.clone()));
+        assert_eq!(first.due_commit(), None);
+
+        let mut next = Ledger::new(2, Some(offset), Prior::parse(&metadata));
+        let attempts: Vec<u32> = (1..5)
+            .map(|o| {
+                next.receive(o, message(o));
+                next.hand_out(o).unwrap().1
+            })
+            .collect();
+        assert_eq!(attempts, [2, 3, 2, 1]);
+        assert_eq!(Prior::parse("something else"), Prior::default());
+        let merged = Prior::parse("v1;3;2:2;5").merge(Prior::parse("v1;4;2:1,3:2;6"));
+        assert_eq!(merged.encode(), "v1;4;2:2,3:2;5,6");
+    }
+
+    #[test]
+    fn prior_attempts_not_yet_received_stay_in_the_metadata() {
+        let prior = Prior::parse("v1;9;7:3;8-9");
+        let mut ledger = Ledger::new(1, Some(5), prior);
+        assert_eq!(
+            ledger.due_commit().unwrap(),
+            (5, "v1;9;7:3;8-9".to_string())
+        );
+        ledger.receive(5, message(5));
+        ledger.receive(6, message(6));
+        ledger.hand_out(6);
+        ledger.ack(6);
+        assert_eq!(
+            ledger.due_commit().unwrap(),
+            (5, "v1;9;7:3;6,8-9".to_string())
+        );
+    }
+
+    #[test]
+    fn offsets_settled_under_an_earlier_owner_are_skipped() {
+        let mut first = Ledger::new(1, Some(0), Prior::default());
+        for offset in 0..5 {
+            first.receive(offset, message(offset));
+            first.hand_out(offset);
+        }
+        for offset in [1, 2, 4] {
+            first.ack(offset);
+        }
+        let (offset, metadata) = first.due_commit().unwrap();
+        assert_eq!((offset, metadata.as_str()), (0, "v1;4;;1-2,4"));
+        let mut next = Ledger::new(2, Some(0), Prior::parse(&metadata));
+        let handed: Vec<bool> = (0..6).map(|o| next.receive(o, message(o))).collect();
+        assert_eq!(handed, [true, false, false, true, false, true]);
+        next.hand_out(0);
+        next.ack(0);
+        assert_eq!(next.commit_offset(), Some(3));
+    }
+}

@@ -1,0 +1,480 @@
+//! The Kafka backend (`kafka://`), through librdkafka (bundled, built from
+//! source): consumer groups, at-least-once delivery, offsets committed only
+//! past settled messages.
+//!
+//! # URL: `kafka://HOST:PORT[,HOST:PORT…][?params]`
+//!
+//! | parameter | default | meaning |
+//! |---|---|---|
+//! | `partitions` | 3 | partitions of a topic Sluice creates |
+//! | `replication` | 1 | replication factor of a topic Sluice creates |
+//! | `timeout_ms` | 30000 | longest wait for the broker: admin requests, a publish's acknowledgement (`message.timeout.ms`), offset look-ups |
+//! | `commit_ms` | 200 | how often settled offsets are committed |
+//! | `heartbeat_ms` | 500 | consumer heartbeat; members notice a rebalance within about one |
+//! | `session_timeout_ms` | the lease, within 6 s–30 min | how long a crashed member keeps its partitions |
+//! | `metadata_refresh_ms` | 1000 | how often metadata is refreshed, so patterns see new topics |
+//! | `buffer` | 1000 | messages a subscription buffers before it pauses fetching |
+//! | `join_timeout_ms` | 15000 | longest `subscribe` waits for the group to assign this member |
+//! | `rdkafka.NAME` | | any librdkafka property (e.g. `rdkafka.security.protocol=SASL_SSL`), applied last to producer, consumers and admin client; values percent-decoded |
+//!
+//! # Semantics
+//!
+//! | | |
+//! |---|---|
+//! | publish | idempotent producer, `acks=all`; returns once the broker acknowledged every message; key → record key (murmur2 partitioner, as Java clients); keyless messages in runs of 16 per partition, rotating (see [`spread`]); id and headers → record headers (see [`wire`]) |
+//! | topics | created on first publish or subscribe (`partitions`, `replication`); a topic must be a valid Kafka name |
+//! | groups | a Kafka consumer group per [`SubscribeOptions::group_key`]; members split partitions, every group gets every message |
+//! | start | `earliest` → the beginning; `latest` → the end when the group first gets the partition (the high watermark of a fetch response: tansu's ListOffsets answers inside the last batch), committed at once so the group's start stays put |
+//! | subscribe | returns once the member holds its partitions, knows where each starts, and the group's other members in this process hold their new ones (at most `join_timeout_ms`, then 5 s) |
+//! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass |
+//! | commits | the lowest unsettled offset per partition, every `commit_ms`, on revocation and on close; never past an unfinished message |
+//! | patterns | `*` and `>` become anchored regular expressions in the subscription (`^orders\.[^.]+$`); new topics are found within `metadata_refresh_ms` |
+//! | persistence, history | the broker's; a new `earliest` group reads what the topics still hold |
+//!
+//! ## nack with a delay
+//!
+//! Kafka has no per-message delay, and a partition is one queue. The member
+//! keeps a nacked message in memory and hands it out again once the delay
+//! is over, while later offsets keep flowing; the commit stays at the
+//! unfinished offset. Chosen over republishing the message with an attempt
+//! header because that reorders the partition for good, duplicates the
+//! message in the log (a crash between republish and commit delivers both
+//! copies), and needs a retry topic per group to keep other groups from
+//! seeing the copy. The price: a crash (or a rebalance) loses the delay, and
+//! the message comes back at once to the partition's next owner, and a
+//! message nacked over and over holds the commit back, so after a crash its
+//! later, settled neighbours are delivered again too.
+//!
+//! ## Attempts
+//!
+//! Kafka does not count deliveries. A member counts them, and each commit
+//! carries them in its metadata (`v1;THROUGH;OFFSET:ATTEMPTS,…`, see
+//! [`ledger::Prior`]): every offset up to THROUGH was handed out at least
+//! once, the listed ones more often. The next owner of the partition counts
+//! on from there, so attempts grow across rebalances, restarts and crashes
+//! (up to the last commit, at most `commit_ms` old).
+//!
+//! ## Rebalances, the lease and closing
+//!
+//! Eager rebalancing: on revocation the member commits, then forgets the
+//! partitions; acks and nacks of their deliveries become no-ops and the next
+//! owner delivers what was unfinished. A member whose application has not
+//! fetched for the subscription's lease while messages wait for it (buffered
+//! or out) is taken for dead, as Kafka's `max.poll.interval.ms` would: it
+//! leaves the group so others take its partitions, and joins again on its
+//! next fetch. A crashed process keeps its partitions for the session
+//! timeout, by default the lease. `close` leaves the group (committing
+//! first) and waits for that at most `min(timeout_ms, 10 s)`; members of a
+//! group in one process leave one at a time, each once the others have
+//! their new assignments (see [`membership`]: tansu strands a group whose
+//! leader leaves mid-rebalance).
+//!
+//! Each subscription's consumer runs on a thread of its own (see
+//! [`consumer`]): destroying an rdkafka consumer connected to tansu was seen
+//! to hang for ever in `rd_kafka_destroy`, so consumers, producers and admin
+//! clients are dropped on detached threads that are waited for a few
+//! seconds at most. An ephemeral group commits nothing and is deleted when
+//! its subscription closes.
+//!
+//! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
+
+mod admin;
+mod config;
+mod consumer;
+mod ledger;
+mod membership;
+mod names;
+mod notes;
+mod spread;
+mod state;
+mod subscription;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
+use crate::message::Message;
+
+pub use config::KafkaConfig;
+
+use admin::Admin;
+use consumer::{Behaviour, Context as ConsumerContext};
+use state::Shared;
+use subscription::{GroupNames, KafkaSubscription};
+
+/// A handle on a Kafka cluster: one producer and one admin client; each
+/// subscription adds a consumer.
+pub struct KafkaBackend {
+    config: KafkaConfig,
+    producer: Arc<Detached<FutureProducer<LogContext>>>,
+    admin: Arc<Admin>,
+    spread: spread::Spread,
+}
+
+impl KafkaBackend {
+    /// Connects to the cluster a `kafka://` URL names; fails if no broker
+    /// answers within `timeout_ms`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = KafkaConfig::parse(url)?;
+        let mut producer_config = client_config(&config);
+        producer_config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", config.timeout.as_millis().to_string());
+        apply_properties(&mut producer_config, &config);
+        let producer: FutureProducer<LogContext> = producer_config
+            .create_with_context(LogContext)
+            .with_context(|| format!("cannot create a Kafka producer for `{}`", config.shown))?;
+        let producer = Arc::new(Detached::new(producer));
+        let admin = Arc::new(Admin::new(&config)?);
+        // librdkafka connects lazily: ask for metadata so a wrong address
+        // fails here rather than at the first publish.
+        let probe = producer.clone();
+        let timeout = config.timeout;
+        tokio::task::spawn_blocking(move || probe.get().client().fetch_metadata(None, timeout))
+            .await?
+            .with_context(|| format!("no Kafka broker answered at `{}`", config.shown))?;
+        Ok(KafkaBackend {
+            config,
+            producer,
+            admin,
+            spread: spread::Spread::default(),
+        })
+    }
+
+    /// Partitions for the keyless messages among `messages`, by index.
+    async fn keyless_partitions(&self, messages: &[Message]) -> Result<Vec<Option<i32>>> {
+        let mut by_topic: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (index, message) in messages.iter().enumerate() {
+            if message.key.is_none() {
+                by_topic.entry(&message.topic).or_default().push(index);
+            }
+        }
+        let mut partitions = vec![None; messages.len()];
+        for (topic, indices) in by_topic {
+            if self.spread.partitions(topic).is_none() {
+                let count = self.partition_count(topic).await?;
+                self.spread.learn(topic, count);
+            }
+            let plan = self.spread.plan(topic, indices.len());
+            for (index, partition) in indices.into_iter().zip(plan) {
+                partitions[index] = Some(partition);
+            }
+        }
+        Ok(partitions)
+    }
+
+    /// Whether any topic in the cluster matches one of `patterns`.
+    async fn any_topic_matches(&self, patterns: &[String]) -> bool {
+        let producer = self.producer.clone();
+        let timeout = self.config.timeout;
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer.get().client().fetch_metadata(None, timeout)
+        })
+        .await;
+        match metadata {
+            Ok(Ok(metadata)) => metadata
+                .topics()
+                .iter()
+                .any(|t| patterns.iter().any(|p| pattern::matches(p, t.name()))),
+            // Unknown: wait as for any subscription.
+            _ => true,
+        }
+    }
+
+    /// How many partitions `topic` has, from the cluster's metadata.
+    async fn partition_count(&self, topic: &str) -> Result<i32> {
+        let producer = self.producer.clone();
+        let timeout = self.config.timeout;
+        let name = topic.to_string();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer.get().client().fetch_metadata(Some(&name), timeout)
+        })
+        .await?
+        .with_context(|| format!("cannot read the metadata of Kafka topic `{topic}`"))?;
+        let count = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len());
+        if count == 0 {
+            bail!("Kafka topic `{topic}` has no partitions");
+        }
+        Ok(i32::try_from(count).unwrap_or(i32::MAX))
+    }
+
+    fn consumer_config(&self, behaviour: &Behaviour, lease: Duration) -> ClientConfig {
+        let session = self.config.session_timeout(lease);
+        let heartbeat = self.config.heartbeat.min(session / 3);
+        let mut config = client_config(&self.config);
+        config
+            .set("group.id", &behaviour.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("allow.auto.create.topics", "false")
+            .set(
+                "auto.offset.reset",
+                match behaviour.start {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            )
+            .set("session.timeout.ms", session.as_millis().to_string())
+            .set(
+                "heartbeat.interval.ms",
+                heartbeat.as_millis().max(1).to_string(),
+            )
+            .set(
+                "max.poll.interval.ms",
+                session
+                    .max(Duration::from_secs(300))
+                    .as_millis()
+                    .to_string(),
+            )
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                self.config.metadata_refresh.as_millis().to_string(),
+            )
+            .set("fetch.wait.max.ms", "100");
+        apply_properties(&mut config, &self.config);
+        config
+    }
+}
+
+#[async_trait]
+impl Backend for KafkaBackend {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            persistent: true,
+            history: true,
+            consumer_groups: true,
+            ordered_per_key: true,
+            // In the member's memory (see the module documentation).
+            native_delay: false,
+            lease: true,
+            wildcards: true,
+            at_least_once: true,
+        }
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let topics: BTreeSet<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+        for topic in &topics {
+            names::check_topic(topic)?;
+        }
+        self.admin
+            .ensure_topics(&topics.into_iter().collect::<Vec<_>>())
+            .await?;
+        let keyless = self.keyless_partitions(&messages).await?;
+        let producer = self.producer.get();
+        let mut acknowledgements = Vec::with_capacity(messages.len());
+        for (message, partition) in messages.iter().zip(keyless) {
+            let mut record = FutureRecord::<str, [u8]>::to(&message.topic)
+                .payload(message.payload.as_slice())
+                .headers(wire::headers(message))
+                .timestamp(i64::try_from(message.timestamp_ms).unwrap_or(i64::MAX));
+            if let Some(key) = &message.key {
+                record = record.key(key.as_str());
+            }
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(acknowledgement) => {
+                        acknowledgements.push(acknowledgement);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot publish to Kafka topic `{}`", message.topic)
+                        });
+                    }
+                }
+            }
+        }
+        for (acknowledgement, message) in acknowledgements.into_iter().zip(&messages) {
+            match acknowledgement.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(e).with_context(|| {
+                        format!("Kafka did not accept a message for `{}`", message.topic)
+                    });
+                }
+                Err(_) => bail!("the Kafka producer went away while publishing"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        if options.topics.is_empty() {
+            bail!("a subscription needs at least one topic");
+        }
+        for topic in &options.topics {
+            names::check_pattern(topic)?;
+        }
+        let exact: Vec<&str> = options
+            .topics
+            .iter()
+            .filter(|t| !pattern::is_pattern(t))
+            .map(String::as_str)
+            .collect();
+        self.admin.ensure_topics(&exact).await?;
+        let behaviour = Behaviour {
+            group_id: names::group_id(&options.group_key()),
+            subscription: options
+                .topics
+                .iter()
+                .map(|t| names::subscription(t))
+                .collect(),
+            start: options.start,
+            ephemeral: options.ephemeral,
+            lease: options.lease,
+            commit_interval: self.config.commit_interval,
+            buffer: self.config.buffer,
+            timeout: self.config.timeout,
+        };
+        let member_key = membership::key(&self.config.bootstrap, &behaviour.group_id);
+        // Before joining: each of them is assigned again once this one is in.
+        // (Subscription ids start at 1: none is left out.)
+        let others = membership::others(&member_key, 0);
+        let shared = Arc::new(Shared::default());
+        shared.lock().last_fetch = Some(std::time::Instant::now());
+        let consumer: BaseConsumer<ConsumerContext> = self
+            .consumer_config(&behaviour, options.lease)
+            .create_with_context(ConsumerContext::new(shared.clone(), behaviour.clone()))
+            .with_context(|| {
+                format!("cannot create a Kafka consumer for `{}`", self.config.shown)
+            })?;
+        let topics: Vec<&str> = behaviour.subscription.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .with_context(|| format!("cannot subscribe to {:?}", options.topics))?;
+        let (commands, received) = std::sync::mpsc::channel();
+        let thread_shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sluice-kafka-consumer".into())
+            .spawn(move || consumer::run(consumer, thread_shared, received));
+        spawned.context("cannot start a Kafka consumer thread")?;
+        let names = GroupNames {
+            group: options.group.clone(),
+            group_id: behaviour.group_id.clone(),
+            member_key,
+        };
+        let subscription = KafkaSubscription::new(
+            names,
+            options.ephemeral,
+            shared,
+            commands,
+            self.admin.clone(),
+            self.config.timeout.min(Duration::from_secs(10)) + Duration::from_secs(1),
+        );
+        // librdkafka joins the group only once a pattern matches a topic.
+        let will_join = !exact.is_empty() || self.any_topic_matches(&options.topics).await;
+        if will_join {
+            if subscription.joined(self.config.join_timeout).await {
+                membership::settled(others, subscription::SETTLE_WAIT).await;
+            } else {
+                tracing::warn!(
+                    group = %behaviour.group_id,
+                    "Kafka: no partitions assigned within {:?}; consuming once the group assigns them",
+                    self.config.join_timeout
+                );
+            }
+        }
+        Ok(Box::new(subscription))
+    }
+}
+
+/// The settings every client shares.
+fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("client.id", "sluice")
+        .set_log_level(RDKafkaLogLevel::Info);
+    client
+}
+
+fn apply_properties(client: &mut ClientConfig, config: &KafkaConfig) {
+    for (name, value) in &config.properties {
+        client.set(name, value);
+    }
+}
+
+/// librdkafka's log, into `tracing`.
+pub(crate) fn log_to_tracing(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(facility, "librdkafka: {message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(facility, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(facility, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(facility, "librdkafka: {message}"),
+    }
+}
+
+/// The context of the producer and the admin client: logs into `tracing`.
+pub struct LogContext;
+
+impl rdkafka::ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_to_tracing(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!("Kafka: {error}: {reason}");
+    }
+}
+
+/// A librdkafka client dropped on a thread of its own: destroying one can
+/// block (flushing, or hanging on a broker that does not answer), and that
+/// must not stall the async runtime or the process.
+pub struct Detached<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Detached<T> {
+    pub fn new(client: T) -> Self {
+        Detached(Some(client))
+    }
+
+    pub fn get(&self) -> &T {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("sluice-kafka-drop".into())
+                .spawn(move || drop(client));
+        }
+    }
+}

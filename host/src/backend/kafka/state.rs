@@ -1,0 +1,205 @@
+//! What a subscription's consumer thread and its async side share: the
+//! ledgers of the partitions the member holds, the queue of messages ready
+//! to hand out, nacked messages waiting out their delay, and the signals
+//! between the two sides.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use super::ledger::{Ledger, Ledgers, Prior};
+use crate::backend::{Delivery, Receipt};
+use crate::message::Message;
+
+/// One offset of one assignment of a partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// The assignment it belongs to: a ticket of an earlier one is stale.
+    pub epoch: u64,
+}
+
+/// The receipt of a Kafka delivery.
+#[derive(Debug)]
+pub struct KafkaReceipt {
+    /// The subscription that handed it out.
+    pub subscription: u64,
+    pub ticket: Ticket,
+    pub attempt: u32,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub ledgers: Ledgers,
+    /// In the order to hand out: per partition in offset order, redeliveries
+    /// first.
+    pub ready: VecDeque<Ticket>,
+    /// Nacked messages by the time they are due.
+    pub delayed: BinaryHeap<Reverse<(Instant, Ticket)>>,
+    next_epoch: u64,
+    /// Assignments received so far (a member that joins waits for one).
+    pub assignments: u64,
+    /// The last time the application fetched, and fetches in progress: a
+    /// member that holds messages and has not fetched for a lease is taken
+    /// for dead and leaves the group.
+    pub last_fetch: Option<Instant>,
+    pub fetching: usize,
+    /// `close` was called: fetches fail.
+    pub closed: bool,
+    /// Partitions of a `latest` group whose end is still being found out
+    /// (see [`Resolving`]); their records are not filed until then.
+    pub resolving: Vec<Resolving>,
+    /// The member left the group because the application stopped fetching;
+    /// the next fetch makes it join again.
+    pub parked: bool,
+}
+
+impl State {
+    pub fn new_epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    /// The ledger of a ticket's partition, if it still holds the ticket's
+    /// assignment.
+    pub fn ledger(&mut self, ticket: &Ticket) -> Option<&mut Ledger> {
+        self.ledger_at(&ticket.topic, ticket.partition, ticket.epoch)
+    }
+
+    pub fn ledger_at(&mut self, topic: &str, partition: i32, epoch: u64) -> Option<&mut Ledger> {
+        self.ledgers
+            .get_mut(topic)?
+            .get_mut(&partition)
+            .filter(|ledger| ledger.epoch == epoch)
+    }
+
+    /// Files a received record in its partition's ledger and queues it;
+    /// false if the partition is not held (any more) or the record was
+    /// filed before.
+    pub fn file(&mut self, topic: &str, partition: i32, offset: i64, message: Message) -> bool {
+        let Some((topic, partitions)) = self.ledgers.get_key_value(topic) else {
+            return false;
+        };
+        let topic = topic.clone();
+        let Some(ledger) = partitions.get(&partition) else {
+            return false;
+        };
+        let epoch = ledger.epoch;
+        let ledger = self
+            .ledger_at(&topic, partition, epoch)
+            .expect("found above");
+        if !ledger.receive(offset, message) {
+            return false;
+        }
+        self.ready.push_back(Ticket {
+            topic,
+            partition,
+            offset,
+            epoch,
+        });
+        true
+    }
+
+    /// Forgets every partition: their deliveries' settlements become no-ops.
+    pub fn forget_partitions(&mut self) {
+        self.ledgers.clear();
+        self.resolving.clear();
+        self.ready.clear();
+        self.delayed.clear();
+    }
+
+    /// Whether the member holds anything the application has not finished.
+    pub fn holds_work(&self) -> bool {
+        !self.delayed.is_empty()
+            || self
+                .ledgers
+                .values()
+                .flat_map(|partitions| partitions.values())
+                .any(Ledger::holds_work)
+    }
+
+    /// Moves nacked messages whose delay is over to the front of the line;
+    /// returns when the next one is due.
+    pub fn release_due(&mut self, now: Instant) -> Option<Instant> {
+        let mut due = Vec::new();
+        while let Some(Reverse((at, _))) = self.delayed.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, ticket)) = self.delayed.pop().expect("peeked");
+            due.push(ticket);
+        }
+        // Oldest offsets end up first.
+        due.sort();
+        for ticket in due.into_iter().rev() {
+            self.ready.push_front(ticket);
+        }
+        self.delayed.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Up to `max` deliveries from the front of the line.
+    pub fn hand_out(&mut self, max: usize, subscription: u64) -> Vec<Delivery> {
+        let mut deliveries = Vec::new();
+        while deliveries.len() < max {
+            let Some(ticket) = self.ready.pop_front() else {
+                break;
+            };
+            let Some((message, attempt)) =
+                self.ledger(&ticket).and_then(|l| l.hand_out(ticket.offset))
+            else {
+                continue;
+            };
+            deliveries.push(Delivery {
+                message,
+                attempt,
+                receipt: Receipt::new(KafkaReceipt {
+                    subscription,
+                    ticket,
+                    attempt,
+                }),
+            });
+        }
+        deliveries
+    }
+
+    /// Messages received and not handed out yet.
+    pub fn buffered(&self) -> usize {
+        self.ready.len()
+    }
+}
+
+/// A partition a `latest` group gets for the first time, assigned a little
+/// before its end while the consumer learns where the end is from a fetch
+/// response: tansu 0.6.0 answers ListOffsets(latest) with the base offset of
+/// the newest record batch plus one, not the high watermark, so a batch of
+/// ten would otherwise be read again from its second record.
+#[derive(Debug)]
+pub struct Resolving {
+    pub topic: String,
+    pub partition: i32,
+    /// What ListOffsets said: the end is at least here.
+    pub at_least: i64,
+    pub prior: Prior,
+}
+
+/// The state and the signals, shared by both sides.
+#[derive(Default)]
+pub struct Shared {
+    state: Mutex<State>,
+    /// Something was added to the line, a partition was assigned, or the
+    /// subscription closed.
+    pub changed: Notify,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough books:
+        // every change is a single map or queue operation.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

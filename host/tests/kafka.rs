@@ -1,0 +1,214 @@
+//! Kafka-specific behaviour on a private tansu broker: what the
+//! conformance suite cannot see from outside the backend.
+#![cfg(feature = "kafka")]
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use sluice::Message;
+use sluice::backend::{self, SubscribeOptions, Subscription};
+
+/// A tansu broker on a free port, killed when dropped.
+struct Tansu {
+    child: Child,
+    port: u16,
+}
+
+impl Tansu {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let binary = std::env::var_os("SLUICE_TANSU").unwrap_or_else(|| "tansu".into());
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&binary)
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start `tansu` ({e}): install it or set SLUICE_TANSU to its path")
+            });
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while !answers(port) {
+            assert!(Instant::now() < give_up, "tansu did not answer on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tansu { child, port }
+    }
+
+    fn url(&self, query: &str) -> String {
+        format!("kafka://127.0.0.1:{}{query}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn answers(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let request = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 7, 0xff, 0xff];
+    let mut header = [0u8; 8];
+    stream.write_all(&request).is_ok()
+        && stream.read_exact(&mut header).is_ok()
+        && header[4..8] == [0, 0, 0, 7]
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "sluice=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+async fn drain(sub: &dyn Subscription, want: usize) -> Result<Vec<u32>> {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let mut attempts = Vec::new();
+    while attempts.len() < want {
+        ensure!(Instant::now() < give_up, "got {} of {want}", attempts.len());
+        for d in sub.fetch(100, Duration::from_millis(200)).await? {
+            attempts.push(d.attempt);
+            sub.ack(&d).await?;
+        }
+    }
+    Ok(attempts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_survive_a_handover_to_another_member() -> Result<()> {
+    init_tracing();
+    let tansu = Tansu::start();
+    let backend = backend::connect(&tansu.url("?partitions=2&session_timeout_ms=2000")).await?;
+    let started = Instant::now();
+    let first = backend
+        .subscribe(SubscribeOptions::new(vec!["handover".into()], "g"))
+        .await?;
+    tracing::info!("subscribed in {:?}", started.elapsed());
+    let messages: Vec<Message> = (0..6)
+        .map(|i| Message::new("handover", format!("{i}")))
+        .collect();
+    backend.publish(messages).await?;
+    tracing::info!("published at {:?}", started.elapsed());
+    let mut held = Vec::new();
+    while held.len() < 6 {
+        held.extend(first.fetch(6, Duration::from_secs(10)).await?);
+    }
+    tracing::info!("fetched at {:?}", started.elapsed());
+    // Two are nacked once more, one is settled; then the member leaves.
+    for d in &held[..2] {
+        first.nack(d, Duration::ZERO).await?;
+    }
+    let again = first.fetch(2, Duration::from_secs(10)).await?;
+    ensure!(again.iter().all(|d| d.attempt == 2), "second attempts");
+    first.ack(&held[5]).await?;
+    first.close().await?;
+    tracing::info!("closed at {:?}", started.elapsed());
+
+    let second = backend
+        .subscribe(SubscribeOptions::new(vec!["handover".into()], "g"))
+        .await?;
+    let mut attempts = drain(second.as_ref(), 5).await?;
+    attempts.sort();
+    // Settled before the close: never again. Nacked ones: third attempts.
+    ensure!(
+        attempts == [2, 2, 2, 3, 3],
+        "attempts after the handover: {attempts:?}"
+    );
+    let extra = second.fetch(10, Duration::from_millis(500)).await?;
+    ensure!(extra.is_empty(), "a settled message came back");
+    second.close().await.context("close")?;
+    tracing::info!("done at {:?}", started.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_start_is_fixed_when_the_group_is_born() -> Result<()> {
+    init_tracing();
+    let tansu = Tansu::start();
+    let backend = backend::connect(&tansu.url("?session_timeout_ms=2000")).await?;
+    let old: Vec<Message> = (0..10)
+        .map(|i| Message::new("late", format!("{i}")))
+        .collect();
+    backend.publish(old).await?;
+    let mut options = SubscribeOptions::new(vec!["late".into()], "latest");
+    options.start = sluice::backend::StartFrom::Latest;
+    let sub = backend.subscribe(options.clone()).await?;
+    backend.publish(vec![Message::new("late", "new")]).await?;
+    let got = sub.fetch(10, Duration::from_secs(10)).await?;
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+        .collect();
+    ensure!(payloads == ["new"], "a latest group got {payloads:?}");
+    // Unsettled when the member leaves: the next one starts there, not at
+    // the end again.
+    sub.close().await?;
+    backend.publish(vec![Message::new("late", "newer")]).await?;
+    let again = backend.subscribe(options).await?;
+    let mut seen = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2 && Instant::now() < give_up {
+        for d in again.fetch(10, Duration::from_millis(200)).await? {
+            seen.push(String::from_utf8_lossy(&d.message.payload).into_owned());
+            again.ack(&d).await?;
+        }
+    }
+    ensure!(seen == ["new", "newer"], "after a handover: {seen:?}");
+    again.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_members_closing_at_once_hand_everything_back() -> Result<()> {
+    init_tracing();
+    let tansu = Tansu::start();
+    let backend = backend::connect(&tansu.url("?session_timeout_ms=2000")).await?;
+    let started = Instant::now();
+    let mut subs = Vec::new();
+    for _ in 0..6 {
+        subs.push(
+            backend
+                .subscribe(SubscribeOptions::new(vec!["crowd".into()], "g"))
+                .await?,
+        );
+    }
+    tracing::info!("6 members joined in {:?}", started.elapsed());
+    let messages: Vec<Message> = (0..30)
+        .map(|i| Message::new("crowd", format!("{i}")))
+        .collect();
+    backend.publish(messages).await?;
+    for sub in subs.iter().take(3) {
+        let held = sub.fetch(3, Duration::from_millis(500)).await?;
+        tracing::info!("held {}", held.len());
+    }
+    let closes = subs
+        .into_iter()
+        .map(|sub| tokio::spawn(async move { sub.close().await }));
+    for closed in futures::future::join_all(closes).await {
+        closed??;
+    }
+    tracing::info!("closed at {:?}", started.elapsed());
+    let after = backend
+        .subscribe(SubscribeOptions::new(vec!["crowd".into()], "g"))
+        .await?;
+    tracing::info!("joined again at {:?}", started.elapsed());
+    let attempts = drain(after.as_ref(), 30).await?;
+    tracing::info!("drained at {:?}", started.elapsed());
+    ensure!(attempts.len() == 30, "{} deliveries", attempts.len());
+    Ok(())
+}
