@@ -58,8 +58,16 @@ pub fn test(extra: &[String]) -> Result<()> {
     crate::brokers::ensure()?;
     println!("==> testing the host workspace, every backend…");
     let mut host = cargo();
-    host.args(["test", "--workspace", "--features", ALL_BACKENDS])
-        .args(extra);
+    // Every test binary runs even after one fails, so a run shows all that
+    // is wrong at once.
+    host.args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--features",
+        ALL_BACKENDS,
+    ])
+    .args(extra);
     let mut sdk = guest_cargo();
     sdk.args(["test", "-p", "sluice-sdk"]);
     let result = run_all([host, sdk]);
