@@ -6,9 +6,27 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::redact;
+
+/// Undoes `%XX` escapes (URL parameters and credentials, escaped headers).
+pub fn percent_decode(text: &str) -> Result<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).context("truncated %-escape")?;
+            out.push(u8::from_str_radix(hex, 16).context("bad %-escape")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).context("not UTF-8 after %-decoding")
+}
 
 /// A backend URL split into its address and its query parameters.
 pub struct BackendUrl {

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::backend::url::percent_decode;
 use anyhow::{Context, Result, bail};
 
 use crate::backend::redact;
@@ -159,24 +160,6 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(key: &str, value: &str)
 
 fn millis(key: &str, value: &str) -> Result<Duration> {
     Ok(Duration::from_millis(positive(key, value)?))
-}
-
-/// Undoes `%XX` escapes, so a property value may hold `&` or `=`.
-fn percent_decode(text: &str) -> Result<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).context("truncated %-escape")?;
-            out.push(u8::from_str_radix(hex, 16).context("bad %-escape")?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).context("not UTF-8")
 }
 
 #[cfg(test)]

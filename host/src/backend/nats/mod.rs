@@ -32,6 +32,7 @@ mod settings;
 
 use std::time::Duration;
 
+use crate::backend::url::percent_decode;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
@@ -165,24 +166,6 @@ pub(crate) fn parse_bool(scheme: &str, key: &str, value: &str) -> Result<bool> {
         "false" | "0" | "no" => Ok(false),
         _ => bail!("{scheme} URL: {key} must be true or false, not `{value}`"),
     }
-}
-
-/// Undoes `%XX` escapes (URL parameters, escaped headers).
-fn percent_decode(text: &str) -> Result<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).context("truncated %-escape")?;
-            out.push(u8::from_str_radix(hex, 16).context("bad %-escape")?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).context("not UTF-8")
 }
 
 /// A name NATS accepts as a queue group, consumer or stream name, derived

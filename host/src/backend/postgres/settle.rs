@@ -85,7 +85,7 @@ impl Drop for Settler {
 
 /// One transaction for the batch: delete the rows whose claims are still
 /// current, insert the outputs of exactly those, commit.
-async fn commit(shared: &Shared, group_key: &str, batch: Vec<Settlement>) {
+async fn commit(shared: &Shared, group_key: &str, mut batch: Vec<Settlement>) {
     let seqs: Vec<i64> = batch.iter().map(|s| s.seq).collect();
     let attempts: Vec<i32> = batch.iter().map(|s| s.attempt).collect();
     let attempt = async {
@@ -110,11 +110,12 @@ async fn commit(shared: &Shared, group_key: &str, batch: Vec<Settlement>) {
         .fetch_all(&mut *tx)
         .await?;
         let held: HashSet<i64> = held.into_iter().collect();
-        let outputs: Vec<Message> = batch
-            .iter()
-            .filter(|s| held.contains(&s.seq))
-            .flat_map(|s| s.outputs.iter().cloned())
-            .collect();
+        // Moved, not copied: a failed batch is not retried from here (its
+        // inputs come back), so the outputs are not needed again.
+        let mut outputs = Vec::new();
+        for settlement in batch.iter_mut().filter(|s| held.contains(&s.seq)) {
+            outputs.append(&mut settlement.outputs);
+        }
         if !outputs.is_empty() {
             insert_messages(&mut *tx, &shared.channel, &outputs).await?;
         }

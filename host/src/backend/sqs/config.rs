@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::backend::url::percent_decode;
 use anyhow::{Context, Result, bail};
 
 use crate::backend::redact;
@@ -213,24 +214,6 @@ fn parse_bool(shown: &str, name: &str, value: &str) -> Result<bool> {
         "false" | "0" | "no" => Ok(false),
         _ => bail!("backend URL `{shown}`: {name} must be true or false, not `{value}`"),
     }
-}
-
-/// Undoes `%XX` escapes.
-fn percent_decode(text: &str) -> Result<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).context("truncated %-escape")?;
-            out.push(u8::from_str_radix(hex, 16).context("bad %-escape")?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).context("not UTF-8 after %-decoding")
 }
 
 #[cfg(test)]
