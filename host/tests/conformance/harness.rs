@@ -114,7 +114,14 @@ async fn run_once(
     let cases = crate::cases::all()
         .into_iter()
         .chain(crate::host_cases::all());
+    let chosen = std::env::var("SLUICE_CONFORMANCE_CASES").ok();
     for (index, case) in cases.enumerate() {
+        if chosen
+            .as_deref()
+            .is_some_and(|names| !names.split(',').any(|name| name == case.name))
+        {
+            continue;
+        }
         if restart_only != (case.name == RESTART_CASE) {
             if !restart_only {
                 results.push((
@@ -147,6 +154,13 @@ async fn run_once(
 /// Runs every case (N times in parallel in stress mode), prints the table,
 /// writes it for the combined report, and fails if any case failed.
 pub async fn run_suite(target: Arc<dyn Target>) {
+    // The backends' own logs, for a failing case: `RUST_LOG=sluice=debug`.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let rounds: usize = std::env::var("SLUICE_CONFORMANCE_STRESS")
         .ok()
         .and_then(|v| v.parse().ok())

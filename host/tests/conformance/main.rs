@@ -11,7 +11,8 @@
 //! `--nocapture`) and written to `target/tmp/conformance/<backend>.tsv`,
 //! which `cargo xtask test` prints as one table. Set
 //! `SLUICE_CONFORMANCE_STRESS=N` to run the whole suite N times in parallel
-//! per backend.
+//! per backend, and `SLUICE_CONFORMANCE_CASES=a,b` to run only the cases
+//! named.
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -19,7 +19,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message as _};
 
-use super::ledger::{Ledger, Prior};
+use super::ledger::{Ledger, Prior, Received};
 use super::state::{Resolving, Shared};
 use super::{log_to_tracing, notes, wire};
 use crate::backend::StartFrom;
@@ -167,7 +167,8 @@ impl Context {
                 Offset::Offset(offset) => Some(offset),
                 _ => None,
             };
-            ledgers.push((topic.to_string(), partition, known_start, prior));
+            let confirm = committed_offset.is_some();
+            ledgers.push((topic.to_string(), partition, known_start, confirm, prior));
         }
         if let Err(e) = consumer.assign(&assignment) {
             tracing::warn!(group = %behaviour.group_id, "Kafka: assigning partitions failed: {e}");
@@ -175,13 +176,17 @@ impl Context {
         }
         let mut state = self.shared.lock();
         state.forget_partitions();
-        for (topic, partition, start, prior) in ledgers {
+        for (topic, partition, start, confirm, prior) in ledgers {
             let epoch = state.new_epoch();
+            let ledger = match (start, confirm) {
+                (Some(start), true) => Ledger::confirming(epoch, start, prior),
+                _ => Ledger::new(epoch, start, prior),
+            };
             state
                 .ledgers
                 .entry(Arc::from(topic))
                 .or_default()
-                .insert(partition, Ledger::new(epoch, start, prior));
+                .insert(partition, ledger);
         }
         state.resolving = resolving;
         state.assignments += 1;
@@ -260,7 +265,7 @@ fn resolve_ends(consumer: &BaseConsumer<Context>, shared: &Shared, behaviour: &B
     };
     let mut resolved = Vec::new();
     for (topic, partition, at_least) in pending {
-        let Some(high) = cached_high_watermark(consumer, &topic, partition) else {
+        let Some((_, high)) = watermarks(consumer, &topic, partition) else {
             continue;
         };
         // Below it: left over from an earlier assignment, not this fetch.
@@ -301,13 +306,10 @@ fn resolve_ends(consumer: &BaseConsumer<Context>, shared: &Shared, behaviour: &B
     shared.changed.notify_waiters();
 }
 
-/// The high watermark of the partition's last fetch response, if there was
-/// one; rdkafka wraps only the ListOffsets query, which tansu gets wrong.
-fn cached_high_watermark(
-    consumer: &BaseConsumer<Context>,
-    topic: &str,
-    partition: i32,
-) -> Option<i64> {
+/// The log start and high watermark of the partition's last fetch
+/// response, if there was one; rdkafka wraps only the ListOffsets query,
+/// which tansu gets wrong.
+fn watermarks(consumer: &BaseConsumer<Context>, topic: &str, partition: i32) -> Option<(i64, i64)> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1_i64, -1_i64);
     // SAFETY: the client handle is valid while `consumer` lives, `topic` is
@@ -322,7 +324,48 @@ fn cached_high_watermark(
             &mut high,
         )
     };
-    (error == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+    (error == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
+}
+
+/// Moves a partition's fetching to `from`, to reach a start it skipped.
+fn fetch_from(
+    consumer: &BaseConsumer<Context>,
+    behaviour: &Behaviour,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) {
+    tracing::debug!(group = %behaviour.group_id, "Kafka: {topic}/{partition} skipped its start; fetching from {from}");
+    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(from), behaviour.timeout) {
+        tracing::warn!("Kafka: seeking {topic}/{partition} to {from} failed: {e}");
+    }
+}
+
+/// Confirms the starts of partitions that stay silent although the broker
+/// reports records past them: see [`super::landing`].
+fn confirm_silent_starts(consumer: &BaseConsumer<Context>, shared: &Shared, behaviour: &Behaviour) {
+    let mut moves = Vec::new();
+    {
+        let mut state = shared.lock();
+        for (topic, partitions) in state.ledgers.iter_mut() {
+            for (partition, ledger) in partitions.iter_mut() {
+                let Some(landing) = &mut ledger.landing else {
+                    continue;
+                };
+                let Some((low, high)) = watermarks(consumer, topic, *partition) else {
+                    continue;
+                };
+                if landing.at_end(high) {
+                    ledger.landing = None;
+                } else if let Some(from) = landing.silent(low, high) {
+                    moves.push((topic.clone(), *partition, from));
+                }
+            }
+        }
+    }
+    for (topic, partition, from) in moves {
+        fetch_from(consumer, behaviour, &topic, partition, from);
+    }
 }
 
 /// Runs the member until it is closed (or its subscription dropped).
@@ -393,13 +436,19 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         for _ in 0..FILE_AT_ONCE {
             match consumer.poll(wait) {
                 Some(Ok(record)) => {
+                    let (topic, partition) = (record.topic(), record.partition());
                     let message = wire::decode(&record);
-                    filed |= shared.lock().file(
-                        record.topic(),
-                        record.partition(),
-                        record.offset(),
-                        message,
-                    );
+                    let log_start = || watermarks(&consumer, topic, partition).map_or(0, |w| w.0);
+                    match shared
+                        .lock()
+                        .file(topic, partition, record.offset(), message, log_start)
+                    {
+                        Received::Filed => filed = true,
+                        Received::Ignored => {}
+                        Received::FetchFrom(from) => {
+                            fetch_from(&consumer, &behaviour, topic, partition, from)
+                        }
+                    }
                     wait = Duration::ZERO;
                 }
                 Some(Err(e)) => {
@@ -412,6 +461,9 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         }
         if filed {
             shared.changed.notify_waiters();
+        }
+        if !paused {
+            confirm_silent_starts(&consumer, &shared, &behaviour);
         }
         resolve_ends(&consumer, &shared, &behaviour);
         if last_commit.elapsed() >= behaviour.commit_interval {

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::landing::{Arrival, Landing};
 use crate::message::Message;
 
 /// Attempts and settled ranges listed in commit metadata, at most each;
@@ -151,6 +152,21 @@ pub struct Ledger {
     prior: Prior,
     /// The last commit sent: offset and metadata.
     committed: Option<(i64, String)>,
+    /// A committed start not yet confirmed by what arrived (see
+    /// [`super::landing`]).
+    pub landing: Option<Landing>,
+}
+
+/// What became of a received record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Filed, to be handed out.
+    Filed,
+    /// Not to be handed out: received before, settled under an earlier
+    /// owner, or before the start.
+    Ignored,
+    /// It shows fetching skipped the start: fetch from this offset instead.
+    FetchFrom(i64),
 }
 
 impl Ledger {
@@ -163,15 +179,37 @@ impl Ledger {
             delivered_through: None,
             prior,
             committed: None,
+            landing: None,
         }
     }
 
-    /// Records a received message; false if it is not to be handed out:
-    /// received already (the consumer re-fetched it), or settled under an
-    /// earlier owner.
-    pub fn receive(&mut self, offset: i64, message: Message) -> bool {
+    /// A ledger whose start, a committed offset, is confirmed before any
+    /// record past it is taken (see [`super::landing`]).
+    pub fn confirming(epoch: u64, start: i64, prior: Prior) -> Self {
+        Ledger {
+            landing: Some(Landing::new(start)),
+            ..Ledger::new(epoch, Some(start), prior)
+        }
+    }
+
+    /// Records a received message, unless it is not to be handed out:
+    /// received already (the consumer re-fetched it), settled under an
+    /// earlier owner, or past an unconfirmed start; `log_start` tells where
+    /// the partition's log begins, asked only in that last case.
+    pub fn receive(
+        &mut self,
+        offset: i64,
+        message: Message,
+        log_start: impl FnOnce() -> i64,
+    ) -> Received {
+        if let Some(landing) = &mut self.landing {
+            match landing.arrived(offset, log_start()) {
+                Arrival::FetchFrom(from) => return Received::FetchFrom(from),
+                Arrival::Landed | Arrival::Gap => self.landing = None,
+            }
+        }
         if self.next_offset.is_some_and(|next| offset < next) {
-            return false;
+            return Received::Ignored;
         }
         self.next_offset = Some(offset + 1);
         let settled = self.prior.is_settled(offset);
@@ -185,8 +223,9 @@ impl Ledger {
         );
         if settled {
             self.ack(offset);
+            return Received::Ignored;
         }
-        !settled
+        Received::Filed
     }
 
     /// Hands out a buffered or nacked message: the message and its attempt
@@ -304,9 +343,16 @@ mod tests {
     fn commits_only_up_to_the_first_unfinished_offset() {
         let mut ledger = Ledger::new(1, None, Prior::default());
         for offset in 10..15 {
-            assert!(ledger.receive(offset, message(offset)));
+            assert_eq!(
+                ledger.receive(offset, message(offset), || 0),
+                Received::Filed
+            );
         }
-        assert!(!ledger.receive(12, message(12)), "a re-fetch is ignored");
+        assert_eq!(
+            ledger.receive(12, message(12), || 0),
+            Received::Ignored,
+            "a re-fetch is ignored"
+        );
         for offset in 10..15 {
             assert_eq!(ledger.hand_out(offset).unwrap().1, 1);
         }
@@ -329,7 +375,7 @@ mod tests {
     fn attempts_survive_a_handover_through_commit_metadata() {
         let mut first = Ledger::new(1, Some(0), Prior::default());
         for offset in 0..4 {
-            first.receive(offset, message(offset));
+            first.receive(offset, message(offset), || 0);
             first.hand_out(offset);
         }
         first.nack(2, 1);
@@ -343,7 +389,7 @@ mod tests {
         let mut next = Ledger::new(2, Some(offset), Prior::parse(&metadata));
         let attempts: Vec<u32> = (1..5)
             .map(|o| {
-                next.receive(o, message(o));
+                next.receive(o, message(o), || 0);
                 next.hand_out(o).unwrap().1
             })
             .collect();
@@ -361,8 +407,8 @@ mod tests {
             ledger.due_commit().unwrap(),
             (5, "v1;9;7:3;8-9".to_string())
         );
-        ledger.receive(5, message(5));
-        ledger.receive(6, message(6));
+        ledger.receive(5, message(5), || 0);
+        ledger.receive(6, message(6), || 0);
         ledger.hand_out(6);
         ledger.ack(6);
         assert_eq!(
@@ -375,7 +421,7 @@ mod tests {
     fn offsets_settled_under_an_earlier_owner_are_skipped() {
         let mut first = Ledger::new(1, Some(0), Prior::default());
         for offset in 0..5 {
-            first.receive(offset, message(offset));
+            first.receive(offset, message(offset), || 0);
             first.hand_out(offset);
         }
         for offset in [1, 2, 4] {
@@ -384,10 +430,32 @@ mod tests {
         let (offset, metadata) = first.due_commit().unwrap();
         assert_eq!((offset, metadata.as_str()), (0, "v1;4;;1-2,4"));
         let mut next = Ledger::new(2, Some(0), Prior::parse(&metadata));
-        let handed: Vec<bool> = (0..6).map(|o| next.receive(o, message(o))).collect();
+        let handed: Vec<bool> = (0..6)
+            .map(|o| next.receive(o, message(o), || 0) == Received::Filed)
+            .collect();
         assert_eq!(handed, [true, false, false, true, false, true]);
         next.hand_out(0);
         next.ack(0);
         assert_eq!(next.commit_offset(), Some(3));
+    }
+
+    #[test]
+    fn a_committed_start_is_confirmed_before_later_records_are_taken() {
+        let mut ledger = Ledger::confirming(1, 5, Prior::default());
+        assert_eq!(
+            ledger.receive(16, message(16), || 0),
+            Received::FetchFrom(0),
+            "the batch holding 5 was skipped"
+        );
+        assert_eq!(ledger.commit_offset(), Some(5));
+        for offset in 0..5 {
+            assert_eq!(
+                ledger.receive(offset, message(offset), || 0),
+                Received::Ignored
+            );
+        }
+        assert!(ledger.landing.is_none());
+        assert_eq!(ledger.receive(5, message(5), || 0), Received::Filed);
+        assert_eq!(ledger.receive(16, message(16), || 0), Received::Filed);
     }
 }

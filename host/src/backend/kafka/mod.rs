@@ -81,6 +81,7 @@
 mod admin;
 mod config;
 mod consumer;
+mod landing;
 mod ledger;
 mod membership;
 mod names;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::ledger::{Ledger, Ledgers, Prior};
+use super::ledger::{Ledger, Ledgers, Prior, Received};
 use crate::backend::{Delivery, Receipt};
 use crate::message::Message;
 
@@ -78,31 +78,38 @@ impl State {
             .filter(|ledger| ledger.epoch == epoch)
     }
 
-    /// Files a received record in its partition's ledger and queues it;
-    /// false if the partition is not held (any more) or the record was
-    /// filed before.
-    pub fn file(&mut self, topic: &str, partition: i32, offset: i64, message: Message) -> bool {
+    /// Files a received record in its partition's ledger and queues it, if
+    /// the partition is held (still) and the record is to be handed out;
+    /// `log_start` as for [`Ledger::receive`].
+    pub fn file(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        message: Message,
+        log_start: impl FnOnce() -> i64,
+    ) -> Received {
         let Some((topic, partitions)) = self.ledgers.get_key_value(topic) else {
-            return false;
+            return Received::Ignored;
         };
         let topic = topic.clone();
         let Some(ledger) = partitions.get(&partition) else {
-            return false;
+            return Received::Ignored;
         };
         let epoch = ledger.epoch;
         let ledger = self
             .ledger_at(&topic, partition, epoch)
             .expect("found above");
-        if !ledger.receive(offset, message) {
-            return false;
+        let received = ledger.receive(offset, message, log_start);
+        if received == Received::Filed {
+            self.ready.push_back(Ticket {
+                topic,
+                partition,
+                offset,
+                epoch,
+            });
         }
-        self.ready.push_back(Ticket {
-            topic,
-            partition,
-            offset,
-            epoch,
-        });
-        true
+        received
     }
 
     /// Forgets every partition: their deliveries' settlements become no-ops.

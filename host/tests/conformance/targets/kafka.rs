@@ -31,7 +31,16 @@ impl Kafka {
     fn spawn(port: u16, _: &Path) -> Child {
         let listener = format!("tcp://127.0.0.1:{port}");
         let binary = tansu_binary();
-        quiet(Command::new(&binary).args([
+        let mut command = Command::new(&binary);
+        quiet(&mut command);
+        // The broker's own log, when a case needs explaining.
+        if let Some(path) = std::env::var_os("SLUICE_TANSU_LOG")
+            && let Ok(file) = std::fs::File::create(path)
+            && let Ok(copy) = file.try_clone()
+        {
+            command.stdout(copy).stderr(file);
+        }
+        command.args([
             "broker",
             "--listener-url",
             &listener,
@@ -39,7 +48,7 @@ impl Kafka {
             &listener,
             "--storage-engine",
             "memory://tansu/",
-        ]))
+        ])
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
@@ -86,6 +95,10 @@ impl Target for Kafka {
         // which librdkafka does not send while it joins and syncs, so with
         // 2 s members were expelled mid-rebalance and groups of two or more
         // kept rebalancing.
-        backend::connect(&self.server.url("kafka", "")).await
+        // Extra URL parameters for a run, e.g. `rdkafka.debug=cgrp`.
+        let extra = std::env::var("SLUICE_KAFKA_PARAMS")
+            .map(|params| format!("?{params}"))
+            .unwrap_or_default();
+        backend::connect(&self.server.url("kafka", &extra)).await
     }
 }
