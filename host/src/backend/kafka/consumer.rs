@@ -43,7 +43,6 @@ pub struct Behaviour {
     pub start: StartFrom,
     /// An ephemeral group commits nothing, so it leaves no offsets behind.
     pub ephemeral: bool,
-    pub lease: Duration,
     pub commit_interval: Duration,
     pub buffer: usize,
     /// Bound on the broker calls made during a rebalance.
@@ -381,32 +380,42 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
             Err(TryRecvError::Disconnected) => break None,
             Err(TryRecvError::Empty) => {}
         }
-        let (leave, rejoin, full) = {
+        let (leave, rejoin, full, released) = {
             let mut state = shared.lock();
             // A new assignment starts unpaused.
             if state.assignments != assignments_seen {
                 assignments_seen = state.assignments;
                 paused = false;
             }
-            let idle = state.fetching == 0
-                && state
-                    .last_fetch
-                    .is_some_and(|at| at.elapsed() >= behaviour.lease);
-            let leave = !state.parked && idle && state.holds_work();
-            let rejoin = state.parked && !idle;
+            let idle = state.idle_subscribers();
+            let released: usize = idle.iter().map(|id| state.release(*id)).sum();
+            let all_idle = idle.len() == state.subscribers.len();
+            let leave = !state.parked && all_idle && state.holds_work();
+            let rejoin = state.parked && !all_idle;
             if leave {
                 state.parked = true;
             }
             if rejoin {
                 state.parked = false;
             }
-            (leave, rejoin, state.buffered() >= behaviour.buffer)
+            (
+                leave,
+                rejoin,
+                state.buffered() >= behaviour.buffer,
+                released,
+            )
         };
+        if released > 0 {
+            tracing::warn!(
+                group = %behaviour.group_id,
+                "Kafka: {released} message(s) held by a subscription that has not fetched for its lease go back in line"
+            );
+            shared.changed.notify_waiters();
+        }
         if leave {
             tracing::warn!(
                 group = %behaviour.group_id,
-                "Kafka: nothing fetched for the lease ({:?}) while messages wait; leaving the group so other members take them",
-                behaviour.lease
+                "Kafka: no subscription fetched for its lease while messages wait; leaving the group so other members take them"
             );
             consumer.unsubscribe();
         }

@@ -38,6 +38,8 @@ struct Entry {
     /// Deliveries so far, by this member and before it.
     attempts: u32,
     stage: Stage,
+    /// The subscription it was last handed to.
+    holder: u64,
 }
 
 /// What an earlier owner of the partition left in its last commit's
@@ -219,6 +221,7 @@ impl Ledger {
                 message: Some(message),
                 attempts: self.prior.attempts(offset),
                 stage: Stage::Buffered,
+                holder: 0,
             },
         );
         if settled {
@@ -228,15 +231,16 @@ impl Ledger {
         Received::Filed
     }
 
-    /// Hands out a buffered or nacked message: the message and its attempt
-    /// number (1 on first delivery).
-    pub fn hand_out(&mut self, offset: i64) -> Option<(Message, u32)> {
+    /// Hands out a buffered or nacked message to the subscription `holder`:
+    /// the message and its attempt number (1 on first delivery).
+    pub fn hand_out(&mut self, offset: i64, holder: u64) -> Option<(Message, u32)> {
         let entry = self.entries.get_mut(&offset)?;
         if !matches!(entry.stage, Stage::Buffered | Stage::Waiting) {
             return None;
         }
         let message = entry.message.clone()?;
         entry.stage = Stage::Out;
+        entry.holder = holder;
         entry.attempts += 1;
         self.delivered_through = self.delivered_through.max(Some(offset));
         Some((message, entry.attempts))
@@ -271,6 +275,18 @@ impl Ledger {
             }
             _ => false,
         }
+    }
+
+    /// Takes back what `holder` has out, to hand out again; the offsets.
+    pub fn release(&mut self, holder: u64) -> Vec<i64> {
+        let mut released = Vec::new();
+        for (offset, entry) in &mut self.entries {
+            if entry.stage == Stage::Out && entry.holder == holder {
+                entry.stage = Stage::Waiting;
+                released.push(*offset);
+            }
+        }
+        released
     }
 
     /// Whether anything received is not done yet.
@@ -354,7 +370,7 @@ mod tests {
             "a re-fetch is ignored"
         );
         for offset in 10..15 {
-            assert_eq!(ledger.hand_out(offset).unwrap().1, 1);
+            assert_eq!(ledger.hand_out(offset, 1).unwrap().1, 1);
         }
         assert!(ledger.ack(11));
         assert!(ledger.ack(13));
@@ -363,7 +379,7 @@ mod tests {
         assert_eq!(ledger.commit_offset(), Some(12));
         assert!(ledger.nack(12, 1));
         assert!(!ledger.nack(12, 1), "settled once");
-        assert_eq!(ledger.hand_out(12).unwrap().1, 2);
+        assert_eq!(ledger.hand_out(12, 1).unwrap().1, 2);
         assert!(ledger.ack(12));
         assert!(ledger.ack(14));
         assert_eq!(ledger.commit_offset(), Some(15));
@@ -376,10 +392,10 @@ mod tests {
         let mut first = Ledger::new(1, Some(0), Prior::default());
         for offset in 0..4 {
             first.receive(offset, message(offset), || 0);
-            first.hand_out(offset);
+            first.hand_out(offset, 1);
         }
         first.nack(2, 1);
-        first.hand_out(2);
+        first.hand_out(2, 1);
         first.ack(0);
         let (offset, metadata) = first.due_commit().unwrap();
         assert_eq!((offset, metadata.as_str()), (1, "v1;3;2:2;"));
@@ -390,7 +406,7 @@ mod tests {
         let attempts: Vec<u32> = (1..5)
             .map(|o| {
                 next.receive(o, message(o), || 0);
-                next.hand_out(o).unwrap().1
+                next.hand_out(o, 1).unwrap().1
             })
             .collect();
         assert_eq!(attempts, [2, 3, 2, 1]);
@@ -409,7 +425,7 @@ mod tests {
         );
         ledger.receive(5, message(5), || 0);
         ledger.receive(6, message(6), || 0);
-        ledger.hand_out(6);
+        ledger.hand_out(6, 1);
         ledger.ack(6);
         assert_eq!(
             ledger.due_commit().unwrap(),
@@ -422,7 +438,7 @@ mod tests {
         let mut first = Ledger::new(1, Some(0), Prior::default());
         for offset in 0..5 {
             first.receive(offset, message(offset), || 0);
-            first.hand_out(offset);
+            first.hand_out(offset, 1);
         }
         for offset in [1, 2, 4] {
             first.ack(offset);
@@ -434,7 +450,7 @@ mod tests {
             .map(|o| next.receive(o, message(o), || 0) == Received::Filed)
             .collect();
         assert_eq!(handed, [true, false, false, true, false, true]);
-        next.hand_out(0);
+        next.hand_out(0, 1);
         next.ack(0);
         assert_eq!(next.commit_offset(), Some(3));
     }

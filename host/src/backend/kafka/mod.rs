@@ -83,7 +83,7 @@ mod config;
 mod consumer;
 mod landing;
 mod ledger;
-mod membership;
+mod members;
 mod names;
 mod notes;
 mod spread;
@@ -213,6 +213,35 @@ impl KafkaBackend {
             bail!("Kafka topic `{topic}` has no partitions");
         }
         Ok(i32::try_from(count).unwrap_or(i32::MAX))
+    }
+
+    /// Starts a group member whose first subscription is `first`: its
+    /// consumer joins the group on a thread of its own.
+    fn start_member(
+        &self,
+        behaviour: &Behaviour,
+        lease: Duration,
+        first: u64,
+    ) -> Result<Arc<members::Member>> {
+        let shared = Arc::new(Shared::default());
+        let consumer: BaseConsumer<ConsumerContext> = self
+            .consumer_config(behaviour, lease)
+            .create_with_context(ConsumerContext::new(shared.clone(), behaviour.clone()))
+            .with_context(|| {
+                format!("cannot create a Kafka consumer for `{}`", self.config.shown)
+            })?;
+        let topics: Vec<&str> = behaviour.subscription.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .with_context(|| format!("cannot subscribe to {:?}", behaviour.subscription))?;
+        let (commands, received) = std::sync::mpsc::channel();
+        let member = Arc::new(members::Member::new(shared.clone(), commands));
+        member.attach(first, lease);
+        std::thread::Builder::new()
+            .name("sluice-kafka-consumer".into())
+            .spawn(move || consumer::run(consumer, shared, received))
+            .context("cannot start a Kafka consumer thread")?;
+        Ok(member)
     }
 
     fn consumer_config(&self, behaviour: &Behaviour, lease: Duration) -> ClientConfig {
@@ -354,59 +383,49 @@ impl Backend for KafkaBackend {
                 .collect(),
             start: options.start,
             ephemeral: options.ephemeral,
-            lease: options.lease,
             commit_interval: self.config.commit_interval,
             buffer: self.config.buffer,
             timeout: self.config.timeout,
         };
-        let member_key = membership::key(&self.config.bootstrap, &behaviour.group_id);
-        // Before joining: each of them is assigned again once this one is in.
-        // (Subscription ids start at 1: none is left out.)
-        let others = membership::others(&member_key, 0);
-        let shared = Arc::new(Shared::default());
-        shared.lock().last_fetch = Some(std::time::Instant::now());
-        let consumer: BaseConsumer<ConsumerContext> = self
-            .consumer_config(&behaviour, options.lease)
-            .create_with_context(ConsumerContext::new(shared.clone(), behaviour.clone()))
-            .with_context(|| {
-                format!("cannot create a Kafka consumer for `{}`", self.config.shown)
-            })?;
-        let topics: Vec<&str> = behaviour.subscription.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .with_context(|| format!("cannot subscribe to {:?}", options.topics))?;
-        let (commands, received) = std::sync::mpsc::channel();
-        let thread_shared = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("sluice-kafka-consumer".into())
-            .spawn(move || consumer::run(consumer, thread_shared, received));
-        spawned.context("cannot start a Kafka consumer thread")?;
+        let slot = members::slot(&self.config.bootstrap, &behaviour.group_id);
+        let mut current = slot.lock().await;
+        let id = subscription::next_id();
+        let member = match current.upgrade() {
+            Some(member) => {
+                member.attach(id, options.lease);
+                member
+            }
+            None => {
+                let member = self.start_member(&behaviour, options.lease, id)?;
+                *current = Arc::downgrade(&member);
+                // librdkafka joins the group only once a pattern matches a topic.
+                let will_join = !exact.is_empty() || self.any_topic_matches(&options.topics).await;
+                if will_join
+                    && !subscription::joined(&member.shared, self.config.join_timeout).await
+                {
+                    tracing::warn!(
+                        group = %behaviour.group_id,
+                        "Kafka: no partitions assigned within {:?}; consuming once the group assigns them",
+                        self.config.join_timeout
+                    );
+                }
+                member
+            }
+        };
+        drop(current);
         let names = GroupNames {
             group: options.group.clone(),
             group_id: behaviour.group_id.clone(),
-            member_key,
         };
         let subscription = KafkaSubscription::new(
+            id,
             names,
             options.ephemeral,
-            shared,
-            commands,
+            member,
+            slot,
             self.admin.clone(),
             self.config.timeout.min(Duration::from_secs(10)) + Duration::from_secs(1),
         );
-        // librdkafka joins the group only once a pattern matches a topic.
-        let will_join = !exact.is_empty() || self.any_topic_matches(&options.topics).await;
-        if will_join {
-            if subscription.joined(self.config.join_timeout).await {
-                membership::settled(others, subscription::SETTLE_WAIT).await;
-            } else {
-                tracing::warn!(
-                    group = %behaviour.group_id,
-                    "Kafka: no partitions assigned within {:?}; consuming once the group assigns them",
-                    self.config.join_timeout
-                );
-            }
-        }
         Ok(Box::new(subscription))
     }
 }

@@ -4,7 +4,7 @@
 //! between the two sides.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -44,18 +44,13 @@ pub struct State {
     next_epoch: u64,
     /// Assignments received so far (a member that joins waits for one).
     pub assignments: u64,
-    /// The last time the application fetched, and fetches in progress: a
-    /// member that holds messages and has not fetched for a lease is taken
-    /// for dead and leaves the group.
-    pub last_fetch: Option<Instant>,
-    pub fetching: usize,
-    /// `close` was called: fetches fail.
-    pub closed: bool,
+    /// The subscriptions sharing this member, by id.
+    pub subscribers: HashMap<u64, Subscriber>,
     /// Partitions of a `latest` group whose end is still being found out
     /// (see [`Resolving`]); their records are not filed until then.
     pub resolving: Vec<Resolving>,
-    /// The member left the group because the application stopped fetching;
-    /// the next fetch makes it join again.
+    /// The member left the group because no subscription fetched while
+    /// messages waited; the next fetch makes it join again.
     pub parked: bool,
 }
 
@@ -156,8 +151,9 @@ impl State {
             let Some(ticket) = self.ready.pop_front() else {
                 break;
             };
-            let Some((message, attempt)) =
-                self.ledger(&ticket).and_then(|l| l.hand_out(ticket.offset))
+            let Some((message, attempt)) = self
+                .ledger(&ticket)
+                .and_then(|l| l.hand_out(ticket.offset, subscription))
             else {
                 continue;
             };
@@ -174,9 +170,63 @@ impl State {
         deliveries
     }
 
+    /// Puts what `subscription` holds back in line, first, for any
+    /// subscription to take: it stopped fetching for a lease, or closed.
+    /// Returns how many.
+    pub fn release(&mut self, subscription: u64) -> usize {
+        let mut released = Vec::new();
+        for (topic, partitions) in &mut self.ledgers {
+            for (partition, ledger) in partitions.iter_mut() {
+                for offset in ledger.release(subscription) {
+                    released.push(Ticket {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        offset,
+                        epoch: ledger.epoch,
+                    });
+                }
+            }
+        }
+        released.sort();
+        let count = released.len();
+        for ticket in released.into_iter().rev() {
+            self.ready.push_front(ticket);
+        }
+        count
+    }
+
+    /// Subscriptions that are not fetching and have not for their lease.
+    pub fn idle_subscribers(&self) -> Vec<u64> {
+        self.subscribers
+            .iter()
+            .filter(|(_, s)| s.fetching == 0 && s.last_fetch.elapsed() >= s.lease)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Messages received and not handed out yet.
     pub fn buffered(&self) -> usize {
         self.ready.len()
+    }
+}
+
+/// One subscription sharing the member.
+#[derive(Debug)]
+pub struct Subscriber {
+    /// When it last fetched, and fetches in progress: a subscription that
+    /// holds messages and has not fetched for a lease is taken for dead.
+    pub last_fetch: Instant,
+    pub fetching: usize,
+    pub lease: std::time::Duration,
+}
+
+impl Subscriber {
+    pub fn new(lease: std::time::Duration) -> Self {
+        Subscriber {
+            last_fetch: Instant::now(),
+            fetching: 0,
+            lease,
+        }
     }
 }
 

@@ -1,11 +1,10 @@
-//! A subscription's async side: fetch hands out what the consumer thread
-//! filed, ack and nack update the ledgers (the thread commits), close
-//! makes the member leave its group.
+//! A subscription's async side: fetch hands out what the group member's
+//! thread filed, ack and nack update the ledgers (the thread commits), and
+//! the last subscription of a member to close makes it leave its group.
 
 use std::cmp::Reverse;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -13,16 +12,17 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::admin::Admin;
-use super::consumer::Command;
+use super::members::{Member, Slot};
+use super::notes;
 use super::state::{KafkaReceipt, Shared};
-use super::{membership, notes};
 use crate::backend::{Delivery, Subscription, closed_error};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Longest a closing member waits for the rest of its group here to be
-/// assigned again: a heartbeat to notice, a join and a sync on loopback.
-pub const SETTLE_WAIT: Duration = Duration::from_secs(5);
+/// A fresh subscription id.
+pub fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 pub struct KafkaSubscription {
     id: u64,
@@ -30,67 +30,47 @@ pub struct KafkaSubscription {
     group: String,
     /// The Kafka group id.
     group_id: String,
-    /// The group among this process's members (see [`membership`]).
-    member_key: String,
     ephemeral: bool,
-    shared: Arc<Shared>,
-    commands: Mutex<Option<Sender<Command>>>,
+    member: Arc<Member>,
+    slot: Slot,
     admin: Arc<Admin>,
     /// How long `close` waits for the member to leave its group.
     close_wait: Duration,
+    closed: AtomicBool,
 }
 
-/// What a subscription's group is called: by the application, by Kafka,
-/// and among this process's members (see [`membership`]).
+/// What a subscription's group is called: by the application and by Kafka.
 pub struct GroupNames {
     pub group: String,
     pub group_id: String,
-    pub member_key: String,
 }
 
 impl KafkaSubscription {
+    /// A subscription already attached to `member` as `id`.
     pub fn new(
+        id: u64,
         names: GroupNames,
         ephemeral: bool,
-        shared: Arc<Shared>,
-        commands: Sender<Command>,
+        member: Arc<Member>,
+        slot: Slot,
         admin: Arc<Admin>,
         close_wait: Duration,
     ) -> Self {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        membership::enter(&names.member_key, id, &shared);
         KafkaSubscription {
             id,
-            member_key: names.member_key,
             group: names.group,
             group_id: names.group_id,
             ephemeral,
-            shared,
-            commands: Mutex::new(Some(commands)),
+            member,
+            slot,
             admin,
             close_wait,
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// Waits until the group has handed this member its partitions (maybe
-    /// none) and each knows where it starts, at most `limit`; false if not
-    /// by then.
-    pub async fn joined(&self, limit: Duration) -> bool {
-        let give_up = Instant::now() + limit;
-        loop {
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let state = self.shared.lock();
-                if state.assignments > 0 && state.resolving.is_empty() {
-                    return true;
-                }
-            }
-            if tokio::time::timeout_at(give_up, notified).await.is_err() {
-                return false;
-            }
-        }
+    fn shared(&self) -> &Shared {
+        &self.member.shared
     }
 
     fn receipt<'a>(&self, delivery: &'a Delivery) -> Result<&'a KafkaReceipt> {
@@ -103,27 +83,37 @@ impl KafkaSubscription {
         }
         Ok(receipt)
     }
+}
 
-    fn stop_thread(&self, done: Option<tokio::sync::oneshot::Sender<()>>) {
-        let commands = self
-            .commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(commands) = commands {
-            let _ = commands.send(Command::Close(done));
+/// Waits until the group has handed the member its partitions (maybe none)
+/// and each knows where it starts, at most `limit`; false if not by then.
+pub async fn joined(shared: &Shared, limit: Duration) -> bool {
+    let give_up = Instant::now() + limit;
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let state = shared.lock();
+            if state.assignments > 0 && state.resolving.is_empty() {
+                return true;
+            }
+        }
+        if tokio::time::timeout_at(give_up, notified).await.is_err() {
+            return false;
         }
     }
 }
 
 /// Counts a fetch as in progress until it returns or is dropped.
-struct Fetching<'a>(&'a Shared);
+struct Fetching<'a>(&'a Shared, u64);
 
 impl Drop for Fetching<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
-        state.fetching -= 1;
-        state.last_fetch = Some(std::time::Instant::now());
+        if let Some(subscriber) = self.0.lock().subscribers.get_mut(&self.1) {
+            subscriber.fetching -= 1;
+            subscriber.last_fetch = std::time::Instant::now();
+        }
     }
 }
 
@@ -132,21 +122,21 @@ impl Subscription for KafkaSubscription {
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let give_up = Instant::now() + wait;
         {
-            let mut state = self.shared.lock();
-            if state.closed {
+            let mut state = self.shared().lock();
+            let Some(subscriber) = state.subscribers.get_mut(&self.id) else {
                 return Err(closed_error(&self.group));
-            }
-            state.fetching += 1;
-            state.last_fetch = Some(std::time::Instant::now());
+            };
+            subscriber.fetching += 1;
+            subscriber.last_fetch = std::time::Instant::now();
         }
-        let _fetching = Fetching(&self.shared);
+        let _fetching = Fetching(self.shared(), self.id);
         loop {
-            let notified = self.shared.changed.notified();
+            let notified = self.shared().changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let next_due = {
-                let mut state = self.shared.lock();
-                if state.closed {
+                let mut state = self.shared().lock();
+                if !state.subscribers.contains_key(&self.id) {
                     return Err(closed_error(&self.group));
                 }
                 let next_due = state.release_due(std::time::Instant::now());
@@ -169,7 +159,7 @@ impl Subscription for KafkaSubscription {
         let receipt = self.receipt(delivery)?;
         let ticket = &receipt.ticket;
         // A partition given up since is settled by its next owner.
-        if let Some(ledger) = self.shared.lock().ledger(ticket) {
+        if let Some(ledger) = self.shared().lock().ledger(ticket) {
             ledger.ack(ticket.offset);
         }
         Ok(())
@@ -178,7 +168,7 @@ impl Subscription for KafkaSubscription {
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
         let receipt = self.receipt(delivery)?;
         let ticket = receipt.ticket.clone();
-        let mut state = self.shared.lock();
+        let mut state = self.shared().lock();
         let waiting = state
             .ledger(&ticket)
             .is_some_and(|ledger| ledger.nack(ticket.offset, receipt.attempt));
@@ -192,36 +182,30 @@ impl Subscription for KafkaSubscription {
             state.delayed.push(Reverse((due, ticket)));
         }
         drop(state);
-        self.shared.changed.notify_waiters();
+        self.shared().changed.notify_waiters();
         Ok(())
     }
 
     async fn close(&self) -> Result<()> {
-        {
-            let mut state = self.shared.lock();
-            if state.closed {
-                return Ok(());
-            }
-            state.closed = true;
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
         }
-        self.shared.changed.notify_waiters();
-        // One at a time, on a settled group: see `membership`.
-        let turn = membership::turn(&self.member_key).await;
-        let others = membership::others(&self.member_key, self.id);
+        let mut slot = self.slot.lock().await;
+        if !self.member.detach(self.id) {
+            return Ok(());
+        }
+        // The last one: the member leaves, before another may join.
         let (done, left) = tokio::sync::oneshot::channel();
-        self.stop_thread(Some(done));
-        let left = tokio::time::timeout(self.close_wait, left).await.is_ok();
-        membership::depart(&self.member_key, self.id);
-        if left {
-            membership::settled(others, SETTLE_WAIT.min(self.close_wait)).await;
-        } else {
+        self.member.stop(Some(done));
+        if tokio::time::timeout(self.close_wait, left).await.is_err() {
             tracing::warn!(
                 group = %self.group_id,
                 "Kafka: the member did not leave its group within {:?}; its partitions move after the session timeout",
                 self.close_wait
             );
         }
-        drop(turn);
+        *slot = Weak::new();
+        drop(slot);
         if self.ephemeral {
             notes::forget(&self.group_id);
             self.admin.delete_group(&self.group_id).await;
@@ -232,7 +216,8 @@ impl Subscription for KafkaSubscription {
 
 impl Drop for KafkaSubscription {
     fn drop(&mut self) {
-        membership::depart(&self.member_key, self.id);
-        self.stop_thread(None);
+        if !self.closed.swap(true, Ordering::SeqCst) && self.member.detach(self.id) {
+            self.member.stop(None);
+        }
     }
 }
