@@ -1,6 +1,7 @@
 //! `examples/anywhere.toml` on every backend a second process can reach:
 //! the same config file and the same plugin, with only `SLUICE_BACKEND_URL`
-//! changed, handle the same messages the same way. (The in-memory backend
+//! changed, handle the same messages the same way (Kafka and SQS on private
+//! servers of the test's own). (The in-memory backend
 //! lives inside one process, and the file log admits one process per
 //! directory; the pipeline and backend tests run this plugin on both.)
 
@@ -161,4 +162,19 @@ async fn postgres() {
     .execute(&pool)
     .await
     .unwrap();
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka() {
+    let tansu = common::servers::Server::tansu();
+    shouts_on(&tansu.kafka_url("")).await;
+}
+
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_and_sns_sqs() {
+    let moto = common::servers::Server::moto();
+    shouts_on(&moto.aws_url("sqs", "anywhere", "")).await;
+    shouts_on(&moto.aws_url("sns+sqs", "anywhere", "")).await;
 }

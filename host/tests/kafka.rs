@@ -2,69 +2,15 @@
 //! conformance suite cannot see from outside the backend.
 #![cfg(feature = "kafka")]
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use sluice::Message;
 use sluice::backend::{self, SubscribeOptions, Subscription};
 
-/// A tansu broker on a free port, killed when dropped.
-struct Tansu {
-    child: Child,
-    port: u16,
-}
-
-impl Tansu {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let binary = std::env::var_os("SLUICE_TANSU").unwrap_or_else(|| "tansu".into());
-        let listener = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&binary)
-            .args(["broker", "--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start `tansu` ({e}): install it or set SLUICE_TANSU to its path")
-            });
-        let give_up = Instant::now() + Duration::from_secs(30);
-        while !answers(port) {
-            assert!(Instant::now() < give_up, "tansu did not answer on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Tansu { child, port }
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!("kafka://127.0.0.1:{}{query}", self.port)
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn answers(port: u16) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 7, 0xff, 0xff];
-    let mut header = [0u8; 8];
-    stream.write_all(&request).is_ok()
-        && stream.read_exact(&mut header).is_ok()
-        && header[4..8] == [0, 0, 0, 7]
-}
+use common::servers::Server;
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -92,8 +38,9 @@ async fn drain(sub: &dyn Subscription, want: usize) -> Result<Vec<u32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_survive_a_handover_to_another_member() -> Result<()> {
     init_tracing();
-    let tansu = Tansu::start();
-    let backend = backend::connect(&tansu.url("?partitions=2&session_timeout_ms=2000")).await?;
+    let tansu = Server::tansu();
+    let backend =
+        backend::connect(&tansu.kafka_url("?partitions=2&session_timeout_ms=2000")).await?;
     let started = Instant::now();
     let first = backend
         .subscribe(SubscribeOptions::new(vec!["handover".into()], "g"))
@@ -139,8 +86,8 @@ async fn attempts_survive_a_handover_to_another_member() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_start_is_fixed_when_the_group_is_born() -> Result<()> {
     init_tracing();
-    let tansu = Tansu::start();
-    let backend = backend::connect(&tansu.url("?session_timeout_ms=2000")).await?;
+    let tansu = Server::tansu();
+    let backend = backend::connect(&tansu.kafka_url("?session_timeout_ms=2000")).await?;
     let old: Vec<Message> = (0..10)
         .map(|i| Message::new("late", format!("{i}")))
         .collect();
@@ -176,8 +123,8 @@ async fn latest_start_is_fixed_when_the_group_is_born() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_members_closing_at_once_hand_everything_back() -> Result<()> {
     init_tracing();
-    let tansu = Tansu::start();
-    let backend = backend::connect(&tansu.url("?session_timeout_ms=2000")).await?;
+    let tansu = Server::tansu();
+    let backend = backend::connect(&tansu.kafka_url("?session_timeout_ms=2000")).await?;
     let started = Instant::now();
     let mut subs = Vec::new();
     for _ in 0..6 {

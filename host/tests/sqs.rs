@@ -7,6 +7,8 @@
 //! refusals.
 #![cfg(feature = "sqs")]
 
+mod common;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -15,69 +17,21 @@ use sluice::Message;
 use sluice::backend::sqs::names::Names;
 use sluice::backend::{self, SubscribeOptions, Subscription};
 
+use common::servers::Server;
+
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A moto server of the test's own on a free port, killed when dropped.
-struct Moto {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = std::process::Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start moto_server ({e}); install it with: pip install 'moto[server]'"
-                )
-            });
-        let give_up = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < give_up,
-                "moto_server did not listen on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Moto { child, port }
-    }
-
-    /// A backend URL on this server; `key` picks the (static) credentials,
-    /// which also tell backend handles apart as if in other processes.
-    fn url(&self, scheme: &str, key: &str, params: &str) -> String {
-        format!(
-            "{scheme}://{key}:secret@127.0.0.1:{}?region=us-east-1{params}",
-            self.port
-        )
-    }
-
-    /// A plain SDK client, as another tool would use.
-    async fn client(&self) -> aws_sdk_sqs::Client {
-        let config = aws_sdk_sqs::Config::builder()
-            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
-            .endpoint_url(format!("http://127.0.0.1:{}", self.port))
-            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "tool", "secret", None, None, "test",
-            ))
-            .build();
-        aws_sdk_sqs::Client::from_conf(config)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A plain SDK client of the emulator, as another tool would use.
+async fn client(moto: &Server) -> aws_sdk_sqs::Client {
+    let config = aws_sdk_sqs::Config::builder()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .endpoint_url(format!("http://127.0.0.1:{}", moto.port))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "tool", "secret", None, None, "test",
+        ))
+        .build();
+    aws_sdk_sqs::Client::from_conf(config)
 }
 
 fn options(topic: &str, group: &str, lease: Duration) -> SubscribeOptions {
@@ -116,9 +70,9 @@ async fn next(sub: &dyn Subscription, limit: Duration) -> Result<sluice::backend
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_move_to_the_dead_letter_queue_after_max_receive() -> Result<()> {
-    let moto = Moto::start();
-    let sqs = moto.client().await;
-    let backend = backend::connect(&moto.url("sqs", "a", "&max_receive=2")).await?;
+    let moto = Server::moto();
+    let sqs = client(&moto).await;
+    let backend = backend::connect(&moto.aws_url("sqs", "a", "&max_receive=2")).await?;
     let options = options("jobs", "workers", Duration::from_secs(5));
     let queue = Names::new("sluice-").queue("jobs", "workers", &options.group_key());
     let sub = backend.subscribe(options).await?;
@@ -159,8 +113,8 @@ async fn poison_messages_move_to_the_dead_letter_queue_after_max_receive() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_deliveries_are_kept_alive_and_a_stalled_consumers_return() -> Result<()> {
-    let moto = Moto::start();
-    let backend = backend::connect(&moto.url("sqs", "a", "")).await?;
+    let moto = Server::moto();
+    let backend = backend::connect(&moto.aws_url("sqs", "a", "")).await?;
     let lease = Duration::from_secs(1);
     let slow = backend.subscribe(options("work", "g", lease)).await?;
     let other = backend.subscribe(options("work", "g", lease)).await?;
@@ -202,9 +156,9 @@ async fn held_deliveries_are_kept_alive_and_a_stalled_consumers_return() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_of_other_tools_are_read_and_pending_is_counted() -> Result<()> {
-    let moto = Moto::start();
-    let sqs = moto.client().await;
-    let backend = backend::connect(&moto.url("sqs", "a", "")).await?;
+    let moto = Server::moto();
+    let sqs = client(&moto).await;
+    let backend = backend::connect(&moto.aws_url("sqs", "a", "")).await?;
     let options = options("inbox", "readers", Duration::from_secs(30));
     let group_key = options.group_key();
     let queue = Names::new("sluice-").queue("inbox", "readers", &group_key);
@@ -250,10 +204,10 @@ async fn messages_of_other_tools_are_read_and_pending_is_counted() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_elsewhere_find_groups_by_listing_queues() -> Result<()> {
-    let moto = Moto::start();
-    let consumers = backend::connect(&moto.url("sqs", "consumers", "")).await?;
+    let moto = Server::moto();
+    let consumers = backend::connect(&moto.aws_url("sqs", "consumers", "")).await?;
     // Other credentials: another directory, as in another process.
-    let publisher = backend::connect(&moto.url("sqs", "publisher", "&discover_ms=300")).await?;
+    let publisher = backend::connect(&moto.aws_url("sqs", "publisher", "&discover_ms=300")).await?;
     let first = consumers
         .subscribe(options("news", "first", Duration::from_secs(30)))
         .await?;
@@ -280,10 +234,10 @@ async fn publishers_elsewhere_find_groups_by_listing_queues() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_groups_remove_their_queues_and_subscriptions() -> Result<()> {
-    let moto = Moto::start();
-    let sqs = moto.client().await;
+    let moto = Server::moto();
+    let sqs = client(&moto).await;
     for scheme in ["sqs", "sns+sqs"] {
-        let backend = backend::connect(&moto.url(scheme, "a", "")).await?;
+        let backend = backend::connect(&moto.aws_url(scheme, "a", "")).await?;
         let topic = format!("tail.{}", scheme.replace('+', "_"));
         let mut tail = options(&topic, "tail-1", Duration::from_secs(30));
         tail.ephemeral = true;
@@ -314,9 +268,9 @@ async fn ephemeral_groups_remove_their_queues_and_subscriptions() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patterns_and_oversized_messages_are_refused_clearly() -> Result<()> {
-    let moto = Moto::start();
+    let moto = Server::moto();
     for scheme in ["sqs", "sns+sqs"] {
-        let backend = backend::connect(&moto.url(scheme, "a", "")).await?;
+        let backend = backend::connect(&moto.aws_url(scheme, "a", "")).await?;
         let err = backend
             .subscribe(options("orders.*", "g", Duration::from_secs(30)))
             .await

@@ -41,6 +41,7 @@ pub fn rust_plugins() -> Result<()> {
 /// componentize-js go into target/toolchains).
 pub fn language_examples() -> Result<()> {
     crate::toolchains::ensure()?;
+    crate::brokers::build_deps()?;
     println!("==> building the Python, JavaScript and C examples…");
     for example in LANGUAGE_EXAMPLES {
         run(cargo()

@@ -36,26 +36,32 @@ pub fn ensure() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing, "the plugin toolchains")?;
+    if !c_compiles() {
+        bail!("clang still cannot build for wasm32-wasi after installing the packages");
+    }
+    Ok(())
+}
+
+/// Installs Debian packages `for_what` needs, when running as root on
+/// Debian; otherwise fails, naming them.
+pub fn apt_install(packages: &[&str], for_what: &str) -> Result<()> {
     let is_root = Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if !is_root || !succeeds(Command::new("apt-get").arg("--version")) {
         bail!(
-            "the plugin toolchains need these Debian packages (or their equivalents): {}",
-            missing.join(" ")
+            "{for_what} need these Debian packages (or their equivalents): {}",
+            packages.join(" ")
         );
     }
-    println!("==> installing {}…", missing.join(" "));
+    println!("==> installing {}…", packages.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    if !c_compiles() {
-        bail!("clang still cannot build for wasm32-wasi after installing the packages");
-    }
-    Ok(())
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Whether clang builds a trivial wasm32-wasi reactor (compiler, linker,

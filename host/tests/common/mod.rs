@@ -2,6 +2,8 @@
 //! opening backends, running routes and collecting what they publish.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};

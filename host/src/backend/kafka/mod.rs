@@ -13,7 +13,7 @@
 //! | `heartbeat_ms` | 500 | consumer heartbeat; members notice a rebalance within about one |
 //! | `session_timeout_ms` | the lease, within 6 s–30 min | how long a crashed member keeps its partitions |
 //! | `metadata_refresh_ms` | 1000 | how often metadata is refreshed, so patterns see new topics |
-//! | `buffer` | 1000 | messages a subscription buffers before it pauses fetching |
+//! | `buffer` | 1000 | messages a group member buffers before it pauses fetching |
 //! | `join_timeout_ms` | 15000 | longest `subscribe` waits for the group to assign this member |
 //! | `rdkafka.NAME` | | any librdkafka property (e.g. `rdkafka.security.protocol=SASL_SSL`), applied last to producer, consumers and admin client; values percent-decoded |
 //!
@@ -23,9 +23,10 @@
 //! |---|---|
 //! | publish | idempotent producer, `acks=all`; returns once the broker acknowledged every message; key → record key (murmur2 partitioner, as Java clients); keyless messages in runs of 16 per partition, rotating (see [`spread`]); id and headers → record headers (see [`wire`]) |
 //! | topics | created on first publish or subscribe (`partitions`, `replication`); a topic must be a valid Kafka name |
-//! | groups | a Kafka consumer group per [`SubscribeOptions::group_key`]; members split partitions, every group gets every message |
+//! | groups | a Kafka consumer group per [`SubscribeOptions::group_key`]; one member per group and process, shared by that process's subscriptions to the group (see [`members`]); members split partitions, every group gets every message |
 //! | start | `earliest` → the beginning; `latest` → the end when the group first gets the partition (the high watermark of a fetch response: tansu's ListOffsets answers inside the last batch), committed at once so the group's start stays put |
-//! | subscribe | returns once the member holds its partitions, knows where each starts, and the group's other members in this process hold their new ones (at most `join_timeout_ms`, then 5 s) |
+//! | subscribe | the first subscription of a group in a process returns once its member holds its partitions and knows where each starts (at most `join_timeout_ms`); later ones join that member at once |
+//! | start | a partition taken over at a committed offset is read from there, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]) |
 //! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass |
 //! | commits | the lowest unsettled offset per partition, every `commit_ms`, on revocation and on close; never past an unfinished message |
 //! | patterns | `*` and `>` become anchored regular expressions in the subscription (`^orders\.[^.]+$`); new topics are found within `metadata_refresh_ms` |
@@ -58,18 +59,18 @@
 //!
 //! Eager rebalancing: on revocation the member commits, then forgets the
 //! partitions; acks and nacks of their deliveries become no-ops and the next
-//! owner delivers what was unfinished. A member whose application has not
-//! fetched for the subscription's lease while messages wait for it (buffered
-//! or out) is taken for dead, as Kafka's `max.poll.interval.ms` would: it
-//! leaves the group so others take its partitions, and joins again on its
-//! next fetch. A crashed process keeps its partitions for the session
-//! timeout, by default the lease. `close` leaves the group (committing
-//! first) and waits for that at most `min(timeout_ms, 10 s)`; members of a
-//! group in one process leave one at a time, each once the others have
-//! their new assignments (see [`membership`]: tansu strands a group whose
-//! leader leaves mid-rebalance).
+//! owner delivers what was unfinished. A subscription that has not fetched
+//! for its lease while it holds deliveries is taken for dead, as Kafka's
+//! `max.poll.interval.ms` would: its deliveries go back in line for the
+//! member's other subscriptions. If no subscription of the member fetches
+//! for its lease while messages wait, the member leaves the group so members
+//! elsewhere take its partitions, and joins again on the next fetch. A
+//! crashed process keeps its partitions for the session timeout, by default
+//! the lease. A subscription that closes puts its deliveries back in line;
+//! the last one to close makes the member leave the group (committing
+//! first), waiting for that at most `min(timeout_ms, 10 s)`.
 //!
-//! Each subscription's consumer runs on a thread of its own (see
+//! Each member's consumer runs on a thread of its own (see
 //! [`consumer`]): destroying an rdkafka consumer connected to tansu was seen
 //! to hang for ever in `rd_kafka_destroy`, so consumers, producers and admin
 //! clients are dropped on detached threads that are waited for a few
