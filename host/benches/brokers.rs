@@ -19,7 +19,8 @@
 //! run; `SLUICE_BENCH_BROKERS` (e.g. `postgres,kafka`) picks brokers by
 //! slug. SQS (feature `sqs`) runs against the endpoint `SLUICE_BENCH_SQS`
 //! (default 127.0.0.1:5000, e.g. `moto_server -p 5000`) with fewer
-//! messages (see `plain/sqs.rs`). Needs the plugins built: `cargo xtask bench` does both.
+//! messages (see `plain/sqs.rs`); Kafka (feature `kafka`) on a fresh
+//! private tansu broker per phase (see `plain/kafka.rs`). Needs the plugins built: `cargo xtask bench` does both.
 
 use std::fmt::Write as _;
 use std::future::IntoFuture;
@@ -40,6 +41,9 @@ use sluice::runtime::Runtime;
 mod chart;
 #[path = "common/pipeline.rs"]
 mod pipeline;
+#[cfg(feature = "kafka")]
+#[path = "plain/kafka.rs"]
+mod plain_kafka;
 #[cfg(feature = "postgres")]
 #[path = "plain/postgres.rs"]
 mod plain_postgres;
@@ -80,15 +84,8 @@ async fn main() -> Result<()> {
         {
             continue;
         }
-        if tokio::net::TcpStream::connect(broker.address())
-            .await
-            .is_err()
-        {
-            println!(
-                "{}: nothing listens on {}, skipped",
-                broker.name(),
-                broker.address()
-            );
+        if let Err(why) = broker.reachable().await {
+            println!("{}: {why}, skipped", broker.name());
             continue;
         }
         results.push(measure(broker, &handler, messages).await?);
@@ -108,6 +105,8 @@ enum Broker {
     Postgres,
     #[cfg(feature = "sqs")]
     Sqs,
+    #[cfg(feature = "kafka")]
+    Kafka,
 }
 
 impl Broker {
@@ -118,6 +117,8 @@ impl Broker {
         Broker::Postgres,
         #[cfg(feature = "sqs")]
         Broker::Sqs,
+        #[cfg(feature = "kafka")]
+        Broker::Kafka,
     ];
 
     fn name(self) -> &'static str {
@@ -128,6 +129,8 @@ impl Broker {
             Broker::Postgres => "PostgreSQL",
             #[cfg(feature = "sqs")]
             Broker::Sqs => "SQS",
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => "Kafka (tansu)",
         }
     }
 
@@ -139,6 +142,8 @@ impl Broker {
             Broker::Postgres => "postgres",
             #[cfg(feature = "sqs")]
             Broker::Sqs => "sqs",
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => "kafka",
         }
     }
 
@@ -150,11 +155,29 @@ impl Broker {
             Broker::Postgres => plain_postgres::ADDRESS,
             #[cfg(feature = "sqs")]
             Broker::Sqs => plain_sqs::address(),
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => "a private tansu broker per phase",
         }
     }
 
-    fn sluice_url(self, namespace: &str) -> String {
-        match self {
+    /// Why the broker cannot be benchmarked here, if it cannot.
+    async fn reachable(self) -> std::result::Result<(), String> {
+        #[cfg(feature = "kafka")]
+        if let Broker::Kafka = self {
+            return match plain_kafka::available() {
+                true => Ok(()),
+                false => Err("tansu cannot be started (set SLUICE_TANSU or put it on PATH)".into()),
+            };
+        }
+        match tokio::net::TcpStream::connect(self.address()).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("nothing listens on {}", self.address())),
+        }
+    }
+
+    /// The backend URL of a phase; on Kafka, the phase's fresh broker.
+    fn sluice_url(self, namespace: &str) -> Result<String> {
+        Ok(match self {
             Broker::RedisStreams => format!("redis://{}/0?prefix={namespace}:", self.address()),
             Broker::JetStream => {
                 format!("jetstream://{}?stream_prefix={namespace}", self.address())
@@ -163,7 +186,9 @@ impl Broker {
             Broker::Postgres => plain_postgres::sluice_url(namespace),
             #[cfg(feature = "sqs")]
             Broker::Sqs => plain_sqs::sluice_url(namespace),
-        }
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => plain_kafka::sluice_url(namespace)?,
+        })
     }
 
     /// Deletes whatever a run under `namespace` left on the broker.
@@ -175,6 +200,8 @@ impl Broker {
             Broker::Postgres => plain_postgres::clean(namespace).await,
             #[cfg(feature = "sqs")]
             Broker::Sqs => plain_sqs::clean(namespace).await,
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => plain_kafka::clean(namespace).await,
         }
     }
 
@@ -257,7 +284,7 @@ async fn sluice_rate(
         refuse_foreign_stream().await?;
     }
     println!("{phase} warming up…");
-    let backend = sluice::backend::connect(&broker.sluice_url(namespace)).await?;
+    let backend = sluice::backend::connect(&broker.sluice_url(namespace)?).await?;
     let mut run = Pipeline::start(backend, handler.clone(), concurrency).await?;
     run.publish(broker.warmup_messages()).await?;
     run.collect(broker.warmup_messages()).await?;
@@ -325,6 +352,8 @@ enum Plain {
     Postgres(Box<plain_postgres::PlainPostgres>),
     #[cfg(feature = "sqs")]
     Sqs(Box<plain_sqs::PlainSqs>),
+    #[cfg(feature = "kafka")]
+    Kafka(Box<plain_kafka::PlainKafka>),
 }
 
 impl Plain {
@@ -340,6 +369,10 @@ impl Plain {
             )),
             #[cfg(feature = "sqs")]
             Broker::Sqs => Plain::Sqs(Box::new(plain_sqs::PlainSqs::connect(namespace).await?)),
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => {
+                Plain::Kafka(Box::new(plain_kafka::PlainKafka::connect(namespace).await?))
+            }
         })
     }
 
@@ -351,6 +384,8 @@ impl Plain {
             Plain::Postgres(plain) => plain.publish(count, &payload()).await,
             #[cfg(feature = "sqs")]
             Plain::Sqs(plain) => plain.publish(count, &payload()).await,
+            #[cfg(feature = "kafka")]
+            Plain::Kafka(plain) => plain.publish(count, &payload()).await,
         }
     }
 
@@ -364,6 +399,8 @@ impl Plain {
             Plain::Postgres(plain) => plain.process(count).await,
             #[cfg(feature = "sqs")]
             Plain::Sqs(plain) => plain.process(count).await,
+            #[cfg(feature = "kafka")]
+            Plain::Kafka(plain) => plain.process(count).await,
         }
     }
 }
