@@ -114,9 +114,12 @@ pub struct ServerProcess {
     child: std::sync::Mutex<std::process::Child>,
     port: u16,
     dir: tempfile::TempDir,
-    spawn: fn(u16, &std::path::Path) -> std::process::Child,
+    spawn: Box<Spawn>,
     ready: fn(u16) -> bool,
 }
+
+/// Starts a server on a port with a data directory.
+type Spawn = dyn Fn(u16, &std::path::Path) -> std::process::Child + Send + Sync;
 
 impl ServerProcess {
     /// A Redis or NATS server: ready once it answers PING or sends INFO.
@@ -126,7 +129,7 @@ impl ServerProcess {
 
     /// A server that is ready once `ready(port)` says so.
     fn start_with(
-        spawn: fn(u16, &std::path::Path) -> std::process::Child,
+        spawn: impl Fn(u16, &std::path::Path) -> std::process::Child + Send + Sync + 'static,
         ready: fn(u16) -> bool,
     ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -140,7 +143,7 @@ impl ServerProcess {
             child: std::sync::Mutex::new(child),
             port,
             dir,
-            spawn,
+            spawn: Box::new(spawn),
             ready,
         }
     }
