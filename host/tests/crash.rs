@@ -22,11 +22,21 @@ struct Host {
     lines: mpsc::Receiver<String>,
 }
 
-/// Never leave a host running after a failed test.
+/// Never leave a host running after a failed test, and show what it said
+/// last.
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let said: Vec<String> = self.lines.try_iter().collect();
+            let tail = &said[said.len().saturating_sub(40)..];
+            eprintln!(
+                "--- sluice run {} said last:\n{}",
+                self.child.id(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -39,7 +49,11 @@ impl Host {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", config.to_str().unwrap()])
             .args(extra)
-            .env("SLUICE_LOG", "info")
+            // `SLUICE_TEST_LOG` (e.g. `info,sluice::backend=debug`) for more.
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -269,10 +283,15 @@ async fn three_processes_share_a_group_and_take_over(ns: &str, url: &str, dir: &
     // Slow jobs, so every process is busy when one dies.
     let ids = publish_jobs(ns, url, (0..TOTAL).map(|_| "sleep:10".to_string())).await;
 
-    let hosts: Vec<Host> = (0..3).map(|_| Host::start(&config)).collect();
-    for host in &hosts {
-        host.wait_subscribed(1);
-    }
+    // One after another: tansu 0.6.0 forks a new group's state when its
+    // first members join at the same moment.
+    let hosts: Vec<Host> = (0..3)
+        .map(|_| {
+            let host = Host::start(&config);
+            host.wait_subscribed(1);
+            host
+        })
+        .collect();
     std::thread::sleep(Duration::from_secs(3));
     let mut hosts = hosts.into_iter();
     let victim = hosts.next().unwrap();
@@ -442,4 +461,12 @@ async fn postgres_three_processes_share_a_group_and_take_over() {
     let schema = PostgresSchema::new();
     three_processes_share_a_group_and_take_over("crash", &schema.url(), dir.path()).await;
     schema.drop_schema().await;
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_three_processes_share_a_group_and_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let tansu = common::servers::Server::tansu();
+    three_processes_share_a_group_and_take_over("scale", &tansu.kafka_url(""), dir.path()).await;
 }

@@ -173,6 +173,11 @@ impl Context {
             tracing::warn!(group = %behaviour.group_id, "Kafka: assigning partitions failed: {e}");
             return;
         }
+        // A partition paused under an earlier assignment would stay paused
+        // in librdkafka; a new assignment starts with nothing buffered.
+        if let Err(e) = consumer.resume(&assignment) {
+            tracing::warn!(group = %behaviour.group_id, "Kafka: resuming the new assignment failed: {e}");
+        }
         let mut state = self.shared.lock();
         state.forget_partitions();
         for (topic, partition, start, confirm, prior) in ledgers {
@@ -424,6 +429,7 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         }
         if full != paused {
             paused = full;
+            tracing::debug!(group = %behaviour.group_id, "Kafka: fetching {}", if full { "paused: the buffer is full" } else { "resumed" });
             match consumer.assignment() {
                 Ok(assignment) => {
                     let result = if full {
