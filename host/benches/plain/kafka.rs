@@ -17,11 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Messages a plain batch handles at once, as the other plain loops.
 const BATCH: usize = 100;
+/// Partitions of each topic, as Sluice creates them by default.
+const PARTITIONS: i32 = 3;
 /// How long the worker waits to fill a batch once it has a message.
 const FILL: Duration = Duration::from_millis(5);
 
@@ -94,6 +98,7 @@ pub struct PlainKafka {
 impl PlainKafka {
     pub async fn connect(_namespace: &str) -> Result<Self> {
         let address = fresh_broker()?;
+        create_topics(&address).await?;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &address)
             .set("enable.idempotence", "true")
@@ -151,6 +156,22 @@ impl Drop for PlainKafka {
             std::thread::spawn(move || drop(clients));
         }
     }
+}
+
+/// The loop's topics: the broker creates none on its own.
+async fn create_topics(address: &str) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", address)
+        .create()?;
+    let topics: Vec<NewTopic> = ["plain.in", "plain.out"]
+        .iter()
+        .map(|name| NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        result.map_err(|(topic, e)| anyhow::anyhow!("cannot create `{topic}`: {e}"))?;
+    }
+    std::thread::spawn(move || drop(admin));
+    Ok(())
 }
 
 fn consumer(address: &str, group: &str, topic: &str) -> Result<StreamConsumer> {

@@ -2,6 +2,7 @@
 //! each checked directly against a backend.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -118,33 +119,37 @@ async fn concurrent_publishers_and_subscribers_lose_nothing(ctx: Ctx) -> Result<
             anyhow::Ok(())
         }));
     }
-    let consumers = subscribers.into_iter().map(|sub| {
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut idle = 0;
-            while idle < 5 {
-                let batch = sub.fetch(20, Duration::from_millis(200)).await?;
-                idle = if batch.is_empty() { idle + 1 } else { 0 };
-                for d in batch {
-                    sub.ack(&d).await?;
-                    seen.push(d.message.id.clone());
+    // The subscribers consume while the publishers publish, until they have
+    // seen everything between them or the time is up.
+    let expected = 4 * per_publisher;
+    let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let consumers: Vec<_> = subscribers
+        .into_iter()
+        .map(|sub| {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while seen.lock().unwrap().len() < expected && tokio::time::Instant::now() < give_up
+                {
+                    for d in sub.fetch(20, Duration::from_millis(200)).await? {
+                        sub.ack(&d).await?;
+                        seen.lock().unwrap().insert(d.message.id.clone());
+                    }
                 }
-            }
-            anyhow::Ok(seen)
+                anyhow::Ok(())
+            })
         })
-    });
+        .collect();
     for publisher in publishers {
         publisher.await??;
     }
-    let mut ids = HashSet::new();
     for consumer in consumers {
-        ids.extend(consumer.await??);
+        consumer.await??;
     }
+    let consumed = seen.lock().unwrap().len();
     ensure!(
-        ids.len() == 4 * per_publisher,
-        "{} of {} distinct messages consumed",
-        ids.len(),
-        4 * per_publisher
+        consumed == expected,
+        "{consumed} of {expected} distinct messages consumed within {LIMIT:?}"
     );
     Ok(())
 }
