@@ -159,3 +159,35 @@ async fn many_members_closing_at_once_hand_everything_back() -> Result<()> {
     ensure!(attempts.len() == 30, "{} deliveries", attempts.len());
     Ok(())
 }
+
+/// A member whose buffer fills pauses fetching and resumes from the offset
+/// after the last record it took, usually inside a record batch: nothing
+/// of that batch may be skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_full_buffer_skips_nothing() -> Result<()> {
+    const TOTAL: u32 = 3_000;
+    init_tracing();
+    let tansu = Server::tansu();
+    let backend = backend::connect(&tansu.kafka_url("?partitions=1&buffer=10")).await?;
+    let sub = backend
+        .subscribe(SubscribeOptions::new(vec!["slow".into()], "g"))
+        .await?;
+    // One publish: large record batches, more than the member takes from
+    // librdkafka at once.
+    let messages: Vec<Message> = (0..TOTAL)
+        .map(|i| Message::new("slow", format!("{i}")))
+        .collect();
+    backend.publish(messages).await?;
+    let mut seen = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while seen.len() < TOTAL as usize && Instant::now() < give_up {
+        for d in sub.fetch(100, Duration::from_millis(200)).await? {
+            seen.push(String::from_utf8_lossy(&d.message.payload).parse::<u32>()?);
+            sub.ack(&d).await?;
+        }
+    }
+    let expected: Vec<u32> = (0..TOTAL).collect();
+    ensure!(seen == expected, "{} of {TOTAL} in order", seen.len());
+    sub.close().await?;
+    Ok(())
+}

@@ -439,6 +439,10 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
                     };
                     if let Err(e) = result {
                         tracing::warn!("Kafka: pause or resume failed: {e}");
+                    } else if !full {
+                        // librdkafka fetches again from where the application
+                        // got to, which may lie inside a record batch.
+                        shared.lock().confirm_next_offsets();
                     }
                 }
                 Err(e) => tracing::warn!("Kafka: assignment unknown: {e}"),

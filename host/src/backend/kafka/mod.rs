@@ -26,7 +26,7 @@
 //! | groups | a Kafka consumer group per [`SubscribeOptions::group_key`]; one member per group and process, shared by that process's subscriptions to the group (see [`members`]); members split partitions, every group gets every message |
 //! | start | `earliest` → the beginning; `latest` → the end when the group first gets the partition (the high watermark of a fetch response: tansu's ListOffsets answers inside the last batch), committed at once so the group's start stays put |
 //! | subscribe | the first subscription of a group in a process returns once its member holds its partitions and knows where each starts (at most `join_timeout_ms`); later ones join that member at once |
-//! | start | a partition taken over at a committed offset is read from there, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]) |
+//! | resuming | a partition taken over at a committed offset, or fetched again after a pause (the member's buffer was full), is read from the offset expected, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]) |
 //! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass |
 //! | commits | the lowest unsettled offset per partition, every `commit_ms`, on revocation and on close; never past an unfinished message |
 //! | patterns | `*` and `>` become anchored regular expressions in the subscription (`^orders\.[^.]+$`); new topics are found within `metadata_refresh_ms` |
