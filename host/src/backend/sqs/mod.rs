@@ -73,6 +73,7 @@ pub use plain::SqsBackend;
 pub use sns::SnsSqsBackend;
 
 use super::{Capabilities, SubscribeOptions, pattern};
+use crate::message::Message;
 
 /// What both backends guarantee.
 const CAPABILITIES: Capabilities = Capabilities {
@@ -85,6 +86,15 @@ const CAPABILITIES: Capabilities = Capabilities {
     wildcards: false,
     at_least_once: true,
 };
+
+/// A publish's messages by topic: each topic is sent on its own.
+fn by_topic(messages: &[Message]) -> HashMap<&str, Vec<&Message>> {
+    let mut by_topic: HashMap<&str, Vec<&Message>> = HashMap::new();
+    for message in messages {
+        by_topic.entry(&message.topic).or_default().push(message);
+    }
+    by_topic
+}
 
 /// The distinct topics of a subscription; patterns are refused.
 fn exact_topics(options: &SubscribeOptions, scheme: &str) -> Result<Vec<String>> {

@@ -1,7 +1,6 @@
 //! `sqs://`: a queue per topic and group, and publishers that send each
 //! message to every group queue of its topic.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -15,7 +14,7 @@ use super::directory::Directory;
 use super::names::Names;
 use super::send::{Sent, batches, send_batch};
 use super::subscription::{QueueSource, SqsSubscription, SubscriptionSpec, Teardown};
-use super::{CAPABILITIES, GroupQueues, client, exact_topics, queues};
+use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -115,12 +114,8 @@ impl Backend for SqsBackend {
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
-        let mut by_topic: HashMap<&str, Vec<&Message>> = HashMap::new();
-        for message in &messages {
-            by_topic.entry(&message.topic).or_default().push(message);
-        }
         futures::future::try_join_all(
-            by_topic
+            by_topic(&messages)
                 .iter()
                 .map(|(topic, messages)| self.publish_topic(topic, messages)),
         )

@@ -59,6 +59,26 @@ pub struct EntryFailure {
     pub why: String,
 }
 
+impl EntryFailure {
+    /// An entry the `service` (SQS or SNS) reported as failed, by the id
+    /// it was sent with (its index).
+    pub fn from_reply(
+        service: &str,
+        id: &str,
+        sender_fault: bool,
+        code: &str,
+        message: Option<&str>,
+    ) -> Result<Self> {
+        Ok(EntryFailure {
+            index: id
+                .parse()
+                .with_context(|| format!("{service} answered for a batch entry it was not sent"))?,
+            sender_fault,
+            why: format!("{code} {}", message.unwrap_or("")),
+        })
+    }
+}
+
 /// Runs `send` with the indices of the messages to send, and again with
 /// those that failed through no fault of ours (at most [`TRIES`] times in
 /// all). `send` returns the refused entries, or `None` if the target is
@@ -139,15 +159,8 @@ pub async fn send_batch(
         };
         out.failed()
             .iter()
-            .map(|failed| {
-                Ok(EntryFailure {
-                    index: failed
-                        .id()
-                        .parse()
-                        .context("SQS answered for a batch entry it was not sent")?,
-                    sender_fault: failed.sender_fault(),
-                    why: format!("{} {}", failed.code(), failed.message().unwrap_or("")),
-                })
+            .map(|f| {
+                EntryFailure::from_reply("SQS", f.id(), f.sender_fault(), f.code(), f.message())
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

@@ -17,7 +17,7 @@ use super::config::SqsConfig;
 use super::names::{Names, queue_name_of};
 use super::send::{EntryFailure, Sent, batches, with_entry_retries};
 use super::subscription::{QueueSource, SqsSubscription, SubscriptionSpec, Teardown};
-use super::{CAPABILITIES, GroupQueues, client, exact_topics, queues};
+use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -198,15 +198,8 @@ impl SnsSqsBackend {
         };
         out.failed()
             .iter()
-            .map(|failed| {
-                Ok(EntryFailure {
-                    index: failed
-                        .id()
-                        .parse()
-                        .context("SNS answered for a batch entry it was not sent")?,
-                    sender_fault: failed.sender_fault(),
-                    why: format!("{} {}", failed.code(), failed.message().unwrap_or("")),
-                })
+            .map(|f| {
+                EntryFailure::from_reply("SNS", f.id(), f.sender_fault(), f.code(), f.message())
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -224,12 +217,8 @@ impl Backend for SnsSqsBackend {
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
-        let mut by_topic: HashMap<&str, Vec<&Message>> = HashMap::new();
-        for message in &messages {
-            by_topic.entry(&message.topic).or_default().push(message);
-        }
         futures::future::try_join_all(
-            by_topic
+            by_topic(&messages)
                 .iter()
                 .map(|(topic, messages)| self.publish_topic(topic, messages)),
         )
