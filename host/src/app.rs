@@ -98,6 +98,8 @@ impl Host {
                         ordered: route.ordered,
                         retry: (&route.retry).into(),
                         dead_letter_topic: route.dead_letter_topic(),
+                        max_in_flight: route.max_in_flight,
+                        batch_size: route.batch_size,
                     },
                     source: backends[loaded.source_backend(route)].clone(),
                     sink: backends[loaded.output_backend(route)].clone(),

@@ -129,6 +129,17 @@ pub struct RouteConfig {
     /// another may take it, in milliseconds. Must exceed the plugin timeout.
     #[serde(default = "defaults::lease_ms")]
     pub lease_ms: u64,
+    /// The most messages between fetched and settled (handled or waiting to
+    /// be, or waiting for their outputs' publish and their ack). Bounds
+    /// memory and what a crash sends back for redelivery; larger lets the
+    /// settler gather larger batches.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+    /// Messages handed to the plugin in one call when it exports
+    /// `handle-batch` (`sluice:plugin@0.2.0`); a plugin that exports only
+    /// `handle` gets one message per call whatever this says.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
     /// Retries and dead-lettering.
     #[serde(default)]
     pub retry: RetryConfig,
@@ -215,6 +226,12 @@ mod defaults {
     }
     pub fn lease_ms() -> u64 {
         30_000
+    }
+    pub fn max_in_flight() -> usize {
+        crate::router::RouteSpec::DEFAULT_MAX_IN_FLIGHT
+    }
+    pub fn batch_size() -> usize {
+        1
     }
     pub fn max_attempts() -> u32 {
         5
@@ -514,11 +531,28 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
             )
             .into());
         }
-        if route.concurrency == 0 {
+        for (name, value) in [
+            ("concurrency", route.concurrency),
+            ("max_in_flight", route.max_in_flight),
+            ("batch_size", route.batch_size),
+        ] {
+            if value == 0 {
+                return Err(error(
+                    route_line(text, index, name),
+                    key(name),
+                    "must be at least 1".into(),
+                )
+                .into());
+            }
+        }
+        if route.max_in_flight < route.concurrency {
             return Err(error(
-                route_line(text, index, "concurrency"),
-                key("concurrency"),
-                "must be at least 1".into(),
+                route_line(text, index, "max_in_flight"),
+                key("max_in_flight"),
+                format!(
+                    "{} is less than concurrency ({}): some workers could never get a message",
+                    route.max_in_flight, route.concurrency
+                ),
             )
             .into());
         }

@@ -113,6 +113,8 @@ async fn request_is_answered_by_a_route_through_sluice_reply_to() -> Result<()> 
             ordered: false,
             retry: quick_retry(3),
             dead_letter_topic: format!("{token}.dead"),
+            max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
+            batch_size: 1,
         },
         source: backend.clone(),
         sink: backend.clone(),

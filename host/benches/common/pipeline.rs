@@ -98,6 +98,8 @@ impl Pipeline {
                 ordered: false,
                 retry: RetryPolicy::default(),
                 dead_letter_topic: "bench.dead-letter".into(),
+                max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
+                batch_size: 1,
             },
             source: backend.clone(),
             sink: backend.clone(),

@@ -19,7 +19,7 @@ type PluginFamily = (
 /// `pending[i]` is route i's pending count, where its backend reports one.
 pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
     let mut out = String::new();
-    let route_counters: [RouteFamily; 7] = [
+    let route_counters: [RouteFamily; 8] = [
         (
             "sluice_route_received_total",
             "Deliveries fetched, redeliveries included.",
@@ -52,6 +52,11 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
             "sluice_route_backend_errors_total",
             "Failed backend operations.",
             |s| s.backend_errors,
+        ),
+        (
+            "sluice_route_leases_lost_total",
+            "Deliveries whose lease ran out before they were settled (another consumer has them).",
+            |s| s.lease_lost,
         ),
     ];
     let snapshots: Vec<_> = state

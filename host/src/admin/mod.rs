@@ -289,6 +289,7 @@ async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value>
                     "dead_lettered": s.dead_lettered,
                     "plugin_errors": s.plugin_errors,
                     "backend_errors": s.backend_errors,
+                    "lease_lost": s.lease_lost,
                     "in_flight": s.in_flight,
                 },
             })

@@ -132,6 +132,7 @@ impl Backend for MemoryBackend {
             lease: false,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

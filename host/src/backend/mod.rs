@@ -61,6 +61,11 @@ pub struct Capabilities {
     pub wildcards: bool,
     /// At-least-once delivery; `false` means at-most-once (best effort).
     pub at_least_once: bool,
+    /// Settling a delivery whose lease has passed to another consumer
+    /// answers [`SettleError::LeaseLost`] and changes nothing: the other
+    /// consumer's copy stays its own. Where `false`, a stale ack may still
+    /// remove the message (it was handled, so nothing is lost).
+    pub lease_checked: bool,
 }
 
 /// Where a group that has never consumed starts reading.
@@ -146,6 +151,48 @@ pub struct Delivery {
     pub receipt: Receipt,
 }
 
+/// What the host decided for one delivery.
+#[derive(Debug)]
+pub enum Settlement {
+    /// Handled: never deliver it to this group again.
+    Ack,
+    /// Failed: deliver it again after the delay.
+    Nack(Duration),
+    /// Publish these to the subscription's own backend and ack the
+    /// delivery, both or neither (only on [`Subscription::transactional`]
+    /// subscriptions).
+    PublishAndAck(Vec<Message>),
+}
+
+/// Why one settlement did not take effect: the router branches on it.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The delivery's lease ran out and another consumer may hold it now:
+    /// nothing took effect, and the message is that consumer's to handle.
+    #[error("the delivery's lease was lost; another consumer holds it now")]
+    LeaseLost,
+    /// The subscription was closed; the delivery goes back to the group.
+    #[error("the subscription is closed")]
+    Closed,
+    /// A transient failure (connection, timeout): trying again may work.
+    #[error("the backend is unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
+    /// Trying again will not help (e.g. a permission or schema error).
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for SettleError {
+    /// A typed error raised inside a backend keeps its kind; anything else
+    /// counts as transient.
+    fn from(error: anyhow::Error) -> Self {
+        match error.downcast::<SettleError>() {
+            Ok(typed) => typed,
+            Err(other) => SettleError::Unavailable(other),
+        }
+    }
+}
+
 /// A message backend.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -195,6 +242,25 @@ pub trait Subscription: Send + Sync {
     async fn publish_and_ack(&self, delivery: &Delivery, messages: Vec<Message>) -> Result<()> {
         let _ = (delivery, messages);
         bail!("this backend cannot publish and acknowledge in one transaction")
+    }
+
+    /// Settles a batch of deliveries, answering for each in order. Each
+    /// item takes effect on its own: one item's failure leaves the others'
+    /// results standing. The default settles one at a time; a backend that
+    /// can do a batch in one round trip (or one transaction) overrides it.
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for (delivery, settlement) in batch {
+            let result = match settlement {
+                Settlement::Ack => self.ack(delivery).await,
+                Settlement::Nack(delay) => self.nack(delivery, delay).await,
+                Settlement::PublishAndAck(messages) => {
+                    self.publish_and_ack(delivery, messages).await
+                }
+            };
+            results.push(result.map_err(SettleError::from));
+        }
+        results
     }
 
     /// Stops consuming: later fetches fail. Unsettled deliveries go back to

@@ -191,6 +191,7 @@ impl Backend for SqliteBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

@@ -21,6 +21,17 @@ pub trait MessageHandler: Send + Sync + 'static {
 #[async_trait]
 pub trait Worker: Send {
     async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError>;
+
+    /// Handles several messages (each with its attempt), answering for each
+    /// in order. The default calls [`Worker::handle`] for each; a worker
+    /// that can hand the whole batch to one call overrides it.
+    async fn handle_batch(&mut self, batch: &[(&Message, u32)]) -> Vec<Result<Outcome, CallError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for (message, attempt) in batch {
+            results.push(self.handle(message, *attempt).await);
+        }
+        results
+    }
 }
 
 /// Runs the current version of a WebAssembly plugin, keeping one warm

@@ -1,49 +1,51 @@
 //! The router: runs one route's delivery loop.
 //!
-//! A fetcher task pulls batches from the subscription and hands each delivery
-//! to a worker; with `ordered`, all messages of one key go to the same worker
-//! lane, so they are handled one at a time in order. For each delivery a
-//! worker calls the handler, then settles:
+//! Three stages, each its own task(s), joined by queues:
 //!
-//! - outputs → publish them, *then* ack the input (at-least-once end to end:
-//!   a crash between the two repeats outputs, never loses the input); when
-//!   the route reads from and writes to one transactional backend, both
-//!   happen in one transaction instead (exactly once within that backend);
-//! - retry, trap, timeout, memory cap → nack with an exponential backoff,
-//!   or dead-letter once the attempts are used up;
-//! - reject → dead-letter at once.
+//! 1. The fetcher (`fetch.rs`) pulls batches from the subscription and hands
+//!    each delivery to a worker lane; with `ordered`, all messages of one key
+//!    go to the same lane, so they are handled one at a time in order.
+//! 2. Workers (`work.rs`) call the handler and decide each delivery's fate:
+//!    publish its outputs and ack it; nack it with an exponential backoff
+//!    (retry, trap, timeout, memory cap); or dead-letter it (reject, or the
+//!    attempts are used up): publish it to the dead-letter topic with headers
+//!    saying why, and ack it. A worker hands that decision to the settler
+//!    and takes the next message at once.
+//! 3. The settler (`settle.rs`) settles whatever has gathered, in as few
+//!    round trips as the backend allows: the outputs of the whole batch
+//!    published together, *then* the inputs acked together (at least once
+//!    end to end: a crash between the two repeats outputs, never loses an
+//!    input); when the route reads from and writes to one transactional
+//!    backend, each delivery's outputs and ack go in one transaction instead
+//!    (exactly once within that backend).
 //!
-//! Dead-lettering publishes the input unchanged to the route's dead-letter
-//! topic with headers saying why, then acks it.
-//!
-//! On shutdown the fetcher stops, workers finish what was fetched, settle it,
-//! and the subscription is closed.
+//! At most `max_in_flight` deliveries are between fetched and settled, so
+//! memory and the redelivery after a crash stay bounded. On shutdown the
+//! fetcher stops, workers finish what was fetched, the settler settles all
+//! of it, and the subscription is closed.
 
+mod fetch;
 mod handler;
 mod retry;
+mod settle;
 mod stats;
+mod work;
 
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use handler::{FnHandler, MessageHandler, WasmHandler, Worker};
 pub use retry::RetryPolicy;
 pub use stats::{Histogram, LATENCY_BUCKETS, RouteStats, StatsSnapshot};
 
 use crate::backend::{Backend, Delivery, SubscribeOptions, Subscription};
-use crate::message::{Message, headers};
-use crate::runtime::Outcome;
-
-/// The smallest batch the fetcher asks for.
-const FETCH_BATCH_MIN: usize = 32;
-
-/// How long one fetch waits before the fetcher checks for shutdown again.
-const FETCH_WAIT: Duration = Duration::from_millis(250);
+use crate::message::Message;
 
 /// Everything a route needs besides its backends and handler.
 #[derive(Debug, Clone)]
@@ -56,6 +58,33 @@ pub struct RouteSpec {
     pub ordered: bool,
     pub retry: RetryPolicy,
     pub dead_letter_topic: String,
+    /// Deliveries between fetched and settled, at most.
+    pub max_in_flight: usize,
+    /// Messages a worker hands to its handler in one call (the plugin's
+    /// `handle-batch` export, where it has one).
+    pub batch_size: usize,
+}
+
+impl RouteSpec {
+    /// Default value of [`RouteSpec::max_in_flight`].
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
+
+    /// A route over `subscribe` with the defaults a config file has:
+    /// concurrency 1, unordered, the default retry policy, dead letters to
+    /// `<name>.dead-letter`.
+    pub fn new(name: impl Into<String>, subscribe: SubscribeOptions) -> Self {
+        let name = name.into();
+        RouteSpec {
+            dead_letter_topic: format!("{name}.dead-letter"),
+            name,
+            subscribe,
+            concurrency: 1,
+            ordered: false,
+            retry: RetryPolicy::default(),
+            max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
+            batch_size: 1,
+        }
+    }
 }
 
 /// A route ready to run.
@@ -67,13 +96,7 @@ pub struct Route {
     pub stats: Arc<RouteStats>,
 }
 
-/// How a failed attempt ends.
-struct Failure {
-    /// `retry`, `trap`, `timeout`, `memory-limit`, `publish-failed`.
-    cause: &'static str,
-    reason: String,
-}
-
+/// What a route's tasks share.
 struct Context {
     spec: RouteSpec,
     subscription: Box<dyn Subscription>,
@@ -82,8 +105,22 @@ struct Context {
     /// is its source and that backend can do it.
     atomic: bool,
     stats: Arc<RouteStats>,
+    /// Cancelled on shutdown, or when the route must stop on its own.
     shutdown: CancellationToken,
     control: Arc<RouteControl>,
+    /// A permit per delivery that may be between fetched and settled.
+    in_flight: Semaphore,
+    /// Why the route stopped on its own, if it did.
+    fatal: Mutex<Option<anyhow::Error>>,
+}
+
+impl Context {
+    /// Stops the route because of an error retrying cannot fix.
+    fn stop_with(&self, error: anyhow::Error) {
+        tracing::error!("stopping the route: {error:#}");
+        self.fatal.lock().unwrap().get_or_insert(error);
+        self.shutdown.cancel();
+    }
 }
 
 impl Route {
@@ -186,6 +223,9 @@ impl Subscribed {
         let handler = route.handler;
         let atomic = subscription.transactional()
             && std::ptr::addr_eq(Arc::as_ptr(&route.source), Arc::as_ptr(&route.sink));
+        // A route stopping on its own must not stop the rest of the host.
+        let shutdown = shutdown.child_token();
+        let max_in_flight = route.spec.max_in_flight.max(1);
         let context = Arc::new(Context {
             spec: route.spec,
             subscription,
@@ -194,6 +234,8 @@ impl Subscribed {
             stats: route.stats,
             shutdown,
             control,
+            in_flight: Semaphore::new(max_in_flight),
+            fatal: Mutex::new(None),
         });
         context.stats.backend_ok.store(true, Ordering::Relaxed);
         let workers = context.spec.concurrency.max(1);
@@ -207,228 +249,55 @@ impl Subscribed {
             senders.push(tx);
             receivers.push(rx);
         }
+        // Every event of the route's tasks carries the route's name.
+        let span = tracing::info_span!("route", name = %context.spec.name);
+        let (finished, settler_queue) = tokio::sync::mpsc::unbounded_channel();
         for index in 0..workers {
-            let rx = receivers[index % lanes].clone();
+            let lane = receivers[index % lanes].clone();
             let context = context.clone();
+            let finished = finished.clone();
             let mut worker = handler.worker();
-            tasks.spawn(async move {
-                while let Ok(delivery) = rx.recv().await {
-                    context.process(worker.as_mut(), delivery).await;
-                }
-            });
+            tasks.spawn(
+                async move { context.work(worker.as_mut(), lane, finished).await }
+                    .instrument(span.clone()),
+            );
         }
         drop(receivers);
+        drop(finished);
+        let settler = tokio::spawn({
+            let context = context.clone();
+            async move { context.settle_loop(settler_queue).await }.instrument(span.clone())
+        });
 
-        context.fetch_loop(&senders).await;
+        context.fetch_loop(&senders).instrument(span).await;
         drop(senders);
         while tasks.join_next().await.is_some() {}
+        // Every worker is gone, so the settler's queue ends once drained.
+        let _ = settler.await;
         if let Err(e) = context.subscription.close().await {
             tracing::warn!(route = %context.spec.name, "closing the subscription failed: {e:#}");
         }
         tracing::info!(route = %context.spec.name, stats = %context.stats.snapshot(), "route stopped");
-        Ok(())
+        match context.fatal.lock().unwrap().take() {
+            Some(error) => Err(anyhow!("route `{}` stopped: {error:#}", context.spec.name)),
+            None => Ok(()),
+        }
     }
 }
 
-impl Context {
-    async fn fetch_loop(&self, lanes: &[async_channel::Sender<Delivery>]) {
-        // Fetch well ahead of the workers: a round trip to the broker per
-        // couple of messages would cap a route far below what it can do.
-        // Fetched messages wait in the lanes, leased, until a worker is free.
-        let batch = (self.spec.concurrency * 2).clamp(FETCH_BATCH_MIN, 256);
-        let mut next_lane = 0usize;
-        let mut failures = 0u32;
-        let mut paused = self.control.paused.subscribe();
-        while !self.shutdown.is_cancelled() {
-            if *paused.borrow_and_update() {
-                self.control.halted.send_replace(true);
-                tokio::select! {
-                    _ = paused.changed() => {}
-                    _ = self.shutdown.cancelled() => {}
-                }
-                self.control.halted.send_replace(false);
-                continue;
-            }
-            let deliveries = match self.subscription.fetch(batch, FETCH_WAIT).await {
-                Ok(deliveries) => {
-                    failures = 0;
-                    self.stats.backend_ok.store(true, Ordering::Relaxed);
-                    deliveries
-                }
-                Err(e) => {
-                    failures += 1;
-                    self.stats.backend_ok.store(false, Ordering::Relaxed);
-                    RouteStats::add(&self.stats.backend_errors, 1);
-                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                    tracing::warn!(route = %self.spec.name, "fetch failed, retrying in {pause:?}: {e:#}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = self.shutdown.cancelled() => {}
-                    }
-                    continue;
-                }
-            };
-            if deliveries.is_empty() {
-                continue;
-            }
-            self.stats.touch();
-            RouteStats::add(&self.stats.received, deliveries.len() as u64);
-            self.stats
-                .in_flight
-                .fetch_add(deliveries.len() as i64, Ordering::Relaxed);
-            for delivery in deliveries {
-                let lane = if lanes.len() == 1 {
-                    0
-                } else if self.spec.ordered {
-                    let mut hasher = DefaultHasher::new();
-                    match &delivery.message.key {
-                        Some(key) => key.hash(&mut hasher),
-                        None => delivery.message.id.hash(&mut hasher),
-                    }
-                    (hasher.finish() % lanes.len() as u64) as usize
-                } else {
-                    next_lane = (next_lane + 1) % lanes.len();
-                    next_lane
-                };
-                // Only fails if every worker is gone, which happens only
-                // after this loop ends.
-                let _ = lanes[lane].send(delivery).await;
-            }
-        }
-    }
+/// A delivery a worker is done with, and what is to become of it.
+struct Finished {
+    delivery: Delivery,
+    verdict: Verdict,
+}
 
-    async fn process(&self, worker: &mut dyn Worker, delivery: Delivery) {
-        let mut attempt = delivery.attempt;
-        loop {
-            let started = std::time::Instant::now();
-            let result = worker.handle(&delivery.message, attempt).await;
-            self.stats.handler_latency.observe(started.elapsed());
-            let failure = match result {
-                Ok(Outcome::Outputs(outputs)) => {
-                    match self.publish_and_settle(&delivery, outputs).await {
-                        Ok(()) => {
-                            RouteStats::add(&self.stats.succeeded, 1);
-                            break;
-                        }
-                        Err(e) => Failure {
-                            cause: "publish-failed",
-                            reason: format!("publishing outputs failed: {e:#}"),
-                        },
-                    }
-                }
-                Ok(Outcome::Retry(reason)) => Failure {
-                    cause: "retry",
-                    reason,
-                },
-                Ok(Outcome::Reject(reason)) => {
-                    self.dead_letter(&delivery, attempt, "rejected", &reason)
-                        .await;
-                    break;
-                }
-                Err(error) => {
-                    RouteStats::add(&self.stats.plugin_errors, 1);
-                    Failure {
-                        cause: error.cause(),
-                        reason: error.to_string(),
-                    }
-                }
-            };
-            if !self.spec.retry.may_retry(attempt) {
-                let reason = format!("{} (after {attempt} attempts)", failure.reason);
-                self.dead_letter(&delivery, attempt, "attempts-exhausted", &reason)
-                    .await;
-                break;
-            }
-            RouteStats::add(&self.stats.retried, 1);
-            let delay = self.spec.retry.backoff(attempt);
-            tracing::debug!(route = %self.spec.name, message = %delivery.message.id, attempt, cause = failure.cause, ?delay, "{}", failure.reason);
-            if self.spec.ordered && !self.shutdown.is_cancelled() {
-                // Hold the key's lane: later messages of this key must wait.
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {
-                        attempt += 1;
-                        continue;
-                    }
-                    _ = self.shutdown.cancelled() => {}
-                }
-            }
-            self.nack(&delivery, delay).await;
-            break;
-        }
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.stats.touch();
-    }
-
-    /// Publishes a handled message's outputs and acks it; an error means
-    /// the outputs were not (all) published and the input is not settled.
-    async fn publish_and_settle(&self, input: &Delivery, mut outputs: Vec<Message>) -> Result<()> {
-        for output in &mut outputs {
-            output.set_header(headers::CAUSATION_ID, input.message.id.clone());
-        }
-        let count = outputs.len() as u64;
-        if self.atomic {
-            self.subscription.publish_and_ack(input, outputs).await?;
-        } else {
-            if !outputs.is_empty() {
-                self.sink.publish(outputs).await?;
-            }
-            self.ack(input).await;
-        }
-        RouteStats::add(&self.stats.published, count);
-        Ok(())
-    }
-
-    async fn dead_letter(&self, delivery: &Delivery, attempt: u32, cause: &str, reason: &str) {
-        let original = &delivery.message;
-        let mut letter = Message::new(
-            self.spec.dead_letter_topic.clone(),
-            original.payload.clone(),
-        );
-        letter.key = original.key.clone();
-        letter.headers = original.headers.clone();
-        letter.set_header(headers::DEAD_LETTER_CAUSE, cause);
-        letter.set_header(headers::DEAD_LETTER_REASON, reason);
-        letter.set_header(headers::ORIGINAL_TOPIC, original.topic.clone());
-        letter.set_header(headers::ORIGINAL_ID, original.id.clone());
-        letter.set_header(headers::ATTEMPTS, attempt.to_string());
-        letter.set_header(headers::ROUTE, self.spec.name.clone());
-        tracing::warn!(route = %self.spec.name, message = %original.id, topic = %self.spec.dead_letter_topic, cause, "dead-lettering: {reason}");
-        let settled = if self.atomic {
-            self.subscription
-                .publish_and_ack(delivery, vec![letter])
-                .await
-        } else {
-            let published = self.sink.publish(vec![letter]).await;
-            if published.is_ok() {
-                self.ack(delivery).await;
-            }
-            published
-        };
-        match settled {
-            Ok(()) => {
-                RouteStats::add(&self.stats.dead_lettered, 1);
-            }
-            Err(e) => {
-                // Keep the message: it comes back and is dead-lettered again.
-                RouteStats::add(&self.stats.backend_errors, 1);
-                tracing::error!(route = %self.spec.name, "publishing to the dead-letter topic failed: {e:#}");
-                self.nack(delivery, self.spec.retry.backoff(attempt)).await;
-            }
-        }
-    }
-
-    async fn ack(&self, delivery: &Delivery) {
-        if let Err(e) = self.subscription.ack(delivery).await {
-            // The message comes back after its lease; its outputs may repeat.
-            RouteStats::add(&self.stats.backend_errors, 1);
-            tracing::error!(route = %self.spec.name, message = %delivery.message.id, "ack failed: {e:#}");
-        }
-    }
-
-    async fn nack(&self, delivery: &Delivery, delay: Duration) {
-        if let Err(e) = self.subscription.nack(delivery, delay).await {
-            RouteStats::add(&self.stats.backend_errors, 1);
-            tracing::error!(route = %self.spec.name, message = %delivery.message.id, "nack failed: {e:#}");
-        }
-    }
+enum Verdict {
+    /// Publish these (the handler's outputs, or the dead letter), then ack.
+    Publish {
+        outputs: Vec<Message>,
+        /// Dead letter rather than outputs, for the counters.
+        dead_letter: bool,
+    },
+    /// Deliver again after the delay.
+    Nack(Duration),
 }

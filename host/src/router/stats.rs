@@ -22,6 +22,9 @@ pub struct RouteStats {
     pub plugin_errors: AtomicU64,
     /// Backend operations that failed (publish, ack, nack, fetch).
     pub backend_errors: AtomicU64,
+    /// Deliveries whose lease ran out before they were settled: another
+    /// consumer has them now, and this one dropped its result.
+    pub lease_lost: AtomicU64,
     /// Deliveries fetched and not yet settled.
     pub in_flight: AtomicI64,
     /// Milliseconds since the epoch of the last fetch or settle.
@@ -95,6 +98,7 @@ impl RouteStats {
             dead_lettered: get(&self.dead_lettered),
             plugin_errors: get(&self.plugin_errors),
             backend_errors: get(&self.backend_errors),
+            lease_lost: get(&self.lease_lost),
             in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
@@ -110,6 +114,7 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     pub plugin_errors: u64,
     pub backend_errors: u64,
+    pub lease_lost: u64,
     pub in_flight: i64,
 }
 
@@ -117,14 +122,15 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received {}, succeeded {}, outputs {}, retried {}, dead-lettered {}, plugin errors {}, backend errors {}",
+            "received {}, succeeded {}, outputs {}, retried {}, dead-lettered {}, plugin errors {}, backend errors {}, leases lost {}",
             self.received,
             self.succeeded,
             self.published,
             self.retried,
             self.dead_lettered,
             self.plugin_errors,
-            self.backend_errors
+            self.backend_errors,
+            self.lease_lost
         )
     }
 }

@@ -151,6 +151,8 @@ pub fn route(
             ordered: false,
             retry,
             dead_letter_topic: format!("{name}.dead-letter"),
+            max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
+            batch_size: 1,
         },
         source: backend.clone(),
         sink: backend.clone(),

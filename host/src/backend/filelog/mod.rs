@@ -170,6 +170,7 @@ impl Backend for FileLogBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

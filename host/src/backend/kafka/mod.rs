@@ -301,6 +301,7 @@ impl Backend for KafkaBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

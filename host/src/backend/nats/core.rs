@@ -169,6 +169,7 @@ impl Backend for NatsCoreBackend {
             lease: false,
             wildcards: true,
             at_least_once: false,
+            lease_checked: false,
         }
     }
 

@@ -299,6 +299,7 @@ impl Backend for JetStreamBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

@@ -196,6 +196,7 @@ impl Backend for PostgresBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

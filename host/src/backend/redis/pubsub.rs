@@ -184,6 +184,7 @@ impl Backend for RedisPubSubBackend {
             lease: false,
             wildcards: true,
             at_least_once: false,
+            lease_checked: false,
         }
     }
 

@@ -321,6 +321,7 @@ impl Backend for RedisStreamsBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            lease_checked: false,
         }
     }
 

@@ -85,6 +85,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     lease: true,
     wildcards: false,
     at_least_once: true,
+    lease_checked: false,
 };
 
 /// A publish's messages by topic: each topic is sent on its own.

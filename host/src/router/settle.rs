@@ -1,0 +1,273 @@
+//! The settler: settles what the workers finished, in batches.
+//!
+//! It takes everything that has gathered since its last round (no linger:
+//! while one batch settles, the next gathers, so batches grow with the load
+//! and a lone message at a low rate never waits for company), then:
+//!
+//! - publishes the outputs and dead letters of the whole batch in one
+//!   `publish` call, and once the sink has accepted them, acks and nacks the
+//!   inputs in one `settle` call; or, on a transactional route, hands each
+//!   delivery's outputs and ack to the backend in one `settle` call, each
+//!   all-or-nothing;
+//! - retries what failed for a transient reason, with the route's backoff;
+//!   a publish that still fails sends its inputs back (nack), except on an
+//!   ordered route, where it is retried in place so no later message of a
+//!   key overtakes it;
+//! - counts a lost lease (the delivery is another consumer's now) and
+//!   stops the route on a fatal error.
+//!
+//! One settler per route settles its batches one after another, so outputs
+//! reach the sink in the order the workers finished them.
+
+use anyhow::{Error, Result};
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::{Context, Finished, RouteStats, Verdict};
+use crate::backend::{Delivery, SettleError, Settlement};
+use crate::message::Message;
+
+/// The most deliveries settled in one round.
+const SETTLE_BATCH_MAX: usize = 1024;
+
+impl Context {
+    pub(super) async fn settle_loop(&self, mut queue: UnboundedReceiver<Finished>) {
+        let mut batch = Vec::with_capacity(SETTLE_BATCH_MAX);
+        while queue.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
+            let count = batch.len();
+            if self.atomic {
+                self.settle_atomically(batch.drain(..)).await;
+            } else {
+                self.publish_then_settle(batch.drain(..)).await;
+            }
+            self.in_flight.add_permits(count);
+            self.stats
+                .in_flight
+                .fetch_sub(count as i64, Ordering::Relaxed);
+            self.stats.touch();
+        }
+    }
+
+    /// All outputs in one publish, then all inputs settled in one call.
+    async fn publish_then_settle(&self, batch: impl Iterator<Item = Finished>) {
+        let mut outputs = Vec::new();
+        let mut publishing = Vec::new();
+        let mut nacks = Vec::new();
+        for Finished { delivery, verdict } in batch {
+            match verdict {
+                Verdict::Publish {
+                    outputs: mut these,
+                    dead_letter,
+                } => {
+                    publishing.push((delivery, these.len() as u64, dead_letter));
+                    outputs.append(&mut these);
+                }
+                Verdict::Nack(delay) => nacks.push((delivery, delay)),
+            }
+        }
+        let published = self.publish(outputs).await;
+        if let Err(e) = &published {
+            self.backend_failed(format_args!("publishing outputs failed: {e:#}"));
+        }
+        let mut items = Vec::with_capacity(publishing.len() + nacks.len());
+        for (delivery, ..) in &publishing {
+            let settlement = match published {
+                Ok(()) => Settlement::Ack,
+                Err(_) => self.publish_failed(delivery),
+            };
+            items.push((delivery, settlement));
+        }
+        items.extend(nacks.iter().map(|(d, delay)| (d, Settlement::Nack(*delay))));
+        let results = self.settle_retrying(items).await;
+        let (acks, nacks) = results.split_at(publishing.len());
+        for (result, (_, outputs, dead_letter)) in acks.iter().zip(&publishing) {
+            match published {
+                Ok(()) => self.account(result, *outputs, *dead_letter),
+                Err(_) => self.account_nack(result),
+            }
+        }
+        nacks.iter().for_each(|result| self.account_nack(result));
+    }
+
+    /// Each delivery's outputs and ack in one transaction, the whole batch
+    /// in one call.
+    async fn settle_atomically(&self, batch: impl Iterator<Item = Finished>) {
+        let (deliveries, verdicts): (Vec<Delivery>, Vec<Verdict>) =
+            batch.map(|f| (f.delivery, f.verdict)).unzip();
+        let mut kinds = Vec::with_capacity(verdicts.len());
+        let items = deliveries
+            .iter()
+            .zip(verdicts)
+            .map(|(delivery, verdict)| match verdict {
+                Verdict::Publish {
+                    outputs,
+                    dead_letter,
+                } => {
+                    kinds.push(Some((outputs.len() as u64, dead_letter)));
+                    (delivery, Settlement::PublishAndAck(outputs))
+                }
+                Verdict::Nack(delay) => {
+                    kinds.push(None);
+                    (delivery, Settlement::Nack(delay))
+                }
+            })
+            .collect();
+        let results = self.settle_retrying(items).await;
+        let mut failed = Vec::new();
+        for ((result, kind), delivery) in results.iter().zip(&kinds).zip(&deliveries) {
+            match (kind, result) {
+                (Some(_), Err(SettleError::Unavailable(_))) => {
+                    failed.push((delivery, self.publish_failed(delivery)));
+                }
+                (Some((outputs, dead_letter)), result) => {
+                    self.account(result, *outputs, *dead_letter)
+                }
+                (None, result) => self.account_nack(result),
+            }
+        }
+        for result in self.settle_retrying(failed).await {
+            self.account_nack(&result);
+        }
+    }
+
+    /// Publishes `outputs`; on an ordered route a failure is retried here,
+    /// so that no later output of a key can overtake these.
+    async fn publish(&self, outputs: Vec<Message>) -> Result<()> {
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        if !self.spec.ordered {
+            return self.sink.publish(outputs).await;
+        }
+        let mut attempt = 1;
+        loop {
+            match self.sink.publish(outputs.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if self.spec.retry.may_retry(attempt) && !self.shutdown.is_cancelled() => {
+                    let delay = self.spec.retry.backoff(attempt);
+                    self.backend_failed(format_args!(
+                        "publishing outputs failed, retrying in {delay:?}: {e:#}"
+                    ));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Settles `items`, trying again with the route's backoff those that
+    /// failed for a transient reason and can be repeated, for as many
+    /// attempts as the route's retry policy allows.
+    async fn settle_retrying(
+        &self,
+        items: Vec<(&Delivery, Settlement)>,
+    ) -> Vec<Result<(), SettleError>> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        let ordered = self.spec.ordered;
+        let mut again: Vec<Option<Settlement>> =
+            items.iter().map(|(_, s)| repeatable(s, ordered)).collect();
+        let deliveries: Vec<&Delivery> = items.iter().map(|(d, _)| *d).collect();
+        let mut results = self.subscription.settle(items).await;
+        let mut attempt = 1;
+        loop {
+            let retry: Vec<usize> = (0..results.len())
+                .filter(|&i| {
+                    matches!(results[i], Err(SettleError::Unavailable(_))) && again[i].is_some()
+                })
+                .collect();
+            if retry.is_empty() || !self.spec.retry.may_retry(attempt) {
+                return results;
+            }
+            let delay = self.spec.retry.backoff(attempt);
+            if let Some(Err(e)) = retry.first().map(|&i| &results[i]) {
+                self.backend_failed(format_args!(
+                    "settling {} deliveries failed, retrying in {delay:?}: {e}",
+                    retry.len()
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            let items = retry
+                .iter()
+                .map(|&i| {
+                    let settlement = again[i].take().expect("repeatable");
+                    again[i] = repeatable(&settlement, ordered);
+                    (deliveries[i], settlement)
+                })
+                .collect();
+            for (i, result) in retry.into_iter().zip(self.subscription.settle(items).await) {
+                results[i] = result;
+            }
+            attempt += 1;
+        }
+    }
+
+    /// The settlement of a delivery whose outputs could not be published:
+    /// it comes back after the route's backoff.
+    fn publish_failed(&self, delivery: &Delivery) -> Settlement {
+        RouteStats::add(&self.stats.retried, 1);
+        Settlement::Nack(self.spec.retry.backoff(delivery.attempt))
+    }
+
+    /// Counts how a publish-and-ack ended.
+    fn account(&self, result: &Result<(), SettleError>, outputs: u64, dead_letter: bool) {
+        match result {
+            Ok(()) if dead_letter => RouteStats::add(&self.stats.dead_lettered, 1),
+            Ok(()) => {
+                RouteStats::add(&self.stats.succeeded, 1);
+                RouteStats::add(&self.stats.published, outputs);
+            }
+            Err(e) => self.settle_failed(e),
+        }
+    }
+
+    fn account_nack(&self, result: &Result<(), SettleError>) {
+        if let Err(e) = result {
+            self.settle_failed(e);
+        }
+    }
+
+    fn settle_failed(&self, error: &SettleError) {
+        match error {
+            SettleError::LeaseLost => {
+                // Another consumer has the message now; handling it again
+                // here would only duplicate its outputs.
+                RouteStats::add(&self.stats.lease_lost, 1);
+                tracing::debug!("{error}");
+            }
+            SettleError::Closed => tracing::debug!("{error}"),
+            SettleError::Unavailable(e) => {
+                // The message comes back after its lease; outputs may repeat.
+                self.backend_failed(format_args!("settling failed: {e:#}"));
+            }
+            SettleError::Fatal(e) => {
+                RouteStats::add(&self.stats.backend_errors, 1);
+                self.stop_with(Error::msg(format!("settling failed: {e:#}")));
+            }
+        }
+    }
+
+    fn backend_failed(&self, what: std::fmt::Arguments<'_>) {
+        RouteStats::add(&self.stats.backend_errors, 1);
+        tracing::error!("{what}");
+    }
+}
+
+/// A copy of a settlement to send again if it fails for a transient
+/// reason. Outputs are copied only on ordered routes, where a failed
+/// publish-and-ack is retried in place; elsewhere its input comes back.
+fn repeatable(settlement: &Settlement, ordered: bool) -> Option<Settlement> {
+    match settlement {
+        Settlement::Ack => Some(Settlement::Ack),
+        Settlement::Nack(delay) => Some(Settlement::Nack(*delay)),
+        Settlement::PublishAndAck(outputs) if ordered => {
+            Some(Settlement::PublishAndAck(outputs.clone()))
+        }
+        Settlement::PublishAndAck(_) => None,
+    }
+}
