@@ -210,18 +210,19 @@ async fn outputs_by_input(ns: &str, url: &str) -> HashMap<String, usize> {
     counts
 }
 
-/// Publishes 50k messages, SIGKILLs the host mid-run, restarts it, and
-/// checks every message was processed at least once.
-async fn kill_mid_run_loses_nothing(url: &str, dir: &Path) {
+/// Publishes 50k messages, SIGKILLs the host mid-run (with batches being
+/// settled), restarts it, and checks every message was processed at least
+/// once.
+async fn kill_mid_run_loses_nothing(ns: &str, url: &str, dir: &Path) {
     const TOTAL: usize = 50_000;
-    let config = config("crash", dir, url, 1_000, 5_000, 4);
-    let ids = publish_jobs("crash", url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
+    let config = config(ns, dir, url, 1_000, 5_000, 4);
+    let ids = publish_jobs(ns, url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
 
     let host = Host::start(&config);
     host.wait_subscribed(1);
     std::thread::sleep(Duration::from_secs(2));
     host.kill();
-    let before = outputs_by_input("crash", url).await;
+    let before = outputs_by_input(ns, url).await;
     assert!(
         before.len() < TOTAL,
         "the run finished before the kill; the test needs a larger count"
@@ -231,7 +232,7 @@ async fn kill_mid_run_loses_nothing(url: &str, dir: &Path) {
     // are counted once it has exited (a file log admits one process).
     let host = Host::start_with(&config, &["--exit-when-idle", "3"]);
     host.wait(Duration::from_secs(600));
-    let done = outputs_by_input("crash", url).await;
+    let done = outputs_by_input(ns, url).await;
     let missing = ids.iter().filter(|id| !done.contains_key(*id)).count();
     assert_eq!(missing, 0, "{missing} of {TOTAL} messages never processed");
     let duplicates: usize = done.values().map(|n| n - 1).sum();
@@ -245,14 +246,33 @@ async fn kill_mid_run_loses_nothing(url: &str, dir: &Path) {
 async fn sqlite_sigkill_mid_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("crash.db").display());
-    kill_mid_run_loses_nothing(&url, dir.path()).await;
+    kill_mid_run_loses_nothing("crash", &url, dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_log_sigkill_mid_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("log").display());
-    kill_mid_run_loses_nothing(&url, dir.path()).await;
+    kill_mid_run_loses_nothing("crash", &url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_sigkill_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("crash");
+    let prefix = format!("sluicetest-{ns}:");
+    kill_mid_run_loses_nothing(&ns, &redis_url(&prefix), dir.path()).await;
+    drop_redis_keys(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_sigkill_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("crash");
+    let prefix = unique("CRASH");
+    let url = format!("jetstream://127.0.0.1:4222?stream_prefix={prefix}");
+    kill_mid_run_loses_nothing(&ns, &url, dir.path()).await;
+    drop_stream(&format!("{prefix}_{ns}")).await;
 }
 
 /// The file log is single-process by design: a second host is refused with
@@ -342,9 +362,16 @@ async fn redis_streams_three_processes_share_a_group_and_take_over() {
     let dir = tempfile::tempdir().unwrap();
     let ns = unique("scale");
     let prefix = format!("sluicetest-{ns}:");
-    let url = format!("redis://127.0.0.1:6379/0?prefix={prefix}");
-    three_processes_share_a_group_and_take_over(&ns, &url, dir.path()).await;
-    // Remove this test's keys from the shared server.
+    three_processes_share_a_group_and_take_over(&ns, &redis_url(&prefix), dir.path()).await;
+    drop_redis_keys(&prefix).await;
+}
+
+fn redis_url(prefix: &str) -> String {
+    format!("redis://127.0.0.1:6379/0?prefix={prefix}")
+}
+
+/// Removes a test's keys from the shared Redis server.
+async fn drop_redis_keys(prefix: &str) {
     let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -368,11 +395,13 @@ async fn jetstream_three_processes_share_a_group_and_take_over() {
     let prefix = unique("CRASH");
     let url = format!("jetstream://127.0.0.1:4222?stream_prefix={prefix}");
     three_processes_share_a_group_and_take_over(&ns, &url, dir.path()).await;
-    // Remove this test's stream from the shared server.
+    drop_stream(&format!("{prefix}_{ns}")).await;
+}
+
+/// Removes a test's stream from the shared NATS server.
+async fn drop_stream(name: &str) {
     let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
-    let _ = async_nats::jetstream::new(client)
-        .delete_stream(format!("{prefix}_{ns}"))
-        .await;
+    let _ = async_nats::jetstream::new(client).delete_stream(name).await;
 }
 
 /// A schema of its own on the shared PostgreSQL server, dropped afterwards.
@@ -413,12 +442,19 @@ impl PostgresSchema {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sigkill_mid_run_is_exactly_once() {
-    const TOTAL: usize = 20_000;
     let dir = tempfile::tempdir().unwrap();
     let schema = PostgresSchema::new();
-    let url = schema.url();
-    let config = config("crash", dir.path(), &url, 1_000, 3_000, 8);
-    let ids = publish_jobs("crash", &url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
+    sigkill_mid_run_is_exactly_once("crash", &schema.url(), dir.path()).await;
+    schema.drop_schema().await;
+}
+
+/// SIGKILLs a host twice mid-run, with batches being settled, on a route
+/// whose input and output are one transactional backend, then checks every
+/// input has exactly one output.
+async fn sigkill_mid_run_is_exactly_once(ns: &str, url: &str, dir: &Path) {
+    const TOTAL: usize = 20_000;
+    let config = config(ns, dir, url, 1_000, 3_000, 8);
+    let ids = publish_jobs(ns, url, (0..TOTAL).map(|i| format!("job-{i}"))).await;
 
     let mut done_before_kills = Vec::new();
     for _ in 0..2 {
@@ -426,7 +462,7 @@ async fn postgres_sigkill_mid_run_is_exactly_once() {
         host.wait_subscribed(1);
         std::thread::sleep(Duration::from_millis(1500));
         host.kill();
-        done_before_kills.push(outputs_by_input("crash", &url).await.len());
+        done_before_kills.push(outputs_by_input(ns, url).await.len());
     }
     assert!(
         done_before_kills[1] < TOTAL,
@@ -435,16 +471,16 @@ async fn postgres_sigkill_mid_run_is_exactly_once() {
 
     let host = Host::start_with(&config, &["--exit-when-idle", "3"]);
     host.wait(Duration::from_secs(600));
-    let done = outputs_by_input("crash", &url).await;
+    let done = outputs_by_input(ns, url).await;
     let missing = ids.iter().filter(|id| !done.contains_key(*id)).count();
     let duplicates: Vec<_> = done.iter().filter(|(_, n)| **n > 1).collect();
     println!(
-        "postgres: {TOTAL} messages, {done_before_kills:?} done before each SIGKILL, \
+        "{}: {TOTAL} messages, {done_before_kills:?} done before each SIGKILL, \
          {} after restart, {} duplicated",
+        backend::redact(url),
         done.len(),
         duplicates.len()
     );
-    schema.drop_schema().await;
     assert_eq!(missing, 0, "{missing} of {TOTAL} messages never processed");
     assert!(
         duplicates.is_empty(),
