@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use sluice::Message;
-use sluice::backend::{Capabilities, StartFrom};
+use sluice::backend::{Capabilities, Delivery, SettleError, Settlement, StartFrom, Subscription};
 
 use crate::case;
 use crate::harness::{Case, Ctx, consume, distinct_ids, expect_nothing, numbered, payload};
@@ -35,6 +35,8 @@ pub fn all() -> Vec<Case> {
         case!(members_of_a_group_split_messages),
         case!(nack_delay_is_honoured),
         case!(abandoned_delivery_returns_after_lease, needs_lease),
+        case!(batch_settle_answers_per_item),
+        case!(batch_settles_around_a_lost_lease, needs_lease_checked),
         case!(pattern_subscription_sees_new_topics, needs_wildcards),
         case!(reconnect_after_server_restart, needs_restart),
     ]
@@ -56,6 +58,10 @@ fn needs_history(caps: &Capabilities, _: bool) -> Option<&'static str> {
 
 fn needs_lease(caps: &Capabilities, _: bool) -> Option<&'static str> {
     (!caps.lease).then_some("in-process, no lease")
+}
+
+fn needs_lease_checked(caps: &Capabilities, _: bool) -> Option<&'static str> {
+    (!caps.lease_checked).then_some("a stale settlement is not detected")
 }
 
 fn needs_wildcards(caps: &Capabilities, _: bool) -> Option<&'static str> {
@@ -568,4 +574,103 @@ async fn reconnect_after_server_restart(ctx: Ctx) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fetches until exactly `n` deliveries arrived (fails after [`LIMIT`]).
+async fn fetch_exactly(sub: &dyn Subscription, n: usize) -> Result<Vec<Delivery>> {
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let mut held = Vec::new();
+    while held.len() < n {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "fetched {} of {n}",
+            held.len()
+        );
+        held.extend(
+            sub.fetch(n - held.len(), Duration::from_millis(200))
+                .await?,
+        );
+    }
+    ensure!(held.len() == n, "fetched {} for {n}", held.len());
+    Ok(held)
+}
+
+/// One `settle` call with acks and nacks mixed: each item takes effect on
+/// its own, the acked never come back, the nacked do, once each.
+async fn batch_settle_answers_per_item(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 6)).await?;
+    let held = fetch_exactly(sub.as_ref(), 6).await?;
+    let nacked: HashSet<String> = held.iter().skip(1).step_by(2).map(payload).collect();
+    let batch = held
+        .iter()
+        .map(|d| match nacked.contains(&payload(d)) {
+            true => (d, Settlement::Nack(Duration::ZERO)),
+            false => (d, Settlement::Ack),
+        })
+        .collect();
+    let results = sub.settle(batch).await;
+    ensure!(results.len() == 6, "{} answers for 6 items", results.len());
+    for result in results {
+        result.context("settling a fresh delivery")?;
+    }
+    let again = fetch_exactly(sub.as_ref(), nacked.len()).await?;
+    let returned: HashSet<String> = again.iter().map(payload).collect();
+    ensure!(
+        returned == nacked,
+        "nacked {nacked:?}, came back {returned:?}"
+    );
+    ensure!(
+        again.iter().all(|d| d.attempt == 2),
+        "attempts after one nack: {:?}",
+        again.iter().map(|d| d.attempt).collect::<Vec<_>>()
+    );
+    let batch = again.iter().map(|d| (d, Settlement::Ack)).collect();
+    for result in sub.settle(batch).await {
+        result.context("acking the redeliveries")?;
+    }
+    expect_nothing(sub.as_ref(), QUIET).await
+}
+
+/// A batch in which one delivery's lease ran out and another consumer took
+/// it: the others settle, the stale one answers `LeaseLost` and changes
+/// nothing, so the message stays the other consumer's.
+async fn batch_settles_around_a_lost_lease(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let short = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_millis(500);
+    let slow = ctx.subscribe_with([topic.clone()], "g", short).await?;
+    let other = ctx.subscribe([topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 1)).await?;
+    let stale = fetch_exactly(slow.as_ref(), 1).await?.remove(0);
+    // `slow` sits on it past its lease, until `other` has it.
+    let taken = fetch_exactly(other.as_ref(), 1).await?.remove(0);
+    ensure!(taken.message.id == stale.message.id, "another message came");
+    ctx.backend.publish(numbered(&topic, 2)).await?;
+    let fresh = fetch_exactly(slow.as_ref(), 2).await?;
+    let results = slow
+        .settle(vec![
+            (&fresh[0], Settlement::Ack),
+            (&stale, Settlement::Ack),
+            (&fresh[1], Settlement::Ack),
+        ])
+        .await;
+    ensure!(results.len() == 3, "{} answers for 3 items", results.len());
+    results[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    results[2].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        matches!(results[1], Err(SettleError::LeaseLost)),
+        "the stale ack answered {:?}",
+        results[1]
+    );
+    // The stale ack changed nothing: the holder's nack brings it back.
+    other.nack(&taken, Duration::ZERO).await?;
+    let back = fetch_exactly(other.as_ref(), 1).await?.remove(0);
+    ensure!(
+        back.message.id == stale.message.id,
+        "another message came back"
+    );
+    other.ack(&back).await?;
+    expect_nothing(other.as_ref(), QUIET).await?;
+    expect_nothing(slow.as_ref(), QUIET).await
 }
