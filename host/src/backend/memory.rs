@@ -6,17 +6,20 @@
 //! URL: `memory://` or `memory://?capacity=N` (messages per group that may be
 //! waiting or in flight before `publish` waits; default 10000).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Backend, Capabilities, Delivery, Receipt, SubscribeOptions, Subscription, pattern};
+use super::{
+    Backend, Capabilities, Delivery, Receipt, SettleError, Settlement, SubscribeOptions,
+    Subscription, pattern,
+};
 use crate::message::Message;
 
 const DEFAULT_CAPACITY: usize = 10_000;
@@ -137,33 +140,50 @@ impl Backend for MemoryBackend {
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
-        for message in messages {
-            let message = Arc::new(message);
-            loop {
-                // Register for wake-ups before checking, so a release between
-                // the check and the wait is not missed.
-                let room = self.shared.room.notified();
-                {
-                    let mut state = self.shared.state.lock().unwrap();
-                    let full = state
-                        .groups
-                        .values()
-                        .any(|g| g.wants(&message.topic) && g.held() >= self.shared.capacity);
-                    if !full {
-                        for group in state.groups.values_mut() {
-                            if group.wants(&message.topic) {
-                                group.ready.push_back(Entry {
-                                    message: message.clone(),
-                                    attempts: 0,
-                                });
-                                group.arrived.notify_waiters();
-                            }
-                        }
+        let mut messages = messages.into_iter().map(Arc::new).peekable();
+        while messages.peek().is_some() {
+            // Register for wake-ups before checking, so a release between
+            // the check and the wait is not missed.
+            let room = self.shared.room.notified();
+            {
+                let mut state = self.shared.state.lock().unwrap();
+                // Which groups want a topic, worked out once per run of
+                // messages with the same topic.
+                let mut wanting: Vec<String> = Vec::new();
+                let mut topic: Option<String> = None;
+                while let Some(message) = messages.peek() {
+                    if topic.as_deref() != Some(message.topic.as_str()) {
+                        wanting = state
+                            .groups
+                            .iter()
+                            .filter(|(_, g)| g.wants(&message.topic))
+                            .map(|(key, _)| key.clone())
+                            .collect();
+                        topic = Some(message.topic.clone());
+                    }
+                    let full = wanting
+                        .iter()
+                        .any(|key| state.groups[key].held() >= self.shared.capacity);
+                    if full {
                         break;
                     }
+                    let message = messages.next().expect("peeked");
+                    for key in &wanting {
+                        let group = state.groups.get_mut(key).expect("listed");
+                        group.ready.push_back(Entry {
+                            message: message.clone(),
+                            attempts: 0,
+                        });
+                    }
                 }
-                room.await;
+                for key in &wanting {
+                    state.groups[key].arrived.notify_waiters();
+                }
+                if messages.peek().is_none() {
+                    break;
+                }
             }
+            room.await;
         }
         Ok(())
     }
@@ -200,7 +220,7 @@ impl Backend for MemoryBackend {
             closed: AtomicBool::new(false),
             ephemeral: options.ephemeral,
             arrived,
-            mine: Mutex::new(Vec::new()),
+            mine: Mutex::new(BTreeSet::new()),
         }))
     }
 }
@@ -213,8 +233,8 @@ struct MemorySubscription {
     ephemeral: bool,
     arrived: Arc<Notify>,
     /// Deliveries handed to this member and not yet settled, returned to the
-    /// group on close.
-    mine: Mutex<Vec<u64>>,
+    /// group on close, oldest first.
+    mine: Mutex<BTreeSet<u64>>,
 }
 
 impl MemorySubscription {
@@ -245,36 +265,72 @@ impl MemorySubscription {
                 receipt: Receipt::new(id),
             });
             group.in_flight.insert(id, entry);
-            mine.push(id);
+            mine.insert(id);
         }
         Ok((deliveries, group.next_due()))
     }
 
-    fn settle(&self, delivery: &Delivery, delay: Option<Duration>) -> Result<()> {
-        let id = *delivery.receipt.get::<u64>()?;
+    /// Settles deliveries under one lock.
+    fn settle_all<'a>(
+        &self,
+        batch: impl Iterator<Item = (&'a Delivery, &'a Settlement)>,
+    ) -> Vec<Result<(), SettleError>> {
         let mut state = self.shared.state.lock().unwrap();
-        let group = state
-            .groups
-            .get_mut(&self.group)
-            .with_context(|| format!("group `{}` is gone", self.group))?;
-        let Some(entry) = group.in_flight.remove(&id) else {
-            bail!("delivery {id} was already settled");
+        let Some(group) = state.groups.get_mut(&self.group) else {
+            return batch.map(|_| Err(SettleError::Closed)).collect();
         };
-        self.mine.lock().unwrap().retain(|d| *d != id);
-        match delay {
-            None => self.shared.room.notify_waiters(),
-            Some(delay) if delay.is_zero() => {
-                // First again, so a retried message keeps its place in line.
-                group.ready.push_front(entry);
-                group.arrived.notify_waiters();
-            }
-            Some(delay) => {
-                group.delayed.insert((Instant::now() + delay, id), entry);
-                // A fetcher may be sleeping until a later due time.
-                group.arrived.notify_waiters();
-            }
+        let mut mine = self.mine.lock().unwrap();
+        let (mut freed, mut arrived) = (false, false);
+        let now = Instant::now();
+        let results = batch
+            .map(|(delivery, settlement)| {
+                let delay = match settlement {
+                    Settlement::Ack => None,
+                    Settlement::Nack(delay) => Some(*delay),
+                    // Not transactional: the router never asks for this.
+                    Settlement::PublishAndAck(_) => {
+                        return Err(SettleError::Fatal(anyhow!(
+                            "the memory backend cannot publish and acknowledge in one transaction"
+                        )));
+                    }
+                };
+                let id = *delivery.receipt.get::<u64>().map_err(SettleError::Fatal)?;
+                let Some(entry) = group.in_flight.remove(&id) else {
+                    return Err(SettleError::Fatal(anyhow!(
+                        "delivery {id} was already settled"
+                    )));
+                };
+                mine.remove(&id);
+                match delay {
+                    None => freed = true,
+                    Some(delay) if delay.is_zero() => {
+                        // First again, so a retried message keeps its place.
+                        group.ready.push_front(entry);
+                        arrived = true;
+                    }
+                    Some(delay) => {
+                        group.delayed.insert((now + delay, id), entry);
+                        // A fetcher may be sleeping until a later due time.
+                        arrived = true;
+                    }
+                }
+                Ok(())
+            })
+            .collect();
+        if arrived {
+            group.arrived.notify_waiters();
         }
-        Ok(())
+        if freed {
+            self.shared.room.notify_waiters();
+        }
+        results
+    }
+
+    fn settle_one(&self, delivery: &Delivery, settlement: Settlement) -> Result<()> {
+        let result = self
+            .settle_all(std::iter::once((delivery, &settlement)))
+            .pop();
+        result.expect("one answer").map_err(anyhow::Error::from)
     }
 }
 
@@ -304,11 +360,19 @@ impl Subscription for MemorySubscription {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        self.settle(delivery, None)
+        self.settle_one(delivery, Settlement::Ack)
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
-        self.settle(delivery, Some(delay))
+        self.settle_one(delivery, Settlement::Nack(delay))
+    }
+
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        self.settle_all(
+            batch
+                .iter()
+                .map(|(delivery, settlement)| (*delivery, settlement)),
+        )
     }
 
     async fn close(&self) -> Result<()> {

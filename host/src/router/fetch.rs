@@ -1,9 +1,17 @@
-//! The fetcher: pulls batches from the subscription, as many as the route's
-//! in-flight bound allows, and hands each delivery to a worker lane.
+//! The fetcher: pulls batches from the subscription and hands them to the
+//! worker lanes in chunks, one hand-off per chunk rather than per message.
+//!
+//! How much it fetches is bounded twice: by the route's `max_in_flight`
+//! (fetched and not yet settled), and by what the workers can start within
+//! half a lease at the pace they are handling messages, so that a delivery
+//! never waits in a lane until its lease runs out and a second consumer
+//! gets it too.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use super::{Context, RouteStats};
 use crate::backend::Delivery;
@@ -18,12 +26,11 @@ const FETCH_BATCH_MAX: usize = 256;
 const FETCH_WAIT: Duration = Duration::from_millis(250);
 
 impl Context {
-    pub(super) async fn fetch_loop(&self, lanes: &[async_channel::Sender<Delivery>]) {
+    pub(super) async fn fetch_loop(&self, lanes: &[async_channel::Sender<Vec<Delivery>>]) {
         // Fetch well ahead of the workers: a round trip to the broker per
         // couple of messages would cap a route far below what it can do.
         // Fetched messages wait in the lanes, leased, until a worker is free.
         let batch = (self.spec.concurrency * 2).clamp(FETCH_BATCH_MIN, FETCH_BATCH_MAX);
-        let mut next_lane = 0usize;
         let mut failures = 0u32;
         let mut paused = self.control.paused.subscribe();
         while !self.shutdown.is_cancelled() {
@@ -70,30 +77,59 @@ impl Context {
             self.stats
                 .in_flight
                 .fetch_add(deliveries.len() as i64, Ordering::Relaxed);
-            for delivery in deliveries {
-                let lane = if lanes.len() == 1 {
-                    0
-                } else if self.spec.ordered {
+            self.pace
+                .queued
+                .fetch_add(deliveries.len(), Ordering::Relaxed);
+            // Sends fail only if every worker is gone, which happens only
+            // after this loop ends.
+            if lanes.len() == 1 {
+                // One queue all workers share: a share for each, so idle
+                // workers each take one.
+                let share = deliveries.len().div_ceil(self.spec.concurrency.max(1));
+                let mut rest = deliveries;
+                while !rest.is_empty() {
+                    let tail = rest.split_off(share.min(rest.len()));
+                    let _ = lanes[0].send(rest).await;
+                    rest = tail;
+                }
+            } else {
+                // Ordered: every message of a key goes to the same lane.
+                let mut chunks: Vec<Vec<Delivery>> = lanes.iter().map(|_| Vec::new()).collect();
+                for delivery in deliveries {
                     let mut hasher = DefaultHasher::new();
                     match &delivery.message.key {
                         Some(key) => key.hash(&mut hasher),
                         None => delivery.message.id.hash(&mut hasher),
                     }
-                    (hasher.finish() % lanes.len() as u64) as usize
-                } else {
-                    next_lane = (next_lane + 1) % lanes.len();
-                    next_lane
-                };
-                // Only fails if every worker is gone, which happens only
-                // after this loop ends.
-                let _ = lanes[lane].send(delivery).await;
+                    chunks[(hasher.finish() % lanes.len() as u64) as usize].push(delivery);
+                }
+                for (lane, chunk) in lanes.iter().zip(chunks) {
+                    if !chunk.is_empty() {
+                        let _ = lane.send(chunk).await;
+                    }
+                }
             }
         }
     }
 
-    /// Waits until at least one delivery may be in flight, then takes room
-    /// for up to `batch`; `None` on shutdown.
+    /// Waits until at least one delivery may be in flight and the workers
+    /// can start it within half a lease, then takes room for up to `batch`
+    /// such deliveries; `None` on shutdown.
     async fn reserve(&self, batch: usize) -> Option<usize> {
+        let batch = loop {
+            let startable = self.pace.startable(
+                self.spec.subscribe.lease / 2,
+                self.spec.concurrency.max(1),
+                batch,
+            );
+            if startable > 0 {
+                break startable;
+            }
+            tokio::select! {
+                _ = self.pace.taken.notified() => {}
+                _ = self.shutdown.cancelled() => return None,
+            }
+        };
         let first = tokio::select! {
             permit = self.in_flight.acquire() => permit.ok()?,
             _ = self.shutdown.cancelled() => return None,
@@ -105,5 +141,53 @@ impl Context {
             return Some(1 + more);
         }
         Some(1)
+    }
+}
+
+/// How fast the workers get through messages, for the fetcher to fetch no
+/// more than they can start within a lease.
+#[derive(Default)]
+pub(super) struct Pace {
+    /// Deliveries handed to the lanes and not yet taken by a worker.
+    queued: AtomicUsize,
+    /// Handler time per message, in nanoseconds (a moving average; 0 until
+    /// the first call).
+    per_message_nanos: AtomicU64,
+    /// Woken when a worker takes a chunk.
+    taken: Notify,
+}
+
+impl Pace {
+    /// A worker took `count` deliveries from its lane.
+    pub(super) fn took(&self, count: usize) {
+        self.queued.fetch_sub(count, Ordering::Relaxed);
+        self.taken.notify_one();
+    }
+
+    /// A handler call took `elapsed` for `count` messages.
+    pub(super) fn handled(&self, count: usize, elapsed: Duration) {
+        let sample = (elapsed.as_nanos() / count.max(1) as u128).min(u64::MAX as u128) as u64;
+        let old = self.per_message_nanos.load(Ordering::Relaxed);
+        let average = if old == 0 {
+            sample.max(1)
+        } else {
+            (old * 7 + sample) / 8
+        };
+        self.per_message_nanos
+            .store(average.max(1), Ordering::Relaxed);
+    }
+
+    /// How many more deliveries `workers` can start within `window`, up to
+    /// `batch`; before the first call, the smallest batch.
+    fn startable(&self, window: Duration, workers: usize, batch: usize) -> usize {
+        let queued = self.queued.load(Ordering::Relaxed);
+        let per_message = self.per_message_nanos.load(Ordering::Relaxed);
+        if per_message == 0 {
+            return FETCH_BATCH_MIN.saturating_sub(queued);
+        }
+        let budget = window.as_nanos() * workers as u128 / per_message as u128;
+        (budget.min(usize::MAX as u128) as usize)
+            .saturating_sub(queued)
+            .min(batch)
     }
 }

@@ -110,6 +110,9 @@ struct Context {
     control: Arc<RouteControl>,
     /// A permit per delivery that may be between fetched and settled.
     in_flight: Semaphore,
+    /// How fast the workers go, so the fetcher fetches no more than they
+    /// can start within a lease.
+    pace: fetch::Pace,
     /// Why the route stopped on its own, if it did.
     fatal: Mutex<Option<anyhow::Error>>,
 }
@@ -235,6 +238,7 @@ impl Subscribed {
             shutdown,
             control,
             in_flight: Semaphore::new(max_in_flight),
+            pace: fetch::Pace::default(),
             fatal: Mutex::new(None),
         });
         context.stats.backend_ok.store(true, Ordering::Relaxed);
@@ -245,7 +249,7 @@ impl Subscribed {
         let mut tasks = tokio::task::JoinSet::new();
         let mut receivers = Vec::with_capacity(lanes);
         for _ in 0..lanes {
-            let (tx, rx) = async_channel::bounded::<Delivery>(workers.div_ceil(lanes).max(1));
+            let (tx, rx) = async_channel::bounded::<Vec<Delivery>>(workers.div_ceil(lanes).max(1));
             senders.push(tx);
             receivers.push(rx);
         }

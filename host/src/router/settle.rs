@@ -27,18 +27,20 @@ use super::{Context, Finished, RouteStats, Verdict};
 use crate::backend::{Delivery, SettleError, Settlement};
 use crate::message::Message;
 
-/// The most deliveries settled in one round.
-const SETTLE_BATCH_MAX: usize = 1024;
+/// The most hand-ins (each a worker's finished deliveries) settled in one
+/// round.
+const SETTLE_HAND_INS_MAX: usize = 64;
 
 impl Context {
-    pub(super) async fn settle_loop(&self, mut queue: UnboundedReceiver<Finished>) {
-        let mut batch = Vec::with_capacity(SETTLE_BATCH_MAX);
-        while queue.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
-            let count = batch.len();
+    pub(super) async fn settle_loop(&self, mut queue: UnboundedReceiver<Vec<Finished>>) {
+        let mut hand_ins = Vec::with_capacity(SETTLE_HAND_INS_MAX);
+        while queue.recv_many(&mut hand_ins, SETTLE_HAND_INS_MAX).await > 0 {
+            let count = hand_ins.iter().map(Vec::len).sum::<usize>();
+            let batch = hand_ins.drain(..).flatten();
             if self.atomic {
-                self.settle_atomically(batch.drain(..)).await;
+                self.settle_atomically(batch).await;
             } else {
-                self.publish_then_settle(batch.drain(..)).await;
+                self.publish_then_settle(batch).await;
             }
             self.in_flight.add_permits(count);
             self.stats

@@ -1,7 +1,7 @@
 //! Workers: call the handler for each delivery and decide what becomes of
 //! it, then hand that to the settler and take the next message at once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -10,42 +10,56 @@ use crate::backend::Delivery;
 use crate::message::{Message, headers};
 use crate::runtime::{CallError, Outcome};
 
+/// How long finished deliveries may wait in a worker for company before
+/// they go to the settler.
+const HAND_IN_AFTER: Duration = Duration::from_millis(1);
+
 impl Context {
-    /// Takes deliveries from `lane` (up to the route's batch size at a time,
-    /// whatever is already waiting) until the fetcher closes it.
+    /// Takes chunks of deliveries from `lane` until the fetcher closes it,
+    /// calling the handler for up to the route's batch size at a time.
     pub(super) async fn work(
         &self,
         worker: &mut dyn Worker,
-        lane: async_channel::Receiver<Delivery>,
-        settler: UnboundedSender<Finished>,
+        lane: async_channel::Receiver<Vec<Delivery>>,
+        settler: UnboundedSender<Vec<Finished>>,
     ) {
         let batch_size = self.spec.batch_size.max(1);
-        let mut batch = Vec::with_capacity(batch_size);
-        while let Ok(first) = lane.recv().await {
-            batch.push(first);
-            while batch.len() < batch_size {
-                match lane.try_recv() {
-                    Ok(delivery) => batch.push(delivery),
-                    Err(_) => break,
+        while let Ok(chunk) = lane.recv().await {
+            self.pace.took(chunk.len());
+            let mut finished = Vec::with_capacity(chunk.len());
+            let mut handed_in = Instant::now();
+            let mut chunk = chunk.into_iter().peekable();
+            while chunk.peek().is_some() {
+                let batch: Vec<Delivery> = chunk.by_ref().take(batch_size).collect();
+                let results = {
+                    let inputs: Vec<(&Message, u32)> = batch
+                        .iter()
+                        .map(|delivery| (&delivery.message, delivery.attempt))
+                        .collect();
+                    let started = Instant::now();
+                    let results = match inputs.as_slice() {
+                        [(message, attempt)] => vec![worker.handle(message, *attempt).await],
+                        _ => worker.handle_batch(&inputs).await,
+                    };
+                    let elapsed = started.elapsed();
+                    self.stats.handler_latency.observe(elapsed);
+                    self.pace.handled(inputs.len(), elapsed);
+                    results
+                };
+                for (delivery, result) in batch.into_iter().zip(results) {
+                    let verdict = self.verdict(worker, &delivery, result).await;
+                    finished.push(Finished { delivery, verdict });
+                }
+                // A slow handler's results must not wait for the rest of
+                // the chunk: what a long call finished goes in at once.
+                if handed_in.elapsed() >= HAND_IN_AFTER {
+                    // The settler outlives every worker.
+                    let _ = settler.send(std::mem::take(&mut finished));
+                    handed_in = Instant::now();
                 }
             }
-            let results = {
-                let inputs: Vec<(&Message, u32)> = batch
-                    .iter()
-                    .map(|delivery| (&delivery.message, delivery.attempt))
-                    .collect();
-                let started = Instant::now();
-                let results = match inputs.as_slice() {
-                    [(message, attempt)] => vec![worker.handle(message, *attempt).await],
-                    _ => worker.handle_batch(&inputs).await,
-                };
-                self.stats.handler_latency.observe(started.elapsed());
-                results
-            };
-            for (delivery, result) in batch.drain(..).zip(results) {
-                let verdict = self.verdict(worker, &delivery, result).await;
-                // The settler outlives every worker.
-                let _ = settler.send(Finished { delivery, verdict });
+            if !finished.is_empty() {
+                let _ = settler.send(finished);
             }
         }
     }

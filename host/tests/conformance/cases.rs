@@ -48,7 +48,7 @@ pub fn needs_at_least_once(caps: &Capabilities, _: bool) -> Option<&'static str>
     (!caps.at_least_once).then_some("at-most-once by design")
 }
 
-fn needs_order(caps: &Capabilities, _: bool) -> Option<&'static str> {
+pub fn needs_order(caps: &Capabilities, _: bool) -> Option<&'static str> {
     (!caps.ordered_per_key).then_some("no ordering per key")
 }
 

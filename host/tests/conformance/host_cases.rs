@@ -32,6 +32,10 @@ pub fn all() -> Vec<Case> {
             host_graceful_shutdown_settles_in_flight,
             crate::cases::needs_at_least_once
         ),
+        case!(
+            host_ordered_route_keeps_key_order_while_batching,
+            crate::cases::needs_order
+        ),
     ]
 }
 
@@ -142,12 +146,14 @@ async fn host_trapping_plugin_is_retried_then_dead_lettered(ctx: Ctx) -> Result<
     Ok(())
 }
 
-/// The process "dies" between publishing outputs and acking: the output
-/// may be published twice, the input is never lost.
+/// The process "dies" between publishing outputs and acking (every ack it
+/// tries fails, retries included): the output may be published twice, the
+/// input is never lost.
 async fn host_outputs_published_before_ack(ctx: Ctx) -> Result<()> {
+    const FAILING: usize = 1_000;
     let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
     let mut first = chaos_route(&ctx, "r", 3);
-    let failing_acks = Arc::new(AtomicUsize::new(1));
+    let failing_acks = Arc::new(AtomicUsize::new(FAILING));
     first.source = Arc::new(AckFails {
         inner: ctx.backend.clone(),
         remaining: failing_acks.clone(),
@@ -158,7 +164,7 @@ async fn host_outputs_published_before_ack(ctx: Ctx) -> Result<()> {
     ctx.backend.publish(vec![input.clone()]).await?;
     outputs.wait_for(1, LIMIT).await;
     ensure!(
-        failing_acks.load(Ordering::SeqCst) == 0,
+        failing_acks.load(Ordering::SeqCst) < FAILING,
         "the ack was never attempted"
     );
     running.stop().await;
@@ -280,4 +286,46 @@ impl Subscription for AckFailsSubscription {
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
+}
+
+/// An ordered route with several workers settles in batches, and a retry
+/// held in place in the middle of a key's run: every key's outputs still
+/// come out in the order its inputs were published, each once.
+async fn host_ordered_route_keeps_key_order_while_batching(ctx: Ctx) -> Result<()> {
+    const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
+    let per_key = ctx.volume(60);
+    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    let mut ordered = chaos_route(&ctx, "r", 3);
+    ordered.spec.ordered = true;
+    ordered.spec.concurrency = 4;
+    let running = Running::start(ordered).await;
+    let mut inputs = Vec::new();
+    for i in 0..per_key {
+        for key in KEYS {
+            // The chaos plugin fails `retry:1` once, then echoes it.
+            let command = if i % 20 == 10 { "retry:1" } else { "ok" };
+            inputs.push(Message::new(ctx.topic("in"), command).with_key(key));
+        }
+    }
+    ctx.backend.publish(inputs.clone()).await?;
+    let got = outputs.wait_for(inputs.len(), LIMIT).await;
+    running.stop().await;
+    for key in KEYS {
+        let published: Vec<&str> = inputs
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(key))
+            .map(|m| m.id.as_str())
+            .collect();
+        let handled: Vec<&str> = got
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(key))
+            .filter_map(|m| m.header(headers::CAUSATION_ID))
+            .collect();
+        ensure!(
+            handled == published,
+            "key {key}: outputs of {} inputs out of order or repeated",
+            handled.len()
+        );
+    }
+    Ok(())
 }
