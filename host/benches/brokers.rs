@@ -47,6 +47,9 @@ mod plain_kafka;
 #[cfg(feature = "postgres")]
 #[path = "plain/postgres.rs"]
 mod plain_postgres;
+#[cfg(feature = "sqlite")]
+#[path = "plain/sqlite.rs"]
+mod plain_sqlite;
 #[cfg(feature = "sqs")]
 #[path = "plain/sqs.rs"]
 mod plain_sqs;
@@ -103,6 +106,8 @@ enum Broker {
     JetStream,
     #[cfg(feature = "postgres")]
     Postgres,
+    #[cfg(feature = "sqlite")]
+    Sqlite,
     #[cfg(feature = "sqs")]
     Sqs,
     #[cfg(feature = "kafka")]
@@ -115,6 +120,8 @@ impl Broker {
         Broker::JetStream,
         #[cfg(feature = "postgres")]
         Broker::Postgres,
+        #[cfg(feature = "sqlite")]
+        Broker::Sqlite,
         #[cfg(feature = "sqs")]
         Broker::Sqs,
         #[cfg(feature = "kafka")]
@@ -127,6 +134,8 @@ impl Broker {
             Broker::JetStream => "NATS JetStream",
             #[cfg(feature = "postgres")]
             Broker::Postgres => "PostgreSQL",
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => "SQLite",
             #[cfg(feature = "sqs")]
             Broker::Sqs => "SQS",
             #[cfg(feature = "kafka")]
@@ -140,6 +149,8 @@ impl Broker {
             Broker::JetStream => "jetstream",
             #[cfg(feature = "postgres")]
             Broker::Postgres => "postgres",
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => "sqlite",
             #[cfg(feature = "sqs")]
             Broker::Sqs => "sqs",
             #[cfg(feature = "kafka")]
@@ -153,6 +164,8 @@ impl Broker {
             Broker::JetStream => "127.0.0.1:4222",
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::ADDRESS,
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => "a database file per phase",
             #[cfg(feature = "sqs")]
             Broker::Sqs => plain_sqs::address(),
             #[cfg(feature = "kafka")]
@@ -162,6 +175,10 @@ impl Broker {
 
     /// Why the broker cannot be benchmarked here, if it cannot.
     async fn reachable(self) -> std::result::Result<(), String> {
+        #[cfg(feature = "sqlite")]
+        if let Broker::Sqlite = self {
+            return Ok(());
+        }
         #[cfg(feature = "kafka")]
         if let Broker::Kafka = self {
             return match plain_kafka::available() {
@@ -184,6 +201,8 @@ impl Broker {
             }
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::sluice_url(namespace),
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => plain_sqlite::sluice_url(namespace),
             #[cfg(feature = "sqs")]
             Broker::Sqs => plain_sqs::sluice_url(namespace),
             #[cfg(feature = "kafka")]
@@ -198,10 +217,39 @@ impl Broker {
             Broker::JetStream => jetstream_clean(namespace).await,
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::clean(namespace).await,
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => plain_sqlite::clean(namespace).await,
             #[cfg(feature = "sqs")]
             Broker::Sqs => plain_sqs::clean(namespace).await,
             #[cfg(feature = "kafka")]
             Broker::Kafka => plain_kafka::clean(namespace).await,
+        }
+    }
+
+    /// What a message's journey costs in durability, the same on both
+    /// sides, for the output.
+    fn durability(self) -> &'static str {
+        match self {
+            Broker::RedisStreams => {
+                "the server's own settings on both sides; outputs XADDed before the input is XACKed"
+            }
+            Broker::JetStream => {
+                "file streams; every publish confirmed by its PubAck before the input is acked, on both sides"
+            }
+            #[cfg(feature = "postgres")]
+            Broker::Postgres => {
+                "input consumed and outputs written in one transaction, synchronous_commit=off, on both sides"
+            }
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => {
+                "WAL, synchronous=FULL (an fsync per commit); outputs committed before (or with) the input's removal, on both sides"
+            }
+            #[cfg(feature = "sqs")]
+            Broker::Sqs => "SendMessageBatch confirmed before DeleteMessageBatch, on both sides",
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => {
+                "idempotent producer, acks=all; offsets committed after the outputs are acknowledged, on both sides"
+            }
         }
     }
 
@@ -350,6 +398,8 @@ enum Plain {
     JetStream(Box<PlainJetStream>),
     #[cfg(feature = "postgres")]
     Postgres(Box<plain_postgres::PlainPostgres>),
+    #[cfg(feature = "sqlite")]
+    Sqlite(Box<plain_sqlite::PlainSqlite>),
     #[cfg(feature = "sqs")]
     Sqs(Box<plain_sqs::PlainSqs>),
     #[cfg(feature = "kafka")]
@@ -367,6 +417,10 @@ impl Plain {
             Broker::Postgres => Plain::Postgres(Box::new(
                 plain_postgres::PlainPostgres::connect(namespace).await?,
             )),
+            #[cfg(feature = "sqlite")]
+            Broker::Sqlite => Plain::Sqlite(Box::new(
+                plain_sqlite::PlainSqlite::connect(namespace).await?,
+            )),
             #[cfg(feature = "sqs")]
             Broker::Sqs => Plain::Sqs(Box::new(plain_sqs::PlainSqs::connect(namespace).await?)),
             #[cfg(feature = "kafka")]
@@ -382,6 +436,8 @@ impl Plain {
             Plain::JetStream(plain) => plain.publish(count).await,
             #[cfg(feature = "postgres")]
             Plain::Postgres(plain) => plain.publish(count, &payload()).await,
+            #[cfg(feature = "sqlite")]
+            Plain::Sqlite(plain) => plain.publish(count, &payload()).await,
             #[cfg(feature = "sqs")]
             Plain::Sqs(plain) => plain.publish(count, &payload()).await,
             #[cfg(feature = "kafka")]
@@ -397,6 +453,8 @@ impl Plain {
             Plain::JetStream(plain) => plain.process(count).await,
             #[cfg(feature = "postgres")]
             Plain::Postgres(plain) => plain.process(count).await,
+            #[cfg(feature = "sqlite")]
+            Plain::Sqlite(plain) => plain.process(count).await,
             #[cfg(feature = "sqs")]
             Plain::Sqs(plain) => plain.process(count).await,
             #[cfg(feature = "kafka")]
@@ -741,6 +799,7 @@ fn print_tables(results: &[BrokerResult]) {
             result.broker.name(),
             thousands(result.messages as f64)
         );
+        println!("  durability: {}", result.broker.durability());
         println!(
             "  {:>11}  {:>10}  {:>12}  {:>12}",
             "concurrency", "sluice", "plain client", "sluice/plain"
@@ -774,6 +833,7 @@ fn to_json(results: &[BrokerResult], messages: usize) -> serde_json::Value {
                 .collect();
             json!({
                 "broker": result.broker.slug(),
+                "durability": result.broker.durability(),
                 "messages": result.messages,
                 "plain_msgs_per_sec": result.plain.round(),
                 "sluice": sluice,

@@ -359,6 +359,41 @@ fn running_in_flight_after_stop(stats: &sluice::router::StatsSnapshot) -> i64 {
     stats.in_flight
 }
 
+/// However many messages wait, no more than `max_in_flight` are between
+/// fetched and settled at any moment.
+#[tokio::test]
+async fn in_flight_deliveries_stay_within_max_in_flight() {
+    const MAX_IN_FLIGHT: usize = 6;
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let mut bounded = route("bounded", &backend, "in", plugin, quick_retry(3));
+        bounded.spec.concurrency = 3;
+        bounded.spec.max_in_flight = MAX_IN_FLIGHT;
+        let running = Running::start(bounded).await;
+        let inputs: Vec<Message> = (0..60).map(|_| Message::new("in", "sleep:5")).collect();
+        backend.publish(inputs).await.unwrap();
+        let watch = running.stats.clone();
+        let most = tokio::spawn(async move {
+            let mut most = 0;
+            while watch.succeeded.load(Ordering::Relaxed) < 60 {
+                most = most.max(watch.in_flight.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            most
+        });
+        outputs.wait_for(60, LIMIT).await;
+        let most = most.await.unwrap();
+        running.stop().await;
+        assert!(most > 0, "{kind}: never saw a delivery in flight");
+        assert!(
+            most <= MAX_IN_FLIGHT as i64,
+            "{kind}: {most} in flight with max_in_flight {MAX_IN_FLIGHT}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn invalid_and_wrong_world_components_are_refused() {
     let runtime = runtime();

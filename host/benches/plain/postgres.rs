@@ -4,7 +4,8 @@
 //! RETURNING`), writes each payload to the output table and commits, so
 //! inputs are consumed and outputs published in one transaction — the same
 //! exactly-once guarantee Sluice gives a route within one database. A
-//! second loop takes and counts the outputs.
+//! second loop takes and counts the outputs. Both sides commit with
+//! `synchronous_commit = off`, as Sluice's settlements do.
 
 use anyhow::{Result, bail};
 use sqlx::PgPool;
@@ -31,7 +32,9 @@ impl PlainPostgres {
         let options: PgConnectOptions = SERVER.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
-            .connect_with(options.options([("search_path", namespace)]))
+            .connect_with(
+                options.options([("search_path", namespace), ("synchronous_commit", "off")]),
+            )
             .await?;
         sqlx::raw_sql(
             "CREATE TABLE plain_in (seq BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL); \

@@ -42,10 +42,12 @@ impl Context {
             } else {
                 self.publish_then_settle(batch).await;
             }
-            self.in_flight.add_permits(count);
+            // Counted down before the permits go back, so the count never
+            // shows more than `max_in_flight`.
             self.stats
                 .in_flight
                 .fetch_sub(count as i64, Ordering::Relaxed);
+            self.in_flight.add_permits(count);
             self.stats.touch();
         }
     }

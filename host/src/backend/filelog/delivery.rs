@@ -333,71 +333,67 @@ impl Store {
     /// Acknowledges a delivery. Acking one whose lease ran out still counts
     /// (the work was done); acking twice is a no-op.
     pub fn ack(&self, key: &str, receipt: &FileReceipt) -> Result<()> {
-        self.check_usable()?;
-        let written = {
-            let mut state = self.lock_state();
-            let Some(group) = state.groups.get_mut(key) else {
-                return Ok(());
-            };
-            if group.settle(&receipt.topic, receipt.offset).is_none() {
-                return Ok(());
-            }
-            group
-                .record(
-                    &[Op::Ack {
-                        topic: receipt.topic.to_string(),
-                        offset: receipt.offset,
-                    }],
-                    SNAPSHOT_AFTER,
-                )
-                .map_err(|e| {
-                    self.write_failed(&format!("writing the journal of group `{key}`"), e)
-                })?
-        };
-        self.commit(&written.into_iter().collect::<Vec<_>>())
+        self.settle(key, &[(receipt, None)])
     }
 
     /// Makes a delivery visible again after `delay`, if this claim still
     /// holds it (a stale nack, after the lease ran out, changes nothing).
     pub fn nack(&self, key: &str, receipt: &FileReceipt, delay: Duration) -> Result<()> {
+        self.settle(key, &[(receipt, Some(delay))])
+    }
+
+    /// Acks (`None`) and nacks (`Some(delay)`) a batch of one group's
+    /// deliveries under one lock, with one journal append and one commit.
+    pub fn settle(&self, key: &str, batch: &[(&FileReceipt, Option<Duration>)]) -> Result<()> {
         self.check_usable()?;
+        let mut released = false;
         let written = {
             let mut state = self.lock_state();
             let Some(group) = state.groups.get_mut(key) else {
                 return Ok(());
             };
-            let holds = group
-                .cursors
-                .get(&receipt.topic)
-                .and_then(|c| c.pending.get(&receipt.offset))
-                .and_then(|p| p.holder)
-                .is_some_and(|h| h.claim == receipt.claim);
-            if !holds {
-                return Ok(());
-            }
-            if delay.is_zero() {
-                group.release(&receipt.topic, receipt.offset, None);
-                None
-            } else {
-                let visible_ms = now_ms() + delay.as_millis() as u64;
-                let at = Instant::now() + delay;
-                group.release(&receipt.topic, receipt.offset, Some((at, visible_ms)));
-                group
-                    .record(
-                        &[Op::Nack {
+            let mut ops = Vec::with_capacity(batch.len());
+            for (receipt, delay) in batch {
+                let Some(delay) = delay else {
+                    if group.settle(&receipt.topic, receipt.offset).is_some() {
+                        ops.push(Op::Ack {
                             topic: receipt.topic.to_string(),
                             offset: receipt.offset,
-                            visible_ms,
-                        }],
-                        SNAPSHOT_AFTER,
-                    )
-                    .map_err(|e| {
-                        self.write_failed(&format!("writing the journal of group `{key}`"), e)
-                    })?
+                        });
+                    }
+                    continue;
+                };
+                let holds = group
+                    .cursors
+                    .get(&receipt.topic)
+                    .and_then(|c| c.pending.get(&receipt.offset))
+                    .and_then(|p| p.holder)
+                    .is_some_and(|h| h.claim == receipt.claim);
+                if !holds {
+                    continue;
+                }
+                released = true;
+                if delay.is_zero() {
+                    group.release(&receipt.topic, receipt.offset, None);
+                } else {
+                    let visible_ms = now_ms() + delay.as_millis() as u64;
+                    let at = Instant::now() + *delay;
+                    group.release(&receipt.topic, receipt.offset, Some((at, visible_ms)));
+                    ops.push(Op::Nack {
+                        topic: receipt.topic.to_string(),
+                        offset: receipt.offset,
+                        visible_ms,
+                    });
+                }
             }
+            group.record(&ops, SNAPSHOT_AFTER).map_err(|e| {
+                self.write_failed(&format!("writing the journal of group `{key}`"), e)
+            })?
         };
         self.commit(&written.into_iter().collect::<Vec<_>>())?;
-        self.changed.notify_waiters();
+        if released {
+            self.changed.notify_waiters();
+        }
         Ok(())
     }
 

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::delivery::FileReceipt;
 use super::store::Store;
-use crate::backend::{Delivery, Subscription, closed_error};
+use crate::backend::{Delivery, SettleError, Settlement, Subscription, closed_error};
 
 pub struct FileSubscription {
     pub(super) store: Arc<Store>,
@@ -85,6 +85,49 @@ impl Subscription for FileSubscription {
         super::blocking(&self.store, || self.store.nack(&self.key, receipt, delay))?;
         self.forget(receipt);
         Ok(())
+    }
+
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        let mut receipts = Vec::with_capacity(batch.len());
+        for (delivery, settlement) in &batch {
+            let delay = match settlement {
+                Settlement::Ack => None,
+                Settlement::Nack(delay) => Some(*delay),
+                // Not transactional: the router never asks for this.
+                Settlement::PublishAndAck(_) => {
+                    return batch
+                        .iter()
+                        .map(|_| {
+                            Err(SettleError::Fatal(anyhow!(
+                                "the file log cannot publish and acknowledge in one transaction"
+                            )))
+                        })
+                        .collect();
+                }
+            };
+            match delivery.receipt.get::<FileReceipt>() {
+                Ok(receipt) => receipts.push((receipt, delay)),
+                Err(e) => {
+                    return batch
+                        .iter()
+                        .map(|_| Err(SettleError::Fatal(anyhow!("{e:#}"))))
+                        .collect();
+                }
+            }
+        }
+        let settled = super::blocking(&self.store, || self.store.settle(&self.key, &receipts));
+        match settled {
+            Ok(()) => {
+                receipts
+                    .iter()
+                    .for_each(|(receipt, _)| self.forget(receipt));
+                batch.iter().map(|_| Ok(())).collect()
+            }
+            Err(e) => batch
+                .iter()
+                .map(|_| Err(SettleError::Unavailable(anyhow!("{e:#}"))))
+                .collect(),
+        }
     }
 
     async fn close(&self) -> Result<()> {
