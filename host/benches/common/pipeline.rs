@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sluice::Message;
-use sluice::backend::{Backend, SubscribeOptions, Subscription};
+use sluice::backend::{Backend, Settlement, SubscribeOptions, Subscription};
 use sluice::router::{
     MessageHandler, RetryPolicy, Route, RouteControl, RouteSpec, RouteStats, WasmHandler,
 };
@@ -72,7 +72,7 @@ pub struct Pipeline {
     shutdown: CancellationToken,
     route: JoinHandle<Result<()>>,
     counter: JoinHandle<Result<()>>,
-    outputs: mpsc::UnboundedReceiver<()>,
+    outputs: mpsc::UnboundedReceiver<usize>,
 }
 
 impl Pipeline {
@@ -131,8 +131,9 @@ impl Pipeline {
     /// Waits for `count` outputs. Every input yields one output and nothing
     /// fails, so none is left over from an earlier phase.
     pub async fn collect(&mut self, count: usize) -> Result<()> {
-        for _ in 0..count {
-            tokio::time::timeout(STALL, self.outputs.recv())
+        let mut counted = 0;
+        while counted < count {
+            counted += tokio::time::timeout(STALL, self.outputs.recv())
                 .await
                 .map_err(|_| anyhow!("no output for {STALL:?}; route: {}", self.stats.snapshot()))?
                 .context("the output counter stopped")?;
@@ -148,21 +149,25 @@ impl Pipeline {
     }
 }
 
-/// Acknowledges every output and reports it. The acks of a batch go out
-/// together: one at a time, the counter would be what is measured.
+/// Acknowledges every output and reports how many came. The acks of a
+/// batch go out together, and the count once per batch: one at a time, the
+/// counter would be what is measured.
 async fn count(
     subscription: Box<dyn Subscription>,
-    sender: mpsc::UnboundedSender<()>,
+    sender: mpsc::UnboundedSender<usize>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     while !shutdown.is_cancelled() {
         let deliveries = subscription.fetch(256, Duration::from_millis(100)).await?;
-        let acks = deliveries.iter().map(|d| subscription.ack(d));
-        futures::future::try_join_all(acks).await?;
-        for _ in &deliveries {
-            // Nobody listening means the run is stopping.
-            let _ = sender.send(());
+        if deliveries.is_empty() {
+            continue;
         }
+        let acks = deliveries.iter().map(|d| (d, Settlement::Ack)).collect();
+        for result in subscription.settle(acks).await {
+            result?;
+        }
+        // Nobody listening means the run is stopping.
+        let _ = sender.send(deliveries.len());
     }
     subscription.close().await
 }

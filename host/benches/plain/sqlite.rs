@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{Result, bail};
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, SqlitePool};
 
 /// Rows a plain loop takes at once.
 const BATCH: i64 = 100;
@@ -70,32 +70,26 @@ impl PlainSqlite {
 
     pub async fn process(&mut self, count: usize) -> Result<()> {
         let work = async {
-            let mut connection = self.pool.acquire().await?;
             let mut done = 0;
             while done < count {
-                let moved = connection
-                    .transaction(|tx| {
-                        Box::pin(async move {
-                            let taken: Vec<(Vec<u8>,)> = sqlx::query_as(
-                                "DELETE FROM plain_in WHERE seq IN ( \
-                                     SELECT seq FROM plain_in ORDER BY seq LIMIT ?) \
-                                 RETURNING payload",
-                            )
-                            .bind(BATCH)
-                            .fetch_all(&mut **tx)
-                            .await?;
-                            for (payload,) in &taken {
-                                sqlx::query("INSERT INTO plain_out (payload) VALUES (?)")
-                                    .bind(payload)
-                                    .execute(&mut **tx)
-                                    .await?;
-                            }
-                            sqlx::Result::Ok(taken.len())
-                        })
-                    })
-                    .await?;
-                done += moved;
-                idle_if_empty(moved).await;
+                let mut tx = self.pool.begin().await?;
+                let taken: Vec<(Vec<u8>,)> = sqlx::query_as(
+                    "DELETE FROM plain_in WHERE seq IN ( \
+                         SELECT seq FROM plain_in ORDER BY seq LIMIT ?) \
+                     RETURNING payload",
+                )
+                .bind(BATCH)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (payload,) in &taken {
+                    sqlx::query("INSERT INTO plain_out (payload) VALUES (?)")
+                        .bind(payload)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                done += taken.len();
+                idle_if_empty(taken.len()).await;
             }
             anyhow::Ok(())
         };
