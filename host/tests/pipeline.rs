@@ -359,6 +359,44 @@ fn running_in_flight_after_stop(stats: &sluice::router::StatsSnapshot) -> i64 {
     stats.in_flight
 }
 
+/// Slow handlers and a short lease: the router fetches no more than its
+/// workers can start within the lease, so no delivery waits in a lane until
+/// its lease runs out and comes back while the first copy is still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_never_outlasts_the_lease() {
+    const MESSAGES: usize = 150;
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let mut slow = route("slow", &backend, "in", plugin, quick_retry(3));
+        slow.spec.concurrency = 2;
+        slow.spec.subscribe.lease = Duration::from_millis(1_500);
+        let running = Running::start(slow).await;
+        // 150 × 30 ms over 2 workers: about twice the lease in all.
+        let inputs: Vec<Message> = (0..MESSAGES)
+            .map(|_| Message::new("in", "sleep:30"))
+            .collect();
+        backend.publish(inputs).await.unwrap();
+        let got = outputs.wait_for(MESSAGES, LIMIT).await;
+        // Anything handled twice would show up within a lease.
+        tokio::time::sleep(Duration::from_millis(1_600)).await;
+        let stats = running.stats.snapshot();
+        running.stop().await;
+        let mut inputs: Vec<&str> = got
+            .iter()
+            .filter_map(|m| m.header(headers::CAUSATION_ID))
+            .collect();
+        inputs.sort();
+        inputs.dedup();
+        assert_eq!(inputs.len(), MESSAGES, "{kind}: every input handled");
+        assert_eq!(
+            stats.received, MESSAGES as u64,
+            "{kind}: deliveries came back while queued ({stats})"
+        );
+    }
+}
+
 /// However many messages wait, no more than `max_in_flight` are between
 /// fetched and settled at any moment.
 #[tokio::test]

@@ -186,8 +186,52 @@ impl Pace {
             return FETCH_BATCH_MIN.saturating_sub(queued);
         }
         let budget = window.as_nanos() * workers as u128 / per_message as u128;
-        (budget.min(usize::MAX as u128) as usize)
+        // One at a time even when a message takes longer than the window:
+        // the lease check at startup keeps a call shorter than the lease.
+        (budget.clamp(1, usize::MAX as u128) as usize)
             .saturating_sub(queued)
             .min(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn before_any_call_fetches_the_smallest_batch() {
+        let pace = Pace::default();
+        assert_eq!(pace.startable(WINDOW, 4, 256), FETCH_BATCH_MIN);
+        pace.queued.store(FETCH_BATCH_MIN, Ordering::Relaxed);
+        assert_eq!(pace.startable(WINDOW, 4, 256), 0);
+    }
+
+    #[test]
+    fn fast_handlers_get_whole_batches() {
+        let pace = Pace::default();
+        pace.handled(100, Duration::from_micros(500));
+        assert_eq!(pace.startable(WINDOW, 1, 256), 256);
+    }
+
+    #[test]
+    fn slow_handlers_get_what_they_can_start_within_the_window() {
+        let pace = Pace::default();
+        pace.handled(1, Duration::from_secs(1));
+        // 2 workers × 15 s ÷ 1 s a message, 10 of them already waiting.
+        pace.queued.store(10, Ordering::Relaxed);
+        assert_eq!(pace.startable(WINDOW, 2, 256), 20);
+    }
+
+    #[test]
+    fn a_handler_slower_than_the_window_still_gets_one_at_a_time() {
+        let pace = Pace::default();
+        pace.handled(1, Duration::from_secs(20));
+        assert_eq!(pace.startable(WINDOW, 1, 256), 1);
+        pace.queued.store(1, Ordering::Relaxed);
+        assert_eq!(pace.startable(WINDOW, 1, 256), 0);
+        pace.took(1);
+        assert_eq!(pace.startable(WINDOW, 1, 256), 1);
     }
 }
