@@ -1,6 +1,7 @@
 //! The Redis backends on the shared server at 127.0.0.1:6379: what the
 //! conformance suite does not show — a dead consumer's entries reclaimed
-//! with the attempt count going on, MAXLEN trimming, the pending count,
+//! with the attempt count going on, a batch settled around a delivery whose
+//! lease was lost, MAXLEN trimming, the pending count,
 //! pub/sub fan-out, and the same plugin and config moved to Redis by the
 //! environment alone.
 //!
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use sluice::Message;
 use sluice::backend::redis::{RedisPubSubBackend, RedisStreamsBackend};
-use sluice::backend::{Backend, Delivery, SubscribeOptions, Subscription};
+use sluice::backend::{Backend, Delivery, SettleError, Settlement, SubscribeOptions, Subscription};
 
 const SHARED: &str = "127.0.0.1:6379";
 
@@ -169,6 +170,179 @@ async fn dead_consumers_entries_are_claimed_and_attempts_go_on() {
     survivor.ack(&again).await.unwrap();
     assert_eq!(survivor_process.pending(&group).await.unwrap(), 0);
     survivor.close().await.unwrap();
+}
+
+/// Consumer `a` holds three deliveries of `jobs`, but the lease of the
+/// first ran out and consumer `b` (another process) claimed it.
+struct LostLease {
+    a: Box<dyn Subscription>,
+    b: Box<dyn Subscription>,
+    /// `a`'s copies, the first one lost.
+    held: Vec<Delivery>,
+    /// `b`'s copy of the first.
+    claimed: Delivery,
+    group: String,
+    backend: RedisStreamsBackend,
+}
+
+async fn lose_one_lease(ns: &Namespace) -> LostLease {
+    let url = ns.url("redis", "&claim_idle_ms=300");
+    let backend = RedisStreamsBackend::connect(&url).await.unwrap();
+    let a = backend
+        .subscribe(options("jobs", "workers", 300))
+        .await
+        .unwrap();
+    backend
+        .publish(vec![Message::new("jobs", "first")])
+        .await
+        .unwrap();
+    let first = next(a.as_ref(), Duration::from_secs(5)).await;
+    // `a` stalls past its lease; `b`, first thing, claims what it left.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let elsewhere = RedisStreamsBackend::connect(&url).await.unwrap();
+    let b = elsewhere
+        .subscribe(options("jobs", "workers", 300))
+        .await
+        .unwrap();
+    let claimed = next(b.as_ref(), Duration::from_secs(5)).await;
+    assert_eq!(claimed.message.id, first.message.id);
+    assert_eq!(claimed.attempt, 2);
+    backend
+        .publish(vec![
+            Message::new("jobs", "second"),
+            Message::new("jobs", "third"),
+        ])
+        .await
+        .unwrap();
+    let mut held = vec![first];
+    while held.len() < 3 {
+        held.push(next(a.as_ref(), Duration::from_secs(5)).await);
+    }
+    LostLease {
+        a,
+        b,
+        held,
+        claimed,
+        group: options("jobs", "workers", 300).group_key(),
+        backend,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_settles_around_a_delivery_whose_lease_was_lost() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let lost = lose_one_lease(&ns).await;
+    let held = &lost.held;
+    let results = lost
+        .a
+        .settle(vec![
+            (&held[0], Settlement::Ack),
+            (&held[1], Settlement::Ack),
+            (&held[2], Settlement::Nack(Duration::ZERO)),
+        ])
+        .await;
+    assert!(
+        matches!(results[0], Err(SettleError::LeaseLost)),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok() && results[2].is_ok(), "{results:?}");
+
+    // The lost one is still `b`'s, delivered twice; the others are settled.
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(format!("{}jobs", ns.prefix))
+        .arg(&lost.group)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut ns.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].3, 2, "{pending:?}");
+    // A single ack or nack of it answers the same and changes nothing.
+    let stale = lost.a.nack(&held[0], Duration::ZERO).await.unwrap_err();
+    assert!(
+        matches!(stale.downcast_ref(), Some(SettleError::LeaseLost)),
+        "{stale:#}"
+    );
+    assert_eq!(lost.backend.pending(&lost.group).await.unwrap(), 1);
+    lost.b.ack(&lost.claimed).await.unwrap();
+
+    // The nacked one comes back once, as its next attempt.
+    let again = next(lost.a.as_ref(), Duration::from_secs(5)).await;
+    assert_eq!(again.message.id, held[2].message.id);
+    assert_eq!(again.attempt, 2);
+    lost.a.ack(&again).await.unwrap();
+    assert_eq!(lost.backend.pending(&lost.group).await.unwrap(), 0);
+    lost.a.close().await.unwrap();
+    lost.b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_ack_publishes_nothing_for_a_lost_lease() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let lost = lose_one_lease(&ns).await;
+    assert!(lost.a.transactional());
+    let held = &lost.held;
+    let outputs = |d: &Delivery| {
+        vec![
+            Message::new("done", format!("{}-x", d.message.id)),
+            Message::new("done", format!("{}-y", d.message.id)),
+        ]
+    };
+    let results = lost
+        .a
+        .settle(
+            held.iter()
+                .map(|d| (d, Settlement::PublishAndAck(outputs(d))))
+                .collect(),
+        )
+        .await;
+    assert!(
+        matches!(results[0], Err(SettleError::LeaseLost)),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok() && results[2].is_ok(), "{results:?}");
+    let stale = lost
+        .a
+        .publish_and_ack(&held[0], outputs(&held[0]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale.downcast_ref(), Some(SettleError::LeaseLost)),
+        "{stale:#}"
+    );
+
+    // Exactly the outputs of the two settled inputs, in order.
+    type Field = (String, Vec<u8>);
+    let entries: Vec<(String, Vec<Field>)> = redis::cmd("XRANGE")
+        .arg(format!("{}done", ns.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut ns.conn().await)
+        .await
+        .unwrap();
+    let payloads: Vec<String> = entries
+        .iter()
+        .map(|(_, fields)| {
+            let (_, payload) = fields.iter().find(|(name, _)| name == "payload").unwrap();
+            String::from_utf8(payload.clone()).unwrap()
+        })
+        .collect();
+    let expected: Vec<String> = held[1..]
+        .iter()
+        .flat_map(outputs)
+        .map(|m| String::from_utf8(m.payload).unwrap())
+        .collect();
+    assert_eq!(payloads, expected);
+    assert_eq!(lost.backend.pending(&lost.group).await.unwrap(), 1);
+    lost.b.ack(&lost.claimed).await.unwrap();
+    lost.a.close().await.unwrap();
+    lost.b.close().await.unwrap();
 }
 
 #[tokio::test]

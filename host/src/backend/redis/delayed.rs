@@ -1,7 +1,8 @@
 //! Redelivery after a nack, done by Sluice on top of Redis (Streams have no
 //! delayed visibility).
 //!
-//! A nack acks the entry and, in the same script, parks a copy of the
+//! A nack acks the entry and, in the same script (the settling script,
+//! `settle.rs`, which does a batch's nacks with its acks), parks a copy of the
 //! message (an envelope that also carries the attempts so far) in the
 //! group's sorted set `P.delayed:<group>`, scored by the server time it is
 //! due; with no delay it goes straight to the group's retry stream
@@ -17,49 +18,16 @@
 //! a retry may come up to one read (`block_ms`, or the fetch's wait if
 //! shorter) after its delay. A zero-delay nack wakes blocked readers at once.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
 use anyhow::{Context, Result};
 
-use super::envelope;
-use super::subscription::{EntryReceipt, StreamSubscription};
-use super::{scripts, transient};
-use crate::backend::Delivery;
+use super::scripts;
+use super::subscription::StreamSubscription;
 
 /// Due retries moved per script call at most.
 const PROMOTE_BATCH: usize = 1000;
-
-/// Nacks a delivery. Returns false if this consumer no longer held it.
-pub async fn nack(
-    sub: &StreamSubscription,
-    receipt: &EntryReceipt,
-    delivery: &Delivery,
-    delay: Duration,
-) -> Result<bool> {
-    let keys = &sub.shared.keys;
-    let parked = envelope::encode(&delivery.message, delivery.attempt);
-    let mut invocation = scripts::NACK.prepare_invoke();
-    invocation
-        .key(&receipt.stream)
-        .key(keys.retry(&sub.group))
-        .key(keys.delayed(&sub.group))
-        .arg(&sub.group)
-        .arg(&receipt.id)
-        .arg(&sub.consumer)
-        .arg(delay.as_millis() as u64)
-        .arg(parked);
-    let invocation = &invocation;
-    let done: i64 = transient::retry(|| {
-        let mut conn = sub.shared.conn.clone();
-        async move { invocation.invoke_async(&mut conn).await }
-    })
-    .await
-    .context("nack")?;
-    sub.shared.nacks.fetch_add(1, Ordering::SeqCst);
-    Ok(done == 1)
-}
 
 /// Moves the group's due retries to its retry stream; returns how long
 /// until the next one is due, if any is waiting.

@@ -8,7 +8,7 @@
 //!
 //! | | |
 //! |---|---|
-//! | delivery | at least once; an unacknowledged entry comes back after the lease |
+//! | delivery | at least once; an unacknowledged entry comes back after the lease; exactly once for a route whose input and output are this backend |
 //! | groups | Redis consumer groups, one per [`SubscribeOptions::group_key`] (name and topics); members compete, groups fan out, across processes too |
 //! | patterns | `*` and `>`: matching streams are found by SCAN (at subscribe, every `scan_ms`, and at once for topics this process publishes to) and read in the same XREADGROUP |
 //! | ordering | per stream while nothing fails; a nacked message is redelivered after later ones (`ordered_per_key` is false) |
@@ -36,6 +36,15 @@
 //! from before its nack. Reclaim: every member runs XAUTOCLAIM with the
 //! claim time on each of its streams about twice per lease (at least every
 //! 5 s), and at once when a member of this process hands entries back.
+//! Settling: the acks, nacks and publish-and-acks of a batch go to the
+//! server in one script call (`settle.rs`), which settles each entry only
+//! while this consumer still holds it with the delivery count it was given;
+//! otherwise that entry answers [`SettleError::LeaseLost`] and nothing of
+//! it changes (`lease_checked`). The subscription is transactional: when a
+//! route's input and output are the same backend, a delivery's outputs
+//! (XADD) and its ack are one all-or-nothing step of that script, so
+//! processing within Redis is exactly once, across crashes too.
+//!
 //! Close hands unsettled entries to a placeholder consumer
 //! (`sluice-returned`), idle for years so the next XAUTOCLAIM takes them, and
 //! removes the consumer; an ephemeral group is destroyed instead.
@@ -68,6 +77,7 @@
 //! `host_graceful_shutdown_settles_in_flight`).
 //!
 //! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
+//! [`SettleError::LeaseLost`]: crate::backend::SettleError::LeaseLost
 
 mod config;
 mod delayed;
@@ -76,6 +86,7 @@ mod listener;
 mod pubsub;
 mod reader;
 mod scripts;
+mod settle;
 pub mod streams;
 mod subscription;
 mod transient;

@@ -302,6 +302,7 @@ impl Reader {
             receipt: Receipt::new(EntryReceipt {
                 stream: stream.to_string(),
                 id: entry.id.clone(),
+                count,
             }),
         }
     }

@@ -52,30 +52,102 @@ return start
     )
 });
 
-/// Settles a delivery as failed, only if this consumer still holds it: acks
-/// the entry and parks a copy (an envelope carrying the attempts so far) in
-/// the group's delayed set, or straight in its retry stream for no delay.
+/// Settles a batch of deliveries, each on its own and all or nothing: only
+/// if this consumer still holds the entry with the delivery count it was
+/// given (else its lease ran out and another consumer, or a later delivery
+/// here, has it now), and only once every key it would write holds the
+/// right type, so no write can fail halfway. Then, by kind:
 ///
-/// KEYS: source stream, retry stream, delayed set.
-/// ARGV: group, entry id, consumer, delay ms, envelope. Returns 1, or 0 if
-/// the delivery was no longer this consumer's (settled, or claimed by
-/// another after its lease).
-pub static NACK: LazyLock<Script> = LazyLock::new(|| {
+/// - `a` (ack): XACK (and XDEL from the retry stream, which is the group's
+///   alone);
+/// - `n` (nack): the same, plus a copy (an envelope carrying the attempts
+///   so far) parked in the delayed set, scored by when it is due, or put
+///   straight in the retry stream for no delay;
+/// - `p` (publish and ack): XADD of each output, then as an ack.
+///
+/// KEYS: retry stream, delayed set, then every source and output stream.
+/// ARGV: group, consumer, MAXLEN (`` for none), then per delivery: kind,
+/// source (KEYS index), entry id, delivery count; for `n` the delay ms and
+/// the envelope; for `p` the number of outputs, and per output its stream
+/// (KEYS index), the number of field arguments and the fields. Returns, per
+/// delivery, 1 (done), 0 (no longer this consumer's: nothing changed) or
+/// why it was refused.
+pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if KEYS[1] == KEYS[2] then redis.call('XDEL', KEYS[1], ARGV[2]) end
-local delay = tonumber(ARGV[4])
-if delay <= 0 then
-  redis.call('XADD', KEYS[2], '*', 'm', ARGV[5])
-else
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[3], string.format('%.0f', now + delay), ARGV[5])
+local group, consumer, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local retry, delayed = KEYS[1], KEYS[2]
+local fits = {}
+local function refusal(key, want)
+  if fits[key] then return nil end
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then
+    return 'key `' .. key .. '` holds a ' .. t .. ', not a ' .. want
+  end
+  fits[key] = true
+  return nil
 end
-return 1
+local now
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local kind, source, id = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
+  local count = tonumber(ARGV[i + 3])
+  i = i + 4
+  local delay, parked
+  local outputs = {}
+  if kind == 'n' then
+    delay, parked = tonumber(ARGV[i]), ARGV[i + 1]
+    i = i + 2
+  elseif kind == 'p' then
+    local n = tonumber(ARGV[i])
+    i = i + 1
+    for _ = 1, n do
+      local len = tonumber(ARGV[i + 1])
+      outputs[#outputs + 1] = {KEYS[tonumber(ARGV[i])], i + 2, i + 1 + len}
+      i = i + 2 + len
+    end
+  end
+  local result = 1
+  local ok, p = pcall(redis.call, 'XPENDING', source, group, id, id, 1)
+  if not ok or #p == 0 or p[1][2] ~= consumer or p[1][4] ~= count then
+    result = 0
+  elseif kind == 'n' then
+    if delay <= 0 then result = refusal(retry, 'stream') or 1
+    else result = refusal(delayed, 'zset') or 1 end
+  else
+    for _, o in ipairs(outputs) do
+      local why = refusal(o[1], 'stream')
+      if why then result = why break end
+    end
+  end
+  if result == 1 then
+    for _, o in ipairs(outputs) do
+      local xadd = {'XADD', o[1]}
+      if maxlen ~= '' then
+        xadd[3], xadd[4], xadd[5] = 'MAXLEN', '~', maxlen
+      end
+      xadd[#xadd + 1] = '*'
+      for j = o[2], o[3] do xadd[#xadd + 1] = ARGV[j] end
+      redis.call(unpack(xadd))
+    end
+    redis.call('XACK', source, group, id)
+    if source == retry then redis.call('XDEL', source, id) end
+    if kind == 'n' then
+      if delay <= 0 then
+        redis.call('XADD', retry, '*', 'm', parked)
+      else
+        if not now then
+          local t = redis.call('TIME')
+          now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
+        redis.call('ZADD', delayed, string.format('%.0f', now + delay), parked)
+      end
+    end
+  end
+  out[#out + 1] = result
+end
+return out
 "#,
     )
 });

@@ -2,6 +2,7 @@
 //! consumer groups, the key layout, and the pending count for monitoring.
 //! What a subscription does is in `subscription.rs`.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Records the topics of messages just published, for pattern
+    /// subscriptions here to find their streams at once.
+    pub fn note_published<'a>(&self, topics: impl Iterator<Item = &'a str>) {
+        let mut published = self.published.lock().unwrap();
+        for topic in topics {
+            if !published.1.contains(topic) {
+                published.1.insert(topic.to_string());
+                published.0.push(topic.to_string());
+            }
+        }
+    }
+
     /// Topics published here since `seen`, and the new mark.
     pub fn published_since(&self, seen: usize) -> (Vec<String>, usize) {
         let published = self.published.lock().unwrap();
@@ -195,6 +208,38 @@ impl Shared {
         found.dedup();
         Ok(found)
     }
+}
+
+/// One field of a stream entry: its name and value.
+pub type EntryField<'a> = (&'static str, Cow<'a, [u8]>);
+
+/// The fields of a message's stream entry, as name/value pairs (the key
+/// and headers only when present); refuses a topic that cannot be
+/// published to.
+pub fn entry_fields(message: &Message) -> Result<Vec<EntryField<'_>>> {
+    if let Err(e) = pattern::validate(&message.topic) {
+        bail!("cannot publish: {e}");
+    }
+    if pattern::is_pattern(&message.topic) {
+        bail!(
+            "cannot publish to `{}`: a pattern is not a topic",
+            message.topic
+        );
+    }
+    let mut fields = Vec::with_capacity(5);
+    fields.push(("id", Cow::Borrowed(message.id.as_bytes())));
+    if let Some(key) = &message.key {
+        fields.push(("key", Cow::Borrowed(key.as_bytes())));
+    }
+    if !message.headers.is_empty() {
+        fields.push(("headers", Cow::Owned(serde_json::to_vec(&message.headers)?)));
+    }
+    fields.push(("payload", Cow::Borrowed(&message.payload[..])));
+    fields.push((
+        "ts",
+        Cow::Owned(message.timestamp_ms.to_string().into_bytes()),
+    ));
+    Ok(fields)
 }
 
 /// Reconnects with backoff (100 ms doubling, at most 2 s between tries);
@@ -321,7 +366,10 @@ impl Backend for RedisStreamsBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
-            lease_checked: false,
+            // The settling script checks that this consumer still holds
+            // the entry, with the delivery count it was given, before it
+            // changes anything.
+            lease_checked: true,
         }
     }
 
@@ -330,37 +378,22 @@ impl Backend for RedisStreamsBackend {
             return Ok(());
         }
         let mut pipe = ::redis::pipe();
-        // All or nothing, so a failed publish can simply be repeated.
+        // All or nothing, so a failed publish can simply be repeated. The
+        // whole batch goes out in one write and its replies are read
+        // together: one round trip whatever its size.
         pipe.atomic();
         for message in &messages {
-            if let Err(e) = pattern::validate(&message.topic) {
-                bail!("cannot publish: {e}");
-            }
-            if pattern::is_pattern(&message.topic) {
-                bail!(
-                    "cannot publish to `{}`: a pattern is not a topic",
-                    message.topic
-                );
-            }
             let cmd = pipe
                 .cmd("XADD")
                 .arg(self.shared.keys.stream(&message.topic));
             if let Some(maxlen) = self.shared.config.maxlen {
                 cmd.arg("MAXLEN").arg("~").arg(maxlen);
             }
-            cmd.arg("*").arg("id").arg(&message.id);
-            if let Some(key) = &message.key {
-                cmd.arg("key").arg(key);
+            cmd.arg("*");
+            for (name, value) in entry_fields(message)? {
+                cmd.arg(name).arg(value.as_ref());
             }
-            if !message.headers.is_empty() {
-                cmd.arg("headers")
-                    .arg(serde_json::to_string(&message.headers)?);
-            }
-            cmd.arg("payload")
-                .arg(&message.payload)
-                .arg("ts")
-                .arg(message.timestamp_ms)
-                .ignore();
+            cmd.ignore();
         }
         let pipe = &pipe;
         let _: () = transient::retry(|| {
@@ -369,13 +402,8 @@ impl Backend for RedisStreamsBackend {
         })
         .await
         .context("XADD to Redis")?;
-        let mut published = self.shared.published.lock().unwrap();
-        for message in messages {
-            if !published.1.contains(&message.topic) {
-                published.1.insert(message.topic.clone());
-                published.0.push(message.topic);
-            }
-        }
+        self.shared
+            .note_published(messages.iter().map(|m| m.topic.as_str()));
         Ok(())
     }
 

@@ -14,8 +14,11 @@ use tokio::time::Instant;
 
 use super::reader::Reader;
 use super::streams::Shared;
-use super::{delayed, scripts, transient};
-use crate::backend::{Delivery, StartFrom, SubscribeOptions, Subscription, closed_error, pattern};
+use super::{scripts, settle, transient};
+use crate::backend::{
+    Delivery, SettleError, Settlement, StartFrom, SubscribeOptions, Subscription, closed_error,
+    pattern,
+};
 use crate::message::Message;
 
 /// The consumer that holds entries handed back on close until a live member
@@ -29,10 +32,13 @@ const HANDED_BACK_IDLE_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 /// when a member joins.
 const TIDY_IDLE_MS: u64 = 3600 * 1000;
 
-/// A delivery's receipt: which entry of which stream.
+/// A delivery's receipt: which entry of which stream, and its delivery
+/// count in the group when this consumer got it (a reclaim since, here or
+/// elsewhere, raises it).
 pub struct EntryReceipt {
     pub stream: String,
     pub id: String,
+    pub count: u64,
 }
 
 /// An entry this consumer holds and has not settled.
@@ -123,7 +129,7 @@ impl StreamSubscription {
         })
     }
 
-    fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
 
@@ -159,11 +165,21 @@ impl StreamSubscription {
         out
     }
 
-    fn release(&self, receipt: &EntryReceipt) {
+    /// Forgets an entry settled (or lost) so close does not hand it back.
+    pub fn release(&self, receipt: &EntryReceipt) {
         self.held
             .lock()
             .unwrap()
             .remove(&(receipt.stream.clone(), receipt.id.clone()));
+    }
+
+    async fn settle_one(&self, delivery: &Delivery, settlement: Settlement) -> Result<()> {
+        let result = settle::settle(self, &[(delivery, settlement)]).await;
+        match result.into_iter().next().expect("one answer") {
+            Ok(()) => Ok(()),
+            Err(SettleError::Unavailable(e)) => Err(e),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Hands every unsettled entry back to the group.
@@ -294,40 +310,24 @@ impl Subscription for StreamSubscription {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        let receipt = delivery.receipt.get::<EntryReceipt>()?;
-        let mut pipe = ::redis::pipe();
-        pipe.cmd("XACK")
-            .arg(&receipt.stream)
-            .arg(&self.group)
-            .arg(&receipt.id)
-            .ignore();
-        // Retry entries belong to this group alone: delete them once done.
-        if receipt.stream == self.shared.keys.retry(&self.group) {
-            pipe.atomic()
-                .cmd("XDEL")
-                .arg(&receipt.stream)
-                .arg(&receipt.id)
-                .ignore();
-        }
-        let pipe = &pipe;
-        let _: () = transient::retry(|| {
-            let mut conn = self.shared.conn.clone();
-            async move { pipe.query_async(&mut conn).await }
-        })
-        .await
-        .context("XACK")?;
-        self.release(receipt);
-        Ok(())
+        self.settle_one(delivery, Settlement::Ack).await
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
-        let receipt = delivery.receipt.get::<EntryReceipt>()?;
-        let current = delayed::nack(self, receipt, delivery, delay).await?;
-        if !current {
-            tracing::debug!(group = %self.group, id = %receipt.id, "nack of a delivery this consumer no longer holds");
-        }
-        self.release(receipt);
-        Ok(())
+        self.settle_one(delivery, Settlement::Nack(delay)).await
+    }
+
+    fn transactional(&self) -> bool {
+        true
+    }
+
+    async fn publish_and_ack(&self, delivery: &Delivery, messages: Vec<Message>) -> Result<()> {
+        self.settle_one(delivery, Settlement::PublishAndAck(messages))
+            .await
+    }
+
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        settle::settle(self, &batch).await
     }
 
     async fn close(&self) -> Result<()> {
