@@ -638,12 +638,15 @@ async fn batch_settle_answers_per_item(ctx: Ctx) -> Result<()> {
 /// nothing, so the message stays the other consumer's.
 async fn batch_settles_around_a_lost_lease(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
-    let short = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_millis(500);
-    let slow = ctx.subscribe_with([topic.clone()], "g", short).await?;
-    let other = ctx.subscribe([topic.clone()], "g").await?;
+    // Members of a group share a lease, as routes of one config do (on some
+    // backends the lease is how long a member waits before taking over).
+    let lease = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_secs(1);
+    let slow = ctx.subscribe_with([topic.clone()], "g", lease).await?;
+    let other = ctx.subscribe_with([topic.clone()], "g", lease).await?;
     ctx.backend.publish(numbered(&topic, 1)).await?;
     let stale = fetch_exactly(slow.as_ref(), 1).await?.remove(0);
-    // `slow` sits on it past its lease, until `other` has it.
+    // `slow` sits on it past its lease, until `other` has it; the rest
+    // happens well within `other`'s lease.
     let taken = fetch_exactly(other.as_ref(), 1).await?.remove(0);
     ensure!(taken.message.id == stale.message.id, "another message came");
     ctx.backend.publish(numbered(&topic, 2)).await?;
