@@ -345,6 +345,50 @@ async fn publish_and_ack_publishes_nothing_for_a_lost_lease() {
     lost.b.close().await.unwrap();
 }
 
+/// Single acks and nacks made at the same time go to the server together;
+/// each still gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_settlements_each_get_their_own_answer() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let lost = lose_one_lease(&ns).await;
+    lost.backend
+        .publish(
+            (0..40)
+                .map(|i| Message::new("jobs", format!("more-{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut held = lost.held;
+    while held.len() < 43 {
+        held.extend(lost.a.fetch(50, Duration::from_secs(2)).await.unwrap());
+    }
+    let a = lost.a.as_ref();
+    let answers = futures::future::join_all(held.iter().enumerate().map(|(i, d)| async move {
+        if i % 2 == 0 {
+            a.ack(d).await
+        } else {
+            a.nack(d, Duration::from_secs(60)).await
+        }
+    }))
+    .await;
+    let stale = answers[0].as_ref().unwrap_err();
+    assert!(
+        matches!(stale.downcast_ref(), Some(SettleError::LeaseLost)),
+        "{stale:#}"
+    );
+    for answer in &answers[1..] {
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    // `b`'s entry, and the 21 nacked ones waiting for their delay.
+    assert_eq!(lost.backend.pending(&lost.group).await.unwrap(), 22);
+    lost.b.ack(&lost.claimed).await.unwrap();
+    lost.a.close().await.unwrap();
+    lost.b.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn maxlen_trims_each_topic_stream() {
     let Some(ns) = Namespace::new().await else {

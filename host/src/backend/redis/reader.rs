@@ -192,7 +192,7 @@ impl Reader {
         let mut held = sub.held.lock().unwrap();
         for stream in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in stream.ids {
-                let delivery = self.deliver(sub, &stream.key, &entry, 1, &mut held);
+                let delivery = self.deliver(sub, &stream.key, entry, 1, &mut held);
                 self.buffer.push_back((delivery, now));
             }
         }
@@ -267,9 +267,9 @@ impl Reader {
             .context("XPENDING")?;
         let now = Instant::now();
         let mut held = sub.held.lock().unwrap();
-        for ((stream, entry), pending) in claimed.iter().zip(counts) {
+        for ((stream, entry), pending) in claimed.into_iter().zip(counts) {
             let count = pending.first().map_or(1, |p| p.3.max(1));
-            let delivery = self.deliver(sub, stream, entry, count, &mut held);
+            let delivery = self.deliver(sub, &stream, entry, count, &mut held);
             self.buffer.push_back((delivery, now));
         }
         Ok(full)
@@ -280,14 +280,14 @@ impl Reader {
         &self,
         sub: &StreamSubscription,
         stream: &str,
-        entry: &StreamId,
+        mut entry: StreamId,
         count: u64,
         held: &mut HashMap<(String, String), Held>,
     ) -> Delivery {
         let (message, attempts_before) = if stream == self.retry {
-            decode_retry(entry)
+            decode_retry(&mut entry)
         } else {
-            (decode_entry(&sub.shared.keys, stream, entry), 0)
+            (decode_entry(&sub.shared.keys, stream, &mut entry), 0)
         };
         held.insert(
             (stream.to_string(), entry.id.clone()),
@@ -301,7 +301,7 @@ impl Reader {
             attempt: attempts_before.saturating_add(count.min(u32::MAX as u64) as u32),
             receipt: Receipt::new(EntryReceipt {
                 stream: stream.to_string(),
-                id: entry.id.clone(),
+                id: entry.id,
                 count,
             }),
         }
@@ -312,23 +312,26 @@ fn is_nogroup(e: &RedisError) -> bool {
     e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
 
-fn field_bytes(entry: &StreamId, name: &str) -> Option<Vec<u8>> {
-    match entry.map.get(name)? {
-        Value::BulkString(bytes) => Some(bytes.clone()),
-        Value::SimpleString(text) => Some(text.clone().into_bytes()),
+/// Takes a field's value out of the entry (so a payload is not copied).
+fn field_bytes(entry: &mut StreamId, name: &str) -> Option<Vec<u8>> {
+    match entry.map.remove(name)? {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.into_bytes()),
         Value::Int(n) => Some(n.to_string().into_bytes()),
         _ => None,
     }
 }
 
-fn field_text(entry: &StreamId, name: &str) -> Option<String> {
-    field_bytes(entry, name).map(|b| String::from_utf8_lossy(&b).into_owned())
+fn field_text(entry: &mut StreamId, name: &str) -> Option<String> {
+    field_bytes(entry, name).map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
 }
 
 /// A topic stream entry as a message. Lenient, so streams written by other
 /// tools can be consumed: a missing id becomes `<stream>/<entry id>`, a
 /// missing timestamp the entry id's time, a missing payload empty.
-fn decode_entry(keys: &Keys, stream: &str, entry: &StreamId) -> Message {
+fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> Message {
     let topic = keys.topic(stream).unwrap_or(stream).to_string();
     let headers = match field_text(entry, "headers") {
         None => Vec::new(),
@@ -356,7 +359,7 @@ fn decode_entry(keys: &Keys, stream: &str, entry: &StreamId) -> Message {
 }
 
 /// A retry stream entry: the envelope parked by a nack.
-fn decode_retry(entry: &StreamId) -> (Message, u32) {
+fn decode_retry(entry: &mut StreamId) -> (Message, u32) {
     let bytes = field_bytes(entry, "m").unwrap_or_default();
     envelope::decode(&bytes).unwrap_or_else(|e| {
         // Only Sluice writes retry streams; a broken entry is delivered as

@@ -1,4 +1,4 @@
-//! Settling a batch of deliveries in one round trip: the acks, nacks and
+//! Settling deliveries in one round trip: the acks, nacks and
 //! publish-and-acks of a batch go to the server in one call of the
 //! settling script ([`scripts::SETTLE`]), which takes each delivery on its
 //! own and all or nothing, and only while this consumer still holds it.
@@ -10,40 +10,253 @@
 //! nothing and answers [`SettleError::LeaseLost`]. It also makes a call
 //! that failed on the connection safe to repeat: what already took effect
 //! is no longer held, so it is not done twice.
+//!
+//! Single acks and nacks that arrive while another is on its way wait for
+//! it and then go together ([`Singles`]), so a consumer acking many
+//! deliveries at once pays one script call, not one each.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use ::redis::{ErrorKind, ServerErrorKind, Value};
-use anyhow::anyhow;
+use ::redis::{Cmd, ErrorKind, ServerErrorKind, Value};
+use anyhow::{Result, anyhow};
+use tokio::sync::oneshot;
 
 use super::streams::{EntryField, entry_fields};
 use super::subscription::{EntryReceipt, StreamSubscription};
 use super::{envelope, scripts, transient};
 use crate::backend::{Delivery, SettleError, Settlement};
+use crate::message::Message;
 
-/// What the script is asked to do for one delivery.
-enum Plan<'a> {
-    Ack,
-    Nack {
-        delay_ms: u64,
-        parked: Vec<u8>,
-    },
-    /// Each output's stream (KEYS index) and entry fields.
-    Publish(Vec<(usize, Vec<EntryField<'a>>)>),
+/// One settlement, owning what the script needs.
+pub struct Request {
+    stream: String,
+    id: String,
+    /// The entry's delivery count when this consumer got it.
+    count: u64,
+    kind: Kind,
 }
 
-/// One delivery of the batch, ready for the script.
+enum Kind {
+    Ack,
+    Nack { delay_ms: u64, parked: Vec<u8> },
+    Publish(Vec<Message>),
+}
+
+impl Request {
+    pub fn new(delivery: &Delivery, settlement: Settlement) -> Result<Self> {
+        let receipt = delivery.receipt.get::<EntryReceipt>()?;
+        let kind = match settlement {
+            Settlement::Ack => Kind::Ack,
+            Settlement::Nack(delay) => Kind::Nack {
+                delay_ms: delay.as_millis() as u64,
+                parked: envelope::encode(&delivery.message, delivery.attempt),
+            },
+            Settlement::PublishAndAck(messages) => Kind::Publish(messages),
+        };
+        Ok(Request {
+            stream: receipt.stream.clone(),
+            id: receipt.id.clone(),
+            count: receipt.count,
+            kind,
+        })
+    }
+}
+
+/// Settles `batch` in one script call; one answer per item, in order.
+pub async fn settle(
+    sub: &StreamSubscription,
+    batch: Vec<(&Delivery, Settlement)>,
+) -> Vec<Result<(), SettleError>> {
+    let requests = batch
+        .into_iter()
+        .map(|(delivery, settlement)| Request::new(delivery, settlement))
+        .collect();
+    settle_requests(sub, requests).await
+}
+
+/// Settles each request in one script call; one answer per request, in
+/// order (a request that could not be made is answered as fatal).
+async fn settle_requests(
+    sub: &StreamSubscription,
+    requests: Vec<Result<Request>>,
+) -> Vec<Result<(), SettleError>> {
+    let mut results: Vec<Option<Result<(), SettleError>>> = std::iter::repeat_with(|| None)
+        .take(requests.len())
+        .collect();
+    let mut keys = KeyList::default();
+    keys.add(sub.shared.keys.retry(&sub.group));
+    keys.add(sub.shared.keys.delayed(&sub.group));
+    let mut items = Vec::with_capacity(requests.len());
+    for (at, request) in requests.iter().enumerate() {
+        match request
+            .as_ref()
+            .map_err(|e| anyhow!("{e:#}"))
+            .and_then(|request| Item::new(&mut keys, sub, at, request))
+        {
+            Ok(item) => items.push(item),
+            Err(e) => results[at] = Some(Err(SettleError::Fatal(e))),
+        }
+    }
+    if !items.is_empty() {
+        let answers = call(sub, &keys.keys, &items).await;
+        let mut nacked = false;
+        for (item, answer) in items.iter().zip(answers) {
+            let request = item.request;
+            let result = match answer {
+                Answer::Done => {
+                    match &request.kind {
+                        Kind::Nack { .. } => nacked = true,
+                        Kind::Publish(messages) => sub
+                            .shared
+                            .note_published(messages.iter().map(|m| m.topic.as_str())),
+                        Kind::Ack => {}
+                    }
+                    sub.release(&request.stream, &request.id);
+                    Ok(())
+                }
+                Answer::NotHeld => {
+                    sub.release(&request.stream, &request.id);
+                    Err(if sub.is_closed() {
+                        SettleError::Closed
+                    } else {
+                        SettleError::LeaseLost
+                    })
+                }
+                Answer::Refused(why) => Err(SettleError::Fatal(anyhow!(
+                    "cannot settle entry {} of `{}`: {why}",
+                    request.id,
+                    request.stream
+                ))),
+                Answer::Failed(e) => Err(SettleError::Unavailable(e)),
+            };
+            results[item.at] = Some(result);
+        }
+        if nacked {
+            sub.shared.nacks.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    results
+        .into_iter()
+        .map(|result| result.expect("every request answered"))
+        .collect()
+}
+
+/// Where the answer for one single settlement goes.
+type AnswerTo = oneshot::Sender<Result<(), SettleError>>;
+
+/// Single settlements waiting for the one on its way, and the turn to send
+/// the next call.
+#[derive(Default)]
+pub struct Singles {
+    waiting: std::sync::Mutex<Vec<(Request, AnswerTo)>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Singles {
+    /// Settles one delivery, together with whatever else is waiting.
+    pub async fn settle(
+        &self,
+        sub: &StreamSubscription,
+        delivery: &Delivery,
+        settlement: Settlement,
+    ) -> Result<(), SettleError> {
+        let request = Request::new(delivery, settlement).map_err(SettleError::Fatal)?;
+        let (sender, mut answer) = oneshot::channel();
+        self.waiting.lock().unwrap().push((request, sender));
+        let _turn = self.turn.lock().await;
+        // Whoever had the turn before may have sent this one along.
+        match answer.try_recv() {
+            Ok(result) => return result,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                return Err(SettleError::Unavailable(anyhow!(
+                    "settling was interrupted; it may or may not have taken effect"
+                )));
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        let (requests, senders): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut *self.waiting.lock().unwrap())
+                .into_iter()
+                .map(|(request, sender)| (Ok(request), sender))
+                .unzip();
+        let results = settle_requests(sub, requests).await;
+        for (sender, result) in senders.into_iter().zip(results) {
+            // A caller that gave up no longer listens.
+            let _ = sender.send(result);
+        }
+        answer
+            .try_recv()
+            .unwrap_or_else(|_| unreachable!("this settlement was among those sent"))
+    }
+}
+
+/// A request ready for the script.
 struct Item<'a> {
-    /// Its place in the batch.
+    /// Its place in the call.
     at: usize,
-    receipt: &'a EntryReceipt,
+    request: &'a Request,
     /// Its stream's KEYS index.
     source: usize,
-    plan: Plan<'a>,
+    /// Each output's stream (KEYS index) and entry fields.
+    outputs: Vec<(usize, Vec<EntryField<'a>>)>,
+}
+
+impl<'a> Item<'a> {
+    fn new(
+        keys: &mut KeyList,
+        sub: &StreamSubscription,
+        at: usize,
+        request: &'a Request,
+    ) -> Result<Self> {
+        let mut outputs = Vec::new();
+        if let Kind::Publish(messages) = &request.kind {
+            outputs.reserve(messages.len());
+            for message in messages {
+                let fields = entry_fields(message)?;
+                outputs.push((keys.add(sub.shared.keys.stream(&message.topic)), fields));
+            }
+        }
+        Ok(Item {
+            at,
+            request,
+            source: keys.add(request.stream.clone()),
+            outputs,
+        })
+    }
+
+    /// Its arguments, as [`scripts::SETTLE`] reads them.
+    fn write(&self, cmd: &mut Cmd) {
+        let request = self.request;
+        let kind = match request.kind {
+            Kind::Ack => "a",
+            Kind::Nack { .. } => "n",
+            Kind::Publish(_) => "p",
+        };
+        cmd.arg(kind)
+            .arg(self.source)
+            .arg(&request.id)
+            .arg(request.count);
+        match &request.kind {
+            Kind::Ack => {}
+            Kind::Nack { delay_ms, parked } => {
+                cmd.arg(delay_ms).arg(&parked[..]);
+            }
+            Kind::Publish(_) => {
+                cmd.arg(self.outputs.len());
+                for (stream, fields) in &self.outputs {
+                    cmd.arg(stream).arg(fields.len() * 2);
+                    for (name, value) in fields {
+                        cmd.arg(*name).arg(value.as_ref());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The script's keys, each once, with their 1-based indices.
+#[derive(Default)]
 struct KeyList {
     keys: Vec<String>,
     index: HashMap<String, usize>,
@@ -60,106 +273,6 @@ impl KeyList {
     }
 }
 
-/// Settles `batch` in one script call; one answer per item, in order.
-pub async fn settle(
-    sub: &StreamSubscription,
-    batch: &[(&Delivery, Settlement)],
-) -> Vec<Result<(), SettleError>> {
-    let mut results: Vec<Option<Result<(), SettleError>>> =
-        std::iter::repeat_with(|| None).take(batch.len()).collect();
-    let keys = &sub.shared.keys;
-    let mut key_list = KeyList {
-        keys: Vec::new(),
-        index: HashMap::new(),
-    };
-    key_list.add(keys.retry(&sub.group));
-    key_list.add(keys.delayed(&sub.group));
-    let mut items = Vec::with_capacity(batch.len());
-    for (at, (delivery, settlement)) in batch.iter().enumerate() {
-        match prepare(&mut key_list, sub, at, delivery, settlement) {
-            Ok(item) => items.push(item),
-            Err(e) => results[at] = Some(Err(SettleError::Fatal(e))),
-        }
-    }
-    if !items.is_empty() {
-        let answers = run(sub, &key_list.keys, &items).await;
-        let mut nacked = false;
-        let mut published = Vec::new();
-        for (item, answer) in items.iter().zip(answers) {
-            let result = match answer {
-                Answer::Done => {
-                    match item.plan {
-                        Plan::Nack { .. } => nacked = true,
-                        Plan::Publish(_) => published.push(item.at),
-                        Plan::Ack => {}
-                    }
-                    sub.release(item.receipt);
-                    Ok(())
-                }
-                Answer::NotHeld => {
-                    sub.release(item.receipt);
-                    Err(if sub.is_closed() {
-                        SettleError::Closed
-                    } else {
-                        SettleError::LeaseLost
-                    })
-                }
-                Answer::Refused(why) => Err(SettleError::Fatal(anyhow!(
-                    "cannot settle entry {} of `{}`: {why}",
-                    item.receipt.id,
-                    item.receipt.stream
-                ))),
-                Answer::Failed(e) => Err(SettleError::Unavailable(e)),
-            };
-            results[item.at] = Some(result);
-        }
-        if nacked {
-            sub.shared.nacks.fetch_add(1, Ordering::SeqCst);
-        }
-        let topics = published.into_iter().flat_map(|at| match &batch[at].1 {
-            Settlement::PublishAndAck(messages) => messages.as_slice(),
-            _ => &[],
-        });
-        sub.shared
-            .note_published(topics.map(|message| message.topic.as_str()));
-    }
-    results
-        .into_iter()
-        .map(|result| result.expect("every item answered"))
-        .collect()
-}
-
-fn prepare<'a>(
-    key_list: &mut KeyList,
-    sub: &StreamSubscription,
-    at: usize,
-    delivery: &'a Delivery,
-    settlement: &'a Settlement,
-) -> anyhow::Result<Item<'a>> {
-    let receipt = delivery.receipt.get::<EntryReceipt>()?;
-    let plan = match settlement {
-        Settlement::Ack => Plan::Ack,
-        Settlement::Nack(delay) => Plan::Nack {
-            delay_ms: delay.as_millis() as u64,
-            parked: envelope::encode(&delivery.message, delivery.attempt),
-        },
-        Settlement::PublishAndAck(messages) => {
-            let mut outputs = Vec::with_capacity(messages.len());
-            for message in messages {
-                let fields = entry_fields(message)?;
-                outputs.push((key_list.add(sub.shared.keys.stream(&message.topic)), fields));
-            }
-            Plan::Publish(outputs)
-        }
-    };
-    Ok(Item {
-        at,
-        receipt,
-        source: key_list.add(receipt.stream.clone()),
-        plan,
-    })
-}
-
 /// How the script answered for one delivery.
 enum Answer {
     Done,
@@ -173,7 +286,7 @@ enum Answer {
 
 /// One script call for every item (loading the script if the server does
 /// not know it), repeated over a connection blip.
-async fn run(sub: &StreamSubscription, keys: &[String], items: &[Item<'_>]) -> Vec<Answer> {
+async fn call(sub: &StreamSubscription, keys: &[String], items: &[Item<'_>]) -> Vec<Answer> {
     let mut cmd = ::redis::cmd("EVALSHA");
     cmd.arg(scripts::SETTLE.get_hash())
         .arg(keys.len())
@@ -187,30 +300,7 @@ async fn run(sub: &StreamSubscription, keys: &[String], items: &[Item<'_>]) -> V
                 .map_or(String::new(), |n| n.to_string()),
         );
     for item in items {
-        let kind = match item.plan {
-            Plan::Ack => "a",
-            Plan::Nack { .. } => "n",
-            Plan::Publish(_) => "p",
-        };
-        cmd.arg(kind)
-            .arg(item.source)
-            .arg(&item.receipt.id)
-            .arg(item.receipt.count);
-        match &item.plan {
-            Plan::Ack => {}
-            Plan::Nack { delay_ms, parked } => {
-                cmd.arg(delay_ms).arg(parked);
-            }
-            Plan::Publish(outputs) => {
-                cmd.arg(outputs.len());
-                for (stream, fields) in outputs {
-                    cmd.arg(stream).arg(fields.len() * 2);
-                    for (name, value) in fields {
-                        cmd.arg(*name).arg(value.as_ref());
-                    }
-                }
-            }
-        }
+        item.write(&mut cmd);
     }
     let cmd = &cmd;
     let reply: ::redis::RedisResult<Vec<Value>> = transient::retry(|| {
@@ -226,36 +316,31 @@ async fn run(sub: &StreamSubscription, keys: &[String], items: &[Item<'_>]) -> V
         }
     })
     .await;
-    let answers = match reply {
-        Ok(answers) if answers.len() == items.len() => answers,
-        Ok(answers) => {
-            let e = anyhow!(
-                "the settling script answered {} times for {} deliveries",
-                answers.len(),
-                items.len()
-            );
-            return items
-                .iter()
-                .map(|_| Answer::Failed(anyhow!("{e}")))
-                .collect();
-        }
-        Err(e) => {
-            let e = anyhow::Error::new(e).context("settling deliveries");
-            return items
-                .iter()
-                .map(|_| Answer::Failed(anyhow!("{e:#}")))
-                .collect();
-        }
+    let failed = |e: &dyn std::fmt::Display| {
+        items
+            .iter()
+            .map(|_| Answer::Failed(anyhow!("settling deliveries: {e}")))
+            .collect()
     };
-    answers
-        .into_iter()
-        .map(|answer| match answer {
-            Value::Int(1) => Answer::Done,
-            Value::Int(0) => Answer::NotHeld,
-            Value::BulkString(why) => Answer::Refused(String::from_utf8_lossy(&why).into_owned()),
-            other => Answer::Failed(anyhow!(
-                "unexpected answer from the settling script: {other:?}"
-            )),
-        })
-        .collect()
+    match reply {
+        Ok(answers) if answers.len() == items.len() => answers
+            .into_iter()
+            .map(|answer| match answer {
+                Value::Int(1) => Answer::Done,
+                Value::Int(0) => Answer::NotHeld,
+                Value::BulkString(why) => {
+                    Answer::Refused(String::from_utf8_lossy(&why).into_owned())
+                }
+                other => Answer::Failed(anyhow!(
+                    "unexpected answer from the settling script: {other:?}"
+                )),
+            })
+            .collect(),
+        Ok(answers) => failed(&format_args!(
+            "the script answered {} times for {} deliveries",
+            answers.len(),
+            items.len()
+        )),
+        Err(e) => failed(&e),
+    }
 }

@@ -64,6 +64,8 @@ pub struct StreamSubscription {
     reader: tokio::sync::Mutex<Reader>,
     /// Unsettled entries, by (stream, id), handed back on close.
     pub held: std::sync::Mutex<HashMap<(String, String), Held>>,
+    /// Single acks and nacks, sent together when they come at once.
+    singles: settle::Singles,
 }
 
 impl StreamSubscription {
@@ -126,6 +128,7 @@ impl StreamSubscription {
             closed: AtomicBool::new(false),
             reader: tokio::sync::Mutex::new(reader),
             held: std::sync::Mutex::new(HashMap::new()),
+            singles: settle::Singles::default(),
         })
     }
 
@@ -166,16 +169,15 @@ impl StreamSubscription {
     }
 
     /// Forgets an entry settled (or lost) so close does not hand it back.
-    pub fn release(&self, receipt: &EntryReceipt) {
+    pub fn release(&self, stream: &str, id: &str) {
         self.held
             .lock()
             .unwrap()
-            .remove(&(receipt.stream.clone(), receipt.id.clone()));
+            .remove(&(stream.to_string(), id.to_string()));
     }
 
     async fn settle_one(&self, delivery: &Delivery, settlement: Settlement) -> Result<()> {
-        let result = settle::settle(self, &[(delivery, settlement)]).await;
-        match result.into_iter().next().expect("one answer") {
+        match self.singles.settle(self, delivery, settlement).await {
             Ok(()) => Ok(()),
             Err(SettleError::Unavailable(e)) => Err(e),
             Err(e) => Err(e.into()),
@@ -327,7 +329,7 @@ impl Subscription for StreamSubscription {
     }
 
     async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
-        settle::settle(self, &batch).await
+        settle::settle(self, batch).await
     }
 
     async fn close(&self) -> Result<()> {
