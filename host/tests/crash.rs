@@ -506,3 +506,13 @@ async fn kafka_three_processes_share_a_group_and_take_over() {
     let tansu = common::servers::Server::tansu();
     three_processes_share_a_group_and_take_over("scale", &tansu.kafka_url(""), dir.path()).await;
 }
+
+/// A route whose input and output are one SQLite file publishes its
+/// outputs and acks its input in one transaction: SIGKILLs mid-run cause
+/// neither loss nor duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_sigkill_mid_run_is_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("crash.db").display());
+    sigkill_mid_run_is_exactly_once("crash", &url, dir.path()).await;
+}
