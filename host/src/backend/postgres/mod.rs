@@ -138,6 +138,24 @@ fn check_topic(message: &Message) -> Result<()> {
     Ok(())
 }
 
+/// A CTE that lets the statement's transaction commit without waiting for
+/// its WAL flush; the statement must select from `relaxed` for it to run.
+///
+/// Only for transactions that move deliveries (claims, acks, settlements),
+/// never for publishes, which wait for their flush. Such a transaction lost
+/// in a server crash is lost whole — a settlement's outputs with its ack —
+/// and only makes a message be handled again: a lost claim leaves the row
+/// visible, a lost ack or nack leaves it claimed until its lease runs out.
+/// Anything that saw its effects committed after it in the WAL, so it
+/// cannot have survived the crash without them. This saves an fsync per
+/// claim and per settled batch.
+macro_rules! relaxed {
+    () => {
+        "relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
+    };
+}
+use relaxed;
+
 /// The end of a statement whose CTE `new` inserted messages (`seq`,
 /// `topic`): a delivery row for every group whose pattern matches, and a
 /// notification per group woken, on the channel bound as `$channel`.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use sqlx::{Acquire, PgConnection, Row};
 
-use super::{OutputColumns, Shared, check_topic, fan_out};
+use super::{OutputColumns, Shared, check_topic, fan_out, relaxed};
 use crate::backend::SettleError;
 use crate::message::Message;
 
@@ -37,16 +37,12 @@ pub enum Action {
 
 /// Deletes the acked rows, moves the nacked ones and inserts the outputs of
 /// the acked rows that carry any. Returns the `(seq, attempt)` of every row
-/// it settled.
-///
-/// Not waiting for the WAL flush is safe here, and saves an fsync per
-/// batch: a settlement lost in a server crash is lost whole — outputs and
-/// ack together — so its input is simply handled again. Anything downstream
-/// that saw the outputs committed after them in the WAL, so it cannot have
-/// survived the crash without them.
+/// it settled. It commits without waiting for the WAL flush (see
+/// [`relaxed!`]).
 const SETTLE: &str = concat!(
-    "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), \
-     acked AS ( \
+    "WITH ",
+    relaxed!(),
+    ", acked AS ( \
          DELETE FROM sluice_deliveries d \
          USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
          WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \

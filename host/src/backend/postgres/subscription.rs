@@ -15,8 +15,8 @@ use sqlx::Row;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::Shared;
 use super::settle::{self, Action, Item};
+use super::{Shared, relaxed};
 use crate::backend::ack_batch::AckBatcher;
 use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
@@ -41,7 +41,9 @@ struct PostgresReceipt {
 }
 
 /// Acks deleted with one statement per few milliseconds: a round trip per
-/// ack would cap a consumer far below what the database can do.
+/// ack would cap a consumer far below what the database can do. Only the
+/// current claims are deleted; the commit does not wait for its WAL flush
+/// (see [`relaxed!`]).
 fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
     let pool = shared.pool.clone();
     let table_group = group_key.clone();
@@ -53,11 +55,16 @@ fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
             let group_key = table_group.clone();
             let (seqs, attempts): (Vec<i64>, Vec<i32>) = claims.into_iter().unzip();
             Box::pin(async move {
-                sqlx::query(
-                    "DELETE FROM sluice_deliveries d \
-                     USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
-                     WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt",
-                )
+                sqlx::query(concat!(
+                    "WITH ",
+                    relaxed!(),
+                    ", acked AS ( \
+                         DELETE FROM sluice_deliveries d \
+                         USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
+                         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+                         RETURNING 1 \
+                     ) SELECT 1 FROM relaxed"
+                ))
                 .bind(&group_key)
                 .bind(&seqs)
                 .bind(&attempts)
@@ -84,10 +91,13 @@ impl PostgresSubscription {
     }
 
     /// Claims up to `max` visible deliveries: rows other consumers are
-    /// claiming at this moment are skipped, not waited for.
+    /// claiming at this moment are skipped, not waited for. The commit does
+    /// not wait for its WAL flush (see [`relaxed!`]).
     async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
-        let rows = sqlx::query(
-            "WITH claimable AS ( \
+        let rows = sqlx::query(concat!(
+            "WITH ",
+            relaxed!(),
+            ", claimable AS ( \
                  SELECT seq FROM sluice_deliveries \
                  WHERE group_key = $1 AND visible_at <= now() \
                  ORDER BY seq LIMIT $2 \
@@ -100,9 +110,9 @@ impl PostgresSubscription {
              ) \
              SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
                     m.payload, m.timestamp_ms \
-             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq \
-             ORDER BY claimed.seq",
-        )
+             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq CROSS JOIN relaxed \
+             ORDER BY claimed.seq"
+        ))
         .bind(&self.group_key)
         .bind(max as i64)
         .bind(self.lease.as_millis() as i64)
