@@ -1,10 +1,14 @@
 //! Acks gathered for a few milliseconds and written with one statement, for
-//! the SQL backends.
+//! the PostgreSQL backend's single `ack`s (a batch settled with `settle` is
+//! written at once).
 //!
 //! An ack returns once queued. Losing queued acks in a crash only makes
 //! those messages come back after their lease — a duplicate, never a loss —
 //! so a round trip (and an fsync) per ack is not worth its cost. A failed
 //! write is retried; stopping writes what is queued one last time.
+
+// Only the PostgreSQL backend acks this way now.
+#![cfg(feature = "postgres")]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,13 +18,17 @@ use anyhow::Result;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
-/// Writes a batch of acknowledged row ids.
-pub type WriteAcks = Box<dyn Fn(Vec<i64>) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+/// A claim of a row: its id and which attempt claimed it. An ack only
+/// removes the row while that claim is still the current one.
+pub type Claim = (i64, i32);
+
+/// Writes a batch of acknowledged claims.
+pub type WriteAcks = Box<dyn Fn(Vec<Claim>) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 pub struct AckBatcher {
     /// The group, for log lines.
     group: String,
-    queued: Mutex<Vec<i64>>,
+    queued: Mutex<Vec<Claim>>,
     wake: Notify,
     stopping: AtomicBool,
     write: WriteAcks,
@@ -61,18 +69,18 @@ impl AckBatcher {
         batcher
     }
 
-    pub fn push(&self, id: i64) {
-        self.queued.lock().unwrap().push(id);
+    pub fn push(&self, claim: Claim) {
+        self.queued.lock().unwrap().push(claim);
         self.wake.notify_one();
     }
 
     async fn flush(&self) -> Result<()> {
-        let ids = std::mem::take(&mut *self.queued.lock().unwrap());
-        if ids.is_empty() {
+        let claims = std::mem::take(&mut *self.queued.lock().unwrap());
+        if claims.is_empty() {
             return Ok(());
         }
-        if let Err(e) = (self.write)(ids.clone()).await {
-            self.queued.lock().unwrap().extend(ids);
+        if let Err(e) = (self.write)(claims.clone()).await {
+            self.queued.lock().unwrap().extend(claims);
             return Err(e);
         }
         Ok(())

@@ -105,32 +105,93 @@ impl PostgresBackend {
     }
 }
 
+/// The columns of messages to insert, as arrays to bind to one statement.
+#[derive(Default)]
+struct OutputColumns<'a> {
+    ids: Vec<&'a str>,
+    topics: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    headers: Vec<String>,
+    payloads: Vec<&'a [u8]>,
+    timestamps: Vec<i64>,
+}
+
+impl<'a> OutputColumns<'a> {
+    fn push(&mut self, message: &'a Message) {
+        self.ids.push(message.id.as_str());
+        self.topics.push(message.topic.as_str());
+        self.keys.push(message.key.as_deref());
+        // A map of strings always serializes.
+        self.headers
+            .push(serde_json::to_string(&message.headers).unwrap_or_default());
+        self.payloads.push(message.payload.as_slice());
+        self.timestamps.push(message.timestamp_ms as i64);
+    }
+}
+
+/// Refuses a message whose topic is malformed or a pattern.
+fn check_topic(message: &Message) -> Result<()> {
+    pattern::validate(&message.topic).map_err(anyhow::Error::msg)?;
+    if pattern::is_pattern(&message.topic) {
+        anyhow::bail!("cannot publish to pattern `{}`", message.topic);
+    }
+    Ok(())
+}
+
+/// A CTE that lets the statement's transaction commit without waiting for
+/// its WAL flush; the statement must select from `relaxed` for it to run.
+///
+/// Only for transactions that move deliveries (claims, acks, settlements),
+/// never for publishes, which wait for their flush. Such a transaction lost
+/// in a server crash is lost whole — a settlement's outputs with its ack —
+/// and only makes a message be handled again: a lost claim leaves the row
+/// visible, a lost ack or nack leaves it claimed until its lease runs out.
+/// Anything that saw its effects committed after it in the WAL, so it
+/// cannot have survived the crash without them. This saves an fsync per
+/// claim and per settled batch.
+macro_rules! relaxed {
+    () => {
+        "relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
+    };
+}
+use relaxed;
+
+/// The end of a statement whose CTE `new` inserted messages (`seq`,
+/// `topic`): a delivery row for every group whose pattern matches, and a
+/// notification per group woken, on the channel bound as `$channel`.
+/// PostgreSQL delivers one notification per channel and payload per
+/// transaction however often it is sent, so each group is woken once.
+macro_rules! fan_out {
+    ($channel:literal) => {
+        concat!(
+            "fanned AS ( \
+                 INSERT INTO sluice_deliveries (group_key, seq) \
+                 SELECT DISTINCT g.group_key, new.seq FROM new JOIN sluice_groups g ON new.topic ~ g.matcher \
+                 ON CONFLICT DO NOTHING \
+                 RETURNING group_key \
+             ), woken AS ( \
+                 SELECT pg_notify(",
+            $channel,
+            ", group_key) FROM (SELECT DISTINCT group_key FROM fanned) woken_groups \
+             )"
+        )
+    };
+}
+use fan_out;
+
 /// Inserts `messages` with a delivery row for every group they match, and
-/// notifies those groups when the transaction commits.
+/// notifies those groups when the transaction commits; one statement.
 async fn insert_messages<'e>(
     executor: impl sqlx::Executor<'e, Database = Postgres>,
     channel: &str,
     messages: &[Message],
 ) -> Result<()> {
-    let mut ids = Vec::with_capacity(messages.len());
-    let mut topics = Vec::with_capacity(messages.len());
-    let mut keys = Vec::with_capacity(messages.len());
-    let mut headers = Vec::with_capacity(messages.len());
-    let mut payloads = Vec::with_capacity(messages.len());
-    let mut timestamps = Vec::with_capacity(messages.len());
+    let mut columns = OutputColumns::default();
     for message in messages {
-        pattern::validate(&message.topic).map_err(anyhow::Error::msg)?;
-        if pattern::is_pattern(&message.topic) {
-            anyhow::bail!("cannot publish to pattern `{}`", message.topic);
-        }
-        ids.push(message.id.as_str());
-        topics.push(message.topic.as_str());
-        keys.push(message.key.as_deref());
-        headers.push(serde_json::to_string(&message.headers)?);
-        payloads.push(message.payload.as_slice());
-        timestamps.push(message.timestamp_ms as i64);
+        check_topic(message)?;
+        columns.push(message);
     }
-    sqlx::query(
+    sqlx::query(concat!(
         "WITH new AS ( \
              INSERT INTO sluice_messages (id, topic, msg_key, headers, payload, timestamp_ms) \
              SELECT id, topic, msg_key, headers::jsonb, payload, timestamp_ms \
@@ -138,20 +199,16 @@ async fn insert_messages<'e>(
                   WITH ORDINALITY AS t(id, topic, msg_key, headers, payload, timestamp_ms, ord) \
              ORDER BY ord \
              RETURNING seq, topic \
-         ), fanned AS ( \
-             INSERT INTO sluice_deliveries (group_key, seq) \
-             SELECT DISTINCT g.group_key, new.seq FROM new JOIN sluice_groups g ON new.topic ~ g.matcher \
-             ON CONFLICT DO NOTHING \
-             RETURNING group_key \
-         ) \
-         SELECT pg_notify($7, group_key) FROM (SELECT DISTINCT group_key FROM fanned) woken",
-    )
-    .bind(&ids)
-    .bind(&topics)
-    .bind(&keys)
-    .bind(&headers)
-    .bind(&payloads)
-    .bind(&timestamps)
+         ), ",
+        fan_out!("$7"),
+        " SELECT 1 FROM woken"
+    ))
+    .bind(&columns.ids)
+    .bind(&columns.topics)
+    .bind(&columns.keys)
+    .bind(&columns.headers)
+    .bind(&columns.payloads)
+    .bind(&columns.timestamps)
     .bind(channel)
     .execute(executor)
     .await?;
@@ -196,7 +253,7 @@ impl Backend for PostgresBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
-            lease_checked: false,
+            lease_checked: true,
         }
     }
 

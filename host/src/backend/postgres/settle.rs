@@ -1,149 +1,247 @@
-//! Publish-and-ack in one transaction, group-committed: the settlements
-//! workers hand in while a transaction is running go together in the next
-//! one. A commit (and its fsync) per message would cap a route at a few
-//! hundred messages a second; each settlement stays all-or-nothing, because
-//! a message's outputs are inserted only if its claim was still current.
+//! Settling a batch of deliveries on PostgreSQL in one statement: the acks
+//! (and the acks of publish-and-ack items) delete their rows, the nacks move
+//! theirs, and the outputs of exactly the publish-and-ack items whose rows
+//! were deleted are inserted, fanned out and notified — all in one implicit
+//! transaction, so one round trip and one commit settle the whole batch.
+//!
+//! A row is only touched while the claim that settles it is still the
+//! current one (same attempt): a delivery whose lease passed to another
+//! consumer changes nothing and answers [`SettleError::LeaseLost`]. If the
+//! statement is refused (e.g. an output PostgreSQL cannot store), the batch
+//! is settled again one item at a time, each under a savepoint of one
+//! transaction, so the item at fault fails alone.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::{Result, anyhow};
-use tokio::sync::{Notify, oneshot};
+use anyhow::anyhow;
+use sqlx::{Acquire, PgConnection, Row};
 
-use super::{Shared, insert_messages};
+use super::{OutputColumns, Shared, check_topic, fan_out, relaxed};
+use crate::backend::SettleError;
 use crate::message::Message;
 
-/// One delivery to settle: its claim, and the messages to publish with it.
-struct Settlement {
-    seq: i64,
-    attempt: i32,
-    outputs: Vec<Message>,
-    done: oneshot::Sender<Result<()>>,
+/// One delivery to settle: its claim and what to do with it.
+pub struct Item {
+    pub seq: i64,
+    pub attempt: i32,
+    pub action: Action,
 }
 
-pub struct Settler {
-    inner: Arc<Inner>,
+pub enum Action {
+    Ack,
+    Nack(Duration),
+    /// Ack, and publish these with it.
+    PublishAndAck(Vec<Message>),
 }
 
-struct Inner {
-    queued: Mutex<Vec<Settlement>>,
-    wake: Notify,
-    /// Set when the subscription drops the settler: the task ends once the
-    /// queue is empty.
-    closed: AtomicBool,
-}
+/// Deletes the acked rows, moves the nacked ones and inserts the outputs of
+/// the acked rows that carry any. Returns the `(seq, attempt)` of every row
+/// it settled. It commits without waiting for the WAL flush (see
+/// [`relaxed!`]).
+const SETTLE: &str = concat!(
+    "WITH ",
+    relaxed!(),
+    ", acked AS ( \
+         DELETE FROM sluice_deliveries d \
+         USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
+         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+         RETURNING d.seq, d.attempt \
+     ), nacked AS ( \
+         UPDATE sluice_deliveries d SET visible_at = now() + c.delay_ms * interval '1 millisecond' \
+         FROM UNNEST($4::int8[], $5::int4[], $6::int8[]) AS c(seq, attempt, delay_ms) \
+         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+         RETURNING d.seq, d.attempt \
+     ), new AS ( \
+         INSERT INTO sluice_messages (id, topic, msg_key, headers, payload, timestamp_ms) \
+         SELECT o.id, o.topic, o.msg_key, o.headers::jsonb, o.payload, o.timestamp_ms \
+         FROM UNNEST($7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[], $12::int8[], \
+                     $13::int8[], $14::int4[]) \
+              WITH ORDINALITY AS o(id, topic, msg_key, headers, payload, timestamp_ms, \
+                                   owner_seq, owner_attempt, ord) \
+         WHERE (o.owner_seq, o.owner_attempt) IN (SELECT seq, attempt FROM acked) \
+         ORDER BY o.ord \
+         RETURNING seq, topic \
+     ), ",
+    fan_out!("$15"),
+    " SELECT seq, attempt FROM acked \
+     UNION ALL SELECT seq, attempt FROM nacked \
+     UNION ALL SELECT NULL, NULL FROM woken \
+     UNION ALL SELECT NULL, NULL FROM relaxed"
+);
 
-impl Settler {
-    /// Starts the committing task.
-    pub fn start(shared: Arc<Shared>, group_key: String) -> Self {
-        let inner = Arc::new(Inner {
-            queued: Mutex::new(Vec::new()),
-            wake: Notify::new(),
-            closed: AtomicBool::new(false),
-        });
-        let task = inner.clone();
-        tokio::spawn(async move {
-            loop {
-                let woken = task.wake.notified();
-                let batch = std::mem::take(&mut *task.queued.lock().unwrap());
-                if batch.is_empty() {
-                    if task.closed.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    woken.await;
-                    continue;
-                }
-                commit(&shared, &group_key, batch).await;
-            }
-        });
-        Settler { inner }
+/// Settles `items` of `group_key`, answering for each in order.
+pub async fn settle(
+    shared: &Shared,
+    group_key: &str,
+    items: &[Item],
+) -> Vec<Result<(), SettleError>> {
+    // An output that can never be published fails its own item only.
+    let mut results: Vec<Option<Result<(), SettleError>>> = items
+        .iter()
+        .map(|item| match &item.action {
+            Action::PublishAndAck(messages) => messages
+                .iter()
+                .try_for_each(check_topic)
+                .err()
+                .map(|e| Err(SettleError::Unavailable(e))),
+            _ => None,
+        })
+        .collect();
+    let valid: Vec<&Item> = items
+        .iter()
+        .zip(&results)
+        .filter(|(_, result)| result.is_none())
+        .map(|(item, _)| item)
+        .collect();
+    let mut answered = settle_valid(shared, group_key, &valid).await.into_iter();
+    for result in results.iter_mut().filter(|r| r.is_none()) {
+        *result = answered.next();
     }
-
-    /// Publishes `outputs` and acks the claim `(seq, attempt)` atomically.
-    pub async fn settle(&self, seq: i64, attempt: i32, outputs: Vec<Message>) -> Result<()> {
-        let (done, result) = oneshot::channel();
-        self.inner.queued.lock().unwrap().push(Settlement {
-            seq,
-            attempt,
-            outputs,
-            done,
-        });
-        self.inner.wake.notify_one();
-        result
-            .await
-            .map_err(|_| anyhow!("the subscription closed before the message was settled"))?
-    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every item answered"))
+        .collect()
 }
 
-impl Drop for Settler {
-    fn drop(&mut self) {
-        self.inner.closed.store(true, Ordering::SeqCst);
-        self.inner.wake.notify_one();
+async fn settle_valid(
+    shared: &Shared,
+    group_key: &str,
+    items: &[&Item],
+) -> Vec<Result<(), SettleError>> {
+    if items.is_empty() {
+        return Vec::new();
     }
-}
-
-/// One transaction for the batch: delete the rows whose claims are still
-/// current, insert the outputs of exactly those, commit.
-async fn commit(shared: &Shared, group_key: &str, mut batch: Vec<Settlement>) {
-    let seqs: Vec<i64> = batch.iter().map(|s| s.seq).collect();
-    let attempts: Vec<i32> = batch.iter().map(|s| s.attempt).collect();
-    let attempt = async {
-        let mut tx = shared.pool.begin().await?;
-        // Not waiting for the WAL flush is safe here, and saves an fsync per
-        // batch: a settlement lost in a server crash is lost whole — outputs
-        // and ack together — so its input is simply handled again. Anything
-        // downstream that saw the outputs committed after them in the WAL,
-        // so it cannot have survived the crash without them.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
-        let held: Vec<i64> = sqlx::query_scalar(
-            "DELETE FROM sluice_deliveries d \
-             USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
-             WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
-             RETURNING d.seq",
-        )
-        .bind(group_key)
-        .bind(&seqs)
-        .bind(&attempts)
-        .fetch_all(&mut *tx)
-        .await?;
-        let held: HashSet<i64> = held.into_iter().collect();
-        // Moved, not copied: a failed batch is not retried from here (its
-        // inputs come back), so the outputs are not needed again.
-        let mut outputs = Vec::new();
-        for settlement in batch.iter_mut().filter(|s| held.contains(&s.seq)) {
-            outputs.append(&mut settlement.outputs);
+    let mut conn = match shared.pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return unavailable(items.len(), &e.into()),
+    };
+    match run(&mut conn, &shared.channel, group_key, items).await {
+        Ok(held) => answers(items, &held),
+        Err(e) if is_refusal(&e) && items.len() > 1 => {
+            one_by_one(&mut conn, &shared.channel, group_key, items).await
         }
-        if !outputs.is_empty() {
-            insert_messages(&mut *tx, &shared.channel, &outputs).await?;
+        Err(e) => unavailable(items.len(), &e.into()),
+    }
+}
+
+/// Each item under a savepoint of its own, all in one transaction: the one
+/// the database refuses fails alone.
+async fn one_by_one(
+    conn: &mut PgConnection,
+    channel: &str,
+    group_key: &str,
+    items: &[&Item],
+) -> Vec<Result<(), SettleError>> {
+    let attempt = async {
+        let mut tx = conn.begin().await?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let mut savepoint = tx.begin().await?;
+            let one = std::slice::from_ref(item);
+            match run(&mut savepoint, channel, group_key, one).await {
+                Ok(held) => {
+                    savepoint.commit().await?;
+                    results.extend(answers(one, &held));
+                }
+                Err(e) if is_refusal(&e) => {
+                    savepoint.rollback().await?;
+                    results.push(Err(SettleError::Unavailable(anyhow!(
+                        "message {} could not be settled: {e}",
+                        item.seq
+                    ))));
+                }
+                Err(e) => return Err(e),
+            }
         }
         tx.commit().await?;
-        anyhow::Ok(held)
+        Ok::<_, sqlx::Error>(results)
     };
-    match attempt.await {
-        Ok(held) => {
-            for settlement in batch {
-                let result = if held.contains(&settlement.seq) {
-                    Ok(())
-                } else {
-                    Err(anyhow!(
-                        "message {} is no longer held by this consumer (its lease ran out); \
-                         its outputs were not published",
-                        settlement.seq
-                    ))
-                };
-                let _ = settlement.done.send(result);
+    attempt
+        .await
+        .unwrap_or_else(|e| unavailable(items.len(), &e.into()))
+}
+
+/// Runs [`SETTLE`] for `items`.
+async fn run(
+    conn: &mut PgConnection,
+    channel: &str,
+    group_key: &str,
+    items: &[&Item],
+) -> Result<HashSet<(i64, i32)>, sqlx::Error> {
+    let mut acks = (Vec::new(), Vec::new());
+    let mut nacks = (Vec::new(), Vec::new(), Vec::new());
+    let mut outputs = OutputColumns::default();
+    let mut owners = (Vec::new(), Vec::new());
+    for item in items {
+        match &item.action {
+            Action::Ack => {
+                acks.0.push(item.seq);
+                acks.1.push(item.attempt);
             }
-        }
-        Err(e) => {
-            // Nothing of the batch took effect.
-            for settlement in batch {
-                let _ = settlement
-                    .done
-                    .send(Err(anyhow!("settling in one transaction failed: {e:#}")));
+            Action::Nack(delay) => {
+                nacks.0.push(item.seq);
+                nacks.1.push(item.attempt);
+                nacks.2.push(delay.as_millis() as i64);
+            }
+            Action::PublishAndAck(messages) => {
+                acks.0.push(item.seq);
+                acks.1.push(item.attempt);
+                for message in messages {
+                    outputs.push(message);
+                    owners.0.push(item.seq);
+                    owners.1.push(item.attempt);
+                }
             }
         }
     }
+    let rows = sqlx::query(SETTLE)
+        .bind(group_key)
+        .bind(&acks.0)
+        .bind(&acks.1)
+        .bind(&nacks.0)
+        .bind(&nacks.1)
+        .bind(&nacks.2)
+        .bind(&outputs.ids)
+        .bind(&outputs.topics)
+        .bind(&outputs.keys)
+        .bind(&outputs.headers)
+        .bind(&outputs.payloads)
+        .bind(&outputs.timestamps)
+        .bind(&owners.0)
+        .bind(&owners.1)
+        .bind(channel)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut held = HashSet::with_capacity(rows.len());
+    for row in rows {
+        let seq: Option<i64> = row.try_get(0)?;
+        let attempt: Option<i32> = row.try_get(1)?;
+        if let (Some(seq), Some(attempt)) = (seq, attempt) {
+            held.insert((seq, attempt));
+        }
+    }
+    Ok(held)
+}
+
+fn answers(items: &[&Item], held: &HashSet<(i64, i32)>) -> Vec<Result<(), SettleError>> {
+    items
+        .iter()
+        .map(|item| match held.contains(&(item.seq, item.attempt)) {
+            true => Ok(()),
+            false => Err(SettleError::LeaseLost),
+        })
+        .collect()
+}
+
+/// The database refused the statement (as opposed to the connection
+/// failing): settling the items one by one finds the one at fault.
+fn is_refusal(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(_))
+}
+
+fn unavailable(count: usize, error: &anyhow::Error) -> Vec<Result<(), SettleError>> {
+    (0..count)
+        .map(|_| Err(SettleError::Unavailable(anyhow!("{error:#}"))))
+        .collect()
 }

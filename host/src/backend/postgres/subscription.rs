@@ -1,9 +1,10 @@
-//! A consumer of one group on the PostgreSQL backend: claims with
-//! `FOR UPDATE SKIP LOCKED`, acks in batches, and publishes-and-acks in one
-//! transaction for routes whose output is this same database (see
-//! `settle.rs`).
+//! A consumer of one group on the PostgreSQL backend: claims many rows per
+//! statement with `FOR UPDATE SKIP LOCKED`, settles a batch in one
+//! statement (see `settle.rs`) — publishing and acking in one transaction
+//! for routes whose output is this same database — and gathers single acks
+//! into one statement every few milliseconds.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,10 +15,10 @@ use sqlx::Row;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::Shared;
-use super::settle::Settler;
+use super::settle::{self, Action, Item};
+use super::{Shared, relaxed};
 use crate::backend::ack_batch::AckBatcher;
-use crate::backend::{Delivery, Receipt, SubscribeOptions, Subscription};
+use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
 
 pub struct PostgresSubscription {
@@ -27,10 +28,10 @@ pub struct PostgresSubscription {
     ephemeral: bool,
     closed: AtomicBool,
     wake: Arc<Notify>,
-    /// Deliveries claimed and not settled, handed back on close.
-    mine: Mutex<HashSet<i64>>,
+    /// Deliveries claimed and not settled (row and attempt), handed back
+    /// on close.
+    mine: Mutex<HashMap<i64, i32>>,
     acks: Arc<AckBatcher>,
-    settler: Settler,
 }
 
 /// Which row a delivery is, and which claim of it.
@@ -40,22 +41,35 @@ struct PostgresReceipt {
 }
 
 /// Acks deleted with one statement per few milliseconds: a round trip per
-/// ack would cap a consumer far below what the database can do.
+/// ack would cap a consumer far below what the database can do. Only the
+/// current claims are deleted; the commit does not wait for its WAL flush
+/// (see [`relaxed!`]).
 fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
     let pool = shared.pool.clone();
     let table_group = group_key.clone();
     AckBatcher::start(
         group_key,
         Duration::from_millis(2),
-        Box::new(move |seqs| {
+        Box::new(move |claims| {
             let pool = pool.clone();
             let group_key = table_group.clone();
+            let (seqs, attempts): (Vec<i64>, Vec<i32>) = claims.into_iter().unzip();
             Box::pin(async move {
-                sqlx::query("DELETE FROM sluice_deliveries WHERE group_key = $1 AND seq = ANY($2)")
-                    .bind(&group_key)
-                    .bind(&seqs)
-                    .execute(&pool)
-                    .await?;
+                sqlx::query(concat!(
+                    "WITH ",
+                    relaxed!(),
+                    ", acked AS ( \
+                         DELETE FROM sluice_deliveries d \
+                         USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
+                         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+                         RETURNING 1 \
+                     ) SELECT 1 FROM relaxed"
+                ))
+                .bind(&group_key)
+                .bind(&seqs)
+                .bind(&attempts)
+                .execute(&pool)
+                .await?;
                 Ok(())
             })
         }),
@@ -67,21 +81,23 @@ impl PostgresSubscription {
         PostgresSubscription {
             wake: shared.waker(&group_key),
             acks: postgres_acks(&shared, group_key.clone()),
-            settler: Settler::start(shared.clone(), group_key.clone()),
             shared,
             group_key,
             lease: options.lease,
             ephemeral: options.ephemeral,
             closed: AtomicBool::new(false),
-            mine: Mutex::new(HashSet::new()),
+            mine: Mutex::new(HashMap::new()),
         }
     }
 
     /// Claims up to `max` visible deliveries: rows other consumers are
-    /// claiming at this moment are skipped, not waited for.
+    /// claiming at this moment are skipped, not waited for. The commit does
+    /// not wait for its WAL flush (see [`relaxed!`]).
     async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
-        let rows = sqlx::query(
-            "WITH claimable AS ( \
+        let rows = sqlx::query(concat!(
+            "WITH ",
+            relaxed!(),
+            ", claimable AS ( \
                  SELECT seq FROM sluice_deliveries \
                  WHERE group_key = $1 AND visible_at <= now() \
                  ORDER BY seq LIMIT $2 \
@@ -94,9 +110,9 @@ impl PostgresSubscription {
              ) \
              SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
                     m.payload, m.timestamp_ms \
-             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq \
-             ORDER BY claimed.seq",
-        )
+             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq CROSS JOIN relaxed \
+             ORDER BY claimed.seq"
+        ))
         .bind(&self.group_key)
         .bind(max as i64)
         .bind(self.lease.as_millis() as i64)
@@ -117,7 +133,7 @@ impl PostgresSubscription {
                 payload: row.try_get("payload")?,
                 timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
             };
-            mine.insert(seq);
+            mine.insert(seq, attempt);
             deliveries.push(Delivery {
                 message,
                 attempt: attempt as u32,
@@ -125,6 +141,17 @@ impl PostgresSubscription {
             });
         }
         Ok(deliveries)
+    }
+
+    /// Settles one delivery; the error keeps its kind (see
+    /// [`SettleError`]).
+    async fn settle_one(&self, delivery: &Delivery, settlement: Settlement) -> Result<()> {
+        let result = self.settle(vec![(delivery, settlement)]).await.pop();
+        result.expect("one answer").map_err(anyhow::Error::new)
+    }
+
+    fn forget(&self, receipt: &PostgresReceipt) {
+        forget_claim(&mut self.mine.lock().unwrap(), receipt.seq, receipt.attempt);
     }
 
     /// How long until the group's next delivery becomes visible (a nack's
@@ -173,27 +200,13 @@ impl Subscription for PostgresSubscription {
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
         let receipt = delivery.receipt.get::<PostgresReceipt>()?;
-        self.mine.lock().unwrap().remove(&receipt.seq);
-        self.acks.push(receipt.seq);
+        self.forget(receipt);
+        self.acks.push((receipt.seq, receipt.attempt));
         Ok(())
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
-        let receipt = delivery.receipt.get::<PostgresReceipt>()?;
-        // Only the current claim may move the row: if the lease ran out and
-        // another consumer holds it, this nack is stale.
-        sqlx::query(
-            "UPDATE sluice_deliveries SET visible_at = now() + $1 * interval '1 millisecond' \
-             WHERE group_key = $2 AND seq = $3 AND attempt = $4",
-        )
-        .bind(delay.as_millis() as i64)
-        .bind(&self.group_key)
-        .bind(receipt.seq)
-        .bind(receipt.attempt)
-        .execute(&self.shared.pool)
-        .await?;
-        self.mine.lock().unwrap().remove(&receipt.seq);
-        Ok(())
+        self.settle_one(delivery, Settlement::Nack(delay)).await
     }
 
     fn transactional(&self) -> bool {
@@ -201,12 +214,46 @@ impl Subscription for PostgresSubscription {
     }
 
     async fn publish_and_ack(&self, delivery: &Delivery, messages: Vec<Message>) -> Result<()> {
-        let receipt = delivery.receipt.get::<PostgresReceipt>()?;
-        self.settler
-            .settle(receipt.seq, receipt.attempt, messages)
-            .await?;
-        self.mine.lock().unwrap().remove(&receipt.seq);
-        Ok(())
+        self.settle_one(delivery, Settlement::PublishAndAck(messages))
+            .await
+    }
+
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        let mut results: Vec<Option<Result<(), SettleError>>> = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for (delivery, settlement) in batch {
+            match delivery.receipt.get::<PostgresReceipt>() {
+                Ok(receipt) => {
+                    results.push(None);
+                    items.push(Item {
+                        seq: receipt.seq,
+                        attempt: receipt.attempt,
+                        action: match settlement {
+                            Settlement::Ack => Action::Ack,
+                            Settlement::Nack(delay) => Action::Nack(delay),
+                            Settlement::PublishAndAck(messages) => Action::PublishAndAck(messages),
+                        },
+                    });
+                }
+                Err(e) => results.push(Some(Err(SettleError::Fatal(e)))),
+            }
+        }
+        let settled = settle::settle(&self.shared, &self.group_key, &items).await;
+        let mut mine = self.mine.lock().unwrap();
+        let mut settled = items.iter().zip(settled);
+        for result in results.iter_mut().filter(|r| r.is_none()) {
+            let (item, outcome) = settled.next().expect("an answer per item");
+            // Settled, or another consumer's now: either way no longer ours
+            // to hand back on close.
+            if !matches!(outcome, Err(SettleError::Unavailable(_))) {
+                forget_claim(&mut mine, item.seq, item.attempt);
+            }
+            *result = Some(outcome);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect()
     }
 
     async fn close(&self) -> Result<()> {
@@ -227,14 +274,18 @@ impl Subscription for PostgresSubscription {
             tx.commit().await?;
             return Ok(());
         }
-        let mine: Vec<i64> = self.mine.lock().unwrap().drain().collect();
-        if !mine.is_empty() {
+        let (seqs, attempts): (Vec<i64>, Vec<i32>) = self.mine.lock().unwrap().drain().unzip();
+        if !seqs.is_empty() {
+            // Only the claims still current: a row whose lease ran out may
+            // be another consumer's now.
             sqlx::query(
-                "UPDATE sluice_deliveries SET visible_at = now() \
-                 WHERE group_key = $1 AND seq = ANY($2)",
+                "UPDATE sluice_deliveries d SET visible_at = now() \
+                 FROM UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
+                 WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt",
             )
             .bind(&self.group_key)
-            .bind(&mine)
+            .bind(&seqs)
+            .bind(&attempts)
             .execute(&self.shared.pool)
             .await?;
             sqlx::query("SELECT pg_notify($1, $2)")
@@ -244,6 +295,14 @@ impl Subscription for PostgresSubscription {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Drops a claim from those handed back on close, unless the row has been
+/// claimed again since.
+fn forget_claim(mine: &mut HashMap<i64, i32>, seq: i64, attempt: i32) {
+    if mine.get(&seq) == Some(&attempt) {
+        mine.remove(&seq);
     }
 }
 

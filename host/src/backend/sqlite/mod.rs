@@ -1,0 +1,219 @@
+//! The SQLite backend: the embedded, durable default. One database file holds
+//! every topic; several processes may share it (WAL mode, atomic claims), so a
+//! consumer group can be spread over processes on one machine.
+//!
+//! Layout: `sluice_messages` is an append-only log of every topic. Each group
+//! has a cursor per subscribed pattern in `sluice_groups`; on fetch, new
+//! matching messages become rows of `sluice_deliveries` for that group, which
+//! are claimed with one `UPDATE … RETURNING` that bumps their attempt and
+//! pushes their visibility past the lease. Ack deletes the row and nack moves
+//! its visibility, both only while the claim is still the current one (same
+//! attempt); a consumer that dies simply lets its lease run out.
+//!
+//! Every write of a process goes through one writer (`writer.rs`), which
+//! commits whatever publishes, claims and settlements queued up meanwhile in
+//! one transaction. A route whose input and output are this same backend
+//! publishes its outputs and acks its input in one transaction
+//! ([`Subscription::publish_and_ack`]), so processing within the file is
+//! exactly once.
+//!
+//! URL: `sqlite://PATH[?synchronous=normal|full&poll_ms=N]`. `synchronous=full`
+//! (the default) fsyncs every commit; `normal` may lose the last commits on a
+//! power failure (not on a process crash). `poll_ms` (default 100) bounds how
+//! late a consumer notices messages published by another process.
+
+mod store;
+mod subscription;
+mod writer;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, SqlitePool};
+use tokio::sync::Notify;
+
+use super::{Backend, Capabilities, SubscribeOptions, Subscription, pattern};
+use crate::message::Message;
+use subscription::SqliteSubscription;
+use writer::Writer;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sluice_messages (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT    NOT NULL,
+    topic        TEXT    NOT NULL,
+    msg_key      TEXT,
+    headers      TEXT    NOT NULL,
+    payload      BLOB    NOT NULL,
+    timestamp_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sluice_messages_topic ON sluice_messages (topic, seq);
+CREATE TABLE IF NOT EXISTS sluice_groups (
+    group_name TEXT    NOT NULL,
+    pattern    TEXT    NOT NULL,
+    cursor     INTEGER NOT NULL,
+    PRIMARY KEY (group_name, pattern)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sluice_deliveries (
+    group_name TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    attempt    INTEGER NOT NULL,
+    visible_at INTEGER NOT NULL,
+    PRIMARY KEY (group_name, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sluice_deliveries_visible ON sluice_deliveries (group_name, visible_at);
+"#;
+
+pub struct SqliteBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// For reads; every write goes through the writer.
+    pool: SqlitePool,
+    writer: Writer,
+    poll: Duration,
+    /// Wakes this process's fetchers when a commit made messages visible.
+    changed: Arc<Notify>,
+}
+
+impl SqliteBackend {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let rest = url
+            .strip_prefix("sqlite://")
+            .context("a SQLite URL starts with sqlite://")?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if path.is_empty() {
+            bail!("SQLite URL `{url}` names no file (expected sqlite://PATH)");
+        }
+        let mut synchronous = SqliteSynchronous::Full;
+        let mut poll = Duration::from_millis(100);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("synchronous", value)) => {
+                    synchronous = SqliteSynchronous::from_str(value).map_err(|_| {
+                        anyhow::anyhow!(
+                            "SQLite URL: synchronous must be full or normal, not `{value}`"
+                        )
+                    })?
+                }
+                Some(("poll_ms", value)) => {
+                    poll = Duration::from_millis(value.parse().with_context(|| {
+                        format!("SQLite URL: poll_ms `{value}` is not a number")
+                    })?)
+                }
+                _ => bail!("SQLite URL: unknown parameter `{pair}` (known: synchronous, poll_ms)"),
+            }
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(PathBuf::from(path))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(synchronous)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = open(options.clone(), path).await?;
+        let conn = options
+            .connect()
+            .await
+            .with_context(|| format!("cannot open SQLite database `{path}`"))?;
+        let changed = Arc::new(Notify::new());
+        Ok(SqliteBackend {
+            shared: Arc::new(Shared {
+                pool,
+                writer: Writer::start(conn, changed.clone()),
+                poll,
+                changed,
+            }),
+        })
+    }
+}
+
+/// Opens the pool and creates the tables. Switching a file to WAL and
+/// creating tables take locks that SQLite's busy timeout does not always
+/// wait for when other processes (or pools) open the same file at the same
+/// moment, so "database is locked" at open is retried for a while.
+async fn open(options: SqliteConnectOptions, path: &str) -> Result<SqlitePool> {
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let result = async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(2)
+                .connect_with(options.clone())
+                .await
+                .with_context(|| format!("cannot open SQLite database `{path}`"))?;
+            sqlx::raw_sql(SCHEMA)
+                .execute(&pool)
+                .await
+                .with_context(|| format!("cannot create Sluice tables in `{path}`"))?;
+            anyhow::Ok(pool)
+        }
+        .await;
+        match result {
+            Err(e) if attempt < 50 && format!("{e:#}").contains("database is locked") => {
+                tokio::time::sleep(Duration::from_millis(20 * attempt.min(10))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
+        // Deliveries the group has taken on and not acknowledged; messages
+        // past its cursors are not counted until a fetch reaches them.
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM sluice_deliveries WHERE group_name = ?1")
+                .bind(group_key)
+                .fetch_one(&self.shared.pool)
+                .await?;
+        Ok(Some(count as u64))
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            persistent: true,
+            history: true,
+            consumer_groups: true,
+            ordered_per_key: true,
+            native_delay: true,
+            lease: true,
+            wildcards: true,
+            at_least_once: true,
+            lease_checked: true,
+        }
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.shared.writer.publish(messages).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        for topic in &options.topics {
+            pattern::validate(topic).map_err(anyhow::Error::msg)?;
+        }
+        let group = options.group_key();
+        self.shared
+            .writer
+            .subscribe(&group, &options.topics, options.start)
+            .await?;
+        Ok(Box::new(SqliteSubscription::new(
+            self.shared.clone(),
+            group,
+            &options,
+        )))
+    }
+}

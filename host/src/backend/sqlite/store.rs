@@ -1,0 +1,298 @@
+//! The statements the SQLite writer runs inside its transactions: appending
+//! messages, creating a group, claiming deliveries, settling them and
+//! handing them back. Each takes the writer's connection; none commits.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use crate::backend::{Delivery, Receipt, StartFrom, pattern};
+use crate::message::{Message, now_ms};
+
+/// How many log rows one claim turns into deliveries at most.
+const MATERIALIZE_BATCH: i64 = 2_000;
+
+/// Messages per `INSERT` (6 parameters each, far below SQLite's limit).
+const INSERT_ROWS: usize = 64;
+
+/// Where a delivery lives, and which claim of it this is.
+pub struct SqliteReceipt {
+    pub seq: i64,
+    pub attempt: i64,
+}
+
+/// One delivery to settle: its claim and what to do with it.
+pub struct Item {
+    pub seq: i64,
+    pub attempt: i64,
+    pub action: Action,
+}
+
+pub enum Action {
+    Ack,
+    Nack(Duration),
+    /// Ack, and publish these with it.
+    PublishAndAck(Vec<Message>),
+}
+
+/// Appends messages to the log, in order.
+pub async fn insert_messages(conn: &mut SqliteConnection, messages: &[&Message]) -> Result<()> {
+    for chunk in messages.chunks(INSERT_ROWS) {
+        let mut headers = Vec::with_capacity(chunk.len());
+        for message in chunk {
+            headers.push(serde_json::to_string(&message.headers)?);
+        }
+        // One statement text per chunk size, so prepared statements are
+        // reused from the connection's cache.
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO sluice_messages (id, topic, msg_key, headers, payload, timestamp_ms) ",
+        );
+        insert.push_values(chunk.iter().zip(headers), |mut row, (message, headers)| {
+            row.push_bind(message.id.as_str())
+                .push_bind(message.topic.as_str())
+                .push_bind(message.key.as_deref())
+                .push_bind(headers)
+                .push_bind(message.payload.as_slice())
+                .push_bind(message.timestamp_ms as i64);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Records a group's cursor for each of its patterns, unless it has one.
+pub async fn create_group(
+    conn: &mut SqliteConnection,
+    group: &str,
+    topics: &[String],
+    start: StartFrom,
+) -> Result<()> {
+    for topic in topics {
+        let start = match start {
+            StartFrom::Earliest => "SELECT 0",
+            StartFrom::Latest => "SELECT IFNULL(MAX(seq), 0) FROM sluice_messages",
+        };
+        let cursor: i64 = sqlx::query_scalar(start).fetch_one(&mut *conn).await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO sluice_groups (group_name, pattern, cursor) VALUES (?1, ?2, ?3)",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(cursor)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Claims up to `max` visible deliveries of `group` for `lease`, after
+/// turning the log rows past its cursors into deliveries.
+pub async fn claim(
+    conn: &mut SqliteConnection,
+    group: &str,
+    lease: Duration,
+    max: usize,
+) -> Result<Vec<Delivery>> {
+    materialize(conn, group).await?;
+    let now = now_ms() as i64;
+    let claimed: Vec<(i64, i64)> = sqlx::query_as(
+        "UPDATE sluice_deliveries SET attempt = attempt + 1, visible_at = ?1 \
+         WHERE group_name = ?2 AND seq IN ( \
+             SELECT seq FROM sluice_deliveries \
+             WHERE group_name = ?2 AND visible_at <= ?3 ORDER BY seq LIMIT ?4) \
+         RETURNING seq, attempt",
+    )
+    .bind(now + lease.as_millis() as i64)
+    .bind(group)
+    .bind(now)
+    .bind(max as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    if claimed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs = serde_json::to_string(&claimed.iter().map(|(s, _)| *s).collect::<Vec<_>>())?;
+    let rows = sqlx::query(
+        "SELECT seq, id, topic, msg_key, headers, payload, timestamp_ms FROM sluice_messages \
+         WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
+    )
+    .bind(seqs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let attempts: HashMap<i64, i64> = claimed.into_iter().collect();
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in rows {
+        let seq: i64 = row.try_get("seq")?;
+        let attempt = attempts.get(&seq).copied().unwrap_or(1);
+        let headers: String = row.try_get("headers")?;
+        let message = Message {
+            id: row.try_get("id")?,
+            topic: row.try_get("topic")?,
+            key: row.try_get("msg_key")?,
+            headers: serde_json::from_str(&headers)
+                .with_context(|| format!("message {seq} has malformed headers"))?,
+            payload: row.try_get("payload")?,
+            timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
+        };
+        deliveries.push(Delivery {
+            message,
+            attempt: attempt as u32,
+            receipt: Receipt::new(SqliteReceipt { seq, attempt }),
+        });
+    }
+    Ok(deliveries)
+}
+
+/// Turns log rows past the group's cursors into deliveries of the group.
+async fn materialize(conn: &mut SqliteConnection, group: &str) -> Result<()> {
+    let cursors: Vec<(String, i64)> =
+        sqlx::query_as("SELECT pattern, cursor FROM sluice_groups WHERE group_name = ?1")
+            .bind(group)
+            .fetch_all(&mut *conn)
+            .await?;
+    for (topic_pattern, cursor) in cursors {
+        let rows: Vec<(i64, String)> = if pattern::is_pattern(&topic_pattern) {
+            sqlx::query_as(
+                "SELECT seq, topic FROM sluice_messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .bind(cursor)
+            .bind(MATERIALIZE_BATCH)
+            .fetch_all(&mut *conn)
+            .await?
+        } else {
+            sqlx::query_as(
+                "SELECT seq, topic FROM sluice_messages WHERE topic = ?1 AND seq > ?2 \
+                 ORDER BY seq LIMIT ?3",
+            )
+            .bind(&topic_pattern)
+            .bind(cursor)
+            .bind(MATERIALIZE_BATCH)
+            .fetch_all(&mut *conn)
+            .await?
+        };
+        let Some(&(last, _)) = rows.last() else {
+            continue;
+        };
+        let matching: Vec<i64> = rows
+            .iter()
+            .filter(|(_, topic)| pattern::matches(&topic_pattern, topic))
+            .map(|(seq, _)| *seq)
+            .collect();
+        sqlx::query(
+            "INSERT OR IGNORE INTO sluice_deliveries (group_name, seq, attempt, visible_at) \
+             SELECT ?1, value, 0, 0 FROM json_each(?2)",
+        )
+        .bind(group)
+        .bind(serde_json::to_string(&matching)?)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE sluice_groups SET cursor = ?1 WHERE group_name = ?2 AND pattern = ?3")
+            .bind(last)
+            .bind(group)
+            .bind(&topic_pattern)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the rows of `claims` whose claim is still current; returns the
+/// claims it deleted.
+pub async fn delete_claimed(
+    conn: &mut SqliteConnection,
+    group: &str,
+    claims: &[(i64, i64)],
+) -> Result<HashSet<(i64, i64)>> {
+    if claims.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let deleted: Vec<(i64, i64)> = sqlx::query_as(
+        "DELETE FROM sluice_deliveries \
+         WHERE group_name = ?1 \
+           AND seq IN (SELECT value ->> 0 FROM json_each(?2)) \
+           AND (seq, attempt) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?2)) \
+         RETURNING seq, attempt",
+    )
+    .bind(group)
+    .bind(serde_json::to_string(claims)?)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(deleted.into_iter().collect())
+}
+
+/// Settles `items` of `group`; returns the claims it settled (the others'
+/// leases have passed to another consumer).
+pub async fn settle(
+    conn: &mut SqliteConnection,
+    group: &str,
+    items: &[Item],
+) -> Result<HashSet<(i64, i64)>> {
+    let acks: Vec<(i64, i64)> = items
+        .iter()
+        .filter(|item| !matches!(item.action, Action::Nack(_)))
+        .map(|item| (item.seq, item.attempt))
+        .collect();
+    let mut held = delete_claimed(conn, group, &acks).await?;
+    let mut outputs = Vec::new();
+    for item in items {
+        match &item.action {
+            Action::PublishAndAck(messages) if held.contains(&(item.seq, item.attempt)) => {
+                outputs.extend(messages.iter());
+            }
+            Action::Nack(delay) => {
+                // Nacks are rare: a statement each.
+                let moved = sqlx::query(
+                    "UPDATE sluice_deliveries SET visible_at = ?1 \
+                     WHERE group_name = ?2 AND seq = ?3 AND attempt = ?4",
+                )
+                .bind(now_ms() as i64 + delay.as_millis() as i64)
+                .bind(group)
+                .bind(item.seq)
+                .bind(item.attempt)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if moved == 1 {
+                    held.insert((item.seq, item.attempt));
+                }
+            }
+            _ => {}
+        }
+    }
+    insert_messages(conn, &outputs).await?;
+    Ok(held)
+}
+
+/// Makes the claims still current visible again at once.
+pub async fn release(
+    conn: &mut SqliteConnection,
+    group: &str,
+    claims: &[(i64, i64)],
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE sluice_deliveries SET visible_at = 0 \
+         WHERE group_name = ?1 \
+           AND seq IN (SELECT value ->> 0 FROM json_each(?2)) \
+           AND (seq, attempt) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?2))",
+    )
+    .bind(group)
+    .bind(serde_json::to_string(claims)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Removes a group and everything it had yet to settle.
+pub async fn drop_group(conn: &mut SqliteConnection, group: &str) -> Result<()> {
+    sqlx::query("DELETE FROM sluice_deliveries WHERE group_name = ?1")
+        .bind(group)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM sluice_groups WHERE group_name = ?1")
+        .bind(group)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
