@@ -162,11 +162,11 @@ async fn many_members_closing_at_once_hand_everything_back() -> Result<()> {
     Ok(())
 }
 
-/// A member whose buffer fills pauses fetching and resumes from the offset
-/// after the last record it took, usually inside a record batch: nothing
-/// of that batch may be skipped.
+/// A member whose buffer fills stops taking records and carries on where
+/// it stopped, usually inside a record batch: nothing of that batch may be
+/// skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pausing_a_full_buffer_skips_nothing() -> Result<()> {
+async fn a_full_buffer_skips_nothing() -> Result<()> {
     const TOTAL: u32 = 3_000;
     init_tracing();
     let tansu = Server::tansu();

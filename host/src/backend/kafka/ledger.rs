@@ -194,14 +194,6 @@ impl Ledger {
         }
     }
 
-    /// Has the next record confirm that fetching reaches the offset expected
-    /// next (after fetching was paused and resumed from there).
-    pub fn confirm_next_offset(&mut self) {
-        if let Some(next) = self.next_offset {
-            self.landing = Some(Landing::new(next));
-        }
-    }
-
     /// Records a received message, unless it is not to be handed out:
     /// received already (the consumer re-fetched it), settled under an
     /// earlier owner, or past an unconfirmed start; `log_start` tells where

@@ -13,7 +13,7 @@
 //! | `heartbeat_ms` | 500 | consumer heartbeat; members notice a rebalance within about one |
 //! | `session_timeout_ms` | the lease, within 6 s–30 min | how long a crashed member keeps its partitions |
 //! | `metadata_refresh_ms` | 1000 | how often metadata is refreshed, so patterns see new topics |
-//! | `buffer` | 1000 | messages a group member buffers before it pauses fetching |
+//! | `buffer` | 1000 | messages a group member buffers before it takes records only now and then (librdkafka prefetches besides, up to its `queued.max.messages.kbytes`, then stops fetching) |
 //! | `join_timeout_ms` | 15000 | longest `subscribe` waits for the group to assign this member |
 //! | `rdkafka.NAME` | | any librdkafka property (e.g. `rdkafka.security.protocol=SASL_SSL`), applied last to producer, consumers and admin client; values percent-decoded |
 //!
@@ -26,7 +26,7 @@
 //! | groups | a Kafka consumer group per [`SubscribeOptions::group_key`]; one member per group and process, shared by that process's subscriptions to the group (see [`members`]); members split partitions, every group gets every message |
 //! | start | `earliest` → the beginning; `latest` → the end when the group first gets the partition (the high watermark of a fetch response: tansu's ListOffsets answers inside the last batch), committed at once so the group's start stays put |
 //! | subscribe | the first subscription of a group in a process returns once its member holds its partitions and knows where each starts (at most `join_timeout_ms`); later ones join that member at once |
-//! | resuming | a partition taken over at a committed offset, or fetched again after a pause (the member's buffer was full), is read from the offset expected, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]) |
+//! | resuming | a partition taken over at a committed offset is read from the offset expected, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]); a full buffer never pauses a partition (that would fetch it again from inside a batch), the member just stops taking records |
 //! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass |
 //! | settling | a batch of acks and nacks under one lock of the member's books, no broker round trip (commits follow); a delivery whose partition the member gave up, or that was handed out again since, answers "lease lost" and changes nothing |
 //! | commits | the lowest unsettled offset per partition, every `commit_ms`, on revocation and on close; never past an unfinished message |
