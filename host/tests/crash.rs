@@ -507,13 +507,11 @@ async fn kafka_three_processes_share_a_group_and_take_over() {
     three_processes_share_a_group_and_take_over("scale", &tansu.kafka_url(""), dir.path()).await;
 }
 
-/// The restarted host joins the group while tansu still counts the killed
-/// member, its leader, as alive: the new member's join then waits (tansu
-/// pauses a joining follower for 3 s) until the old member's session has
-/// lapsed, and tansu never settles a group whose dead leader it has not
-/// dropped (see docs/architecture.md, Kafka). So the session is 2 s, well
-/// inside that pause, instead of the default (the 5 s lease, raised to 6 s):
-/// by the time the new member joins again, the killed one is gone.
+/// The restarted host joins the group while the broker still counts the
+/// killed member in: its `subscribe` waits until that member's session has
+/// lapsed and the group lets the new one in (tansu holds a joining follower
+/// back in steps of 3 s). A 2 s session, instead of the default (the 5 s
+/// lease, raised to 6 s), keeps that wait short.
 #[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_sigkill_mid_run_loses_nothing() {
