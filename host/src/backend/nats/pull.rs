@@ -435,10 +435,12 @@ impl Subscription for JsSubscription {
                 _ => AckKind::Ack,
             };
             // Into the connection's queue: the whole batch goes out together.
-            let sent = inner.send_ack(held.ack_subject.clone(), kind).await;
-            results.push(sent.map_err(SettleError::Unavailable));
-            if results.last().is_some_and(Result::is_err) {
-                unsent.push((token, held));
+            match inner.send_ack(held.ack_subject.clone(), kind).await {
+                Ok(()) => results.push(Ok(())),
+                Err(e) => {
+                    unsent.push((token, held));
+                    results.push(Err(SettleError::Unavailable(e)));
+                }
             }
         }
         if !unsent.is_empty() {
