@@ -155,9 +155,6 @@ impl Host {
             .iter()
             .map(|(r, _)| (r.spec.name.clone(), r.stats.clone()))
             .collect();
-        for (_, s) in &stats {
-            s.touch();
-        }
         // Every route joins its group before any runs, so outputs of one
         // route reach the next even on a backend that keeps no history.
         let mut subscribed = Vec::new();
@@ -168,6 +165,11 @@ impl Host {
                 .await
                 .with_context(|| format!("route `{name}`"))?;
             subscribed.push((name, route, control));
+        }
+        // The idle clock starts now: joining a group can take seconds (a
+        // Kafka group waits for a crashed member's session to lapse).
+        for (_, s) in &stats {
+            s.touch();
         }
         // Side services stop only after the routes have drained.
         let services = CancellationToken::new();

@@ -1,7 +1,7 @@
 //! NATS-specific behaviour on the shared server at 127.0.0.1:4222 (with
 //! JetStream): request-reply, queue-group splits, JetStream nak delays and
-//! attempts, AckWait redelivery, in-progress acks, and the `sluice` binary
-//! moved onto JetStream by `SLUICE_BACKEND_URL` alone.
+//! attempts, AckWait redelivery, in-progress acks, batch settlement, and the
+//! `sluice` binary moved onto JetStream by `SLUICE_BACKEND_URL` alone.
 //!
 //! The server is shared with other test runs: every test uses subjects and
 //! streams of its own (a unique first token and stream prefix) and deletes
@@ -11,13 +11,14 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use sluice::Message;
-use sluice::backend::{self, SubscribeOptions, Subscription};
+use sluice::backend::{self, Delivery, SettleError, Settlement, SubscribeOptions, Subscription};
 use sluice::router::{FnHandler, Route, RouteSpec, RouteStats};
 use sluice::runtime::Outcome;
 
@@ -299,6 +300,151 @@ async fn jetstream_in_progress_acks_keep_a_slow_delivery() -> Result<()> {
     .await;
     delete_own_stream(&token).await;
     result
+}
+
+/// Fetches until `count` deliveries are in hand.
+async fn fetch_all(sub: &dyn Subscription, count: usize) -> Result<Vec<Delivery>> {
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let mut held = Vec::new();
+    while held.len() < count {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "fetched {} of {count}",
+            held.len()
+        );
+        held.extend(
+            sub.fetch(count - held.len(), Duration::from_millis(200))
+                .await?,
+        );
+    }
+    Ok(held)
+}
+
+/// Nothing is delivered to `subs` for `span` (longer than their AckWait).
+async fn nothing_comes_back(subs: &[&dyn Subscription], span: Duration) -> Result<()> {
+    let until = tokio::time::Instant::now() + span;
+    while tokio::time::Instant::now() < until {
+        for sub in subs {
+            let got = sub.fetch(10, Duration::from_millis(100)).await?;
+            ensure!(
+                got.is_empty(),
+                "{} came back after being settled (attempt {})",
+                String::from_utf8_lossy(&got[0].message.payload),
+                got[0].attempt
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_batch_settle_acks_every_delivery() -> Result<()> {
+    if !server_up("jetstream_batch_settle_acks_every_delivery") {
+        return Ok(());
+    }
+    const COUNT: usize = 600;
+    let token = unique("batch");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let lease = Duration::from_secs(1);
+        let backend = backend::connect(&jetstream_url(&token)).await?;
+        let sub = backend.subscribe(options(&topic, "g", lease)).await?;
+        let messages: Vec<Message> = (0..COUNT)
+            .map(|i| Message::new(&topic, format!("job-{i}")))
+            .collect();
+        backend.publish(messages).await?;
+        let held = fetch_all(sub.as_ref(), COUNT).await?;
+        let results = sub
+            .settle(held.iter().map(|d| (d, Settlement::Ack)).collect())
+            .await;
+        ensure!(results.len() == COUNT, "{} answers", results.len());
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            anyhow::bail!("an ack of the batch failed: {e}");
+        }
+        // A lost ack would bring its message back after AckWait, to this
+        // member or to a new one.
+        let other = backend.subscribe(options(&topic, "g", lease)).await?;
+        nothing_comes_back(&[sub.as_ref(), other.as_ref()], lease * 3).await?;
+        sub.close().await?;
+        other.close().await
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_mixed_batch_settles_each_item_on_its_own() -> Result<()> {
+    if !server_up("jetstream_mixed_batch_settles_each_item_on_its_own") {
+        return Ok(());
+    }
+    let token = unique("mixed");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let lease = Duration::from_secs(1);
+        let backend = backend::connect(&jetstream_url(&token)).await?;
+        let sub = backend.subscribe(options(&topic, "g", lease)).await?;
+        let messages: Vec<Message> = (0..10)
+            .map(|i| Message::new(&topic, format!("job-{i}")))
+            .collect();
+        backend.publish(messages).await?;
+        let held = fetch_all(sub.as_ref(), 10).await?;
+        // Even ones acked, odd ones nacked (one with a delay), and the
+        // first one settled a second time in the same batch.
+        let mut batch: Vec<(&Delivery, Settlement)> = held
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let settlement = match i {
+                    _ if i % 2 == 0 => Settlement::Ack,
+                    9 => Settlement::Nack(Duration::from_millis(300)),
+                    _ => Settlement::Nack(Duration::ZERO),
+                };
+                (d, settlement)
+            })
+            .collect();
+        batch.push((&held[0], Settlement::Ack));
+        let results = sub.settle(batch).await;
+        ensure!(results.len() == 11, "{} answers", results.len());
+        for (i, result) in results[..10].iter().enumerate() {
+            ensure!(result.is_ok(), "item {i}: {result:?}");
+        }
+        ensure!(
+            matches!(results[10], Err(SettleError::Fatal(_))),
+            "settling twice: {:?}",
+            results[10]
+        );
+        let nacked: HashSet<&str> = held
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|d| d.message.id.as_str())
+            .collect();
+        let again = fetch_all(sub.as_ref(), nacked.len()).await?;
+        let ids: HashSet<&str> = again.iter().map(|d| d.message.id.as_str()).collect();
+        ensure!(ids == nacked, "redelivered: {:?}", payloads(&again));
+        ensure!(
+            again.iter().all(|d| d.attempt == 2),
+            "attempts {:?}",
+            again.iter().map(|d| d.attempt).collect::<Vec<_>>()
+        );
+        let results = sub
+            .settle(again.iter().map(|d| (d, Settlement::Ack)).collect())
+            .await;
+        ensure!(results.iter().all(Result::is_ok), "{results:?}");
+        nothing_comes_back(&[sub.as_ref()], lease * 3).await?;
+        sub.close().await
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
+}
+
+fn payloads(deliveries: &[Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+        .collect()
 }
 
 #[test]

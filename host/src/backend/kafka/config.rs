@@ -41,8 +41,8 @@ pub struct KafkaConfig {
     /// How often topic metadata is refreshed, so a pattern subscription
     /// sees new topics (`metadata_refresh_ms`, default 1000).
     pub metadata_refresh: Duration,
-    /// Messages a group member buffers before it pauses fetching
-    /// (`buffer`, default 1000).
+    /// Messages a group member buffers before it takes records from
+    /// librdkafka only now and then (`buffer`, default 1000).
     pub buffer: usize,
     /// Longest wait in `subscribe` for the group to hand this member its
     /// partitions (`join_timeout_ms`, default 15000).

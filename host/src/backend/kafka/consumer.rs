@@ -1,7 +1,7 @@
 //! The thread that owns a subscription's librdkafka consumer: it polls,
 //! files what arrives in the shared [`State`], commits settled offsets on
-//! a timer, answers rebalances, pauses fetching while the buffer is full,
-//! leaves the group when the application stops fetching, and closes.
+//! a timer, answers rebalances, takes records slowly while the buffer is
+//! full, leaves the group when the application stops fetching, and closes.
 //!
 //! A plain thread rather than a task: librdkafka's calls block, and
 //! destroying a consumer connected to tansu was seen to hang for ever in
@@ -26,6 +26,11 @@ use crate::backend::StartFrom;
 
 /// Records taken from librdkafka in one go before waking fetches.
 const FILE_AT_ONCE: usize = 500;
+/// While the buffer is full: how often a record is taken anyway, so group
+/// events (which come through the same poll) are not held up.
+const TRICKLE: Duration = Duration::from_millis(100);
+/// While the buffer is full: the pause between looks at it.
+const FULL_NAP: Duration = Duration::from_millis(5);
 
 /// What the async side asks of the thread.
 pub enum Command {
@@ -172,11 +177,6 @@ impl Context {
         if let Err(e) = consumer.assign(&assignment) {
             tracing::warn!(group = %behaviour.group_id, "Kafka: assigning partitions failed: {e}");
             return;
-        }
-        // A partition paused under an earlier assignment would stay paused
-        // in librdkafka; a new assignment starts with nothing buffered.
-        if let Err(e) = consumer.resume(&assignment) {
-            tracing::warn!(group = %behaviour.group_id, "Kafka: resuming the new assignment failed: {e}");
         }
         let mut state = self.shared.lock();
         state.forget_partitions();
@@ -373,25 +373,28 @@ fn confirm_silent_starts(consumer: &BaseConsumer<Context>, shared: &Shared, beha
 }
 
 /// Runs the member until it is closed (or its subscription dropped).
+///
+/// While the buffer is full the thread takes records from librdkafka only
+/// now and then (group events arrive through the same poll), rather than
+/// pausing the partitions: a paused partition loses what librdkafka
+/// prefetched and is fetched again from the next offset, inside a record
+/// batch, which tansu answers with the batch after (see [`super::landing`]).
+/// Left alone, librdkafka stops fetching once its own queue is full
+/// (`queued.max.messages.kbytes`), and carries on from a batch's end.
 pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Receiver<Command>) {
     let behaviour = consumer.context().behaviour.clone();
     let topics: Vec<&str> = behaviour.subscription.iter().map(String::as_str).collect();
     let mut last_commit = Instant::now();
-    let mut paused = false;
-    let mut assignments_seen = 0;
+    let mut full = false;
+    let mut last_trickle = Instant::now();
     let closed_by = loop {
         match commands.try_recv() {
             Ok(Command::Close(done)) => break done,
             Err(TryRecvError::Disconnected) => break None,
             Err(TryRecvError::Empty) => {}
         }
-        let (leave, rejoin, full, released) = {
+        let (leave, rejoin, buffered, released) = {
             let mut state = shared.lock();
-            // A new assignment starts unpaused.
-            if state.assignments != assignments_seen {
-                assignments_seen = state.assignments;
-                paused = false;
-            }
             let idle = state.idle_subscribers();
             let released: usize = idle.iter().map(|id| state.release(*id)).sum();
             let all_idle = idle.len() == state.subscribers.len();
@@ -403,12 +406,7 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
             if rejoin {
                 state.parked = false;
             }
-            (
-                leave,
-                rejoin,
-                state.buffered() >= behaviour.buffer,
-                released,
-            )
+            (leave, rejoin, state.buffered(), released)
         };
         if released > 0 {
             tracing::warn!(
@@ -427,32 +425,37 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         if rejoin && let Err(e) = consumer.subscribe(&topics) {
             tracing::warn!(group = %behaviour.group_id, "Kafka: joining again failed: {e}");
         }
-        if full != paused {
-            paused = full;
-            tracing::debug!(group = %behaviour.group_id, "Kafka: fetching {}", if full { "paused: the buffer is full" } else { "resumed" });
-            match consumer.assignment() {
-                Ok(assignment) => {
-                    let result = if full {
-                        consumer.pause(&assignment)
-                    } else {
-                        consumer.resume(&assignment)
-                    };
-                    if let Err(e) = result {
-                        tracing::warn!("Kafka: pause or resume failed: {e}");
-                    } else if !full {
-                        // librdkafka fetches again from where the application
-                        // got to, which may lie inside a record batch.
-                        shared.lock().confirm_next_offsets();
-                    }
-                }
-                Err(e) => tracing::warn!("Kafka: assignment unknown: {e}"),
-            }
+        // Full at the limit, and again taking records once half of it is
+        // handed out, so the line never runs dry while records wait.
+        let now_full = if full {
+            buffered > behaviour.buffer / 2
+        } else {
+            buffered >= behaviour.buffer
+        };
+        if now_full != full {
+            full = now_full;
+            tracing::debug!(group = %behaviour.group_id, "Kafka: {}", if full { "the buffer is full" } else { "taking records again" });
         }
+        let at_once = if full {
+            if last_trickle.elapsed() < TRICKLE {
+                std::thread::sleep(FULL_NAP);
+                0
+            } else {
+                last_trickle = Instant::now();
+                1
+            }
+        } else {
+            FILE_AT_ONCE
+        };
         // What is at hand is filed before the application hears of it, so a
         // fetch gets a batch rather than the first message alone.
         let mut filed = false;
-        let mut wait = Duration::from_millis(100);
-        for _ in 0..FILE_AT_ONCE {
+        let mut wait = if full {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        for _ in 0..at_once {
             match consumer.poll(wait) {
                 Some(Ok(record)) => {
                     let (topic, partition) = (record.topic(), record.partition());
@@ -481,7 +484,8 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         if filed {
             shared.changed.notify_waiters();
         }
-        if !paused {
+        if !full {
+            // While full, silence is the member's own doing.
             confirm_silent_starts(&consumer, &shared, &behaviour);
         }
         resolve_ends(&consumer, &shared, &behaviour);

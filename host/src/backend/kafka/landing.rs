@@ -1,5 +1,5 @@
-//! Making sure fetching a partition from a committed offset, or again after
-//! a pause, really starts there.
+//! Making sure fetching a partition from a committed offset really starts
+//! there.
 //!
 //! Kafka answers a fetch from offset N with the record batch that holds N
 //! (the client drops the records before N). tansu 0.6.0 answers with the
@@ -11,11 +11,9 @@
 //! the batch holding it is on its way; a later record, or silence while the
 //! broker reports records past the start, means fetching must begin further
 //! back (twice as far each time, never before the log's start), with the
-//! records before the start dropped as usual. The same holds when fetching
-//! resumes after a pause (the buffer was full): librdkafka fetches again
-//! from the offset after the last record it handed over, often inside a
-//! batch. On Kafka the first record is the start itself, and nothing
-//! changes.
+//! records before the start dropped as usual. On Kafka the first record is
+//! the start itself, and nothing changes. (A member never pauses a
+//! partition for the same reason, see [`super::consumer::run`].)
 
 use std::time::{Duration, Instant};
 

@@ -194,14 +194,6 @@ impl Ledger {
         }
     }
 
-    /// Has the next record confirm that fetching reaches the offset expected
-    /// next (after fetching was paused and resumed from there).
-    pub fn confirm_next_offset(&mut self) {
-        if let Some(next) = self.next_offset {
-            self.landing = Some(Landing::new(next));
-        }
-    }
-
     /// Records a received message, unless it is not to be handed out:
     /// received already (the consumer re-fetched it), settled under an
     /// earlier owner, or past an unconfirmed start; `log_start` tells where
@@ -283,6 +275,15 @@ impl Ledger {
             }
             _ => false,
         }
+    }
+
+    /// Whether the delivery of `offset` handed out as `attempt` has been
+    /// handed out again since (its holder was taken for dead, or it was
+    /// nacked): settling it would settle the newer delivery.
+    pub fn superseded(&self, offset: i64, attempt: u32) -> bool {
+        self.entries
+            .get(&offset)
+            .is_some_and(|entry| entry.attempts != attempt)
     }
 
     /// Takes back what `holder` has out, to hand out again; the offsets.
@@ -387,7 +388,10 @@ mod tests {
         assert_eq!(ledger.commit_offset(), Some(12));
         assert!(ledger.nack(12, 1));
         assert!(!ledger.nack(12, 1), "settled once");
+        assert!(!ledger.superseded(12, 1), "not handed out again yet");
         assert_eq!(ledger.hand_out(12, 1).unwrap().1, 2);
+        assert!(ledger.superseded(12, 1), "the first delivery is stale");
+        assert!(!ledger.superseded(12, 2));
         assert!(ledger.ack(12));
         assert!(ledger.ack(14));
         assert_eq!(ledger.commit_offset(), Some(15));

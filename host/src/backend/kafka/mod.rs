@@ -13,7 +13,7 @@
 //! | `heartbeat_ms` | 500 | consumer heartbeat; members notice a rebalance within about one |
 //! | `session_timeout_ms` | the lease, within 6 s–30 min | how long a crashed member keeps its partitions |
 //! | `metadata_refresh_ms` | 1000 | how often metadata is refreshed, so patterns see new topics |
-//! | `buffer` | 1000 | messages a group member buffers before it pauses fetching |
+//! | `buffer` | 1000 | messages a group member buffers before it takes records only now and then (librdkafka prefetches besides, up to its `queued.max.messages.kbytes`, then stops fetching) |
 //! | `join_timeout_ms` | 15000 | longest `subscribe` waits for the group to assign this member |
 //! | `rdkafka.NAME` | | any librdkafka property (e.g. `rdkafka.security.protocol=SASL_SSL`), applied last to producer, consumers and admin client; values percent-decoded |
 //!
@@ -21,13 +21,14 @@
 //!
 //! | | |
 //! |---|---|
-//! | publish | idempotent producer, `acks=all`; returns once the broker acknowledged every message; key → record key (murmur2 partitioner, as Java clients); keyless messages in runs of 16 per partition, rotating (see [`spread`]); id and headers → record headers (see [`wire`]) |
+//! | publish | idempotent producer, `acks=all`; the whole batch is produced, then the delivery reports are awaited together; returns once the broker acknowledged every message; key → record key (murmur2 partitioner, as Java clients); keyless messages in runs of 16 per partition, rotating (see [`spread`]); id and headers → record headers (see [`wire`]) |
 //! | topics | created on first publish or subscribe (`partitions`, `replication`); a topic must be a valid Kafka name |
 //! | groups | a Kafka consumer group per [`SubscribeOptions::group_key`]; one member per group and process, shared by that process's subscriptions to the group (see [`members`]); members split partitions, every group gets every message |
 //! | start | `earliest` → the beginning; `latest` → the end when the group first gets the partition (the high watermark of a fetch response: tansu's ListOffsets answers inside the last batch), committed at once so the group's start stays put |
 //! | subscribe | the first subscription of a group in a process returns once its member holds its partitions and knows where each starts (at most `join_timeout_ms`); later ones join that member at once |
-//! | resuming | a partition taken over at a committed offset, or fetched again after a pause (the member's buffer was full), is read from the offset expected, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]) |
+//! | resuming | a partition taken over at a committed offset is read from the offset expected, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]); a full buffer never pauses a partition (that would fetch it again from inside a batch), the member just stops taking records |
 //! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass |
+//! | settling | a batch of acks and nacks under one lock of the member's books, no broker round trip (commits follow); a delivery whose partition the member gave up, or that was handed out again since, answers "lease lost" and changes nothing |
 //! | commits | the lowest unsettled offset per partition, every `commit_ms`, on revocation and on close; never past an unfinished message |
 //! | patterns | `*` and `>` become anchored regular expressions in the subscription (`^orders\.[^.]+$`); new topics are found within `metadata_refresh_ms` |
 //! | persistence, history | the broker's; a new `earliest` group reads what the topics still hold |
@@ -301,6 +302,9 @@ impl Backend for KafkaBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            // Stale settlements are refused once the member knows its
+            // partitions moved; until it hears of a lapsed session, the
+            // broker's generation check is all that stops its commits.
             lease_checked: false,
         }
     }
@@ -348,6 +352,8 @@ impl Backend for KafkaBackend {
                 }
             }
         }
+        // Every record is on its way: awaiting the reports in order costs
+        // the slowest one, not one round trip each.
         for (acknowledgement, message) in acknowledgements.into_iter().zip(&messages) {
             match acknowledgement.await {
                 Ok(Ok(_)) => {}

@@ -195,16 +195,6 @@ impl State {
         count
     }
 
-    /// Has every partition confirm that fetching reaches the next offset it
-    /// expects (see [`super::landing`]).
-    pub fn confirm_next_offsets(&mut self) {
-        for partitions in self.ledgers.values_mut() {
-            for ledger in partitions.values_mut() {
-                ledger.confirm_next_offset();
-            }
-        }
-    }
-
     /// Subscriptions that are not fetching and have not for their lease.
     pub fn idle_subscribers(&self) -> Vec<u64> {
         self.subscribers

@@ -1,6 +1,12 @@
 //! A subscription's async side: fetch hands out what the group member's
-//! thread filed, ack and nack update the ledgers (the thread commits), and
+//! thread filed, settling updates the ledgers (a whole batch under one
+//! lock; the thread commits the settled offsets every `commit_ms`), and
 //! the last subscription of a member to close makes it leave its group.
+//!
+//! A batch settle answers [`SettleError::LeaseLost`] for a delivery whose
+//! partition the member gave up since, or that was handed out again since
+//! (its subscription was taken for dead), and leaves the books alone; the
+//! single `ack` and `nack` treat that as done, as its new holder settles it.
 
 use std::cmp::Reverse;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,8 +20,8 @@ use tokio::time::Instant;
 use super::admin::Admin;
 use super::members::{Member, Slot};
 use super::notes;
-use super::state::{KafkaReceipt, Shared};
-use crate::backend::{Delivery, Subscription, closed_error};
+use super::state::{KafkaReceipt, Shared, State, Ticket};
+use crate::backend::{Delivery, SettleError, Settlement, Subscription, closed_error};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -73,6 +79,47 @@ impl KafkaSubscription {
         &self.member.shared
     }
 
+    /// Settles one delivery in the member's books; the thread commits.
+    fn settle_one(
+        &self,
+        state: &mut State,
+        delivery: &Delivery,
+        settlement: &Settlement,
+        now: std::time::Instant,
+        again: &mut Again,
+    ) -> Result<(), SettleError> {
+        if let Settlement::PublishAndAck(_) = settlement {
+            return Err(SettleError::Fatal(anyhow::anyhow!(
+                "Kafka cannot publish and acknowledge in one transaction"
+            )));
+        }
+        let receipt = self.receipt(delivery).map_err(SettleError::Fatal)?;
+        let ticket = &receipt.ticket;
+        // A partition given up since is settled by its next owner, and a
+        // delivery handed out again since belongs to its new holder.
+        let ledger = state.ledger(ticket).ok_or(SettleError::LeaseLost)?;
+        if ledger.superseded(ticket.offset, receipt.attempt) {
+            return Err(SettleError::LeaseLost);
+        }
+        match settlement {
+            Settlement::Nack(delay) => {
+                if !ledger.nack(ticket.offset, receipt.attempt) {
+                    return Ok(());
+                }
+                if delay.is_zero() {
+                    again.now.push(ticket.clone());
+                } else {
+                    state.delayed.push(Reverse((now + *delay, ticket.clone())));
+                    again.later = true;
+                }
+            }
+            _ => {
+                ledger.ack(ticket.offset);
+            }
+        }
+        Ok(())
+    }
+
     fn receipt<'a>(&self, delivery: &'a Delivery) -> Result<&'a KafkaReceipt> {
         let receipt = delivery.receipt.get::<KafkaReceipt>()?;
         if receipt.subscription != self.id {
@@ -102,6 +149,25 @@ pub async fn joined(shared: &Shared, limit: Duration) -> bool {
         if tokio::time::timeout_at(give_up, notified).await.is_err() {
             return false;
         }
+    }
+}
+
+/// Nacked deliveries of a settled batch, to queue once the batch is done.
+#[derive(Default)]
+struct Again {
+    /// With no delay: first in line again.
+    now: Vec<Ticket>,
+    /// Some wait out a delay.
+    later: bool,
+}
+
+/// The answer of a batch of one, as the single-delivery calls give it: a
+/// delivery whose partition or lease passed on is settled by its new
+/// holder, so settling it here is a no-op rather than an error.
+fn passed_on_is_done(mut results: Vec<Result<(), SettleError>>) -> Result<()> {
+    match results.pop() {
+        Some(Err(SettleError::LeaseLost)) | Some(Ok(())) | None => Ok(()),
+        Some(Err(e)) => Err(e.into()),
     }
 }
 
@@ -156,34 +222,35 @@ impl Subscription for KafkaSubscription {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        let receipt = self.receipt(delivery)?;
-        let ticket = &receipt.ticket;
-        // A partition given up since is settled by its next owner.
-        if let Some(ledger) = self.shared().lock().ledger(ticket) {
-            ledger.ack(ticket.offset);
-        }
-        Ok(())
+        passed_on_is_done(self.settle(vec![(delivery, Settlement::Ack)]).await)
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
-        let receipt = self.receipt(delivery)?;
-        let ticket = receipt.ticket.clone();
-        let mut state = self.shared().lock();
-        let waiting = state
-            .ledger(&ticket)
-            .is_some_and(|ledger| ledger.nack(ticket.offset, receipt.attempt));
-        if !waiting {
-            return Ok(());
+        passed_on_is_done(self.settle(vec![(delivery, Settlement::Nack(delay))]).await)
+    }
+
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        let mut again = Again::default();
+        let results: Vec<Result<(), SettleError>> = {
+            let mut state = self.shared().lock();
+            let now = std::time::Instant::now();
+            let results = batch
+                .iter()
+                .map(|(delivery, settlement)| {
+                    self.settle_one(&mut state, delivery, settlement, now, &mut again)
+                })
+                .collect();
+            // Lowest offsets first, as they were handed out.
+            again.now.sort();
+            for ticket in again.now.iter().rev() {
+                state.ready.push_front(ticket.clone());
+            }
+            results
+        };
+        if !again.now.is_empty() || again.later {
+            self.shared().changed.notify_waiters();
         }
-        if delay.is_zero() {
-            state.ready.push_front(ticket);
-        } else {
-            let due = std::time::Instant::now() + delay;
-            state.delayed.push(Reverse((due, ticket)));
-        }
-        drop(state);
-        self.shared().changed.notify_waiters();
-        Ok(())
+        results
     }
 
     async fn close(&self) -> Result<()> {

@@ -24,9 +24,10 @@
 //! where to look. If another stream already captures the topic's token, it
 //! is used instead.
 //!
-//! Publishing waits for the server's acknowledgement of every message
-//! (pipelined: up to [`PIPELINE`] in flight), so a returned publish is
-//! stored. `Nats-Msg-Id` is the Sluice id: a publish retried after a lost
+//! Publishing sends every message without waiting for the server and
+//! awaits the acknowledgements together (a sliding window of a few hundred
+//! in flight, see `window.rs`), so a returned publish is stored.
+//! `Nats-Msg-Id` is the Sluice id: a publish retried after a lost
 //! acknowledgement is stored once (within the stream's duplicate window,
 //! two minutes by default).
 //!
@@ -40,19 +41,16 @@
 //! consumer that the server also removes by itself after inactivity, and
 //! that `close` deletes.
 
-use std::collections::HashMap;
-use std::future::IntoFuture;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use async_nats::Client;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, FromConsumer, pull};
 use async_nats::jetstream::context::{
-    ConsumerInfoErrorKind, CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind,
+    ConsumerInfoErrorKind, CreateStreamErrorKind, GetStreamErrorKind,
 };
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::Config as StreamConfig;
 use async_nats::jetstream::{self, ErrorCode};
 use async_trait::async_trait;
@@ -60,12 +58,10 @@ use async_trait::async_trait;
 use super::core::check_publish_topic;
 use super::pull::{JsSubscription, PullTarget};
 use super::settings::{SCHEME, Settings};
-use super::{ServerUrl, headers, nats_name, split_url};
+use super::window::{self, Outgoing, WINDOW};
+use super::{ServerUrl, nats_name, split_url};
 use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
 use crate::message::Message;
-
-/// Publishes awaiting their acknowledgement at once.
-pub const PIPELINE: usize = 256;
 
 /// Asks for the account's JetStream info, read loosely: the client's own
 /// `query_account` expects fields that NATS 2.9 does not send.
@@ -104,7 +100,8 @@ impl JetStreamBackend {
         let client = server.connect(65_536).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(server.timeout)
-            .max_ack_inflight(PIPELINE * 4)
+            // Room for a few publish calls at once, each with its window.
+            .max_ack_inflight(WINDOW * 4)
             .backpressure_on_inflight(true)
             .build(client.clone());
         check_available(&client, &server).await?;
@@ -220,66 +217,6 @@ impl JetStreamBackend {
             format!("cannot create JetStream stream `{name}` for the topics `{token}.>`")
         })
     }
-
-    /// Sends the messages and waits for their acknowledgements, at most
-    /// [`PIPELINE`] in flight. Returns the ones that failed.
-    async fn publish_pipelined(&self, messages: &[Message]) -> Vec<(usize, anyhow::Error, bool)> {
-        let mut failed = Vec::new();
-        for (chunk_index, chunk) in messages.chunks(PIPELINE).enumerate() {
-            let mut resends = 0;
-            let results = loop {
-                let connects = self.client.statistics().connects.load(Ordering::SeqCst);
-                let sent = self.send_chunk(chunk);
-                tokio::pin!(sent);
-                // Requests still in a socket that broke are lost, and their
-                // acks would only time out: send the chunk again on the new
-                // connection (ids deduplicate what did arrive).
-                let reconnected = async {
-                    loop {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        if self.client.statistics().connects.load(Ordering::SeqCst) != connects {
-                            break;
-                        }
-                    }
-                };
-                tokio::select! {
-                    results = &mut sent => break results,
-                    _ = reconnected, if resends < 3 => resends += 1,
-                }
-            };
-            for (i, result) in results.into_iter().enumerate() {
-                if let Err((error, no_stream)) = result {
-                    failed.push((chunk_index * PIPELINE + i, error, no_stream));
-                }
-            }
-        }
-        failed
-    }
-
-    /// Sends every message of a chunk, then waits for all their acks.
-    async fn send_chunk(&self, chunk: &[Message]) -> Vec<Result<(), (anyhow::Error, bool)>> {
-        let failure = |kind: PublishErrorKind, e: anyhow::Error| {
-            Err((e, kind == PublishErrorKind::StreamNotFound))
-        };
-        let mut acks = Vec::with_capacity(chunk.len());
-        for message in chunk {
-            let publish = PublishMessage::build()
-                .payload(message.payload.clone().into())
-                .headers(headers::encode(message));
-            acks.push(self.js.send_publish(message.topic.clone(), publish).await);
-        }
-        // Together: each ack's timeout starts when it is awaited.
-        let waits = acks.into_iter().map(|sent| async move {
-            match sent {
-                Ok(ack) => match ack.into_future().await {
-                    Ok(_) => Ok(()),
-                    Err(e) => failure(e.kind(), e.into()),
-                },
-                Err(e) => failure(e.kind(), e.into()),
-            }
-        });
-        futures::future::join_all(waits).await
-    }
 }
 
 #[async_trait]
@@ -299,38 +236,40 @@ impl Backend for JetStreamBackend {
             lease: true,
             wildcards: true,
             at_least_once: true,
+            // The server takes an ack for whichever delivery of the message
+            // is current (see `pull.rs`).
             lease_checked: false,
         }
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        let mut checked: HashSet<&str> = HashSet::new();
         for message in &messages {
-            check_publish_topic(&message.topic)?;
-            self.stream_for(&message.topic).await?;
-        }
-        let mut failed = self.publish_pipelined(&messages).await;
-        if failed.iter().any(|(_, _, no_stream)| *no_stream) && self.settings.stream.is_none() {
-            // A stream deleted since it was made here: make it again, once.
-            // Republishing the ones that failed is safe: ids deduplicate.
-            let again: Vec<Message> = failed
-                .iter()
-                .map(|(i, _, _)| messages[*i].clone())
-                .collect();
-            self.streams.lock().unwrap().clear();
-            for message in &again {
+            if checked.insert(&message.topic) {
+                check_publish_topic(&message.topic)?;
                 self.stream_for(&message.topic).await?;
             }
-            let indices: Vec<usize> = failed.iter().map(|(i, _, _)| *i).collect();
-            failed = self
-                .publish_pipelined(&again)
-                .await
-                .into_iter()
-                .map(|(i, e, n)| (indices[i], e, n))
-                .collect();
         }
-        if let Some((index, error, no_stream)) = failed.into_iter().next() {
-            let topic = &messages[index].topic;
-            if no_stream {
+        drop(checked);
+        let outgoing: Vec<Outgoing> = messages.into_iter().map(Outgoing::new).collect();
+        let mut failed = window::publish(&self.client, &self.js, &outgoing).await;
+        if failed.iter().any(|f| f.no_stream) && self.settings.stream.is_none() {
+            // A stream deleted since it was made here: make it again, once.
+            // Republishing the ones that failed is safe: ids deduplicate.
+            let again: Vec<Outgoing> = failed.iter().map(|f| outgoing[f.index].clone()).collect();
+            self.streams.lock().unwrap().clear();
+            for message in &again {
+                self.stream_for(message.subject.as_str()).await?;
+            }
+            let indices: Vec<usize> = failed.iter().map(|f| f.index).collect();
+            failed = window::publish(&self.client, &self.js, &again).await;
+            for failure in &mut failed {
+                failure.index = indices[failure.index];
+            }
+        }
+        if let Some(failure) = failed.into_iter().next() {
+            let topic = outgoing[failure.index].subject.as_str();
+            if failure.no_stream {
                 bail!(
                     "no JetStream stream keeps the topic `{topic}`{}",
                     match &self.settings.stream {
@@ -339,7 +278,9 @@ impl Backend for JetStreamBackend {
                     }
                 );
             }
-            return Err(error.context(format!("JetStream publish to `{topic}`")));
+            return Err(failure
+                .error
+                .context(format!("JetStream publish to `{topic}`")));
         }
         Ok(())
     }

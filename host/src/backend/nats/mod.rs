@@ -29,6 +29,7 @@ pub mod headers;
 pub mod jetstream;
 mod pull;
 mod settings;
+mod window;
 
 use std::time::Duration;
 

@@ -9,8 +9,16 @@
 //!
 //! Settling publishes to the message's ack subject without waiting for the
 //! server (`+ACK`, `-NAK` with the delay); a lost ack only means a
-//! redelivery, which at-least-once allows. Rejects are dead-lettered by the
-//! host (publish, then ack), so `+TERM` is never sent.
+//! redelivery, which at-least-once allows. A batch is settled with one
+//! look-up of what the subscription holds and its acks sent back to back,
+//! so they travel together on the connection. Rejects are dead-lettered by
+//! the host (publish, then ack), so `+TERM` is never sent.
+//!
+//! A stale ack cannot be told apart: the server matches an ack to the
+//! message by its stream sequence alone (the delivery count in the ack
+//! subject is not compared), and answers nothing to a plain ack. So an ack
+//! sent after AckWait passed and the message went to another member settles
+//! that member's copy too (the message was handled, so nothing is lost).
 //!
 //! In-progress acks (`progress=true`, the default): a background task sends
 //! `+WPI` for every delivery held longer than half the lease, so a slow
@@ -39,7 +47,7 @@ use tokio::time::Instant;
 
 use super::core::flush;
 use super::{ServerUrl, headers};
-use crate::backend::{Delivery, Receipt, Subscription, closed_error};
+use crate::backend::{Delivery, Receipt, SettleError, Settlement, Subscription, closed_error};
 use crate::message::Message;
 
 /// The longest a pull request waits on the server.
@@ -318,14 +326,20 @@ impl Inner {
         }))
     }
 
-    fn take_held(&self, delivery: &Delivery) -> Result<Subject> {
-        let token = *delivery.receipt.get::<u64>()?;
-        match self.held.lock().unwrap().remove(&token) {
-            Some(held) => Ok(held.ack_subject),
-            None => bail!(
-                "delivery of message {} was already settled (or its subscription closed)",
+    /// Takes what the subscription holds of `delivery`, to settle it.
+    fn take_held(
+        &self,
+        held: &mut HashMap<u64, Held>,
+        delivery: &Delivery,
+    ) -> Result<(u64, Held), SettleError> {
+        let token = *delivery.receipt.get::<u64>().map_err(SettleError::Fatal)?;
+        match held.remove(&token) {
+            Some(held) => Ok((token, held)),
+            None if self.closed.load(Ordering::SeqCst) => Err(SettleError::Closed),
+            None => Err(SettleError::Fatal(anyhow::anyhow!(
+                "delivery of message {} was already settled",
                 delivery.message.id
-            ),
+            ))),
         }
     }
 }
@@ -384,16 +398,56 @@ impl Subscription for JsSubscription {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        self.inner.touch();
-        let subject = self.inner.take_held(delivery)?;
-        self.inner.send_ack(subject, AckKind::Ack).await
+        one(self.settle(vec![(delivery, Settlement::Ack)]).await)
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
-        self.inner.touch();
-        let subject = self.inner.take_held(delivery)?;
-        let kind = AckKind::Nak((!delay.is_zero()).then_some(delay));
-        self.inner.send_ack(subject, kind).await
+        one(self.settle(vec![(delivery, Settlement::Nack(delay))]).await)
+    }
+
+    async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
+        let inner = &self.inner;
+        inner.touch();
+        let taken: Vec<Result<(u64, Held), SettleError>> = {
+            let mut held = inner.held.lock().unwrap();
+            batch
+                .iter()
+                .map(|(delivery, settlement)| match settlement {
+                    Settlement::PublishAndAck(_) => Err(SettleError::Fatal(anyhow::anyhow!(
+                        "JetStream cannot publish and acknowledge in one transaction"
+                    ))),
+                    _ => inner.take_held(&mut held, delivery),
+                })
+                .collect()
+        };
+        let mut unsent = Vec::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for ((_, settlement), taken) in batch.into_iter().zip(taken) {
+            let (token, held) = match taken {
+                Ok(taken) => taken,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let kind = match settlement {
+                Settlement::Nack(delay) => AckKind::Nak((!delay.is_zero()).then_some(delay)),
+                _ => AckKind::Ack,
+            };
+            // Into the connection's queue: the whole batch goes out together.
+            match inner.send_ack(held.ack_subject.clone(), kind).await {
+                Ok(()) => results.push(Ok(())),
+                Err(e) => {
+                    unsent.push((token, held));
+                    results.push(Err(SettleError::Unavailable(e)));
+                }
+            }
+        }
+        if !unsent.is_empty() {
+            // Still held, so settling them again can work.
+            inner.held.lock().unwrap().extend(unsent);
+        }
+        results
     }
 
     async fn close(&self) -> Result<()> {
@@ -452,5 +506,13 @@ impl Subscription for JsSubscription {
             }
         }
         Ok(())
+    }
+}
+
+/// The answer of a batch of one, as the single-delivery calls give it.
+fn one(mut results: Vec<Result<(), SettleError>>) -> Result<()> {
+    match results.pop() {
+        Some(result) => result.map_err(anyhow::Error::from),
+        None => Ok(()),
     }
 }
