@@ -67,15 +67,15 @@ struct WasmWorker {
 }
 
 impl WasmWorker {
-    /// The warm instance of the slot's current version, made if needed. A
-    /// swap takes effect here, between calls: a call runs to its end on
-    /// whichever version it started with.
-    async fn warm(&mut self) -> Result<(&mut Instance, Arc<Plugin>), CallError> {
-        let current = self.slot.current();
+    /// A warm instance of `current` (the slot's current version), made if
+    /// needed, for a call about to be made. A swap takes effect here,
+    /// between calls: a call runs to its end on whichever version it
+    /// started with.
+    async fn warm(&mut self, current: &Arc<Plugin>) -> Result<&mut Instance, CallError> {
         if self
             .instance
             .as_ref()
-            .is_some_and(|i| !Arc::ptr_eq(i.plugin(), &current))
+            .is_some_and(|i| !Arc::ptr_eq(i.plugin(), current))
         {
             self.instance = None;
         }
@@ -87,8 +87,7 @@ impl WasmWorker {
             self.instance = Some(fresh);
         }
         self.slot.count(&self.slot.counters.calls);
-        let instance = self.instance.as_mut().expect("made above");
-        Ok((instance, current))
+        Ok(self.instance.as_mut().expect("made above"))
     }
 
     /// Counts a call that did not return and drops its instance.
@@ -107,7 +106,8 @@ impl WasmWorker {
 #[async_trait]
 impl Worker for WasmWorker {
     async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
-        let (instance, current) = self.warm().await?;
+        let current = self.slot.current();
+        let instance = self.warm(&current).await?;
         let mut result = instance.handle(message, attempt).await;
         match &mut result {
             Ok(outcome) => tag(outcome, &current),
@@ -123,11 +123,12 @@ impl Worker for WasmWorker {
     /// their own, and the others get their answers. A batch call that
     /// answers for the wrong number of messages fails every message in it.
     async fn handle_batch(&mut self, batch: &[(&Message, u32)]) -> Vec<Result<Outcome, CallError>> {
-        if !self.slot.current().batches() {
+        let current = self.slot.current();
+        if !current.batches() {
             return one_by_one(self, batch).await;
         }
-        let (instance, current) = match self.warm().await {
-            Ok(warm) => warm,
+        let instance = match self.warm(&current).await {
+            Ok(instance) => instance,
             Err(error) => return vec![Err(error); batch.len()],
         };
         match instance.handle_batch(batch).await {
@@ -140,7 +141,7 @@ impl Worker for WasmWorker {
                 self.failed(&error, &what);
                 one_by_one(self, batch).await
             }
-            Err(BatchError::Miscounted(error)) => {
+            Err(BatchError::Contract(error)) => {
                 self.failed(&error, &format!("a batch of {}", batch.len()));
                 vec![Err(error); batch.len()]
             }
@@ -168,6 +169,7 @@ fn tag(outcome: &mut Outcome, plugin: &Plugin) {
         }
     }
 }
+
 /// A native function as a handler.
 pub struct FnHandler<F>(pub F);
 

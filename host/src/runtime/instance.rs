@@ -46,10 +46,10 @@ pub enum CallError {
 pub enum BatchError {
     /// The call did not return; which message caused it is unknown.
     Failed(CallError),
-    /// It answered for a different number of messages than it was given
-    /// (or the plugin has no `handle-batch`): the plugin broke the
-    /// contract, which is the whole batch's failure.
-    Miscounted(CallError),
+    /// It returned, but answered for a different number of messages than
+    /// it was given (or there is no `handle-batch` to call): the whole
+    /// batch's failure, since no answer can be matched to a message.
+    Contract(CallError),
 }
 
 impl CallError {
@@ -236,7 +236,7 @@ impl Instance {
         batch: &[(&Message, u32)],
     ) -> Result<Vec<Outcome>, BatchError> {
         let Bindings::Batch(bindings) = &self.bindings else {
-            return Err(BatchError::Miscounted(CallError::Trap(
+            return Err(BatchError::Contract(CallError::Trap(
                 "the plugin does not export `handle-batch`".into(),
             )));
         };
@@ -249,7 +249,7 @@ impl Instance {
         self.store.data_mut().in_batch = false;
         let results = result.map_err(|error| BatchError::Failed(self.call_error(error)))?;
         if results.len() != batch.len() {
-            return Err(BatchError::Miscounted(CallError::Trap(format!(
+            return Err(BatchError::Contract(CallError::Trap(format!(
                 "`handle-batch` returned {} result(s) for {} messages",
                 results.len(),
                 batch.len()
