@@ -263,7 +263,7 @@ fn check(path: &Path) -> Result<ExitCode> {
         println!(
             "  plugin {}: implements {} (sha256 {})",
             slot.name,
-            sluice::runtime::WORLD,
+            slot.current().world(),
             slot.current_info().hash
         );
     }

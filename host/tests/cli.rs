@@ -71,7 +71,7 @@ fn check_refuses_a_component_of_another_world() {
     let err = stderr(&out);
     assert!(err.contains("plugins.upper"), "{err}");
     assert!(
-        err.contains("does not implement the `sluice:plugin/handler@0.1.0` world"),
+        err.contains("does not implement the `sluice:plugin/handler@0.2.0` world"),
         "{err}"
     );
 }
@@ -82,7 +82,7 @@ fn check_accepts_a_good_config() {
     let body = pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string());
     let out = sluice(&["check", &write_config(dir.path(), &body)]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("implements sluice:plugin/handler@0.1.0"));
+    assert!(stdout(&out).contains("implements sluice:plugin/batch-handler@0.2.0"));
 }
 
 #[test]

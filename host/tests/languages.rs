@@ -1,9 +1,11 @@
 //! The same plugin, JSON enrich, written in Rust, Python, JavaScript and C,
 //! run through the same route: every language must publish the same
 //! outputs and dead-letter the same messages, through a retry, a reject and
-//! an exhausted retry. Also: what the host accepts from those toolchains
-//! (newer WASI 0.2 imports, an extra `init` export, wasi:http imports) and
-//! that wasi:http stays denied.
+//! an exhausted retry, and answer a batch as it answers each message. The
+//! batch example in every language answers a batch with mixed results, and
+//! a trap in the middle of a batch fails only the message that traps. Also:
+//! what the host accepts from those toolchains (newer WASI 0.2 imports, an
+//! extra `init` export, wasi:http imports) and that wasi:http stays denied.
 
 mod common;
 
@@ -12,7 +14,8 @@ use std::time::Duration;
 
 use common::{Collector, Running, quick_retry, route, runtime, settings};
 use sluice::Message;
-use sluice::runtime::{CallError, Plugin};
+use sluice::router::{MessageHandler, WasmHandler};
+use sluice::runtime::{BATCH_WORLD, CallError, Outcome, Plugin};
 
 const LANGS: [&str; 4] = ["rust", "python", "js", "c"];
 
@@ -150,6 +153,167 @@ async fn every_language_enriches_the_same_way() {
     );
     for (lang, got) in &results[1..] {
         assert_eq!(got, rust, "the {lang} plugin differs from the Rust one");
+    }
+}
+
+fn batch_path(lang: &str) -> std::path::PathBuf {
+    match lang {
+        "rust" => common::plugin_path("batch"),
+        other => common::example_path(other, "batch"),
+    }
+}
+
+/// One message's answer in a comparable form: outputs as (topic, key,
+/// `batch` header, payload); a call that did not return by its cause.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Out(Vec<(String, Option<String>, Option<String>, String)>),
+    Retry(String),
+    Reject(String),
+    Failed(&'static str),
+}
+
+fn answers(results: Vec<Result<Outcome, CallError>>) -> Vec<Answer> {
+    results
+        .into_iter()
+        .map(|result| match result {
+            Ok(Outcome::Outputs(outputs)) => Answer::Out(
+                outputs
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.topic.clone(),
+                            m.key.clone(),
+                            m.header("batch").map(str::to_string),
+                            common::text(m),
+                        )
+                    })
+                    .collect(),
+            ),
+            Ok(Outcome::Retry(reason)) => Answer::Retry(reason),
+            Ok(Outcome::Reject(reason)) => Answer::Reject(reason),
+            Err(error) => Answer::Failed(error.cause()),
+        })
+        .collect()
+}
+
+fn load(runtime: &sluice::runtime::Runtime, path: &std::path::Path, lang: &str) -> Arc<Plugin> {
+    let plugin = runtime
+        .load_file(path, settings("batch", &[("region", "eu-west")]))
+        .unwrap_or_else(|e| panic!("the {lang} plugin does not load: {e:#}"));
+    assert_eq!(plugin.world(), BATCH_WORLD, "{lang}");
+    Arc::new(plugin)
+}
+
+#[tokio::test]
+async fn every_language_answers_a_batch_with_mixed_results() {
+    let runtime = runtime();
+    let out = |key: Option<&str>, place: &str, payload: &str| {
+        Answer::Out(vec![(
+            "out".to_string(),
+            key.map(str::to_string),
+            Some(place.to_string()),
+            payload.to_string(),
+        )])
+    };
+    for lang in LANGS {
+        let handler = WasmHandler::new(load(&runtime, &batch_path(lang), lang));
+        let mut worker = handler.worker();
+        let keyed = Message::new("in", "a").with_key("k-1");
+        let inputs = [
+            keyed,
+            Message::new("in", "retry"),
+            Message::new("in", "reject"),
+            Message::new("in", "b"),
+            Message::new("in", "retry"),
+        ];
+        let mut batch: Vec<(&Message, u32)> = inputs.iter().map(|m| (m, 1)).collect();
+        batch[4].1 = 2;
+        assert_eq!(
+            answers(worker.handle_batch(&batch).await),
+            vec![
+                out(Some("k-1"), "1/5", "a"),
+                Answer::Retry("asked to retry".into()),
+                Answer::Reject("asked to reject".into()),
+                out(None, "4/5", "b"),
+                out(None, "5/5", "retry"),
+            ],
+            "{lang}: one call answers each message"
+        );
+
+        // The trap fails the call; handled again one by one, only the
+        // message that traps on its own fails.
+        let inputs = [
+            Message::new("in", "c"),
+            Message::new("in", "reject"),
+            Message::new("in", "trap"),
+            Message::new("in", "d"),
+        ];
+        let batch: Vec<(&Message, u32)> = inputs.iter().map(|m| (m, 1)).collect();
+        assert_eq!(
+            answers(worker.handle_batch(&batch).await),
+            vec![
+                out(None, "1/1", "c"),
+                Answer::Reject("asked to reject".into()),
+                Answer::Failed("trap"),
+                out(None, "1/1", "d"),
+            ],
+            "{lang}: a trap in the middle of a batch"
+        );
+
+        // The worker's instance after the trap is a fresh one that batches.
+        let inputs = [Message::new("in", "e"), Message::new("in", "f")];
+        let batch: Vec<(&Message, u32)> = inputs.iter().map(|m| (m, 1)).collect();
+        assert_eq!(
+            answers(worker.handle_batch(&batch).await),
+            vec![out(None, "1/2", "e"), out(None, "2/2", "f")],
+            "{lang}: batching again after a trap"
+        );
+        assert_eq!(
+            answers(vec![worker.handle(&Message::new("in", "g"), 1).await]),
+            vec![out(None, "1/1", "g")],
+            "{lang}: one message through `handle`"
+        );
+    }
+}
+
+/// The helpers export `handle-batch` for a plugin written one message at a
+/// time: a batch gets the answers the messages get one by one.
+#[tokio::test]
+async fn every_language_batches_a_per_message_handler() {
+    let runtime = runtime();
+    let inputs: Vec<Message> = [
+        r#"{"order":1,"item":"tea"}"#,
+        r#"{"order":2,"retry_until":2}"#,
+        "not json",
+        r#"{"order":3}"#,
+    ]
+    .iter()
+    .map(|payload| Message::new("orders", *payload).with_key("k"))
+    .collect();
+    let batch: Vec<(&Message, u32)> = inputs.iter().map(|m| (m, 1)).collect();
+    for lang in LANGS {
+        let handler = WasmHandler::new(load(&runtime, &enrich_path(lang), lang));
+        let mut worker = handler.worker();
+        let together = answers(worker.handle_batch(&batch).await);
+        let mut alone = Vec::new();
+        for (message, attempt) in &batch {
+            alone.push(worker.handle(message, *attempt).await);
+        }
+        let alone = answers(alone);
+        assert_eq!(together, alone, "{lang}");
+        assert!(
+            matches!(&together[1], Answer::Retry(_)),
+            "{lang}: {together:?}"
+        );
+        assert!(
+            matches!(&together[2], Answer::Reject(_)),
+            "{lang}: {together:?}"
+        );
+        assert!(
+            matches!(&together[3], Answer::Out(o) if o.len() == 1),
+            "{lang}: {together:?}"
+        );
     }
 }
 

@@ -445,7 +445,7 @@ async fn invalid_and_wrong_world_components_are_refused() {
     let wrong = runtime.load_file(&plugin_path("wrong_world"), settings("wrong", &[]));
     let error = format!("{:#}", wrong.err().expect("refused"));
     assert!(
-        error.contains("does not implement the `sluice:plugin/handler@0.1.0` world"),
+        error.contains("does not implement the `sluice:plugin/handler@0.2.0` world"),
         "{error}"
     );
     assert!(
@@ -481,5 +481,192 @@ async fn graceful_stop_settles_in_flight_work() {
             "{kind}: every fetched message settled"
         );
         assert_eq!(stats.in_flight.load(Ordering::Relaxed), 0);
+    }
+}
+
+/// Publishes `inputs` to a subscribed route before it runs, so its fetcher
+/// finds them waiting and its workers gather batches; runs it until
+/// `collectors` have their counts, then stops it.
+async fn run_over(
+    route: sluice::router::Route,
+    backend: &std::sync::Arc<dyn sluice::backend::Backend>,
+    inputs: Vec<Message>,
+    collectors: &[(&Collector, usize)],
+) -> Vec<Vec<Message>> {
+    let subscribed = route.subscribe().await.expect("route subscribes");
+    backend.publish(inputs).await.unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(subscribed.run(token.clone()));
+    let mut got = Vec::new();
+    for (collector, count) in collectors {
+        got.push(collector.wait_for(*count, LIMIT).await);
+    }
+    token.cancel();
+    task.await.unwrap().expect("route ran");
+    got
+}
+
+#[tokio::test]
+async fn a_batch_handler_settles_each_message_by_its_own_result() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "batch", settings("batch", &[]));
+        assert!(plugin.batches());
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let letters = Collector::start(&backend, &["mixed.dead-letter"]).await;
+        let mut mixed = route("mixed", &backend, "in", plugin, quick_retry(3));
+        mixed.spec.batch_size = 8;
+        mixed.spec.concurrency = 4;
+        let stats = mixed.stats.clone();
+        let mut payloads: Vec<String> = (0..10).map(|i| format!("ok-{i}")).collect();
+        for (at, special) in [
+            (1, "retry"),
+            (3, "reject"),
+            (5, "trap"),
+            (7, "retry"),
+            (9, "reject"),
+        ] {
+            payloads.insert(at, special.to_string());
+        }
+        let inputs: Vec<Message> = payloads
+            .iter()
+            .map(|p| Message::new("in", p.as_str()))
+            .collect();
+        let ids: std::collections::HashMap<String, Vec<String>> =
+            inputs.iter().fold(Default::default(), |mut ids, m| {
+                ids.entry(text(m)).or_default().push(m.id.clone());
+                ids
+            });
+        let got = run_over(mixed, &backend, inputs, &[(&outputs, 12), (&letters, 3)]).await;
+        let (outs, dead) = (&got[0], &got[1]);
+
+        // Every output was published once, caused by its own input.
+        let mut published: Vec<String> = outs.iter().map(text).collect();
+        published.sort();
+        let mut expected: Vec<String> = (0..10).map(|i| format!("ok-{i}")).collect();
+        expected.extend(["retry".to_string(), "retry".to_string()]);
+        expected.sort();
+        assert_eq!(published, expected, "{kind}");
+        for out in outs.iter() {
+            let cause = out.header(headers::CAUSATION_ID).unwrap_or_default();
+            assert!(
+                ids[&text(out)].iter().any(|id| id == cause),
+                "{kind}: {out:?}"
+            );
+        }
+        let widest = outs
+            .iter()
+            .filter_map(|m| m.header("batch")?.split_once('/')?.1.parse::<usize>().ok())
+            .max();
+        assert!(
+            widest.is_some_and(|n| n > 1),
+            "{kind}: no message was handled in a batch: {outs:?}"
+        );
+
+        // Rejects were dead-lettered at once; the trap only after its own
+        // attempts, without taking its batch with it.
+        let mut letters: Vec<(String, String, String)> = dead
+            .iter()
+            .map(|m| {
+                let header = |name| m.header(name).unwrap_or_default().to_string();
+                (
+                    text(m),
+                    header(headers::DEAD_LETTER_CAUSE),
+                    header(headers::ATTEMPTS),
+                )
+            })
+            .collect();
+        letters.sort();
+        let letter = |p: &str, c: &str, a: &str| (p.to_string(), c.to_string(), a.to_string());
+        assert_eq!(
+            letters,
+            vec![
+                letter("reject", "rejected", "1"),
+                letter("reject", "rejected", "1"),
+                letter("trap", "attempts-exhausted", "3"),
+            ],
+            "{kind}"
+        );
+        let stats = stats.snapshot();
+        assert_eq!(
+            (stats.succeeded, stats.retried, stats.dead_lettered),
+            (12, 4, 3),
+            "{kind}: two retries, and the trap's two"
+        );
+    }
+}
+
+#[tokio::test]
+async fn components_built_against_the_0_1_0_world_still_run() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let plugin = load(&runtime, "handler_v0_1", settings("old", &[]));
+        assert_eq!(plugin.world(), sluice::runtime::WORLD_0_1);
+        assert!(!plugin.batches());
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let sides = Collector::start(&backend, &["side"]).await;
+        let letters = Collector::start(&backend, &["old.dead-letter"]).await;
+        // A batch size means nothing to a plugin without `handle-batch`.
+        let mut old = route("old", &backend, "in", plugin, quick_retry(3));
+        old.spec.batch_size = 8;
+        let inputs = ["a", "retry", "reject", "publish:side", "b"]
+            .map(|p| Message::new("in", p))
+            .to_vec();
+        let got = run_over(
+            old,
+            &backend,
+            inputs,
+            &[(&outputs, 4), (&sides, 1), (&letters, 1)],
+        )
+        .await;
+        let mut published: Vec<String> = got[0].iter().map(text).collect();
+        published.sort();
+        assert_eq!(published, ["a", "b", "publish:side", "retry"], "{kind}");
+        assert!(
+            got[0].iter().all(|m| m.header("world") == Some("0.1.0")),
+            "{kind}"
+        );
+        assert_eq!(text(&got[1][0]), "side", "{kind}: the host's publish");
+        assert_eq!(text(&got[2][0]), "reject", "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_call_may_not_publish_and_must_answer_every_message() {
+    use sluice::router::{MessageHandler, WasmHandler};
+    use sluice::runtime::{CallError, Outcome};
+
+    let runtime = runtime();
+    let handler = WasmHandler::new(load(&runtime, "batch", settings("batch", &[])));
+    let mut worker = handler.worker();
+    let publishing = Message::new("in", "publish:side");
+    let plain = Message::new("in", "x");
+
+    let results = worker.handle_batch(&[(&publishing, 1), (&plain, 1)]).await;
+    assert!(
+        matches!(&results[0], Ok(Outcome::Reject(reason))
+            if reason.contains("`publish` is not available during `handle-batch`")),
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[1], Ok(Outcome::Outputs(o)) if o.len() == 1),
+        "{results:?}"
+    );
+    // One message per call, the same plugin may publish.
+    let Ok(Outcome::Outputs(outputs)) = worker.handle(&publishing, 1).await else {
+        panic!("publishing alone succeeds");
+    };
+    let topics: Vec<&str> = outputs.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(topics, ["side", "out"]);
+
+    let short = Message::new("in", "short");
+    let results = worker.handle_batch(&[(&plain, 1), (&short, 1)]).await;
+    assert_eq!(results.len(), 2);
+    for result in &results {
+        assert!(
+            matches!(result, Err(CallError::Trap(reason))
+                if reason.contains("returned 1 result(s) for 2 messages")),
+            "{results:?}"
+        );
     }
 }

@@ -1,6 +1,8 @@
-/* The glue between sluice.h and the bindings generated from the world:
- * converts the delivered message into C strings, calls sluice_handle, and
- * hands its outputs or failure back to the host. */
+/* The glue between sluice.h and the bindings generated from the
+ * `batch-handler` world: converts the delivered messages into C strings,
+ * calls the plugin's sluice_handle or sluice_handle_batch (whichever it
+ * defines; both are weak here), and hands each message's outputs or
+ * failure back to the host. */
 
 #include "sluice.h"
 
@@ -8,7 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "handler.h"
+#include "batch_handler.h"
+
+#pragma weak sluice_handle
+#pragma weak sluice_handle_batch
 
 static void *checked(void *ptr) {
     if (ptr == NULL) {
@@ -17,7 +22,13 @@ static void *checked(void *ptr) {
     return ptr;
 }
 
-static char *copy_string(const handler_string_t *s) {
+/* While sluice_handle runs inside a batch: where sluice_publish keeps its
+ * messages, to go out with that message's outputs (the host refuses
+ * `publish` during a batch, since it could not tell which message a
+ * published one belongs to). */
+static sluice_outputs *kept_published = NULL;
+
+static char *copy_string(const batch_handler_string_t *s) {
     char *copy = checked(malloc(s->len + 1));
     memcpy(copy, s->ptr, s->len);
     copy[s->len] = '\0';
@@ -31,8 +42,8 @@ static char *dup_cstr(const char *s) {
 /* Moves a C string into a generated string (no copy; ownership passes).
  * The generated code frees only non-empty strings, so an empty one is
  * freed here. */
-static handler_string_t take_string(char *s) {
-    handler_string_t out = {(uint8_t *)s, strlen(s)};
+static batch_handler_string_t take_string(char *s) {
+    batch_handler_string_t out = {(uint8_t *)s, strlen(s)};
     if (out.len == 0) {
         free(s);
         out.ptr = NULL;
@@ -113,14 +124,14 @@ const char *sluice_header_value(const sluice_message *msg, const char *name) {
 }
 
 char *sluice_config(const char *key) {
-    handler_string_t name;
-    handler_string_set(&name, key);
-    handler_string_t value;
+    batch_handler_string_t name;
+    batch_handler_string_set(&name, key);
+    batch_handler_string_t value;
     if (!sluice_plugin_host_config_get(&name, &value)) {
         return NULL;
     }
     char *copy = copy_string(&value);
-    handler_string_free(&value);
+    batch_handler_string_free(&value);
     return copy;
 }
 
@@ -152,18 +163,22 @@ static sluice_plugin_types_outgoing_t to_outgoing(sluice_output *o) {
 
 bool sluice_publish(const char *topic, const char *key, const void *payload, size_t len,
                     char **error) {
+    if (kept_published != NULL) {
+        sluice_emit(kept_published, topic, key, payload, len);
+        return true;
+    }
     sluice_outputs one = {0};
     sluice_output *o = sluice_emit(&one, topic, key, payload, len);
     sluice_plugin_types_outgoing_t g = to_outgoing(o);
     free(one.items);
-    handler_string_t reason;
+    batch_handler_string_t reason;
     bool ok = sluice_plugin_host_publish(&g, &reason);
     sluice_plugin_types_outgoing_free(&g);
     if (!ok) {
         if (error != NULL) {
             *error = copy_string(&reason);
         }
-        handler_string_free(&reason);
+        batch_handler_string_free(&reason);
     }
     return ok;
 }
@@ -171,10 +186,10 @@ bool sluice_publish(const char *topic, const char *key, const void *payload, siz
 void sluice_log(sluice_level level, const char *format, ...) {
     va_list args;
     va_start(args, format);
-    handler_string_t text = take_string(vformat(format, args));
+    batch_handler_string_t text = take_string(vformat(format, args));
     va_end(args);
     sluice_plugin_host_log((sluice_plugin_host_log_level_t)level, &text);
-    handler_string_free(&text);
+    batch_handler_string_free(&text);
 }
 
 void sluice_buf_append(sluice_buf *buf, const void *data, size_t len) {
@@ -230,9 +245,8 @@ void sluice_buf_free(sluice_buf *buf) {
     buf->len = buf->capacity = 0;
 }
 
-/* The world's export: called by the host for every message. */
-bool exports_handler_handle(handler_message_t *raw, handler_list_outgoing_t *ret,
-                            handler_failure_t *err) {
+/* A C view of a delivered message; frees the generated one. */
+static sluice_message take_message(batch_handler_message_t *raw) {
     sluice_header *headers = raw->headers.len
                                  ? checked(malloc(raw->headers.len * sizeof *headers))
                                  : NULL;
@@ -254,43 +268,132 @@ bool exports_handler_handle(handler_message_t *raw, handler_list_outgoing_t *ret
         .attempt = raw->attempt,
         .timestamp_ms = raw->timestamp_ms,
     };
-    handler_message_free(raw);
+    batch_handler_message_free(raw);
+    return msg;
+}
 
-    sluice_outputs out = {0};
-    sluice_status status = sluice_handle(&msg, &out);
-
-    free((char *)msg.id);
-    free((char *)msg.topic);
-    free((char *)msg.key);
-    for (size_t i = 0; i < msg.header_count; i++) {
-        free((char *)headers[i].name);
-        free((char *)headers[i].value);
+static void free_message(sluice_message *msg) {
+    free((char *)msg->id);
+    free((char *)msg->topic);
+    free((char *)msg->key);
+    for (size_t i = 0; i < msg->header_count; i++) {
+        free((char *)msg->headers[i].name);
+        free((char *)msg->headers[i].value);
     }
-    free(headers);
-    free(payload);
+    free((void *)msg->headers);
+    free((void *)msg->payload);
+}
 
+/* The generated result for one message: on SLUICE_OK what it published,
+ * then its outputs; otherwise the reason. Both output lists are emptied. */
+static batch_handler_result_list_outgoing_failure_t answer(sluice_status status,
+                                                           sluice_outputs *published,
+                                                           sluice_outputs *out) {
+    batch_handler_result_list_outgoing_failure_t result;
     if (status == SLUICE_OK) {
-        ret->len = out.count;
-        ret->ptr = out.count ? checked(malloc(out.count * sizeof *ret->ptr)) : NULL;
-        for (size_t i = 0; i < out.count; i++) {
-            ret->ptr[i] = to_outgoing(&out.items[i]);
+        size_t count = published->count + out->count;
+        result.is_err = false;
+        result.val.ok.len = count;
+        result.val.ok.ptr = count ? checked(malloc(count * sizeof *result.val.ok.ptr)) : NULL;
+        size_t n = 0;
+        for (size_t i = 0; i < published->count; i++) {
+            result.val.ok.ptr[n++] = to_outgoing(&published->items[i]);
         }
-        free(out.items);
-        free(out.reason);
+        for (size_t i = 0; i < out->count; i++) {
+            result.val.ok.ptr[n++] = to_outgoing(&out->items[i]);
+        }
+    } else {
+        sluice_outputs *lists[] = {published, out};
+        for (size_t l = 0; l < 2; l++) {
+            for (size_t i = 0; i < lists[l]->count; i++) {
+                sluice_plugin_types_outgoing_t g = to_outgoing(&lists[l]->items[i]);
+                sluice_plugin_types_outgoing_free(&g);
+            }
+        }
+        char *reason = out->reason ? out->reason : dup_cstr("no reason given");
+        out->reason = NULL;
+        result.is_err = true;
+        result.val.err.tag = status == SLUICE_RETRY ? SLUICE_PLUGIN_TYPES_FAILURE_RETRY
+                                                    : SLUICE_PLUGIN_TYPES_FAILURE_REJECT;
+        if (status == SLUICE_RETRY) {
+            result.val.err.val.retry = take_string(reason);
+        } else {
+            result.val.err.val.reject = take_string(reason);
+        }
+    }
+    free(published->items);
+    free(published->reason);
+    free(out->items);
+    free(out->reason);
+    return result;
+}
+
+static void no_handler(void) {
+    fprintf(stderr, "the plugin defines neither sluice_handle nor sluice_handle_batch\n");
+    abort();
+}
+
+/* The world's `handle` export: one message. */
+bool exports_batch_handler_handle(batch_handler_message_t *raw,
+                                  batch_handler_list_outgoing_t *ret,
+                                  batch_handler_failure_t *err) {
+    sluice_message msg = take_message(raw);
+    sluice_outputs published = {0};
+    sluice_outputs out = {0};
+    sluice_status status = SLUICE_OK;
+    if (sluice_handle) {
+        status = sluice_handle(&msg, &out);
+    } else if (sluice_handle_batch) {
+        sluice_handle_batch(&msg, 1, &out, &status);
+    } else {
+        no_handler();
+    }
+    free_message(&msg);
+    batch_handler_result_list_outgoing_failure_t result = answer(status, &published, &out);
+    if (!result.is_err) {
+        *ret = result.val.ok;
         return true;
     }
-    for (size_t i = 0; i < out.count; i++) {
-        sluice_plugin_types_outgoing_t g = to_outgoing(&out.items[i]);
-        sluice_plugin_types_outgoing_free(&g);
-    }
-    free(out.items);
-    char *reason = out.reason ? out.reason : dup_cstr("no reason given");
-    err->tag = status == SLUICE_RETRY ? SLUICE_PLUGIN_TYPES_FAILURE_RETRY
-                                      : SLUICE_PLUGIN_TYPES_FAILURE_REJECT;
-    if (status == SLUICE_RETRY) {
-        err->val.retry = take_string(reason);
-    } else {
-        err->val.reject = take_string(reason);
-    }
+    *err = result.val.err;
     return false;
+}
+
+/* The world's `handle-batch` export: several messages, one result each. */
+void exports_batch_handler_handle_batch(batch_handler_list_message_t *raw,
+                                        batch_handler_list_result_list_outgoing_failure_t *ret) {
+    size_t count = raw->len;
+    size_t room = count ? count : 1;
+    sluice_message *msgs = checked(malloc(room * sizeof *msgs));
+    for (size_t i = 0; i < count; i++) {
+        msgs[i] = take_message(&raw->ptr[i]);
+    }
+    /* Each element was freed by take_message; only the array is left. */
+    free(raw->ptr);
+    sluice_outputs *published = checked(calloc(room, sizeof *published));
+    sluice_outputs *outs = checked(calloc(room, sizeof *outs));
+    sluice_status *statuses = checked(malloc(room * sizeof *statuses));
+    for (size_t i = 0; i < count; i++) {
+        statuses[i] = SLUICE_OK;
+    }
+    if (sluice_handle_batch) {
+        sluice_handle_batch(msgs, count, outs, statuses);
+    } else if (sluice_handle) {
+        for (size_t i = 0; i < count; i++) {
+            kept_published = &published[i];
+            statuses[i] = sluice_handle(&msgs[i], &outs[i]);
+            kept_published = NULL;
+        }
+    } else {
+        no_handler();
+    }
+    ret->len = count;
+    ret->ptr = checked(malloc(room * sizeof *ret->ptr));
+    for (size_t i = 0; i < count; i++) {
+        ret->ptr[i] = answer(statuses[i], &published[i], &outs[i]);
+        free_message(&msgs[i]);
+    }
+    free(msgs);
+    free(published);
+    free(outs);
+    free(statuses);
 }

@@ -16,6 +16,24 @@
  * Everything the message points to is valid during the call only. Outputs
  * are owned by `out`. `sluice build` generates the world's bindings, puts
  * this header on the include path and links sluice.c in.
+ *
+ * The host may hand a plugin several messages in one call (a route's
+ * `batch_size`); sluice_handle is then called for each, and
+ * sluice_publish keeps its message with that message's outputs. A plugin
+ * that wants the whole batch at once (to share work between its messages)
+ * defines sluice_handle_batch instead of, or besides, sluice_handle:
+ *
+ *     void sluice_handle_batch(const sluice_message *msgs, size_t count,
+ *                              sluice_outputs *outs, sluice_status *statuses) {
+ *         for (size_t i = 0; i < count; i++) {
+ *             sluice_emit(&outs[i], "copied", msgs[i].key, msgs[i].payload,
+ *                         msgs[i].payload_len);
+ *         }
+ *     }
+ *
+ * Each message gets its own outputs (`outs[i]`) and status (`statuses[i]`,
+ * SLUICE_OK unless set, e.g. `statuses[i] = sluice_retry(&outs[i], ...)`).
+ * sluice_publish fails during sluice_handle_batch: emit into `outs[i]`.
  */
 #ifndef SLUICE_H
 #define SLUICE_H
@@ -81,8 +99,13 @@ typedef struct {
     size_t capacity;
 } sluice_buf;
 
-/* The function every C plugin defines. */
+/* The function every C plugin defines (or sluice_handle_batch, or both). */
 sluice_status sluice_handle(const sluice_message *msg, sluice_outputs *out);
+/* Handles `count` messages in one call: message i's outputs or reason go
+ * to outs[i], its status to statuses[i] (each SLUICE_OK on entry). When
+ * only this is defined, a single message is handled as a batch of one. */
+void sluice_handle_batch(const sluice_message *msgs, size_t count, sluice_outputs *outs,
+                         sluice_status *statuses);
 
 /* Adds an output with a copy of `payload` (`key` may be NULL). The pointer
  * stays valid until the next sluice_emit. */
@@ -106,7 +129,10 @@ const char *sluice_header_value(const sluice_message *msg, const char *name);
 char *sluice_config(const char *key);
 /* Publishes a message along with the outputs (only if the handler succeeds).
  * Returns false if the host refused; then *error (if not NULL) gets the
- * reason, malloc'd. */
+ * reason, malloc'd. When sluice_handle runs inside a batch, the message is
+ * kept with that message's outputs instead (a topic the plugin may not
+ * publish to then rejects the message when the batch returns); during
+ * sluice_handle_batch the host always refuses. */
 bool sluice_publish(const char *topic, const char *key, const void *payload, size_t len,
                     char **error);
 /* Writes a line to the host's log (printf-style). */

@@ -16,10 +16,21 @@
 // permanent one (it goes to the dead-letter topic). Any other exception
 // traps the instance, which the host treats as a failed attempt.
 //
+// The host may hand the plugin several messages in one call (a route's
+// `batch_size`): the function is then called for each. To take the whole
+// batch at once instead, wrap a function of an array of messages with
+// `batchHandler`; it returns one answer per message, in order: an array of
+// outputs (or nothing), or a `Retry` or `Reject` (returned, not thrown):
+//
+//     export const handle = batchHandler((msgs) =>
+//       msgs.map((msg) => msg.text() === "" ? new Reject("empty payload")
+//                                           : [output("copied", msg.payload)]));
+//
 // `sluice build` puts this file next to the plugin's own sources and turns
-// them into a component with componentize-js.
+// them into a component with componentize-js; the component's
+// `handleBatch` export comes from the plugin's `handle` (see `batchOf`).
 
-import * as host from "sluice:plugin/host@0.1.0";
+import * as host from "sluice:plugin/host@0.2.0";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
@@ -31,8 +42,9 @@ export class Retry extends Error {}
 export class Reject extends Error {}
 
 /**
- * A message to publish. A string payload is sent as UTF-8, a Uint8Array as
- * is, anything else as JSON.
+ * A message to publish. A string payload is sent as UTF-8, a Uint8Array
+ * (or another typed array, such as a delivered message's payload) as is,
+ * anything else as JSON.
  */
 export function output(topic, payload, { key, headers } = {}) {
   return {
@@ -48,8 +60,23 @@ export function config(key, fallback) {
   return host.configGet(key) ?? fallback;
 }
 
-/** Publishes a message along with the returned outputs (only if the handler succeeds). */
+// While a `handler` function runs inside a batch: what it published, kept
+// with its own outputs (the host refuses `publish` during a batch, since it
+// could not tell which message a published one belongs to).
+let kept = null;
+
+/**
+ * Publishes a message along with the returned outputs (only if the handler
+ * succeeds). Inside a batch, a `handler` function's message is kept with
+ * that message's outputs (a topic the plugin may not publish to then
+ * rejects the message when the batch returns); a `batchHandler` function
+ * may not publish (`Reject` is thrown).
+ */
 export function publish(out) {
+  if (kept !== null) {
+    kept.push(out);
+    return;
+  }
   try {
     host.publish(out);
   } catch (e) {
@@ -93,30 +120,103 @@ class Message {
   }
 }
 
-/** Wraps a plain function into the component's exported `handle`. */
+/**
+ * Wraps a plain function into the component's exported `handle`; the
+ * component's `handleBatch` calls it for each message.
+ */
 export function handler(fn) {
-  return (raw) => {
-    let outputs;
-    try {
-      outputs = fn(new Message(raw));
-    } catch (e) {
-      // componentize-js turns a thrown `{ payload }` into the result's error.
-      if (e instanceof Retry) throw failure("retry", e.message);
-      if (e instanceof Reject) throw failure("reject", e.message);
-      throw e;
-    }
-    return Array.from(outputs ?? []);
-  };
+  const handle = (raw) => unwrap(answerOne(fn, raw));
+  handle.batch = (raws) =>
+    raws.map((raw) => {
+      kept = [];
+      try {
+        const result = answerOne(fn, raw);
+        return result.tag === "ok" ? { tag: "ok", val: kept.concat(result.val) } : result;
+      } finally {
+        kept = null;
+      }
+    });
+  return handle;
 }
 
-function failure(tag, reason) {
-  const error = new Error(reason);
-  error.payload = { tag, val: reason };
-  return error;
+/**
+ * Wraps a function of an array of messages, answering each, into the
+ * component's `handleBatch`; the exported `handle` gives it one message. A
+ * `Retry` or `Reject` thrown by `fn` answers every message of the batch.
+ */
+export function batchHandler(fn) {
+  const batch = (raws) => {
+    let answers;
+    try {
+      answers = fn(raws.map((raw) => new Message(raw)));
+    } catch (e) {
+      if (e instanceof Retry || e instanceof Reject) return raws.map(() => answer(e));
+      throw e;
+    }
+    return Array.from(answers, answer);
+  };
+  const handle = (raw) => {
+    const results = batch([raw]);
+    if (results.length !== 1) {
+      throw new Error(`a batch handler gave ${results.length} answers for 1 message`);
+    }
+    return unwrap(results[0]);
+  };
+  handle.batch = batch;
+  return handle;
+}
+
+/**
+ * The component's `handleBatch` for a plugin module: its own if it exports
+ * one, else its `handle`'s (from `handler` or `batchHandler`), else a `handle`
+ * call per message. `sluice build` exports this next to `handle`.
+ */
+export function batchOf(plugin) {
+  if (plugin.handleBatch) return plugin.handleBatch;
+  if (plugin.handle?.batch) return plugin.handle.batch;
+  return (raws) =>
+    raws.map((raw) => {
+      try {
+        return { tag: "ok", val: plugin.handle(raw) };
+      } catch (e) {
+        if (e?.payload) return { tag: "err", val: e.payload };
+        throw e;
+      }
+    });
+}
+
+/** One message's result, `{ tag: "ok", val }` or `{ tag: "err", val }`. */
+function answerOne(fn, raw) {
+  try {
+    return answer(fn(new Message(raw)));
+  } catch (e) {
+    if (e instanceof Retry || e instanceof Reject) return answer(e);
+    throw e;
+  }
+}
+
+function answer(value) {
+  if (value instanceof Retry) return { tag: "err", val: { tag: "retry", val: value.message } };
+  if (value instanceof Reject) return { tag: "err", val: { tag: "reject", val: value.message } };
+  return { tag: "ok", val: Array.from(value ?? []) };
+}
+
+/** A result as `handle` returns it: the outputs, or a thrown failure. */
+function unwrap(result) {
+  if (result.tag === "ok") return result.val;
+  // componentize-js turns a thrown `{ payload }` into the result's error.
+  const error = new Error(result.val.val);
+  error.payload = result.val;
+  throw error;
 }
 
 function toBytes(payload) {
   if (payload instanceof Uint8Array) return payload;
+  // A message's payload as delivered is a typed array that is not always
+  // this realm's Uint8Array.
+  if (ArrayBuffer.isView(payload)) {
+    return new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
+  }
   if (typeof payload === "string") return encoder.encode(payload);
   return encoder.encode(JSON.stringify(payload));
 }

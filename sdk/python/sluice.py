@@ -17,6 +17,18 @@ transient failure (the message comes back after a backoff) or
 other exception traps the instance, which the host treats as a failed
 attempt.
 
+The host may hand the plugin several messages in one call (a route's
+``batch_size``): the function is then called for each. To take the whole
+batch at once instead, decorate a function of a list of messages with
+``@sluice.batch_handler``; it returns one answer per message, in order: a
+list of outputs (or ``None``), or a ``Retry`` or ``Reject`` (returned, not
+raised)::
+
+    @sluice.batch_handler
+    def handle(msgs):
+        return [[sluice.output("copied", m.payload)] if m.payload
+                else sluice.Reject("empty payload") for m in msgs]
+
 ``sluice build`` puts this module on the path and turns the project into a
 component with componentize-py.
 """
@@ -25,7 +37,7 @@ import json
 import sys
 from typing import Any, Callable, Iterable, List, Optional, Union
 
-from componentize_py_types import Err
+from componentize_py_types import Err, Ok
 from wit_world.imports import host, types
 
 Message = types.Message
@@ -89,10 +101,22 @@ def config(key: str, default: Optional[str] = None) -> Optional[str]:
     return default if value is None else value
 
 
+# While a ``@handler`` function runs inside a batch: what it published, kept
+# with its own outputs (the host refuses ``publish`` during a batch, since it
+# could not tell which message a published one belongs to).
+_kept: Optional[List[Outgoing]] = None
+
+
 def publish(out: Outgoing) -> None:
     """Publishes a message along with the returned outputs (only if the
     handler succeeds). Raises ``Reject`` if the plugin may not publish
-    there."""
+    there. Inside a batch, a ``@handler`` function's message is kept with
+    that message's outputs (a topic the plugin may not publish to then
+    rejects the message when the batch returns); a ``@batch_handler``
+    function may not publish (``Reject`` is raised)."""
+    if _kept is not None:
+        _kept.append(out)
+        return
     try:
         host.publish(out)
     except Err as e:
@@ -105,22 +129,88 @@ def log(level: str, message: str) -> None:
     host.log(host.LogLevel[level.upper()], message)
 
 
+Answer = Union[Optional[Iterable[Outgoing]], Retry, Reject]
+
+
 def handler(fn: Callable[[Message], Optional[Iterable[Outgoing]]]):
-    """Makes ``fn`` the component's exported ``handle``."""
+    """Makes ``fn`` the component's exported ``handle``, and its
+    ``handle_batch`` (``fn`` called for each message)."""
 
     class WitWorld:
         def handle(self, msg: Message) -> List[Outgoing]:
-            try:
-                outputs = fn(msg)
-            except Retry as e:
-                raise Err(types.Failure_Retry(str(e)))
-            except Reject as e:
-                raise Err(types.Failure_Reject(str(e)))
-            return list(outputs or [])
+            return _unwrap(_each(fn, msg))
 
-    # componentize-py looks for the export class in the entry module.
-    setattr(sys.modules[fn.__module__], "WitWorld", WitWorld)
+        def handle_batch(self, msgs: List[Message]) -> list:
+            global _kept
+            results = []
+            for msg in msgs:
+                _kept = []
+                try:
+                    result = _each(fn, msg)
+                    if isinstance(result, Ok):
+                        result = Ok(_kept + result.value)
+                finally:
+                    _kept = None
+                results.append(result)
+            return results
+
+    _export(fn, WitWorld)
     return fn
+
+
+def batch_handler(fn: Callable[[List[Message]], List[Answer]]):
+    """Makes ``fn``, a function of a list of messages that returns one
+    answer per message, the component's ``handle_batch``, and its ``handle``
+    (a batch of one). A ``Retry`` or ``Reject`` raised by ``fn`` answers
+    every message of the batch."""
+
+    class WitWorld:
+        def handle(self, msg: Message) -> List[Outgoing]:
+            answers = _batch(fn, [msg])
+            if len(answers) != 1:
+                raise RuntimeError(f"a batch handler gave {len(answers)} answers for 1 message")
+            return _unwrap(answers[0])
+
+        def handle_batch(self, msgs: List[Message]) -> list:
+            return _batch(fn, msgs)
+
+    _export(fn, WitWorld)
+    return fn
+
+
+def _export(fn, world) -> None:
+    # componentize-py looks for the export class in the entry module.
+    setattr(sys.modules[fn.__module__], "WitWorld", world)
+
+
+def _each(fn, msg: Message):
+    """One message's result: Ok(outputs) or Err(failure)."""
+    try:
+        return _answer(fn(msg))
+    except (Retry, Reject) as e:
+        return _answer(e)
+
+
+def _batch(fn, msgs: List[Message]) -> list:
+    try:
+        answers = fn(msgs)
+    except (Retry, Reject) as e:
+        return [_answer(e) for _ in msgs]
+    return [_answer(a) for a in answers]
+
+
+def _answer(answer: Answer):
+    if isinstance(answer, Retry):
+        return Err(types.Failure_Retry(str(answer)))
+    if isinstance(answer, Reject):
+        return Err(types.Failure_Reject(str(answer)))
+    return Ok(list(answer or []))
+
+
+def _unwrap(result):
+    if isinstance(result, Err):
+        raise result
+    return result.value
 
 
 def _bytes(payload: Payload) -> bytes:

@@ -9,13 +9,20 @@ use crate::bindings::sluice::plugin::host;
 /// Publishes `msg` in addition to the handler's returned outputs.
 ///
 /// The host sends it only if the handler then succeeds, so it is safe to call
-/// before deciding the outcome.
+/// before deciding the outcome. When a [`handler!`](crate::handler) function
+/// runs inside a batch, `msg` is kept with that message's outputs instead,
+/// and a topic the plugin may not publish to rejects the message once the
+/// batch returns.
 ///
 /// # Errors
 ///
 /// The host's reason, when this plugin is not allowed to publish to that
-/// topic.
+/// topic, or when called by a [`batch_handler!`](crate::batch_handler)
+/// function (outputs belong in each message's result there).
 pub fn publish(msg: &Outgoing) -> Result<(), String> {
+    if crate::batch::keep_published(msg) {
+        return Ok(());
+    }
     host::publish(msg)
 }
 

@@ -1,9 +1,10 @@
 //! Guest-side SDK for Sluice message handlers.
 //!
-//! A Sluice handler is a WebAssembly component implementing the `handler`
-//! world of `wit/sluice.wit`. This crate generates the bindings once and puts
-//! a small API in front of them, so a plugin is a plain function plus one
-//! [`handler!`] line:
+//! A Sluice handler is a WebAssembly component implementing the
+//! `batch-handler` world of `wit/sluice.wit`. This crate generates the
+//! bindings once and puts a small API in front of them, so a plugin is a
+//! plain function plus one [`handler!`] line (or a function over a batch of
+//! messages plus one [`batch_handler!`] line):
 //!
 //! ```ignore
 //! use sluice_sdk::prelude::*;
@@ -31,7 +32,7 @@ pub mod bindings {
 
     wit_bindgen::generate!({
         path: "../wit",
-        world: "handler",
+        world: "batch-handler",
         // The export macro has to be usable from downstream plugin crates,
         // and must find these bindings there rather than in the caller.
         pub_export_macro: true,
@@ -41,6 +42,8 @@ pub mod bindings {
     });
 }
 
+#[doc(hidden)]
+pub mod batch;
 mod handler;
 mod host;
 pub mod log;
@@ -55,5 +58,7 @@ pub mod prelude {
     //! `use sluice_sdk::prelude::*;`.
 
     pub use crate::log;
-    pub use crate::{Failure, Header, Message, Outgoing, config_get, handler, publish};
+    pub use crate::{
+        Failure, Header, Message, Outgoing, batch_handler, config_get, handler, publish,
+    };
 }

@@ -69,6 +69,10 @@ pub enum KitCommand {
         /// Memory cap of an instance.
         #[arg(long, default_value_t = 64)]
         memory_mb: usize,
+        /// Hand the plugin this many messages per call (its `handle-batch`,
+        /// as a route with this `batch_size` would).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
     },
 }
 
@@ -113,7 +117,7 @@ impl KitCommand {
                     built.wasm.display(),
                     built.lang,
                     built.size.div_ceil(1024),
-                    crate::runtime::WORLD
+                    built.world
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -124,6 +128,7 @@ impl KitCommand {
                 expect,
                 timeout_ms,
                 memory_mb,
+                batch,
             } => {
                 let config = config
                     .iter()
@@ -140,6 +145,7 @@ impl KitCommand {
                     expect,
                     timeout: Duration::from_millis(timeout_ms),
                     memory_limit: memory_mb << 20,
+                    batch: batch as usize,
                     cache_dir: super::cache_dir(),
                 };
                 let (verdict, _) = super::test::run(&options).await?;

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::deploy::PluginSlot;
 use crate::message::{Message, headers};
-use crate::runtime::{CallError, Instance, Outcome, Plugin};
+use crate::runtime::{BatchError, CallError, Instance, Outcome, Plugin};
 
 /// Makes one [`Worker`] per concurrent slot of a route.
 pub trait MessageHandler: Send + Sync + 'static {
@@ -26,11 +26,7 @@ pub trait Worker: Send {
     /// in order. The default calls [`Worker::handle`] for each; a worker
     /// that can hand the whole batch to one call overrides it.
     async fn handle_batch(&mut self, batch: &[(&Message, u32)]) -> Vec<Result<Outcome, CallError>> {
-        let mut results = Vec::with_capacity(batch.len());
-        for (message, attempt) in batch {
-            results.push(self.handle(message, *attempt).await);
-        }
-        results
+        one_by_one(self, batch).await
     }
 }
 
@@ -70,50 +66,107 @@ struct WasmWorker {
     instance: Option<Instance>,
 }
 
-#[async_trait]
-impl Worker for WasmWorker {
-    async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
-        // A swap takes effect here, between messages: the call below runs
-        // to its end on whichever version it started with.
-        let current = self.slot.current();
+impl WasmWorker {
+    /// A warm instance of `current` (the slot's current version), made if
+    /// needed, for a call about to be made. A swap takes effect here,
+    /// between calls: a call runs to its end on whichever version it
+    /// started with.
+    async fn warm(&mut self, current: &Arc<Plugin>) -> Result<&mut Instance, CallError> {
         if self
             .instance
             .as_ref()
-            .is_some_and(|i| !Arc::ptr_eq(i.plugin(), &current))
+            .is_some_and(|i| !Arc::ptr_eq(i.plugin(), current))
         {
             self.instance = None;
         }
-        let instance = match &mut self.instance {
-            Some(instance) => instance,
-            None => {
-                let fresh = current
-                    .instantiate()
-                    .await
-                    .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
-                self.instance.insert(fresh)
-            }
-        };
+        if self.instance.is_none() {
+            let fresh = current
+                .instantiate()
+                .await
+                .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
+            self.instance = Some(fresh);
+        }
+        self.slot.count(&self.slot.counters.calls);
+        Ok(self.instance.as_mut().expect("made above"))
+    }
+
+    /// Counts a call that did not return and drops its instance.
+    fn failed(&mut self, error: &CallError, what: &str) {
         let counters = &self.slot.counters;
-        self.slot.count(&counters.calls);
+        self.slot.count(match error {
+            CallError::Trap(_) => &counters.traps,
+            CallError::Timeout(_) => &counters.timeouts,
+            CallError::MemoryLimit(_) => &counters.memory_limit_hits,
+        });
+        tracing::warn!(plugin = %self.slot.name, "{what}: {error}; discarding the instance");
+        self.instance = None;
+    }
+}
+
+#[async_trait]
+impl Worker for WasmWorker {
+    async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
+        let current = self.slot.current();
+        let instance = self.warm(&current).await?;
         let mut result = instance.handle(message, attempt).await;
         match &mut result {
-            Ok(Outcome::Outputs(outputs)) => {
-                for output in outputs {
-                    output.set_header(headers::PLUGIN_VERSION, current.short_hash());
-                }
-            }
-            Ok(_) => {}
-            Err(error) => {
-                self.slot.count(match error {
-                    CallError::Trap(_) => &counters.traps,
-                    CallError::Timeout(_) => &counters.timeouts,
-                    CallError::MemoryLimit(_) => &counters.memory_limit_hits,
-                });
-                tracing::warn!(plugin = %self.slot.name, message = %message.id, "{error}; discarding the instance");
-                self.instance = None;
-            }
+            Ok(outcome) => tag(outcome, &current),
+            Err(error) => self.failed(error, &format!("message {}", message.id)),
         }
         result
+    }
+
+    /// One `handle-batch` call when the plugin exports it. A call that does
+    /// not return (trap, timeout, memory cap) cannot say which message
+    /// caused it, so the batch is handled again one message per call on a
+    /// fresh instance: the failure lands on the messages that cause it on
+    /// their own, and the others get their answers. A batch call that
+    /// answers for the wrong number of messages fails every message in it.
+    async fn handle_batch(&mut self, batch: &[(&Message, u32)]) -> Vec<Result<Outcome, CallError>> {
+        let current = self.slot.current();
+        if !current.batches() {
+            return one_by_one(self, batch).await;
+        }
+        let instance = match self.warm(&current).await {
+            Ok(instance) => instance,
+            Err(error) => return vec![Err(error); batch.len()],
+        };
+        match instance.handle_batch(batch).await {
+            Ok(mut outcomes) => {
+                outcomes.iter_mut().for_each(|o| tag(o, &current));
+                outcomes.into_iter().map(Ok).collect()
+            }
+            Err(BatchError::Failed(error)) => {
+                let what = format!("a batch of {}, handled again one by one", batch.len());
+                self.failed(&error, &what);
+                one_by_one(self, batch).await
+            }
+            Err(BatchError::Contract(error)) => {
+                self.failed(&error, &format!("a batch of {}", batch.len()));
+                vec![Err(error); batch.len()]
+            }
+        }
+    }
+}
+
+/// What [`Worker::handle_batch`] does by default: a `handle` call each.
+async fn one_by_one<W: Worker + ?Sized>(
+    worker: &mut W,
+    batch: &[(&Message, u32)],
+) -> Vec<Result<Outcome, CallError>> {
+    let mut results = Vec::with_capacity(batch.len());
+    for (message, attempt) in batch {
+        results.push(worker.handle(message, *attempt).await);
+    }
+    results
+}
+
+/// Marks each output with the plugin version that made it.
+fn tag(outcome: &mut Outcome, plugin: &Plugin) {
+    if let Outcome::Outputs(outputs) = outcome {
+        for output in outputs {
+            output.set_header(headers::PLUGIN_VERSION, plugin.short_hash());
+        }
     }
 }
 

@@ -1,4 +1,8 @@
-//! The host capabilities a plugin imports (`sluice:plugin/host`).
+//! The host capabilities a plugin imports (`sluice:plugin/host`), under the
+//! current version's name and under 0.1.0's, whose interface is the same.
+
+use wasmtime::StoreContextMut;
+use wasmtime::component::Linker;
 
 use super::instance::State;
 use super::sluice::plugin::{host, types};
@@ -7,6 +11,14 @@ impl types::Host for State {}
 
 impl host::Host for State {
     fn publish(&mut self, msg: types::Outgoing) -> Result<(), String> {
+        if self.in_batch {
+            return Err(
+                "`publish` is not available during `handle-batch`: put the message in its \
+                 input's result (the host settles each message of a batch on its own, so it \
+                 could not tell which input a published message belongs to)"
+                    .into(),
+            );
+        }
         self.may_publish(&msg.topic)?;
         self.published.push(msg);
         Ok(())
@@ -26,4 +38,33 @@ impl host::Host for State {
     fn config_get(&mut self, key: String) -> Option<String> {
         self.settings.config.get(&key).cloned()
     }
+}
+
+/// Defines `sluice:plugin/host@0.1.0` (and the types interface it uses) with
+/// the same functions as the current version. Semver matching cannot do it:
+/// 0.1 and 0.2 are different tracks. Component types are structural, so
+/// the current version's Rust types lift and lower 0.1.0's unchanged.
+pub(super) fn add_v0_1_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    linker.instance("sluice:plugin/types@0.1.0")?;
+    let mut v0_1 = linker.instance("sluice:plugin/host@0.1.0")?;
+    v0_1.func_wrap(
+        "publish",
+        |mut store: StoreContextMut<'_, State>, (msg,): (types::Outgoing,)| {
+            Ok((host::Host::publish(store.data_mut(), msg),))
+        },
+    )?;
+    v0_1.func_wrap(
+        "log",
+        |mut store: StoreContextMut<'_, State>, (level, message): (host::LogLevel, String)| {
+            host::Host::log(store.data_mut(), level, message);
+            Ok(())
+        },
+    )?;
+    v0_1.func_wrap(
+        "config-get",
+        |mut store: StoreContextMut<'_, State>, (key,): (String,)| {
+            Ok((host::Host::config_get(store.data_mut(), key),))
+        },
+    )?;
+    Ok(())
 }

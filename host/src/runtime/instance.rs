@@ -1,5 +1,9 @@
 //! A warm plugin instance: one store, instantiated once, called for many
 //! messages by one worker, and discarded after a trap.
+//!
+//! `handle` takes one message per call; `handle-batch` (where the plugin
+//! exports it) takes several in one call, under the same deadline as one
+//! `handle` call, and answers for each.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +14,7 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::sluice::plugin::types;
-use super::{Handler, Plugin, PluginSettings};
+use super::{BatchHandler, Exports, Handler, Plugin, PluginSettings};
 use crate::backend::pattern;
 use crate::message::Message;
 
@@ -36,6 +40,18 @@ pub enum CallError {
     MemoryLimit(usize),
 }
 
+/// Why a `handle-batch` call gave no answer for its messages; the instance
+/// must be dropped after either.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchError {
+    /// The call did not return; which message caused it is unknown.
+    Failed(CallError),
+    /// It returned, but answered for a different number of messages than
+    /// it was given (or there is no `handle-batch` to call): the whole
+    /// batch's failure, since no answer can be matched to a message.
+    Contract(CallError),
+}
+
 impl CallError {
     /// Short name for headers and metrics.
     pub fn cause(&self) -> &'static str {
@@ -58,6 +74,9 @@ pub struct State {
     pub(super) settings: Arc<PluginSettings>,
     /// Messages sent with the host's `publish` during the current call.
     pub(super) published: Vec<types::Outgoing>,
+    /// The current call is `handle-batch`, during which `publish` is
+    /// refused.
+    pub(super) in_batch: bool,
     deadline: Instant,
 }
 
@@ -136,7 +155,12 @@ impl ResourceLimiter for MemoryCap {
 pub struct Instance {
     plugin: Arc<Plugin>,
     store: Store<State>,
-    bindings: Handler,
+    bindings: Bindings,
+}
+
+enum Bindings {
+    Single(Handler),
+    Batch(BatchHandler),
 }
 
 impl Instance {
@@ -158,6 +182,7 @@ impl Instance {
             },
             settings: settings.clone(),
             published: Vec::new(),
+            in_batch: false,
             deadline: Instant::now() + settings.timeout,
         };
         let mut store = Store::new(&plugin.engine, state);
@@ -171,7 +196,10 @@ impl Instance {
             }
         });
         store.set_epoch_deadline(1);
-        let bindings = plugin.pre.instantiate_async(&mut store).await?;
+        let bindings = match &plugin.exports {
+            Exports::Single(pre) => Bindings::Single(pre.instantiate_async(&mut store).await?),
+            Exports::Batch(pre) => Bindings::Batch(pre.instantiate_async(&mut store).await?),
+        };
         Ok(Instance {
             plugin,
             store,
@@ -186,52 +214,117 @@ impl Instance {
     /// Calls the plugin's `handle`. After an `Err` this instance must be
     /// dropped: wasmtime refuses to enter a trapped instance again.
     pub async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
-        let input = types::Message {
-            id: message.id.clone(),
-            topic: message.topic.clone(),
-            key: message.key.clone(),
-            headers: message
-                .headers
-                .iter()
-                .map(|(name, value)| types::Header {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-            payload: message.payload.clone(),
-            attempt,
-            timestamp_ms: message.timestamp_ms,
+        let input = to_input(message, attempt);
+        start_call(&mut self.store, self.plugin.settings.timeout, false);
+        let result = match &self.bindings {
+            Bindings::Single(bindings) => bindings.call_handle(&mut self.store, &input).await,
+            Bindings::Batch(bindings) => bindings.call_handle(&mut self.store, &input).await,
         };
-        let timeout = self.plugin.settings.timeout;
+        let returned = result.map_err(|error| self.call_error(error))?;
         let state = self.store.data_mut();
-        state.published.clear();
-        state.deadline = Instant::now() + timeout;
-        self.store.set_epoch_deadline(1);
+        let published = std::mem::take(&mut state.published);
+        Ok(outcome(state, published, returned))
+    }
 
-        let result = self.bindings.call_handle(&mut self.store, &input).await;
-        let state = self.store.data_mut();
-        match result {
-            Ok(Ok(outputs)) => {
-                let published = std::mem::take(&mut state.published);
-                let mut messages = Vec::with_capacity(published.len() + outputs.len());
-                for outgoing in published.into_iter().chain(outputs) {
-                    if let Err(reason) = state.may_publish(&outgoing.topic) {
-                        return Ok(Outcome::Reject(reason));
-                    }
-                    messages.push(to_message(outgoing));
-                }
-                Ok(Outcome::Outputs(messages))
-            }
-            Ok(Err(types::Failure::Retry(reason))) => Ok(Outcome::Retry(reason)),
-            Ok(Err(types::Failure::Reject(reason))) => Ok(Outcome::Reject(reason)),
-            Err(error) => Err(if state.memory.hit {
-                CallError::MemoryLimit(state.memory.limit)
-            } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-                CallError::Timeout(timeout)
-            } else {
-                CallError::Trap(describe_trap(&error))
-            }),
+    /// Calls the plugin's `handle-batch` once for all of `batch`, each
+    /// message with its attempt, and answers for each in order.
+    ///
+    /// An `Err` is the whole call's, and this instance must be dropped
+    /// after it.
+    pub async fn handle_batch(
+        &mut self,
+        batch: &[(&Message, u32)],
+    ) -> Result<Vec<Outcome>, BatchError> {
+        let Bindings::Batch(bindings) = &self.bindings else {
+            return Err(BatchError::Contract(CallError::Trap(
+                "the plugin does not export `handle-batch`".into(),
+            )));
+        };
+        let inputs: Vec<types::Message> = batch
+            .iter()
+            .map(|(message, attempt)| to_input(message, *attempt))
+            .collect();
+        start_call(&mut self.store, self.plugin.settings.timeout, true);
+        let result = bindings.call_handle_batch(&mut self.store, &inputs).await;
+        self.store.data_mut().in_batch = false;
+        let results = result.map_err(|error| BatchError::Failed(self.call_error(error)))?;
+        if results.len() != batch.len() {
+            return Err(BatchError::Contract(CallError::Trap(format!(
+                "`handle-batch` returned {} result(s) for {} messages",
+                results.len(),
+                batch.len()
+            ))));
         }
+        let state = self.store.data();
+        Ok(results
+            .into_iter()
+            .map(|result| outcome(state, Vec::new(), result))
+            .collect())
+    }
+
+    /// What a call that did not return ran into.
+    fn call_error(&self, error: wasmtime::Error) -> CallError {
+        let state = self.store.data();
+        if state.memory.hit {
+            CallError::MemoryLimit(state.memory.limit)
+        } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            CallError::Timeout(self.plugin.settings.timeout)
+        } else {
+            CallError::Trap(describe_trap(&error))
+        }
+    }
+}
+
+/// Arms the deadline for a call starting now: one plugin timeout, whether
+/// the call is `handle` or `handle-batch`.
+fn start_call(store: &mut Store<State>, timeout: Duration, in_batch: bool) {
+    let state = store.data_mut();
+    state.published.clear();
+    state.in_batch = in_batch;
+    state.deadline = Instant::now() + timeout;
+    store.set_epoch_deadline(1);
+}
+
+/// The WIT message for one delivery.
+fn to_input(message: &Message, attempt: u32) -> types::Message {
+    types::Message {
+        id: message.id.clone(),
+        topic: message.topic.clone(),
+        key: message.key.clone(),
+        headers: message
+            .headers
+            .iter()
+            .map(|(name, value)| types::Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        payload: message.payload.clone(),
+        attempt,
+        timestamp_ms: message.timestamp_ms,
+    }
+}
+
+/// The outcome of one message's result: `published` (with the host's
+/// `publish`) and the returned outputs, if the plugin may publish them all.
+fn outcome(
+    state: &State,
+    published: Vec<types::Outgoing>,
+    result: Result<Vec<types::Outgoing>, types::Failure>,
+) -> Outcome {
+    match result {
+        Ok(outputs) => {
+            let mut messages = Vec::with_capacity(published.len() + outputs.len());
+            for outgoing in published.into_iter().chain(outputs) {
+                if let Err(reason) = state.may_publish(&outgoing.topic) {
+                    return Outcome::Reject(reason);
+                }
+                messages.push(to_message(outgoing));
+            }
+            Outcome::Outputs(messages)
+        }
+        Err(types::Failure::Retry(reason)) => Outcome::Retry(reason),
+        Err(types::Failure::Reject(reason)) => Outcome::Reject(reason),
     }
 }
 

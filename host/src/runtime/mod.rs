@@ -6,6 +6,10 @@
 //! the async executor at every tick so a busy plugin never starves others)
 //! and every store under a memory cap. A trap, timeout or cap hit poisons the
 //! instance: the worker drops it and instantiates afresh.
+//!
+//! A plugin implements the `handler` world of `sluice:plugin@0.2.0` (or of
+//! 0.1.0, which is the same world under the older name), or the
+//! `batch-handler` world, which adds `handle-batch`; loading tells which.
 
 mod cache;
 mod denied;
@@ -23,16 +27,35 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-pub use instance::{CallError, Instance, Outcome};
+pub use instance::{BatchError, CallError, Instance, Outcome};
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "handler",
+    world: "batch-handler",
     exports: { default: async },
 });
 
-/// The WIT world a plugin must implement.
-pub const WORLD: &str = "sluice:plugin/handler@0.1.0";
+/// Bindings of the `handler` world, sharing the interfaces generated above.
+mod single {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "handler",
+        exports: { default: async },
+        with: {
+            "sluice:plugin/types": super::sluice::plugin::types,
+            "sluice:plugin/host": super::sluice::plugin::host,
+        },
+    });
+}
+
+use single::{Handler, HandlerPre};
+
+/// The WIT world every plugin implements (or its 0.1.0 version).
+pub const WORLD: &str = "sluice:plugin/handler@0.2.0";
+/// The world of a plugin that also exports `handle-batch`.
+pub const BATCH_WORLD: &str = "sluice:plugin/batch-handler@0.2.0";
+/// The world of plugins built against the first version of the WIT.
+pub const WORLD_0_1: &str = "sluice:plugin/handler@0.1.0";
 
 /// How often the epoch advances; deadlines are rounded up to this.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -85,7 +108,16 @@ pub struct Plugin {
     /// The component as loaded, so a rollback can put it back on disk.
     pub wasm: Arc<[u8]>,
     engine: Engine,
-    pre: HandlerPre<instance::State>,
+    exports: Exports,
+    /// Built against `sluice:plugin@0.1.0`.
+    v0_1: bool,
+}
+
+/// The plugin's exports, typed: `handle`, and `handle-batch` if it has it.
+#[derive(Clone)]
+enum Exports {
+    Single(HandlerPre<instance::State>),
+    Batch(BatchHandlerPre<instance::State>),
 }
 
 impl Runtime {
@@ -98,7 +130,11 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        Handler::add_to_linker::<instance::State, HasSelf<instance::State>>(&mut linker, |s| s)?;
+        BatchHandler::add_to_linker::<instance::State, HasSelf<instance::State>>(
+            &mut linker,
+            |s| s,
+        )?;
+        host_api::add_v0_1_to_linker(&mut linker)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticking_engine = engine.clone();
@@ -153,13 +189,28 @@ impl Runtime {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| wrong_world(e, &component, &self.engine))?;
-        let pre = HandlerPre::new(pre).map_err(|e| wrong_world(e, &component, &self.engine))?;
+        let ty = component.component_type();
+        // A `handle-batch` of the wrong type is refused, not ignored: its
+        // author meant the host to call it.
+        let exports = if ty.get_export(&self.engine, "handle-batch").is_some() {
+            Exports::Batch(
+                BatchHandlerPre::new(pre).map_err(|e| wrong_world(e, &component, &self.engine))?,
+            )
+        } else {
+            Exports::Single(
+                HandlerPre::new(pre).map_err(|e| wrong_world(e, &component, &self.engine))?,
+            )
+        };
+        let v0_1 = ty
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("sluice:plugin/") && name.contains("@0.1."));
         Ok(Plugin {
             settings: Arc::new(settings),
             hash,
             wasm: Arc::from(wasm),
             engine: self.engine.clone(),
-            pre,
+            exports,
+            v0_1,
         })
     }
 }
@@ -174,6 +225,20 @@ impl Plugin {
     /// A fresh warm instance for one worker.
     pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
         Instance::new(self.clone()).await
+    }
+
+    /// Whether the plugin exports `handle-batch`.
+    pub fn batches(&self) -> bool {
+        matches!(self.exports, Exports::Batch(_))
+    }
+
+    /// The world the plugin implements.
+    pub fn world(&self) -> &'static str {
+        match (&self.exports, self.v0_1) {
+            (Exports::Batch(_), _) => BATCH_WORLD,
+            (Exports::Single(_), true) => WORLD_0_1,
+            (Exports::Single(_), false) => WORLD,
+        }
     }
 
     /// The first 12 hex digits of the content hash, for logs.
@@ -211,9 +276,10 @@ fn wrong_world(e: wasmtime::Error, component: &Component, engine: &Engine) -> an
         .map(|(name, _)| name.to_string())
         .collect();
     anyhow::anyhow!(
-        "component does not implement the `{WORLD}` world: {e:#} \
-         (it exports [{}]; it imports [{}]; a handler must export `handle` and may import only \
-         `sluice:plugin/host`, WASI 0.2 and `wasi:http` (linked but denied))",
+        "component does not implement the `{WORLD}` world (nor `batch-handler`, nor 0.1.0's \
+         `handler`): {e:#} (it exports [{}]; it imports [{}]; a handler must export `handle`, \
+         may export `handle-batch`, and may import only `sluice:plugin/host`, WASI 0.2 and \
+         `wasi:http` (linked but denied))",
         exports.join(", "),
         imports.join(", ")
     )

@@ -1,5 +1,7 @@
 //! Passes each message through unchanged: the baseline for benchmarks, so
-//! it does as little as possible beyond the host round trip.
+//! it does as little as possible beyond the host round trip. It exports
+//! `handle-batch`, so a route with a `batch_size` hands it many messages
+//! per call.
 //!
 //! Config: `output` — topic to publish to (default `out`).
 
@@ -11,9 +13,11 @@ use sluice_sdk::prelude::*;
 /// per message, which is most of what this plugin would otherwise do.
 static OUTPUT: OnceLock<String> = OnceLock::new();
 
-fn echo(msg: Message) -> Result<Vec<Outgoing>, Failure> {
+fn echo(msgs: Vec<Message>) -> Vec<Result<Vec<Outgoing>, Failure>> {
     let topic = OUTPUT.get_or_init(|| config_get("output").unwrap_or_else(|| "out".to_owned()));
-    Ok(vec![msg.forward_to(topic.as_str())])
+    msgs.into_iter()
+        .map(|msg| Ok(vec![msg.forward_to(topic.as_str())]))
+        .collect()
 }
 
-handler!(echo);
+batch_handler!(echo);

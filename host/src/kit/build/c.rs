@@ -1,5 +1,6 @@
-//! C plugins: bindings generated from the world (wit-bindgen's C
-//! generator), the project's `.c` files and the `sluice.c` helper compiled
+//! C plugins: bindings generated from the `batch-handler` world
+//! (wit-bindgen's C generator; the helper exports both `handle` and
+//! `handle-batch`), the project's `.c` files and the `sluice.c` helper compiled
 //! with clang for `wasm32-wasi` as a reactor, and the core module made into
 //! a component with the WASI preview-1 reactor adapter.
 
@@ -32,9 +33,9 @@ pub fn build(project: &Path, stage: &Path, out: &Path) -> Result<()> {
         .arg("-I")
         .arg(project)
         .args(&sources)
-        .arg(generated.join("handler.c"))
+        .arg(generated.join("batch_handler.c"))
         .arg(generated.join("sluice.c"))
-        .arg(generated.join("handler_component_type.o"))
+        .arg(generated.join("batch_handler_component_type.o"))
         .arg("-o")
         .arg(&core)
         .output()
@@ -74,11 +75,12 @@ pub fn build(project: &Path, stage: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `handler.h`, `handler.c` and `handler_component_type.o` for the world.
+/// `batch_handler.h`, `batch_handler.c` and `batch_handler_component_type.o`
+/// for the `batch-handler` world.
 fn generate_bindings(dir: &Path) -> Result<()> {
     let mut resolve = wit_parser::Resolve::default();
     let package = resolve.push_str("sluice.wit", crate::kit::WIT)?;
-    let world = resolve.select_world(&[package], Some("handler"))?;
+    let world = resolve.select_world(&[package], Some("batch-handler"))?;
     let mut files = wit_bindgen_core::Files::default();
     wit_bindgen_c::Opts::default()
         .build()

@@ -43,6 +43,9 @@ pub struct BuildOptions {
 pub struct Built {
     pub lang: Lang,
     pub wasm: PathBuf,
+    /// The world it implements: `batch-handler` for every component the
+    /// language helpers build.
+    pub world: &'static str,
     pub size: u64,
     /// Wall time of the language build, without the world check.
     pub elapsed: Duration,
@@ -78,6 +81,7 @@ pub fn build(options: &BuildOptions) -> Result<Built> {
         // It passed the check when it was built from these very inputs.
         return Ok(Built {
             lang,
+            world: crate::runtime::BATCH_WORLD,
             size: std::fs::metadata(&out)?.len(),
             wasm: out,
             elapsed: Duration::ZERO,
@@ -94,7 +98,7 @@ pub fn build(options: &BuildOptions) -> Result<Built> {
     }
     .with_context(|| format!("building the {lang} plugin in {}", project.display()))?;
     let elapsed = started.elapsed();
-    check(&out, &name, options.cache_dir.clone())?;
+    let world = check(&out, &name, options.cache_dir.clone())?;
     if let Some(fingerprint) = fingerprint {
         std::fs::write(&stamp, fingerprint)?;
     }
@@ -102,6 +106,7 @@ pub fn build(options: &BuildOptions) -> Result<Built> {
     Ok(Built {
         lang,
         wasm: out,
+        world,
         size,
         elapsed,
         up_to_date: false,
@@ -109,12 +114,14 @@ pub fn build(options: &BuildOptions) -> Result<Built> {
 }
 
 /// Loads the component the way the host does: compiled, linked against the
-/// host's imports and checked to export the world's `handle`.
-pub fn check(wasm: &Path, name: &str, cache_dir: Option<PathBuf>) -> Result<()> {
-    Runtime::new(cache_dir)?
+/// host's imports and checked to export the world's `handle` (and
+/// `handle-batch`, if it has one, of the right type); answers the world it
+/// implements.
+pub fn check(wasm: &Path, name: &str, cache_dir: Option<PathBuf>) -> Result<&'static str> {
+    let plugin = Runtime::new(cache_dir)?
         .load_file(wasm, PluginSettings::new(name))
         .with_context(|| format!("{} does not fit {WORLD}", wasm.display()))?;
-    Ok(())
+    Ok(plugin.world())
 }
 
 /// The plugin's name: the project directory's, as a file name.

@@ -1,5 +1,6 @@
 //! Python plugins: `plugin.py` and the `sluice` helper module, made into a
-//! component by componentize-py.
+//! component of the `batch-handler` world by componentize-py (the helper's
+//! decorators define both `handle` and `handle_batch`).
 
 use std::path::Path;
 use std::process::Command;
@@ -19,7 +20,7 @@ pub fn build(project: &Path, stage: &Path, out: &Path, toolchains: &Toolchains) 
     run(Command::new(componentize)
         .arg("--wit-path")
         .arg(stage.join("wit"))
-        .args(["--world", "handler", "componentize", "plugin"])
+        .args(["--world", "batch-handler", "componentize", "plugin"])
         .arg("--python-path")
         .arg(&sources)
         .arg("--python-path")
