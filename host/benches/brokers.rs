@@ -800,6 +800,7 @@ fn print_tables(results: &[BrokerResult]) {
             thousands(result.messages as f64)
         );
         println!("  durability: {}", result.broker.durability());
+        println!("  route: echo plugin, batch_size {}", pipeline::BATCH_SIZE);
         println!(
             "  {:>11}  {:>10}  {:>12}  {:>12}",
             "concurrency", "sluice", "plain client", "sluice/plain"

@@ -1,7 +1,9 @@
 //! Benchmarks the in-memory pipeline with the `echo` WebAssembly plugin
 //! against the same pipeline with a native Rust handler doing the same, so
 //! the cost of the sandbox shows as a ratio: throughput at concurrency 1 and
-//! 4, and round-trip latency one message at a time. Results go to the
+//! 4, and round-trip latency one message at a time. The route's
+//! `batch_size` is [`pipeline::BATCH_SIZE`]: the plugin gets up to that many
+//! messages per `handle-batch` call. Results go to the
 //! terminal, to `target/bench/pipeline.json` and to an SVG chart beside it.
 //!
 //! `SLUICE_BENCH_MESSAGES` (default 20000) sets the messages per throughput
@@ -27,7 +29,9 @@ mod chart;
 #[path = "common/pipeline.rs"]
 mod pipeline;
 
-use pipeline::{OUTPUT, PAYLOAD_BYTES, Pipeline, batches, echo_handler, message, positive_env};
+use pipeline::{
+    BATCH_SIZE, OUTPUT, PAYLOAD_BYTES, Pipeline, batches, echo_handler, message, positive_env,
+};
 
 const CONCURRENCIES: [usize; 2] = [1, 4];
 const LATENCY_CONCURRENCY: usize = 1;
@@ -312,7 +316,7 @@ impl Results {
     fn print(&self) {
         println!();
         println!(
-            "Throughput: median of {REPEATS} runs of {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
+            "Throughput: median of {REPEATS} runs of {} messages of {PAYLOAD_BYTES} B, batch_size {BATCH_SIZE}, in memory, msgs/s (higher is better)",
             self.settings.messages
         );
         println!(

@@ -21,6 +21,9 @@ use super::chart::workspace_root;
 pub const INPUT: &str = "bench.in";
 pub const OUTPUT: &str = "bench.out";
 pub const PAYLOAD_BYTES: usize = 1024;
+/// Messages per handler call (the echo plugin exports `handle-batch`; the
+/// native handler gets the same batches, one call per message).
+pub const BATCH_SIZE: usize = 64;
 const PUBLISH_BATCH: usize = 100;
 /// Longest wait for any output before a run is declared stuck.
 const STALL: Duration = Duration::from_secs(30);
@@ -99,7 +102,7 @@ impl Pipeline {
                 retry: RetryPolicy::default(),
                 dead_letter_topic: "bench.dead-letter".into(),
                 max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
-                batch_size: 1,
+                batch_size: BATCH_SIZE,
             },
             source: backend.clone(),
             sink: backend.clone(),
