@@ -22,6 +22,8 @@ use crate::message::Message;
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod ack_batch;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod claims;
 #[cfg(feature = "filelog")]
 pub mod filelog;
 #[cfg(feature = "kafka")]

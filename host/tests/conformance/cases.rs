@@ -634,10 +634,14 @@ async fn batch_settle_answers_per_item(ctx: Ctx) -> Result<()> {
 }
 
 /// A batch in which one delivery's lease ran out and another consumer took
-/// it: the others settle, the stale one answers `LeaseLost` and changes
-/// nothing, so the message stays the other consumer's.
+/// it: the others settle (ack, nack, and on a transactional subscription
+/// publish-and-ack), the stale one answers `LeaseLost` and changes nothing:
+/// its outputs are not published and the message stays the other
+/// consumer's.
 async fn batch_settles_around_a_lost_lease(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("t");
+    let out = ctx.topic("out");
+    let reader = ctx.subscribe([out.clone()], "reader").await?;
     // Members of a group share a lease, as routes of one config do (on some
     // backends the lease is how long a member waits before taking over).
     let lease = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_secs(1);
@@ -649,31 +653,60 @@ async fn batch_settles_around_a_lost_lease(ctx: Ctx) -> Result<()> {
     // happens well within `other`'s lease.
     let taken = fetch_exactly(other.as_ref(), 1).await?.remove(0);
     ensure!(taken.message.id == stale.message.id, "another message came");
-    ctx.backend.publish(numbered(&topic, 2)).await?;
-    let fresh = fetch_exactly(slow.as_ref(), 2).await?;
+    ctx.backend.publish(numbered(&topic, 3)).await?;
+    let fresh = fetch_exactly(slow.as_ref(), 3).await?;
+    let transactional = slow.transactional();
+    let handled = |from: &str| match transactional {
+        true => Settlement::PublishAndAck(vec![Message::new(out.clone(), from.to_string())]),
+        false => Settlement::Ack,
+    };
     let results = slow
         .settle(vec![
-            (&fresh[0], Settlement::Ack),
-            (&stale, Settlement::Ack),
+            (&fresh[0], handled("fresh")),
+            (&stale, handled("stale")),
             (&fresh[1], Settlement::Ack),
+            (&fresh[2], Settlement::Nack(Duration::ZERO)),
         ])
         .await;
-    ensure!(results.len() == 3, "{} answers for 3 items", results.len());
-    results[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-    results[2].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(results.len() == 4, "{} answers for 4 items", results.len());
+    for i in [0, 2, 3] {
+        results[i]
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("item {i}: {e}"))?;
+    }
     ensure!(
         matches!(results[1], Err(SettleError::LeaseLost)),
-        "the stale ack answered {:?}",
+        "the stale settlement answered {:?}",
         results[1]
     );
-    // The stale ack changed nothing: the holder's nack brings it back.
-    other.nack(&taken, Duration::ZERO).await?;
-    let back = fetch_exactly(other.as_ref(), 1).await?.remove(0);
+    if transactional {
+        // Only the current claim's output was published.
+        let outputs = fetch_exactly(reader.as_ref(), 1).await?;
+        ensure!(
+            payload(&outputs[0]) == "fresh",
+            "output {}",
+            payload(&outputs[0])
+        );
+        reader.ack(&outputs[0]).await?;
+    }
+    expect_nothing(reader.as_ref(), QUIET).await?;
+    // The nacked one comes back once, as its second attempt.
+    let back = fetch_exactly(slow.as_ref(), 1).await?.remove(0);
     ensure!(
-        back.message.id == stale.message.id,
+        back.message.id == fresh[2].message.id && back.attempt == 2,
+        "came back: {} (attempt {})",
+        payload(&back),
+        back.attempt
+    );
+    slow.ack(&back).await?;
+    // The stale settlement changed nothing: the holder's nack brings it back.
+    other.nack(&taken, Duration::ZERO).await?;
+    let again = fetch_exactly(other.as_ref(), 1).await?.remove(0);
+    ensure!(
+        again.message.id == stale.message.id,
         "another message came back"
     );
-    other.ack(&back).await?;
+    other.ack(&again).await?;
     expect_nothing(other.as_ref(), QUIET).await?;
     expect_nothing(slow.as_ref(), QUIET).await
 }

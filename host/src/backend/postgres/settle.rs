@@ -12,28 +12,15 @@
 //! transaction, so the item at fault fails alone.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use anyhow::anyhow;
 use sqlx::{Acquire, PgConnection, Row};
 
 use super::{OutputColumns, Shared, check_topic, fan_out, relaxed};
-use crate::backend::SettleError;
-use crate::message::Message;
+use crate::backend::{SettleError, Settlement};
 
 /// One delivery to settle: its claim and what to do with it.
-pub struct Item {
-    pub seq: i64,
-    pub attempt: i32,
-    pub action: Action,
-}
-
-pub enum Action {
-    Ack,
-    Nack(Duration),
-    /// Ack, and publish these with it.
-    PublishAndAck(Vec<Message>),
-}
+pub type Item = crate::backend::claims::Item<i32>;
 
 /// Deletes the acked rows, moves the nacked ones and inserts the outputs of
 /// the acked rows that carry any. Returns the `(seq, attempt)` of every row
@@ -79,8 +66,8 @@ pub async fn settle(
     // An output that can never be published fails its own item only.
     let mut results: Vec<Option<Result<(), SettleError>>> = items
         .iter()
-        .map(|item| match &item.action {
-            Action::PublishAndAck(messages) => messages
+        .map(|item| match &item.settlement {
+            Settlement::PublishAndAck(messages) => messages
                 .iter()
                 .try_for_each(check_topic)
                 .err()
@@ -174,17 +161,17 @@ async fn run(
     let mut outputs = OutputColumns::default();
     let mut owners = (Vec::new(), Vec::new());
     for item in items {
-        match &item.action {
-            Action::Ack => {
+        match &item.settlement {
+            Settlement::Ack => {
                 acks.0.push(item.seq);
                 acks.1.push(item.attempt);
             }
-            Action::Nack(delay) => {
+            Settlement::Nack(delay) => {
                 nacks.0.push(item.seq);
                 nacks.1.push(item.attempt);
                 nacks.2.push(delay.as_millis() as i64);
             }
-            Action::PublishAndAck(messages) => {
+            Settlement::PublishAndAck(messages) => {
                 acks.0.push(item.seq);
                 acks.1.push(item.attempt);
                 for message in messages {

@@ -15,9 +15,10 @@ use sqlx::Row;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::settle::{self, Action, Item};
+use super::settle;
 use super::{Shared, relaxed};
 use crate::backend::ack_batch::AckBatcher;
+use crate::backend::claims::{forget_claim, settle_claims};
 use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -219,41 +220,11 @@ impl Subscription for PostgresSubscription {
     }
 
     async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
-        let mut results: Vec<Option<Result<(), SettleError>>> = Vec::with_capacity(batch.len());
-        let mut items = Vec::with_capacity(batch.len());
-        for (delivery, settlement) in batch {
-            match delivery.receipt.get::<PostgresReceipt>() {
-                Ok(receipt) => {
-                    results.push(None);
-                    items.push(Item {
-                        seq: receipt.seq,
-                        attempt: receipt.attempt,
-                        action: match settlement {
-                            Settlement::Ack => Action::Ack,
-                            Settlement::Nack(delay) => Action::Nack(delay),
-                            Settlement::PublishAndAck(messages) => Action::PublishAndAck(messages),
-                        },
-                    });
-                }
-                Err(e) => results.push(Some(Err(SettleError::Fatal(e)))),
-            }
-        }
-        let settled = settle::settle(&self.shared, &self.group_key, &items).await;
-        let mut mine = self.mine.lock().unwrap();
-        let mut settled = items.iter().zip(settled);
-        for result in results.iter_mut().filter(|r| r.is_none()) {
-            let (item, outcome) = settled.next().expect("an answer per item");
-            // Settled, or another consumer's now: either way no longer ours
-            // to hand back on close.
-            if !matches!(outcome, Err(SettleError::Unavailable(_))) {
-                forget_claim(&mut mine, item.seq, item.attempt);
-            }
-            *result = Some(outcome);
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every item answered"))
-            .collect()
+        let claim = |r: &PostgresReceipt| (r.seq, r.attempt);
+        settle_claims(batch, claim, &self.mine, async |items| {
+            settle::settle(&self.shared, &self.group_key, &items).await
+        })
+        .await
     }
 
     async fn close(&self) -> Result<()> {
@@ -295,14 +266,6 @@ impl Subscription for PostgresSubscription {
                 .await?;
         }
         Ok(())
-    }
-}
-
-/// Drops a claim from those handed back on close, unless the row has been
-/// claimed again since.
-fn forget_claim(mine: &mut HashMap<i64, i32>, seq: i64, attempt: i32) {
-    if mine.get(&seq) == Some(&attempt) {
-        mine.remove(&seq);
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use crate::backend::{Delivery, Receipt, StartFrom, pattern};
+use crate::backend::{Delivery, Receipt, Settlement, StartFrom, pattern};
 use crate::message::{Message, now_ms};
 
 /// How many log rows one claim turns into deliveries at most.
@@ -24,18 +24,7 @@ pub struct SqliteReceipt {
 }
 
 /// One delivery to settle: its claim and what to do with it.
-pub struct Item {
-    pub seq: i64,
-    pub attempt: i64,
-    pub action: Action,
-}
-
-pub enum Action {
-    Ack,
-    Nack(Duration),
-    /// Ack, and publish these with it.
-    PublishAndAck(Vec<Message>),
-}
+pub type Item = crate::backend::claims::Item<i64>;
 
 /// Appends messages to the log, in order.
 pub async fn insert_messages(conn: &mut SqliteConnection, messages: &[&Message]) -> Result<()> {
@@ -231,17 +220,17 @@ pub async fn settle(
 ) -> Result<HashSet<(i64, i64)>> {
     let acks: Vec<(i64, i64)> = items
         .iter()
-        .filter(|item| !matches!(item.action, Action::Nack(_)))
+        .filter(|item| !matches!(item.settlement, Settlement::Nack(_)))
         .map(|item| (item.seq, item.attempt))
         .collect();
     let mut held = delete_claimed(conn, group, &acks).await?;
     let mut outputs = Vec::new();
     for item in items {
-        match &item.action {
-            Action::PublishAndAck(messages) if held.contains(&(item.seq, item.attempt)) => {
+        match &item.settlement {
+            Settlement::PublishAndAck(messages) if held.contains(&(item.seq, item.attempt)) => {
                 outputs.extend(messages.iter());
             }
-            Action::Nack(delay) => {
+            Settlement::Nack(delay) => {
                 // Nacks are rare: a statement each.
                 let moved = sqlx::query(
                     "UPDATE sluice_deliveries SET visible_at = ?1 \

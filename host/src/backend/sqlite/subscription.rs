@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::store::{Action, Item, SqliteReceipt};
+use super::store::SqliteReceipt;
+use crate::backend::claims::{forget_claim, settle_claims};
 use crate::backend::{Delivery, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -43,14 +44,6 @@ impl SqliteSubscription {
     async fn settle_one(&self, delivery: &Delivery, settlement: Settlement) -> Result<()> {
         let result = self.settle(vec![(delivery, settlement)]).await.pop();
         result.expect("one answer").map_err(anyhow::Error::new)
-    }
-}
-
-/// Drops a claim from those handed back on close, unless the row has been
-/// claimed again since.
-fn forget_claim(mine: &mut HashMap<i64, i64>, seq: i64, attempt: i64) {
-    if mine.get(&seq) == Some(&attempt) {
-        mine.remove(&seq);
     }
 }
 
@@ -114,46 +107,11 @@ impl Subscription for SqliteSubscription {
     }
 
     async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
-        let mut results: Vec<Option<Result<(), SettleError>>> = Vec::with_capacity(batch.len());
-        let mut items = Vec::with_capacity(batch.len());
-        for (delivery, settlement) in batch {
-            match delivery.receipt.get::<SqliteReceipt>() {
-                Ok(receipt) => {
-                    results.push(None);
-                    items.push(Item {
-                        seq: receipt.seq,
-                        attempt: receipt.attempt,
-                        action: match settlement {
-                            Settlement::Ack => Action::Ack,
-                            Settlement::Nack(delay) => Action::Nack(delay),
-                            Settlement::PublishAndAck(messages) => Action::PublishAndAck(messages),
-                        },
-                    });
-                }
-                Err(e) => results.push(Some(Err(SettleError::Fatal(e)))),
-            }
-        }
-        let claims: Vec<(i64, i64)> = items.iter().map(|i| (i.seq, i.attempt)).collect();
-        let settled = if items.is_empty() {
-            Vec::new()
-        } else {
+        let claim = |r: &SqliteReceipt| (r.seq, r.attempt);
+        settle_claims(batch, claim, &self.mine, async |items| {
             self.shared.writer.settle(&self.group, items).await
-        };
-        let mut mine = self.mine.lock().unwrap();
-        let mut settled = claims.into_iter().zip(settled);
-        for result in results.iter_mut().filter(|r| r.is_none()) {
-            let ((seq, attempt), outcome) = settled.next().expect("an answer per item");
-            // Settled, or another consumer's now: either way no longer ours
-            // to hand back on close.
-            if !matches!(outcome, Err(SettleError::Unavailable(_))) {
-                forget_claim(&mut mine, seq, attempt);
-            }
-            *result = Some(outcome);
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every item answered"))
-            .collect()
+        })
+        .await
     }
 
     async fn close(&self) -> Result<()> {

@@ -22,7 +22,8 @@ use anyhow::{Result, anyhow};
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::store::{self, Action, Item};
+use super::store::{self, Item};
+use crate::backend::Settlement;
 use crate::backend::{Delivery, SettleError, StartFrom};
 use crate::message::Message;
 
@@ -282,9 +283,9 @@ async fn commit(conn: &mut SqliteConnection, requests: impl Iterator<Item = Requ
 fn makes_visible(request: &Request) -> bool {
     match request {
         Request::Publish { .. } | Request::Release { .. } => true,
-        Request::Settle { items, .. } => {
-            items.iter().any(|item| !matches!(item.action, Action::Ack))
-        }
+        Request::Settle { items, .. } => items
+            .iter()
+            .any(|item| !matches!(item.settlement, Settlement::Ack)),
         _ => false,
     }
 }
