@@ -773,6 +773,26 @@ impl PlainJetStream {
     }
 }
 
+/// A hand-written queue polls; a short sleep on an empty table keeps the
+/// poll from starving the other loop.
+async fn idle_if_empty(rows: usize) {
+    if rows == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A polling counter took `rows` outputs: fails once none has come for
+/// [`STALL`], and idles a moment after an empty poll.
+async fn counted(rows: usize, last_output: &mut Instant) -> Result<()> {
+    if rows > 0 {
+        *last_output = Instant::now();
+    } else if last_output.elapsed() > STALL {
+        bail!("no output for {STALL:?}");
+    }
+    idle_if_empty(rows).await;
+    Ok(())
+}
+
 /// Deletes the streams made under the namespace (consumers go with them).
 async fn jetstream_clean(namespace: &str) -> Result<()> {
     let client = async_nats::connect(Broker::JetStream.address()).await?;

@@ -7,7 +7,7 @@
 //! second loop takes and counts the outputs. Both sides commit with
 //! `synchronous_commit = off`, as Sluice's settlements do.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -77,13 +77,13 @@ impl PlainPostgres {
                 .rows_affected();
                 tx.commit().await?;
                 done += moved as usize;
-                idle_if_empty(moved).await;
+                super::idle_if_empty(moved as usize).await;
             }
             anyhow::Ok(())
         };
         let counting = async {
             let mut counted = 0;
-            let mut idle = std::time::Instant::now();
+            let mut last_output = std::time::Instant::now();
             while counted < count {
                 let taken = sqlx::query(
                     "DELETE FROM plain_out WHERE seq IN ( \
@@ -94,25 +94,12 @@ impl PlainPostgres {
                 .await?
                 .rows_affected();
                 counted += taken as usize;
-                if taken > 0 {
-                    idle = std::time::Instant::now();
-                } else if idle.elapsed() > super::STALL {
-                    bail!("no output for {:?}", super::STALL);
-                }
-                idle_if_empty(taken).await;
+                super::counted(taken as usize, &mut last_output).await?;
             }
             anyhow::Ok(())
         };
         tokio::try_join!(work, counting)?;
         Ok(())
-    }
-}
-
-/// A hand-written queue polls; a short sleep on an empty table keeps the
-/// poll from starving the other loop.
-async fn idle_if_empty(rows: u64) {
-    if rows == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 

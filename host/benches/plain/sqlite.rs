@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
@@ -89,13 +89,13 @@ impl PlainSqlite {
                 }
                 tx.commit().await?;
                 done += taken.len();
-                idle_if_empty(taken.len()).await;
+                super::idle_if_empty(taken.len()).await;
             }
             anyhow::Ok(())
         };
         let counting = async {
             let mut counted = 0;
-            let mut idle = std::time::Instant::now();
+            let mut last_output = std::time::Instant::now();
             while counted < count {
                 let taken = sqlx::query(
                     "DELETE FROM plain_out WHERE seq IN ( \
@@ -106,25 +106,12 @@ impl PlainSqlite {
                 .await?
                 .rows_affected() as usize;
                 counted += taken;
-                if taken > 0 {
-                    idle = std::time::Instant::now();
-                } else if idle.elapsed() > super::STALL {
-                    bail!("no output for {:?}", super::STALL);
-                }
-                idle_if_empty(taken).await;
+                super::counted(taken, &mut last_output).await?;
             }
             anyhow::Ok(())
         };
         tokio::try_join!(work, counting)?;
         Ok(())
-    }
-}
-
-/// A hand-written queue polls; a short sleep on an empty table keeps the
-/// poll from starving the other loop.
-async fn idle_if_empty(rows: usize) {
-    if rows == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 
