@@ -3,12 +3,19 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use common::*;
 use sluice::Message;
+use sluice::backend::memory::MemoryBackend;
+use sluice::backend::{
+    Backend, Capabilities, Delivery, SettleError, SubscribeOptions, Subscription,
+};
 use sluice::message::headers;
+use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -394,6 +401,74 @@ async fn prefetch_never_outlasts_the_lease() {
             stats.received, MESSAGES as u64,
             "{kind}: deliveries came back while queued ({stats})"
         );
+    }
+}
+
+/// A settlement the backend calls fatal stops the route by itself, with
+/// that error, while the rest of the host (here: the caller) carries on.
+#[tokio::test]
+async fn a_fatal_settlement_stops_the_route_with_its_error() {
+    let runtime = runtime();
+    let backend: Arc<dyn Backend> = Arc::new(FatalAcks(Arc::new(MemoryBackend::new(100))));
+    let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+    let doomed = route("doomed", &backend, "in", plugin, quick_retry(3));
+    let subscribed = doomed.subscribe().await.unwrap();
+    backend
+        .publish(vec![Message::new("in", "ok")])
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(LIMIT, subscribed.run(CancellationToken::new()))
+        .await
+        .expect("the route stops by itself");
+    let error = format!("{:#}", outcome.expect_err("a fatal error"));
+    assert!(
+        error.contains("doomed") && error.contains("permission denied"),
+        "{error}"
+    );
+}
+
+/// A backend whose acks fail for good.
+struct FatalAcks(Arc<dyn Backend>);
+
+#[async_trait]
+impl Backend for FatalAcks {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> anyhow::Result<()> {
+        self.0.publish(messages).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> anyhow::Result<Box<dyn Subscription>> {
+        Ok(Box::new(FatalAcksSubscription(
+            self.0.subscribe(options).await?,
+        )))
+    }
+}
+
+struct FatalAcksSubscription(Box<dyn Subscription>);
+
+#[async_trait]
+impl Subscription for FatalAcksSubscription {
+    async fn fetch(&self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
+        self.0.fetch(max, wait).await
+    }
+
+    async fn ack(&self, _: &Delivery) -> anyhow::Result<()> {
+        Err(SettleError::Fatal(anyhow::anyhow!("permission denied")).into())
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> anyhow::Result<()> {
+        self.0.nack(delivery, delay).await
+    }
+
+    async fn close(&self) -> anyhow::Result<()> {
+        self.0.close().await
     }
 }
 
