@@ -409,7 +409,10 @@ async fn prefetch_never_outlasts_the_lease() {
 #[tokio::test]
 async fn a_fatal_settlement_stops_the_route_with_its_error() {
     let runtime = runtime();
-    let backend: Arc<dyn Backend> = Arc::new(FatalAcks(Arc::new(MemoryBackend::new(100))));
+    let backend: Arc<dyn Backend> =
+        Arc::new(FailingAcks(Arc::new(MemoryBackend::new(100)), || {
+            SettleError::Fatal(anyhow::anyhow!("permission denied"))
+        }));
     let plugin = load(&runtime, "chaos", settings("chaos", &[]));
     let doomed = route("doomed", &backend, "in", plugin, quick_retry(3));
     let subscribed = doomed.subscribe().await.unwrap();
@@ -427,11 +430,44 @@ async fn a_fatal_settlement_stops_the_route_with_its_error() {
     );
 }
 
-/// A backend whose acks fail for good.
-struct FatalAcks(Arc<dyn Backend>);
+/// A lost lease is counted and dropped: the plugin is not run again for
+/// it, nor is it retried, and the route carries on.
+#[tokio::test]
+async fn a_lost_lease_is_counted_and_not_handled_again() {
+    let runtime = runtime();
+    let backend: Arc<dyn Backend> =
+        Arc::new(FailingAcks(Arc::new(MemoryBackend::new(100)), || {
+            SettleError::LeaseLost
+        }));
+    let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+    let outputs = Collector::start(&backend, &["out"]).await;
+    let running = Running::start(route("late", &backend, "in", plugin, quick_retry(3))).await;
+    backend
+        .publish(vec![Message::new("in", "ok")])
+        .await
+        .unwrap();
+    outputs.wait_for(1, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    assert_eq!(
+        (
+            stats.received,
+            stats.lease_lost,
+            stats.succeeded,
+            stats.retried
+        ),
+        (1, 1, 0, 0),
+        "{stats}"
+    );
+    assert_eq!(outputs.wait_for(1, LIMIT).await.len(), 1);
+}
+
+/// A backend whose acks all fail with one error.
+struct FailingAcks(Arc<dyn Backend>, fn() -> SettleError);
 
 #[async_trait]
-impl Backend for FatalAcks {
+impl Backend for FailingAcks {
     fn kind(&self) -> &'static str {
         self.0.kind()
     }
@@ -445,22 +481,23 @@ impl Backend for FatalAcks {
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> anyhow::Result<Box<dyn Subscription>> {
-        Ok(Box::new(FatalAcksSubscription(
+        Ok(Box::new(FailingAcksSubscription(
             self.0.subscribe(options).await?,
+            self.1,
         )))
     }
 }
 
-struct FatalAcksSubscription(Box<dyn Subscription>);
+struct FailingAcksSubscription(Box<dyn Subscription>, fn() -> SettleError);
 
 #[async_trait]
-impl Subscription for FatalAcksSubscription {
+impl Subscription for FailingAcksSubscription {
     async fn fetch(&self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
         self.0.fetch(max, wait).await
     }
 
     async fn ack(&self, _: &Delivery) -> anyhow::Result<()> {
-        Err(SettleError::Fatal(anyhow::anyhow!("permission denied")).into())
+        Err((self.1)().into())
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> anyhow::Result<()> {
