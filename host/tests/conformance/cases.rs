@@ -478,8 +478,7 @@ async fn abandoned_delivery_returns_after_lease(ctx: Ctx) -> Result<()> {
     let lease = |o: &mut sluice::backend::SubscribeOptions| o.lease = Duration::from_millis(500);
     let doomed = ctx.subscribe_with([topic.clone()], "g", lease).await?;
     ctx.backend.publish(numbered(&topic, 5)).await?;
-    let held = doomed.fetch(5, LIMIT).await?;
-    ensure!(held.len() == 5, "fetched {} of 5", held.len());
+    let held = fetch_exactly(doomed.as_ref(), 5).await?;
     // The consumer dies: never settles, never closes.
     std::mem::forget(held);
     std::mem::forget(doomed);
