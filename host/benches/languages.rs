@@ -95,6 +95,7 @@ fn settings() -> PluginSettings {
     let mut settings = PluginSettings::new("enrich");
     settings.config.insert("region".into(), "eu-west".into());
     settings.timeout = Duration::from_secs(10);
+    settings.publish_to = vec![">".into()];
     settings
 }
 

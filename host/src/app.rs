@@ -100,6 +100,8 @@ impl Host {
                         dead_letter_topic: route.dead_letter_topic(),
                         max_in_flight: route.max_in_flight,
                         batch_size: route.batch_size,
+                        max_hops: route.max_hops,
+                        max_message_bytes: loaded.config.runtime.max_message_bytes,
                     },
                     source: backends[loaded.source_backend(route)].clone(),
                     sink: backends[loaded.output_backend(route)].clone(),
@@ -204,12 +206,16 @@ impl Host {
                     continue;
                 }
                 _ = sleep_until(deadline) => {
-                    tracing::warn!(
-                        "in-flight messages did not finish within the {:?} grace period; exiting anyway \
-                         (they will be redelivered after their lease)",
+                    // A stop that cut work off is not a clean stop: the
+                    // exit code says so, as the log does.
+                    let cut = anyhow::anyhow!(
+                        "in-flight messages did not finish within the {:?} shutdown grace period; \
+                         stopped anyway (they will be redelivered after their lease)",
                         self.grace
                     );
+                    tracing::error!("{cut:#}");
                     tasks.abort_all();
+                    first_error.get_or_insert(cut);
                     break;
                 }
             };

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::backend::{StartFrom, pattern};
-use crate::runtime::PluginSettings;
+use crate::runtime::{OutputLimits, PluginSettings};
 
 /// The whole configuration file.
 #[derive(Debug, Deserialize)]
@@ -78,14 +78,24 @@ pub struct PluginConfig {
     /// Longest one call may run, in milliseconds.
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
-    /// Largest linear memory of one instance, in MiB.
+    /// Most memory one instance may hold, in MiB: all its linear memories
+    /// and tables together.
     #[serde(default = "defaults::memory_limit_mb")]
     pub memory_limit_mb: u64,
+    /// Most outputs (returned and `publish`ed together) one call may hand
+    /// the host; over it the call fails with cause `output-limit`.
+    #[serde(default = "defaults::max_outputs")]
+    pub max_outputs: usize,
+    /// Most bytes of outputs one call may hand the host, in MiB; over it
+    /// the call fails with cause `output-limit`.
+    #[serde(default = "defaults::max_output_mb")]
+    pub max_output_mb: usize,
     /// Values the plugin reads with `config-get`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
-    /// Topic patterns the plugin may publish to; every topic if absent.
-    #[serde(default = "defaults::publish_to")]
+    /// Topic patterns the plugin may publish to; none if absent, so a
+    /// plugin that produces outputs needs this.
+    #[serde(default)]
     pub publish_to: Vec<String>,
     /// Environment variables the plugin sees (none by default).
     #[serde(default)]
@@ -146,6 +156,12 @@ pub struct RouteConfig {
     /// Where rejected and exhausted messages go; `<name>.dead-letter` if absent.
     #[serde(default)]
     pub dead_letter_topic: Option<Spanned<String>>,
+    /// Most routes a chain of messages may pass through: each output
+    /// carries its input's hop count plus one (`sluice-hops`), and a
+    /// message past this is dead-lettered with cause `hop-limit` instead
+    /// of handled, so a plugin that feeds its own input cannot loop forever.
+    #[serde(default = "defaults::max_hops")]
+    pub max_hops: u32,
 }
 
 /// How failed messages are retried.
@@ -198,6 +214,11 @@ pub struct RuntimeConfig {
     /// host exits anyway (their leases then return them), in milliseconds.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Largest message (payload, key and headers) in bytes: a plugin's
+    /// output over it fails the call (cause `output-limit`), and a consumed
+    /// message over it is dead-lettered (cause `too-large`) unhandled.
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -207,6 +228,7 @@ impl Default for RuntimeConfig {
             cache: true,
             watch_plugins: true,
             shutdown_grace_ms: defaults::shutdown_grace_ms(),
+            max_message_bytes: defaults::max_message_bytes(),
         }
     }
 }
@@ -218,8 +240,17 @@ mod defaults {
     pub fn memory_limit_mb() -> u64 {
         64
     }
-    pub fn publish_to() -> Vec<String> {
-        vec![">".into()]
+    pub fn max_outputs() -> usize {
+        crate::runtime::OutputLimits::default().max_outputs
+    }
+    pub fn max_output_mb() -> usize {
+        crate::runtime::OutputLimits::default().max_bytes >> 20
+    }
+    pub fn max_message_bytes() -> usize {
+        crate::runtime::OutputLimits::default().max_message_bytes
+    }
+    pub fn max_hops() -> u32 {
+        crate::router::RouteSpec::DEFAULT_MAX_HOPS
     }
     pub fn concurrency() -> usize {
         1
@@ -288,6 +319,11 @@ impl Loaded {
         let mut settings = PluginSettings::new(name);
         settings.timeout = Duration::from_millis(plugin.timeout_ms);
         settings.memory_limit = (plugin.memory_limit_mb as usize) << 20;
+        settings.limits = OutputLimits {
+            max_outputs: plugin.max_outputs,
+            max_bytes: plugin.max_output_mb << 20,
+            max_message_bytes: self.config.runtime.max_message_bytes,
+        };
         settings.config = plugin.config.clone();
         settings.publish_to = plugin.publish_to.clone();
         settings.env = plugin.env.clone();
@@ -417,12 +453,13 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
         }
     }
     for (name, plugin) in &config.plugins {
-        if plugin.timeout_ms == 0 || plugin.memory_limit_mb == 0 {
-            let key = if plugin.timeout_ms == 0 {
-                "timeout_ms"
-            } else {
-                "memory_limit_mb"
-            };
+        let zero = [
+            ("timeout_ms", plugin.timeout_ms == 0),
+            ("memory_limit_mb", plugin.memory_limit_mb == 0),
+            ("max_outputs", plugin.max_outputs == 0),
+            ("max_output_mb", plugin.max_output_mb == 0),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
             return Err(error(
                 0,
                 format!("plugins.{name}.{key}"),

@@ -260,12 +260,19 @@ fn check(path: &Path) -> Result<ExitCode> {
         loaded.config.routes.len()
     );
     for slot in plugins.slots() {
+        let plugin = slot.current();
         println!(
             "  plugin {}: implements {} (sha256 {})",
             slot.name,
-            slot.current().world(),
+            plugin.world(),
             slot.current_info().hash
         );
+        if plugin.settings.publish_to.is_empty() {
+            println!(
+                "  plugin {}: may publish to no topic; if it has outputs, add `plugins.{}.publish_to`",
+                slot.name, slot.name
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

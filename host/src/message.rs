@@ -49,6 +49,25 @@ impl Message {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Bytes the message takes: topic, key, headers and payload.
+    pub fn size(&self) -> usize {
+        self.topic.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>()
+            + self.payload.len()
+    }
+
+    /// Routes the message has passed through (its `sluice-hops` header).
+    pub fn hops(&self) -> u32 {
+        self.header(headers::HOPS)
+            .and_then(|hops| hops.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sets a header, replacing every earlier value of that name.
     pub fn set_header(&mut self, name: &str, value: impl Into<String>) {
         self.headers.retain(|(n, _)| n != name);
@@ -65,10 +84,12 @@ pub fn now_ms() -> u64 {
 }
 
 /// Header names the host sets; plugins and operators can rely on them.
+/// Every name starting with `sluice-` is the host's: a plugin's output
+/// cannot set one (the host drops them).
 pub mod headers {
     /// Why a message was dead-lettered.
     pub const DEAD_LETTER_REASON: &str = "sluice-dead-letter-reason";
-    /// `rejected`, `attempts-exhausted`, `trap`, `timeout` or `memory-limit`.
+    /// `rejected`, `attempts-exhausted`, `hop-limit` or `too-large`.
     pub const DEAD_LETTER_CAUSE: &str = "sluice-dead-letter-cause";
     /// The topic the message was consumed from.
     pub const ORIGINAL_TOPIC: &str = "sluice-original-topic";
@@ -83,4 +104,7 @@ pub mod headers {
     pub const PLUGIN_VERSION: &str = "sluice-plugin-version";
     /// On an output: the id of the input message it was produced from.
     pub const CAUSATION_ID: &str = "sluice-causation-id";
+    /// On an output: routes its chain has passed through (its input's
+    /// count plus one).
+    pub const HOPS: &str = "sluice-hops";
 }

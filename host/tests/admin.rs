@@ -54,6 +54,7 @@ url = "sqlite://{db}"
 [plugins.upper]
 path = "upper.wasm"
 config = {{ output = "shouted" }}
+publish_to = ["shouted"]
 
 [runtime]
 cache_dir = "cache"

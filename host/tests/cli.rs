@@ -201,6 +201,7 @@ url = "{url}"
 [plugins.slow]
 path = "{plugin}"
 config = {{ output = "done" }}
+publish_to = ["done"]
 timeout_ms = 5000
 
 [runtime]
@@ -247,7 +248,11 @@ lease_ms = 6000
             .success()
     );
     let status = run.wait().unwrap();
-    assert!(status.success(), "exit {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a stop that cut work off must say so"
+    );
     let nothing = sluice(&["tail", "--url", &url, "done"]);
     assert!(
         !stdout(&nothing).contains("sleep:2000"),

@@ -152,6 +152,7 @@ url = "{url}"
 [plugins.work]
 path = "{plugin}"
 config = {{ output = "{ns}.done" }}
+publish_to = ["{ns}.done"]
 timeout_ms = {command_timeout_ms}
 
 [runtime]

@@ -56,7 +56,7 @@ async fn replacing_the_plugin_under_load_loses_and_repeats_nothing() {
     let plugin_file = dir.path().join("echo.wasm");
     std::fs::write(&plugin_file, echo_version(0)).unwrap();
     let config = format!(
-        "[backends.main]\nurl = \"memory://\"\n\n[plugins.echo]\npath = \"{}\"\nconfig = {{ output = \"out\" }}\n\n[[routes]]\nname = \"echo\"\ntopics = [\"in\"]\nplugin = \"echo\"\n",
+        "[backends.main]\nurl = \"memory://\"\n\n[plugins.echo]\npath = \"{}\"\nconfig = {{ output = \"out\" }}\npublish_to = [\"out\"]\n\n[[routes]]\nname = \"echo\"\ntopics = [\"in\"]\nplugin = \"echo\"\n",
         plugin_file.display()
     );
     let loaded =

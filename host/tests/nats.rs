@@ -108,14 +108,10 @@ async fn request_is_answered_by_a_route_through_sluice_reply_to() -> Result<()> 
         );
     let route = Route {
         spec: RouteSpec {
-            name: "rpc".into(),
-            subscribe: options(&topic, "rpc", Duration::from_secs(5)),
             concurrency: 2,
-            ordered: false,
             retry: quick_retry(3),
             dead_letter_topic: format!("{token}.dead"),
-            max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
-            batch_size: 1,
+            ..RouteSpec::new("rpc", options(&topic, "rpc", Duration::from_secs(5)))
         },
         source: backend.clone(),
         sink: backend.clone(),

@@ -8,9 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use sluice::Message;
 use sluice::backend::{Backend, Settlement, SubscribeOptions, Subscription};
-use sluice::router::{
-    MessageHandler, RetryPolicy, Route, RouteControl, RouteSpec, RouteStats, WasmHandler,
-};
+use sluice::router::{MessageHandler, Route, RouteControl, RouteSpec, RouteStats, WasmHandler};
 use sluice::runtime::{PluginSettings, Runtime};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -95,14 +93,9 @@ impl Pipeline {
         let stats = Arc::new(RouteStats::default());
         let route = Route {
             spec: RouteSpec {
-                name: "bench".into(),
-                subscribe: SubscribeOptions::new(vec![INPUT.into()], "bench"),
                 concurrency,
-                ordered: false,
-                retry: RetryPolicy::default(),
-                dead_letter_topic: "bench.dead-letter".into(),
-                max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
                 batch_size: BATCH_SIZE,
+                ..RouteSpec::new("bench", SubscribeOptions::new(vec![INPUT.into()], "bench"))
             },
             source: backend.clone(),
             sink: backend.clone(),

@@ -155,7 +155,7 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
         .unwrap();
     }
 
-    let plugin_counters: [PluginFamily; 4] = [
+    let plugin_counters: [PluginFamily; 5] = [
         ("sluice_plugin_calls_total", "Calls into the plugin.", |c| {
             &c.calls
         }),
@@ -172,6 +172,11 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
             "Calls stopped at the memory cap.",
             |c| &c.memory_limit_hits,
         ),
+        (
+            "sluice_plugin_output_limit_hits_total",
+            "Calls that handed the host more outputs or bytes than allowed.",
+            |c| &c.output_limit_hits,
+        ),
     ];
     for (name, help, counter) in plugin_counters {
         header(&mut out, name, help, "counter");
@@ -184,6 +189,21 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
             )
             .unwrap();
         }
+    }
+    header(
+        &mut out,
+        "sluice_plugin_log_lines_dropped_total",
+        "Plugin log lines dropped over the plugin's rate.",
+        "counter",
+    );
+    for slot in state.deployer.slots() {
+        writeln!(
+            out,
+            "sluice_plugin_log_lines_dropped_total{{plugin=\"{}\"}} {}",
+            escape(&slot.name),
+            slot.current().settings.log_budget.dropped()
+        )
+        .unwrap();
     }
     header(
         &mut out,

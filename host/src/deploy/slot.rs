@@ -34,6 +34,7 @@ pub struct PluginCounters {
     pub traps: AtomicU64,
     pub timeouts: AtomicU64,
     pub memory_limit_hits: AtomicU64,
+    pub output_limit_hits: AtomicU64,
     pub calls: AtomicU64,
 }
 

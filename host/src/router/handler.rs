@@ -97,6 +97,7 @@ impl WasmWorker {
             CallError::Trap(_) => &counters.traps,
             CallError::Timeout(_) => &counters.timeouts,
             CallError::MemoryLimit(_) => &counters.memory_limit_hits,
+            CallError::OutputLimit(_) => &counters.output_limit_hits,
         });
         tracing::warn!(plugin = %self.slot.name, "{what}: {error}; discarding the instance");
         self.instance = None;

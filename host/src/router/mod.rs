@@ -63,11 +63,17 @@ pub struct RouteSpec {
     /// Messages a worker hands to its handler in one call (the plugin's
     /// `handle-batch` export, where it has one).
     pub batch_size: usize,
+    /// Hops past which a message is dead-lettered instead of handled.
+    pub max_hops: u32,
+    /// Largest message handled; a larger one is dead-lettered unhandled.
+    pub max_message_bytes: usize,
 }
 
 impl RouteSpec {
     /// Default value of [`RouteSpec::max_in_flight`].
     pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
+    /// Default value of [`RouteSpec::max_hops`].
+    pub const DEFAULT_MAX_HOPS: u32 = 16;
 
     /// A route over `subscribe` with the defaults a config file has:
     /// concurrency 1, unordered, the default retry policy, dead letters to
@@ -83,6 +89,8 @@ impl RouteSpec {
             retry: RetryPolicy::default(),
             max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
             batch_size: 1,
+            max_hops: Self::DEFAULT_MAX_HOPS,
+            max_message_bytes: crate::runtime::OutputLimits::default().max_message_bytes,
         }
     }
 }

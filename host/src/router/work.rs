@@ -30,7 +30,27 @@ impl Context {
             let mut handed_in = Instant::now();
             let mut chunk = chunk.into_iter().peekable();
             while chunk.peek().is_some() {
-                let batch: Vec<Delivery> = chunk.by_ref().take(batch_size).collect();
+                let mut batch = Vec::with_capacity(batch_size.min(chunk.len()));
+                for delivery in chunk.by_ref() {
+                    match self.unfit(&delivery.message) {
+                        Some((cause, reason)) => {
+                            let verdict = self.dead_letter(
+                                &delivery.message,
+                                delivery.attempt,
+                                cause,
+                                &reason,
+                            );
+                            finished.push(Finished { delivery, verdict });
+                        }
+                        None => batch.push(delivery),
+                    }
+                    if batch.len() == batch_size {
+                        break;
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
                 let results = {
                     let inputs: Vec<(&Message, u32)> = batch
                         .iter()
@@ -77,8 +97,10 @@ impl Context {
         loop {
             let (cause, reason) = match result {
                 Ok(Outcome::Outputs(mut outputs)) => {
+                    let hops = (delivery.message.hops() + 1).to_string();
                     for output in &mut outputs {
                         output.set_header(headers::CAUSATION_ID, delivery.message.id.clone());
+                        output.set_header(headers::HOPS, hops.clone());
                     }
                     return Verdict::Publish {
                         outputs,
@@ -116,6 +138,33 @@ impl Context {
             }
             return Verdict::Nack(delay);
         }
+    }
+
+    /// Why a message must not be handled at all, if it must not: it is
+    /// larger than the host takes, or its chain has passed through
+    /// `max_hops` routes already (a plugin feeding its own input, or two
+    /// routes feeding each other, would loop forever).
+    fn unfit(&self, message: &Message) -> Option<(&'static str, String)> {
+        let size = message.size();
+        if size > self.spec.max_message_bytes {
+            return Some((
+                "too-large",
+                format!(
+                    "{size} bytes exceed max_message_bytes ({})",
+                    self.spec.max_message_bytes
+                ),
+            ));
+        }
+        let hops = message.hops();
+        (hops >= self.spec.max_hops).then(|| {
+            (
+                "hop-limit",
+                format!(
+                    "passed through {hops} routes (max_hops {})",
+                    self.spec.max_hops
+                ),
+            )
+        })
     }
 
     /// The input, unchanged, addressed to the dead-letter topic with headers

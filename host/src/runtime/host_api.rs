@@ -5,6 +5,7 @@ use wasmtime::StoreContextMut;
 use wasmtime::component::Linker;
 
 use super::instance::State;
+use super::log::{Admit, MAX_TEXT, escape};
 use super::sluice::plugin::{host, types};
 
 impl types::Host for State {}
@@ -19,13 +20,28 @@ impl host::Host for State {
                     .into(),
             );
         }
-        self.may_publish(&msg.topic)?;
-        self.published.push(msg);
+        // A call over its limits fails once it returns; until then each
+        // further `publish` is refused without being kept.
+        let message = self
+            .take_output(msg)
+            .map_err(|e| e.unwrap_or_else(|over| over))?;
+        self.published.push(message);
         Ok(())
     }
 
     fn log(&mut self, level: host::LogLevel, message: String) {
         let plugin = self.settings.name.as_str();
+        match self.settings.log_budget.admit() {
+            Admit::Drop => return,
+            Admit::Write { dropped_before: 0 } => {}
+            Admit::Write { dropped_before } => {
+                tracing::warn!(
+                    plugin,
+                    "dropped {dropped_before} log line(s) over the plugin's rate"
+                )
+            }
+        }
+        let message = escape(&message, MAX_TEXT);
         match level {
             host::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
             host::LogLevel::Debug => tracing::debug!(plugin, "{message}"),

@@ -13,8 +13,10 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
+use super::log::{MAX_TEXT, escape};
+use super::outputs::{Tally, clean_headers};
 use super::sluice::plugin::types;
-use super::{BatchHandler, Exports, Handler, Plugin, PluginSettings};
+use super::{BatchHandler, EPOCH_TICK, Exports, Handler, Plugin, PluginSettings};
 use crate::backend::pattern;
 use crate::message::Message;
 
@@ -38,6 +40,9 @@ pub enum CallError {
     Timeout(Duration),
     #[error("plugin exceeded its memory limit of {} MiB", .0 >> 20)]
     MemoryLimit(usize),
+    /// The call handed the host more outputs or bytes than it may.
+    #[error("plugin exceeded its output limit: {0}")]
+    OutputLimit(String),
 }
 
 /// Why a `handle-batch` call gave no answer for its messages; the instance
@@ -59,12 +64,15 @@ impl CallError {
             CallError::Trap(_) => "trap",
             CallError::Timeout(_) => "timeout",
             CallError::MemoryLimit(_) => "memory-limit",
+            CallError::OutputLimit(_) => "output-limit",
         }
     }
 }
 
-/// Most messages one call may publish through the host API.
-const MAX_PUBLISHES_PER_CALL: usize = 10_000;
+/// How long past its deadline a call waiting in the host (a WASI sleep or
+/// poll, which epoch interruption cannot reach) is given before it is cut:
+/// a spinning call is interrupted by the epoch first, and reported so.
+const HOST_WAIT_SLACK: Duration = Duration::from_millis(2 * EPOCH_TICK.as_millis() as u64);
 
 /// The data of one store.
 pub struct State {
@@ -73,7 +81,9 @@ pub struct State {
     memory: MemoryCap,
     pub(super) settings: Arc<PluginSettings>,
     /// Messages sent with the host's `publish` during the current call.
-    pub(super) published: Vec<types::Outgoing>,
+    pub(super) published: Vec<Message>,
+    /// What the current call has handed the host, against its limits.
+    pub(super) tally: Tally,
     /// The current call is `handle-batch`, during which `publish` is
     /// refused.
     pub(super) in_batch: bool,
@@ -94,17 +104,39 @@ impl State {
             .any(|p| pattern::matches(p, topic))
         {
             return Err(format!(
-                "plugin `{}` may not publish to `{topic}` (allowed: {})",
+                "plugin `{}` may not publish to `{topic}` ({})",
                 self.settings.name,
-                self.settings.publish_to.join(", ")
-            ));
-        }
-        if self.published.len() >= MAX_PUBLISHES_PER_CALL {
-            return Err(format!(
-                "more than {MAX_PUBLISHES_PER_CALL} publishes in one call"
+                allowed(&self.settings.name, &self.settings.publish_to)
             ));
         }
         Ok(())
+    }
+
+    /// Takes one output of the current call into the host: its topic must
+    /// be granted, its headers are cleaned, and it counts against the
+    /// call's limits. `Err(Ok)` refuses the output (the plugin's fault, for
+    /// good); `Err(Err)` means the call went over a limit.
+    pub(super) fn take_output(
+        &mut self,
+        mut outgoing: types::Outgoing,
+    ) -> Result<Message, Result<String, String>> {
+        self.may_publish(&outgoing.topic).map_err(Ok)?;
+        clean_headers(&mut outgoing.headers).map_err(Ok)?;
+        let output = to_message(outgoing);
+        self.tally
+            .admit(&self.settings.limits, &output)
+            .map_err(Err)?;
+        Ok(output)
+    }
+}
+
+/// The `publish_to` grant for an error message, saying what to add when
+/// there is none.
+fn allowed(plugin: &str, publish_to: &[String]) -> String {
+    if publish_to.is_empty() {
+        format!("it is granted no topics: add `plugins.{plugin}.publish_to` to the config")
+    } else {
+        format!("allowed: {}", publish_to.join(", "))
     }
 }
 
@@ -117,37 +149,55 @@ impl WasiView for State {
     }
 }
 
-/// Caps linear memory and remembers that the cap was hit, so the trap that
-/// follows is reported as a memory-limit hit rather than a plain trap.
+/// Caps the memory of an instance: all its linear memories and tables
+/// together, so a component cannot multiply the cap by declaring more of
+/// them. Remembers that the cap was hit, so the trap that follows is
+/// reported as a memory-limit hit rather than a plain trap.
 struct MemoryCap {
     limit: usize,
+    /// Bytes of every memory and table of the store, as last grown.
+    used: usize,
     hit: bool,
+}
+
+/// What one table element is counted as: a reference, as the host holds it.
+const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+
+impl MemoryCap {
+    fn grow(&mut self, current: usize, desired: usize) -> wasmtime::Result<bool> {
+        let total = (self.used - current.min(self.used)).saturating_add(desired);
+        if total > self.limit {
+            self.hit = true;
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit of {} bytes reached (memories and tables together)",
+                self.limit
+            )));
+        }
+        self.used = total;
+        Ok(true)
+    }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.hit = true;
-            return Err(wasmtime::Error::msg(format!(
-                "memory limit of {} bytes reached",
-                self.limit
-            )));
-        }
-        Ok(true)
+        self.grow(current, desired)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
+        self.grow(
+            current.saturating_mul(TABLE_ELEMENT_BYTES),
+            desired.saturating_mul(TABLE_ELEMENT_BYTES),
+        )
     }
 }
 
@@ -178,10 +228,12 @@ impl Instance {
             table: ResourceTable::new(),
             memory: MemoryCap {
                 limit: settings.memory_limit,
+                used: 0,
                 hit: false,
             },
             settings: settings.clone(),
             published: Vec::new(),
+            tally: Tally::default(),
             in_batch: false,
             deadline: Instant::now() + settings.timeout,
         };
@@ -196,9 +248,14 @@ impl Instance {
             }
         });
         store.set_epoch_deadline(1);
+        let limit = settings.timeout + HOST_WAIT_SLACK;
         let bindings = match &plugin.exports {
-            Exports::Single(pre) => Bindings::Single(pre.instantiate_async(&mut store).await?),
-            Exports::Batch(pre) => Bindings::Batch(pre.instantiate_async(&mut store).await?),
+            Exports::Single(pre) => Bindings::Single(
+                tokio::time::timeout(limit, pre.instantiate_async(&mut store)).await??,
+            ),
+            Exports::Batch(pre) => Bindings::Batch(
+                tokio::time::timeout(limit, pre.instantiate_async(&mut store)).await??,
+            ),
         };
         Ok(Instance {
             plugin,
@@ -215,15 +272,19 @@ impl Instance {
     /// dropped: wasmtime refuses to enter a trapped instance again.
     pub async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
         let input = to_input(message, attempt);
-        start_call(&mut self.store, self.plugin.settings.timeout, false);
-        let result = match &self.bindings {
-            Bindings::Single(bindings) => bindings.call_handle(&mut self.store, &input).await,
-            Bindings::Batch(bindings) => bindings.call_handle(&mut self.store, &input).await,
+        let timeout = self.plugin.settings.timeout;
+        start_call(&mut self.store, timeout, false);
+        let call = async {
+            match &self.bindings {
+                Bindings::Single(bindings) => bindings.call_handle(&mut self.store, &input).await,
+                Bindings::Batch(bindings) => bindings.call_handle(&mut self.store, &input).await,
+            }
         };
+        let result = cut_at_deadline(timeout, call).await?;
         let returned = result.map_err(|error| self.call_error(error))?;
         let state = self.store.data_mut();
         let published = std::mem::take(&mut state.published);
-        Ok(outcome(state, published, returned))
+        outcome(state, published, returned)
     }
 
     /// Calls the plugin's `handle-batch` once for all of `batch`, each
@@ -244,8 +305,14 @@ impl Instance {
             .iter()
             .map(|(message, attempt)| to_input(message, *attempt))
             .collect();
-        start_call(&mut self.store, self.plugin.settings.timeout, true);
-        let result = bindings.call_handle_batch(&mut self.store, &inputs).await;
+        let timeout = self.plugin.settings.timeout;
+        start_call(&mut self.store, timeout, true);
+        let result = cut_at_deadline(
+            timeout,
+            bindings.call_handle_batch(&mut self.store, &inputs),
+        )
+        .await
+        .map_err(BatchError::Failed)?;
         self.store.data_mut().in_batch = false;
         let results = result.map_err(|error| BatchError::Failed(self.call_error(error)))?;
         if results.len() != batch.len() {
@@ -255,11 +322,14 @@ impl Instance {
                 batch.len()
             ))));
         }
-        let state = self.store.data();
-        Ok(results
+        // The limits are the call's: a batch over them fails as a whole,
+        // and is handled again one message per call like a trap.
+        let state = self.store.data_mut();
+        results
             .into_iter()
             .map(|result| outcome(state, Vec::new(), result))
-            .collect())
+            .collect::<Result<_, _>>()
+            .map_err(BatchError::Failed)
     }
 
     /// What a call that did not return ran into.
@@ -275,11 +345,25 @@ impl Instance {
     }
 }
 
+/// Runs a call to its end or cuts it at its deadline. Epoch interruption
+/// stops a guest that runs; this stops one that waits in a host call (a
+/// WASI sleep or poll), by dropping the call: the instance must be
+/// discarded after it, as after any timeout.
+async fn cut_at_deadline<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, CallError> {
+    tokio::time::timeout(timeout + HOST_WAIT_SLACK, call)
+        .await
+        .map_err(|_| CallError::Timeout(timeout))
+}
+
 /// Arms the deadline for a call starting now: one plugin timeout, whether
 /// the call is `handle` or `handle-batch`.
 fn start_call(store: &mut Store<State>, timeout: Duration, in_batch: bool) {
     let state = store.data_mut();
     state.published.clear();
+    state.tally = Tally::default();
     state.in_batch = in_batch;
     state.deadline = Instant::now() + timeout;
     store.set_epoch_deadline(1);
@@ -306,26 +390,32 @@ fn to_input(message: &Message, attempt: u32) -> types::Message {
 }
 
 /// The outcome of one message's result: `published` (with the host's
-/// `publish`) and the returned outputs, if the plugin may publish them all.
+/// `publish`, already taken in) and the returned outputs, if the plugin may
+/// publish them all. A call over its output limits fails.
 fn outcome(
-    state: &State,
-    published: Vec<types::Outgoing>,
+    state: &mut State,
+    published: Vec<Message>,
     result: Result<Vec<types::Outgoing>, types::Failure>,
-) -> Outcome {
-    match result {
+) -> Result<Outcome, CallError> {
+    if let Some(reason) = &state.tally.exceeded {
+        return Err(CallError::OutputLimit(reason.clone()));
+    }
+    Ok(match result {
         Ok(outputs) => {
-            let mut messages = Vec::with_capacity(published.len() + outputs.len());
-            for outgoing in published.into_iter().chain(outputs) {
-                if let Err(reason) = state.may_publish(&outgoing.topic) {
-                    return Outcome::Reject(reason);
+            let mut messages = published;
+            messages.reserve(outputs.len());
+            for outgoing in outputs {
+                match state.take_output(outgoing) {
+                    Ok(message) => messages.push(message),
+                    Err(Ok(refusal)) => return Ok(Outcome::Reject(refusal)),
+                    Err(Err(over)) => return Err(CallError::OutputLimit(over)),
                 }
-                messages.push(to_message(outgoing));
             }
             Outcome::Outputs(messages)
         }
-        Err(types::Failure::Retry(reason)) => Outcome::Retry(reason),
-        Err(types::Failure::Reject(reason)) => Outcome::Reject(reason),
-    }
+        Err(types::Failure::Retry(reason)) => Outcome::Retry(escape(&reason, MAX_TEXT)),
+        Err(types::Failure::Reject(reason)) => Outcome::Reject(escape(&reason, MAX_TEXT)),
+    })
 }
 
 fn to_message(outgoing: types::Outgoing) -> Message {

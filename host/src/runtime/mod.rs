@@ -15,6 +15,8 @@ mod cache;
 mod denied;
 mod host_api;
 mod instance;
+mod log;
+mod outputs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
 pub use instance::{BatchError, CallError, Instance, Outcome};
+pub use log::LogBudget;
+pub use outputs::{HOST_HEADER_PREFIX, OutputLimits};
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -66,11 +70,17 @@ pub struct PluginSettings {
     pub name: String,
     /// Longest a single call may run.
     pub timeout: Duration,
-    /// Largest linear memory a store may grow to, in bytes.
+    /// Most memory an instance may hold, in bytes: all its linear memories
+    /// and tables together.
     pub memory_limit: usize,
+    /// Caps on what one call may hand the host.
+    pub limits: OutputLimits,
+    /// The plugin's log-line rate, shared by all its instances and versions.
+    pub log_budget: Arc<LogBudget>,
     /// Values the plugin reads with `config-get`.
     pub config: BTreeMap<String, String>,
-    /// Topic patterns the plugin may publish to (outputs and `publish`).
+    /// Topic patterns the plugin may publish to (outputs and `publish`);
+    /// none unless granted.
     pub publish_to: Vec<String>,
     /// Environment variables visible to the plugin.
     pub env: BTreeMap<String, String>,
@@ -84,8 +94,10 @@ impl PluginSettings {
             name: name.into(),
             timeout: Duration::from_secs(1),
             memory_limit: 64 << 20,
+            limits: OutputLimits::default(),
+            log_budget: Arc::new(LogBudget::default()),
             config: BTreeMap::new(),
-            publish_to: vec![">".into()],
+            publish_to: Vec::new(),
             env: BTreeMap::new(),
             read_dirs: BTreeMap::new(),
         }

@@ -80,11 +80,13 @@ pub fn runtime() -> Runtime {
     Runtime::new(Some(cache)).expect("runtime")
 }
 
-/// Settings for a test plugin: short deadline, small memory, given config.
+/// Settings for a test plugin: short deadline, small memory, every topic
+/// granted, given config.
 pub fn settings(name: &str, config: &[(&str, &str)]) -> PluginSettings {
     let mut settings = PluginSettings::new(name);
     settings.timeout = Duration::from_millis(500);
     settings.memory_limit = 32 << 20;
+    settings.publish_to = vec![">".into()];
     settings.config = config
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -145,14 +147,8 @@ pub fn route(
     subscribe.lease = Duration::from_secs(5);
     Route {
         spec: RouteSpec {
-            name: name.to_string(),
-            subscribe,
-            concurrency: 1,
-            ordered: false,
             retry,
-            dead_letter_topic: format!("{name}.dead-letter"),
-            max_in_flight: RouteSpec::DEFAULT_MAX_IN_FLIGHT,
-            batch_size: 1,
+            ..RouteSpec::new(name, subscribe)
         },
         source: backend.clone(),
         sink: backend.clone(),
@@ -263,6 +259,7 @@ url = "sqlite://{db}"
 [plugins.upper]
 path = "{plugin}"
 config = {{ output = "{ns}shouted" }}
+publish_to = ["{ns}shouted"]
 
 [runtime]
 cache_dir = "{cache}"
