@@ -324,7 +324,7 @@ fn reload_applies_a_new_config_and_refuses_a_broken_one() {
     let original = std::fs::read_to_string(&config_path).unwrap();
     std::fs::write(
         &config_path,
-        original.replace("output = \"shouted\"", "output = \"yelled\""),
+        original.replace("\"shouted\"", "\"yelled\""),
     )
     .unwrap();
     let reloaded = sluice(&["reload"], &admin, None);
@@ -350,7 +350,7 @@ fn reload_applies_a_new_config_and_refuses_a_broken_one() {
     // flowing to the old topic until the new config is live.
     std::fs::write(
         &config_path,
-        original.replace("output = \"shouted\"", "output = \"hollered\""),
+        original.replace("\"shouted\"", "\"hollered\""),
     )
     .unwrap();
     let pid = host.0.id().to_string();
