@@ -44,7 +44,7 @@ fn check_names_the_unknown_key_and_its_line() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("unknown field `retries`"), "{err}");
-    assert!(err.contains("line 15"), "{err}");
+    assert!(err.contains("line 16"), "{err}");
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn check_names_a_dangling_reference() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("routes[0].plugin"), "{err}");
-    assert!(err.contains("line 14"), "{err}");
+    assert!(err.contains("line 15"), "{err}");
 }
 
 #[test]
