@@ -61,7 +61,7 @@ pub struct Host {
 impl Host {
     pub async fn from_config(loaded: &Loaded) -> Result<Self> {
         let runtime = Arc::new(runtime(loaded)?);
-        let deployer = Arc::new(Deployer::load(runtime, loaded)?);
+        let deployer = Arc::new(Deployer::start(runtime, loaded)?);
         let backends = connect_backends(loaded).await?;
         let mut routes = Vec::new();
         let mut handles = Vec::new();

@@ -322,11 +322,7 @@ fn reload_applies_a_new_config_and_refuses_a_broken_one() {
     // Outputs move to another topic with a reload through the API.
     let config_path = dir.path().join("sluice.toml");
     let original = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(
-        &config_path,
-        original.replace("\"shouted\"", "\"yelled\""),
-    )
-    .unwrap();
+    std::fs::write(&config_path, original.replace("\"shouted\"", "\"yelled\"")).unwrap();
     let reloaded = sluice(&["reload"], &admin, None);
     assert!(reloaded.status.success(), "{}", text(&reloaded.stderr));
     publish_and_tail(dir.path(), "after", "yelled");

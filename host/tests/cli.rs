@@ -283,3 +283,70 @@ lease_ms = 6000
         "redelivered after its lease"
     );
 }
+
+/// A broken file dropped over a running plugin is refused; after a crash
+/// the host starts from the last good version it ran, says so, and the
+/// route runs on instead of the host exiting at start.
+#[test]
+fn a_refused_file_never_takes_the_route_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("upper.wasm");
+    std::fs::copy(plugin_path("uppercase"), &plugin).unwrap();
+    let config = write_config(
+        dir.path(),
+        &pipeline_config(dir.path(), &plugin.display().to_string()),
+    );
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+
+    let mut run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config])
+        .env("SLUICE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = run.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(log));
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("watching for new plugin versions"))),
+        "sluice run did not start watching its plugin"
+    );
+    std::fs::write(&plugin, b"\0asm broken beyond repair").unwrap();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("refused"))),
+        "the broken file was not refused"
+    );
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    assert!(
+        sluice(&["publish", "--url", &url, "words", "after the crash"])
+            .status
+            .success()
+    );
+    let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config, "--exit-when-idle", "3"])
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("running the last good version"),
+        "{}",
+        stderr(&second)
+    );
+    let shouted = sluice(&["tail", "--url", &url, "shouted"]);
+    assert!(
+        stdout(&shouted).contains("AFTER THE CRASH"),
+        "{}",
+        stdout(&shouted)
+    );
+    // Checking the config still reports the broken file.
+    let check = sluice(&["check", &config]);
+    assert!(!check.status.success());
+    assert!(
+        stderr(&check).contains("plugins.upper"),
+        "{}",
+        stderr(&check)
+    );
+}

@@ -106,6 +106,12 @@ impl AdminCommand {
                         plugin["current"]["loaded_at_ms"],
                         plugin["earlier"].as_array().map_or(0, Vec::len)
                     );
+                    if plugin["current"]["source"] == crate::deploy::LAST_GOOD {
+                        println!(
+                            "{:<20} RUNNING ITS LAST GOOD VERSION: its file was refused at start",
+                            ""
+                        );
+                    }
                     if let Some(error) = plugin["last_error"].as_str() {
                         println!("{:<20} last refused version: {error}", "");
                     }

@@ -207,6 +207,22 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
     }
     header(
         &mut out,
+        "sluice_plugin_running_last_good",
+        "1 while a plugin runs the last good version it ran, because its file was refused at start.",
+        "gauge",
+    );
+    for slot in state.deployer.slots() {
+        let fallback = slot.current_info().source == crate::deploy::LAST_GOOD;
+        writeln!(
+            out,
+            "sluice_plugin_running_last_good{{plugin=\"{}\"}} {}",
+            escape(&slot.name),
+            u8::from(fallback)
+        )
+        .unwrap();
+    }
+    header(
+        &mut out,
         "sluice_plugin_version_info",
         "The running version of each plugin.",
         "gauge",

@@ -4,8 +4,11 @@
 //!
 //! A version that fails to compile or does not fit the world is refused: the
 //! error is logged and kept for the admin API, and the running version stays.
+//! Each version that runs is kept in a store, so a file that is broken at
+//! the next start does not take the route down.
 
 mod slot;
+mod store;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -15,9 +18,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use slot::{PluginCounters, PluginSlot, VersionInfo};
+pub use store::{LAST_GOOD, VersionStore};
 
 use crate::config::Loaded;
-use crate::runtime::{PluginSettings, Runtime};
+use crate::runtime::{Plugin, PluginSettings, Runtime};
 
 /// One configured plugin.
 struct Entry {
@@ -34,25 +38,60 @@ struct Entry {
 pub struct Deployer {
     runtime: Arc<Runtime>,
     entries: BTreeMap<String, Entry>,
+    /// Where the versions that ran are kept; none when only checking, or
+    /// when the compiled cache is off.
+    store: Option<VersionStore>,
 }
 
 impl Deployer {
-    /// Loads every plugin of the config; any refusal is an error here, at
-    /// startup, where there is no running version to keep.
+    /// Loads every plugin of the config; any refusal is an error. For
+    /// checking a config: nothing is recorded as having run.
     pub fn load(runtime: Arc<Runtime>, loaded: &Loaded) -> Result<Self> {
+        Self::load_with(runtime, loaded, None)
+    }
+
+    /// Loads every plugin of the config to run it. A plugin whose file is
+    /// refused starts from the version it last ran, loudly, if the store
+    /// has one (an error otherwise); every version loaded is recorded.
+    pub fn start(runtime: Arc<Runtime>, loaded: &Loaded) -> Result<Self> {
+        let store = runtime
+            .cache_dir()
+            .map(|dir| VersionStore::new(dir.join("versions")));
+        Self::load_with(runtime, loaded, store)
+    }
+
+    fn load_with(
+        runtime: Arc<Runtime>,
+        loaded: &Loaded,
+        store: Option<VersionStore>,
+    ) -> Result<Self> {
         let mut entries = BTreeMap::new();
         for name in loaded.config.plugins.keys() {
             let (path, settings) = loaded.plugin_settings(name).expect("listed plugin");
-            let plugin = runtime
+            let file = std::fs::read(&path).unwrap_or_default();
+            let loaded_file = runtime
                 .load_file(&path, settings.clone())
-                .with_context(|| format!("plugins.{name}"))?;
+                .with_context(|| format!("plugins.{name}"));
+            let (plugin, source, refusal) = match (loaded_file, &store) {
+                (Ok(plugin), _) => (plugin, path.display().to_string(), None),
+                (Err(refused), Some(store)) => {
+                    let refusal = format!("{refused:#}; running the last good version");
+                    let plugin = last_good(&runtime, store, name, &settings, refused)?;
+                    (plugin, LAST_GOOD.into(), Some(refusal))
+                }
+                (Err(refused), None) => return Err(refused),
+            };
             tracing::info!(plugin = %name, version = plugin.short_hash(), path = %path.display(), "plugin loaded");
-            let file_hash = std::sync::Mutex::new(plugin.hash.clone());
-            let slot = Arc::new(PluginSlot::new(
-                name.clone(),
-                Arc::new(plugin),
-                path.display().to_string(),
-            ));
+            if let Some(store) = &store {
+                remember(store, name, &plugin);
+            }
+            // The file's own hash, even when it was refused: the watcher
+            // then deploys it only once it changes.
+            let file_hash = std::sync::Mutex::new(crate::runtime::hash(&file));
+            let slot = Arc::new(PluginSlot::new(name.clone(), Arc::new(plugin), source));
+            if let Some(refusal) = refusal {
+                slot.record_error(refusal);
+            }
             entries.insert(
                 name.clone(),
                 Entry {
@@ -63,7 +102,11 @@ impl Deployer {
                 },
             );
         }
-        Ok(Deployer { runtime, entries })
+        Ok(Deployer {
+            runtime,
+            entries,
+            store,
+        })
     }
 
     pub fn slot(&self, name: &str) -> Option<&Arc<PluginSlot>> {
@@ -96,6 +139,9 @@ impl Deployer {
             .context("the compile task failed")?;
         match loaded {
             Ok(plugin) => {
+                if let Some(store) = &self.store {
+                    remember(store, name, &plugin);
+                }
                 let info = entry.slot.swap(Arc::new(plugin), source);
                 if let Some(info) = &info {
                     tracing::info!(plugin = %name, version = &info.hash[..12], source, "new plugin version is live");
@@ -154,6 +200,9 @@ impl Deployer {
             .with_context(|| format!("no plugin named `{name}`"))?;
         let info = entry.slot.rollback()?;
         tracing::info!(plugin = %name, version = &info.hash[..12], "rolled back");
+        if let Some(store) = &self.store {
+            remember(store, name, &entry.slot.current());
+        }
         self.write_plugin_file(name, &entry.slot.current().wasm)?;
         Ok(info)
     }
@@ -183,6 +232,39 @@ impl Deployer {
     /// Watches the plugin files until `shutdown`; see [`watch`].
     pub fn watch(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
         watch::spawn(self.clone(), self.paths(), shutdown)
+    }
+}
+
+/// The version plugin `name` last ran, loaded, in place of its refused
+/// file; the refusal if there is none.
+fn last_good(
+    runtime: &Runtime,
+    store: &VersionStore,
+    name: &str,
+    settings: &PluginSettings,
+    refused: anyhow::Error,
+) -> Result<Plugin> {
+    let stored = match store.last_good(name) {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Err(refused),
+        Err(e) => return Err(refused.context(format!("and no last good version: {e:#}"))),
+    };
+    let (hash, wasm) = stored;
+    let plugin = runtime
+        .load(&wasm, settings.clone())
+        .with_context(|| format!("{refused:#}; and its last good version {hash} fails too"))?;
+    tracing::error!(
+        plugin = %name,
+        version = plugin.short_hash(),
+        "the plugin's file is refused; running the last good version it ran instead: {refused:#}"
+    );
+    Ok(plugin)
+}
+
+/// Records that `plugin` ran; a failure only costs the fallback.
+fn remember(store: &VersionStore, name: &str, plugin: &Plugin) {
+    if let Err(e) = store.record(name, &plugin.hash, &plugin.wasm) {
+        tracing::warn!(plugin = %name, "cannot keep this version as the last good one: {e:#}");
     }
 }
 

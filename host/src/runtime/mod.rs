@@ -167,6 +167,11 @@ impl Runtime {
         })
     }
 
+    /// Where compiled components are cached, if they are.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache_dir.as_deref()
+    }
+
     /// The cache directory used when the config names none.
     pub fn default_cache_dir() -> Option<PathBuf> {
         dirs::cache_dir().map(|d| d.join("sluice").join("components"))
