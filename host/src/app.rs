@@ -105,7 +105,7 @@ impl Host {
                     },
                     source: backends[loaded.source_backend(route)].clone(),
                     sink: backends[loaded.output_backend(route)].clone(),
-                    handler: Arc::new(WasmHandler { slot }),
+                    handler: Arc::new(WasmHandler::over(slot)),
                     stats,
                 },
                 control,

@@ -78,7 +78,7 @@ async fn replacing_the_plugin_under_load_loses_and_repeats_nothing() {
         common::load(&common::runtime(), "echo", common::settings("echo", &[])),
         quick_retry(3),
     );
-    echo.handler = Arc::new(WasmHandler { slot: slot.clone() });
+    echo.handler = Arc::new(WasmHandler::over(slot.clone()));
     let running = Running::start(echo).await;
 
     // A steady publisher.

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::deploy::PluginSlot;
 use crate::message::{Message, headers};
-use crate::runtime::{BatchError, CallError, Instance, Outcome, Plugin};
+use crate::runtime::{BatchError, CallError, Gate, Instance, Outcome, Plugin, Share};
 
 /// Makes one [`Worker`] per concurrent slot of a route.
 pub trait MessageHandler: Send + Sync + 'static {
@@ -31,17 +31,25 @@ pub trait Worker: Send {
 }
 
 /// Runs the current version of a WebAssembly plugin, keeping one warm
-/// instance per worker.
+/// instance per worker. Each handler (one per route) draws its own share
+/// of the CPU, so its calls cannot starve another route's.
 pub struct WasmHandler {
     pub slot: Arc<PluginSlot>,
+    share: Share,
 }
 
 impl WasmHandler {
     /// A handler over a slot of its own holding `plugin`.
     pub fn new(plugin: Arc<Plugin>) -> Self {
         let name = plugin.settings.name.clone();
+        Self::over(Arc::new(PluginSlot::new(name, plugin, "loaded")))
+    }
+
+    /// A handler running whatever version `slot` holds.
+    pub fn over(slot: Arc<PluginSlot>) -> Self {
         WasmHandler {
-            slot: Arc::new(PluginSlot::new(name, plugin, "loaded")),
+            slot,
+            share: Gate::process().share(),
         }
     }
 }
@@ -50,6 +58,7 @@ impl MessageHandler for WasmHandler {
     fn worker(&self) -> Box<dyn Worker> {
         Box::new(WasmWorker {
             slot: self.slot.clone(),
+            share: self.share.clone(),
             instance: None,
         })
     }
@@ -62,6 +71,7 @@ impl MessageHandler for WasmHandler {
 
 struct WasmWorker {
     slot: Arc<PluginSlot>,
+    share: Share,
     /// Dropped after a failed call or when the slot's version changes.
     instance: Option<Instance>,
 }
@@ -81,7 +91,7 @@ impl WasmWorker {
         }
         if self.instance.is_none() {
             let fresh = current
-                .instantiate()
+                .instantiate_sharing(self.share.clone())
                 .await
                 .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
             self.instance = Some(fresh);

@@ -5,7 +5,7 @@
 //! exports it) takes several in one call, under the same deadline as one
 //! `handle` call, and answers for each.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -13,6 +13,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
+use super::gate::{Share, Slot};
 use super::log::{MAX_TEXT, escape};
 use super::outputs::{Tally, clean_headers};
 use super::sluice::plugin::types;
@@ -88,6 +89,11 @@ pub struct State {
     /// refused.
     pub(super) in_batch: bool,
     deadline: Instant,
+    /// The route's share of the CPU, if the instance runs in one.
+    share: Option<Share>,
+    /// The slot the current call runs in; given up and taken again at an
+    /// epoch tick when another route waits (see `runtime/gate.rs`).
+    slot: Arc<Mutex<Option<Slot>>>,
 }
 
 impl State {
@@ -214,7 +220,7 @@ enum Bindings {
 }
 
 impl Instance {
-    pub(super) async fn new(plugin: Arc<Plugin>) -> Result<Self> {
+    pub(super) async fn new(plugin: Arc<Plugin>, share: Option<Share>) -> Result<Self> {
         let settings = plugin.settings.clone();
         let mut wasi = WasiCtx::builder();
         for (name, value) in &settings.env {
@@ -236,15 +242,31 @@ impl Instance {
             tally: Tally::default(),
             in_batch: false,
             deadline: Instant::now() + settings.timeout,
+            share,
+            slot: Arc::new(Mutex::new(None)),
         };
         let mut store = Store::new(&plugin.engine, state);
         store.limiter(|state| &mut state.memory);
-        // Yield to the executor at every tick; stop once the deadline passed.
+        // Yield to the executor at every tick, and give the slot up if
+        // another route waits for one; stop once the deadline passed.
         store.epoch_deadline_callback(|store| {
-            if Instant::now() >= store.data().deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+            let state = store.data();
+            if Instant::now() >= state.deadline {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            match &state.share {
+                Some(share) if share.should_yield() => {
+                    let (share, slot) = (share.clone(), state.slot.clone());
+                    Ok(UpdateDeadline::YieldCustom(
+                        1,
+                        Box::pin(async move {
+                            drop(take(&slot));
+                            let again = share.enter().await;
+                            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(again);
+                        }),
+                    ))
+                }
+                _ => Ok(UpdateDeadline::Yield(1)),
             }
         });
         store.set_epoch_deadline(1);
@@ -273,6 +295,7 @@ impl Instance {
     pub async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
         let input = to_input(message, attempt);
         let timeout = self.plugin.settings.timeout;
+        let _slot = self.enter().await;
         start_call(&mut self.store, timeout, false);
         let call = async {
             match &self.bindings {
@@ -306,6 +329,7 @@ impl Instance {
             .map(|(message, attempt)| to_input(message, *attempt))
             .collect();
         let timeout = self.plugin.settings.timeout;
+        let _slot = self.enter().await;
         start_call(&mut self.store, timeout, true);
         let result = cut_at_deadline(
             timeout,
@@ -332,6 +356,20 @@ impl Instance {
             .map_err(BatchError::Failed)
     }
 
+    /// Takes a slot of the route's share for a call about to start; the
+    /// guard gives whatever slot the call holds at its end back.
+    fn enter(&self) -> impl Future<Output = SlotGuard> + Send + 'static {
+        let state = self.store.data();
+        let (share, cell) = (state.share.clone(), state.slot.clone());
+        async move {
+            if let Some(share) = share {
+                let slot = share.enter().await;
+                *cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
+            }
+            SlotGuard(cell)
+        }
+    }
+
     /// What a call that did not return ran into.
     fn call_error(&self, error: wasmtime::Error) -> CallError {
         let state = self.store.data();
@@ -356,6 +394,19 @@ async fn cut_at_deadline<T>(
     tokio::time::timeout(timeout + HOST_WAIT_SLACK, call)
         .await
         .map_err(|_| CallError::Timeout(timeout))
+}
+
+/// Frees the slot a call holds when the call ends, however it ends.
+struct SlotGuard(Arc<Mutex<Option<Slot>>>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        drop(take(&self.0));
+    }
+}
+
+fn take(slot: &Mutex<Option<Slot>>) -> Option<Slot> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// Arms the deadline for a call starting now: one plugin timeout, whether

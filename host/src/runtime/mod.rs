@@ -13,6 +13,7 @@
 
 mod cache;
 mod denied;
+mod gate;
 mod host_api;
 mod instance;
 mod log;
@@ -29,6 +30,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
+pub use gate::{Gate, Share};
 pub use instance::{BatchError, CallError, Instance, Outcome};
 pub use log::LogBudget;
 pub use outputs::{HOST_HEADER_PREFIX, OutputLimits};
@@ -239,9 +241,16 @@ impl Drop for Runtime {
 }
 
 impl Plugin {
-    /// A fresh warm instance for one worker.
+    /// A fresh warm instance for one worker, outside any route's share of
+    /// the CPU (for tools and tests that call a plugin directly).
     pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
-        Instance::new(self.clone()).await
+        Instance::new(self.clone(), None).await
+    }
+
+    /// A fresh warm instance for a worker of the route holding `share`:
+    /// its calls run only in a slot of the route's share.
+    pub async fn instantiate_sharing(self: &Arc<Self>, share: Share) -> Result<Instance> {
+        Instance::new(self.clone(), Some(share)).await
     }
 
     /// Whether the plugin exports `handle-batch`.
