@@ -230,6 +230,17 @@ impl Host {
         if let Some(e) = first_error {
             return Err(e);
         }
+        let undecodable: u64 = stats
+            .iter()
+            .map(|(_, s)| s.undecodable.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        if exit_when_idle.is_some() && undecodable > 0 {
+            // A batch run that met corrupt data must not look clean.
+            anyhow::bail!(
+                "{undecodable} stored message(s) could not be decoded and were dead-lettered raw: \
+                 a backend holds corrupt data"
+            );
+        }
         Ok(stats
             .into_iter()
             .map(|(name, s)| (name, s.snapshot()))

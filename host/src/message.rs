@@ -49,6 +49,26 @@ impl Message {
             .map(|(_, v)| v.as_str())
     }
 
+    /// What a backend delivers in place of a stored message it cannot
+    /// decode (malformed headers, a broken record): its raw bytes, marked
+    /// so the route dead-letters it (cause `undecodable`) unhandled instead
+    /// of failing the batch around it.
+    pub fn undecodable(
+        id: impl Into<String>,
+        topic: impl Into<String>,
+        raw: Vec<u8>,
+        error: impl std::fmt::Display,
+    ) -> Self {
+        Message {
+            id: id.into(),
+            topic: topic.into(),
+            key: None,
+            headers: vec![(headers::UNDECODABLE.into(), format!("{error:#}"))],
+            payload: raw,
+            timestamp_ms: now_ms(),
+        }
+    }
+
     /// Bytes the message takes: topic, key, headers and payload.
     pub fn size(&self) -> usize {
         self.topic.len()
@@ -89,7 +109,8 @@ pub fn now_ms() -> u64 {
 pub mod headers {
     /// Why a message was dead-lettered.
     pub const DEAD_LETTER_REASON: &str = "sluice-dead-letter-reason";
-    /// `rejected`, `attempts-exhausted`, `hop-limit` or `too-large`.
+    /// `rejected`, `attempts-exhausted`, `hop-limit`, `too-large` or
+    /// `undecodable`.
     pub const DEAD_LETTER_CAUSE: &str = "sluice-dead-letter-cause";
     /// The topic the message was consumed from.
     pub const ORIGINAL_TOPIC: &str = "sluice-original-topic";
@@ -107,4 +128,7 @@ pub mod headers {
     /// On an output: routes its chain has passed through (its input's
     /// count plus one).
     pub const HOPS: &str = "sluice-hops";
+    /// On a delivery a backend could not decode: why (its payload is the
+    /// raw stored bytes).
+    pub const UNDECODABLE: &str = "sluice-undecodable";
 }

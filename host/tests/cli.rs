@@ -350,3 +350,68 @@ fn a_refused_file_never_takes_the_route_down() {
         stderr(&check)
     );
 }
+
+/// A stored message that cannot be decoded is dead-lettered with its raw
+/// bytes, the messages beside it are handled, and a run that exits when
+/// idle says so in its exit code.
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_poison_row_is_dead_lettered_raw_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string()),
+    );
+    let db = dir.path().join("sluice.db");
+    let url = format!("sqlite://{}", db.display());
+    for word in ["first", "poison", "last"] {
+        assert!(
+            sluice(&["publish", "--url", &url, "words", word])
+                .status
+                .success()
+        );
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let changed =
+            sqlx::query("UPDATE sluice_messages SET headers = '{not json' WHERE payload = ?1")
+                .bind(b"poison".as_slice())
+                .execute(&pool)
+                .await
+                .unwrap();
+        assert_eq!(changed.rows_affected(), 1);
+        pool.close().await;
+    });
+
+    let run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", &config, "--exit-when-idle", "2"])
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("could not be decoded"),
+        "{}",
+        stderr(&run)
+    );
+    let shouted = stdout(&sluice(&["tail", "--url", &url, "shouted"]));
+    assert!(
+        shouted.contains("FIRST") && shouted.contains("LAST"),
+        "{shouted}"
+    );
+    assert!(!shouted.contains("POISON"), "{shouted}");
+    let letters = stdout(&sluice(&[
+        "tail",
+        "--url",
+        &url,
+        "upper.dead-letter",
+        "--json",
+    ]));
+    assert!(letters.contains("undecodable"), "{letters}");
+    assert!(
+        letters.contains("poison"),
+        "the raw bytes are kept: {letters}"
+    );
+}

@@ -8,6 +8,40 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::{Delivery, SettleError, Settlement};
+use crate::message::Message;
+
+/// A stored row as a message. Headers that do not parse make it an
+/// undecodable message (dead-lettered raw by the route) instead of failing
+/// the fetch, and with it every row claimed beside it.
+pub fn stored_message(
+    seq: i64,
+    id: String,
+    topic: String,
+    key: Option<String>,
+    headers: &str,
+    payload: Vec<u8>,
+    timestamp_ms: i64,
+) -> Message {
+    match serde_json::from_str(headers) {
+        Ok(headers) => Message {
+            id,
+            topic,
+            key,
+            headers,
+            payload,
+            timestamp_ms: timestamp_ms as u64,
+        },
+        Err(e) => {
+            let error = format!(
+                "row {seq}: headers are not a JSON list of name/value pairs ({e}): {}",
+                crate::runtime::escape(headers, 512)
+            );
+            let mut message = Message::undecodable(id, topic, payload, error);
+            message.key = key;
+            message
+        }
+    }
+}
 
 /// One delivery to settle: its claim and what to do with it.
 pub struct Item<A> {

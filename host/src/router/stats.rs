@@ -25,6 +25,8 @@ pub struct RouteStats {
     /// Deliveries whose lease ran out before they were settled: another
     /// consumer has them now, and this one dropped its result.
     pub lease_lost: AtomicU64,
+    /// Stored messages the backend could not decode, dead-lettered raw.
+    pub undecodable: AtomicU64,
     /// Deliveries fetched and not yet settled.
     pub in_flight: AtomicI64,
     /// Milliseconds since the epoch of the last fetch or settle.
@@ -99,6 +101,7 @@ impl RouteStats {
             plugin_errors: get(&self.plugin_errors),
             backend_errors: get(&self.backend_errors),
             lease_lost: get(&self.lease_lost),
+            undecodable: get(&self.undecodable),
             in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
@@ -115,6 +118,7 @@ pub struct StatsSnapshot {
     pub plugin_errors: u64,
     pub backend_errors: u64,
     pub lease_lost: u64,
+    pub undecodable: u64,
     pub in_flight: i64,
 }
 
@@ -122,7 +126,7 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received {}, succeeded {}, outputs {}, retried {}, dead-lettered {}, plugin errors {}, backend errors {}, leases lost {}",
+            "received {}, succeeded {}, outputs {}, retried {}, dead-lettered {}, plugin errors {}, backend errors {}, leases lost {}, undecodable {}",
             self.received,
             self.succeeded,
             self.published,
@@ -130,7 +134,8 @@ impl fmt::Display for StatsSnapshot {
             self.dead_lettered,
             self.plugin_errors,
             self.backend_errors,
-            self.lease_lost
+            self.lease_lost,
+            self.undecodable
         )
     }
 }

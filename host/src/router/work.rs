@@ -140,11 +140,19 @@ impl Context {
         }
     }
 
-    /// Why a message must not be handled at all, if it must not: it is
-    /// larger than the host takes, or its chain has passed through
+    /// Why a message must not be handled at all, if it must not: its
+    /// backend could not decode it, it is larger than the host takes, or
+    /// its chain has passed through
     /// `max_hops` routes already (a plugin feeding its own input, or two
     /// routes feeding each other, would loop forever).
     fn unfit(&self, message: &Message) -> Option<(&'static str, String)> {
+        if let Some(error) = message.header(headers::UNDECODABLE) {
+            // Reported once, here, loudly: the message leaves for the
+            // dead-letter topic and is never fetched again.
+            RouteStats::add(&self.stats.undecodable, 1);
+            tracing::error!(message = %message.id, topic = %message.topic, "a stored message cannot be decoded; dead-lettering its raw bytes: {error}");
+            return Some(("undecodable", error.to_string()));
+        }
         let size = message.size();
         if size > self.spec.max_message_bytes {
             return Some((

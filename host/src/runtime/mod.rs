@@ -32,7 +32,7 @@ use wasmtime::{Config, Engine};
 
 pub use gate::{Gate, Share};
 pub use instance::{BatchError, CallError, Instance, Outcome};
-pub use log::LogBudget;
+pub use log::{LogBudget, escape};
 pub use outputs::{HOST_HEADER_PREFIX, OutputLimits};
 
 wasmtime::component::bindgen!({

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use sqlx::Row;
 use tokio::sync::Notify;
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::settle;
 use super::{Shared, relaxed};
 use crate::backend::ack_batch::AckBatcher;
-use crate::backend::claims::{forget_claim, settle_claims};
+use crate::backend::claims::{forget_claim, settle_claims, stored_message};
 use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -124,16 +124,15 @@ impl PostgresSubscription {
         for row in rows {
             let seq: i64 = row.try_get("seq")?;
             let attempt: i32 = row.try_get("attempt")?;
-            let headers: String = row.try_get("headers")?;
-            let message = Message {
-                id: row.try_get("id")?,
-                topic: row.try_get("topic")?,
-                key: row.try_get("msg_key")?,
-                headers: serde_json::from_str(&headers)
-                    .with_context(|| format!("message {seq} has malformed headers"))?,
-                payload: row.try_get("payload")?,
-                timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
-            };
+            let message = stored_message(
+                seq,
+                row.try_get("id")?,
+                row.try_get("topic")?,
+                row.try_get("msg_key")?,
+                &row.try_get::<String, _>("headers")?,
+                row.try_get("payload")?,
+                row.try_get("timestamp_ms")?,
+            );
             mine.insert(seq, attempt);
             deliveries.push(Delivery {
                 message,

@@ -335,10 +335,20 @@ fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> Message {
     let topic = keys.topic(stream).unwrap_or(stream).to_string();
     let headers = match field_text(entry, "headers") {
         None => Vec::new(),
-        Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
-            tracing::warn!(stream, entry = %entry.id, "unreadable headers dropped: {e}");
-            Vec::new()
-        }),
+        Some(json) => match serde_json::from_str(&json) {
+            Ok(headers) => headers,
+            Err(e) => {
+                let error = format!(
+                    "entry {} of {stream}: headers are not a JSON list of name/value pairs ({e}): {}",
+                    entry.id,
+                    crate::runtime::escape(&json, 512)
+                );
+                let id =
+                    field_text(entry, "id").unwrap_or_else(|| format!("{stream}/{}", entry.id));
+                let payload = field_bytes(entry, "payload").unwrap_or_default();
+                return Message::undecodable(id, topic, payload, error);
+            }
+        },
     };
     let entry_ms = entry
         .id
@@ -364,17 +374,8 @@ fn decode_retry(entry: &mut StreamId) -> (Message, u32) {
     envelope::decode(&bytes).unwrap_or_else(|e| {
         // Only Sluice writes retry streams; a broken entry is delivered as
         // what it is so the route dead-letters it instead of looping.
-        tracing::warn!(entry = %entry.id, "unreadable retry entry: {e:#}");
-        (
-            Message {
-                id: format!("unreadable-retry/{}", entry.id),
-                topic: String::new(),
-                key: None,
-                headers: vec![("sluice-decode-error".into(), format!("{e:#}"))],
-                payload: bytes,
-                timestamp_ms: 0,
-            },
-            0,
-        )
+        let id = format!("unreadable-retry/{}", entry.id);
+        let error = format!("retry entry {}: {e:#}", entry.id);
+        (Message::undecodable(id, String::new(), bytes, error), 0)
     })
 }

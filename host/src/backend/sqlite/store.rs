@@ -5,9 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
+use crate::backend::claims::stored_message;
 use crate::backend::{Delivery, Receipt, Settlement, StartFrom, pattern};
 use crate::message::{Message, now_ms};
 
@@ -115,16 +116,15 @@ pub async fn claim(
     for row in rows {
         let seq: i64 = row.try_get("seq")?;
         let attempt = attempts.get(&seq).copied().unwrap_or(1);
-        let headers: String = row.try_get("headers")?;
-        let message = Message {
-            id: row.try_get("id")?,
-            topic: row.try_get("topic")?,
-            key: row.try_get("msg_key")?,
-            headers: serde_json::from_str(&headers)
-                .with_context(|| format!("message {seq} has malformed headers"))?,
-            payload: row.try_get("payload")?,
-            timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
-        };
+        let message = stored_message(
+            seq,
+            row.try_get("id")?,
+            row.try_get("topic")?,
+            row.try_get("msg_key")?,
+            &row.try_get::<String, _>("headers")?,
+            row.try_get("payload")?,
+            row.try_get("timestamp_ms")?,
+        );
         deliveries.push(Delivery {
             message,
             attempt: attempt as u32,
