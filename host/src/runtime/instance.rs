@@ -487,3 +487,30 @@ fn describe_trap(error: &wasmtime::Error) -> String {
         None => error.root_cause().to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two memories of 40 MiB do not fit a 64 MiB cap, though each would.
+    #[test]
+    fn the_memory_cap_covers_every_memory_and_table_together() {
+        let mut cap = MemoryCap {
+            limit: 64 << 20,
+            used: 0,
+            hit: false,
+        };
+        assert!(cap.memory_growing(0, 40 << 20, None).unwrap());
+        assert!(cap.memory_growing(0, 40 << 20, None).is_err());
+        assert!(cap.hit);
+        // Growing one memory counts only its growth.
+        let mut cap = MemoryCap {
+            limit: 64 << 20,
+            used: 0,
+            hit: false,
+        };
+        assert!(cap.memory_growing(0, 30 << 20, None).unwrap());
+        assert!(cap.memory_growing(30 << 20, 60 << 20, None).unwrap());
+        assert!(cap.table_growing(0, 1 << 20, None).is_err(), "8 MiB of table on top");
+    }
+}
