@@ -511,6 +511,9 @@ mod tests {
         };
         assert!(cap.memory_growing(0, 30 << 20, None).unwrap());
         assert!(cap.memory_growing(30 << 20, 60 << 20, None).unwrap());
-        assert!(cap.table_growing(0, 1 << 20, None).is_err(), "8 MiB of table on top");
+        assert!(
+            cap.table_growing(0, 1 << 20, None).is_err(),
+            "8 MiB of table on top"
+        );
     }
 }

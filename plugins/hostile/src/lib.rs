@@ -30,7 +30,12 @@ fn hostile(msg: Message) -> Result<Vec<Outgoing>, Failure> {
     let text = std::str::from_utf8(&msg.payload).unwrap_or("").trim();
     let mut parts = text.split(':');
     let attack = parts.next().unwrap_or("");
-    let mut number = || parts.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
+    let mut number = || {
+        parts
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1)
+    };
     match attack {
         "publish" => {
             let (count, kib) = (number(), number());
