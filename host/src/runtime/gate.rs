@@ -8,7 +8,8 @@
 //! router, the fetchers and the admin API keep a core between them. A call
 //! that runs for more than one epoch tick gives its slot up at the tick if
 //! a route holding fewer slots is waiting, and queues again; a freed slot
-//! goes to the waiting route that holds fewest.
+//! goes to the waiting route that holds fewest. A route alone in the
+//! process is not queued at all: there is no one to share with.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,9 @@ pub struct Gate {
 }
 
 struct State {
-    free: usize,
+    /// Slots not held; below zero while a lone route runs more calls than
+    /// there are slots (see [`Share::enter`]).
+    free: isize,
     /// Per registered share: its id, the slots it holds, its waiting calls.
     shares: Vec<ShareState>,
 }
@@ -55,7 +58,7 @@ impl Gate {
         Arc::new(Gate {
             slots,
             state: Mutex::new(State {
-                free: slots,
+                free: slots as isize,
                 shares: Vec::new(),
             }),
             next_share: AtomicU64::new(0),
@@ -98,6 +101,11 @@ impl Gate {
     /// Gives a freed slot to the waiting share that holds fewest (under
     /// its cap), or back to the pool.
     fn hand_over(&self, state: &mut State) {
+        if state.free < 0 {
+            // Still over from a time the route ran alone.
+            state.free += 1;
+            return;
+        }
         let cap = self.cap(state);
         loop {
             let next = state
@@ -136,9 +144,12 @@ impl Share {
         let rx = {
             let mut state = gate.lock();
             let cap = gate.cap(&state);
+            // A lone route has no one to share with: its calls run as its
+            // workers make them, without queueing here.
+            let alone = state.shares.len() == 1;
             let free = state.free;
             let share = state.share(self.0.id);
-            if free > 0 && share.holding < cap {
+            if alone || (free > 0 && share.holding < cap) {
                 share.holding += 1;
                 state.free -= 1;
                 return Slot(self.clone());
@@ -255,13 +266,35 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_waiter_does_not_keep_a_slot() {
         let gate = Gate::new(1);
-        let only = gate.share();
-        let held = only.enter().await;
-        let cut = tokio::time::timeout(std::time::Duration::from_millis(20), only.enter()).await;
+        let (busy, _other) = (gate.share(), gate.share());
+        let held = busy.enter().await;
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(20), busy.enter()).await;
         assert!(cut.is_err());
         drop(held);
-        tokio::time::timeout(std::time::Duration::from_millis(100), only.enter())
+        tokio::time::timeout(std::time::Duration::from_millis(100), busy.enter())
             .await
             .expect("the slot came back");
+    }
+
+    #[tokio::test]
+    async fn a_lone_route_is_not_queued_and_pays_back_when_joined() {
+        let gate = Gate::new(1);
+        let lone = gate.share();
+        let (first, second) = (lone.enter().await, lone.enter().await);
+        // Another route arrives: it waits until the lone route is back
+        // within the slots.
+        let late = gate.share();
+        let waiting = tokio::spawn(async move { late.enter().await });
+        drop(first);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the slot paid back the overdraft first"
+        );
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_millis(100), waiting)
+            .await
+            .expect("the late route got the slot")
+            .unwrap();
     }
 }
