@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use sluice::Message;
 use sluice::backend::{Capabilities, Delivery, SettleError, Settlement, StartFrom, Subscription};
 
@@ -162,14 +162,22 @@ async fn concurrent_publishers_and_subscribers_lose_nothing(ctx: Ctx) -> Result<
 
 async fn many_topics_at_once(ctx: Ctx) -> Result<()> {
     let topics: Vec<String> = (0..20).map(|i| ctx.topic(&format!("t{i}"))).collect();
-    let mut subs = Vec::new();
-    for topic in &topics {
-        subs.push(ctx.subscribe([topic.clone()], "g").await?);
-    }
+    // Subscribed together: one after another, twenty group joins would make
+    // the case a measure of how long a join takes on a loaded machine.
+    let joining = futures::future::try_join_all(
+        topics
+            .iter()
+            .map(|topic| ctx.subscribe([topic.clone()], "g")),
+    );
+    let subs = tokio::time::timeout(LIMIT, joining)
+        .await
+        .map_err(|_| anyhow!("subscribing to {} topics took over {LIMIT:?}", topics.len()))??;
     let all: Vec<Message> = topics.iter().flat_map(|t| numbered(t, 10)).collect();
     ctx.backend.publish(all).await?;
     for (topic, sub) in topics.iter().zip(&subs) {
-        let got = consume(sub.as_ref(), 10, LIMIT).await?;
+        let got = consume(sub.as_ref(), 10, LIMIT)
+            .await
+            .with_context(|| format!("consuming {topic}"))?;
         ensure!(
             got.iter().all(|m| &m.topic == topic),
             "a message of another topic arrived on {topic}"
@@ -669,9 +677,7 @@ async fn batch_settles_around_a_lost_lease(ctx: Ctx) -> Result<()> {
         .await;
     ensure!(results.len() == 4, "{} answers for 4 items", results.len());
     for i in [0, 2, 3] {
-        results[i]
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("item {i}: {e}"))?;
+        results[i].as_ref().map_err(|e| anyhow!("item {i}: {e}"))?;
     }
     ensure!(
         matches!(results[1], Err(SettleError::LeaseLost)),
