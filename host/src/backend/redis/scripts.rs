@@ -65,18 +65,54 @@ return start
 ///   straight in the retry stream for no delay;
 /// - `p` (publish and ack): XADD of each output, then as an ack.
 ///
+/// What the consumer holds is read with one XPENDING per source stream,
+/// over the range of ids the batch settles (an entry missing from a reply
+/// that may have been cut short is looked up alone), and the acks go in one
+/// XACK per stream at the end: the script runs whole, so nothing can see
+/// the order, and a batch costs the server a few calls instead of a few per
+/// delivery. An entry settled twice in one batch counts once.
+///
 /// KEYS: retry stream, delayed set, then every source and output stream.
-/// ARGV: group, consumer, MAXLEN (`` for none), then per delivery: kind,
-/// source (KEYS index), entry id, delivery count; for `n` the delay ms and
-/// the envelope; for `p` the number of outputs, and per output its stream
-/// (KEYS index), the number of field arguments and the fields. Returns, per
-/// delivery, 1 (done), 0 (no longer this consumer's: nothing changed) or
-/// why it was refused.
+/// ARGV: group, consumer, MAXLEN (`` for none), the number of source
+/// ranges, then per source stream its KEYS index, lowest and highest id
+/// settled and the most entries the consumer can hold in that range; then
+/// per delivery: kind, source (KEYS index), entry id, delivery count; for
+/// `n` the delay ms and the envelope; for `p` the number of outputs, and
+/// per output its stream (KEYS index), the number of field arguments and
+/// the fields. Returns, per delivery, 1 (done), 0 (no longer this
+/// consumer's: nothing changed) or why it was refused.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local group, consumer, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local retry, delayed = KEYS[1], KEYS[2]
+local held, complete = {}, {}
+local i = 5
+for _ = 1, tonumber(ARGV[4]) do
+  local source, most = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 3])
+  local mine = {}
+  local ok, p = pcall(redis.call, 'XPENDING', source, group, ARGV[i + 1], ARGV[i + 2], most, consumer)
+  if ok then
+    for _, e in ipairs(p) do mine[e[1]] = e[4] end
+  end
+  held[source], complete[source] = mine, ok and #p < most
+  i = i + 4
+end
+local function holds(source, id, count)
+  local mine = held[source]
+  if not mine then
+    mine = {}
+    held[source] = mine
+  end
+  local c = mine[id]
+  if c == nil and not complete[source] then
+    local ok, p = pcall(redis.call, 'XPENDING', source, group, id, id, 1)
+    if ok and #p == 1 and p[1][2] == consumer then c = p[1][4] end
+  end
+  if c ~= count then return false end
+  mine[id] = false
+  return true
+end
 local fits = {}
 local function refusal(key, want)
   if fits[key] then return nil end
@@ -87,9 +123,9 @@ local function refusal(key, want)
   fits[key] = true
   return nil
 end
+local acks, order = {}, {}
 local now
 local out = {}
-local i = 4
 while i <= #ARGV do
   local kind, source, id = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
   local count = tonumber(ARGV[i + 3])
@@ -109,8 +145,7 @@ while i <= #ARGV do
     end
   end
   local result = 1
-  local ok, p = pcall(redis.call, 'XPENDING', source, group, id, id, 1)
-  if not ok or #p == 0 or p[1][2] ~= consumer or p[1][4] ~= count then
+  if not holds(source, id, count) then
     result = 0
   elseif kind == 'n' then
     if delay <= 0 then result = refusal(retry, 'stream') or 1
@@ -123,16 +158,19 @@ while i <= #ARGV do
   end
   if result == 1 then
     for _, o in ipairs(outputs) do
-      local xadd = {'XADD', o[1]}
       if maxlen ~= '' then
-        xadd[3], xadd[4], xadd[5] = 'MAXLEN', '~', maxlen
+        redis.call('XADD', o[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, o[2], o[3]))
+      else
+        redis.call('XADD', o[1], '*', unpack(ARGV, o[2], o[3]))
       end
-      xadd[#xadd + 1] = '*'
-      for j = o[2], o[3] do xadd[#xadd + 1] = ARGV[j] end
-      redis.call(unpack(xadd))
     end
-    redis.call('XACK', source, group, id)
-    if source == retry then redis.call('XDEL', source, id) end
+    local ids = acks[source]
+    if not ids then
+      ids = {}
+      acks[source] = ids
+      order[#order + 1] = source
+    end
+    ids[#ids + 1] = id
     if kind == 'n' then
       if delay <= 0 then
         redis.call('XADD', retry, '*', 'm', parked)
@@ -146,6 +184,14 @@ while i <= #ARGV do
     end
   end
   out[#out + 1] = result
+end
+for _, source in ipairs(order) do
+  local ids = acks[source]
+  for from = 1, #ids, 1000 do
+    local to = math.min(from + 999, #ids)
+    redis.call('XACK', source, group, unpack(ids, from, to))
+    if source == retry then redis.call('XDEL', source, unpack(ids, from, to)) end
+  end
 end
 return out
 "#,

@@ -15,7 +15,7 @@
 //! it and then go together ([`Singles`]), so a consumer acking many
 //! deliveries at once pays one script call, not one each.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
 use ::redis::{Cmd, ErrorKind, ServerErrorKind, Value};
@@ -99,7 +99,8 @@ async fn settle_requests(
         }
     }
     if !items.is_empty() {
-        let answers = call(sub, &keys.keys, &items).await;
+        let most = sub.held.lock().unwrap().len().max(items.len()) + 1;
+        let answers = call(sub, &keys.keys, &ranges(&items), most, &items).await;
         let mut nacked = false;
         for (item, answer) in items.iter().zip(answers) {
             let request = item.request;
@@ -284,9 +285,43 @@ enum Answer {
     Failed(anyhow::Error),
 }
 
+/// Per source stream (KEYS index), the lowest and highest entry id the
+/// items settle there.
+fn ranges<'a>(items: &[Item<'a>]) -> BTreeMap<usize, (&'a str, &'a str)> {
+    let mut ranges: BTreeMap<usize, (&str, &str)> = BTreeMap::new();
+    for item in items {
+        let id = item.request.id.as_str();
+        ranges
+            .entry(item.source)
+            .and_modify(|(low, high)| {
+                if entry_order(id) < entry_order(low) {
+                    *low = id;
+                }
+                if entry_order(id) > entry_order(high) {
+                    *high = id;
+                }
+            })
+            .or_insert((id, id));
+    }
+    ranges
+}
+
+/// A stream entry id (`millis-sequence`) as something that sorts like it.
+fn entry_order(id: &str) -> (u64, u64) {
+    let (millis, sequence) = id.split_once('-').unwrap_or((id, "0"));
+    (millis.parse().unwrap_or(0), sequence.parse().unwrap_or(0))
+}
+
 /// One script call for every item (loading the script if the server does
-/// not know it), repeated over a connection blip.
-async fn call(sub: &StreamSubscription, keys: &[String], items: &[Item<'_>]) -> Vec<Answer> {
+/// not know it), repeated over a connection blip. `most` bounds how many
+/// entries the consumer can hold in one source range.
+async fn call(
+    sub: &StreamSubscription,
+    keys: &[String],
+    ranges: &BTreeMap<usize, (&str, &str)>,
+    most: usize,
+    items: &[Item<'_>],
+) -> Vec<Answer> {
     let mut cmd = ::redis::cmd("EVALSHA");
     cmd.arg(scripts::SETTLE.get_hash())
         .arg(keys.len())
@@ -298,7 +333,11 @@ async fn call(sub: &StreamSubscription, keys: &[String], items: &[Item<'_>]) -> 
                 .config
                 .maxlen
                 .map_or(String::new(), |n| n.to_string()),
-        );
+        )
+        .arg(ranges.len());
+    for (source, (low, high)) in ranges {
+        cmd.arg(source).arg(low).arg(high).arg(most);
+    }
     for item in items {
         item.write(&mut cmd);
     }
