@@ -12,6 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use sluice::backend::{self, Backend, StartFrom, SubscribeOptions};
 use sluice::{Message, app, config};
 
+#[global_allocator]
+static ALLOCATOR: sluice::Allocator = sluice::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

@@ -16,6 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::chart::workspace_root;
 
+/// The allocator the `sluice` binary runs on, so a route here costs what it
+/// costs there.
+#[global_allocator]
+static ALLOCATOR: sluice::Allocator = sluice::Allocator;
+
 pub const INPUT: &str = "bench.in";
 pub const OUTPUT: &str = "bench.out";
 pub const PAYLOAD_BYTES: usize = 1024;
