@@ -293,14 +293,15 @@ impl Instance {
     /// Calls the plugin's `handle`. After an `Err` this instance must be
     /// dropped: wasmtime refuses to enter a trapped instance again.
     pub async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
-        let input = to_input(message, attempt);
+        let headers = header_params(message);
+        let input = to_input(message, attempt, &headers);
         let timeout = self.plugin.settings.timeout;
         let _slot = self.enter().await;
         start_call(&mut self.store, timeout, false);
         let call = async {
             match &self.bindings {
-                Bindings::Single(bindings) => bindings.call_handle(&mut self.store, &input).await,
-                Bindings::Batch(bindings) => bindings.call_handle(&mut self.store, &input).await,
+                Bindings::Single(bindings) => bindings.call_handle(&mut self.store, input).await,
+                Bindings::Batch(bindings) => bindings.call_handle(&mut self.store, input).await,
             }
         };
         let result = cut_at_deadline(timeout, call).await?;
@@ -324,9 +325,14 @@ impl Instance {
                 "the plugin does not export `handle-batch`".into(),
             )));
         };
+        let headers: Vec<Vec<types::HeaderParam>> = batch
+            .iter()
+            .map(|(message, _)| header_params(message))
+            .collect();
         let inputs: Vec<types::Message> = batch
             .iter()
-            .map(|(message, attempt)| to_input(message, *attempt))
+            .zip(&headers)
+            .map(|((message, attempt), headers)| to_input(message, *attempt, headers))
             .collect();
         let timeout = self.plugin.settings.timeout;
         let _slot = self.enter().await;
@@ -420,24 +426,31 @@ fn start_call(store: &mut Store<State>, timeout: Duration, in_batch: bool) {
     store.set_epoch_deadline(1);
 }
 
-/// The WIT message for one delivery.
-fn to_input(message: &Message, attempt: u32) -> types::Message {
+/// The WIT message for one delivery, borrowing from it: wasmtime copies it
+/// into the guest's memory, so a copy on the host first would be wasted.
+fn to_input<'a>(
+    message: &'a Message,
+    attempt: u32,
+    headers: &'a [types::HeaderParam<'a>],
+) -> types::Message<'a> {
     types::Message {
-        id: message.id.clone(),
-        topic: message.topic.clone(),
-        key: message.key.clone(),
-        headers: message
-            .headers
-            .iter()
-            .map(|(name, value)| types::Header {
-                name: name.clone(),
-                value: value.clone(),
-            })
-            .collect(),
-        payload: message.payload.clone(),
+        id: &message.id,
+        topic: &message.topic,
+        key: message.key.as_deref(),
+        headers,
+        payload: &message.payload,
         attempt,
         timestamp_ms: message.timestamp_ms,
     }
+}
+
+/// A delivery's headers as [`to_input`] lends them.
+fn header_params(message: &Message) -> Vec<types::HeaderParam<'_>> {
+    message
+        .headers
+        .iter()
+        .map(|(name, value)| types::HeaderParam { name, value })
+        .collect()
 }
 
 /// The outcome of one message's result: `published` (with the host's

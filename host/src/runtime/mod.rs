@@ -39,6 +39,8 @@ wasmtime::component::bindgen!({
     path: "../wit",
     world: "batch-handler",
     exports: { default: async },
+    // Messages go into a call borrowed from the delivery, not copied first.
+    ownership: Borrowing { duplicate_if_necessary: true },
 });
 
 /// Bindings of the `handler` world, sharing the interfaces generated above.
@@ -47,6 +49,7 @@ mod single {
         path: "../wit",
         world: "handler",
         exports: { default: async },
+        ownership: Borrowing { duplicate_if_necessary: true },
         with: {
             "sluice:plugin/types": super::sluice::plugin::types,
             "sluice:plugin/host": super::sluice::plugin::host,

@@ -84,7 +84,7 @@ impl Tally {
 /// a name is 1 to 256 visible ASCII characters other than `:`, a value has
 /// no control characters but tab (so every backend can carry it, NATS and
 /// HTTP-style headers included).
-pub fn clean_headers(headers: &mut Vec<types::Header>) -> Result<(), String> {
+pub fn clean_headers(headers: &mut Vec<types::HeaderResult>) -> Result<(), String> {
     headers.retain(|h| !is_host_header(&h.name));
     for header in headers.iter() {
         let name = &header.name;
@@ -121,8 +121,8 @@ mod tests {
         Message::new("t", vec![0; payload])
     }
 
-    fn header(name: &str, value: &str) -> types::Header {
-        types::Header {
+    fn header(name: &str, value: &str) -> types::HeaderResult {
+        types::HeaderResult {
             name: name.into(),
             value: value.into(),
         }
