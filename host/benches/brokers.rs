@@ -56,8 +56,9 @@ mod plain_sqs;
 
 use pipeline::{INPUT, PAYLOAD_BYTES, Pipeline, echo_handler, positive_env};
 
-/// The router fetches twice its concurrency at a time, so on a broker the
-/// concurrency also sets how many round trips a message costs.
+/// Workers per route. The router fetches twice its concurrency at a time
+/// (at least 128), so at 32 the concurrency also sets how many round trips
+/// a message costs.
 const CONCURRENCIES: [usize; 3] = [1, 8, 32];
 /// Enough for connections, wasm instances and code paths to be warm.
 const WARMUP_MESSAGES: usize = 1_000;

@@ -16,8 +16,16 @@ use tokio::sync::Notify;
 use super::{Context, RouteStats};
 use crate::backend::Delivery;
 
-/// The smallest batch the fetcher asks for.
-const FETCH_BATCH_MIN: usize = 32;
+/// The smallest batch the fetcher asks for once it knows the handler's
+/// pace: a round trip per few dozen messages held the routes of a low
+/// concurrency well below a plain client loop (on SQLite, 0.63 of it with 32
+/// at concurrency 1, 0.99 with 128).
+const FETCH_BATCH_MIN: usize = 128;
+
+/// What the fetcher asks for before the first handler call, while the
+/// pace is unknown: a slow handler must not find a large batch waiting past
+/// its lease.
+const FIRST_FETCH: usize = 32;
 
 /// The largest batch the fetcher asks for.
 const FETCH_BATCH_MAX: usize = 256;
@@ -178,12 +186,12 @@ impl Pace {
     }
 
     /// How many more deliveries `workers` can start within `window`, up to
-    /// `batch`; before the first call, the smallest batch.
+    /// `batch`; before the first call, [`FIRST_FETCH`].
     fn startable(&self, window: Duration, workers: usize, batch: usize) -> usize {
         let queued = self.queued.load(Ordering::Relaxed);
         let per_message = self.per_message_nanos.load(Ordering::Relaxed);
         if per_message == 0 {
-            return FETCH_BATCH_MIN.saturating_sub(queued);
+            return FIRST_FETCH.min(batch).saturating_sub(queued);
         }
         let budget = window.as_nanos() * workers as u128 / per_message as u128;
         // One at a time even when a message takes longer than the window:
@@ -201,10 +209,10 @@ mod tests {
     const WINDOW: Duration = Duration::from_secs(15);
 
     #[test]
-    fn before_any_call_fetches_the_smallest_batch() {
+    fn before_any_call_fetches_a_small_batch() {
         let pace = Pace::default();
-        assert_eq!(pace.startable(WINDOW, 4, 256), FETCH_BATCH_MIN);
-        pace.queued.store(FETCH_BATCH_MIN, Ordering::Relaxed);
+        assert_eq!(pace.startable(WINDOW, 4, 256), FIRST_FETCH);
+        pace.queued.store(FIRST_FETCH, Ordering::Relaxed);
         assert_eq!(pace.startable(WINDOW, 4, 256), 0);
     }
 
