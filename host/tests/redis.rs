@@ -280,6 +280,55 @@ async fn a_batch_settles_around_a_delivery_whose_lease_was_lost() {
     lost.b.close().await.unwrap();
 }
 
+/// The settling script reads what a consumer holds once per batch; a
+/// delivery that appears twice in one batch is still settled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_settled_twice_in_one_batch_publishes_once() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let backend = RedisStreamsBackend::connect(&ns.url("redis", ""))
+        .await
+        .unwrap();
+    let sub = backend
+        .subscribe(options("jobs", "workers", 30_000))
+        .await
+        .unwrap();
+    backend
+        .publish(vec![
+            Message::new("jobs", "one"),
+            Message::new("jobs", "two"),
+        ])
+        .await
+        .unwrap();
+    let (one, two) = (
+        next(sub.as_ref(), Duration::from_secs(5)).await,
+        next(sub.as_ref(), Duration::from_secs(5)).await,
+    );
+    let output = |text: &str| Settlement::PublishAndAck(vec![Message::new("done", text)]);
+    let results = sub
+        .settle(vec![
+            (&one, output("one-first")),
+            (&one, output("one-again")),
+            (&two, Settlement::Ack),
+        ])
+        .await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[1], Err(SettleError::LeaseLost)),
+        "{results:?}"
+    );
+    let published: usize = redis::cmd("XLEN")
+        .arg(format!("{}done", ns.prefix))
+        .query_async(&mut ns.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(published, 1);
+    let group = options("jobs", "workers", 30_000).group_key();
+    assert_eq!(backend.pending(&group).await.unwrap(), 0);
+    sub.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_ack_publishes_nothing_for_a_lost_lease() {
     let Some(ns) = Namespace::new().await else {

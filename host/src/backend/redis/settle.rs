@@ -288,22 +288,24 @@ enum Answer {
 /// Per source stream (KEYS index), the lowest and highest entry id the
 /// items settle there.
 fn ranges<'a>(items: &[Item<'a>]) -> BTreeMap<usize, (&'a str, &'a str)> {
-    let mut ranges: BTreeMap<usize, (&str, &str)> = BTreeMap::new();
+    // Each bound with its id's order, parsed once.
+    type Bound<'a> = ((u64, u64), &'a str);
+    let mut ranges: BTreeMap<usize, (Bound, Bound)> = BTreeMap::new();
     for item in items {
         let id = item.request.id.as_str();
-        ranges
-            .entry(item.source)
-            .and_modify(|(low, high)| {
-                if entry_order(id) < entry_order(low) {
-                    *low = id;
-                }
-                if entry_order(id) > entry_order(high) {
-                    *high = id;
-                }
-            })
-            .or_insert((id, id));
+        let bound = (entry_order(id), id);
+        let (low, high) = ranges.entry(item.source).or_insert((bound, bound));
+        if bound.0 < low.0 {
+            *low = bound;
+        }
+        if bound.0 > high.0 {
+            *high = bound;
+        }
     }
     ranges
+        .into_iter()
+        .map(|(source, (low, high))| (source, (low.1, high.1)))
+        .collect()
 }
 
 /// A stream entry id (`millis-sequence`) as something that sorts like it.
