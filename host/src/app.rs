@@ -88,6 +88,7 @@ impl Host {
                 control: control.clone(),
                 group_key: subscribe.group_key(),
                 source: backends[loaded.source_backend(route)].clone(),
+                stalled_after: Duration::from_millis(route.stalled_after_ms),
             });
             routes.push((
                 Route {

@@ -162,6 +162,12 @@ pub struct RouteConfig {
     /// of handled, so a plugin that feeds its own input cannot loop forever.
     #[serde(default = "defaults::max_hops")]
     pub max_hops: u32,
+    /// How long, in milliseconds, a route's fetches may keep failing, or the
+    /// route may hold messages without settling any, before `/readyz` and
+    /// `sluice routes` report it as not ready (with the reason). A paused
+    /// route is never reported.
+    #[serde(default = "defaults::stalled_after_ms")]
+    pub stalled_after_ms: u64,
 }
 
 /// How failed messages are retried.
@@ -256,6 +262,9 @@ mod defaults {
         1
     }
     pub fn lease_ms() -> u64 {
+        30_000
+    }
+    pub fn stalled_after_ms() -> u64 {
         30_000
     }
     pub fn max_in_flight() -> usize {
@@ -572,6 +581,7 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
             ("concurrency", route.concurrency),
             ("max_in_flight", route.max_in_flight),
             ("batch_size", route.batch_size),
+            ("stalled_after_ms", route.stalled_after_ms as usize),
         ] {
             if value == 0 {
                 return Err(error(

@@ -42,6 +42,13 @@ impl Drop for Running {
 }
 
 fn start(dir: &Path, port: u16, token: Option<&str>) -> Running {
+    let url = format!("sqlite://{}", dir.join("sluice.db").display());
+    start_on(dir, port, token, &url, "")
+}
+
+/// Starts a host whose one route reads `words` on `url`, with `route_extra`
+/// lines added to the route.
+fn start_on(dir: &Path, port: u16, token: Option<&str>, url: &str, route_extra: &str) -> Running {
     let plugin = dir.join("upper.wasm");
     std::fs::copy(plugin_path("uppercase"), &plugin).unwrap();
     let token_line = token
@@ -49,7 +56,7 @@ fn start(dir: &Path, port: u16, token: Option<&str>) -> Running {
         .unwrap_or_default();
     let config = format!(
         r#"[backends.main]
-url = "sqlite://{db}"
+url = "{url}"
 
 [plugins.upper]
 path = "upper.wasm"
@@ -67,8 +74,8 @@ max_upload_mb = 1
 name = "upper"
 topics = ["words"]
 plugin = "upper"
+{route_extra}
 "#,
-        db = dir.join("sluice.db").display(),
     );
     std::fs::write(dir.join("sluice.toml"), config).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -379,4 +386,121 @@ fn reload_applies_a_new_config_and_refuses_a_broken_one() {
             "the SIGHUP reload never took effect"
         );
     }
+}
+
+/// A broker process of this test's own, to stop and start again.
+struct Broker {
+    child: Child,
+    spawn: Box<dyn Fn() -> Child>,
+}
+
+impl Broker {
+    fn start(spawn: impl Fn() -> Child + 'static, port: u16) -> Self {
+        let broker = Broker {
+            child: spawn(),
+            spawn: Box::new(spawn),
+        };
+        wait_listening(port);
+        broker
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn start_again(&mut self, port: u16) {
+        self.child = (self.spawn)();
+        wait_listening(port);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_listening(port: u16) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < give_up, "no broker on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `/readyz` until its status is `status`; answers the last body.
+fn wait_ready_status(admin: &str, status: u16, limit: Duration) -> String {
+    let give_up = Instant::now() + limit;
+    loop {
+        let (now, body) = get(&format!("{admin}/readyz"));
+        if now == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "/readyz still answers {now} after {limit:?}, not {status}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// With the route's broker stopped, `/readyz` turns 503 naming the route
+/// and why, and `sluice routes` shows it not ready; with the broker back, it
+/// turns 200 again. `/healthz` stays 200 throughout.
+fn readiness_follows_the_broker(broker: &mut Broker, broker_port: u16, url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let _host = start_on(dir.path(), port, None, url, "stalled_after_ms = 1000");
+    wait_ready_status(&admin, 200, Duration::from_secs(30));
+
+    broker.stop();
+    let body = wait_ready_status(&admin, 503, Duration::from_secs(30));
+    assert!(
+        body.contains("route `upper`: fetches failing for"),
+        "unexpected reason: {body}"
+    );
+    assert_eq!(get(&format!("{admin}/healthz")).0, 200);
+    let routes = text(&sluice(&["routes"], &admin, None).stdout);
+    assert!(routes.contains("not-ready"), "{routes}");
+    assert!(routes.contains("fetches failing"), "{routes}");
+
+    broker.start_again(broker_port);
+    wait_ready_status(&admin, 200, Duration::from_secs(60));
+    let routes = text(&sluice(&["routes"], &admin, None).stdout);
+    assert!(routes.contains("running"), "{routes}");
+}
+
+#[test]
+fn readiness_follows_redis() {
+    let port = free_port();
+    let spawn = move || {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server")
+    };
+    let mut broker = Broker::start(spawn, port);
+    readiness_follows_the_broker(&mut broker, port, &format!("redis://127.0.0.1:{port}/0"));
+}
+
+#[test]
+fn readiness_follows_jetstream() {
+    let port = free_port();
+    let store = tempfile::tempdir().unwrap();
+    let store_path = store.path().to_path_buf();
+    let spawn = move || {
+        Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server")
+    };
+    let mut broker = Broker::start(spawn, port);
+    readiness_follows_the_broker(&mut broker, port, &format!("jetstream://127.0.0.1:{port}"));
 }

@@ -127,10 +127,12 @@ impl AdminCommand {
             AdminCommand::Routes { target } => {
                 for route in list(client(&target).get("/api/routes")?) {
                     println!(
-                        "{:<20} {:<8} plugin {:<16} group {:<16} topics {}",
+                        "{:<20} {:<9} plugin {:<16} group {:<16} topics {}",
                         route["name"].as_str().unwrap_or(""),
                         if route["paused"].as_bool() == Some(true) {
                             "paused"
+                        } else if route["trouble"].is_string() {
+                            "not-ready"
                         } else {
                             "running"
                         },
@@ -138,6 +140,9 @@ impl AdminCommand {
                         route["group"].as_str().unwrap_or(""),
                         route["topics"]
                     );
+                    if let Some(trouble) = route["trouble"].as_str() {
+                        println!("    {trouble}");
+                    }
                 }
             }
             AdminCommand::Pause { route, target } => {

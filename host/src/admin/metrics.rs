@@ -260,6 +260,20 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
         )
         .unwrap();
     }
+
+    header(
+        &mut out,
+        "sluice_backend_state_restored_total",
+        "Server-side state (consumer, group, queue, table) found lost and made again, by kind of backend.",
+        "counter",
+    );
+    for (kind, count) in crate::backend::restored() {
+        writeln!(
+            out,
+            "sluice_backend_state_restored_total{{kind=\"{kind}\"}} {count}"
+        )
+        .unwrap();
+    }
     out
 }
 

@@ -40,6 +40,24 @@ pub struct RouteHandle {
     /// The group's identity in the backend, for pending counts.
     pub group_key: String,
     pub source: Arc<dyn crate::backend::Backend>,
+    /// How long a route may fail or stall before it is reported not ready.
+    pub stalled_after: std::time::Duration,
+}
+
+impl RouteHandle {
+    /// Why the route is not ready, if it is not; a paused route is as its
+    /// operator wants it.
+    fn trouble(&self) -> Option<String> {
+        if self.control.is_paused() {
+            return None;
+        }
+        if !self.stats.backend_ok.load(Ordering::Relaxed)
+            && self.stats.failing_since_ms.load(Ordering::Relaxed) == 0
+        {
+            return Some(format!("backend `{}` not connected yet", self.backend));
+        }
+        self.stats.trouble(self.stalled_after)
+    }
 }
 
 /// A backend, for metrics.
@@ -103,8 +121,7 @@ impl AdminState {
     fn not_ready(&self) -> Vec<String> {
         self.routes
             .iter()
-            .filter(|r| !r.stats.backend_ok.load(Ordering::Relaxed))
-            .map(|r| format!("route `{}`: backend `{}` not connected", r.name, r.backend))
+            .filter_map(|r| Some(format!("route `{}`: {}", r.name, r.trouble()?)))
             .collect()
     }
 
@@ -281,6 +298,7 @@ async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value>
                 "backend": r.backend,
                 "paused": r.control.is_paused(),
                 "backend_ok": r.stats.backend_ok.load(Ordering::Relaxed),
+                "trouble": r.trouble(),
                 "stats": {
                     "received": s.received,
                     "succeeded": s.succeeded,

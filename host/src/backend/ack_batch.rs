@@ -4,8 +4,12 @@
 //!
 //! An ack returns once queued. Losing queued acks in a crash only makes
 //! those messages come back after their lease — a duplicate, never a loss —
-//! so a round trip (and an fsync) per ack is not worth its cost. A failed
-//! write is retried; stopping writes what is queued one last time.
+//! so a round trip (and an fsync) per ack is not worth its cost. The queue
+//! is bounded: a full one is written at once rather than after the linger,
+//! and an ack waits while [`QUEUED_MAX`] are queued (a failing database
+//! holds acks back rather than piling them up), so a crash redelivers at
+//! most that many acked messages. A failed write is retried; stopping
+//! writes what is queued one last time.
 
 // Only the PostgreSQL backend acks this way now.
 #![cfg(feature = "postgres")]
@@ -17,6 +21,9 @@ use std::time::Duration;
 use anyhow::Result;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
+
+/// Acks queued and not yet written, at most.
+pub const QUEUED_MAX: usize = 1024;
 
 /// A claim of a row: its id and which attempt claimed it. An ack only
 /// removes the row while that claim is still the current one.
@@ -30,6 +37,10 @@ pub struct AckBatcher {
     group: String,
     queued: Mutex<Vec<Claim>>,
     wake: Notify,
+    /// Rung when the queue is full, to write it before the linger is over.
+    full: Notify,
+    /// Rung when queued acks were written, for acks waiting for room.
+    written: Notify,
     stopping: AtomicBool,
     write: WriteAcks,
 }
@@ -41,6 +52,8 @@ impl AckBatcher {
             group,
             queued: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            full: Notify::new(),
+            written: Notify::new(),
             stopping: AtomicBool::new(false),
             write,
         });
@@ -50,7 +63,10 @@ impl AckBatcher {
                 worker.wake.notified().await;
                 let stopping = worker.stopping.load(Ordering::SeqCst);
                 if !stopping {
-                    tokio::time::sleep(linger).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = worker.full.notified() => {}
+                    }
                 }
                 let result = worker.flush().await;
                 if stopping {
@@ -69,8 +85,22 @@ impl AckBatcher {
         batcher
     }
 
-    pub fn push(&self, claim: Claim) {
-        self.queued.lock().unwrap().push(claim);
+    /// Queues an ack; waits while the queue is full.
+    pub async fn push(&self, claim: Claim) {
+        loop {
+            let written = self.written.notified();
+            {
+                let mut queued = self.queued.lock().unwrap();
+                if queued.len() < QUEUED_MAX || self.stopping.load(Ordering::SeqCst) {
+                    queued.push(claim);
+                    if queued.len() >= QUEUED_MAX {
+                        self.full.notify_one();
+                    }
+                    break;
+                }
+            }
+            written.await;
+        }
         self.wake.notify_one();
     }
 
@@ -83,6 +113,7 @@ impl AckBatcher {
             self.queued.lock().unwrap().extend(claims);
             return Err(e);
         }
+        self.written.notify_waiters();
         Ok(())
     }
 

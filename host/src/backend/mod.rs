@@ -270,6 +270,28 @@ pub trait Subscription: Send + Sync {
     async fn close(&self) -> Result<()>;
 }
 
+/// Server-side state (a consumer, group, queue or table) that backends
+/// found lost under a running subscription and made again, per kind of
+/// backend.
+static RESTORED: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts one piece of server-side state a backend of `kind` made again;
+/// the backend warns about it itself, with what was lost.
+pub fn record_restored(kind: &'static str) {
+    *RESTORED.lock().unwrap().entry(kind).or_default() += 1;
+}
+
+/// How often backends of each kind made lost server-side state again.
+pub fn restored() -> Vec<(&'static str, u64)> {
+    RESTORED
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(kind, n)| (*kind, *n))
+        .collect()
+}
+
 /// The error of a fetch on a closed subscription.
 pub fn closed_error(group: &str) -> anyhow::Error {
     anyhow::anyhow!("the subscription of group `{group}` is closed")

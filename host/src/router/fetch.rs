@@ -57,13 +57,13 @@ impl Context {
             let deliveries = match self.subscription.fetch(room, FETCH_WAIT).await {
                 Ok(deliveries) => {
                     failures = 0;
-                    self.stats.backend_ok.store(true, Ordering::Relaxed);
+                    self.stats.fetch_succeeded();
                     deliveries
                 }
                 Err(e) => {
                     self.in_flight.add_permits(room);
                     failures += 1;
-                    self.stats.backend_ok.store(false, Ordering::Relaxed);
+                    self.stats.fetch_failed(&e);
                     RouteStats::add(&self.stats.backend_errors, 1);
                     let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tracing::warn!("fetch failed, retrying in {pause:?}: {e:#}");
@@ -82,9 +82,14 @@ impl Context {
             }
             self.stats.touch();
             RouteStats::add(&self.stats.received, deliveries.len() as u64);
-            self.stats
+            let held = self
+                .stats
                 .in_flight
                 .fetch_add(deliveries.len() as i64, Ordering::Relaxed);
+            if held == 0 {
+                // A route that was idle starts the stall clock now.
+                self.stats.progressed();
+            }
             self.pace
                 .queued
                 .fetch_add(deliveries.len(), Ordering::Relaxed);

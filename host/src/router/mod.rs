@@ -31,7 +31,6 @@ mod settle;
 mod stats;
 mod work;
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -249,7 +248,7 @@ impl Subscribed {
             pace: fetch::Pace::default(),
             fatal: Mutex::new(None),
         });
-        context.stats.backend_ok.store(true, Ordering::Relaxed);
+        context.stats.fetch_succeeded();
         let workers = context.spec.concurrency.max(1);
         // Unordered: one queue all workers share. Ordered: a queue per worker.
         let lanes = if context.spec.ordered { workers } else { 1 };

@@ -49,6 +49,7 @@ impl Context {
                 .fetch_sub(count as i64, Ordering::Relaxed);
             self.in_flight.add_permits(count);
             self.stats.touch();
+            self.stats.progressed();
         }
     }
 

@@ -1,6 +1,7 @@
 //! Counters of one route, shared by its tasks and read for the summary.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -33,6 +34,14 @@ pub struct RouteStats {
     pub last_activity_ms: AtomicU64,
     /// The subscription is open and its last fetch succeeded.
     pub backend_ok: AtomicBool,
+    /// Milliseconds since the epoch of the first failed fetch since the last
+    /// one that succeeded; 0 while fetches succeed.
+    pub failing_since_ms: AtomicU64,
+    /// Why the last fetch failed, while fetches fail.
+    pub fetch_error: Mutex<Option<String>>,
+    /// Milliseconds since the epoch of the last settlement, or of the moment
+    /// the route went from holding nothing to holding deliveries.
+    pub last_progress_ms: AtomicU64,
     /// Time spent in the handler per call.
     pub handler_latency: Histogram,
 }
@@ -84,6 +93,56 @@ impl Histogram {
 impl RouteStats {
     pub fn touch(&self) {
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// A fetch failed with `error`.
+    pub fn fetch_failed(&self, error: &anyhow::Error) {
+        self.backend_ok.store(false, Ordering::Relaxed);
+        let _ = self.failing_since_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        *self.fetch_error.lock().unwrap() = Some(format!("{error:#}"));
+    }
+
+    /// A fetch succeeded.
+    pub fn fetch_succeeded(&self) {
+        self.backend_ok.store(true, Ordering::Relaxed);
+        if self.failing_since_ms.swap(0, Ordering::Relaxed) != 0 {
+            *self.fetch_error.lock().unwrap() = None;
+        }
+    }
+
+    /// Deliveries were settled: the route moves.
+    pub fn progressed(&self) {
+        self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Why the route cannot be counted on, if so: its fetches have failed
+    /// for `after`, or it has held deliveries without settling any for
+    /// `after` (a handler or a settlement that hangs).
+    pub fn trouble(&self, after: Duration) -> Option<String> {
+        let now = now_ms();
+        let after_ms = after.as_millis() as u64;
+        let failing_since = self.failing_since_ms.load(Ordering::Relaxed);
+        if failing_since != 0 && now.saturating_sub(failing_since) >= after_ms {
+            let why = self.fetch_error.lock().unwrap().clone().unwrap_or_default();
+            return Some(format!(
+                "fetches failing for {}s: {why}",
+                now.saturating_sub(failing_since) / 1000
+            ));
+        }
+        let held = self.in_flight.load(Ordering::Relaxed);
+        let quiet = now.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed));
+        if held > 0 && quiet >= after_ms {
+            return Some(format!(
+                "stalled: {held} message(s) held, none settled for {}s",
+                quiet / 1000
+            ));
+        }
+        None
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

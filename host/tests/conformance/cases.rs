@@ -11,6 +11,7 @@ use sluice::backend::{Capabilities, Delivery, SettleError, Settlement, StartFrom
 
 use crate::case;
 use crate::harness::{Case, Ctx, consume, distinct_ids, expect_nothing, numbered, payload};
+use crate::targets::Target;
 
 const LIMIT: Duration = Duration::from_secs(30);
 const QUIET: Duration = Duration::from_millis(300);
@@ -38,38 +39,57 @@ pub fn all() -> Vec<Case> {
         case!(batch_settle_answers_per_item),
         case!(batch_settles_around_a_lost_lease, needs_lease_checked),
         case!(pattern_subscription_sees_new_topics, needs_wildcards),
+        case!(
+            carries_on_after_its_server_state_is_lost,
+            needs_server_state
+        ),
         case!(reconnect_after_server_restart, needs_restart),
+        case!(
+            carries_on_after_the_server_restarts_empty,
+            needs_restart_empty
+        ),
     ]
 }
 
 /// At-most-once backends (Redis pub/sub, NATS core) lose what a consumer
 /// held when it goes away; that is their declared contract.
-pub fn needs_at_least_once(caps: &Capabilities, _: bool) -> Option<&'static str> {
+pub fn needs_at_least_once(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.at_least_once).then_some("at-most-once by design")
 }
 
-pub fn needs_order(caps: &Capabilities, _: bool) -> Option<&'static str> {
+pub fn needs_order(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.ordered_per_key).then_some("no ordering per key")
 }
 
-fn needs_history(caps: &Capabilities, _: bool) -> Option<&'static str> {
+fn needs_history(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.history).then_some("keeps no history")
 }
 
-fn needs_lease(caps: &Capabilities, _: bool) -> Option<&'static str> {
+fn needs_lease(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.lease).then_some("in-process, no lease")
 }
 
-fn needs_lease_checked(caps: &Capabilities, _: bool) -> Option<&'static str> {
+fn needs_lease_checked(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.lease_checked).then_some("a stale settlement is not detected")
 }
 
-fn needs_wildcards(caps: &Capabilities, _: bool) -> Option<&'static str> {
+fn needs_wildcards(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.wildcards).then_some("no wildcards")
 }
 
-fn needs_restart(_: &Capabilities, can_restart: bool) -> Option<&'static str> {
-    (!can_restart).then_some("no server it can restart")
+fn needs_restart(_: &Capabilities, target: &dyn Target) -> Option<&'static str> {
+    (!target.can_restart()).then_some("no server it can restart")
+}
+
+fn needs_restart_empty(_: &Capabilities, target: &dyn Target) -> Option<&'static str> {
+    (!target.can_restart_empty()).then_some("no server it can restart empty")
+}
+
+fn needs_server_state(_: &Capabilities, target: &dyn Target) -> Option<&'static str> {
+    target
+        .restores_within()
+        .is_none()
+        .then_some("makes nothing on a server for a group")
 }
 
 async fn publish_subscribe_keeps_payload_key_and_headers(ctx: Ctx) -> Result<()> {
@@ -714,4 +734,114 @@ async fn batch_settles_around_a_lost_lease(ctx: Ctx) -> Result<()> {
     other.ack(&again).await?;
     expect_nothing(other.as_ref(), QUIET).await?;
     expect_nothing(slow.as_ref(), QUIET).await
+}
+
+/// What the backend made on the server for a group (its consumer, consumer
+/// group or queue) is deleted under a running subscription: the
+/// subscription makes it again and carries on, within the bound the target
+/// states. On a backend with history every message published after the
+/// loss arrives (some earlier ones may come again); on one without (SQS), a
+/// group gets what is published once its queue exists again, so the case
+/// publishes until a message gets through.
+async fn carries_on_after_its_server_state_is_lost(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 5)).await?;
+    consume(sub.as_ref(), 5, LIMIT).await?;
+    ctx.target.lose_state(&topic, &ctx.group("g")).await?;
+    let bound = ctx.target.restores_within().expect("the case applies");
+    if ctx.backend.capabilities().history {
+        let later = numbered(&topic, 5);
+        ctx.backend.publish(later.clone()).await?;
+        return receive_despite_errors(sub.as_ref(), &later, bound)
+            .await
+            .context("after the group's server-side state was deleted");
+    }
+    let give_up = tokio::time::Instant::now() + bound;
+    let mut last_error = None;
+    loop {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "nothing published after the group's server-side state was deleted arrived \
+             within {bound:?} (last error: {})",
+            last_error.as_deref().unwrap_or("none")
+        );
+        let probe = Message::new(&topic, "after the loss");
+        if let Err(e) = ctx.backend.publish(vec![probe.clone()]).await {
+            last_error = Some(format!("publish: {e:#}"));
+        }
+        match sub.fetch(100, Duration::from_millis(500)).await {
+            Ok(batch) => {
+                for delivery in &batch {
+                    let _ = sub.ack(delivery).await;
+                }
+                if batch.iter().any(|d| d.message.payload == probe.payload) {
+                    return Ok(());
+                }
+            }
+            Err(e) => last_error = Some(format!("fetch: {e:#}")),
+        }
+    }
+}
+
+/// The server restarts with none of its stored state: subscriptions and
+/// publishers carry on once it is back, making again what they need.
+async fn carries_on_after_the_server_restarts_empty(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
+    ctx.backend.publish(numbered(&topic, 5)).await?;
+    consume(sub.as_ref(), 5, LIMIT).await?;
+    ctx.target.restart_empty().await?;
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let later = numbered(&topic, 5);
+    loop {
+        match ctx.backend.publish(later.clone()).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                tracing::debug!("publish after an empty restart: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.context("publish after the server restarted empty")),
+        }
+    }
+    receive_despite_errors(sub.as_ref(), &later, LIMIT)
+        .await
+        .context("after the server restarted empty")
+}
+
+/// Fetches and acks until every one of `wanted` arrived, letting fetches
+/// fail meanwhile (the server, or what it keeps, is coming back).
+async fn receive_despite_errors(
+    sub: &dyn Subscription,
+    wanted: &[Message],
+    limit: Duration,
+) -> Result<()> {
+    let give_up = tokio::time::Instant::now() + limit;
+    let mut missing: HashSet<&str> = wanted.iter().map(|m| m.id.as_str()).collect();
+    let mut last_error = None;
+    while !missing.is_empty() {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "{} of {} messages did not arrive within {limit:?} (last fetch error: {})",
+            missing.len(),
+            wanted.len(),
+            last_error.as_deref().unwrap_or("none")
+        );
+        match sub.fetch(100, Duration::from_millis(200)).await {
+            Ok(batch) => {
+                for delivery in batch {
+                    missing.remove(delivery.message.id.as_str());
+                    // A failed ack only brings the message back.
+                    if let Err(e) = sub.ack(&delivery).await {
+                        last_error = Some(format!("ack: {e:#}"));
+                    }
+                }
+            }
+            Err(e) => {
+                last_error = Some(format!("{e:#}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
 }

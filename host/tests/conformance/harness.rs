@@ -65,7 +65,7 @@ type CaseFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 pub struct Case {
     pub name: &'static str,
     /// `Some(reason)` if the case does not apply to this backend.
-    pub skip: fn(&Capabilities, has_restart: bool) -> Option<&'static str>,
+    pub skip: fn(&Capabilities, &dyn Target) -> Option<&'static str>,
     pub run: fn(Ctx) -> CaseFuture,
 }
 
@@ -96,12 +96,15 @@ enum Verdict {
     NotApplicable(&'static str),
 }
 
-/// The case that restarts the server: it runs alone, after the others, so
-/// it never pulls the server from under a concurrent case.
-const RESTART_CASE: &str = "reconnect_after_server_restart";
+/// The cases that restart the server: they run alone, after the others, so
+/// they never pull the server from under a concurrent case.
+const ALONE: &[&str] = &[
+    "reconnect_after_server_restart",
+    "carries_on_after_the_server_restarts_empty",
+];
 
-/// Runs the cases of one round; with `restart_only`, just the restart case
-/// (every other case is left out of the result).
+/// Runs the cases of one round; with `restart_only`, just the cases that
+/// restart the server (every other case is left out of the result).
 async fn run_once(
     target: Arc<dyn Target>,
     round: usize,
@@ -109,7 +112,6 @@ async fn run_once(
 ) -> Vec<(&'static str, Verdict)> {
     let backend = target.open().await.expect("open the backend");
     let caps = backend.capabilities();
-    let has_restart = target.can_restart();
     let mut results = Vec::new();
     let cases = crate::cases::all()
         .into_iter()
@@ -122,7 +124,7 @@ async fn run_once(
         {
             continue;
         }
-        if restart_only != (case.name == RESTART_CASE) {
+        if restart_only != ALONE.contains(&case.name) {
             if !restart_only {
                 results.push((
                     case.name,
@@ -131,7 +133,7 @@ async fn run_once(
             }
             continue;
         }
-        if let Some(reason) = (case.skip)(&caps, has_restart) {
+        if let Some(reason) = (case.skip)(&caps, target.as_ref()) {
             results.push((case.name, Verdict::NotApplicable(reason)));
             continue;
         }
@@ -174,12 +176,12 @@ pub async fn run_suite(target: Arc<dyn Target>) {
     for run in futures::future::join_all(runs).await {
         all.push(run.expect("suite task"));
     }
-    // Then the restart case, once, with nothing else running; its verdict
-    // takes the first round's place in the table.
-    if let Some((_, verdict)) = run_once(target.clone(), rounds, true).await.pop()
-        && let Some(slot) = all[0].iter_mut().find(|(name, _)| *name == RESTART_CASE)
-    {
-        slot.1 = verdict;
+    // Then the restart cases, once each, with nothing else running; their
+    // verdicts take the first round's place in the table.
+    for (case, verdict) in run_once(target.clone(), rounds, true).await {
+        if let Some(slot) = all[0].iter_mut().find(|(name, _)| *name == case) {
+            slot.1 = verdict;
+        }
     }
 
     let mut table = String::new();

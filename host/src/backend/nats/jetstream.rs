@@ -41,26 +41,21 @@
 //! consumer that the server also removes by itself after inactivity, and
 //! that `close` deletes.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use async_nats::Client;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, FromConsumer, pull};
-use async_nats::jetstream::context::{
-    ConsumerInfoErrorKind, CreateStreamErrorKind, GetStreamErrorKind,
-};
-use async_nats::jetstream::stream::Config as StreamConfig;
-use async_nats::jetstream::{self, ErrorCode};
+use async_nats::jetstream;
 use async_trait::async_trait;
 
 use super::core::check_publish_topic;
+use super::provision::Provision;
 use super::pull::{JsSubscription, PullTarget};
 use super::settings::{SCHEME, Settings};
 use super::window::{self, Outgoing, WINDOW};
 use super::{ServerUrl, nats_name, split_url};
-use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
+use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription, pattern};
 use crate::message::Message;
 
 /// Asks for the account's JetStream info, read loosely: the client's own
@@ -86,11 +81,8 @@ async fn check_available(client: &Client, server: &ServerUrl) -> Result<()> {
 
 pub struct JetStreamBackend {
     client: Client,
-    js: jetstream::Context,
     server: ServerUrl,
-    settings: Settings,
-    /// First topic token → the stream that keeps it (default mode only).
-    streams: Mutex<HashMap<String, String>>,
+    provision: Arc<Provision>,
 }
 
 impl JetStreamBackend {
@@ -105,116 +97,14 @@ impl JetStreamBackend {
             .backpressure_on_inflight(true)
             .build(client.clone());
         check_available(&client, &server).await?;
-        let backend = JetStreamBackend {
+        let provision = Arc::new(Provision::new(js, settings));
+        if let Some(name) = provision.settings.stream.clone() {
+            provision.ensure_named(&name).await?;
+        }
+        Ok(JetStreamBackend {
             client,
-            js,
             server,
-            settings,
-            streams: Mutex::new(HashMap::new()),
-        };
-        if let Some(name) = backend.settings.stream.clone() {
-            backend.ensure_named(&name).await?;
-        }
-        Ok(backend)
-    }
-
-    /// Creates the named stream, or updates it to what the URL says.
-    async fn ensure_named(&self, name: &str) -> Result<()> {
-        match self.js.get_stream(name).await {
-            Ok(mut stream) => {
-                let current = stream.info().await?.config.clone();
-                let mut wanted = current.clone();
-                self.settings.apply(&mut wanted);
-                if wanted != current {
-                    self.js.update_stream(&wanted).await.with_context(|| {
-                        format!("{SCHEME} URL: cannot update stream `{name}` to the URL's settings")
-                    })?;
-                }
-                Ok(())
-            }
-            Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                if self.settings.subjects.is_none() {
-                    bail!(
-                        "{SCHEME} URL: stream `{name}` does not exist; give subjects= to create it"
-                    );
-                }
-                let mut config = StreamConfig {
-                    name: name.to_string(),
-                    ..Default::default()
-                };
-                self.settings.apply(&mut config);
-                self.js
-                    .create_stream(config)
-                    .await
-                    .with_context(|| format!("cannot create JetStream stream `{name}`"))?;
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("cannot look up JetStream stream `{name}`")),
-        }
-    }
-
-    /// The stream that keeps `topic` (a topic or pattern), made if needed.
-    async fn stream_for(&self, topic: &str) -> Result<String> {
-        if let Some(name) = &self.settings.stream {
-            return Ok(name.clone());
-        }
-        let token = topic.split('.').next().unwrap_or(topic);
-        if token == "*" || token == ">" {
-            bail!(
-                "the pattern `{topic}` starts with a wildcard, so no stream can be chosen for it: \
-                 name one in the backend URL with stream= and subjects="
-            );
-        }
-        if let Some(name) = self.streams.lock().unwrap().get(token) {
-            return Ok(name.clone());
-        }
-        let name = self.ensure_token_stream(token).await?;
-        self.streams
-            .lock()
-            .unwrap()
-            .insert(token.to_string(), name.clone());
-        Ok(name)
-    }
-
-    async fn ensure_token_stream(&self, token: &str) -> Result<String> {
-        let name = if token
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            format!("{}_{token}", self.settings.prefix)
-        } else {
-            nats_name(&format!("{}_{token}", self.settings.prefix), token)
-        };
-        let mut config = StreamConfig {
-            name: name.clone(),
-            subjects: vec![token.to_string(), format!("{token}.>")],
-            ..Default::default()
-        };
-        self.settings.apply(&mut config);
-        let error = match self.js.create_stream(config).await {
-            Ok(_) => return Ok(name),
-            Err(e) => e,
-        };
-        let code = match error.kind() {
-            CreateStreamErrorKind::JetStream(ref j) => Some(j.error_code()),
-            _ => None,
-        };
-        if code == Some(ErrorCode::STREAM_NAME_EXIST) {
-            // It exists with other settings (someone tuned it): use it as it is.
-            return Ok(name);
-        }
-        if code == Some(ErrorCode::STREAM_SUBJECT_OVERLAP) {
-            // Another stream already keeps this token's topics.
-            if let Ok(other) = self.js.stream_by_subject(format!("{token}.>")).await {
-                return Ok(other);
-            }
-            if let Ok(other) = self.js.stream_by_subject(token).await {
-                return Ok(other);
-            }
-        }
-        Err(error).with_context(|| {
-            format!("cannot create JetStream stream `{name}` for the topics `{token}.>`")
+            provision,
         })
     }
 }
@@ -247,22 +137,23 @@ impl Backend for JetStreamBackend {
         for message in &messages {
             if checked.insert(&message.topic) {
                 check_publish_topic(&message.topic)?;
-                self.stream_for(&message.topic).await?;
+                self.provision.stream_for(&message.topic).await?;
             }
         }
         drop(checked);
         let outgoing: Vec<Outgoing> = messages.into_iter().map(Outgoing::new).collect();
-        let mut failed = window::publish(&self.client, &self.js, &outgoing).await;
-        if failed.iter().any(|f| f.no_stream) && self.settings.stream.is_none() {
+        let js = &self.provision.js;
+        let mut failed = window::publish(&self.client, js, &outgoing).await;
+        if failed.iter().any(|f| f.no_stream) && self.provision.settings.stream.is_none() {
             // A stream deleted since it was made here: make it again, once.
             // Republishing the ones that failed is safe: ids deduplicate.
             let again: Vec<Outgoing> = failed.iter().map(|f| outgoing[f.index].clone()).collect();
-            self.streams.lock().unwrap().clear();
+            self.provision.forget_streams();
             for message in &again {
-                self.stream_for(message.subject.as_str()).await?;
+                self.provision.stream_for(message.subject.as_str()).await?;
             }
             let indices: Vec<usize> = failed.iter().map(|f| f.index).collect();
-            failed = window::publish(&self.client, &self.js, &again).await;
+            failed = window::publish(&self.client, js, &again).await;
             for failure in &mut failed {
                 failure.index = indices[failure.index];
             }
@@ -272,7 +163,7 @@ impl Backend for JetStreamBackend {
             if failure.no_stream {
                 bail!(
                     "no JetStream stream keeps the topic `{topic}`{}",
-                    match &self.settings.stream {
+                    match &self.provision.settings.stream {
                         Some(name) => format!(" (stream `{name}` does not capture it)"),
                         None => String::new(),
                     }
@@ -295,117 +186,25 @@ impl Backend for JetStreamBackend {
         let key = options.group_key();
         let mut targets = Vec::with_capacity(topics.len());
         for topic in &topics {
-            let stream = self.stream_for(topic).await?;
+            let stream = self.provision.stream_for(topic).await?;
             let name = nats_name(&options.group, &format!("{key}\n{topic}"));
-            self.ensure_consumer(&stream, &name, topic, &options)
+            self.provision
+                .ensure_consumer(&stream, &name, topic, &options)
                 .await?;
             targets.push(PullTarget {
                 stream,
                 consumer: name,
+                topic: topic.clone(),
             });
         }
         let subscription = JsSubscription::start(
             self.client.clone(),
-            self.js.clone(),
+            self.provision.clone(),
             self.server.clone(),
-            key,
             targets,
-            options.lease,
-            options.ephemeral,
-            self.settings.progress,
+            options,
         )
         .await?;
         Ok(Box::new(subscription))
-    }
-}
-
-impl JetStreamBackend {
-    /// Makes the group's consumer for one topic unless it exists; the
-    /// group's first subscription decides where it starts.
-    async fn ensure_consumer(
-        &self,
-        stream: &str,
-        name: &str,
-        topic: &str,
-        options: &SubscribeOptions,
-    ) -> Result<()> {
-        let handle = self.js.get_stream_no_info(stream).await?;
-        match handle.consumer_info(name).await {
-            Ok(info) => {
-                if info.config.ack_wait != options.lease {
-                    self.change_lease(stream, name, info.config, options.lease)
-                        .await;
-                }
-                return Ok(());
-            }
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot look up JetStream consumer `{name}` on stream `{stream}`")
-                });
-            }
-        }
-        let config = pull::Config {
-            durable_name: Some(name.to_string()),
-            description: Some(format!("sluice group {} on {topic}", options.group)),
-            deliver_policy: match options.start {
-                StartFrom::Earliest => DeliverPolicy::All,
-                StartFrom::Latest => DeliverPolicy::New,
-            },
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: options.lease,
-            max_deliver: -1,
-            filter_subject: topic.to_string(),
-            max_ack_pending: self.settings.max_ack_pending,
-            // An ephemeral group left behind by a crash goes away by itself.
-            inactive_threshold: if options.ephemeral {
-                (options.lease * 2).max(Duration::from_secs(300))
-            } else {
-                Duration::ZERO
-            },
-            ..Default::default()
-        };
-        match self.js.create_consumer_on_stream(config, stream).await {
-            Ok(_) => Ok(()),
-            // Another member made it first: theirs decides.
-            Err(_) if handle.consumer_info(name).await.is_ok() => Ok(()),
-            Err(e) => Err(e).with_context(|| {
-                format!("cannot create JetStream consumer for `{topic}` on stream `{stream}`")
-            }),
-        }
-    }
-}
-
-impl JetStreamBackend {
-    /// A later subscription with another lease moves the group to it;
-    /// members with the old lease keep working, so a failure only warns.
-    async fn change_lease(
-        &self,
-        stream: &str,
-        name: &str,
-        current: jetstream::consumer::Config,
-        lease: Duration,
-    ) {
-        let result = match pull::Config::try_from_consumer_config(current) {
-            Ok(config) => self
-                .js
-                .create_consumer_on_stream(
-                    pull::Config {
-                        ack_wait: lease,
-                        ..config
-                    },
-                    stream,
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = result {
-            tracing::warn!(
-                consumer = name,
-                "could not change the lease (AckWait) of a JetStream consumer: {e}"
-            );
-        }
     }
 }

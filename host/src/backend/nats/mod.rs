@@ -27,8 +27,9 @@
 pub mod core;
 pub mod headers;
 pub mod jetstream;
+mod provision;
 mod pull;
-mod settings;
+pub(crate) mod settings;
 mod window;
 
 use std::time::Duration;

@@ -27,6 +27,20 @@
 //! call (fetch, ack, nack) for a whole lease is taken for stalled and gets
 //! no more progress acks, so its deliveries return to the group.
 //!
+//! Lost consumers: a consumer deleted under a running subscription (by an
+//! operator, or with a server that came back with an empty store) answers
+//! a pull request with "consumer deleted" once, and later requests get no
+//! responder or no answer at all (a live consumer always ends a request, at
+//! its expiry at the latest). Any of these makes the next fetch ask the
+//! server whether the consumer exists; if it does not, the subscription makes the stream and
+//! the consumer again (from the group's start position, so what the stream
+//! still keeps is delivered again: duplicates, never a loss), warns once
+//! and counts it (see [`crate::backend::record_restored`]). If the server
+//! cannot say, the fetch fails, so the route shows its backend as down.
+//!
+//! A fetch while the client is disconnected fails (the client reconnects by
+//! itself), so the route reports its backend down rather than idle.
+//!
 //! Close: a pending pull request may still deliver, so close waits for it
 //! to end (at most [`MAX_PULL`] and a little), `-NAK`s what it brought and
 //! every delivery still held, and for an ephemeral group deletes the
@@ -46,8 +60,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::core::flush;
+use super::provision::Provision;
 use super::{ServerUrl, headers};
-use crate::backend::{Delivery, Receipt, SettleError, Settlement, Subscription, closed_error};
+use crate::backend::{
+    Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription, closed_error,
+    record_restored,
+};
 use crate::message::Message;
 
 /// The longest a pull request waits on the server.
@@ -63,6 +81,8 @@ const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(250);
 pub(crate) struct PullTarget {
     pub stream: String,
     pub consumer: String,
+    /// The topic (or pattern) it filters on.
+    pub topic: String,
 }
 
 pub(crate) struct JsSubscription {
@@ -73,8 +93,10 @@ pub(crate) struct JsSubscription {
 struct Inner {
     client: Client,
     js: jetstream::Context,
+    provision: Arc<Provision>,
     server: ServerUrl,
     group: String,
+    options: SubscribeOptions,
     targets: Vec<PullTarget>,
     /// Consumer name → its index in `targets`.
     by_name: HashMap<String, usize>,
@@ -95,6 +117,11 @@ struct Pulls {
     inbox: Option<Subscriber>,
     /// Per target: when its pending request ends, and what it still owes.
     pending: Vec<Option<(Instant, usize)>>,
+    /// Per target: the server answered as if its consumer were gone.
+    suspect: Vec<bool>,
+    /// Per target: the stream that keeps its topic (it changes only if the
+    /// stream is made again elsewhere).
+    streams: Vec<String>,
 }
 
 struct Held {
@@ -107,13 +134,10 @@ impl JsSubscription {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start(
         client: Client,
-        js: jetstream::Context,
+        provision: Arc<Provision>,
         server: ServerUrl,
-        group: String,
         targets: Vec<PullTarget>,
-        lease: Duration,
-        ephemeral: bool,
-        progress: bool,
+        options: SubscribeOptions,
     ) -> Result<Self> {
         let inbox_prefix = client.new_inbox();
         let inbox = client
@@ -126,20 +150,25 @@ impl JsSubscription {
             .map(|(i, t)| (t.consumer.clone(), i))
             .collect();
         let count = targets.len();
+        let progress = provision.settings.progress;
         let inner = Arc::new(Inner {
             client,
-            js,
+            js: provision.js.clone(),
+            provision,
             server,
-            group,
-            targets,
-            by_name,
-            inbox_prefix,
-            lease,
-            ephemeral,
+            group: options.group_key(),
+            lease: options.lease,
+            ephemeral: options.ephemeral,
+            options,
             pulls: tokio::sync::Mutex::new(Pulls {
                 inbox: Some(inbox),
                 pending: vec![None; count],
+                suspect: vec![false; count],
+                streams: targets.iter().map(|t| t.stream.clone()).collect(),
             }),
+            targets,
+            by_name,
+            inbox_prefix,
             held: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -213,6 +242,7 @@ impl Inner {
     async fn request_more(
         &self,
         pending: &mut [Option<(Instant, usize)>],
+        streams: &[String],
         max: usize,
         wait: Duration,
     ) -> Result<()> {
@@ -231,7 +261,7 @@ impl Inner {
                 .publish_with_reply(
                     format!(
                         "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-                        target.stream, target.consumer
+                        streams[index], target.consumer
                     ),
                     format!("{}.{index}", self.inbox_prefix),
                     serde_json::to_vec(&request)?.into(),
@@ -249,6 +279,7 @@ impl Inner {
         &self,
         raw: async_nats::Message,
         pending: &mut [Option<(Instant, usize)>],
+        suspect: &mut [bool],
     ) -> Result<Option<Delivery>> {
         if let Some(status) = raw.status {
             let index = raw
@@ -267,18 +298,15 @@ impl Inner {
                     // JetStream not ready (just restarted) or the consumer is gone.
                     tracing::debug!(group = %self.group, consumer = %self.targets[index].consumer, "JetStream did not answer a pull request");
                     pending[index] = Some((Instant::now() + UNAVAILABLE_PAUSE - GRACE, 0));
+                    suspect[index] = true;
                 }
                 _ => {
                     let why = raw.description.clone().unwrap_or_default();
-                    if why.to_ascii_lowercase().contains("consumer deleted") {
-                        bail!(
-                            "JetStream consumer `{}` of group `{}` was deleted",
-                            self.targets[index].consumer,
-                            self.group
-                        );
-                    }
                     tracing::debug!(group = %self.group, "pull request ended: {status} {why}");
                     pending[index] = None;
+                    if why.to_ascii_lowercase().contains("consumer deleted") {
+                        suspect[index] = true;
+                    }
                 }
             }
             return Ok(None);
@@ -326,6 +354,44 @@ impl Inner {
         }))
     }
 
+    /// Asks the server whether each suspect target's consumer still exists,
+    /// and makes the ones that do not again. Fails while the server cannot
+    /// answer.
+    async fn restore_lost(&self, suspect: &mut [bool], streams: &mut [String]) -> Result<()> {
+        for (index, target) in self.targets.iter().enumerate() {
+            if !suspect[index] {
+                continue;
+            }
+            if self
+                .provision
+                .consumer_exists(&streams[index], &target.consumer)
+                .await?
+            {
+                suspect[index] = false;
+                continue;
+            }
+            streams[index] = self
+                .provision
+                .restore(&target.consumer, &target.topic, &self.options)
+                .await
+                .with_context(|| {
+                    format!(
+                        "JetStream consumer `{}` of group `{}` is gone and cannot be made again",
+                        target.consumer, self.group
+                    )
+                })?;
+            suspect[index] = false;
+            record_restored("jetstream");
+            tracing::warn!(
+                group = %self.group,
+                consumer = %target.consumer,
+                stream = %streams[index],
+                "the JetStream consumer of this group was gone (deleted, or lost with the server's store) and was made again; messages its stream still keeps are delivered again from the group's start position"
+            );
+        }
+        Ok(())
+    }
+
     /// Takes what the subscription holds of `delivery`, to settle it.
     fn take_held(
         &self,
@@ -359,13 +425,18 @@ impl Subscription for JsSubscription {
             }
             let woken = inner.woken.notified();
             let mut pulls = inner.pulls.lock().await;
-            let Pulls { inbox, pending } = &mut *pulls;
+            let Pulls {
+                inbox,
+                pending,
+                suspect,
+                streams,
+            } = &mut *pulls;
             let Some(inbox) = inbox.as_mut() else {
                 return Err(closed_error(&inner.group));
             };
             while out.len() < max {
                 match inbox.next().now_or_never() {
-                    Some(Some(raw)) => out.extend(inner.receive(raw, pending)?),
+                    Some(Some(raw)) => out.extend(inner.receive(raw, pending, suspect)?),
                     Some(None) => {
                         bail!("the NATS connection of group `{}` was closed", inner.group)
                     }
@@ -380,15 +451,39 @@ impl Subscription for JsSubscription {
             if asked && now >= give_up {
                 return Ok(out);
             }
+            // A pull request sent while disconnected waits in the client's
+            // buffer and gets no answer: say so instead of seeming idle.
+            if inner.client.connection_state() == async_nats::connection::State::Disconnected {
+                bail!(
+                    "not connected to NATS at `{}` (reconnecting)",
+                    inner.server.shown()
+                );
+            }
+            // A live consumer ends every request (with messages, or a
+            // timeout status at its expiry); one that got no answer at all
+            // reached no consumer: a server that came back without it.
+            for (slot, suspect) in pending.iter().zip(suspect.iter_mut()) {
+                if matches!(slot, Some((until, _)) if now >= *until + GRACE) {
+                    *suspect = true;
+                }
+            }
+            if suspect.contains(&true) {
+                inner.restore_lost(suspect, streams).await?;
+            }
             // Even a fetch that may not wait asks the server once.
             inner
-                .request_more(pending, max, give_up.saturating_duration_since(now))
+                .request_more(
+                    pending,
+                    streams,
+                    max,
+                    give_up.saturating_duration_since(now),
+                )
                 .await?;
             asked = true;
             let until = give_up.max(now + MIN_PULL);
             tokio::select! {
                 raw = inbox.next() => match raw {
-                    Some(raw) => out.extend(inner.receive(raw, pending)?),
+                    Some(raw) => out.extend(inner.receive(raw, pending, suspect)?),
                     None => bail!("the NATS connection of group `{}` was closed", inner.group),
                 },
                 _ = tokio::time::sleep_until(until) => return Ok(out),
@@ -457,7 +552,12 @@ impl Subscription for JsSubscription {
         }
         inner.woken.notify_waiters();
         let mut pulls = inner.pulls.lock().await;
-        let Pulls { inbox, pending } = &mut *pulls;
+        let Pulls {
+            inbox,
+            pending,
+            suspect,
+            streams,
+        } = &mut *pulls;
         if let Some(mut inbox) = inbox.take() {
             let end = pending
                 .iter()
@@ -475,7 +575,7 @@ impl Subscription for JsSubscription {
                     break;
                 };
                 // Received only to be handed back: `receive` holds it below.
-                if let Err(e) = inner.receive(raw, pending) {
+                if let Err(e) = inner.receive(raw, pending, suspect) {
                     tracing::debug!(group = %inner.group, "while closing: {e:#}");
                 }
             }
@@ -495,10 +595,10 @@ impl Subscription for JsSubscription {
         }
         flush(&inner.client, &inner.server).await?;
         if inner.ephemeral {
-            for target in &inner.targets {
+            for (target, stream) in inner.targets.iter().zip(streams.iter()) {
                 if let Err(e) = inner
                     .js
-                    .delete_consumer_from_stream(&target.consumer, &target.stream)
+                    .delete_consumer_from_stream(&target.consumer, stream)
                     .await
                 {
                     tracing::warn!(group = %inner.group, consumer = %target.consumer, "could not delete an ephemeral JetStream consumer (the server removes it after inactivity): {e}");

@@ -22,7 +22,7 @@
 
 mod listener;
 mod schema;
-mod settings;
+pub(crate) mod settings;
 mod settle;
 mod subscription;
 
@@ -71,6 +71,22 @@ impl Shared {
             .entry(group_key.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Makes the schema and its tables again after they were dropped under
+    /// the running backend (a database restored empty, or an operator's
+    /// `DROP SCHEMA`); warns once and counts it.
+    async fn restore_schema(&self) -> Result<()> {
+        if !schema::migrate(&self.pool, &self.settings.schema).await? {
+            // Another subscription or publisher made them again first.
+            return Ok(());
+        }
+        crate::backend::record_restored("postgres");
+        tracing::warn!(
+            schema = %self.settings.schema,
+            "Sluice's tables were gone from the database and were made again; the messages and deliveries they held are lost with them"
+        );
+        Ok(())
     }
 
     fn wake_all(&self) {
@@ -261,7 +277,13 @@ impl Backend for PostgresBackend {
         if messages.is_empty() {
             return Ok(());
         }
-        insert_messages(&self.shared.pool, &self.shared.channel, &messages).await
+        match insert_messages(&self.shared.pool, &self.shared.channel, &messages).await {
+            Err(e) if tables_missing(&e) => {
+                self.shared.restore_schema().await?;
+                insert_messages(&self.shared.pool, &self.shared.channel, &messages).await
+            }
+            result => result,
+        }
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
@@ -295,6 +317,18 @@ impl Backend for PostgresBackend {
         .await?;
         Ok(Some(count as u64))
     }
+}
+
+/// Whether `error` says Sluice's schema or tables do not exist.
+fn tables_missing(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(db))
+                // undefined_table, invalid_schema_name
+                if matches!(db.code().as_deref(), Some("42P01" | "3F000"))
+        )
+    })
 }
 
 /// Records the group's patterns and, from `earliest`, gives it the messages

@@ -51,8 +51,9 @@ const MIGRATIONS: &[&str] = &[
 /// An arbitrary constant: the advisory lock key of Sluice's migrations.
 const MIGRATION_LOCK: i64 = 0x511CE;
 
-/// Creates the schema if missing and applies the migrations it lacks.
-pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
+/// Creates the schema if missing and applies the migrations it lacks;
+/// answers whether it applied any.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<bool> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATION_LOCK)
@@ -96,5 +97,5 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
         tracing::info!(schema, version, "applied migration");
     }
     tx.commit().await?;
-    Ok(())
+    Ok(applied < known)
 }

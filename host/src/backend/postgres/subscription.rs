@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::settle;
-use super::{Shared, relaxed};
+use super::{Shared, create_group, relaxed, tables_missing};
 use crate::backend::ack_batch::AckBatcher;
 use crate::backend::claims::{forget_claim, settle_claims, stored_message};
 use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
@@ -25,6 +25,8 @@ use crate::message::Message;
 pub struct PostgresSubscription {
     shared: Arc<Shared>,
     group_key: String,
+    /// What the group was made with, to make it again.
+    options: SubscribeOptions,
     lease: Duration,
     ephemeral: bool,
     closed: AtomicBool,
@@ -84,6 +86,7 @@ impl PostgresSubscription {
             acks: postgres_acks(&shared, group_key.clone()),
             shared,
             group_key,
+            options: options.clone(),
             lease: options.lease,
             ephemeral: options.ephemeral,
             closed: AtomicBool::new(false),
@@ -155,15 +158,28 @@ impl PostgresSubscription {
     }
 
     /// How long until the group's next delivery becomes visible (a nack's
-    /// delay or a lease running out), if it has any.
+    /// delay or a lease running out), if it has any. Makes the group again
+    /// if its patterns are gone (the tables were made again since it
+    /// subscribed): publishes would no longer reach it.
     async fn next_due(&self) -> Result<Option<Duration>> {
-        let millis: Option<f64> = sqlx::query_scalar(
-            "SELECT (EXTRACT(EPOCH FROM MIN(visible_at) - now()) * 1000)::float8 \
-             FROM sluice_deliveries WHERE group_key = $1",
+        let (millis, patterns): (Option<f64>, i64) = sqlx::query_as(
+            "SELECT (SELECT (EXTRACT(EPOCH FROM MIN(visible_at) - now()) * 1000)::float8 \
+                     FROM sluice_deliveries WHERE group_key = $1), \
+                    (SELECT COUNT(*) FROM sluice_groups WHERE group_key = $1)",
         )
         .bind(&self.group_key)
         .fetch_one(&self.shared.pool)
         .await?;
+        let wanted: std::collections::HashSet<&String> = self.options.topics.iter().collect();
+        if (patterns as usize) < wanted.len() {
+            create_group(&self.shared.pool, &self.group_key, &self.options).await?;
+            crate::backend::record_restored("postgres");
+            tracing::warn!(
+                group = %self.group_key,
+                "the group was gone from the database and was made again from its start position"
+            );
+            return Ok(Some(Duration::ZERO));
+        }
         Ok(millis.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
     }
 }
@@ -179,7 +195,14 @@ impl Subscription for PostgresSubscription {
             // Registered before the claim, so a notification that arrives
             // between an empty claim and the wait is not missed.
             let woken = self.wake.notified();
-            let deliveries = self.claim(max.max(1)).await?;
+            let deliveries = match self.claim(max.max(1)).await {
+                Err(e) if tables_missing(&e) => {
+                    self.shared.restore_schema().await?;
+                    create_group(&self.shared.pool, &self.group_key, &self.options).await?;
+                    continue;
+                }
+                result => result?,
+            };
             if !deliveries.is_empty() {
                 return Ok(deliveries);
             }
@@ -201,7 +224,7 @@ impl Subscription for PostgresSubscription {
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
         let receipt = delivery.receipt.get::<PostgresReceipt>()?;
         self.forget(receipt);
-        self.acks.push((receipt.seq, receipt.attempt));
+        self.acks.push((receipt.seq, receipt.attempt)).await;
         Ok(())
     }
 

@@ -146,10 +146,14 @@ impl Reader {
     /// After the server lost the group (or a stream was deleted), joins
     /// again where the group starts.
     async fn rejoin(&mut self, sub: &StreamSubscription) -> Result<()> {
-        tracing::warn!(group = %sub.group, "consumer group missing on the server; creating it again");
         sub.shared
             .ensure_groups(&sub.group, sub.start, &self.streams)
             .await?;
+        crate::backend::record_restored("redis");
+        tracing::warn!(
+            group = %sub.group,
+            "the consumer group was gone from the server (its stream deleted, or the server lost its data) and was made again; what the stream still keeps is delivered again from the group's start position, and deliveries held when it went are settled into nothing"
+        );
         Ok(())
     }
 
@@ -331,7 +335,7 @@ fn field_text(entry: &mut StreamId, name: &str) -> Option<String> {
 /// A topic stream entry as a message. Lenient, so streams written by other
 /// tools can be consumed: a missing id becomes `<stream>/<entry id>`, a
 /// missing timestamp the entry id's time, a missing payload empty.
-fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> Message {
+pub(crate) fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> Message {
     let topic = keys.topic(stream).unwrap_or(stream).to_string();
     let headers = match field_text(entry, "headers") {
         None => Vec::new(),
@@ -369,7 +373,7 @@ fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> Message {
 }
 
 /// A retry stream entry: the envelope parked by a nack.
-fn decode_retry(entry: &mut StreamId) -> (Message, u32) {
+pub(crate) fn decode_retry(entry: &mut StreamId) -> (Message, u32) {
     let bytes = field_bytes(entry, "m").unwrap_or_default();
     envelope::decode(&bytes).unwrap_or_else(|e| {
         // Only Sluice writes retry streams; a broken entry is delivered as

@@ -89,7 +89,8 @@ impl Subscription for SqliteSubscription {
         forget_claim(&mut self.mine.lock().unwrap(), receipt.seq, receipt.attempt);
         self.shared
             .writer
-            .ack(&self.group, (receipt.seq, receipt.attempt));
+            .ack(&self.group, (receipt.seq, receipt.attempt))
+            .await;
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use sqlx::{Connection, SqliteConnection};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::store::{self, Item};
 use crate::backend::Settlement;
@@ -29,6 +29,11 @@ use crate::message::Message;
 
 /// The most requests one transaction takes.
 const BATCH_MAX: usize = 1024;
+
+/// Single acks queued and not yet committed, at most: an `ack` past this
+/// waits for the writer, so a crash redelivers at most this many acked
+/// messages (besides what consumers held unsettled).
+pub const QUEUED_ACKS_MAX: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 
@@ -57,7 +62,12 @@ enum Request {
         done: oneshot::Sender<Settled>,
     },
     /// An ack nobody waits for.
-    Ack { group: String, claim: (i64, i64) },
+    Ack {
+        group: String,
+        claim: (i64, i64),
+        /// Room in the ack queue, given back once the ack is committed.
+        room: OwnedSemaphorePermit,
+    },
     /// Hands claims back to the group.
     Release {
         group: String,
@@ -125,6 +135,8 @@ impl Outcome {
 /// and what was queued is written.
 pub struct Writer {
     requests: mpsc::UnboundedSender<Request>,
+    /// Room for single acks between queued and committed.
+    ack_room: Arc<Semaphore>,
 }
 
 impl Writer {
@@ -133,7 +145,10 @@ impl Writer {
     pub fn start(conn: SqliteConnection, changed: Arc<Notify>) -> Writer {
         let (requests, queue) = mpsc::unbounded_channel();
         tokio::spawn(run(conn, queue, changed));
-        Writer { requests }
+        Writer {
+            requests,
+            ack_room: Arc::new(Semaphore::new(QUEUED_ACKS_MAX)),
+        }
     }
 
     pub async fn publish(&self, messages: Vec<Message>) -> Result<()> {
@@ -185,10 +200,15 @@ impl Writer {
     }
 
     /// Queues an ack and returns: it is written with the next transaction.
-    pub fn ack(&self, group: &str, claim: (i64, i64)) {
+    /// Waits while [`QUEUED_ACKS_MAX`] acks are queued.
+    pub async fn ack(&self, group: &str, claim: (i64, i64)) {
+        let Ok(room) = self.ack_room.clone().acquire_owned().await else {
+            return;
+        };
         let _ = self.requests.send(Request::Ack {
             group: group.to_string(),
             claim,
+            room,
         });
     }
 
@@ -238,10 +258,16 @@ async fn run(
 /// became visible.
 async fn commit(conn: &mut SqliteConnection, requests: impl Iterator<Item = Request>) -> bool {
     let mut acks: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    // Held until the transaction ends, so the queue's room comes back only
+    // for acks that are written (or failed).
+    let mut _ack_room = Vec::new();
     let mut others = Vec::new();
     for request in requests {
         match request {
-            Request::Ack { group, claim } => acks.entry(group).or_default().push(claim),
+            Request::Ack { group, claim, room } => {
+                acks.entry(group).or_default().push(claim);
+                _ack_room.push(room);
+            }
             other => others.push(other),
         }
     }

@@ -13,7 +13,7 @@ use super::config::SqsConfig;
 use super::directory::Directory;
 use super::names::Names;
 use super::send::{Sent, batches, send_batch};
-use super::subscription::{QueueSource, SqsSubscription, SubscriptionSpec, Teardown};
+use super::subscription::{QueueSource, Restore, SqsSubscription, SubscriptionSpec, Teardown};
 use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
@@ -127,13 +127,34 @@ impl Backend for SqsBackend {
         let topics = exact_topics(&options, SCHEME)?;
         let group_key = options.group_key();
         let mut sources = Vec::new();
+        let mut names = Vec::new();
         for topic in topics {
             let name = self.names.queue(&topic, &options.group, &group_key);
             let url = queues::ensure_group_queue(&self.sqs, &self.config, &name, options.ephemeral)
                 .await?;
             self.directory.register(&topic, &url);
             sources.push(QueueSource { url, topic });
+            names.push(name);
         }
+        let restore: Restore = {
+            let (sqs, config, directory) = (
+                self.sqs.clone(),
+                self.config.clone(),
+                self.directory.clone(),
+            );
+            let topics: Vec<String> = sources.iter().map(|s| s.topic.clone()).collect();
+            let ephemeral = options.ephemeral;
+            Box::new(move |queue| {
+                let (sqs, config, directory) = (sqs.clone(), config.clone(), directory.clone());
+                let (topic, name) = (topics[queue].clone(), names[queue].clone());
+                Box::pin(async move {
+                    let url = queues::ensure_group_queue(&sqs, &config, &name, ephemeral).await?;
+                    // Publishers of this process send to it again at once.
+                    directory.register(&topic, &url);
+                    Ok(url)
+                })
+            })
+        };
         self.groups.insert(
             group_key.clone(),
             sources.iter().map(|s| s.url.clone()).collect(),
@@ -165,6 +186,7 @@ impl Backend for SqsBackend {
                 ack_batch: self.config.ack_batch,
                 heartbeat: self.config.heartbeat,
                 teardown,
+                restore,
             },
         )))
     }

@@ -99,6 +99,10 @@ async fn receive(inner: Arc<Inner>, queue: usize, max: i32, wait_seconds: i32) {
                 state.rest_until[queue] = Some(now + REST_AFTER_ERROR);
                 if !inner.closed.load(Ordering::SeqCst) {
                     let gone = is_missing_queue(error_code(&e));
+                    if gone {
+                        state.missing[queue] = true;
+                        state.rest_until[queue] = None;
+                    }
                     let error = anyhow::Error::new(e).context(if gone {
                         format!(
                             "queue `{}` of group `{}` no longer exists",

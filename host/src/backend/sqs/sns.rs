@@ -16,7 +16,7 @@ use super::codec::{Encoded, META_ATTRIBUTE, encode};
 use super::config::SqsConfig;
 use super::names::{Names, queue_name_of};
 use super::send::{EntryFailure, Sent, batches, with_entry_retries};
-use super::subscription::{QueueSource, SqsSubscription, SubscriptionSpec, Teardown};
+use super::subscription::{QueueSource, Restore, SqsSubscription, SubscriptionSpec, Teardown};
 use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
@@ -25,14 +25,16 @@ const SCHEME: &str = "sns+sqs";
 /// PublishBatch requests of one publish under way at once.
 const PARALLEL_SENDS: usize = 16;
 
-/// SNS fan-out to SQS.
+/// SNS fan-out to SQS. Clones share the topic cache (a subscription keeps
+/// one, to make its queue again).
+#[derive(Clone)]
 pub struct SnsSqsBackend {
     sqs: aws_sdk_sqs::Client,
     sns: aws_sdk_sns::Client,
     config: SqsConfig,
     names: Names,
     /// Topic ARNs by Sluice topic.
-    topics: Mutex<HashMap<String, String>>,
+    topics: Arc<Mutex<HashMap<String, String>>>,
     groups: Arc<GroupQueues>,
 }
 
@@ -56,7 +58,7 @@ impl SnsSqsBackend {
             sqs,
             sns,
             config,
-            topics: Mutex::default(),
+            topics: Arc::default(),
             groups: Arc::default(),
         })
     }
@@ -231,6 +233,7 @@ impl Backend for SnsSqsBackend {
         let group_key = options.group_key();
         let mut sources = Vec::new();
         let mut subscriptions = Vec::new();
+        let mut names = Vec::new();
         for topic in topics {
             let topic_arn = self.topic_arn(&topic).await?;
             let name = self.names.queue(&topic, &options.group, &group_key);
@@ -238,7 +241,27 @@ impl Backend for SnsSqsBackend {
                 .await?;
             subscriptions.push(self.connect_queue(&topic_arn, &url).await?);
             sources.push(QueueSource { url, topic });
+            names.push(name);
         }
+        let restore: Restore = {
+            let backend = self.clone();
+            let topics: Vec<String> = sources.iter().map(|s| s.topic.clone()).collect();
+            let ephemeral = options.ephemeral;
+            Box::new(move |queue| {
+                let backend = backend.clone();
+                let (topic, name) = (topics[queue].clone(), names[queue].clone());
+                Box::pin(async move {
+                    // The topic may be gone too (a server that lost everything).
+                    backend.topics.lock().unwrap().remove(&topic);
+                    let topic_arn = backend.topic_arn(&topic).await?;
+                    let url =
+                        queues::ensure_group_queue(&backend.sqs, &backend.config, &name, ephemeral)
+                            .await?;
+                    backend.connect_queue(&topic_arn, &url).await?;
+                    Ok(url)
+                })
+            })
+        };
         self.groups.insert(
             group_key.clone(),
             sources.iter().map(|s| s.url.clone()).collect(),
@@ -272,6 +295,7 @@ impl Backend for SnsSqsBackend {
                 ack_batch: self.config.ack_batch,
                 heartbeat: self.config.heartbeat,
                 teardown,
+                restore,
             },
         )))
     }

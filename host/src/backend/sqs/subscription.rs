@@ -13,6 +13,12 @@
 //! whose lease ran out meanwhile is dropped, as SQS has made it visible
 //! again.
 //!
+//! A queue deleted under the subscription (by an operator, or with an
+//! emulator that restarted empty) fails its receives as missing; the next
+//! fetch makes it again with the backend's [`Restore`] (same name, so the
+//! same URL), warns once and counts it (see
+//! [`crate::backend::record_restored`]). Messages it held are gone with it.
+//!
 //! Close waits for the receives under way (each ends within its long poll,
 //! at most 20 s), sends the queued deletes, hands every delivery not
 //! settled back with visibility 0, and for an ephemeral group removes its
@@ -54,6 +60,10 @@ pub struct QueueSource {
 /// Removes an ephemeral group's queues (and subscriptions) on close.
 pub type Teardown = Box<dyn FnOnce() -> BoxFuture<'static, Result<()>> + Send>;
 
+/// Makes the queue of one of the subscription's sources again (by its
+/// index), as subscribing made it; answers its URL.
+pub type Restore = Box<dyn Fn(usize) -> BoxFuture<'static, Result<String>> + Send + Sync>;
+
 /// What a subscription is made of.
 pub struct SubscriptionSpec {
     pub group: String,
@@ -62,6 +72,7 @@ pub struct SubscriptionSpec {
     pub ack_batch: Duration,
     pub heartbeat: bool,
     pub teardown: Option<Teardown>,
+    pub restore: Restore,
 }
 
 /// The receipt of an SQS delivery: a token for the subscription's held map.
@@ -84,6 +95,7 @@ pub(super) struct Inner {
     pub last_call: Mutex<Instant>,
     acks: Arc<AckBatcher>,
     teardown: Mutex<Option<Teardown>>,
+    restore: Restore,
 }
 
 pub(super) struct State {
@@ -99,6 +111,8 @@ pub(super) struct State {
     pub rest_until: Vec<Option<Instant>>,
     /// The last receive error, for the next fetch to report.
     pub error: Option<anyhow::Error>,
+    /// Per queue: its receive found it missing.
+    pub missing: Vec<bool>,
     pub next_token: u64,
 }
 
@@ -130,6 +144,7 @@ impl SqsSubscription {
                 busy: vec![false; count],
                 rest_until: vec![None; count],
                 error: None,
+                missing: vec![false; count],
                 next_token: 0,
             }),
             arrived: Notify::new(),
@@ -137,6 +152,7 @@ impl SqsSubscription {
             last_call: Mutex::new(Instant::now()),
             acks,
             teardown: Mutex::new(spec.teardown),
+            restore: spec.restore,
         });
         let heartbeat = spec
             .heartbeat
@@ -196,6 +212,41 @@ impl Inner {
         out
     }
 
+    /// Makes the queues found missing again.
+    async fn restore_missing(&self) -> Result<()> {
+        let missing: Vec<usize> = {
+            let state = self.state.lock().unwrap();
+            (0..self.queues.len())
+                .filter(|q| state.missing[*q])
+                .collect()
+        };
+        for queue in missing {
+            let source = &self.queues[queue];
+            let url = (self.restore)(queue).await.with_context(|| {
+                format!(
+                    "queue `{}` of group `{}` is gone and cannot be made again",
+                    queue_name_of(&source.url),
+                    self.group
+                )
+            })?;
+            if url != source.url {
+                bail!(
+                    "queue `{}` of group `{}` was made again at another URL ({url}); restart the route",
+                    queue_name_of(&source.url),
+                    self.group
+                );
+            }
+            self.state.lock().unwrap().missing[queue] = false;
+            crate::backend::record_restored("sqs");
+            tracing::warn!(
+                group = %self.group,
+                queue = queue_name_of(&source.url),
+                "the group's SQS queue was gone (deleted, or lost with the server) and was made again; the messages it held are lost with it"
+            );
+        }
+        Ok(())
+    }
+
     /// Waits (at most [`CLOSE_WAIT`]) until no receive is under way.
     async fn receives_ended(&self) {
         let give_up = Instant::now() + CLOSE_WAIT;
@@ -237,9 +288,15 @@ impl Subscription for SqsSubscription {
                 if !out.is_empty() {
                     return Ok(out);
                 }
-                if let Some(error) = state.error.take() {
+                if state.missing.contains(&true) {
+                    state.error = None;
+                } else if let Some(error) = state.error.take() {
                     return Err(error);
                 }
+            }
+            inner.restore_missing().await?;
+            {
+                let mut state = inner.state.lock().unwrap();
                 let now = Instant::now();
                 if now >= deadline {
                     return Ok(Vec::new());

@@ -31,6 +31,32 @@ pub trait Target: Send + Sync + 'static {
     async fn restart(&self) -> Result<()> {
         anyhow::bail!("{} has no server to restart", self.name())
     }
+
+    /// Whether [`Target::restart_empty`] can do anything.
+    fn can_restart_empty(&self) -> bool {
+        false
+    }
+
+    /// Restarts the server with nothing of what it stored: a broker that
+    /// came back from a lost disk, or a fresh pod.
+    async fn restart_empty(&self) -> Result<()> {
+        anyhow::bail!("{} has no server to restart empty", self.name())
+    }
+
+    /// How long a running subscription may take to carry on once the
+    /// server lost what the backend made there for its group, if the
+    /// backend makes anything there (None: [`Target::lose_state`] does
+    /// nothing).
+    fn restores_within(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Deletes on the server what the backend made for `group` reading
+    /// `topic` (a consumer, a consumer group, a queue), under its running
+    /// subscriptions, as an operator's mistake would.
+    async fn lose_state(&self, _topic: &str, _group: &str) -> Result<()> {
+        anyhow::bail!("{} keeps no server-side state to lose", self.name())
+    }
 }
 
 /// The in-memory backend: every handle is the same instance.
@@ -153,9 +179,18 @@ impl ServerProcess {
     }
 
     fn restart(&self) {
+        self.restart_wiping(false);
+    }
+
+    /// Restarts the server; with `wipe`, with an empty data directory.
+    fn restart_wiping(&self, wipe: bool) {
         let mut child = self.child.lock().unwrap();
         let _ = child.kill();
         let _ = child.wait();
+        if wipe {
+            std::fs::remove_dir_all(self.dir.path()).unwrap();
+            std::fs::create_dir(self.dir.path()).unwrap();
+        }
         *child = (self.spawn)(self.port, self.dir.path());
         wait_ready(self.port, self.ready);
     }
@@ -268,6 +303,32 @@ impl Target for Redis {
         tokio::task::block_in_place(|| self.server.restart());
         Ok(())
     }
+
+    fn can_restart_empty(&self) -> bool {
+        true
+    }
+
+    async fn restart_empty(&self) -> Result<()> {
+        tokio::task::block_in_place(|| self.server.restart_wiping(true));
+        Ok(())
+    }
+
+    fn restores_within(&self) -> Option<std::time::Duration> {
+        // The next read finds the group gone (NOGROUP) and makes it again.
+        (self.name == "redis-streams").then_some(std::time::Duration::from_secs(10))
+    }
+
+    /// Deletes the topic's stream, and its consumer groups with it.
+    async fn lose_state(&self, topic: &str, _group: &str) -> Result<()> {
+        let client = redis::Client::open(self.server.url("redis", "/0"))?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let deleted: u64 = redis::cmd("DEL")
+            .arg(format!("sluice:{topic}"))
+            .query_async(&mut connection)
+            .await?;
+        anyhow::ensure!(deleted == 1, "no stream `sluice:{topic}` to delete");
+        Ok(())
+    }
 }
 
 /// NATS core or JetStream on a private `nats-server` (JetStream with a file
@@ -335,6 +396,36 @@ impl Target for Nats {
 
     async fn restart(&self) -> Result<()> {
         tokio::task::block_in_place(|| self.server.restart());
+        Ok(())
+    }
+
+    fn can_restart_empty(&self) -> bool {
+        self.name == "jetstream"
+    }
+
+    async fn restart_empty(&self) -> Result<()> {
+        tokio::task::block_in_place(|| self.server.restart_wiping(true));
+        Ok(())
+    }
+
+    fn restores_within(&self) -> Option<std::time::Duration> {
+        // The next pull finds the consumer gone and makes it again.
+        (self.name == "jetstream").then_some(std::time::Duration::from_secs(10))
+    }
+
+    /// Deletes every consumer of the stream that keeps `topic` (each case
+    /// has streams of its own), as `nats consumer rm` would.
+    async fn lose_state(&self, topic: &str, _group: &str) -> Result<()> {
+        use futures::TryStreamExt;
+        let client = async_nats::connect(self.server.url("nats", "")).await?;
+        let js = async_nats::jetstream::new(client);
+        let stream_name = js.stream_by_subject(topic).await?;
+        let stream = js.get_stream(&stream_name).await?;
+        let names: Vec<String> = stream.consumer_names().try_collect().await?;
+        anyhow::ensure!(!names.is_empty(), "stream `{stream_name}` has no consumer");
+        for name in names {
+            stream.delete_consumer(&name).await?;
+        }
         Ok(())
     }
 }

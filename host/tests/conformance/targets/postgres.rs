@@ -133,4 +133,22 @@ impl Target for Postgres {
         tokio::task::block_in_place(|| self.server.restart());
         Ok(())
     }
+
+    fn can_restart_empty(&self) -> bool {
+        true
+    }
+
+    /// Drops Sluice's schema with everything in it: the database came back
+    /// without what Sluice stored (the cluster itself keeps running).
+    async fn restart_empty(&self) -> Result<()> {
+        let pool = sqlx::PgPool::connect(&format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.server.port
+        ))
+        .await?;
+        sqlx::query("DROP SCHEMA conformance CASCADE")
+            .execute(&pool)
+            .await?;
+        Ok(())
+    }
 }

@@ -87,4 +87,36 @@ impl Target for Sqs {
         ))
         .await
     }
+
+    fn restores_within(&self) -> Option<std::time::Duration> {
+        // The next receive finds the queue missing; the fetch after it
+        // makes the queue again.
+        Some(std::time::Duration::from_secs(15))
+    }
+
+    /// Deletes the case's queues (the group's queue and its dead-letter
+    /// queue: their names carry the case's namespace).
+    async fn lose_state(&self, topic: &str, _group: &str) -> Result<()> {
+        use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+        let namespace = topic.split('.').next().unwrap_or(topic);
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(format!("http://127.0.0.1:{}", self.server.port))
+            .credentials_provider(Credentials::new("test", "test", None, None, "conformance"))
+            .build();
+        let sqs = aws_sdk_sqs::Client::from_conf(config);
+        let urls = sqs
+            .list_queues()
+            .send()
+            .await?
+            .queue_urls
+            .unwrap_or_default();
+        let ours: Vec<&String> = urls.iter().filter(|u| u.contains(namespace)).collect();
+        anyhow::ensure!(!ours.is_empty(), "no queue of `{namespace}` to delete");
+        for url in ours {
+            sqs.delete_queue().queue_url(url).send().await?;
+        }
+        Ok(())
+    }
 }
