@@ -198,3 +198,44 @@ impl fmt::Display for StatsSnapshot {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_is_in_trouble_when_fetches_fail_or_nothing_settles_for_long() {
+        let stats = RouteStats::default();
+        let after = Duration::from_secs(1);
+        stats.fetch_succeeded();
+        assert_eq!(stats.trouble(after), None);
+
+        // Holding deliveries is fine while they settle.
+        stats.in_flight.store(3, Ordering::Relaxed);
+        stats.progressed();
+        assert_eq!(stats.trouble(after), None);
+        stats
+            .last_progress_ms
+            .store(now_ms() - 5_000, Ordering::Relaxed);
+        let why = stats.trouble(after).expect("stalled");
+        assert!(why.starts_with("stalled: 3 message(s) held"), "{why}");
+        // An idle route holds nothing, however long ago it settled.
+        stats.in_flight.store(0, Ordering::Relaxed);
+        assert_eq!(stats.trouble(after), None);
+
+        // A failed fetch is forgiven until it has lasted `after`.
+        stats.fetch_failed(&anyhow::anyhow!("connection refused"));
+        assert_eq!(stats.trouble(after), None);
+        stats
+            .failing_since_ms
+            .store(now_ms() - 2_000, Ordering::Relaxed);
+        stats.fetch_failed(&anyhow::anyhow!("connection refused again"));
+        let why = stats.trouble(after).expect("failing");
+        assert!(
+            why.starts_with("fetches failing for 2s: connection refused again"),
+            "{why}"
+        );
+        stats.fetch_succeeded();
+        assert_eq!(stats.trouble(after), None);
+    }
+}
