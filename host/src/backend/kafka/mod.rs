@@ -81,10 +81,10 @@
 //! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
 
 mod admin;
-mod config;
+pub(crate) mod config;
 mod consumer;
 mod landing;
-mod ledger;
+pub(crate) mod ledger;
 mod members;
 mod names;
 mod notes;
@@ -358,6 +358,18 @@ impl Backend for KafkaBackend {
             match acknowledgement.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
+                    // A topic the broker lost times out or is unknown: the
+                    // next publish makes it again.
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::MessageTimedOut
+                                | RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    ) {
+                        self.admin.forget(&message.topic);
+                    }
                     return Err(e).with_context(|| {
                         format!("Kafka did not accept a message for `{}`", message.topic)
                     });
