@@ -91,15 +91,6 @@ impl Admin {
         Ok(())
     }
 
-    /// Forgets that `topic` exists, so the next publish to it checks again
-    /// (and makes it again if the broker lost it).
-    pub fn forget(&self, topic: &str) {
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(topic);
-    }
-
     /// Deletes a consumer group with its committed offsets; best effort
     /// (what a broker does not support or refuses is logged).
     pub async fn delete_group(&self, group_id: &str) {

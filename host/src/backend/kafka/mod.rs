@@ -358,18 +358,6 @@ impl Backend for KafkaBackend {
             match acknowledgement.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
-                    // A topic the broker lost times out or is unknown: the
-                    // next publish makes it again.
-                    if matches!(
-                        e.rdkafka_error_code(),
-                        Some(
-                            RDKafkaErrorCode::MessageTimedOut
-                                | RDKafkaErrorCode::UnknownTopicOrPartition
-                                | RDKafkaErrorCode::UnknownTopic
-                        )
-                    ) {
-                        self.admin.forget(&message.topic);
-                    }
                     return Err(e).with_context(|| {
                         format!("Kafka did not accept a message for `{}`", message.topic)
                     });
