@@ -447,8 +447,15 @@ fn wait_ready_status(admin: &str, status: u16, limit: Duration) -> String {
 
 /// With the route's broker stopped, `/readyz` turns 503 naming the route
 /// and why, and `sluice routes` shows it not ready; with the broker back, it
-/// turns 200 again. `/healthz` stays 200 throughout.
-fn readiness_follows_the_broker(broker: &mut Broker, broker_port: u16, url: &str) {
+/// turns 200 again. `/healthz` stays 200 throughout. A broker that comes
+/// back empty (`restored`: the kind of backend) has had the route's
+/// server-side state made again, as `/metrics` counts.
+fn readiness_follows_the_broker(
+    broker: &mut Broker,
+    broker_port: u16,
+    url: &str,
+    restored: Option<&str>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let admin = format!("http://127.0.0.1:{port}");
@@ -470,6 +477,16 @@ fn readiness_follows_the_broker(broker: &mut Broker, broker_port: u16, url: &str
     wait_ready_status(&admin, 200, Duration::from_secs(60));
     let routes = text(&sluice(&["routes"], &admin, None).stdout);
     assert!(routes.contains("running"), "{routes}");
+    if let Some(kind) = restored {
+        let metrics = get(&format!("{admin}/metrics")).1;
+        let line = format!("sluice_backend_state_restored_total{{kind=\"{kind}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{line}` in /metrics:\n{metrics}"));
+        assert!(count >= 1, "{metrics}");
+    }
 }
 
 #[test]
@@ -484,7 +501,9 @@ fn readiness_follows_redis() {
             .expect("start redis-server")
     };
     let mut broker = Broker::start(spawn, port);
-    readiness_follows_the_broker(&mut broker, port, &format!("redis://127.0.0.1:{port}/0"));
+    // It keeps nothing on disk: it comes back without the route's group.
+    let url = format!("redis://127.0.0.1:{port}/0");
+    readiness_follows_the_broker(&mut broker, port, &url, Some("redis"));
 }
 
 #[test]
@@ -502,5 +521,23 @@ fn readiness_follows_jetstream() {
             .expect("start nats-server")
     };
     let mut broker = Broker::start(spawn, port);
-    readiness_follows_the_broker(&mut broker, port, &format!("jetstream://127.0.0.1:{port}"));
+    let url = format!("jetstream://127.0.0.1:{port}");
+    readiness_follows_the_broker(&mut broker, port, &url, None);
+}
+
+#[test]
+fn readiness_follows_sqs() {
+    let port = free_port();
+    let spawn = move || {
+        Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server (pip install 'moto[server]')")
+    };
+    let mut broker = Broker::start(spawn, port);
+    // moto keeps queues in memory: it comes back without the route's queue.
+    let url = format!("sqs://test:test@127.0.0.1:{port}?region=us-east-1");
+    readiness_follows_the_broker(&mut broker, port, &url, Some("sqs"));
 }

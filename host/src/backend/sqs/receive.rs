@@ -67,6 +67,7 @@ async fn receive(inner: Arc<Inner>, queue: usize, max: i32, wait_seconds: i32) {
                 let messages = out.messages.unwrap_or_default();
                 state.busy[queue] = messages.len() >= MAX_BATCH;
                 state.rest_until[queue] = None;
+                state.errors[queue] = None;
                 for raw in messages {
                     let sqs_id = raw.message_id.clone().unwrap_or_default();
                     match decode(raw, &source.topic) {
@@ -112,7 +113,7 @@ async fn receive(inner: Arc<Inner>, queue: usize, max: i32, wait_seconds: i32) {
                     } else {
                         format!("SQS ReceiveMessage from `{}`", queue_name_of(&source.url))
                     });
-                    state.error = Some(error);
+                    state.errors[queue] = Some(format!("{error:#}"));
                 }
             }
         }

@@ -109,8 +109,10 @@ pub(super) struct State {
     pub busy: Vec<bool>,
     /// After a failed receive, the queue rests until then.
     pub rest_until: Vec<Option<Instant>>,
-    /// The last receive error, for the next fetch to report.
-    pub error: Option<anyhow::Error>,
+    /// Per queue: why its last receive failed, until one succeeds. Every
+    /// fetch that finds nothing ready reports it, so a route sees its
+    /// backend down rather than fetches that merely time out.
+    pub errors: Vec<Option<String>>,
     /// Per queue: its receive found it missing.
     pub missing: Vec<bool>,
     pub next_token: u64,
@@ -143,7 +145,7 @@ impl SqsSubscription {
                 receiving: vec![0; count],
                 busy: vec![false; count],
                 rest_until: vec![None; count],
-                error: None,
+                errors: vec![None; count],
                 missing: vec![false; count],
                 next_token: 0,
             }),
@@ -288,20 +290,25 @@ impl Subscription for SqsSubscription {
                 if !out.is_empty() {
                     return Ok(out);
                 }
-                if state.missing.contains(&true) {
-                    state.error = None;
-                } else if let Some(error) = state.error.take() {
-                    return Err(error);
-                }
             }
             inner.restore_missing().await?;
             {
                 let mut state = inner.state.lock().unwrap();
                 let now = Instant::now();
+                // Receives start (again, once a failed queue has rested)
+                // before a failure is reported, so the next one can clear it.
+                super::receive::start(
+                    inner,
+                    &mut state,
+                    max,
+                    deadline.saturating_duration_since(now),
+                );
+                if let Some(error) = state.errors.iter().flatten().next() {
+                    return Err(anyhow::anyhow!("{error}"));
+                }
                 if now >= deadline {
                     return Ok(Vec::new());
                 }
-                super::receive::start(inner, &mut state, max, deadline - now);
             }
             tokio::select! {
                 _ = arrived => {}
