@@ -17,6 +17,8 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod deploy;
+#[cfg(test)]
+mod fuzz;
 #[cfg(feature = "kit")]
 pub mod kit;
 pub mod message;

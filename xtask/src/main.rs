@@ -1,6 +1,6 @@
 //! Sluice's project tasks, run as `cargo xtask <task>`: building the guest
-//! plugins, the demo, the tests, the benchmark and the lints, each in one
-//! command that works on a fresh checkout.
+//! plugins, the demo, the tests, the benchmark, the lints and a long fuzz
+//! run, each in one command that works on a fresh checkout.
 
 mod brokers;
 mod demo;
@@ -46,6 +46,16 @@ enum Task {
     Bench,
     /// Check formatting and run clippy in both workspaces.
     Lint,
+    /// Fuzz every reader of untrusted bytes (config, backend URLs, file log
+    /// files, message envelopes and headers) for a while, showing each
+    /// target's progress, then how many inputs each ran. A failing input is
+    /// saved under host/fuzz/regressions/.
+    Fuzz {
+        /// Seconds the whole run takes (after the build), shared by the
+        /// targets.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +76,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Test { .. } => tasks::test(&passthrough_args("test")),
         Task::Bench => tasks::bench(),
         Task::Lint => tasks::lint(),
+        Task::Fuzz { seconds } => tasks::fuzz(seconds),
     }
 }
 

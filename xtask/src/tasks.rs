@@ -1,11 +1,11 @@
-//! The build, test, benchmark and lint tasks: each a short sequence of cargo
-//! runs over the host workspace and the guest workspace in `plugins/`.
+//! The build, test, benchmark, lint and fuzz tasks: each a short sequence of
+//! cargo runs over the host workspace and the guest workspace in `plugins/`.
 
 use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::process::{cargo, plugins_dir, run, run_all};
+use crate::process::{cargo, plugins_dir, root, run, run_all};
 
 /// The target every plugin is built for.
 pub const WASM_TARGET: &str = "wasm32-wasip2";
@@ -147,6 +147,50 @@ pub fn lint() -> Result<()> {
     guest_clippy.args(["--", "-D", "warnings"]);
     steps.extend([host_clippy, guest_clippy]);
     run_all(steps)
+}
+
+/// The host's fuzz targets (`host/src/fuzz/`) with `seconds` to share,
+/// then a table of the inputs each ran. They run in the test build, whose
+/// overflow checks turn an arithmetic overflow into a finding.
+pub fn fuzz(seconds: u64) -> Result<()> {
+    let report = root().join("target/fuzz/report.tsv");
+    if let Some(dir) = report.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Each target appends its line; a previous run's must not count.
+    let _ = std::fs::remove_file(&report);
+    println!("==> fuzzing every reader of untrusted bytes for {seconds} s…");
+    let result = run(cargo()
+        .args(["test", "-p", "sluice", "--features", ALL_BACKENDS])
+        .args(["--lib", "fuzz::", "--", "--nocapture"])
+        .env("SLUICE_FUZZ_SECONDS", seconds.to_string())
+        .env("SLUICE_FUZZ_REPORT", &report));
+    fuzz_summary(&report);
+    result
+}
+
+/// The inputs each target ran, from the lines the targets appended.
+fn fuzz_summary(report: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(report) else {
+        return;
+    };
+    let mut rows: Vec<(&str, u64, &str)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let target = fields.next()?;
+            let inputs = fields.next()?.parse().ok()?;
+            Some((target, inputs, fields.next().unwrap_or("")))
+        })
+        .collect();
+    rows.sort();
+    println!("==> fuzz targets and the inputs each ran:");
+    println!("{:<24} {:>10} {:>8}", "target", "inputs", "seconds");
+    for (target, inputs, seconds) in &rows {
+        println!("{target:<24} {inputs:>10} {seconds:>8}");
+    }
+    let total: u64 = rows.iter().map(|(_, inputs, _)| inputs).sum();
+    println!("{:<24} {total:>10}", "total");
 }
 
 fn guest_cargo() -> Command {

@@ -168,7 +168,8 @@ impl Store {
                     continue;
                 };
                 *next_claim += 1;
-                pending.attempts += 1;
+                // Restored from a journal, which may say anything.
+                pending.attempts = pending.attempts.saturating_add(1);
                 pending.holder = Some(Holder {
                     sub,
                     claim: *next_claim,

@@ -94,7 +94,7 @@ impl GroupDisk {
                 for (offset, attempt) in claims {
                     let entry = cursor.pending.entry(offset).or_insert((0, 0));
                     *entry = (entry.0.max(attempt), 0);
-                    cursor.next = cursor.next.max(offset + 1);
+                    cursor.next = cursor.next.max(offset.saturating_add(1));
                 }
             }
             Op::Ack { topic, offset } => {
@@ -128,6 +128,8 @@ fn parse_journal_name(name: &str) -> Option<u64> {
         .strip_suffix(".ndjson")?
         .parse()
         .ok()
+        // Its next snapshot could not be numbered.
+        .filter(|generation| *generation < u64::MAX)
 }
 
 /// The open journal of a durable group.
@@ -218,8 +220,13 @@ pub fn load_group(dir: &Path, report: &mut Report) -> io::Result<(GroupDisk, boo
     let mut replay_all = true;
     if state_path.exists() {
         let scanned = scan(&state_path, |text| {
-            serde_json::from_str::<GroupDisk>(text)
-                .map_err(|e| format!("not a valid snapshot: {e}"))
+            let snapshot = serde_json::from_str::<GroupDisk>(text)
+                .map_err(|e| format!("not a valid snapshot: {e}"))?;
+            // The next snapshot takes the next generation.
+            if snapshot.generation == u64::MAX {
+                return Err(format!("generation {} out of range", snapshot.generation));
+            }
+            Ok(snapshot)
         })?;
         match (&scanned.good[..], scanned.is_clean()) {
             ([(_, snapshot)], true) => {

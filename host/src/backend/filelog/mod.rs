@@ -86,17 +86,17 @@
 //! to the same directory within a process shares one open store.
 
 mod cli;
-mod delivery;
+pub(crate) mod delivery;
 mod file;
 mod group;
 pub mod journal;
-mod load;
+pub(crate) mod load;
 mod lock;
 pub mod maintenance;
 mod options;
 pub mod record;
-mod scan;
-mod store;
+pub(crate) mod scan;
+pub(crate) mod store;
 mod subscription;
 mod topic;
 

@@ -314,6 +314,10 @@ fn check_record(
                 head.topic
             ));
         }
+        if head.offset == u64::MAX {
+            // The offset after it could not be numbered.
+            return Err(format!("offset {} out of range", head.offset));
+        }
         if head.offset < base || previous.is_some_and(|p| head.offset <= p) {
             return Err(format!(
                 "offset {} out of order (segment starts at {base}, previous record {})",

@@ -10,11 +10,16 @@
 //!
 //! A record from another producer has no `sluice-id`: its id is made from
 //! its position (`kafka:TOPIC:PARTITION:OFFSET`), which stays the same on
-//! every redelivery. Keys and header values that are not UTF-8 are read
-//! lossily.
+//! every redelivery. Keys, header names and header values that are not
+//! UTF-8 are read lossily.
+
+use std::ffi::CStr;
+use std::ptr;
 
 use rdkafka::Message as _;
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::bindings::{rd_kafka_header_get_all, rd_kafka_headers_t};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::types::RDKafkaRespErr;
 
 use crate::message::{Message, now_ms};
 
@@ -39,18 +44,7 @@ pub fn headers(message: &Message) -> OwnedHeaders {
 /// The Sluice message a consumed record carries.
 pub fn decode(record: &BorrowedMessage<'_>) -> Message {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    let mut id = None;
-    let mut headers = Vec::new();
-    if let Some(record_headers) = record.headers() {
-        for header in record_headers.iter() {
-            let value = header.value.map(text).unwrap_or_default();
-            if id.is_none() && header.key == ID {
-                id = Some(value);
-            } else {
-                headers.push((header.key.to_string(), value));
-            }
-        }
-    }
+    let (id, headers) = record.headers().map(read_headers).unwrap_or_default();
     let id = id.unwrap_or_else(|| {
         format!(
             "kafka:{}:{}:{}",
@@ -72,4 +66,42 @@ pub fn decode(record: &BorrowedMessage<'_>) -> Message {
         payload: record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         timestamp_ms,
     }
+}
+
+/// The message id and the user headers of a record's headers, in order.
+/// Names are read as bytes, lossily like values: rdkafka's own accessors
+/// panic on a name that is not UTF-8, which any producer may send.
+pub fn read_headers(record_headers: &BorrowedHeaders) -> (Option<String>, Vec<(String, String)>) {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    // A `BorrowedHeaders` reference is rdkafka's handle on the native list
+    // itself: rdkafka casts one into the other.
+    let native = record_headers as *const BorrowedHeaders as *const rd_kafka_headers_t;
+    let mut id = None;
+    let mut headers = Vec::new();
+    for index in 0..record_headers.count() {
+        let (mut name, mut value, mut size) = (ptr::null(), ptr::null(), 0);
+        // SAFETY: the list is valid while `record_headers` is borrowed,
+        // `index` is below its count, and the out-pointers are valid for
+        // writes.
+        let error =
+            unsafe { rd_kafka_header_get_all(native, index, &mut name, &mut value, &mut size) };
+        if error != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+            break;
+        }
+        // SAFETY: librdkafka hands out a NUL-terminated name and, unless
+        // null, a value of `size` bytes, both owned by the list.
+        let name = text(unsafe { CStr::from_ptr(name) }.to_bytes());
+        let value = if value.is_null() {
+            String::new()
+        } else {
+            // SAFETY: as above.
+            text(unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) })
+        };
+        if id.is_none() && name == ID {
+            id = Some(value);
+        } else {
+            headers.push((name, value));
+        }
+    }
+    (id, headers)
 }

@@ -49,19 +49,7 @@ pub struct NatsCoreBackend {
 
 impl NatsCoreBackend {
     pub async fn connect(url: &str) -> Result<Self> {
-        let (mut server, pairs) = split_url(url, "nats")?;
-        let mut pending = 65_536usize;
-        for (key, value) in pairs {
-            if server.take_common("nats", &key, &value)? {
-                continue;
-            }
-            match key.as_str() {
-                "pending" => pending = parse_num("nats", &key, &value)?,
-                _ => bail!(
-                    "nats URL: unknown parameter `{key}` (known: name, tls, timeout_ms, pending)"
-                ),
-            }
-        }
+        let (server, pending) = parse_url(url)?;
         let client = server.connect(pending.max(1)).await?;
         let echo_subject = client.new_inbox();
         let echo = client
@@ -140,6 +128,25 @@ pub(crate) async fn flush(client: &Client, server: &ServerUrl) -> Result<()> {
             server.timeout
         ),
     }
+}
+
+/// Splits a `nats://` URL into the servers and how many messages a
+/// subscription buffers (`pending`).
+pub(crate) fn parse_url(url: &str) -> Result<(ServerUrl, usize)> {
+    let (mut server, pairs) = split_url(url, "nats")?;
+    let mut pending = 65_536usize;
+    for (key, value) in pairs {
+        if server.take_common("nats", &key, &value)? {
+            continue;
+        }
+        match key.as_str() {
+            "pending" => pending = parse_num("nats", &key, &value)?,
+            _ => {
+                bail!("nats URL: unknown parameter `{key}` (known: name, tls, timeout_ms, pending)")
+            }
+        }
+    }
+    Ok((server, pending))
 }
 
 /// A topic a message may be published to: concrete, well-formed.

@@ -148,9 +148,14 @@ fn ordered(map: &HeaderMap, order: &str) -> Result<Vec<(String, String)>> {
             continue;
         }
         let name = unescape(entry)?;
+        // Looking up a name NATS cannot carry panics in async-nats; such an
+        // entry was not written by Sluice.
+        let header = HeaderName::from_str(&name)
+            .ok()
+            .with_context(|| format!("`{ORDER}` lists `{name}`, which is no header name"))?;
         let index = next.entry(name.clone()).or_default();
         let value = map
-            .get_all(name.as_str())
+            .get_all(header)
             .nth(*index)
             .with_context(|| format!("header `{name}` is listed in `{ORDER}` but missing"))?;
         *index += 1;

@@ -79,12 +79,12 @@
 //! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
 //! [`SettleError::LeaseLost`]: crate::backend::SettleError::LeaseLost
 
-mod config;
+pub(crate) mod config;
 mod delayed;
-mod envelope;
+pub(crate) mod envelope;
 mod listener;
 mod pubsub;
-mod reader;
+pub(crate) mod reader;
 mod scripts;
 mod settle;
 pub mod streams;

@@ -84,32 +84,7 @@ struct Shared {
 
 impl SqliteBackend {
     pub async fn connect(url: &str) -> Result<Self> {
-        let rest = url
-            .strip_prefix("sqlite://")
-            .context("a SQLite URL starts with sqlite://")?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        if path.is_empty() {
-            bail!("SQLite URL `{url}` names no file (expected sqlite://PATH)");
-        }
-        let mut synchronous = SqliteSynchronous::Full;
-        let mut poll = Duration::from_millis(100);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("synchronous", value)) => {
-                    synchronous = SqliteSynchronous::from_str(value).map_err(|_| {
-                        anyhow::anyhow!(
-                            "SQLite URL: synchronous must be full or normal, not `{value}`"
-                        )
-                    })?
-                }
-                Some(("poll_ms", value)) => {
-                    poll = Duration::from_millis(value.parse().with_context(|| {
-                        format!("SQLite URL: poll_ms `{value}` is not a number")
-                    })?)
-                }
-                _ => bail!("SQLite URL: unknown parameter `{pair}` (known: synchronous, poll_ms)"),
-            }
-        }
+        let (path, synchronous, poll) = parse_url(url)?;
         let options = SqliteConnectOptions::new()
             .filename(PathBuf::from(path))
             .create_if_missing(true)
@@ -132,6 +107,42 @@ impl SqliteBackend {
         })
     }
 }
+
+/// Splits a `sqlite://` URL into the database file, how commits are
+/// synced, and how often consumers look for other processes' messages.
+pub(crate) fn parse_url(url: &str) -> Result<(&str, SqliteSynchronous, Duration)> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .context("a SQLite URL starts with sqlite://")?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() {
+        bail!("SQLite URL `{url}` names no file (expected sqlite://PATH)");
+    }
+    let mut synchronous = SqliteSynchronous::Full;
+    let mut poll = Duration::from_millis(100);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("synchronous", value)) => {
+                synchronous = SqliteSynchronous::from_str(value).map_err(|_| {
+                    anyhow::anyhow!("SQLite URL: synchronous must be full or normal, not `{value}`")
+                })?
+            }
+            Some(("poll_ms", value)) => {
+                poll =
+                    Duration::from_millis(value.parse().with_context(|| {
+                        format!("SQLite URL: poll_ms `{value}` is not a number")
+                    })?)
+            }
+            _ => bail!("SQLite URL: unknown parameter `{pair}` (known: synchronous, poll_ms)"),
+        }
+    }
+    Ok((path, synchronous, poll))
+}
+
+/// How a stored row becomes a message, shared with PostgreSQL; the fuzz
+/// targets read arbitrary rows through it.
+#[cfg(test)]
+pub(crate) use super::claims::stored_message;
 
 /// Opens the pool and creates the tables. Switching a file to WAL and
 /// creating tables take locks that SQLite's busy timeout does not always
