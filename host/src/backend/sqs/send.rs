@@ -101,6 +101,14 @@ where
         };
         let mut again = Vec::new();
         for failure in failures {
+            // The entry id comes back from the endpoint: one that names no
+            // entry sent is the endpoint's error, not an index to trust.
+            if failure.index >= count {
+                bail!(
+                    "`{target}` answered for batch entry {} of {count}",
+                    failure.index
+                );
+            }
             if failure.sender_fault || attempt == TRIES {
                 let id = ids.get(failure.index).copied().unwrap_or("?");
                 bail!("`{target}` refused message {id}: {}", failure.why);
@@ -184,5 +192,20 @@ mod tests {
             .collect();
         assert_eq!(batches(&big), vec![0..2, 2..3]);
         assert!(batches(&[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_for_an_entry_never_sent_is_an_error() {
+        let answer = |_| async {
+            Ok(Some(vec![EntryFailure {
+                index: 7,
+                sender_fault: false,
+                why: "throttled".into(),
+            }]))
+        };
+        let error = with_entry_retries(2, &["a", "b"], "q", answer)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("batch entry 7 of 2"), "{error}");
     }
 }
