@@ -9,6 +9,10 @@
 //! - `SLUICE_BACKEND_<NAME>_URL` replaces one backend's URL (NAME upper-cased,
 //!   `-` as `_`), and wins over `SLUICE_BACKEND_URL`.
 //!
+//! A backend URL that carries a secret need not be written in the file: it
+//! can come from a file of its own (`url_file`, e.g. a mounted secret), and
+//! `${VAR}` anywhere in it is replaced by the environment variable `VAR`.
+//!
 //! Relative plugin paths are resolved against the config file's directory.
 
 use std::collections::BTreeMap;
@@ -65,8 +69,15 @@ pub struct AdminConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Where it is, e.g. `sqlite://sluice.db` or `memory://`.
+    /// Where it is, e.g. `sqlite://sluice.db` or `memory://`. `${VAR}` is
+    /// replaced by the environment variable `VAR` (an unset one is an
+    /// error), so a password need not be written here.
+    #[serde(default)]
     pub url: String,
+    /// A file holding the URL instead (relative to the config file; its
+    /// surrounding whitespace is ignored), e.g. a mounted secret.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
 }
 
 /// One plugin and what it is allowed to do.
@@ -402,9 +413,29 @@ pub fn parse(
             "SLUICE_BACKEND_{}_URL",
             name.to_uppercase().replace('-', "_")
         );
+        let error = |key: &str, message: String| ConfigError {
+            file: source_name.to_string(),
+            line: text
+                .find(&format!("[backends.{name}]"))
+                .map_or(0, |o| line_of(text, o)),
+            key: format!("backends.{name}.{key}"),
+            message,
+        };
         if let Some(url) = env(&own).or_else(|| everywhere.clone()) {
             backend.url = url;
+        } else if let Some(path) = &backend.url_file {
+            if !backend.url.is_empty() {
+                return Err(error("url_file", "give `url` or `url_file`, not both".into()).into());
+            }
+            let path = base_dir.join(path);
+            backend.url = std::fs::read_to_string(&path)
+                .map_err(|e| error("url_file", format!("cannot read {}: {e}", path.display())))?
+                .trim()
+                .to_string();
+        } else if backend.url.is_empty() {
+            return Err(error("url", "missing: give `url` or `url_file`".into()).into());
         }
+        backend.url = expand_variables(&backend.url, &env).map_err(|m| error("url", m))?;
     }
     let loaded = Loaded {
         config,
@@ -413,6 +444,36 @@ pub fn parse(
     };
     check(&loaded, text)?;
     Ok(loaded)
+}
+
+/// `text` with every `${VAR}` replaced by the environment variable `VAR`.
+/// Errors never show the text, which may hold a secret already expanded.
+fn expand_variables(
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("`${` without a closing `}`".into());
+        };
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!(
+                "`${{{name}}}` is not a variable name (letters, digits and `_`)"
+            ));
+        }
+        let value = env(name).ok_or_else(|| {
+            format!("the environment variable `{name}` (in `${{{name}}}`) is not set")
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// The 1-based line of a byte offset.
@@ -692,6 +753,56 @@ plugin = "upper"
         )
         .unwrap();
         assert_eq!(one.config.backends["main"].url, "sqlite://x.db");
+    }
+
+    #[test]
+    fn a_backend_url_takes_variables_from_the_environment() {
+        let text = GOOD.replace(
+            "url = \"sqlite://demo.db\"",
+            "url = \"redis://app:${REDIS_PASSWORD}@cache:6379/${DB}\"",
+        );
+        let loaded = parse_with(&text, &[("REDIS_PASSWORD", "s3cr/t"), ("DB", "2")]).unwrap();
+        assert_eq!(
+            loaded.config.backends["main"].url,
+            "redis://app:s3cr/t@cache:6379/2"
+        );
+        let err = format!("{:#}", parse_with(&text, &[("DB", "2")]).unwrap_err());
+        assert!(err.contains("backends.main.url"), "{err}");
+        assert!(err.contains("`REDIS_PASSWORD`"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        let broken = GOOD.replace("sqlite://demo.db", "redis://${OOPS@cache");
+        let err = format!("{:#}", parse_with(&broken, &[]).unwrap_err());
+        assert!(err.contains("without a closing"), "{err}");
+    }
+
+    #[test]
+    fn a_backend_url_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("url"), "postgres://app:pw@db/test\n").unwrap();
+        let text = GOOD.replace("url = \"sqlite://demo.db\"", "url_file = \"url\"");
+        let parse_in = |text: &str| parse(text, "test.toml", dir.path().to_path_buf(), |_| None);
+        let loaded = parse_in(&text).unwrap();
+        assert_eq!(
+            loaded.config.backends["main"].url,
+            "postgres://app:pw@db/test"
+        );
+
+        let both = GOOD.replace(
+            "url = \"sqlite://demo.db\"",
+            "url = \"memory://\"\nurl_file = \"url\"",
+        );
+        let err = format!("{:#}", parse_in(&both).unwrap_err());
+        assert!(err.contains("backends.main.url_file"), "{err}");
+        assert!(err.contains("not both"), "{err}");
+        let missing = GOOD.replace("url = \"sqlite://demo.db\"", "url_file = \"nowhere\"");
+        let err = format!("{:#}", parse_in(&missing).unwrap_err());
+        assert!(
+            err.contains("`backends.main.url_file`: cannot read"),
+            "{err}"
+        );
+        let neither = GOOD.replace("url = \"sqlite://demo.db\"", "");
+        let err = format!("{:#}", parse_in(&neither).unwrap_err());
+        assert!(err.contains("`backends.main.url`: missing"), "{err}");
     }
 
     #[test]

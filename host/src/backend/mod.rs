@@ -369,22 +369,59 @@ pub fn supported_schemes() -> Vec<&'static str> {
     schemes
 }
 
-/// The URL with any password replaced, safe to log.
+/// Query parameters whose value is a secret, by a part of their name.
+const SECRET_PARAMETERS: [&str; 4] = ["password", "passwd", "secret", "token"];
+
+/// The URL with every secret replaced, safe to log: the password of each
+/// `user:password@` (several servers may each have one, and a password may
+/// hold an unescaped `/`), and the value of a query parameter whose name
+/// says it is a secret (`password=`, `rdkafka.sasl.password=`, `token=`).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let (servers, query) = match rest.split_once('?') {
+        Some((servers, query)) => (servers, Some(query)),
+        None => (rest, None),
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
+    let mut out = format!("{scheme}://");
+    for (i, server) in servers.split(',').enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // The last `@` ends the user part, whatever the password holds.
+        match server.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _password)) => {
+                    out.push_str(user);
+                    out.push_str(":***@");
+                    out.push_str(host);
+                }
+                None => out.push_str(server),
+            },
+            None => out.push_str(server),
+        }
     }
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, _))
+                    if SECRET_PARAMETERS
+                        .iter()
+                        .any(|secret| name.to_ascii_lowercase().contains(secret)) =>
+                {
+                    out.push_str(name);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -400,5 +437,50 @@ mod tests {
             super::redact("postgres://app@db/test"),
             "postgres://app@db/test"
         );
+    }
+
+    /// Every form of URL a backend takes, with a secret wherever one can be.
+    #[test]
+    fn redacts_every_form_of_secret() {
+        let cases = [
+            ("redis://:pw@h:6379", "redis://:***@h:6379"),
+            ("redis://u:p/w@h:6379/0", "redis://u:***@h:6379/0"),
+            ("redis://u:p@w@h/0?prefix=x:", "redis://u:***@h/0?prefix=x:"),
+            ("redis+pubsub://u:pw@h", "redis+pubsub://u:***@h"),
+            (
+                "nats://a:pw1@h1:4222,b:pw2@h2:4222?name=x",
+                "nats://a:***@h1:4222,b:***@h2:4222?name=x",
+            ),
+            (
+                "jetstream://u:pw@h:4222?stream=S",
+                "jetstream://u:***@h:4222?stream=S",
+            ),
+            ("nats://h:4222?token=abc", "nats://h:4222?token=***"),
+            (
+                "postgres://app:pw@db:5432/test?sslmode=require&password=pw2",
+                "postgres://app:***@db:5432/test?sslmode=require&password=***",
+            ),
+            (
+                "kafka://h:9092?rdkafka.sasl.username=u&rdkafka.sasl.password=pw",
+                "kafka://h:9092?rdkafka.sasl.username=u&rdkafka.sasl.password=***",
+            ),
+            (
+                "sqs://AKIA:sec/ret+x@localhost:4566?region=us-east-1",
+                "sqs://AKIA:***@localhost:4566?region=us-east-1",
+            ),
+            (
+                "sns+sqs://AKIA:s@h?region=r",
+                "sns+sqs://AKIA:***@h?region=r",
+            ),
+            (
+                "sqlite:///var/lib/a.db?synchronous=full",
+                "sqlite:///var/lib/a.db?synchronous=full",
+            ),
+            ("file:///var/log/sluice", "file:///var/log/sluice"),
+            ("memory://?capacity=10", "memory://?capacity=10"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(super::redact(url), shown, "{url}");
+        }
     }
 }
