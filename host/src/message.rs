@@ -131,4 +131,10 @@ pub mod headers {
     /// On a delivery a backend could not decode: why (its payload is the
     /// raw stored bytes).
     pub const UNDECODABLE: &str = "sluice-undecodable";
+    /// W3C trace context: read from an input, and set on everything its
+    /// delivery publishes, as a child of that delivery (see
+    /// `router/trace.rs`).
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C vendor trace state, passed on with `traceparent`.
+    pub const TRACESTATE: &str = "tracestate";
 }

@@ -782,3 +782,88 @@ async fn a_batch_call_may_not_publish_and_must_answer_every_message() {
         );
     }
 }
+
+/// The trace id and parent id of a `traceparent`.
+fn trace_parts(message: &Message) -> (String, String) {
+    let value = message
+        .header(headers::TRACEPARENT)
+        .unwrap_or_else(|| panic!("no traceparent on {message:?}"));
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!((parts[0], parts[3]), ("00", "01"), "{value}");
+    (parts[1].to_string(), parts[2].to_string())
+}
+
+/// W3C trace context follows a message through two routes and into a dead
+/// letter: every hop stays in the input's trace, with a parent of its own.
+#[tokio::test]
+async fn trace_context_follows_a_message_through_two_routes_and_a_dead_letter() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let runtime = runtime();
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new(1000));
+    let upper = |output| {
+        load(
+            &runtime,
+            "uppercase",
+            settings("uppercase", &[("output", output)]),
+        )
+    };
+    let middle = Collector::start(&backend, &["mid"]).await;
+    let outputs = Collector::start(&backend, &["out"]).await;
+    let letters = Collector::start(&backend, &["strict.dead-letter"]).await;
+    let first = Running::start(route("first", &backend, "in", upper("mid"), quick_retry(3))).await;
+    let second = Running::start(route(
+        "second",
+        &backend,
+        "mid",
+        upper("out"),
+        quick_retry(3),
+    ))
+    .await;
+    let chaos = load(&runtime, "chaos", settings("chaos", &[]));
+    let strict = Running::start(route("strict", &backend, "orders", chaos, quick_retry(3))).await;
+
+    let traced = |topic: &str, payload: &str| {
+        Message::new(topic, payload)
+            .with_header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+            .with_header("tracestate", "vendor=1")
+    };
+    backend
+        .publish(vec![
+            traced("in", "hello"),
+            traced("orders", "reject"),
+            Message::new("in", "untraced"),
+        ])
+        .await
+        .unwrap();
+
+    let mid = middle.wait_for(2, LIMIT).await;
+    let out = outputs.wait_for(2, LIMIT).await;
+    let letter = &letters.wait_for(1, LIMIT).await[0];
+    let find = |messages: &[Message], payload: &str| {
+        messages
+            .iter()
+            .find(|m| text(m) == payload)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {payload} in {messages:?}"))
+    };
+    let (mid_trace, mid_parent) = trace_parts(&find(&mid, "HELLO"));
+    let (out_trace, out_parent) = trace_parts(&find(&out, "HELLO"));
+    assert_eq!((mid_trace.as_str(), out_trace.as_str()), (TRACE, TRACE));
+    assert!(mid_parent != PARENT && out_parent != PARENT && mid_parent != out_parent);
+    assert_eq!(find(&out, "HELLO").header("tracestate"), Some("vendor=1"));
+    let (letter_trace, letter_parent) = trace_parts(letter);
+    assert_eq!(letter_trace, TRACE);
+    assert_ne!(letter_parent, PARENT);
+
+    // A message that came without a trace starts one, which the next
+    // route continues.
+    let (new_trace, _) = trace_parts(&find(&mid, "UNTRACED"));
+    assert_ne!(new_trace, TRACE);
+    assert_eq!(trace_parts(&find(&out, "UNTRACED")).0, new_trace);
+
+    for running in [first, second, strict] {
+        running.stop().await;
+    }
+}

@@ -29,6 +29,7 @@ mod handler;
 mod retry;
 mod settle;
 mod stats;
+mod trace;
 mod work;
 
 use std::sync::{Arc, Mutex};

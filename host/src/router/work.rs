@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::trace::Trace;
 use super::{Context, Finished, RouteStats, Verdict, Worker};
 use crate::backend::Delivery;
 use crate::message::{Message, headers};
@@ -98,9 +99,11 @@ impl Context {
             let (cause, reason) = match result {
                 Ok(Outcome::Outputs(mut outputs)) => {
                     let hops = (delivery.message.hops() + 1).to_string();
+                    let trace = Trace::of(&delivery.message);
                     for output in &mut outputs {
                         output.set_header(headers::CAUSATION_ID, delivery.message.id.clone());
                         output.set_header(headers::HOPS, hops.clone());
+                        trace.stamp(output);
                     }
                     return Verdict::Publish {
                         outputs,
@@ -190,6 +193,7 @@ impl Context {
         letter.set_header(headers::ORIGINAL_ID, original.id.clone());
         letter.set_header(headers::ATTEMPTS, attempt.to_string());
         letter.set_header(headers::ROUTE, self.spec.name.clone());
+        Trace::of(original).stamp(&mut letter);
         tracing::warn!(message = %original.id, topic = %self.spec.dead_letter_topic, cause, "dead-lettering: {reason}");
         Verdict::Publish {
             outputs: vec![letter],

@@ -1,0 +1,155 @@
+//! W3C trace context across routes: an input's `traceparent` (and
+//! `tracestate`) says which trace it belongs to, and everything its
+//! delivery publishes (outputs and dead letters) carries a `traceparent` in
+//! that trace whose parent is this delivery. An input without a valid one
+//! starts a new trace. So a chain of routes, and whatever tracing system
+//! reads the headers, can follow one message through every hop.
+//!
+//! See <https://www.w3.org/TR/trace-context/>: `traceparent` is
+//! `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, and
+//! an all-zero id is invalid.
+
+use rand::Rng;
+
+use crate::message::{Message, headers};
+
+/// The trace context of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    /// 32 lowercase hex digits.
+    pub trace_id: String,
+    /// This delivery's own id in the trace (16 hex digits): the parent of
+    /// what it publishes.
+    pub span_id: String,
+    /// The input's flags (sampled), or `01` for a new trace.
+    flags: String,
+    /// The input's `tracestate`, passed on unchanged.
+    state: Option<String>,
+}
+
+impl Trace {
+    /// The context of a delivery of `input`: in the input's trace if it
+    /// carries a valid `traceparent`, else in a new one.
+    pub fn of(input: &Message) -> Self {
+        let mut rng = rand::rng();
+        let span_id = hex(&rng.random::<u64>().max(1).to_be_bytes());
+        match input.header(headers::TRACEPARENT).and_then(parse) {
+            Some((trace_id, flags)) => Trace {
+                trace_id: trace_id.to_string(),
+                span_id,
+                flags: flags.to_string(),
+                state: input.header(headers::TRACESTATE).map(str::to_string),
+            },
+            None => Trace {
+                trace_id: hex(&rng.random::<u128>().max(1).to_be_bytes()),
+                span_id,
+                flags: "01".into(),
+                state: None,
+            },
+        }
+    }
+
+    /// The `traceparent` of what this delivery publishes.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+
+    /// Puts this delivery's context on a message it publishes, replacing
+    /// any the plugin copied from its input.
+    pub fn stamp(&self, message: &mut Message) {
+        message.set_header(headers::TRACEPARENT, self.traceparent());
+        match &self.state {
+            Some(state) => message.set_header(headers::TRACESTATE, state.clone()),
+            None => message
+                .headers
+                .retain(|(name, _)| name != headers::TRACESTATE),
+        }
+    }
+}
+
+/// The trace id and flags of a valid `traceparent`.
+fn parse(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    // Version 00 has exactly four parts; a later version may add more.
+    let valid = is_hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && is_hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && is_hex(parent_id, 16)
+        && parent_id.bytes().any(|b| b != b'0')
+        && is_hex(flags, 2);
+    valid.then_some((trace_id, flags))
+}
+
+fn is_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_delivery_continues_its_inputs_trace() {
+        let mut input = Message::new("t", "x");
+        input.set_header(headers::TRACEPARENT, PARENT);
+        input.set_header(headers::TRACESTATE, "vendor=abc");
+        let trace = Trace::of(&input);
+        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(trace.span_id, "00f067aa0ba902b7");
+        let mut output = Message::new("u", "y");
+        trace.stamp(&mut output);
+        let stamped = output.header(headers::TRACEPARENT).unwrap();
+        assert_eq!(parse(stamped), Some((trace.trace_id.as_str(), "01")));
+        assert!(stamped.contains(&trace.span_id));
+        assert_eq!(output.header(headers::TRACESTATE), Some("vendor=abc"));
+    }
+
+    #[test]
+    fn an_input_without_a_valid_traceparent_starts_a_trace() {
+        for bad in [
+            None,
+            Some("garbage"),
+            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+            Some("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),
+        ] {
+            let mut input = Message::new("t", "x");
+            if let Some(value) = bad {
+                input.set_header(headers::TRACEPARENT, value);
+            }
+            input.set_header(headers::TRACESTATE, "stale=1");
+            let trace = Trace::of(&input);
+            assert_ne!(
+                trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+                "{bad:?}"
+            );
+            let mut output = input.clone();
+            trace.stamp(&mut output);
+            let stamped = output.header(headers::TRACEPARENT).unwrap();
+            assert!(parse(stamped).is_some(), "{stamped}");
+            // A new trace does not carry the old trace's vendor state.
+            assert_eq!(output.header(headers::TRACESTATE), None, "{bad:?}");
+        }
+        // Two new traces differ.
+        let input = Message::new("t", "x");
+        assert_ne!(Trace::of(&input).trace_id, Trace::of(&input).trace_id);
+    }
+}
