@@ -21,8 +21,8 @@ pub struct Trace {
     /// This delivery's own id in the trace (16 hex digits): the parent of
     /// what it publishes.
     pub span_id: String,
-    /// The input's flags (sampled), or `01` for a new trace.
-    flags: String,
+    /// What this delivery's outputs carry, made once for all of them.
+    traceparent: String,
     /// The input's `tracestate`, passed on unchanged.
     state: Option<String>,
 }
@@ -33,31 +33,26 @@ impl Trace {
     pub fn of(input: &Message) -> Self {
         let mut rng = rand::rng();
         let span_id = hex(&rng.random::<u64>().max(1).to_be_bytes());
-        match input.header(headers::TRACEPARENT).and_then(parse) {
-            Some((trace_id, flags)) => Trace {
-                trace_id: trace_id.to_string(),
-                span_id,
-                flags: flags.to_string(),
-                state: input.header(headers::TRACESTATE).map(str::to_string),
-            },
-            None => Trace {
-                trace_id: hex(&rng.random::<u128>().max(1).to_be_bytes()),
-                span_id,
-                flags: "01".into(),
-                state: None,
-            },
+        let (trace_id, flags, state) = match input.header(headers::TRACEPARENT).and_then(parse) {
+            Some((trace_id, flags)) => (
+                trace_id.to_string(),
+                flags,
+                input.header(headers::TRACESTATE).map(str::to_string),
+            ),
+            None => (hex(&rng.random::<u128>().max(1).to_be_bytes()), "01", None),
+        };
+        Trace {
+            traceparent: format!("00-{trace_id}-{span_id}-{flags}"),
+            trace_id,
+            span_id,
+            state,
         }
-    }
-
-    /// The `traceparent` of what this delivery publishes.
-    pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
     }
 
     /// Puts this delivery's context on a message it publishes, replacing
     /// any the plugin copied from its input.
     pub fn stamp(&self, message: &mut Message) {
-        message.set_header(headers::TRACEPARENT, self.traceparent());
+        message.set_header(headers::TRACEPARENT, self.traceparent.clone());
         match &self.state {
             Some(state) => message.set_header(headers::TRACESTATE, state.clone()),
             None => message
@@ -89,13 +84,13 @@ fn is_hex(text: &str, len: usize) -> bool {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 #[cfg(test)]
