@@ -16,12 +16,8 @@ use crate::message::{Message, headers};
 /// The trace context of one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
-    /// 32 lowercase hex digits.
-    pub trace_id: String,
-    /// This delivery's own id in the trace (16 hex digits): the parent of
-    /// what it publishes.
-    pub span_id: String,
-    /// What this delivery's outputs carry, made once for all of them.
+    /// What this delivery's outputs carry: `00-<trace id>-<this
+    /// delivery's id>-<flags>`, made once for all of them.
     traceparent: String,
     /// The input's `tracestate`, passed on unchanged.
     state: Option<String>,
@@ -32,21 +28,36 @@ impl Trace {
     /// carries a valid `traceparent`, else in a new one.
     pub fn of(input: &Message) -> Self {
         let mut rng = rand::rng();
-        let span_id = hex(&rng.random::<u64>().max(1).to_be_bytes());
-        let (trace_id, flags, state) = match input.header(headers::TRACEPARENT).and_then(parse) {
-            Some((trace_id, flags)) => (
-                trace_id.to_string(),
-                flags,
-                input.header(headers::TRACESTATE).map(str::to_string),
-            ),
-            None => (hex(&rng.random::<u128>().max(1).to_be_bytes()), "01", None),
+        let mut traceparent = String::with_capacity(55);
+        traceparent.push_str("00-");
+        let (flags, state) = match input.header(headers::TRACEPARENT).and_then(parse) {
+            Some((trace_id, flags)) => {
+                traceparent.push_str(trace_id);
+                (flags, input.header(headers::TRACESTATE).map(str::to_string))
+            }
+            None => {
+                push_hex(&mut traceparent, &rng.random::<u128>().max(1).to_be_bytes());
+                ("01", None)
+            }
         };
-        Trace {
-            traceparent: format!("00-{trace_id}-{span_id}-{flags}"),
-            trace_id,
-            span_id,
-            state,
-        }
+        traceparent.push('-');
+        push_hex(&mut traceparent, &rng.random::<u64>().max(1).to_be_bytes());
+        traceparent.push('-');
+        traceparent.push_str(flags);
+        Trace { traceparent, state }
+    }
+
+    /// The trace id (32 hex digits).
+    #[cfg(test)]
+    fn trace_id(&self) -> &str {
+        &self.traceparent[3..35]
+    }
+
+    /// This delivery's own id in the trace (16 hex digits): the parent of
+    /// what it publishes.
+    #[cfg(test)]
+    fn span_id(&self) -> &str {
+        &self.traceparent[36..52]
     }
 
     /// Puts this delivery's context on a message it publishes, replacing
@@ -83,14 +94,12 @@ fn is_hex(text: &str, len: usize) -> bool {
     text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn hex(bytes: &[u8]) -> String {
+fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
-    out
 }
 
 #[cfg(test)]
@@ -105,13 +114,13 @@ mod tests {
         input.set_header(headers::TRACEPARENT, PARENT);
         input.set_header(headers::TRACESTATE, "vendor=abc");
         let trace = Trace::of(&input);
-        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(trace.span_id, "00f067aa0ba902b7");
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(trace.span_id(), "00f067aa0ba902b7");
         let mut output = Message::new("u", "y");
         trace.stamp(&mut output);
         let stamped = output.header(headers::TRACEPARENT).unwrap();
-        assert_eq!(parse(stamped), Some((trace.trace_id.as_str(), "01")));
-        assert!(stamped.contains(&trace.span_id));
+        assert_eq!(parse(stamped), Some((trace.trace_id(), "01")));
+        assert!(stamped.contains(trace.span_id()));
         assert_eq!(output.header(headers::TRACESTATE), Some("vendor=abc"));
     }
 
@@ -133,7 +142,8 @@ mod tests {
             input.set_header(headers::TRACESTATE, "stale=1");
             let trace = Trace::of(&input);
             assert_ne!(
-                trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+                trace.trace_id(),
+                "4bf92f3577b34da6a3ce929d0e0e4736",
                 "{bad:?}"
             );
             let mut output = input.clone();
@@ -145,6 +155,6 @@ mod tests {
         }
         // Two new traces differ.
         let input = Message::new("t", "x");
-        assert_ne!(Trace::of(&input).trace_id, Trace::of(&input).trace_id);
+        assert_ne!(Trace::of(&input).trace_id(), Trace::of(&input).trace_id());
     }
 }
