@@ -103,6 +103,7 @@ impl Host {
                         batch_size: route.batch_size,
                         max_hops: route.max_hops,
                         max_message_bytes: loaded.config.runtime.max_message_bytes,
+                        max_rate: route.max_rate,
                     },
                     source: backends[loaded.source_backend(route)].clone(),
                     sink: backends[loaded.output_backend(route)].clone(),

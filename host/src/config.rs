@@ -46,6 +46,27 @@ pub struct Config {
     /// unless this table is present.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Where the spans of each delivery go; not exported unless this table
+    /// is present. Read when the host starts (a reload keeps it).
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// Export of delivery spans over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP base URL (e.g. `http://localhost:4318`);
+    /// spans are sent to `<endpoint>/v1/traces` as protobuf. `${VAR}` is
+    /// replaced by the environment variable.
+    pub otlp_endpoint: String,
+    /// The `service.name` the spans carry.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+    /// Headers sent with every export, e.g. a collector's API key (write
+    /// `${VAR}` to keep it out of the file).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// The admin HTTP API.
@@ -179,6 +200,12 @@ pub struct RouteConfig {
     /// route is never reported.
     #[serde(default = "defaults::stalled_after_ms")]
     pub stalled_after_ms: u64,
+    /// Messages per second the route takes from its backend, at most
+    /// (bursts of up to a tenth of a second's worth); unlimited if absent.
+    /// For a downstream API with a quota: messages wait in the backend,
+    /// not in the host.
+    #[serde(default)]
+    pub max_rate: Option<f64>,
 }
 
 /// How failed messages are retried.
@@ -275,6 +302,10 @@ mod defaults {
     pub fn lease_ms() -> u64 {
         30_000
     }
+    pub fn service_name() -> String {
+        "sluice".into()
+    }
+
     pub fn stalled_after_ms() -> u64 {
         30_000
     }
@@ -437,6 +468,20 @@ pub fn parse(
         }
         backend.url = expand_variables(&backend.url, &env).map_err(|m| error("url", m))?;
     }
+    if let Some(telemetry) = config.telemetry.as_mut() {
+        let error = |key: &str, message: String| ConfigError {
+            file: source_name.to_string(),
+            line: text.find("[telemetry]").map_or(0, |o| line_of(text, o)),
+            key: format!("telemetry.{key}"),
+            message,
+        };
+        telemetry.otlp_endpoint = expand_variables(&telemetry.otlp_endpoint, &env)
+            .map_err(|m| error("otlp_endpoint", m))?;
+        for (name, value) in telemetry.headers.iter_mut() {
+            *value =
+                expand_variables(value, &env).map_err(|m| error(&format!("headers.{name}"), m))?;
+        }
+    }
     let loaded = Loaded {
         config,
         base_dir,
@@ -508,6 +553,20 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
         key,
         message,
     };
+    if let Some(telemetry) = &config.telemetry {
+        let endpoint = &telemetry.otlp_endpoint;
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(error(
+                text.find("otlp_endpoint").map_or(0, |o| line_of(text, o)),
+                "telemetry.otlp_endpoint".into(),
+                format!(
+                    "`{endpoint}` is not an http:// or https:// URL (OTLP over HTTP, \
+                     e.g. http://localhost:4318)"
+                ),
+            )
+            .into());
+        }
+    }
     for (name, backend) in &config.backends {
         if !backend.url.contains("://") {
             let line = text.find(&backend.url).map_or(0, |o| line_of(text, o));
@@ -652,6 +711,16 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
                 )
                 .into());
             }
+        }
+        if let Some(rate) = route.max_rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(error(
+                route_line(text, index, "max_rate"),
+                key("max_rate"),
+                format!("{rate} is not a positive number of messages per second"),
+            )
+            .into());
         }
         if route.max_in_flight < route.concurrency {
             return Err(error(
@@ -835,5 +904,46 @@ plugin = "upper"
         let text = GOOD.replace("orders.*", "orders.>.x");
         let err = parse_with(&text, &[]).unwrap_err().to_string();
         assert!(err.contains("routes[0].topics"), "{err}");
+    }
+
+    #[test]
+    fn max_rate_must_be_a_positive_rate() {
+        for bad in ["0", "-5", "nan", "inf"] {
+            let text = GOOD.replace(
+                "plugin = \"upper\"\n",
+                &format!("plugin = \"upper\"\nmax_rate = {bad}\n"),
+            );
+            let err = parse_with(&text, &[]).unwrap_err().to_string();
+            assert!(err.contains("routes[0].max_rate"), "{bad}: {err}");
+        }
+        let text = GOOD.replace(
+            "plugin = \"upper\"\n",
+            "plugin = \"upper\"\nmax_rate = 2.5\n",
+        );
+        assert_eq!(
+            parse_with(&text, &[]).unwrap().config.routes[0].max_rate,
+            Some(2.5)
+        );
+    }
+
+    #[test]
+    fn telemetry_takes_its_endpoint_and_headers_from_the_environment() {
+        let text = format!(
+            "{GOOD}\n[telemetry]\notlp_endpoint = \"${{OTLP}}\"\nheaders = {{ key = \"${{KEY}}\" }}\n"
+        );
+        let loaded = parse_with(&text, &[("OTLP", "http://collector:4318"), ("KEY", "k")]).unwrap();
+        let telemetry = loaded.config.telemetry.unwrap();
+        assert_eq!(telemetry.otlp_endpoint, "http://collector:4318");
+        assert_eq!(telemetry.headers["key"], "k");
+        assert_eq!(telemetry.service_name, "sluice");
+        let err = parse_with(&text, &[("OTLP", "collector:4317"), ("KEY", "k")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+        let err = parse_with(&text, &[("OTLP", "http://c")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.headers.key"), "{err}");
+        assert!(err.contains("`KEY`"), "{err}");
     }
 }

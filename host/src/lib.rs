@@ -7,8 +7,10 @@
 //! - [`runtime`]: wasmtime, plugin loading and warm instances;
 //! - [`router`]: the delivery loop of a route (call, publish, settle);
 //! - [`config`]: the TOML configuration;
+//! - [`rate`]: token buckets (a route's `max_rate`, a plugin's log lines);
 //! - [`deploy`]: new plugin versions into a running host, and rollback;
 //! - [`admin`]: the admin HTTP API, health and metrics;
+//! - [`telemetry`]: the log, and delivery spans exported over OTLP;
 //! - `kit`: `sluice new`, `sluice build` and `sluice test` for plugin authors;
 //! - [`app`]: wiring it all into a running host.
 
@@ -22,8 +24,10 @@ mod fuzz;
 #[cfg(feature = "kit")]
 pub mod kit;
 pub mod message;
+pub mod rate;
 pub mod router;
 pub mod runtime;
+pub mod telemetry;
 
 pub use message::Message;
 

@@ -148,14 +148,22 @@ impl Target {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn,wasmtime=warn,cranelift=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The span exporter starts with the log, before the config is loaded
+    // for real; a config that does not load is reported by `run` itself.
+    let telemetry = match &cli.command {
+        Command::Run { config, .. } => config::load(config)
+            .ok()
+            .and_then(|loaded| loaded.config.telemetry),
+        _ => None,
+    };
+    // Dropped last, after the runtime: it sends the spans still waiting.
+    let _telemetry = match sluice::telemetry::init(telemetry.as_ref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,

@@ -415,3 +415,41 @@ fn a_poison_row_is_dead_lettered_raw_and_the_rest_flows() {
         "the raw bytes are kept: {letters}"
     );
 }
+
+/// The config the Kubernetes manifest ships is one `sluice check` accepts,
+/// with its plugin path and backend URL filled in as the pod would.
+#[test]
+fn the_kubernetes_manifests_config_passes_check() {
+    let manifest =
+        std::fs::read_to_string(common::repo_root().join("deploy/kubernetes.yaml")).unwrap();
+    let start = manifest
+        .find("  sluice.toml: |\n")
+        .expect("the ConfigMap's sluice.toml")
+        + 17;
+    let config: String = manifest[start..]
+        .lines()
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+        .collect();
+    assert!(config.contains("[admin]"), "{config}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config
+        .replace(
+            "/opt/plugins/orders.wasm",
+            &plugin_path("uppercase").display().to_string(),
+        )
+        .replace(
+            "/var/lib/sluice/cache",
+            &dir.path().join("cache").display().to_string(),
+        );
+    let path = write_config(dir.path(), &config);
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", &path])
+        .env("BACKEND_URL", &url)
+        .env("SLUICE_ADMIN_TOKEN", "t")
+        .env_remove("SLUICE_BACKEND_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{config}", stderr(&out));
+}

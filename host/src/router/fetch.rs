@@ -5,7 +5,8 @@
 //! (fetched and not yet settled), and by what the workers can start within
 //! half a lease at the pace they are handling messages, so that a delivery
 //! never waits in a lane until its lease runs out and a second consumer
-//! gets it too.
+//! gets it too. A route with `max_rate` also fetches no more than its token
+//! bucket allows, so messages beyond the rate wait in the backend.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ use tokio::sync::Notify;
 
 use super::{Context, RouteStats};
 use crate::backend::Delivery;
+use crate::rate::TokenBucket;
 
 /// The smallest batch the fetcher asks for once it knows the handler's
 /// pace: a round trip per few dozen messages held the routes of a low
@@ -41,6 +43,12 @@ impl Context {
         let batch = (self.spec.concurrency * 2).clamp(FETCH_BATCH_MIN, FETCH_BATCH_MAX);
         let mut failures = 0u32;
         let mut paused = self.control.paused.subscribe();
+        // A tenth of a second's worth in a burst keeps any window of a
+        // second or more within a tenth of the rate.
+        let mut rate = self
+            .spec
+            .max_rate
+            .map(|per_second| TokenBucket::new(per_second, per_second / 10.0));
         while !self.shutdown.is_cancelled() {
             if *paused.borrow_and_update() {
                 self.control.halted.send_replace(true);
@@ -54,13 +62,30 @@ impl Context {
             let Some(room) = self.reserve(batch).await else {
                 break;
             };
+            let room = match &mut rate {
+                Some(bucket) => {
+                    let Some(allowed) = self.within_rate(bucket, room).await else {
+                        self.in_flight.add_permits(room);
+                        break;
+                    };
+                    self.in_flight.add_permits(room - allowed);
+                    allowed
+                }
+                None => room,
+            };
             let deliveries = match self.subscription.fetch(room, FETCH_WAIT).await {
                 Ok(deliveries) => {
                     failures = 0;
                     self.stats.fetch_succeeded();
+                    if let Some(bucket) = &mut rate {
+                        bucket.give_back(room - deliveries.len().min(room));
+                    }
                     deliveries
                 }
                 Err(e) => {
+                    if let Some(bucket) = &mut rate {
+                        bucket.give_back(room);
+                    }
                     self.in_flight.add_permits(room);
                     failures += 1;
                     self.stats.fetch_failed(&e);
@@ -121,6 +146,20 @@ impl Context {
                         let _ = lane.send(chunk).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits for `bucket` to allow at least one message, then takes what it
+    /// allows up to `room`; `None` on shutdown.
+    async fn within_rate(&self, bucket: &mut TokenBucket, room: usize) -> Option<usize> {
+        loop {
+            match bucket.take_up_to(room) {
+                Ok(allowed) => return Some(allowed),
+                Err(wait) => tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shutdown.cancelled() => return None,
+                },
             }
         }
     }

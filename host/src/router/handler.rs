@@ -28,6 +28,12 @@ pub trait Worker: Send {
     async fn handle_batch(&mut self, batch: &[(&Message, u32)]) -> Vec<Result<Outcome, CallError>> {
         one_by_one(self, batch).await
     }
+
+    /// The name and version of what handles the messages, for the delivery
+    /// spans.
+    fn plugin(&self) -> (String, String) {
+        ("native".into(), "-".into())
+    }
 }
 
 /// Runs the current version of a WebAssembly plugin, keeping one warm
@@ -116,6 +122,13 @@ impl WasmWorker {
 
 #[async_trait]
 impl Worker for WasmWorker {
+    fn plugin(&self) -> (String, String) {
+        (
+            self.slot.name.clone(),
+            self.slot.current().short_hash().to_string(),
+        )
+    }
+
     async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
         let current = self.slot.current();
         let instance = self.warm(&current).await?;

@@ -67,6 +67,8 @@ pub struct RouteSpec {
     pub max_hops: u32,
     /// Largest message handled; a larger one is dead-lettered unhandled.
     pub max_message_bytes: usize,
+    /// Messages per second the route takes from its backend, at most.
+    pub max_rate: Option<f64>,
 }
 
 impl RouteSpec {
@@ -91,6 +93,7 @@ impl RouteSpec {
             batch_size: 1,
             max_hops: Self::DEFAULT_MAX_HOPS,
             max_message_bytes: crate::runtime::OutputLimits::default().max_message_bytes,
+            max_rate: None,
         }
     }
 }
@@ -262,7 +265,7 @@ impl Subscribed {
             receivers.push(rx);
         }
         // Every event of the route's tasks carries the route's name.
-        let span = tracing::info_span!("route", name = %context.spec.name);
+        let span = tracing::info_span!("route", route = %context.spec.name);
         let (finished, settler_queue) = tokio::sync::mpsc::unbounded_channel();
         for index in 0..workers {
             let lane = receivers[index % lanes].clone();
@@ -301,6 +304,8 @@ impl Subscribed {
 struct Finished {
     delivery: Delivery,
     verdict: Verdict,
+    /// The delivery's span; it ends once the delivery is settled.
+    span: tracing::Span,
 }
 
 enum Verdict {

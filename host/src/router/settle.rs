@@ -26,6 +26,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::{Context, Finished, RouteStats, Verdict};
 use crate::backend::{Delivery, SettleError, Settlement};
 use crate::message::Message;
+use crate::telemetry::DELIVERY;
 
 /// The most hand-ins (each a worker's finished deliveries) settled in one
 /// round.
@@ -36,12 +37,20 @@ impl Context {
         let mut hand_ins = Vec::with_capacity(SETTLE_HAND_INS_MAX);
         while queue.recv_many(&mut hand_ins, SETTLE_HAND_INS_MAX).await > 0 {
             let count = hand_ins.iter().map(Vec::len).sum::<usize>();
-            let batch = hand_ins.drain(..).flatten();
+            let batch: Vec<Finished> = hand_ins.drain(..).flatten().collect();
+            // Each delivery's settling, a child of its span; the children
+            // keep the delivery spans open until the round is done.
+            let settling: Vec<tracing::Span> = batch
+                .iter()
+                .filter(|f| !f.span.is_disabled())
+                .map(|f| tracing::debug_span!(target: DELIVERY, parent: &f.span, "settle", batch = count))
+                .collect();
             if self.atomic {
-                self.settle_atomically(batch).await;
+                self.settle_atomically(batch.into_iter()).await;
             } else {
-                self.publish_then_settle(batch).await;
+                self.publish_then_settle(batch.into_iter()).await;
             }
+            drop(settling);
             // Counted down before the permits go back, so the count never
             // shows more than `max_in_flight`.
             self.stats
@@ -58,7 +67,10 @@ impl Context {
         let mut outputs = Vec::new();
         let mut publishing = Vec::new();
         let mut nacks = Vec::new();
-        for Finished { delivery, verdict } in batch {
+        for Finished {
+            delivery, verdict, ..
+        } in batch
+        {
             match verdict {
                 Verdict::Publish {
                     outputs: mut these,

@@ -3,7 +3,9 @@
 //! delivery publishes (outputs and dead letters) carries a `traceparent` in
 //! that trace whose parent is this delivery. An input without a valid one
 //! starts a new trace. So a chain of routes, and whatever tracing system
-//! reads the headers, can follow one message through every hop.
+//! reads the headers, can follow one message through every hop. When
+//! delivery spans are exported, the delivery's id is its span's, so the
+//! collector links the spans of every hop.
 //!
 //! See <https://www.w3.org/TR/trace-context/>: `traceparent` is
 //! `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, and
@@ -12,6 +14,7 @@
 use rand::Rng;
 
 use crate::message::{Message, headers};
+use crate::telemetry::{self, otlp};
 
 /// The trace context of one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +34,7 @@ impl Trace {
         let mut traceparent = String::with_capacity(55);
         traceparent.push_str("00-");
         let (flags, state) = match input.header(headers::TRACEPARENT).and_then(parse) {
-            Some((trace_id, flags)) => {
+            Some((trace_id, _, flags)) => {
                 traceparent.push_str(trace_id);
                 (flags, input.header(headers::TRACESTATE).map(str::to_string))
             }
@@ -45,6 +48,29 @@ impl Trace {
         traceparent.push('-');
         traceparent.push_str(flags);
         Trace { traceparent, state }
+    }
+
+    /// The context of a delivery of `input` whose span `span` (not yet
+    /// entered) is exported: the span joins the input's trace, or starts
+    /// one, and the span's own id is the parent of what it publishes.
+    /// `None` when spans are not exported.
+    pub fn exported(input: &Message, span: &tracing::Span) -> Option<Self> {
+        if !telemetry::exporting() || span.is_disabled() {
+            return None;
+        }
+        let parent = input.header(headers::TRACEPARENT).and_then(parse);
+        let state = parent.and(input.header(headers::TRACESTATE));
+        let parent = parent.map(|(trace_id, parent_id, flags)| otlp::RemoteParent {
+            trace_id,
+            parent_id,
+            flags,
+            state,
+        });
+        let (trace_id, span_id, flags) = otlp::adopt(span, parent)?;
+        Some(Trace {
+            traceparent: format!("00-{trace_id}-{span_id}-{flags:02x}"),
+            state: state.map(str::to_string),
+        })
     }
 
     /// The trace id (32 hex digits).
@@ -73,8 +99,8 @@ impl Trace {
     }
 }
 
-/// The trace id and flags of a valid `traceparent`.
-fn parse(value: &str) -> Option<(&str, &str)> {
+/// The trace id, parent id and flags of a valid `traceparent`.
+fn parse(value: &str) -> Option<(&str, &str, &str)> {
     let mut parts = value.trim().split('-');
     let (version, trace_id, parent_id, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -87,7 +113,7 @@ fn parse(value: &str) -> Option<(&str, &str)> {
         && is_hex(parent_id, 16)
         && parent_id.bytes().any(|b| b != b'0')
         && is_hex(flags, 2);
-    valid.then_some((trace_id, flags))
+    valid.then_some((trace_id, parent_id, flags))
 }
 
 fn is_hex(text: &str, len: usize) -> bool {
@@ -119,7 +145,10 @@ mod tests {
         let mut output = Message::new("u", "y");
         trace.stamp(&mut output);
         let stamped = output.header(headers::TRACEPARENT).unwrap();
-        assert_eq!(parse(stamped), Some((trace.trace_id(), "01")));
+        assert_eq!(
+            parse(stamped),
+            Some((trace.trace_id(), trace.span_id(), "01"))
+        );
         assert!(stamped.contains(trace.span_id()));
         assert_eq!(output.header(headers::TRACESTATE), Some("vendor=abc"));
     }

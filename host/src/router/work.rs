@@ -1,15 +1,66 @@
 //! Workers: call the handler for each delivery and decide what becomes of
 //! it, then hand that to the settler and take the next message at once.
+//!
+//! Each delivery gets its span here (see [`crate::telemetry`]), with a
+//! child span around each handler call, so the plugin's log lines land in
+//! the delivery they belong to.
 
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
+use tracing::{Instrument, Span};
 
 use super::trace::Trace;
 use super::{Context, Finished, RouteStats, Verdict, Worker};
 use crate::backend::Delivery;
 use crate::message::{Message, headers};
 use crate::runtime::{CallError, Outcome};
+use crate::telemetry::DELIVERY;
+
+/// A delivery's span, and its trace context once known (at once when the
+/// span is exported, whose ids it must carry; else only if it publishes).
+struct Traced {
+    span: Span,
+    trace: Option<Trace>,
+}
+
+impl Traced {
+    fn new(context: &Context, delivery: &Delivery, worker: &dyn Worker) -> Self {
+        let span = tracing::debug_span!(
+            target: DELIVERY,
+            "delivery",
+            route = %context.spec.name,
+            message_id = %delivery.message.id,
+            attempt = delivery.attempt,
+            plugin = tracing::field::Empty,
+            version = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        if span.is_disabled() {
+            return Traced { span, trace: None };
+        }
+        let (plugin, version) = worker.plugin();
+        span.record("plugin", plugin);
+        span.record("version", version);
+        let trace = Trace::exported(&delivery.message, &span);
+        Traced { span, trace }
+    }
+
+    /// The span of one handler call for this delivery.
+    fn handling(&self, attempt: u32) -> Span {
+        tracing::debug_span!(target: DELIVERY, parent: &self.span, "handle", attempt)
+    }
+
+    /// The trace context of what this delivery publishes.
+    fn trace(&mut self, input: &Message) -> Trace {
+        self.trace.take().unwrap_or_else(|| Trace::of(input))
+    }
+
+    fn ended(self, outcome: &str) -> Span {
+        self.span.record("outcome", outcome);
+        self.span
+    }
+}
 
 /// How long finished deliveries may wait in a worker for company before
 /// they go to the settler.
@@ -33,17 +84,27 @@ impl Context {
             while chunk.peek().is_some() {
                 let mut batch = Vec::with_capacity(batch_size.min(chunk.len()));
                 for delivery in chunk.by_ref() {
+                    let mut traced = Traced::new(self, &delivery, worker);
                     match self.unfit(&delivery.message) {
                         Some((cause, reason)) => {
-                            let verdict = self.dead_letter(
-                                &delivery.message,
-                                delivery.attempt,
-                                cause,
-                                &reason,
-                            );
-                            finished.push(Finished { delivery, verdict });
+                            let trace = traced.trace(&delivery.message);
+                            let verdict = traced.span.in_scope(|| {
+                                self.dead_letter(
+                                    &delivery.message,
+                                    delivery.attempt,
+                                    cause,
+                                    &reason,
+                                    trace,
+                                )
+                            });
+                            let span = traced.ended("dead-lettered");
+                            finished.push(Finished {
+                                delivery,
+                                verdict,
+                                span,
+                            });
                         }
-                        None => batch.push(delivery),
+                        None => batch.push((delivery, traced)),
                     }
                     if batch.len() == batch_size {
                         break;
@@ -55,21 +116,42 @@ impl Context {
                 let results = {
                     let inputs: Vec<(&Message, u32)> = batch
                         .iter()
-                        .map(|delivery| (&delivery.message, delivery.attempt))
+                        .map(|(delivery, _)| (&delivery.message, delivery.attempt))
                         .collect();
+                    // One call for a batch: each delivery's handling spans
+                    // it, and the plugin's log lines go to the first's.
+                    let (first, handling) = match batch.as_slice() {
+                        [(_, traced), ..] if traced.span.is_disabled() => {
+                            (Span::none(), Vec::new())
+                        }
+                        _ => {
+                            let mut handling: Vec<Span> = batch
+                                .iter()
+                                .map(|(delivery, traced)| traced.handling(delivery.attempt))
+                                .collect();
+                            (handling.swap_remove(0), handling)
+                        }
+                    };
                     let started = Instant::now();
                     let results = match inputs.as_slice() {
-                        [(message, attempt)] => vec![worker.handle(message, *attempt).await],
-                        _ => worker.handle_batch(&inputs).await,
+                        [(message, attempt)] => {
+                            vec![worker.handle(message, *attempt).instrument(first).await]
+                        }
+                        _ => worker.handle_batch(&inputs).instrument(first).await,
                     };
+                    drop(handling);
                     let elapsed = started.elapsed();
                     self.stats.handler_latency.observe(elapsed);
                     self.pace.handled(inputs.len(), elapsed);
                     results
                 };
-                for (delivery, result) in batch.into_iter().zip(results) {
-                    let verdict = self.verdict(worker, &delivery, result).await;
-                    finished.push(Finished { delivery, verdict });
+                for ((delivery, traced), result) in batch.into_iter().zip(results) {
+                    let (verdict, span) = self.verdict(worker, &delivery, traced, result).await;
+                    finished.push(Finished {
+                        delivery,
+                        verdict,
+                        span,
+                    });
                 }
                 // A slow handler's results must not wait for the rest of
                 // the chunk: what a long call finished goes in at once.
@@ -88,31 +170,40 @@ impl Context {
     /// What becomes of a delivery the handler answered `result` for. On an
     /// ordered route a failed message is retried here, holding back later
     /// messages of its key, until it succeeds or its attempts are used up.
+    /// Returns the delivery's span with the outcome recorded.
     async fn verdict(
         &self,
         worker: &mut dyn Worker,
         delivery: &Delivery,
+        mut traced: Traced,
         mut result: Result<Outcome, CallError>,
-    ) -> Verdict {
+    ) -> (Verdict, Span) {
         let mut attempt = delivery.attempt;
         loop {
             let (cause, reason) = match result {
                 Ok(Outcome::Outputs(mut outputs)) => {
-                    let hops = (delivery.message.hops() + 1).to_string();
-                    let trace = Trace::of(&delivery.message);
-                    for output in &mut outputs {
-                        output.set_header(headers::CAUSATION_ID, delivery.message.id.clone());
-                        output.set_header(headers::HOPS, hops.clone());
-                        trace.stamp(output);
+                    if !outputs.is_empty() {
+                        let hops = (delivery.message.hops() + 1).to_string();
+                        let trace = traced.trace(&delivery.message);
+                        for output in &mut outputs {
+                            output.set_header(headers::CAUSATION_ID, delivery.message.id.clone());
+                            output.set_header(headers::HOPS, hops.clone());
+                            trace.stamp(output);
+                        }
                     }
-                    return Verdict::Publish {
+                    let verdict = Verdict::Publish {
                         outputs,
                         dead_letter: false,
                     };
+                    return (verdict, traced.ended("published"));
                 }
                 Ok(Outcome::Retry(reason)) => ("retry", reason),
                 Ok(Outcome::Reject(reason)) => {
-                    return self.dead_letter(&delivery.message, attempt, "rejected", &reason);
+                    let trace = traced.trace(&delivery.message);
+                    let verdict = traced.span.in_scope(|| {
+                        self.dead_letter(&delivery.message, attempt, "rejected", &reason, trace)
+                    });
+                    return (verdict, traced.ended("dead-lettered"));
                 }
                 Err(error) => {
                     RouteStats::add(&self.stats.plugin_errors, 1);
@@ -121,25 +212,40 @@ impl Context {
             };
             if !self.spec.retry.may_retry(attempt) {
                 let reason = format!("{reason} (after {attempt} attempts)");
-                return self.dead_letter(&delivery.message, attempt, "attempts-exhausted", &reason);
+                let trace = traced.trace(&delivery.message);
+                let verdict = traced.span.in_scope(|| {
+                    self.dead_letter(
+                        &delivery.message,
+                        attempt,
+                        "attempts-exhausted",
+                        &reason,
+                        trace,
+                    )
+                });
+                return (verdict, traced.ended("dead-lettered"));
             }
             RouteStats::add(&self.stats.retried, 1);
             let delay = self.spec.retry.backoff(attempt);
-            tracing::debug!(message = %delivery.message.id, attempt, cause, ?delay, "{reason}");
+            traced.span.in_scope(|| {
+                tracing::debug!(message = %delivery.message.id, attempt, cause, ?delay, "{reason}");
+            });
             if self.spec.ordered && !self.shutdown.is_cancelled() {
                 // Hold the key's lane: later messages of this key must wait.
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {
                         attempt += 1;
                         let started = Instant::now();
-                        result = worker.handle(&delivery.message, attempt).await;
+                        result = worker
+                            .handle(&delivery.message, attempt)
+                            .instrument(traced.handling(attempt))
+                            .await;
                         self.stats.handler_latency.observe(started.elapsed());
                         continue;
                     }
                     _ = self.shutdown.cancelled() => {}
                 }
             }
-            return Verdict::Nack(delay);
+            return (Verdict::Nack(delay), traced.ended("retry"));
         }
     }
 
@@ -180,7 +286,14 @@ impl Context {
 
     /// The input, unchanged, addressed to the dead-letter topic with headers
     /// saying why.
-    fn dead_letter(&self, original: &Message, attempt: u32, cause: &str, reason: &str) -> Verdict {
+    fn dead_letter(
+        &self,
+        original: &Message,
+        attempt: u32,
+        cause: &str,
+        reason: &str,
+        trace: Trace,
+    ) -> Verdict {
         let mut letter = Message::new(
             self.spec.dead_letter_topic.clone(),
             original.payload.clone(),
@@ -193,7 +306,7 @@ impl Context {
         letter.set_header(headers::ORIGINAL_ID, original.id.clone());
         letter.set_header(headers::ATTEMPTS, attempt.to_string());
         letter.set_header(headers::ROUTE, self.spec.name.clone());
-        Trace::of(original).stamp(&mut letter);
+        trace.stamp(&mut letter);
         tracing::warn!(message = %original.id, topic = %self.spec.dead_letter_topic, cause, "dead-lettering: {reason}");
         Verdict::Publish {
             outputs: vec![letter],

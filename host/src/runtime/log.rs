@@ -6,7 +6,8 @@
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+
+use crate::rate::TokenBucket;
 
 /// Longest plugin text that reaches the log or a header, in bytes.
 pub const MAX_TEXT: usize = 4096;
@@ -35,16 +36,13 @@ pub fn escape(text: &str, max: usize) -> String {
 /// A token bucket of log lines, shared by every instance of a plugin.
 #[derive(Debug)]
 pub struct LogBudget {
-    per_second: f64,
-    burst: f64,
-    bucket: Mutex<Bucket>,
+    state: Mutex<Budget>,
     dropped: AtomicU64,
 }
 
 #[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    refilled: Instant,
+struct Budget {
+    bucket: TokenBucket,
     /// Drops not yet reported in the log.
     unreported: u64,
 }
@@ -59,11 +57,8 @@ pub enum Admit {
 impl LogBudget {
     pub fn new(per_second: u32, burst: u32) -> Self {
         LogBudget {
-            per_second: f64::from(per_second),
-            burst: f64::from(burst),
-            bucket: Mutex::new(Bucket {
-                tokens: f64::from(burst),
-                refilled: Instant::now(),
+            state: Mutex::new(Budget {
+                bucket: TokenBucket::new(f64::from(per_second), f64::from(burst)),
                 unreported: 0,
             }),
             dropped: AtomicU64::new(0),
@@ -72,18 +67,13 @@ impl LogBudget {
 
     /// Takes one line's token, if there is one.
     pub fn admit(&self) -> Admit {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let earned = now.duration_since(bucket.refilled).as_secs_f64() * self.per_second;
-        bucket.tokens = (bucket.tokens + earned).min(self.burst);
-        bucket.refilled = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.bucket.try_take() {
             Admit::Write {
-                dropped_before: std::mem::take(&mut bucket.unreported),
+                dropped_before: std::mem::take(&mut state.unreported),
             }
         } else {
-            bucket.unreported += 1;
+            state.unreported += 1;
             self.dropped.fetch_add(1, Ordering::Relaxed);
             Admit::Drop
         }
