@@ -54,6 +54,11 @@ enum Command {
         /// Read one payload per line from stdin.
         #[arg(long, conflicts_with = "payload")]
         lines: bool,
+        /// With --lines: each line is a message as `sluice tail --json`
+        /// prints it; its key, headers and payload are published to TOPIC
+        /// as they were (--key and --header add to them).
+        #[arg(long, requires = "lines")]
+        json: bool,
         /// The message key.
         #[arg(long)]
         key: Option<String>,
@@ -192,16 +197,12 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             topic,
             payload,
             lines,
+            json,
             key,
             headers,
             count,
         } => {
             let backend = target.connect().await?;
-            let payloads: Vec<String> = if lines {
-                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
-            } else {
-                vec![payload.unwrap_or_default(); count]
-            };
             let mut headers_parsed = Vec::new();
             for header in headers {
                 let (name, value) = header
@@ -209,14 +210,31 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     .with_context(|| format!("header `{header}` is not NAME=VALUE"))?;
                 headers_parsed.push((name.to_string(), value.to_string()));
             }
-            let total = payloads.len();
-            let messages = payloads.into_iter().map(|payload| {
-                let mut message = Message::new(topic.clone(), payload);
-                message.key = key.clone();
-                message.headers = headers_parsed.clone();
-                message
-            });
-            let messages: Vec<Message> = messages.collect();
+            let mut messages = Vec::new();
+            if lines {
+                for (number, line) in std::io::stdin().lock().lines().enumerate() {
+                    let line = line?;
+                    messages.push(if json {
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        sluice::message::json::read(&line, &topic)
+                            .with_context(|| format!("stdin line {}", number + 1))?
+                    } else {
+                        Message::new(topic.clone(), line)
+                    });
+                }
+            } else {
+                let payload = payload.unwrap_or_default();
+                messages.extend((0..count).map(|_| Message::new(topic.clone(), payload.clone())));
+            }
+            for message in &mut messages {
+                if key.is_some() {
+                    message.key = key.clone();
+                }
+                message.headers.extend(headers_parsed.iter().cloned());
+            }
+            let total = messages.len();
             for chunk in messages.chunks(500) {
                 backend.publish(chunk.to_vec()).await?;
             }
@@ -329,19 +347,11 @@ async fn tail(
 }
 
 fn print_message(message: &Message, attempt: u32, json: bool) {
-    let payload = String::from_utf8_lossy(&message.payload);
     if json {
-        let value = serde_json::json!({
-            "id": message.id,
-            "topic": message.topic,
-            "key": message.key,
-            "headers": message.headers,
-            "payload": payload,
-            "timestamp_ms": message.timestamp_ms,
-            "attempt": attempt,
-        });
+        let value = sluice::message::json::write(message, &[("attempt", attempt.into())]);
         println!("{value}");
     } else {
+        let payload = String::from_utf8_lossy(&message.payload);
         let key = message
             .key
             .as_deref()

@@ -95,6 +95,112 @@ impl Message {
     }
 }
 
+/// A message as one JSON object, the shape `sluice tail --json` prints
+/// and `sluice publish --lines --json` reads back: `id`, `topic`, `key`,
+/// `headers` (`[name, value]` pairs, in order), `timestamp_ms`, and the
+/// payload as `payload` when it is UTF-8, else as `payload_base64`, so
+/// that any message survives the round trip byte for byte.
+pub mod json {
+    use anyhow::{Context, Result, bail};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use serde_json::{Value, json};
+
+    use super::Message;
+
+    /// `message` as a JSON object, with `extra` fields added (e.g. the
+    /// delivery's attempt).
+    pub fn write(message: &Message, extra: &[(&str, Value)]) -> Value {
+        let mut value = json!({
+            "id": message.id,
+            "topic": message.topic,
+            "key": message.key,
+            "headers": message.headers,
+            "timestamp_ms": message.timestamp_ms,
+        });
+        let object = value.as_object_mut().expect("an object");
+        match std::str::from_utf8(&message.payload) {
+            Ok(text) => object.insert("payload".into(), text.into()),
+            Err(_) => object.insert(
+                "payload_base64".into(),
+                BASE64.encode(&message.payload).into(),
+            ),
+        };
+        for (name, field) in extra {
+            object.insert((*name).into(), field.clone());
+        }
+        value
+    }
+
+    /// A new message to `topic` with the key, headers and payload of a
+    /// line [`write`] made; its id, topic, time and anything else are
+    /// ignored (a publish is a new message).
+    pub fn read(line: &str, topic: &str) -> Result<Message> {
+        let value: Value = serde_json::from_str(line).context("not a JSON object")?;
+        let Value::Object(object) = value else {
+            bail!("not a JSON object");
+        };
+        let payload = match (object.get("payload"), object.get("payload_base64")) {
+            (Some(Value::String(text)), None) => text.clone().into_bytes(),
+            (None, Some(Value::String(encoded))) => BASE64
+                .decode(encoded)
+                .context("`payload_base64` is not base64")?,
+            (None, None) => bail!("no `payload` or `payload_base64`"),
+            (Some(_), Some(_)) => bail!("both `payload` and `payload_base64`"),
+            _ => bail!("`payload` and `payload_base64` must be strings"),
+        };
+        let mut message = Message::new(topic, payload);
+        message.key = match object.get("key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(key)) => Some(key.clone()),
+            Some(_) => bail!("`key` must be a string or null"),
+        };
+        if let Some(headers) = object.get("headers") {
+            message.headers = serde_json::from_value(headers.clone())
+                .context("`headers` must be a list of [name, value] pairs of strings")?;
+        }
+        Ok(message)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn any_message_survives_the_round_trip() {
+            for payload in [b"plain text".to_vec(), vec![0, 159, 146, 150, 255, b'\n']] {
+                let mut original = Message::new("from", payload)
+                    .with_key("k")
+                    .with_header("a", "1")
+                    .with_header("a", "2 \"quoted\"\n");
+                original.headers.push(("empty".into(), String::new()));
+                let line = write(&original, &[("attempt", 3.into())]).to_string();
+                assert!(!line.contains('\n'), "one line: {line}");
+                let copy = read(&line, "to").unwrap();
+                assert_eq!(copy.payload, original.payload);
+                assert_eq!(copy.key, original.key);
+                assert_eq!(copy.headers, original.headers);
+                assert_eq!(copy.topic, "to");
+                assert_ne!(copy.id, original.id);
+            }
+        }
+
+        #[test]
+        fn a_line_that_is_not_a_message_says_why() {
+            for (line, why) in [
+                ("[1]", "not a JSON object"),
+                ("{}", "no `payload`"),
+                (r#"{"payload_base64": "%%"}"#, "not base64"),
+                (r#"{"payload": "x", "headers": [["a"]]}"#, "`headers`"),
+                (r#"{"payload": "x", "key": 5}"#, "`key`"),
+            ] {
+                let error = format!("{:#}", read(line, "t").unwrap_err());
+                assert!(error.contains(why), "{line}: {error}");
+            }
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()

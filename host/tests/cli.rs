@@ -453,3 +453,58 @@ fn the_kubernetes_manifests_config_passes_check() {
         .unwrap();
     assert!(out.status.success(), "{}\n{config}", stderr(&out));
 }
+
+/// `sluice tail --json` prints what `sluice publish --lines --json` reads:
+/// key, headers and payload (binary too) come through byte for byte.
+#[test]
+fn a_tail_publishes_back_byte_for_byte() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let publish = |topic: &str, lines: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["publish", "--url", &url, topic, "--lines", "--json"])
+            .env("SLUICE_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let tail = |topic: &str| -> Vec<serde_json::Value> {
+        let out = sluice(&["tail", "--url", &url, topic, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // Bytes that are not UTF-8, a key, and repeated and awkward headers.
+    let original = [
+        r#"{"key":"k1","headers":[["a","1"],["a","2 \"q\"\n"],["empty",""]],"payload_base64":"AJ+SlhD/Cg=="}"#,
+        r#"{"key":null,"headers":[],"payload":"plain ✓"}"#,
+    ];
+    publish("first", &original.join("\n"));
+    let first = tail("first");
+    assert_eq!(first.len(), 2, "{first:?}");
+    let printed: Vec<String> = first.iter().map(|v| v.to_string()).collect();
+    publish("second", &printed.join("\n"));
+    let second = tail("second");
+    for ((want, once), twice) in original.iter().zip(&first).zip(&second) {
+        let want: serde_json::Value = serde_json::from_str(want).unwrap();
+        for got in [once, twice] {
+            for field in ["key", "headers", "payload", "payload_base64"] {
+                assert_eq!(got.get(field), want.get(field), "{field}: {got}");
+            }
+        }
+        assert_eq!(twice["topic"], "second");
+        assert_ne!(twice["id"], once["id"], "a publish is a new message");
+    }
+}
