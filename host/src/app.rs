@@ -107,6 +107,9 @@ impl Host {
                     },
                     source: backends[loaded.source_backend(route)].clone(),
                     sink: backends[loaded.output_backend(route)].clone(),
+                    dead_letters: (loaded.dead_letter_backend(route)
+                        != loaded.output_backend(route))
+                    .then(|| backends[loaded.dead_letter_backend(route)].clone()),
                     handler: Arc::new(WasmHandler::over(slot)),
                     stats,
                 },

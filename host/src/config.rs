@@ -188,6 +188,12 @@ pub struct RouteConfig {
     /// Where rejected and exhausted messages go; `<name>.dead-letter` if absent.
     #[serde(default)]
     pub dead_letter_topic: Option<Spanned<String>>,
+    /// The backend dead letters go to; the output backend if absent. It
+    /// must keep messages nobody has read yet: the host makes a durable
+    /// group for the dead-letter topic there at start (`sluice-dead-letters`),
+    /// so NATS core and Redis pub/sub, which keep nothing, are refused.
+    #[serde(default)]
+    pub dead_letter_backend: Option<Spanned<String>>,
     /// Most routes a chain of messages may pass through: each output
     /// carries its input's hop count plus one (`sluice-hops`), and a
     /// message past this is dead-lettered with cause `hop-limit` instead
@@ -399,6 +405,14 @@ impl Loaded {
         match &route.output_backend {
             Some(name) => name.get_ref(),
             None => self.source_backend(route),
+        }
+    }
+
+    /// The backend a route's dead letters go to.
+    pub fn dead_letter_backend<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
+        match &route.dead_letter_backend {
+            Some(name) => name.get_ref(),
+            None => self.output_backend(route),
         }
     }
 }
@@ -660,6 +674,7 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
         for (field, backend) in [
             ("backend", &route.backend),
             ("output_backend", &route.output_backend),
+            ("dead_letter_backend", &route.dead_letter_backend),
         ] {
             if let Some(name) = backend
                 && !config.backends.contains_key(name.get_ref())

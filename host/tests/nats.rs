@@ -115,6 +115,7 @@ async fn request_is_answered_by_a_route_through_sluice_reply_to() -> Result<()> 
         },
         source: backend.clone(),
         sink: backend.clone(),
+        dead_letters: None,
         handler: Arc::new(handler),
         stats: Arc::new(RouteStats::default()),
     };

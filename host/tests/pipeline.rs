@@ -895,3 +895,70 @@ async fn max_rate_holds_a_route_to_its_rate() {
         );
     }
 }
+
+/// A dead letter is kept before anyone reads its topic (in memory, which
+/// keeps messages only for groups that exist), and goes to the route's
+/// `dead_letters` backend when it has one, whether or not the route settles
+/// in transactions.
+#[tokio::test]
+async fn dead_letters_are_kept_unread_and_go_where_the_route_says() {
+    let runtime = runtime();
+    let memory = sluice::backend::connect("memory://").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}?poll_ms=20", dir.path().join("s.db").display());
+    let sqlite = sluice::backend::connect(&sqlite_url).await.unwrap();
+    let read_dead_letters = |backend: Arc<dyn Backend>, topic: &'static str| async move {
+        let options =
+            SubscribeOptions::new(vec![topic.to_string()], sluice::router::DEAD_LETTER_GROUP);
+        let subscription = backend.subscribe(options).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            for delivery in subscription
+                .fetch(10, Duration::from_millis(100))
+                .await
+                .unwrap()
+            {
+                subscription.ack(&delivery).await.unwrap();
+                got.push(delivery.message);
+            }
+            if !got.is_empty() {
+                break;
+            }
+        }
+        subscription.close().await.unwrap();
+        got
+    };
+    // (source and sink, dead letters) and the route's name.
+    let cases = [
+        (memory.clone(), None, "alone"),
+        (memory.clone(), Some(sqlite.clone()), "apart"),
+        (sqlite.clone(), Some(memory.clone()), "atomic"),
+    ];
+    for (backend, dead_letters, name) in cases {
+        let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let topic: &'static str = format!("{name}.dead-letter").leak();
+        // Watches the output backend's dead-letter topic from the start.
+        let strays = Collector::start(&backend, &[topic]).await;
+        let input = format!("{name}.in");
+        let mut route = route(name, &backend, &input, plugin, quick_retry(1));
+        route.dead_letters = dead_letters.clone();
+        let kept_in = route.dead_letter_backend().clone();
+        let inputs = vec![Message::new(&input, "reject"), Message::new(&input, "ok")];
+        run_over(route, &backend, inputs, &[(&outputs, 1)]).await;
+        let letters = read_dead_letters(kept_in, topic).await;
+        assert_eq!(letters.len(), 1, "{name}: {letters:?}");
+        assert_eq!(letters[0].payload, b"reject", "{name}");
+        assert_eq!(
+            letters[0].header(headers::DEAD_LETTER_CAUSE),
+            Some("rejected")
+        );
+        if dead_letters.is_some() {
+            let strays = strays.wait_for(0, Duration::from_millis(300)).await;
+            assert!(
+                strays.is_empty(),
+                "{name}: a dead letter went to the output backend: {strays:?}"
+            );
+        }
+    }
+}

@@ -104,6 +104,7 @@ impl Pipeline {
             },
             source: backend.clone(),
             sink: backend.clone(),
+            dead_letters: None,
             handler,
             stats: stats.clone(),
         };

@@ -35,7 +35,7 @@ mod work;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context as _, Result, anyhow};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -103,6 +103,8 @@ pub struct Route {
     pub spec: RouteSpec,
     pub source: Arc<dyn Backend>,
     pub sink: Arc<dyn Backend>,
+    /// Where dead letters go, if not to `sink`.
+    pub dead_letters: Option<Arc<dyn Backend>>,
     pub handler: Arc<dyn MessageHandler>,
     pub stats: Arc<RouteStats>,
 }
@@ -112,6 +114,8 @@ struct Context {
     spec: RouteSpec,
     subscription: Box<dyn Subscription>,
     sink: Arc<dyn Backend>,
+    /// Where dead letters go, when not to `sink`.
+    dead_letters: Option<Arc<dyn Backend>>,
     /// Outputs and the input's ack go in one transaction: the route's sink
     /// is its source and that backend can do it.
     atomic: bool,
@@ -137,15 +141,59 @@ impl Context {
     }
 }
 
+/// The durable group the host makes for every dead-letter topic, so that
+/// dead letters are kept before anyone reads them.
+pub const DEAD_LETTER_GROUP: &str = "sluice-dead-letters";
+
 impl Route {
+    /// The backend this route's dead letters go to.
+    pub fn dead_letter_backend(&self) -> &Arc<dyn Backend> {
+        self.dead_letters.as_ref().unwrap_or(&self.sink)
+    }
+
+    /// Makes sure the dead-letter topic's messages are kept from the first
+    /// one on: where the backend keeps messages only for groups that exist
+    /// (SQS, SNS+SQS, memory), joins [`DEAD_LETTER_GROUP`] to it and leaves
+    /// again, which leaves the group (its queue) in place. A backend that
+    /// keeps history needs nothing; one that keeps nothing for an absent
+    /// reader (NATS core, Redis pub/sub) cannot be helped, and is reported.
+    pub async fn keep_dead_letters(&self) -> Result<()> {
+        let backend = self.dead_letter_backend();
+        let capabilities = backend.capabilities();
+        if !capabilities.at_least_once {
+            tracing::warn!(
+                route = %self.spec.name,
+                backend = backend.kind(),
+                "dead letters go to a backend that keeps no message nobody is subscribed to; \
+                 they are lost unless something reads `{}` (set `dead_letter_backend`)",
+                self.spec.dead_letter_topic
+            );
+            return Ok(());
+        }
+        if capabilities.history {
+            return Ok(());
+        }
+        let options =
+            SubscribeOptions::new(vec![self.spec.dead_letter_topic.clone()], DEAD_LETTER_GROUP);
+        let subscription = backend.subscribe(options).await.with_context(|| {
+            format!(
+                "making the group that keeps dead letters of `{}`",
+                self.spec.dead_letter_topic
+            )
+        })?;
+        subscription.close().await
+    }
+
     /// Subscribes, then runs until `shutdown` is cancelled, then drains.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         self.subscribe().await?.run(shutdown).await
     }
 
     /// Joins the consumer group. Done before running so that, on a backend
-    /// that keeps no history, nothing published after this call is missed.
+    /// that keeps no history, nothing published after this call is missed;
+    /// for the same reason, makes sure dead letters will be kept.
     pub async fn subscribe(self) -> Result<Subscribed> {
+        self.keep_dead_letters().await?;
         let subscription = self.source.subscribe(self.spec.subscribe.clone()).await?;
         tracing::info!(
             route = %self.spec.name,
@@ -244,6 +292,7 @@ impl Subscribed {
             spec: route.spec,
             subscription,
             sink: route.sink,
+            dead_letters: route.dead_letters,
             atomic,
             stats: route.stats,
             shutdown,

@@ -5,7 +5,9 @@
 //! and a lone message at a low rate never waits for company), then:
 //!
 //! - publishes the outputs and dead letters of the whole batch in one
-//!   `publish` call, and once the sink has accepted them, acks and nacks the
+//!   `publish` call (the dead letters in a second one, at the same time,
+//!   where the route sends them to a backend of their own), and once the
+//!   backends have accepted them, acks and nacks the
 //!   inputs in one `settle` call; or, on a transactional route, hands each
 //!   delivery's outputs and ack to the backend in one `settle` call, each
 //!   all-or-nothing;
@@ -20,11 +22,12 @@
 //! reach the sink in the order the workers finished them.
 
 use anyhow::{Error, Result};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{Context, Finished, RouteStats, Verdict};
-use crate::backend::{Delivery, SettleError, Settlement};
+use crate::backend::{Backend, Delivery, SettleError, Settlement};
 use crate::message::Message;
 use crate::telemetry::DELIVERY;
 
@@ -62,9 +65,12 @@ impl Context {
         }
     }
 
-    /// All outputs in one publish, then all inputs settled in one call.
+    /// All outputs in one publish (and dead letters in one more, where
+    /// they go to a backend of their own), then all inputs settled in one
+    /// call.
     async fn publish_then_settle(&self, batch: impl Iterator<Item = Finished>) {
         let mut outputs = Vec::new();
+        let mut letters = Vec::new();
         let mut publishing = Vec::new();
         let mut nacks = Vec::new();
         for Finished {
@@ -76,18 +82,28 @@ impl Context {
                     outputs: mut these,
                     dead_letter,
                 } => {
-                    publishing.push((delivery, these.len() as u64, dead_letter));
-                    outputs.append(&mut these);
+                    let apart = dead_letter && self.dead_letters.is_some();
+                    publishing.push((delivery, these.len() as u64, dead_letter, apart));
+                    if apart {
+                        letters.append(&mut these);
+                    } else {
+                        outputs.append(&mut these);
+                    }
                 }
                 Verdict::Nack(delay) => nacks.push((delivery, delay)),
             }
         }
-        let published = self.publish(outputs).await;
-        if let Err(e) = &published {
-            self.backend_failed(format_args!("publishing outputs failed: {e:#}"));
-        }
+        let (published, letters_published) = tokio::join!(
+            self.publish(&self.sink, outputs),
+            self.publish_dead_letters(letters)
+        );
         let mut items = Vec::with_capacity(publishing.len() + nacks.len());
-        for (delivery, ..) in &publishing {
+        for (delivery, _, _, apart) in &publishing {
+            let published = if *apart {
+                &letters_published
+            } else {
+                &published
+            };
             let settlement = match published {
                 Ok(()) => Settlement::Ack,
                 Err(_) => self.publish_failed(delivery),
@@ -97,7 +113,12 @@ impl Context {
         items.extend(nacks.iter().map(|(d, delay)| (d, Settlement::Nack(*delay))));
         let results = self.settle_retrying(items).await;
         let (acks, nacks) = results.split_at(publishing.len());
-        for (result, (_, outputs, dead_letter)) in acks.iter().zip(&publishing) {
+        for (result, (_, outputs, dead_letter, apart)) in acks.iter().zip(&publishing) {
+            let published = if *apart {
+                &letters_published
+            } else {
+                &published
+            };
             match published {
                 Ok(()) => self.account(result, *outputs, *dead_letter),
                 Err(_) => self.account_nack(result),
@@ -106,16 +127,52 @@ impl Context {
         nacks.iter().for_each(|result| self.account_nack(result));
     }
 
+    /// Publishes dead letters to their own backend, if they have one.
+    async fn publish_dead_letters(&self, letters: Vec<Message>) -> Result<()> {
+        match &self.dead_letters {
+            Some(backend) => self.publish(backend, letters).await,
+            None => Ok(()),
+        }
+    }
+
     /// Each delivery's outputs and ack in one transaction, the whole batch
-    /// in one call.
+    /// in one call. Dead letters that go to a backend of their own are
+    /// published there first; their inputs are then only acked.
     async fn settle_atomically(&self, batch: impl Iterator<Item = Finished>) {
-        let (deliveries, verdicts): (Vec<Delivery>, Vec<Verdict>) =
+        let (deliveries, mut verdicts): (Vec<Delivery>, Vec<Verdict>) =
             batch.map(|f| (f.delivery, f.verdict)).unzip();
+        let letters: Vec<Message> = match self.dead_letters {
+            Some(_) => verdicts
+                .iter_mut()
+                .filter_map(|verdict| match verdict {
+                    Verdict::Publish {
+                        outputs,
+                        dead_letter: true,
+                    } => Some(std::mem::take(outputs)),
+                    _ => None,
+                })
+                .flatten()
+                .collect(),
+            None => Vec::new(),
+        };
+        let letters_published = self.publish_dead_letters(letters).await;
         let mut kinds = Vec::with_capacity(verdicts.len());
         let items = deliveries
             .iter()
             .zip(verdicts)
             .map(|(delivery, verdict)| match verdict {
+                Verdict::Publish {
+                    dead_letter: true, ..
+                } if self.dead_letters.is_some() => match letters_published {
+                    Ok(()) => {
+                        kinds.push(Some((0, true)));
+                        (delivery, Settlement::Ack)
+                    }
+                    Err(_) => {
+                        kinds.push(None);
+                        (delivery, self.publish_failed(delivery))
+                    }
+                },
                 Verdict::Publish {
                     outputs,
                     dead_letter,
@@ -147,18 +204,31 @@ impl Context {
         }
     }
 
-    /// Publishes `outputs`; on an ordered route a failure is retried here,
-    /// so that no later output of a key can overtake these.
-    async fn publish(&self, outputs: Vec<Message>) -> Result<()> {
+    /// Publishes `outputs` to `backend`; on an ordered route a failure is
+    /// retried here, so that no later output of a key can overtake these.
+    /// A failure that stays is logged and returned.
+    async fn publish(&self, backend: &Arc<dyn Backend>, outputs: Vec<Message>) -> Result<()> {
+        let published = self.publish_ordered(backend, outputs).await;
+        if let Err(e) = &published {
+            self.backend_failed(format_args!("publishing outputs failed: {e:#}"));
+        }
+        published
+    }
+
+    async fn publish_ordered(
+        &self,
+        backend: &Arc<dyn Backend>,
+        outputs: Vec<Message>,
+    ) -> Result<()> {
         if outputs.is_empty() {
             return Ok(());
         }
         if !self.spec.ordered {
-            return self.sink.publish(outputs).await;
+            return backend.publish(outputs).await;
         }
         let mut attempt = 1;
         loop {
-            match self.sink.publish(outputs.clone()).await {
+            match backend.publish(outputs.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(e) if self.spec.retry.may_retry(attempt) && !self.shutdown.is_cancelled() => {
                     let delay = self.spec.retry.backoff(attempt);

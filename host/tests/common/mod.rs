@@ -152,6 +152,7 @@ pub fn route(
         },
         source: backend.clone(),
         sink: backend.clone(),
+        dead_letters: None,
         handler: Arc::new(WasmHandler::new(plugin)),
         stats: Arc::new(RouteStats::default()),
     }
