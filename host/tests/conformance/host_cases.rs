@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sluice::Message;
 use sluice::backend::{Backend, Capabilities, Delivery, SubscribeOptions, Subscription};
 use sluice::message::headers;
-use sluice::router::Route;
+use sluice::router::{DEAD_LETTER_GROUP, Route};
 
 use crate::case;
 use crate::common::{Collector, Running, load, quick_retry, route, runtime, settings, text};
@@ -23,6 +23,10 @@ pub fn all() -> Vec<Case> {
         case!(host_retry_with_backoff_then_success),
         case!(host_dead_letter_after_max_attempts),
         case!(host_reject_goes_straight_to_dead_letter),
+        case!(
+            host_dead_letters_are_kept_before_anyone_reads_them,
+            crate::cases::needs_at_least_once
+        ),
         case!(host_trapping_plugin_is_retried_then_dead_lettered),
         case!(
             host_outputs_published_before_ack,
@@ -123,6 +127,37 @@ async fn host_reject_goes_straight_to_dead_letter(ctx: Ctx) -> Result<()> {
         got[0]
     );
     ensure!(stats.retried == 0, "a rejected message was retried");
+    Ok(())
+}
+
+/// Nobody reads the dead-letter topic while the route runs; the dead
+/// letter is there afterwards for the group the host keeps them for.
+async fn host_dead_letters_are_kept_before_anyone_reads_them(ctx: Ctx) -> Result<()> {
+    let running = Running::start(chaos_route(&ctx, "r", 5)).await;
+    let input = Message::new(ctx.topic("in"), "reject");
+    ctx.backend.publish(vec![input.clone()]).await?;
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    while running.stats.dead_lettered.load(Ordering::Relaxed) == 0 {
+        ensure!(tokio::time::Instant::now() < give_up, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.stop().await;
+    let options = SubscribeOptions::new(vec![ctx.topic("dead")], DEAD_LETTER_GROUP);
+    let letters = ctx.backend.subscribe(options).await?;
+    let mut got = Vec::new();
+    while got.is_empty() && tokio::time::Instant::now() < give_up {
+        for delivery in letters.fetch(10, Duration::from_millis(250)).await? {
+            letters.ack(&delivery).await?;
+            got.push(delivery.message);
+        }
+    }
+    letters.close().await?;
+    ensure!(got.len() == 1, "dead letters read: {got:?}");
+    ensure!(
+        got[0].header(headers::ORIGINAL_ID) == Some(input.id.as_str()),
+        "{:?}",
+        got[0]
+    );
     Ok(())
 }
 
