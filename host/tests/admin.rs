@@ -252,6 +252,72 @@ fn deploy_refuse_rollback_pause_and_metrics() {
     );
 }
 
+/// The value of a metric's line in `/metrics`, if it has one.
+fn metric(admin: &str, line: &str) -> Option<u64> {
+    let (_, metrics) = get(&format!("{admin}/metrics"));
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+}
+
+/// Polls `/metrics` until the line reads `want`.
+fn wait_metric(admin: &str, line: &str, want: u64) {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = metric(admin, line);
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "`{line}` is {now:?}, not {want}, after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What waits behind a paused route shows as its backlog: in `/metrics`,
+/// `/api/routes`, `sluice routes` and `sluice stats`; resumed, the route
+/// takes it up and the backlog falls to 0.
+#[test]
+fn a_paused_route_shows_its_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let _host = start(dir.path(), port, None);
+    let backlog = "sluice_route_backlog{route=\"upper\"} ";
+    // Once the route has made its group.
+    wait_metric(&admin, backlog, 0);
+
+    assert!(sluice(&["pause", "upper"], &admin, None).status.success());
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let published = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["publish", "--url", &url, "words", "waiting", "--count", "5"])
+        .output()
+        .unwrap();
+    assert!(published.status.success(), "{}", text(&published.stderr));
+    assert_eq!(metric(&admin, backlog), Some(5));
+    let (_, metrics) = get(&format!("{admin}/metrics"));
+    assert!(
+        metrics.contains("# TYPE sluice_route_backlog gauge"),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&admin, "sluice_route_pending{route=\"upper\"} "),
+        Some(0),
+        "nothing was delivered"
+    );
+    let (_, routes) = get(&format!("{admin}/api/routes"));
+    assert!(routes.contains("\"backlog\":5"), "{routes}");
+    let listed = text(&sluice(&["routes"], &admin, None).stdout);
+    assert!(listed.contains("backlog 5 "), "{listed}");
+    let stats = text(&sluice(&["stats"], &admin, None).stdout);
+    assert!(stats.contains("backlog 5 "), "{stats}");
+
+    assert!(sluice(&["resume", "upper"], &admin, None).status.success());
+    wait_metric(&admin, backlog, 0);
+}
+
 #[test]
 fn a_token_guards_everything_but_health() {
     let dir = tempfile::tempdir().unwrap();

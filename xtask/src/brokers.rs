@@ -1,8 +1,8 @@
 //! What the tests need for the backends whose servers do not run on the
 //! machine already, installed only when missing: an SQS/SNS emulator (moto)
 //! and a Kafka-protocol broker (tansu), from which the tests start private
-//! servers of their own, and what librdkafka's build needs (cmake, and
-//! libcurl's headers, which it includes even with curl off).
+//! servers of their own, and what librdkafka's build needs (cmake,
+//! libcurl's headers, which it includes even with curl off, and OpenSSL's).
 
 use std::path::Path;
 use std::process::Command;
@@ -55,6 +55,10 @@ pub fn build_deps() -> Result<()> {
         && !Path::new("/usr/include/x86_64-linux-gnu/curl/curl.h").exists()
     {
         packages.push("libcurl4-openssl-dev");
+    }
+    // SSL and SASL/SCRAM in librdkafka.
+    if !Path::new("/usr/include/openssl/ssl.h").exists() {
+        packages.push("libssl-dev");
     }
     if packages.is_empty() {
         return Ok(());

@@ -127,7 +127,7 @@ impl AdminCommand {
             AdminCommand::Routes { target } => {
                 for route in list(client(&target).get("/api/routes")?) {
                     println!(
-                        "{:<20} {:<9} plugin {:<16} group {:<16} topics {}",
+                        "{:<20} {:<9} plugin {:<16} group {:<16} backlog {:<8} topics {}",
                         route["name"].as_str().unwrap_or(""),
                         if route["paused"].as_bool() == Some(true) {
                             "paused"
@@ -138,6 +138,7 @@ impl AdminCommand {
                         },
                         route["plugin"].as_str().unwrap_or(""),
                         route["group"].as_str().unwrap_or(""),
+                        count(&route["backlog"]),
                         route["topics"]
                     );
                     if let Some(trouble) = route["trouble"].as_str() {
@@ -162,7 +163,7 @@ impl AdminCommand {
                 for route in list(client.get("/api/routes")?) {
                     let s = &route["stats"];
                     println!(
-                        "route {:<20} received {} acked {} outputs {} retried {} dead-lettered {} in flight {} plugin errors {} backend errors {}",
+                        "route {:<20} received {} acked {} outputs {} retried {} dead-lettered {} in flight {} pending {} backlog {} plugin errors {} backend errors {}",
                         route["name"].as_str().unwrap_or(""),
                         s["received"],
                         s["succeeded"],
@@ -170,14 +171,15 @@ impl AdminCommand {
                         s["retried"],
                         s["dead_lettered"],
                         s["in_flight"],
+                        count(&route["pending"]),
+                        count(&route["backlog"]),
                         s["plugin_errors"],
                         s["backend_errors"]
                     );
                 }
                 let metrics = client.metrics()?;
                 for line in metrics.lines().filter(|l| {
-                    l.starts_with("sluice_route_pending{")
-                        || l.starts_with("sluice_plugin_traps_total")
+                    l.starts_with("sluice_plugin_traps_total")
                         || l.starts_with("sluice_plugin_timeouts_total")
                         || l.starts_with("sluice_plugin_memory_limit_hits_total")
                 }) {
@@ -195,6 +197,13 @@ fn client(target: &AdminTarget) -> AdminClient {
 
 fn list(value: Value) -> Vec<Value> {
     value.as_array().cloned().unwrap_or_default()
+}
+
+/// A count the backend may not know: `-` then.
+fn count(value: &Value) -> String {
+    value
+        .as_u64()
+        .map_or_else(|| "-".to_string(), |n| n.to_string())
 }
 
 fn short(info: &Value) -> String {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::AdminState;
+use super::{AdminState, Depth};
 use crate::deploy::PluginCounters;
 use crate::router::StatsSnapshot;
 
@@ -16,8 +16,8 @@ type PluginFamily = (
     fn(&PluginCounters) -> &AtomicU64,
 );
 
-/// `pending[i]` is route i's pending count, where its backend reports one.
-pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
+/// `depths[i]` is what route i's backend reports of its group.
+pub fn render(state: &AdminState, depths: &[Depth]) -> String {
     let mut out = String::new();
     let route_counters: [RouteFamily; 8] = [
         (
@@ -97,11 +97,27 @@ pub fn render(state: &AdminState, pending: &[Option<u64>]) -> String {
         "Messages of the route's group delivered and unsettled or delayed, as the backend reports them.",
         "gauge",
     );
-    for (route, count) in state.routes.iter().zip(pending) {
-        if let Some(count) = count {
+    for (route, depth) in state.routes.iter().zip(depths) {
+        if let Some(count) = depth.pending {
             writeln!(
                 out,
                 "sluice_route_pending{{route=\"{}\"}} {count}",
+                escape(&route.name)
+            )
+            .unwrap();
+        }
+    }
+    header(
+        &mut out,
+        "sluice_route_backlog",
+        "Messages published to the route's topics and not yet delivered to its group, as the backend reports them.",
+        "gauge",
+    );
+    for (route, depth) in state.routes.iter().zip(depths) {
+        if let Some(count) = depth.backlog {
+            writeln!(
+                out,
+                "sluice_route_backlog{{route=\"{}\"}} {count}",
                 escape(&route.name)
             )
             .unwrap();

@@ -37,7 +37,8 @@ pub struct RouteHandle {
     pub backend: String,
     pub stats: Arc<RouteStats>,
     pub control: Arc<RouteControl>,
-    /// The group's identity in the backend, for pending counts.
+    /// The group's identity in the backend, for pending and backlog
+    /// counts.
     pub group_key: String,
     pub source: Arc<dyn crate::backend::Backend>,
     /// How long a route may fail or stall before it is reported not ready.
@@ -285,10 +286,12 @@ async fn rollback_plugin(
 
 async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
     let state = admin.current();
+    let depths = depths(&state).await;
     let routes: Vec<serde_json::Value> = state
         .routes
         .iter()
-        .map(|r| {
+        .zip(depths)
+        .map(|(r, depth)| {
             let s = r.stats.snapshot();
             json!({
                 "name": r.name,
@@ -299,6 +302,8 @@ async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value>
                 "paused": r.control.is_paused(),
                 "backend_ok": r.stats.backend_ok.load(Ordering::Relaxed),
                 "trouble": r.trouble(),
+                "pending": depth.pending,
+                "backlog": depth.backlog,
                 "stats": {
                     "received": s.received,
                     "succeeded": s.succeeded,
@@ -346,20 +351,51 @@ async fn resume_route(
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let state = admin.current();
-    let mut pending = Vec::with_capacity(state.routes.len());
-    for route in &state.routes {
-        let count = match route.source.pending(&route.group_key).await {
-            Ok(count) => count,
-            Err(e) => {
-                tracing::debug!(route = %route.name, "pending count unavailable: {e:#}");
-                None
-            }
-        };
-        pending.push(count);
-    }
+    let depths = depths(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(&state, &pending),
+        metrics::render(&state, &depths),
     )
         .into_response()
+}
+
+/// What a route's backend says of its group's messages; `None` where it
+/// cannot say.
+struct Depth {
+    /// Delivered and not yet settled, or waiting out a nack delay.
+    pending: Option<u64>,
+    /// Published to its topics and not yet delivered.
+    backlog: Option<u64>,
+}
+
+/// How long a backend gets to report a depth: a backend that is down must
+/// not hold up the metrics or the route list, which say it is down.
+const DEPTH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks every route's backend for its group's depth at once; in route
+/// order.
+async fn depths(state: &AdminState) -> Vec<Depth> {
+    futures::future::join_all(state.routes.iter().map(depth)).await
+}
+
+async fn depth(route: &RouteHandle) -> Depth {
+    let (pending, backlog) = tokio::join!(
+        tokio::time::timeout(DEPTH_WAIT, route.source.pending(&route.group_key)),
+        tokio::time::timeout(DEPTH_WAIT, route.source.backlog(&route.group_key))
+    );
+    let known = |what: &str, answer: Result<Result<Option<u64>>, _>| match answer {
+        Ok(Ok(count)) => count,
+        Ok(Err(e)) => {
+            tracing::debug!(route = %route.name, "{what} unavailable: {e:#}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(route = %route.name, "{what} unavailable within {DEPTH_WAIT:?}");
+            None
+        }
+    };
+    Depth {
+        pending: known("pending count", pending),
+        backlog: known("backlog", backlog),
+    }
 }

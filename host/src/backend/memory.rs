@@ -63,6 +63,12 @@ impl Group {
         self.ready.len() + self.delayed.len() + self.in_flight.len()
     }
 
+    /// Entries never delivered; every other entry the group holds was
+    /// delivered at least once (in flight, delayed, or handed back).
+    fn undelivered(&self) -> usize {
+        self.ready.iter().filter(|e| e.attempts == 0).count()
+    }
+
     fn wants(&self, topic: &str) -> bool {
         self.patterns.iter().any(|p| pattern::matches(p, topic))
     }
@@ -118,7 +124,15 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
         let state = self.shared.state.lock().unwrap();
-        Ok(state.groups.get(group_key).map(|g| g.held() as u64))
+        Ok(state
+            .groups
+            .get(group_key)
+            .map(|g| (g.held() - g.undelivered()) as u64))
+    }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        let state = self.shared.state.lock().unwrap();
+        Ok(state.groups.get(group_key).map(|g| g.undelivered() as u64))
     }
 
     fn kind(&self) -> &'static str {
@@ -136,6 +150,7 @@ impl Backend for MemoryBackend {
             wildcards: true,
             at_least_once: true,
             lease_checked: false,
+            backlog: true,
         }
     }
 

@@ -68,6 +68,8 @@ pub struct Capabilities {
     /// consumer's copy stays its own. Where `false`, a stale ack may still
     /// remove the message (it was handled, so nothing is lost).
     pub lease_checked: bool,
+    /// [`Backend::backlog`] answers how many messages wait for a group.
+    pub backlog: bool,
 }
 
 /// Where a group that has never consumed starts reading.
@@ -215,6 +217,16 @@ pub trait Backend: Send + Sync + 'static {
     async fn pending(&self, _group_key: &str) -> Result<Option<u64>> {
         Ok(None)
     }
+
+    /// Messages published to a group's topics (by
+    /// [`SubscribeOptions::group_key`]) and not yet delivered to it, from
+    /// the backend's own figure, for monitoring: what a paused or slow
+    /// route has waiting. `None` where the backend has no such figure
+    /// (those that keep nothing, such as Redis pub/sub and NATS core), and
+    /// for a group it does not know.
+    async fn backlog(&self, _group_key: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A consumer's view of one consumer group.
@@ -298,7 +310,7 @@ pub fn closed_error(group: &str) -> anyhow::Error {
 }
 
 /// Opens the backend a URL names: `memory://`, `sqlite://PATH`, `file://DIR`,
-/// `redis://`, `redis+pubsub://`, `nats://`, `jetstream://`, `postgres://`,
+/// `redis://`, `redis+pubsub://` (`rediss` for TLS), `nats://`, `jetstream://`, `postgres://`,
 /// `kafka://`, `sqs://`, `sns+sqs://`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     let Some((scheme, _)) = url.split_once("://") else {
@@ -314,9 +326,11 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         #[cfg(feature = "filelog")]
         "file" => Ok(Arc::new(filelog::FileLogBackend::connect(url).await?)),
         #[cfg(feature = "redis")]
-        "redis" => Ok(Arc::new(redis::RedisStreamsBackend::connect(url).await?)),
+        "redis" | "rediss" => Ok(Arc::new(redis::RedisStreamsBackend::connect(url).await?)),
         #[cfg(feature = "redis")]
-        "redis+pubsub" => Ok(Arc::new(redis::RedisPubSubBackend::connect(url).await?)),
+        "redis+pubsub" | "rediss+pubsub" => {
+            Ok(Arc::new(redis::RedisPubSubBackend::connect(url).await?))
+        }
         #[cfg(feature = "nats")]
         "nats" => Ok(Arc::new(nats::core::NatsCoreBackend::connect(url).await?)),
         #[cfg(feature = "nats")]
@@ -339,6 +353,33 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     }
 }
 
+/// Chooses ring as rustls' process-wide crypto provider, which the Redis
+/// and NATS clients take: with more than one built in (the AWS SDK brings
+/// aws-lc-rs) rustls cannot choose, and panics at the first TLS client.
+/// Another provider installed first stays.
+#[cfg(any(feature = "redis", feature = "nats"))]
+pub(crate) fn choose_rustls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An error and its sources on one line, leaving out a source whose text
+/// is already there: client libraries often put their source's text in
+/// their own, which `{:#}` would then show twice.
+#[cfg(any(feature = "redis", feature = "nats", feature = "postgres"))]
+pub(crate) fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
 /// URL schemes this build can connect to.
 pub fn supported_schemes() -> Vec<&'static str> {
     let mut schemes = vec!["memory"];
@@ -350,7 +391,9 @@ pub fn supported_schemes() -> Vec<&'static str> {
     }
     if cfg!(feature = "redis") {
         schemes.push("redis");
+        schemes.push("rediss");
         schemes.push("redis+pubsub");
+        schemes.push("rediss+pubsub");
     }
     if cfg!(feature = "nats") {
         schemes.push("nats");
@@ -478,6 +521,30 @@ mod tests {
             ),
             ("file:///var/log/sluice", "file:///var/log/sluice"),
             ("memory://?capacity=10", "memory://?capacity=10"),
+            // TLS and credential files are paths, shown; inline secrets are not.
+            (
+                "rediss://app:pw@h:6380/0?ca=/etc/ca.pem&cert=/c.pem&key=/c.key",
+                "rediss://app:***@h:6380/0?ca=/etc/ca.pem&cert=/c.pem&key=/c.key",
+            ),
+            (
+                "rediss+pubsub://:pw@h?ca=/ca.pem",
+                "rediss+pubsub://:***@h?ca=/ca.pem",
+            ),
+            (
+                "nats://h:4222?tls=true&ca=/ca.pem&creds=/u.creds&nkey=/u.nk&token=t0k",
+                "nats://h:4222?tls=true&ca=/ca.pem&creds=/u.creds&nkey=/u.nk&token=***",
+            ),
+            (
+                "postgres://app:pw@db/x?sslmode=verify-full&sslrootcert=/ca.pem&sslkey=/c.key",
+                "postgres://app:***@db/x?sslmode=verify-full&sslrootcert=/ca.pem&sslkey=/c.key",
+            ),
+            (
+                "kafka://h:9093?security.protocol=sasl_ssl&sasl.username=u&sasl.password=pw\
+                 &ssl.key.password=kpw&ssl.ca.location=/ca.pem",
+                "kafka://h:9093?security.protocol=sasl_ssl&sasl.username=u&sasl.password=***\
+                 &ssl.key.password=***&ssl.ca.location=/ca.pem",
+            ),
+            ("sqs://h:4566?profile=ci", "sqs://h:4566?profile=ci"),
         ];
         for (url, shown) in cases {
             assert_eq!(super::redact(url), shown, "{url}");

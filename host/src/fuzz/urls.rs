@@ -151,20 +151,22 @@ pub fn parse_everywhere(url: &str) -> Vec<anyhow::Error> {
 
 #[cfg(feature = "redis")]
 fn redis_streams(url: &str) -> Result<()> {
-    use crate::backend::redis::config::{RedisUrl, StreamsConfig};
-    let mut parsed = RedisUrl::parse(url, "redis")?;
+    use crate::backend::redis::config::{self, StreamsConfig, Tls};
+    let (mut parsed, _tls) = config::open(url, "redis")?;
     StreamsConfig::from_url(&mut parsed)?;
-    parsed.finish(StreamsConfig::PARAMS)?;
-    parsed.client().map(drop)
+    parsed.finish(&[StreamsConfig::PARAMS, Tls::PARAMS].concat())?;
+    // Without the TLS files: a fuzzed path could name anything.
+    parsed.client(&Tls::default()).map(drop)
 }
 
 #[cfg(feature = "redis")]
 fn redis_pubsub(url: &str) -> Result<()> {
-    use crate::backend::redis::config::{PubSubConfig, RedisUrl};
-    let mut parsed = RedisUrl::parse(url, "redis+pubsub")?;
+    use crate::backend::redis::config::{self, PubSubConfig, Tls};
+    let (mut parsed, _tls) = config::open(url, "redis+pubsub")?;
     PubSubConfig::from_url(&mut parsed)?;
-    parsed.finish(PubSubConfig::PARAMS)?;
-    parsed.client().map(drop)
+    parsed.finish(&[PubSubConfig::PARAMS, Tls::PARAMS].concat())?;
+    // Without the TLS files: a fuzzed path could name anything.
+    parsed.client(&Tls::default()).map(drop)
 }
 
 #[cfg(feature = "postgres")]

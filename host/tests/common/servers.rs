@@ -17,6 +17,11 @@ impl Server {
     /// tansu (`SLUICE_TANSU` or `tansu` on `PATH`), keeping messages in
     /// memory.
     pub fn tansu() -> Server {
+        Server::tansu_with(&[])
+    }
+
+    /// tansu with more arguments to `tansu broker`.
+    pub fn tansu_with(extra: &[&str]) -> Server {
         let binary = std::env::var_os("SLUICE_TANSU").unwrap_or_else(|| "tansu".into());
         Server::start("tansu", answers_api_versions, |port| {
             let listener = format!("tcp://127.0.0.1:{port}");
@@ -24,7 +29,8 @@ impl Server {
             command
                 .args(["broker", "--listener-url", &listener])
                 .args(["--advertised-listener-url", &listener])
-                .args(["--storage-engine", "memory://tansu/"]);
+                .args(["--storage-engine", "memory://tansu/"])
+                .args(extra);
             command
         })
     }

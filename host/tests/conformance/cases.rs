@@ -38,6 +38,7 @@ pub fn all() -> Vec<Case> {
         case!(abandoned_delivery_returns_after_lease, needs_lease),
         case!(batch_settle_answers_per_item),
         case!(batch_settles_around_a_lost_lease, needs_lease_checked),
+        case!(backlog_counts_what_waits),
         case!(pattern_subscription_sees_new_topics, needs_wildcards),
         case!(
             carries_on_after_its_server_state_is_lost,
@@ -620,6 +621,80 @@ async fn fetch_exactly(sub: &dyn Subscription, n: usize) -> Result<Vec<Delivery>
     }
     ensure!(held.len() == n, "fetched {} for {n}", held.len());
     Ok(held)
+}
+
+/// The backlog a backend reports for a group is what was published and
+/// not yet delivered to it: N after N are published, N - k once k of them
+/// were fetched (N still, until they are acknowledged, where the figure
+/// runs from a committed position), N - k once they were acknowledged.
+/// Some backends' figures lag (SQS's are
+/// estimates that settle later, Kafka's follow the periodic commit), so
+/// each figure is awaited; the value, not the time, is checked. A backend
+/// without a figure answers `None`, and only those the target names may.
+async fn backlog_counts_what_waits(ctx: Ctx) -> Result<()> {
+    let declared = ctx.backend.capabilities().backlog;
+    ensure!(
+        declared == ctx.target.reports_backlog(),
+        "the backend declares backlog = {declared}, this target expects {}",
+        ctx.target.reports_backlog()
+    );
+    let topic = ctx.topic("t");
+    let sub = ctx.subscribe([topic.clone()], "g").await?;
+    let key =
+        sluice::backend::SubscribeOptions::new(vec![topic.clone()], ctx.group("g")).group_key();
+    let (n, k) = (10, 4);
+    ctx.backend.publish(numbered(&topic, n)).await?;
+    if !declared {
+        let answer = ctx.backend.backlog(&key).await?;
+        ensure!(
+            answer.is_none(),
+            "no figure declared, yet it answers {answer:?}"
+        );
+        return Ok(());
+    }
+    await_backlog(&ctx, &key, n as u64).await?;
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let mut taken = Vec::new();
+    while taken.len() < k {
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "fetched {} of {k} within {LIMIT:?}",
+            taken.len()
+        );
+        // Never more than k in all, so no more than k leave the backlog.
+        taken.extend(
+            sub.fetch(k - taken.len(), Duration::from_millis(200))
+                .await?,
+        );
+    }
+    let held = if ctx.target.backlog_counts_held() {
+        n
+    } else {
+        n - k
+    };
+    await_backlog(&ctx, &key, held as u64).await?;
+    for delivery in &taken {
+        sub.ack(delivery).await.context("ack")?;
+    }
+    await_backlog(&ctx, &key, (n - k) as u64).await?;
+    sub.close().await?;
+    Ok(())
+}
+
+/// Waits until the backend reports `want` messages waiting for the group.
+async fn await_backlog(ctx: &Ctx, group_key: &str, want: u64) -> Result<()> {
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let now = ctx.backend.backlog(group_key).await?;
+        if now == Some(want) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "the backlog is {now:?} after {LIMIT:?}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// One `settle` call with acks and nacks mixed: each item takes effect on

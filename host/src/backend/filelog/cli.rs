@@ -235,11 +235,7 @@ fn stats(path: &str) -> Result<ExitCode, Failure> {
             let Some(topic) = state.topics.get(name) else {
                 continue;
             };
-            let unread: usize = topic
-                .segments
-                .iter()
-                .map(|s| s.entries.len() - s.entries.partition_point(|e| e.offset < cursor.next))
-                .sum();
+            let unread = topic.records_from(cursor.next);
             let delayed = cursor
                 .pending
                 .values()

@@ -90,6 +90,15 @@ impl Group {
         }
     }
 
+    /// Records of its topics never delivered to it: those past each
+    /// cursor (its unacknowledged deliveries are below it).
+    pub fn unread(&self, topics: &BTreeMap<Arc<str>, Topic>) -> u64 {
+        self.cursors
+            .iter()
+            .filter_map(|(name, cursor)| Some(topics.get(name)?.records_from(cursor.next) as u64))
+            .sum()
+    }
+
     pub fn wants(&self, topic: &str) -> bool {
         self.patterns.iter().any(|p| pattern::matches(p, topic))
     }

@@ -171,7 +171,16 @@ impl Backend for FileLogBackend {
             wildcards: true,
             at_least_once: true,
             lease_checked: false,
+            backlog: true,
         }
+    }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        let state = self.store.lock_state();
+        Ok(state
+            .groups
+            .get(group_key)
+            .map(|group| group.unread(&state.topics)))
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

@@ -167,6 +167,14 @@ impl Topic {
         self.segments.iter().map(|s| s.entries.len()).sum()
     }
 
+    /// How many records it holds at `offset` or past it.
+    pub fn records_from(&self, offset: u64) -> usize {
+        self.segments
+            .iter()
+            .map(|s| s.entries.len() - s.entries.partition_point(|e| e.offset < offset))
+            .sum()
+    }
+
     /// Where the record at `offset` lives, if it is still held.
     pub fn locate(&self, offset: u64) -> Option<(Arc<LogFile>, Entry)> {
         let index = self.segments.partition_point(|s| s.base <= offset);

@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::config::KafkaConfig;
-use super::{Detached, LogContext, client_config};
+use super::{Detached, LogContext, apply_properties, client_config};
 
 pub struct Admin {
     client: Detached<AdminClient<LogContext>>,
@@ -25,11 +25,11 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(config: &KafkaConfig) -> Result<Self> {
-        let client = client_config(config)
-            .create_with_context(LogContext)
-            .with_context(|| {
-                format!("cannot create a Kafka admin client for `{}`", config.shown)
-            })?;
+        let mut settings = client_config(config);
+        apply_properties(&mut settings, config);
+        let client = settings.create_with_context(LogContext).with_context(|| {
+            format!("cannot create a Kafka admin client for `{}`", config.shown)
+        })?;
         Ok(Admin {
             client: Detached::new(client),
             timeout: config.timeout,

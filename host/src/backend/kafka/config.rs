@@ -53,6 +53,27 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// librdkafka's security properties, taken without the `rdkafka.`
+    /// prefix under the names Kafka clients use.
+    pub const SECURITY: &[&str] = &[
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.username",
+        "sasl.password",
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.key.location",
+        "ssl.key.password",
+    ];
+    /// Properties that name a file, checked before librdkafka reads them.
+    const FILES: &[&str] = &[
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.key.location",
+        "ssl.crl.location",
+        "ssl.keystore.location",
+    ];
+
     pub const PARAMS: &[&str] = &[
         "partitions",
         "replication",
@@ -88,7 +109,7 @@ impl KafkaConfig {
             if host.contains('@') || host.contains('/') {
                 bail!(
                     "{SCHEME} URL `{shown}`: brokers are HOST:PORT (credentials go in \
-                     rdkafka.sasl.username and rdkafka.sasl.password)"
+                     sasl.username and sasl.password)"
                 );
             }
         }
@@ -125,6 +146,11 @@ impl KafkaConfig {
                 config.properties.push((property.to_string(), value));
                 continue;
             }
+            if Self::SECURITY.contains(&key) {
+                security(key, &value)?;
+                config.properties.push((key.to_string(), value));
+                continue;
+            }
             match key {
                 "partitions" => config.partitions = positive(key, &value)?,
                 "replication" => config.replication = positive(key, &value)?,
@@ -136,12 +162,37 @@ impl KafkaConfig {
                 "buffer" => config.buffer = positive(key, &value)?,
                 "join_timeout_ms" => config.join_timeout = millis(key, &value)?,
                 _ => bail!(
-                    "{SCHEME} URL: unknown parameter `{key}` (known: {})",
-                    Self::PARAMS.join(", ")
+                    "{SCHEME} URL: unknown parameter `{key}` (known: {}, {})",
+                    Self::PARAMS.join(", "),
+                    Self::SECURITY.join(", ")
                 ),
             }
         }
+        let mut names: Vec<&str> = config.properties.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+            bail!(
+                "{SCHEME} URL: `{0}` is given twice (as {0} and rdkafka.{0})",
+                twice[0]
+            );
+        }
         Ok(config)
+    }
+
+    /// Fails naming the property and the file unless every file the
+    /// properties name can be read: librdkafka's own error is vaguer.
+    pub fn check_files(&self) -> Result<()> {
+        for (name, path) in &self.properties {
+            if Self::FILES.contains(&name.as_str()) {
+                std::fs::File::open(path).with_context(|| {
+                    format!(
+                        "{SCHEME} URL `{}`: cannot read the {name} file `{path}`",
+                        self.shown
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The session timeout for a subscription with this lease.
@@ -149,6 +200,23 @@ impl KafkaConfig {
         self.session_timeout
             .unwrap_or_else(|| lease.clamp(Duration::from_secs(6), Duration::from_secs(30 * 60)))
     }
+}
+
+/// Checks the values librdkafka would refuse only when a client is made,
+/// so the error names the parameter and what it accepts.
+fn security(key: &str, value: &str) -> Result<()> {
+    let accepted: &[&str] = match key {
+        "security.protocol" => &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"],
+        "sasl.mechanism" => &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"],
+        _ => return Ok(()),
+    };
+    if !accepted.iter().any(|a| a.eq_ignore_ascii_case(value)) {
+        bail!(
+            "{SCHEME} URL: {key} `{value}` is not one of {}",
+            accepted.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn positive<T: std::str::FromStr + PartialOrd + Default>(key: &str, value: &str) -> Result<T> {
@@ -199,6 +267,12 @@ mod tests {
         assert!(err("kafka://h:1?rdkafka.=1").contains("property name"));
         assert!(err("kafka://").contains("names no broker"));
         assert!(err("kafka://u:secret@h:1").contains("sasl"));
+        assert!(err("kafka://h:1?security.protocol=tls").contains("security.protocol `tls`"));
+        assert!(err("kafka://h:1?sasl.mechanism=GSSAPI").contains("SCRAM-SHA-512"));
+        assert!(
+            err("kafka://h:1?sasl.username=a&rdkafka.sasl.username=b")
+                .contains("`sasl.username` is given twice")
+        );
         assert!(!err("kafka://u:secret@h:1").contains("secret"));
     }
 }

@@ -83,6 +83,7 @@
 mod admin;
 pub(crate) mod config;
 mod consumer;
+mod lag;
 mod landing;
 pub(crate) mod ledger;
 mod members;
@@ -128,6 +129,7 @@ impl KafkaBackend {
     /// answers within `timeout_ms`.
     pub async fn connect(url: &str) -> Result<Self> {
         let config = KafkaConfig::parse(url)?;
+        config.check_files()?;
         let mut producer_config = client_config(&config);
         producer_config
             .set("enable.idempotence", "true")
@@ -143,11 +145,13 @@ impl KafkaBackend {
         let admin = Arc::new(Admin::new(&config)?);
         // librdkafka connects lazily: ask for metadata so a wrong address
         // fails here rather than at the first publish.
-        let probe = producer.clone();
-        let timeout = config.timeout;
-        tokio::task::spawn_blocking(move || probe.get().client().fetch_metadata(None, timeout))
-            .await?
-            .with_context(|| format!("no Kafka broker answered at `{}`", config.shown))?;
+        let probed = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || probe_metadata(&config)).await?
+        };
+        if let Err(cause) = probed {
+            bail!("no Kafka broker answered at `{}`: {cause}", config.shown);
+        }
         Ok(KafkaBackend {
             config,
             producer,
@@ -306,7 +310,22 @@ impl Backend for KafkaBackend {
             // partitions moved; until it hears of a lapsed session, the
             // broker's generation check is all that stops its commits.
             lease_checked: false,
+            // Watermarks less committed offsets.
+            backlog: true,
         }
+    }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        let config = self.config.clone();
+        let producer = self.producer.clone();
+        let group_key = group_key.to_string();
+        // A monitoring figure: a broker that does not answer soon is
+        // reported as unknown rather than holding up the scrape.
+        let timeout = self.config.timeout.min(Duration::from_secs(5));
+        tokio::task::spawn_blocking(move || {
+            lag::backlog(&config, producer.get(), &group_key, timeout)
+        })
+        .await?
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
@@ -438,6 +457,41 @@ impl Backend for KafkaBackend {
     }
 }
 
+/// Asks for the cluster's metadata for at most `timeout_ms`, with a client
+/// of its own whose context keeps librdkafka's errors, in short tries so
+/// that a failed TLS handshake or login ends the wait at once; the error
+/// is the broker's reason when librdkafka reported one.
+fn probe_metadata(config: &KafkaConfig) -> std::result::Result<(), String> {
+    let mut settings = client_config(config);
+    apply_properties(&mut settings, config);
+    let probe: rdkafka::producer::BaseProducer<ProbeContext> = settings
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| e.to_string())?;
+    let probe = Detached::new(probe);
+    let give_up = std::time::Instant::now() + config.timeout;
+    loop {
+        let left = give_up.saturating_duration_since(std::time::Instant::now());
+        let tried = probe
+            .get()
+            .client()
+            .fetch_metadata(None, left.min(Duration::from_millis(500)));
+        let error = match tried {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        // Hands the events librdkafka queued (logs, errors) to the
+        // context: each call takes events until its time is up.
+        probe.get().poll(Duration::from_millis(100));
+        let context = probe.get().context();
+        if let Some(reason) = context.refusal() {
+            return Err(reason);
+        }
+        if std::time::Instant::now() >= give_up {
+            return Err(context.last_error().unwrap_or_else(|| error.to_string()));
+        }
+    }
+}
+
 /// The settings every client shares.
 fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
@@ -470,6 +524,7 @@ pub(crate) fn log_to_tracing(level: RDKafkaLogLevel, facility: &str, message: &s
 }
 
 /// The context of the producer and the admin client: logs into `tracing`.
+#[derive(Default)]
 pub struct LogContext;
 
 impl rdkafka::ClientContext for LogContext {
@@ -480,6 +535,56 @@ impl rdkafka::ClientContext for LogContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!("Kafka: {error}: {reason}");
     }
+}
+
+/// The context of the client that checks the brokers answer at connect:
+/// logs as [`LogContext`], and keeps the last error librdkafka reported,
+/// so a connection that fails can say why.
+#[derive(Default)]
+struct ProbeContext {
+    /// The last error, and whether trying again cannot help (a refused
+    /// login or TLS handshake).
+    last: std::sync::Mutex<Option<(String, bool)>>,
+}
+
+impl ProbeContext {
+    fn last_error(&self) -> Option<String> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().map(|(reason, _)| reason.clone())
+    }
+
+    /// The reason the broker refused this client, if it did.
+    fn refusal(&self) -> Option<String> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref()
+            .filter(|(_, refused)| *refused)
+            .map(|(reason, _)| reason.clone())
+    }
+}
+
+impl rdkafka::ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_to_tracing(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!("Kafka: {error}: {reason}");
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+            )
+        ) || reason.contains("SSL handshake failed");
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((reason.to_string(), refused));
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
 }
 
 /// A librdkafka client dropped on a thread of its own: destroying one can

@@ -38,6 +38,18 @@ pub fn group_id(group_key: &str) -> String {
     format!("sluice.{readable}.{}", hex::encode(&digest[..8]))
 }
 
+/// The topics and patterns of a group, read back from its
+/// [`SubscribeOptions::group_key`](crate::backend::SubscribeOptions::group_key)
+/// (`group[topic,topic]`): Kafka names hold no `[` or `,`, so the last `[`
+/// starts the list. Empty for a key of another form.
+pub fn topics_of(group_key: &str) -> Vec<&str> {
+    group_key
+        .rsplit_once('[')
+        .and_then(|(_, list)| list.strip_suffix(']'))
+        .map(|list| list.split(',').filter(|t| !t.is_empty()).collect())
+        .unwrap_or_default()
+}
+
 /// Checks a topic or a pattern: its literal tokens must be valid Kafka
 /// topic characters.
 pub fn check_pattern(topic: &str) -> Result<()> {
@@ -93,6 +105,18 @@ mod tests {
         assert_eq!(subscription("a-b.>"), "^a-b\\.[^.]+(\\.[^.]+)*$");
         assert!(check_pattern("orders.*.>").is_ok());
         assert!(check_pattern("orders.(x|y)").is_err());
+    }
+
+    #[test]
+    fn topics_are_read_back_from_a_group_key() {
+        let mut options = crate::backend::SubscribeOptions::new(
+            vec!["orders.eu".into(), "jobs.*".into()],
+            "g[1],x",
+        );
+        assert_eq!(topics_of(&options.group_key()), ["jobs.*", "orders.eu"]);
+        options.topics = vec!["t".into()];
+        assert_eq!(topics_of(&options.group_key()), ["t"]);
+        assert!(topics_of("no list").is_empty());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::headers;
-use super::{ServerUrl, nats_name, parse_num, split_url};
+use super::{COMMON_PARAMS, ServerUrl, nats_name, parse_num, split_url};
 use crate::backend::{
     Backend, Capabilities, Delivery, Receipt, SubscribeOptions, Subscription, closed_error, pattern,
 };
@@ -142,7 +142,7 @@ pub(crate) fn parse_url(url: &str) -> Result<(ServerUrl, usize)> {
         match key.as_str() {
             "pending" => pending = parse_num("nats", &key, &value)?,
             _ => {
-                bail!("nats URL: unknown parameter `{key}` (known: name, tls, timeout_ms, pending)")
+                bail!("nats URL: unknown parameter `{key}` (known: pending, {COMMON_PARAMS})")
             }
         }
     }
@@ -177,6 +177,8 @@ impl Backend for NatsCoreBackend {
             wildcards: true,
             at_least_once: false,
             lease_checked: false,
+            // Nothing is kept: a message is delivered as it is published.
+            backlog: false,
         }
     }
 

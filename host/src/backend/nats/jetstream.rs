@@ -129,7 +129,13 @@ impl Backend for JetStreamBackend {
             // The server takes an ack for whichever delivery of the message
             // is current (see `pull.rs`).
             lease_checked: false,
+            // The consumers' `num_pending`.
+            backlog: true,
         }
+    }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        self.provision.backlog(group_key).await
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
@@ -197,6 +203,13 @@ impl Backend for JetStreamBackend {
                 topic: topic.clone(),
             });
         }
+        self.provision.note_group(
+            key,
+            targets
+                .iter()
+                .map(|t| (t.stream.clone(), t.consumer.clone()))
+                .collect(),
+        );
         let subscription = JsSubscription::start(
             self.client.clone(),
             self.provision.clone(),

@@ -23,6 +23,12 @@
 //! delivered message as the header `sluice-reply-to`; a handler answers by
 //! publishing an output to that topic (its plugin needs `_INBOX.>` in
 //! `publish_to`). See [`core`].
+//!
+//! Both schemes take `tls=true` (require TLS), `ca`, `cert` and `key` (PEM
+//! files), and one of `creds` (a `.creds` file), `nkey` (a file holding a
+//! user seed) or `token`; a user and password go before the host. Secrets
+//! on disk stay files the URL names, so the URL itself can be logged
+//! (redacted) and kept in a config file.
 
 pub mod core;
 pub mod headers;
@@ -32,6 +38,7 @@ mod pull;
 pub(crate) mod settings;
 mod window;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::backend::url::percent_decode;
@@ -51,7 +58,29 @@ pub(crate) struct ServerUrl {
     tls: bool,
     /// How long a publish (its flush or acknowledgement) may take.
     pub timeout: Duration,
+    /// TLS files and credentials, see [`Access`].
+    access: Access,
 }
+
+/// How the client proves who it is and checks the server: `ca` (PEM file
+/// of the CA that signed the server's certificate; also turns TLS on),
+/// `cert` and `key` (PEM files of a client certificate, for a server with
+/// `verify: true`), and at most one way to log in: a user and password in
+/// the address (`nats://USER:PASSWORD@HOST`), `creds` (a `.creds` file:
+/// user JWT and seed), `nkey` (a file holding a user nkey seed) or `token`.
+#[derive(Debug, Clone, Default)]
+struct Access {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    creds: Option<PathBuf>,
+    nkey: Option<PathBuf>,
+    token: Option<String>,
+}
+
+/// The parameters both schemes take, for the lists in unknown-parameter
+/// errors.
+pub(crate) const COMMON_PARAMS: &str = "name, tls, timeout_ms, ca, cert, key, creds, nkey, token";
 
 /// Splits `scheme://servers?query` into the servers and the query pairs;
 /// the caller takes the pairs it knows and passes the rest to
@@ -86,6 +115,7 @@ pub(crate) fn split_url(url: &str, scheme: &str) -> Result<(ServerUrl, Vec<(Stri
             name: None,
             tls: false,
             timeout: Duration::from_secs(10),
+            access: Access::default(),
         },
         pairs,
     ))
@@ -98,9 +128,103 @@ impl ServerUrl {
             "name" => self.name = Some(value.to_string()),
             "tls" => self.tls = parse_bool(scheme, key, value)?,
             "timeout_ms" => self.timeout = Duration::from_millis(parse_num(scheme, key, value)?),
+            "ca" => self.access.ca = Some(path(scheme, key, value)?),
+            "cert" => self.access.cert = Some(path(scheme, key, value)?),
+            "key" => self.access.key = Some(path(scheme, key, value)?),
+            "creds" => self.access.creds = Some(path(scheme, key, value)?),
+            "nkey" => self.access.nkey = Some(path(scheme, key, value)?),
+            "token" if !value.is_empty() => self.access.token = Some(value.to_string()),
+            "token" => bail!("{scheme} URL: token is empty"),
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// TLS and credentials applied to `options`, reading the files the URL
+    /// names; errors name the parameter and the file.
+    async fn authenticate(
+        &self,
+        mut options: async_nats::ConnectOptions,
+        addrs: &[async_nats::ServerAddr],
+    ) -> Result<async_nats::ConnectOptions> {
+        let access = &self.access;
+        let scheme = self.shown.split("://").next().unwrap_or("nats");
+        // The client library does not log in with a server address's user
+        // and password by itself.
+        let mut logins = Vec::new();
+        for addr in addrs {
+            if let Some(user) = addr.username() {
+                let Some(password) = addr.password() else {
+                    bail!(
+                        "{scheme} URL: a user needs a password (USER:PASSWORD@HOST); a token goes in token="
+                    );
+                };
+                let decoded = (percent_decode(user)?, percent_decode(password)?);
+                if !logins.contains(&decoded) {
+                    logins.push(decoded);
+                }
+            }
+        }
+        if logins.len() > 1 {
+            bail!("{scheme} URL: every server must have the same user and password");
+        }
+        let ways = [
+            !logins.is_empty(),
+            access.creds.is_some(),
+            access.nkey.is_some(),
+            access.token.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            bail!("{scheme} URL: give at most one of a user and password, creds, nkey and token");
+        }
+        if let Some((user, password)) = logins.pop() {
+            options = options.user_and_password(user, password);
+        }
+        if self.tls || access.ca.is_some() || access.cert.is_some() {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &access.ca {
+            readable(scheme, "ca", ca)?;
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&access.cert, &access.key) {
+            (Some(cert), Some(key)) => {
+                readable(scheme, "cert", cert)?;
+                readable(scheme, "key", key)?;
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            _ => bail!("{scheme} URL: a client certificate needs both `cert` and `key`"),
+        }
+        if let Some(creds) = &access.creds {
+            readable(scheme, "creds", creds)?;
+            options = options.credentials_file(creds).await.with_context(|| {
+                format!(
+                    "{scheme} URL: creds file `{}` is not a NATS credentials file",
+                    creds.display()
+                )
+            })?;
+        }
+        if let Some(nkey) = &access.nkey {
+            let seed = std::fs::read_to_string(nkey).with_context(|| {
+                format!(
+                    "{scheme} URL: cannot read the nkey file `{}`",
+                    nkey.display()
+                )
+            })?;
+            let seed = seed.trim();
+            if !seed.starts_with("SU") || seed.contains(char::is_whitespace) {
+                bail!(
+                    "{scheme} URL: nkey file `{}` does not hold a user nkey seed (one line starting SU)",
+                    nkey.display()
+                );
+            }
+            options = options.nkey(seed.to_string());
+        }
+        if let Some(token) = &access.token {
+            options = options.token(token.clone());
+        }
+        Ok(options)
     }
 
     /// Connects, logging connection events (without credentials).
@@ -124,15 +248,15 @@ impl ServerUrl {
                     }
                 }
             });
-        if self.tls {
-            options = options.require_tls(true);
-        }
         let addrs: Vec<async_nats::ServerAddr> = self
             .servers
             .iter()
             .map(|s| s.parse())
             .collect::<std::result::Result<_, _>>()
             .with_context(|| format!("NATS URL `{}` has a malformed server address", self.shown))?;
+        options = self.authenticate(options, &addrs).await?;
+        // A server may ask for TLS whatever the URL says.
+        crate::backend::choose_rustls_provider();
         // A few tries, so a host starting while the server restarts waits
         // for it; a wrong address still fails within about two seconds.
         let mut tries = 0;
@@ -144,8 +268,11 @@ impl ServerUrl {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot connect to NATS at `{}`", self.shown));
+                    bail!(
+                        "cannot connect to NATS at `{}`: {}",
+                        self.shown,
+                        crate::backend::cause_line(&e)
+                    );
                 }
             }
         }
@@ -160,6 +287,25 @@ pub(crate) fn parse_num<T: std::str::FromStr>(scheme: &str, key: &str, value: &s
     value
         .parse()
         .map_err(|_| anyhow::anyhow!("{scheme} URL: {key} `{value}` is not a valid number"))
+}
+
+/// A file path parameter.
+fn path(scheme: &str, key: &str, value: &str) -> Result<PathBuf> {
+    if value.is_empty() {
+        bail!("{scheme} URL: {key} needs a file path");
+    }
+    Ok(PathBuf::from(value))
+}
+
+/// Fails naming the parameter and the file unless it can be read (the
+/// client library would report it later, without saying which).
+fn readable(scheme: &str, key: &str, path: &std::path::Path) -> Result<()> {
+    std::fs::File::open(path).map(drop).with_context(|| {
+        format!(
+            "{scheme} URL: cannot read the {key} file `{}`",
+            path.display()
+        )
+    })
 }
 
 pub(crate) fn parse_bool(scheme: &str, key: &str, value: &str) -> Result<bool> {
@@ -217,5 +363,39 @@ mod tests {
         assert!(!url.shown.contains("secret"));
         assert_eq!(pairs[1], ("subjects".to_string(), "o.>".to_string()));
         assert!(split_url("nats://", "nats").is_err());
+    }
+
+    #[tokio::test]
+    async fn tls_and_credential_parameters() {
+        let (mut url, pairs) = split_url(
+            "nats://h:4222?ca=/ca.pem&cert=/c.pem&key=/c.key&nkey=/u.nk&token=t%26k",
+            "nats",
+        )
+        .unwrap();
+        for (key, value) in pairs {
+            assert!(url.take_common("nats", &key, &value).unwrap(), "{key}");
+        }
+        assert_eq!(url.access.ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(url.access.token.as_deref(), Some("t&k"));
+        let options = async_nats::ConnectOptions::new();
+        let err = url
+            .authenticate(options, &[])
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("at most one of"), "{err}");
+        assert!(url.take_common("nats", "creds", "").is_err());
+        assert!(url.take_common("nats", "token", "").is_err());
+
+        let (mut url, _) = split_url("nats://h:4222", "nats").unwrap();
+        url.take_common("nats", "cert", "/c.pem").unwrap();
+        let err = url
+            .authenticate(async_nats::ConnectOptions::new(), &[])
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("both `cert` and `key`"), "{err}");
     }
 }

@@ -24,6 +24,9 @@ pub(crate) struct Provision {
     pub settings: Settings,
     /// First topic token → the stream that keeps it (default mode only).
     streams: Mutex<HashMap<String, String>>,
+    /// Group key → the (stream, consumer) pairs its subscriptions here
+    /// pull from, for the backlog.
+    groups: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
 
 impl Provision {
@@ -32,7 +35,37 @@ impl Provision {
             js,
             settings,
             streams: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records the consumers a group pulls from.
+    pub fn note_group(&self, group_key: String, consumers: Vec<(String, String)>) {
+        self.groups.lock().unwrap().insert(group_key, consumers);
+    }
+
+    /// Messages of the group's streams not yet delivered to it: the sum of
+    /// its consumers' `num_pending`. `None` for a group not subscribed
+    /// through this handle.
+    pub async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        let consumers = self.groups.lock().unwrap().get(group_key).cloned();
+        let Some(consumers) = consumers else {
+            return Ok(None);
+        };
+        let mut total = 0;
+        for (stream, consumer) in consumers {
+            let info = self
+                .js
+                .get_stream_no_info(&stream)
+                .await?
+                .consumer_info(&consumer)
+                .await
+                .with_context(|| {
+                    format!("cannot look up JetStream consumer `{consumer}` on stream `{stream}`")
+                })?;
+            total += info.num_pending;
+        }
+        Ok(Some(total))
     }
 
     /// Forgets which streams exist, so the next use checks (and makes them

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 
-use super::{ServerUrl, parse_bool, parse_num};
+use super::{COMMON_PARAMS, ServerUrl, parse_bool, parse_num};
 use crate::backend::pattern;
 
 pub(crate) const SCHEME: &str = "jetstream";
@@ -96,7 +96,7 @@ impl Settings {
                 _ => bail!(
                     "{SCHEME} URL: unknown parameter `{key}` (known: stream, subjects, stream_prefix, \
                      retention, storage, replicas, max_age_ms, max_bytes, max_msgs, \
-                     duplicate_window_ms, max_ack_pending, progress, name, tls, timeout_ms)"
+                     duplicate_window_ms, max_ack_pending, progress, {COMMON_PARAMS})"
                 ),
             }
         }

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
@@ -101,12 +101,19 @@ impl PostgresBackend {
     /// listening for notifications.
     pub async fn connect(url: &str) -> Result<Self> {
         let settings = PostgresSettings::parse(url)?;
+        settings.check_files()?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.pool)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(settings.connect.clone())
             .await
-            .with_context(|| format!("cannot connect to PostgreSQL at `{}`", settings.redacted))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot connect to PostgreSQL at `{}`: {}",
+                    settings.redacted,
+                    crate::backend::cause_line(&e)
+                )
+            })?;
         schema::migrate(&pool, &settings.schema).await?;
         let shared = Arc::new(Shared {
             pool,
@@ -270,6 +277,7 @@ impl Backend for PostgresBackend {
             wildcards: true,
             at_least_once: true,
             lease_checked: true,
+            backlog: true,
         }
     }
 
@@ -316,6 +324,20 @@ impl Backend for PostgresBackend {
         .fetch_one(&self.shared.pool)
         .await?;
         Ok(Some(count as u64))
+    }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        // Publishing gives every matching group its row at once, so rows
+        // never claimed are exactly what waits; a group with no patterns
+        // recorded is unknown here.
+        let (known, count): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM sluice_groups WHERE group_key = $1), \
+                    (SELECT COUNT(*) FROM sluice_deliveries WHERE group_key = $1 AND attempt = 0)",
+        )
+        .bind(group_key)
+        .fetch_one(&self.shared.pool)
+        .await?;
+        Ok(known.then_some(count as u64))
     }
 }
 

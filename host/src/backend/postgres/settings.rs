@@ -2,14 +2,18 @@
 //! `postgres://[user[:password]@]host[:port]/database[?params]`.
 //!
 //! Sluice's own parameters are taken out; the rest (`sslmode`,
-//! `application_name`, …) go to the driver unchanged.
+//! `application_name`, …) go to the driver unchanged. TLS takes libpq's
+//! names: `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+//! `verify-full`), `sslrootcert` (PEM file of the CA; the system's roots
+//! without it), `sslcert` and `sslkey` (PEM files of a client certificate,
+//! for `hostssl … cert` in `pg_hba.conf`).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::backend::url::BackendUrl;
+use crate::backend::url::{BackendUrl, percent_decode};
 
 /// Settings of the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -33,12 +37,17 @@ pub struct PostgresSettings {
     pub poll: Duration,
     /// What the driver connects with.
     pub connect: PgConnectOptions,
+    /// The TLS files the URL names (`sslrootcert`, `sslcert`, `sslkey`),
+    /// by parameter.
+    files: Vec<(&'static str, String)>,
     /// Safe to log.
     pub redacted: String,
 }
 
 impl PostgresSettings {
     pub const PARAMS: &[&str] = &["schema", "pool", "retention_ms", "cleanup_ms", "poll_ms"];
+    /// The driver's parameters that name a file.
+    const FILE_PARAMS: &[&str] = &["sslrootcert", "sslcert", "sslkey"];
     /// Parameters the driver understands, passed on as they are.
     const DRIVER_PARAMS: &[&str] = &[
         "sslmode",
@@ -91,7 +100,14 @@ impl PostgresSettings {
         }
         let mut driver_url = format!("postgres://{}", parsed.address);
         let mut passed_on = Vec::new();
+        let mut files = Vec::new();
         for (name, value) in parsed.remaining() {
+            if let Some(file) = Self::FILE_PARAMS.iter().find(|f| **f == name.as_str()) {
+                let path = percent_decode(value).with_context(|| {
+                    format!("backend URL `{}`: parameter `{name}`", parsed.redacted)
+                })?;
+                files.push((*file, path));
+            }
             if !Self::DRIVER_PARAMS.contains(&name.as_str()) {
                 bail!(
                     "backend URL `{}`: unknown parameter `{name}` (known: {}, {})",
@@ -115,8 +131,23 @@ impl PostgresSettings {
             retention,
             cleanup,
             poll,
+            files,
             redacted: parsed.redacted,
         })
+    }
+
+    /// Fails naming the parameter and the file unless every TLS file the
+    /// URL names can be read: the driver's own error does not say which.
+    pub fn check_files(&self) -> Result<()> {
+        for (name, path) in &self.files {
+            std::fs::File::open(path).with_context(|| {
+                format!(
+                    "backend URL `{}`: cannot read the {name} file `{path}`",
+                    self.redacted
+                )
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -165,5 +196,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown parameter `retension_ms`"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_by_name() {
+        let settings = PostgresSettings::parse(
+            "postgres://u:secret@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca%20x.pem",
+        )
+        .unwrap();
+        let err = format!("{:#}", settings.check_files().unwrap_err());
+        assert!(
+            err.contains("sslrootcert file `/nonexistent/ca x.pem`"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
     }
 }

@@ -1,21 +1,120 @@
-//! Backend URLs: where the Redis server is, and the query parameters each
-//! Redis backend understands, parsed with errors that name the parameter.
+//! Backend URLs: where the Redis server is, how to reach it (TLS with
+//! `rediss://`), and the query parameters each Redis backend understands,
+//! parsed with errors that name the parameter.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::backend::url::BackendUrl;
+use crate::backend::url::{BackendUrl, percent_decode};
 
 /// A backend URL split into what the `redis` crate connects to and our own
 /// parameters.
 pub type RedisUrl = BackendUrl;
 
+/// Parses a URL of `scheme` (`redis` or `redis+pubsub`) or of its TLS form
+/// (`rediss`, `rediss+pubsub`), taking the TLS parameters out.
+pub fn open(url: &str, scheme: &str) -> Result<(RedisUrl, Tls)> {
+    let tls_scheme = scheme.replacen("redis", "rediss", 1);
+    let secure = url.starts_with(&format!("{tls_scheme}://"));
+    let mut parsed = RedisUrl::parse(url, if secure { &tls_scheme } else { scheme })?;
+    let tls = Tls::from_url(&mut parsed, secure)?;
+    Ok((parsed, tls))
+}
+
+/// TLS of a `rediss://` URL. The server's certificate is checked against
+/// `ca` (PEM), or the system's roots without it; `cert` and `key` (PEM
+/// files) are the client's certificate for servers that ask for one
+/// (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    enabled: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl Tls {
+    pub const PARAMS: &[&str] = &["ca", "cert", "key"];
+
+    fn from_url(url: &mut RedisUrl, secure: bool) -> Result<Self> {
+        let mut path = |name: &str| -> Result<Option<PathBuf>> {
+            let Some(value) = url.take::<String>(name, "a file path")? else {
+                return Ok(None);
+            };
+            let path = percent_decode(&value)
+                .with_context(|| format!("backend URL `{}`: parameter `{name}`", url.redacted))?;
+            Ok(Some(PathBuf::from(path)))
+        };
+        let tls = Tls {
+            enabled: secure,
+            ca: path("ca")?,
+            cert: path("cert")?,
+            key: path("key")?,
+        };
+        let given = [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)];
+        if let Some((name, _)) = given.iter().find(|(_, p)| p.is_some())
+            && !secure
+        {
+            bail!(
+                "backend URL `{}`: `{name}` is a TLS parameter; TLS needs the rediss:// scheme",
+                url.redacted
+            );
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            bail!(
+                "backend URL `{}`: a client certificate needs both `cert` and `key`",
+                url.redacted
+            );
+        }
+        Ok(tls)
+    }
+
+    /// The files, read: what the `redis` crate takes.
+    fn certificates(&self) -> Result<::redis::TlsCertificates> {
+        let read = |name: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| {
+                format!(
+                    "cannot read the {name} file `{}` of the Redis URL",
+                    path.display()
+                )
+            })
+        };
+        let client_tls = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(::redis::ClientTlsConfig {
+                client_cert: read("cert", cert)?,
+                client_key: read("key", key)?,
+            }),
+            _ => None,
+        };
+        let root_cert = self.ca.as_ref().map(|ca| read("ca", ca)).transpose()?;
+        Ok(::redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
 impl BackendUrl {
-    /// `redis://[user:password@]host[:port][/db]`, for `redis::Client`.
-    pub fn client(&self) -> Result<::redis::Client> {
-        ::redis::Client::open(format!("redis://{}", self.address).as_str())
-            .with_context(|| format!("backend URL `{}` is not a valid Redis URL", self.redacted))
+    /// `redis[s]://[user:password@]host[:port][/db]`, for `redis::Client`.
+    pub fn client(&self, tls: &Tls) -> Result<::redis::Client> {
+        let invalid = || format!("backend URL `{}` is not a valid Redis URL", self.redacted);
+        if !tls.enabled {
+            return ::redis::Client::open(format!("redis://{}", self.address).as_str())
+                .with_context(invalid);
+        }
+        crate::backend::choose_rustls_provider();
+        let info = ::redis::IntoConnectionInfo::into_connection_info(
+            format!("rediss://{}", self.address).as_str(),
+        )
+        .with_context(invalid)?;
+        ::redis::Client::build_with_tls(info, tls.certificates()?).with_context(|| {
+            format!(
+                "backend URL `{}`: the TLS files (ca, cert, key) are not valid PEM",
+                self.redacted
+            )
+        })
     }
 }
 
@@ -154,5 +253,30 @@ mod tests {
         let err = PubSubConfig::from_url(&mut url).unwrap_err().to_string();
         assert!(err.contains("capacity"), "{err}");
         assert!(RedisUrl::parse("redis://?prefix=x", "redis").is_err());
+    }
+
+    #[test]
+    fn tls_parameters_need_rediss() {
+        let (url, tls) = open(
+            "rediss://app:pw@h:6380/0?ca=/etc/ca%20dir/ca.pem&cert=/c.pem&key=/c.key&prefix=p:",
+            "redis",
+        )
+        .unwrap();
+        assert_eq!(url.address, "app:pw@h:6380/0");
+        assert!(tls.enabled);
+        assert_eq!(
+            tls.ca.as_deref(),
+            Some(std::path::Path::new("/etc/ca dir/ca.pem"))
+        );
+        let (_, tls) = open("rediss+pubsub://h", "redis+pubsub").unwrap();
+        assert!(tls.enabled && tls.ca.is_none());
+        let (_, tls) = open("redis://h", "redis").unwrap();
+        assert!(!tls.enabled);
+
+        let err = |url: &str, scheme: &str| open(url, scheme).err().unwrap().to_string();
+        assert!(err("redis://h?ca=/ca.pem", "redis").contains("rediss://"));
+        assert!(err("rediss://h?cert=/c.pem", "redis").contains("both `cert` and `key`"));
+        assert!(err("rediss+pubsub://h?key=/k", "redis+pubsub").contains("`cert` and `key`"));
+        assert!(err("rediss://h", "redis+pubsub").contains("redis+pubsub://"));
     }
 }

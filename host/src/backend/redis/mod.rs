@@ -2,7 +2,14 @@
 //! with at-least-once delivery, and Redis pub/sub (`redis+pubsub://`),
 //! broadcast at most once. Streams need Redis 6.2 or newer (XAUTOCLAIM),
 //! standalone or a replicated primary, not Cluster (one XREADGROUP and the
-//! settling scripts touch several keys). No TLS (`rediss://`) in this build.
+//! settling scripts touch several keys).
+//!
+//! TLS: `rediss://` and `rediss+pubsub://` take `ca` (PEM file of the CA
+//! that signed the server's certificate; the system's roots without it),
+//! and `cert` and `key` (PEM files of a client certificate, for a server
+//! with `tls-auth-clients yes`). An ACL user logs in as
+//! `rediss://USER:PASSWORD@HOST`. The host name of the URL must be one the
+//! server's certificate names.
 //!
 //! # Redis Streams: `redis://[user:password@]host[:port][/db][?params]`
 //!

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
-use super::config::{PubSubConfig, RedisUrl};
+use super::config::{self, PubSubConfig, Tls};
 use super::listener::Listener;
 use super::{envelope, glob_escape, transient};
 use crate::backend::memory::MemoryBackend;
@@ -70,12 +70,12 @@ impl Group {
 }
 
 impl RedisPubSubBackend {
-    /// Connects to `redis+pubsub://[user:password@]host[:port][?params]`.
+    /// Connects to `redis[s]+pubsub://[user:password@]host[:port][?params]`.
     pub async fn connect(url: &str) -> Result<Self> {
-        let mut url = RedisUrl::parse(url, "redis+pubsub")?;
+        let (mut url, tls) = config::open(url, "redis+pubsub")?;
         let config = PubSubConfig::from_url(&mut url)?;
-        url.finish(PubSubConfig::PARAMS)?;
-        let client = url.client()?;
+        url.finish(&[PubSubConfig::PARAMS, Tls::PARAMS].concat())?;
+        let client = url.client(&tls)?;
         let conn = ConnectionManager::new_with_config(
             client.clone(),
             ConnectionManagerConfig::new()
@@ -86,7 +86,13 @@ impl RedisPubSubBackend {
                 .set_response_timeout(Some(Duration::from_secs(10))),
         )
         .await
-        .with_context(|| format!("cannot connect to Redis at `{}`", url.redacted))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to Redis at `{}`: {}",
+                url.redacted,
+                crate::backend::cause_line(&e)
+            )
+        })?;
         Ok(RedisPubSubBackend {
             shared: Arc::new(Shared {
                 client,
@@ -185,6 +191,8 @@ impl Backend for RedisPubSubBackend {
             wildcards: true,
             at_least_once: false,
             lease_checked: false,
+            // Nothing is kept: a message is delivered as it is published.
+            backlog: false,
         }
     }
 

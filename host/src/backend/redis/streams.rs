@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::streams::StreamInfoGroupsReply;
 use ::redis::{Client, Value};
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 
-use super::config::{RedisUrl, StreamsConfig};
+use super::config::{self, StreamsConfig, Tls};
 use super::subscription::StreamSubscription;
 use super::{glob_escape, scripts, transient};
 use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
@@ -253,18 +254,24 @@ fn reconnecting() -> ConnectionManagerConfig {
 }
 
 impl RedisStreamsBackend {
-    /// Connects to `redis://[user:password@]host[:port][/db][?params]`.
+    /// Connects to `redis[s]://[user:password@]host[:port][/db][?params]`.
     pub async fn connect(url: &str) -> Result<Self> {
-        let mut url = RedisUrl::parse(url, "redis")?;
+        let (mut url, tls) = config::open(url, "redis")?;
         let config = StreamsConfig::from_url(&mut url)?;
-        url.finish(StreamsConfig::PARAMS)?;
-        let client = url.client()?;
+        url.finish(&[StreamsConfig::PARAMS, Tls::PARAMS].concat())?;
+        let client = url.client(&tls)?;
         let conn = ConnectionManager::new_with_config(
             client.clone(),
             reconnecting().set_response_timeout(Some(Duration::from_secs(10))),
         )
         .await
-        .with_context(|| format!("cannot connect to Redis at `{}`", url.redacted))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to Redis at `{}`: {}",
+                url.redacted,
+                crate::backend::cause_line(&e)
+            )
+        })?;
         check_version(&mut conn.clone(), &url.redacted).await?;
         Ok(RedisStreamsBackend {
             shared: Arc::new(Shared {
@@ -312,6 +319,44 @@ impl RedisStreamsBackend {
         Ok(total)
     }
 
+    /// Entries of a group's topic streams not yet delivered to it: the
+    /// `lag` XINFO GROUPS reports, summed over the streams it joined but
+    /// its retry stream, which holds only messages delivered before.
+    /// `None` for a group never joined, and where Redis cannot say: before
+    /// 7.0 it reports no lag, and 7.x answers nil after deletions within
+    /// the part of a stream the group has not read.
+    pub async fn backlog(&self, group: &str) -> Result<Option<u64>> {
+        let keys = &self.shared.keys;
+        let mut conn = self.shared.conn.clone();
+        let streams: Vec<String> = ::redis::cmd("SMEMBERS")
+            .arg(keys.streams_of(group))
+            .query_async(&mut conn)
+            .await?;
+        if streams.is_empty() {
+            return Ok(None);
+        }
+        let retry = keys.retry(group);
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for stream in streams.iter().filter(|s| **s != retry) {
+            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+        }
+        let replies: Vec<::redis::RedisResult<Value>> = pipe.query_async(&mut conn).await?;
+        let mut total = 0u64;
+        for reply in replies {
+            // A stream deleted behind our back holds nothing to wait for.
+            let Ok(reply) = reply else { continue };
+            let info: StreamInfoGroupsReply = ::redis::from_redis_value(reply)?;
+            if let Some(ours) = info.groups.iter().find(|g| g.name == group) {
+                match ours.lag {
+                    Some(lag) => total += lag as u64,
+                    None => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(total))
+    }
+
     /// The key layout this backend uses.
     pub fn keys(&self) -> &Keys {
         &self.shared.keys
@@ -348,6 +393,10 @@ impl Backend for RedisStreamsBackend {
             .map(Some)
     }
 
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        RedisStreamsBackend::backlog(self, group_key).await
+    }
+
     fn kind(&self) -> &'static str {
         "redis-streams"
     }
@@ -370,6 +419,8 @@ impl Backend for RedisStreamsBackend {
             // the entry, with the delivery count it was given, before it
             // changes anything.
             lease_checked: true,
+            // XINFO GROUPS `lag` (Redis 7 and later).
+            backlog: true,
         }
     }
 

@@ -177,14 +177,19 @@ async fn open(options: SqliteConnectOptions, path: &str) -> Result<SqlitePool> {
 #[async_trait]
 impl Backend for SqliteBackend {
     async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
-        // Deliveries the group has taken on and not acknowledged; messages
-        // past its cursors are not counted until a fetch reaches them.
-        let count: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM sluice_deliveries WHERE group_name = ?1")
-                .bind(group_key)
-                .fetch_one(&self.shared.pool)
-                .await?;
+        // Claimed at least once and not acknowledged; rows a fetch made
+        // and never claimed are the backlog's.
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sluice_deliveries WHERE group_name = ?1 AND attempt > 0",
+        )
+        .bind(group_key)
+        .fetch_one(&self.shared.pool)
+        .await?;
         Ok(Some(count as u64))
+    }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        backlog(&self.shared.pool, group_key).await
     }
 
     fn kind(&self) -> &'static str {
@@ -202,6 +207,7 @@ impl Backend for SqliteBackend {
             wildcards: true,
             at_least_once: true,
             lease_checked: true,
+            backlog: true,
         }
     }
 
@@ -227,4 +233,55 @@ impl Backend for SqliteBackend {
             &options,
         )))
     }
+}
+
+/// Messages waiting for a group: delivery rows never claimed, plus the log
+/// rows past its cursors that a fetch has yet to turn into deliveries. A
+/// topic matched by several of the group's patterns counts from the
+/// furthest of their cursors, since the pattern that passed a row made it
+/// a delivery. Read in one transaction, so a concurrent fetch moving rows
+/// from the log to the deliveries is seen before or after, not halfway.
+async fn backlog(pool: &SqlitePool, group: &str) -> Result<Option<u64>> {
+    let mut tx = pool.begin().await?;
+    let cursors: Vec<(String, i64)> =
+        sqlx::query_as("SELECT pattern, cursor FROM sluice_groups WHERE group_name = ?1")
+            .bind(group)
+            .fetch_all(&mut *tx)
+            .await?;
+    let Some(lowest) = cursors.iter().map(|(_, cursor)| *cursor).min() else {
+        return Ok(None);
+    };
+    let topics: Vec<String> = if cursors.iter().any(|(p, _)| pattern::is_pattern(p)) {
+        sqlx::query_scalar("SELECT DISTINCT topic FROM sluice_messages WHERE seq > ?1")
+            .bind(lowest)
+            .fetch_all(&mut *tx)
+            .await?
+    } else {
+        cursors.iter().map(|(topic, _)| topic.clone()).collect()
+    };
+    let mut total: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sluice_deliveries WHERE group_name = ?1 AND attempt = 0",
+    )
+    .bind(group)
+    .fetch_one(&mut *tx)
+    .await?;
+    for topic in topics {
+        let furthest = cursors
+            .iter()
+            .filter(|(p, _)| pattern::matches(p, &topic))
+            .map(|(_, cursor)| *cursor)
+            .max();
+        let Some(furthest) = furthest else {
+            continue;
+        };
+        let unread: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sluice_messages WHERE topic = ?1 AND seq > ?2",
+        )
+        .bind(&topic)
+        .bind(furthest)
+        .fetch_one(&mut *tx)
+        .await?;
+        total += unread;
+    }
+    Ok(Some(total as u64))
 }

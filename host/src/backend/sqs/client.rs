@@ -1,13 +1,14 @@
 //! The AWS clients of a backend, configured from its URL: region and
-//! credentials from the URL or the standard AWS chain, and the endpoint
-//! override for a local or private endpoint.
+//! credentials from the URL or the standard AWS chain (environment, the
+//! shared files' profile, web identity, SSO, container and instance
+//! roles), and the endpoint override for a local or private endpoint.
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_sqs::config::Credentials;
+use aws_sdk_sqs::config::{Credentials, ProvideCredentials};
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 
 use super::config::SqsConfig;
@@ -35,6 +36,9 @@ pub async fn sdk_config(config: &SqsConfig) -> Result<aws_config::SdkConfig> {
     if let Some(endpoint) = &config.endpoint {
         loader = loader.endpoint_url(endpoint);
     }
+    if let Some(profile) = &config.profile {
+        loader = loader.profile_name(profile);
+    }
     if let Some((key, secret)) = &config.credentials {
         loader = loader.credentials_provider(Credentials::new(
             key.clone(),
@@ -45,6 +49,17 @@ pub async fn sdk_config(config: &SqsConfig) -> Result<aws_config::SdkConfig> {
         ));
     }
     let loaded = loader.load().await;
+    // The chain is asked now, so missing or refused credentials are one
+    // clear error at start rather than a failed first request.
+    if let Some(provider) = loaded.credentials_provider() {
+        provider.provide_credentials().await.map_err(|e| {
+            anyhow::anyhow!(
+                "backend URL `{}`: no AWS credentials: {}",
+                config.shown,
+                one_line(&e)
+            )
+        })?;
+    }
     if loaded.region().is_some() {
         return Ok(loaded);
     }
@@ -59,6 +74,26 @@ pub async fn sdk_config(config: &SqsConfig) -> Result<aws_config::SdkConfig> {
         .into_builder()
         .region(Region::new(ENDPOINT_REGION))
         .build())
+}
+
+/// An error and its sources on one line: the chain's error lists each
+/// provider it tried on a line of its own.
+fn one_line(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let mut out = String::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// The error code of a failed AWS call, if the service answered.

@@ -29,6 +29,9 @@ pub struct SqsConfig {
     pub credentials: Option<(String, String)>,
     /// `region`; otherwise the chain's, or `us-east-1` for an endpoint.
     pub region: Option<String>,
+    /// `profile`: the profile of the shared config and credentials files
+    /// the chain reads (instead of `AWS_PROFILE` or `default`).
+    pub profile: Option<String>,
     /// Put before every queue and topic name (`prefix`, default `sluice-`).
     pub prefix: String,
     /// Receives after which SQS moves a message to the queue's dead-letter
@@ -60,6 +63,7 @@ impl SqsConfig {
         "ack_batch_ms",
         "heartbeat",
         "tls",
+        "profile",
     ];
 
     /// Parses `scheme://[KEY:SECRET@]HOST[:PORT][?params]`, where HOST
@@ -109,6 +113,7 @@ impl SqsConfig {
             endpoint: None,
             credentials,
             region: None,
+            profile: None,
             prefix: "sluice-".into(),
             max_receive: 25,
             retention: Duration::from_secs(MAX_RETENTION_S),
@@ -184,6 +189,17 @@ impl SqsConfig {
                 }
                 "heartbeat" => config.heartbeat = parse_bool(&shown, name, &value)?,
                 "tls" => tls = Some(parse_bool(&shown, name, &value)?),
+                "profile" => {
+                    if config.credentials.is_some() {
+                        bail!(
+                            "backend URL `{shown}`: give either KEY:SECRET@ or profile, not both"
+                        );
+                    }
+                    if value.is_empty() {
+                        bail!("backend URL `{shown}`: profile is empty");
+                    }
+                    config.profile = Some(value.clone());
+                }
                 _ => bail!(
                     "backend URL `{shown}`: unknown parameter `{name}` (known: {})",
                     Self::PARAMS.join(", ")
@@ -261,5 +277,6 @@ mod tests {
             "{leaked}"
         );
         assert!(err("sqs://KEY@h:1").contains("KEY:SECRET"));
+        assert!(err("sqs://K:S@h:1?profile=p").contains("not both"));
     }
 }

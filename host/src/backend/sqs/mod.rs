@@ -20,7 +20,10 @@
 //! `retention_s` (default 14 days, SQS's most); `discover_ms` (`sqs://`
 //! only: how long a publisher trusts its list of a topic's groups, default
 //! 2000); `ack_batch_ms` (how long acks wait to be deleted together,
-//! default 10); `heartbeat` (extend held deliveries, default true); `tls`.
+//! default 10); `heartbeat` (extend held deliveries, default true); `tls`;
+//! `profile` (the shared files' profile the chain reads, instead of
+//! `AWS_PROFILE`). The chain is asked for credentials when the backend
+//! connects, so having none is one error naming the URL and the reason.
 //!
 //! # Semantics
 //!
@@ -68,6 +71,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::{Result, bail};
+use aws_sdk_sqs::types::QueueAttributeName;
 
 pub use plain::SqsBackend;
 pub use sns::SnsSqsBackend;
@@ -86,6 +90,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     wildcards: false,
     at_least_once: true,
     lease_checked: false,
+    backlog: true,
 };
 
 /// A publish's messages by topic: each topic is sent on its own.
@@ -115,7 +120,8 @@ fn exact_topics(options: &SubscribeOptions, scheme: &str) -> Result<Vec<String>>
 }
 
 /// The queues of the groups subscribed through one backend handle, by
-/// group key, for [`crate::backend::Backend::pending`].
+/// group key, for [`crate::backend::Backend::pending`] and
+/// [`crate::backend::Backend::backlog`].
 #[derive(Default)]
 struct GroupQueues(Mutex<HashMap<String, Vec<String>>>);
 
@@ -131,13 +137,37 @@ impl GroupQueues {
     /// Messages in flight or waiting out a nack delay, summed over the
     /// group's queues.
     async fn pending(&self, sqs: &aws_sdk_sqs::Client, group_key: &str) -> Result<Option<u64>> {
+        self.sum(
+            sqs,
+            group_key,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        )
+        .await
+    }
+
+    /// Messages waiting to be received, summed over the group's queues.
+    async fn backlog(&self, sqs: &aws_sdk_sqs::Client, group_key: &str) -> Result<Option<u64>> {
+        self.sum(
+            sqs,
+            group_key,
+            QueueAttributeName::ApproximateNumberOfMessages,
+        )
+        .await
+    }
+
+    async fn sum(
+        &self,
+        sqs: &aws_sdk_sqs::Client,
+        group_key: &str,
+        attribute: QueueAttributeName,
+    ) -> Result<Option<u64>> {
         let urls = self.0.lock().unwrap().get(group_key).cloned();
         let Some(urls) = urls else {
             return Ok(None);
         };
         let mut total = 0;
         for url in urls {
-            total += queues::in_flight(sqs, &url).await?;
+            total += queues::count(sqs, &url, attribute.clone()).await?;
         }
         Ok(Some(total))
     }

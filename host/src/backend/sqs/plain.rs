@@ -194,4 +194,8 @@ impl Backend for SqsBackend {
     async fn pending(&self, group_key: &str) -> Result<Option<u64>> {
         self.groups.pending(&self.sqs, group_key).await
     }
+
+    async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
+        self.groups.backlog(&self.sqs, group_key).await
+    }
 }

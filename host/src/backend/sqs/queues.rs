@@ -146,22 +146,19 @@ pub async fn list_group_queues(sqs: &Client, prefix: &str) -> Result<Vec<String>
     }
 }
 
-/// Messages of the queue at `url` received and not yet deleted, or waiting
-/// out a nack delay.
-pub async fn in_flight(sqs: &Client, url: &str) -> Result<u64> {
+/// One of the queue's approximate counts (SQS's estimates settle within
+/// about a minute of a change).
+pub async fn count(sqs: &Client, url: &str, attribute: QueueAttributeName) -> Result<u64> {
     let out = sqs
         .get_queue_attributes()
         .queue_url(url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(attribute.clone())
         .send()
         .await
         .with_context(|| format!("SQS GetQueueAttributes of `{}`", queue_name_of(url)))?;
     Ok(out
         .attributes
-        .and_then(|a| {
-            a.get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-                .and_then(|n| n.parse().ok())
-        })
+        .and_then(|a| a.get(&attribute).and_then(|n| n.parse().ok()))
         .unwrap_or(0))
 }
 

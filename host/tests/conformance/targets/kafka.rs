@@ -136,6 +136,12 @@ impl Target for Kafka {
         "kafka"
     }
 
+    fn backlog_counts_held(&self) -> bool {
+        // Lag runs from the committed offset, which stays at the lowest
+        // unsettled one.
+        true
+    }
+
     async fn open(&self) -> Result<Arc<dyn Backend>> {
         // The backend's own session timeout (at least 6 s), not a shorter
         // one: tansu refreshes a member's last contact only on heartbeats,

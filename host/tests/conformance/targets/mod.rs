@@ -22,6 +22,19 @@ pub trait Target: Send + Sync + 'static {
         1.0
     }
 
+    /// Whether the backend reports a group's backlog. Pinned here rather
+    /// than read from its capabilities, so a backend that stops reporting
+    /// it (and says so) fails instead of skipping the check.
+    fn reports_backlog(&self) -> bool {
+        true
+    }
+
+    /// Whether the backlog still counts messages delivered and not yet
+    /// settled (a figure that runs from a committed position).
+    fn backlog_counts_held(&self) -> bool {
+        false
+    }
+
     /// Whether [`Target::restart`] can restart anything.
     fn can_restart(&self) -> bool {
         false
@@ -295,6 +308,11 @@ impl Target for Redis {
         backend::connect(&self.server.url(self.scheme, self.rest)).await
     }
 
+    fn reports_backlog(&self) -> bool {
+        // Pub/sub keeps nothing that could wait.
+        self.name == "redis-streams"
+    }
+
     fn can_restart(&self) -> bool {
         true
     }
@@ -388,6 +406,11 @@ impl Target for Nats {
 
     async fn open(&self) -> Result<Arc<dyn Backend>> {
         backend::connect(&self.server.url(self.name, "")).await
+    }
+
+    fn reports_backlog(&self) -> bool {
+        // NATS core keeps nothing that could wait.
+        self.name == "jetstream"
     }
 
     fn can_restart(&self) -> bool {
