@@ -136,6 +136,22 @@ pub struct PluginConfig {
     /// (none by default).
     #[serde(default)]
     pub read_dirs: BTreeMap<String, PathBuf>,
+    /// A candidate version to run in the shadow of this one: it handles
+    /// the same messages with the same settings, its results are compared
+    /// and never published (`sluice shadow report`).
+    #[serde(default)]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// A shadow run's candidate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The candidate's .wasm component, relative to the config file.
+    pub path: PathBuf,
+    /// Share of messages the candidate also handles, 0 to 1.
+    #[serde(default = "defaults::shadow_sample")]
+    pub sample: f64,
 }
 
 /// A route: a subscription, the plugin that handles it, and its policies.
@@ -308,6 +324,10 @@ mod defaults {
     pub fn lease_ms() -> u64 {
         30_000
     }
+    pub fn shadow_sample() -> f64 {
+        1.0
+    }
+
     pub fn service_name() -> String {
         "sluice".into()
     }
@@ -613,6 +633,16 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
         for topic in &plugin.publish_to {
             pattern::validate(topic)
                 .map_err(|m| error(0, format!("plugins.{name}.publish_to"), m))?;
+        }
+        if let Some(shadow) = &plugin.shadow
+            && !(0.0..=1.0).contains(&shadow.sample)
+        {
+            return Err(error(
+                text.find("sample").map_or(0, |o| line_of(text, o)),
+                format!("plugins.{name}.shadow.sample"),
+                format!("{} is not a share of messages within 0..=1", shadow.sample),
+            )
+            .into());
         }
     }
     if let Some(admin) = &config.admin {

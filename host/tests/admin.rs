@@ -607,3 +607,170 @@ fn readiness_follows_sqs() {
     let url = format!("sqs://test:test@127.0.0.1:{port}?region=us-east-1");
     readiness_follows_the_broker(&mut broker, port, &url, Some("sqs"));
 }
+
+/// A shadow run: the candidate (`hostile`) handles what the live version
+/// (`echo`) handles; it agrees on plain messages, differs on `outputs:3`
+/// and fails on `spin:2000` (past the plugin's deadline). Nothing of the
+/// candidate's is published; the report, the metrics and the CLI say how it
+/// compared; promoting makes it live, and a new run can be stopped.
+#[test]
+fn a_shadow_candidate_is_compared_then_promoted_or_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    std::fs::copy(plugin_path("echo"), dir.path().join("live.wasm")).unwrap();
+    std::fs::copy(plugin_path("hostile"), dir.path().join("candidate.wasm")).unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let config = format!(
+        r#"[backends.main]
+url = "{url}"
+
+[plugins.p]
+path = "live.wasm"
+timeout_ms = 500
+publish_to = ["out"]
+shadow = {{ path = "candidate.wasm" }}
+
+[runtime]
+cache_dir = "cache"
+
+[admin]
+listen = "127.0.0.1:{port}"
+
+[[routes]]
+name = "r"
+topics = ["in"]
+plugin = "p"
+"#
+    );
+    std::fs::write(dir.path().join("sluice.toml"), config).unwrap();
+    let _host = Running(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", dir.path().join("sluice.toml").to_str().unwrap()])
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !sluice(&["routes"], &admin, None).status.success() {
+        assert!(Instant::now() < give_up, "the admin API never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for payload in ["a", "b", "outputs:3", "spin:2000"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["publish", "--url", &url, "in", payload])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let report = loop {
+        let (status, body) = get(&format!("{admin}/api/plugins/p/shadow"));
+        assert_eq!(status, 200, "{body}");
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let total: u64 = ["same", "different", "candidate_failed"]
+            .iter()
+            .map(|k| report[k].as_u64().unwrap())
+            .sum();
+        if total == 4 {
+            break report;
+        }
+        assert!(Instant::now() < give_up, "{report}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(report["same"], 2, "{report}");
+    assert_eq!(report["different"], 1, "{report}");
+    assert_eq!(report["candidate_failed"], 1, "{report}");
+    let differences = report["differences"].as_array().unwrap();
+    assert_eq!(differences.len(), 2, "{report}");
+    let differs = differences
+        .iter()
+        .find(|d| d["live"].as_str().unwrap().contains("\"outputs:3\""))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(
+        differs["candidate"]
+            .as_str()
+            .unwrap()
+            .matches("payload=\"x\"")
+            .count(),
+        3,
+        "{differs}"
+    );
+    assert!(
+        differences
+            .iter()
+            .any(|d| d["candidate"] == "failed: timeout"),
+        "{report}"
+    );
+
+    // Only the live version's outputs were published.
+    let tail = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tail", "--url", &url, "out"])
+        .output()
+        .unwrap();
+    let published = text(&tail.stdout);
+    assert_eq!(
+        published.lines().filter(|l| l.starts_with("[out]")).count(),
+        4,
+        "{published}"
+    );
+    assert!(!published.contains("[out] x"), "{published}");
+
+    let candidate = sluice::runtime::hash(&std::fs::read(plugin_path("hostile")).unwrap());
+    let line = format!(
+        "sluice_plugin_shadow_total{{plugin=\"p\",candidate=\"{}\",result=\"candidate_failed\"}} ",
+        &candidate[..12]
+    );
+    assert_eq!(metric(&admin, &line), Some(1));
+    let shown = text(&sluice(&["shadow", "report", "p"], &admin, None).stdout);
+    assert!(
+        shown.contains("2 same, 1 different, 1 candidate failed"),
+        "{shown}"
+    );
+    assert!(shown.contains("    candidate: failed: timeout"), "{shown}");
+
+    // Promoted, the candidate is live and the run is over.
+    let promoted = sluice(&["shadow", "promote", "p"], &admin, None);
+    assert!(promoted.status.success(), "{}", text(&promoted.stderr));
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    assert!(plugins.contains(&candidate[..12]), "{plugins}");
+    assert_eq!(get(&format!("{admin}/api/plugins/p/shadow")).0, 404);
+    assert_eq!(
+        std::fs::read(dir.path().join("live.wasm")).unwrap(),
+        std::fs::read(plugin_path("hostile")).unwrap(),
+        "a restart runs the promoted version"
+    );
+
+    // A run started from the CLI, on a sample, and stopped.
+    let started = sluice(
+        &[
+            "deploy",
+            plugin_path("echo").to_str().unwrap(),
+            "--plugin",
+            "p",
+            "--shadow",
+            "--sample",
+            "0.5",
+        ],
+        &admin,
+        None,
+    );
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    assert!(text(&started.stdout).contains("on 50% of messages"));
+    let stopped = sluice(&["shadow", "stop", "p"], &admin, None);
+    assert!(stopped.status.success(), "{}", text(&stopped.stderr));
+    assert!(text(&stopped.stdout).contains("shadow run stopped"));
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    assert!(
+        plugins.contains(&candidate[..12]),
+        "stopping changes nothing live: {plugins}"
+    );
+    let refused = sluice(&["shadow", "stop", "p"], &admin, None);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("no shadow run"),
+        "{}",
+        text(&refused.stderr)
+    );
+}

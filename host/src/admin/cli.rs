@@ -38,6 +38,22 @@ pub enum AdminCommand {
         /// The plugin it is a version of.
         #[arg(long)]
         plugin: String,
+        /// Run it in the shadow of the live version instead: it handles the
+        /// same messages, its results are compared and never published.
+        #[arg(long)]
+        shadow: bool,
+        /// With --shadow: the share of messages it handles too (0 to 1).
+        #[arg(long, requires = "shadow", default_value_t = 1.0)]
+        sample: f64,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// A shadow run: `report`, `promote` (make the candidate live) or `stop`.
+    Shadow {
+        #[arg(value_enum)]
+        action: ShadowAction,
+        /// The plugin whose candidate it is.
+        plugin: String,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -81,13 +97,69 @@ pub enum AdminCommand {
     },
 }
 
+/// What to do with a shadow run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ShadowAction {
+    /// How the candidate compares so far, with the latest differences.
+    Report,
+    /// Make the candidate the live version (as `deploy` does) and end the run.
+    Promote,
+    /// End the run; the live version is untouched.
+    Stop,
+}
+
 impl AdminCommand {
     pub fn run(self) -> Result<()> {
         match self {
             AdminCommand::Deploy {
                 file,
                 plugin,
+                shadow: true,
+                sample,
                 target,
+            } => {
+                let wasm = std::fs::read(&file)
+                    .with_context(|| format!("cannot read `{}`", file.display()))?;
+                let answer = client(&target).put(
+                    &format!("/api/plugins/{plugin}/shadow?sample={sample}"),
+                    wasm,
+                )?;
+                println!(
+                    "plugin {plugin}: candidate {} runs in the shadow of the live version on {}% of messages",
+                    short(&answer["shadow"]),
+                    sample * 100.0
+                );
+            }
+            AdminCommand::Shadow {
+                action,
+                plugin,
+                target,
+            } => {
+                let client = client(&target);
+                let path = format!("/api/plugins/{plugin}/shadow");
+                match action {
+                    ShadowAction::Report => print_shadow(&plugin, &client.get(&path)?),
+                    ShadowAction::Stop => {
+                        let answer = client.post(&format!("{path}/stop"))?;
+                        print_shadow(&plugin, &answer["stopped"]);
+                        println!("plugin {plugin}: shadow run stopped");
+                    }
+                    ShadowAction::Promote => {
+                        let answer = client.post(&format!("{path}/promote"))?;
+                        match answer.get("deployed") {
+                            Some(info) => {
+                                println!("plugin {plugin}: candidate {} is live", short(info))
+                            }
+                            None => println!("plugin {plugin}: the candidate was already live"),
+                        }
+                    }
+                }
+            }
+            AdminCommand::Deploy {
+                file,
+                plugin,
+                target,
+                ..
             } => {
                 let wasm = std::fs::read(&file)
                     .with_context(|| format!("cannot read `{}`", file.display()))?;
@@ -211,4 +283,32 @@ fn short(info: &Value) -> String {
         .as_str()
         .map(|h| h[..12.min(h.len())].to_string())
         .unwrap_or_default()
+}
+
+/// A shadow report, for people: counts, then each difference side by side.
+fn print_shadow(plugin: &str, report: &Value) {
+    let number = |key: &str| report[key].as_u64().unwrap_or(0);
+    println!(
+        "plugin {plugin}: candidate {} on {}% of messages: {} same, {} different, {} candidate failed",
+        short(&report["candidate"]),
+        report["sample"].as_f64().unwrap_or(0.0) * 100.0,
+        number("same"),
+        number("different"),
+        number("candidate_failed"),
+    );
+    for difference in list(report["differences"].clone()) {
+        println!(
+            "  message {} (attempt {})",
+            difference["message_id"].as_str().unwrap_or(""),
+            difference["attempt"]
+        );
+        println!(
+            "    live:      {}",
+            difference["live"].as_str().unwrap_or("")
+        );
+        println!(
+            "    candidate: {}",
+            difference["candidate"].as_str().unwrap_or("")
+        );
+    }
 }

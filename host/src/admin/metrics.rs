@@ -254,6 +254,31 @@ pub fn render(state: &AdminState, depths: &[Depth]) -> String {
         )
         .unwrap();
     }
+    header(
+        &mut out,
+        "sluice_plugin_shadow_total",
+        "Messages a shadow candidate handled too, by how its result compared with the live version's.",
+        "counter",
+    );
+    for slot in state.deployer.slots() {
+        let Some(shadow) = slot.shadow() else {
+            continue;
+        };
+        let report = shadow.report();
+        for (result, count) in [
+            ("same", report.same),
+            ("different", report.different),
+            ("candidate_failed", report.candidate_failed),
+        ] {
+            writeln!(
+                out,
+                "sluice_plugin_shadow_total{{plugin=\"{}\",candidate=\"{}\",result=\"{result}\"}} {count}",
+                escape(&slot.name),
+                &report.candidate.hash[..12],
+            )
+            .unwrap();
+        }
+    }
 
     header(
         &mut out,

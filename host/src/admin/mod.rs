@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod client;
 mod metrics;
+mod shadow;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -148,6 +149,7 @@ pub async fn serve(
             put(deploy_plugin).layer(DefaultBodyLimit::max(upload_limit)),
         )
         .route("/api/plugins/{name}/rollback", post(rollback_plugin))
+        .merge(shadow::routes(upload_limit))
         .route("/api/routes", get(list_routes))
         .route("/api/routes/{name}/pause", post(pause_route))
         .route("/api/routes/{name}/resume", post(resume_route))

@@ -7,6 +7,7 @@
 //! Each version that runs is kept in a store, so a file that is broken at
 //! the next start does not take the route down.
 
+mod shadow;
 mod slot;
 mod store;
 mod watch;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+pub use shadow::{Difference, Shadow, ShadowReport};
 pub use slot::{PluginCounters, PluginSlot, VersionInfo};
 pub use store::{LAST_GOOD, VersionStore};
 
@@ -92,6 +94,19 @@ impl Deployer {
             if let Some(refusal) = refusal {
                 slot.record_error(refusal);
             }
+            if let Some(shadow) = &loaded.config.plugins[name].shadow {
+                let path = loaded.base_dir.join(&shadow.path);
+                let candidate = runtime
+                    .load_file(&path, settings.clone())
+                    .with_context(|| format!("plugins.{name}.shadow"))?;
+                let info = VersionInfo {
+                    hash: candidate.hash.clone(),
+                    loaded_at_ms: crate::message::now_ms(),
+                    source: path.display().to_string(),
+                };
+                tracing::info!(plugin = %name, candidate = candidate.short_hash(), sample = shadow.sample, "shadow run started");
+                slot.set_shadow(Shadow::new(Arc::new(candidate), info, shadow.sample));
+            }
             entries.insert(
                 name.clone(),
                 Entry {
@@ -160,6 +175,69 @@ impl Deployer {
                 Err(error)
             }
         }
+    }
+
+    /// Compiles and validates `wasm` as a candidate of plugin `name` and
+    /// runs it in the shadow of the live version on `sample` (0..=1) of its
+    /// messages, replacing any earlier candidate.
+    pub async fn shadow(&self, name: &str, wasm: Vec<u8>, sample: f64) -> Result<VersionInfo> {
+        let entry = self
+            .entries
+            .get(name)
+            .with_context(|| format!("no plugin named `{name}`"))?;
+        if !(0.0..=1.0).contains(&sample) || sample.is_nan() {
+            anyhow::bail!("the sample must be within 0..=1, not {sample}");
+        }
+        let runtime = self.runtime.clone();
+        let settings = entry.settings.clone();
+        let plugin = tokio::task::spawn_blocking(move || runtime.load(&wasm, settings))
+            .await
+            .context("the compile task failed")?
+            .context("the candidate is refused")?;
+        let info = VersionInfo {
+            hash: plugin.hash.clone(),
+            loaded_at_ms: crate::message::now_ms(),
+            source: "shadow".into(),
+        };
+        tracing::info!(plugin = %name, candidate = &info.hash[..12], sample, "shadow run started");
+        entry
+            .slot
+            .set_shadow(Shadow::new(Arc::new(plugin), info.clone(), sample));
+        Ok(info)
+    }
+
+    /// How plugin `name`'s candidate compares so far.
+    pub fn shadow_report(&self, name: &str) -> Result<ShadowReport> {
+        Ok(self.running_shadow(name)?.report())
+    }
+
+    /// Ends plugin `name`'s shadow run; its report is the last word.
+    pub fn stop_shadow(&self, name: &str) -> Result<ShadowReport> {
+        self.running_shadow(name)?;
+        let shadow = self.entries[name]
+            .slot
+            .take_shadow()
+            .context("no shadow run")?;
+        tracing::info!(plugin = %name, candidate = &shadow.info.hash[..12], "shadow run stopped");
+        Ok(shadow.report())
+    }
+
+    /// Makes plugin `name`'s candidate the live version (as an upload is,
+    /// on disk too) and ends the shadow run.
+    pub async fn promote_shadow(&self, name: &str) -> Result<Option<VersionInfo>> {
+        let wasm = self.running_shadow(name)?.plugin.wasm.to_vec();
+        let info = self.deploy_upload(name, wasm).await?;
+        self.entries[name].slot.take_shadow();
+        Ok(info)
+    }
+
+    fn running_shadow(&self, name: &str) -> Result<Arc<Shadow>> {
+        self.entries
+            .get(name)
+            .with_context(|| format!("no plugin named `{name}`"))?
+            .slot
+            .shadow()
+            .with_context(|| format!("plugin `{name}` has no shadow run"))
     }
 
     /// Deploys what the watcher found in the plugin's file, unless the file

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{Result, bail};
 use serde::Serialize;
 
+use super::Shadow;
 use crate::message::now_ms;
 use crate::runtime::Plugin;
 
@@ -44,6 +45,8 @@ pub struct PluginSlot {
     earlier: Mutex<Vec<(Arc<Plugin>, VersionInfo)>>,
     last_error: Mutex<Option<String>>,
     pub counters: PluginCounters,
+    /// A candidate version handling the same messages, unpublished.
+    shadow: RwLock<Option<Arc<Shadow>>>,
 }
 
 impl PluginSlot {
@@ -59,6 +62,7 @@ impl PluginSlot {
             earlier: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
             counters: PluginCounters::default(),
+            shadow: RwLock::new(None),
         }
     }
 
@@ -126,6 +130,21 @@ impl PluginSlot {
         // further back, as an operator expects.
         *current = (plugin, info.clone());
         Ok(info)
+    }
+
+    /// The candidate running in the shadow of the current version, if any.
+    pub fn shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.read().unwrap().clone()
+    }
+
+    /// Starts `shadow` in place of any earlier candidate.
+    pub fn set_shadow(&self, shadow: Shadow) {
+        *self.shadow.write().unwrap() = Some(Arc::new(shadow));
+    }
+
+    /// Ends the shadow run, returning its candidate.
+    pub fn take_shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.write().unwrap().take()
     }
 
     pub fn count(&self, counter: &AtomicU64) {

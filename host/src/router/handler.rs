@@ -66,6 +66,7 @@ impl MessageHandler for WasmHandler {
             slot: self.slot.clone(),
             share: self.share.clone(),
             instance: None,
+            candidate: None,
         })
     }
 
@@ -80,6 +81,8 @@ struct WasmWorker {
     share: Share,
     /// Dropped after a failed call or when the slot's version changes.
     instance: Option<Instance>,
+    /// A warm instance of the slot's shadow candidate, while it has one.
+    candidate: Option<Instance>,
 }
 
 impl WasmWorker {
@@ -104,6 +107,41 @@ impl WasmWorker {
         }
         self.slot.count(&self.slot.counters.calls);
         Ok(self.instance.as_mut().expect("made above"))
+    }
+
+    /// Hands `message` to the slot's shadow candidate, if it has one and
+    /// the message is sampled, and compares its result with the live one.
+    async fn shadow(&mut self, message: &Message, attempt: u32, live: &Result<Outcome, CallError>) {
+        let Some(shadow) = self.slot.shadow() else {
+            self.candidate = None;
+            return;
+        };
+        if !shadow.sampled() {
+            return;
+        }
+        let warm = self
+            .candidate
+            .take()
+            .filter(|i| Arc::ptr_eq(i.plugin(), &shadow.plugin));
+        let instance = match warm {
+            Some(instance) => Ok(instance),
+            None => shadow
+                .plugin
+                .instantiate_sharing(self.share.clone())
+                .await
+                .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}"))),
+        };
+        let result = match instance {
+            Ok(mut instance) => {
+                let result = instance.handle(message, attempt).await;
+                if result.is_ok() {
+                    self.candidate = Some(instance);
+                }
+                result
+            }
+            Err(error) => Err(error),
+        };
+        shadow.compare(message, attempt, live, &result);
     }
 
     /// Counts a call that did not return and drops its instance.
@@ -137,6 +175,7 @@ impl Worker for WasmWorker {
             Ok(outcome) => tag(outcome, &current),
             Err(error) => self.failed(error, &format!("message {}", message.id)),
         }
+        self.shadow(message, attempt, &result).await;
         result
     }
 
@@ -158,7 +197,13 @@ impl Worker for WasmWorker {
         match instance.handle_batch(batch).await {
             Ok(mut outcomes) => {
                 outcomes.iter_mut().for_each(|o| tag(o, &current));
-                outcomes.into_iter().map(Ok).collect()
+                let results: Vec<_> = outcomes.into_iter().map(Ok).collect();
+                // The candidate takes the messages one by one: its answers
+                // are compared per message whatever its batch would do.
+                for ((message, attempt), result) in batch.iter().zip(&results) {
+                    self.shadow(message, *attempt, result).await;
+                }
+                results
             }
             Err(BatchError::Failed(error)) => {
                 let what = format!("a batch of {}, handled again one by one", batch.len());
