@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML configuration;
 //! - [`rate`]: token buckets (a route's `max_rate`, a plugin's log lines);
 //! - [`deploy`]: new plugin versions into a running host, and rollback;
+//! - [`dlq`]: a route's dead letters: list, show, purge;
 //! - [`admin`]: the admin HTTP API, health and metrics;
 //! - [`telemetry`]: the log, and delivery spans exported over OTLP;
 //! - `kit`: `sluice new`, `sluice build` and `sluice test` for plugin authors;
@@ -19,6 +20,7 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod deploy;
+pub mod dlq;
 #[cfg(test)]
 mod fuzz;
 #[cfg(feature = "kit")]

@@ -93,6 +93,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A config's dead letters: list, show or purge them.
+    Dlq {
+        #[command(subcommand)]
+        command: sluice::dlq::cli::DlqCommand,
+    },
     /// Check, repair, compact or describe a file log directory (file:// backend).
     #[cfg(feature = "filelog")]
     Log {
@@ -192,6 +197,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             exit_when_idle,
         } => run(&config, exit_when_idle.map(Duration::from_secs_f64)).await,
         Command::Check { config } => check(&config),
+        Command::Dlq { command } => {
+            command.run().await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Publish {
             target,
             topic,

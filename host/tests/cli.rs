@@ -508,3 +508,97 @@ fn a_tail_publishes_back_byte_for_byte() {
         assert_ne!(twice["id"], once["id"], "a publish is a new message");
     }
 }
+
+/// `sluice dlq`: list and show leave dead letters in place; purge drops
+/// those its filter takes, and asks first unless told not to.
+#[test]
+fn dlq_lists_shows_and_purges_a_routes_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sluice.db");
+    let url = format!("sqlite://{}", db.display());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"[backends.main]
+url = "{url}"
+
+[plugins.chaos]
+path = "{plugin}"
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "fails"
+topics = ["in"]
+plugin = "chaos"
+retry = {{ max_attempts = 1 }}
+"#,
+            plugin = plugin_path("chaos").display(),
+            cache = dir.path().join("cache").display(),
+        ),
+    );
+    for payload in ["reject", "reject", "retry"] {
+        assert!(
+            sluice(&["publish", "--url", &url, "in", payload])
+                .status
+                .success()
+        );
+    }
+    let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    for _ in 0..2 {
+        let list = sluice(&["dlq", "list", "-c", &config]);
+        assert!(list.status.success(), "{}", stderr(&list));
+        let row = stdout(&list)
+            .lines()
+            .find(|l| l.starts_with("fails "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("{}", stdout(&list)));
+        assert!(row.contains("      3  "), "{row}");
+        assert!(row.contains("attempts-exhausted 1, rejected 2"), "{row}");
+    }
+    let show = sluice(&[
+        "dlq",
+        "show",
+        "-c",
+        &config,
+        "--cause",
+        "attempts-exhausted",
+    ]);
+    let shown = stdout(&show);
+    assert!(
+        shown.contains("cause attempts-exhausted  attempts 1  from in"),
+        "{shown}"
+    );
+    assert!(shown.contains("reason: asked to retry"), "{shown}");
+    assert!(shown.contains("payload: \"retry\""), "{shown}");
+    assert!(!shown.contains("cause rejected"), "{shown}");
+    let json = sluice(&["dlq", "show", "-c", &config, "--json"]);
+    assert_eq!(stdout(&json).lines().count(), 3, "{}", stdout(&json));
+
+    let unasked = sluice(&["dlq", "purge", "-c", &config, "--cause", "rejected"]);
+    assert!(!unasked.status.success());
+    assert!(stderr(&unasked).contains("--yes"), "{}", stderr(&unasked));
+    let purged = sluice(&[
+        "dlq", "purge", "-c", &config, "--cause", "rejected", "--yes",
+    ]);
+    assert!(purged.status.success(), "{}", stderr(&purged));
+    assert!(
+        stdout(&purged).contains("purged 2 dead letter(s)"),
+        "{}",
+        stdout(&purged)
+    );
+    let list = stdout(&sluice(&["dlq", "list", "-c", &config]));
+    assert!(list.contains("      1  "), "{list}");
+    assert!(list.contains("attempts-exhausted 1"), "{list}");
+    assert!(!list.contains("rejected"), "{list}");
+
+    let wrong = sluice(&["dlq", "list", "-c", &config, "--route", "nope"]);
+    assert!(
+        stderr(&wrong).contains("no route named `nope`"),
+        "{}",
+        stderr(&wrong)
+    );
+}

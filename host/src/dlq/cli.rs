@@ -1,0 +1,279 @@
+//! `sluice dlq`: the dead letters of a config's routes, from the command
+//! line.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+use super::{DeadLetters, Filter, Summary};
+use crate::backend::{self, Backend};
+use crate::config;
+use crate::message::{headers, now_ms};
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Per route: how many dead letters wait, their causes, the oldest and
+    /// the newest.
+    List {
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// The dead letters themselves: cause, reason, attempts, original
+    /// topic and id, headers and the start of the payload.
+    Show {
+        #[command(flatten)]
+        scope: Scope,
+        /// One JSON object per dead letter, as `sluice tail --json` prints.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop dead letters for good.
+    Purge {
+        #[command(flatten)]
+        scope: Scope,
+        /// Do not ask (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which routes and which of their dead letters.
+#[derive(Args, Debug)]
+pub struct Scope {
+    /// The config whose routes' dead letters these are.
+    #[arg(long, short = 'c', default_value = "sluice.toml")]
+    config: PathBuf,
+    /// Only this route; every route if absent.
+    #[arg(long)]
+    route: Option<String>,
+    /// Only dead letters of this cause (`rejected`, `attempts-exhausted`,
+    /// `hop-limit`, `too-large`, `undecodable`); repeatable.
+    #[arg(long = "cause")]
+    causes: Vec<String>,
+    /// Only this message (the dead letter's id or the original's);
+    /// repeatable.
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Only dead letters at least this old, e.g. `30m`, `2h`, `7d`.
+    #[arg(long, value_parser = parse_age)]
+    older_than: Option<Duration>,
+    /// Only dead letters at most this old.
+    #[arg(long, value_parser = parse_age)]
+    newer_than: Option<Duration>,
+}
+
+impl Scope {
+    fn filter(&self) -> Filter {
+        Filter {
+            causes: self.causes.clone(),
+            ids: self.ids.clone(),
+            older_than: self.older_than,
+            newer_than: self.newer_than,
+        }
+    }
+
+    /// The dead letters of each route in scope, their backends connected.
+    async fn routes(&self) -> Result<Vec<DeadLetters>> {
+        let loaded = config::load(&self.config)?;
+        if let Some(name) = &self.route
+            && !loaded.config.routes.iter().any(|r| &r.name == name)
+        {
+            bail!("{} has no route named `{name}`", self.config.display());
+        }
+        let mut connected: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
+        let mut routes = Vec::new();
+        for route in &loaded.config.routes {
+            if self.route.as_ref().is_some_and(|name| *name != route.name) {
+                continue;
+            }
+            let name = loaded.dead_letter_backend(route).to_string();
+            let backend = match connected.get(&name) {
+                Some(backend) => backend.clone(),
+                None => {
+                    let url = &loaded.config.backends[&name].url;
+                    let backend = backend::connect(url)
+                        .await
+                        .with_context(|| format!("backends.{name}"))?;
+                    connected.insert(name, backend.clone());
+                    backend
+                }
+            };
+            routes.push(DeadLetters {
+                route: route.name.clone(),
+                backend,
+                topic: route.dead_letter_topic(),
+            });
+        }
+        Ok(routes)
+    }
+}
+
+impl DlqCommand {
+    pub async fn run(self) -> Result<()> {
+        match self {
+            DlqCommand::List { scope } => {
+                let filter = scope.filter();
+                println!(
+                    "{:<24} {:>7}  {:<11} {:<11} causes",
+                    "ROUTE", "COUNT", "OLDEST", "NEWEST"
+                );
+                for route in scope.routes().await? {
+                    let summary = Summary::of(&route.peek(&filter).await?);
+                    let causes: Vec<String> = summary
+                        .causes
+                        .iter()
+                        .map(|(cause, n)| format!("{cause} {n}"))
+                        .collect();
+                    println!(
+                        "{:<24} {:>7}  {:<11} {:<11} {}",
+                        route.route,
+                        summary.count,
+                        age(summary.oldest_ms),
+                        age(summary.newest_ms),
+                        causes.join(", ")
+                    );
+                }
+            }
+            DlqCommand::Show { scope, json } => {
+                let filter = scope.filter();
+                for route in scope.routes().await? {
+                    for letter in route.peek(&filter).await? {
+                        if json {
+                            let line = crate::message::json::write(
+                                &letter,
+                                &[("route", route.route.clone().into())],
+                            );
+                            println!("{line}");
+                            continue;
+                        }
+                        let field = |name| letter.header(name).unwrap_or("-");
+                        println!(
+                            "route {}  {}  {} ago",
+                            route.route,
+                            letter.id,
+                            age(Some(letter.timestamp_ms))
+                        );
+                        println!(
+                            "  cause {}  attempts {}  from {} (message {})",
+                            field(headers::DEAD_LETTER_CAUSE),
+                            field(headers::ATTEMPTS),
+                            field(headers::ORIGINAL_TOPIC),
+                            field(headers::ORIGINAL_ID)
+                        );
+                        println!("  reason: {}", field(headers::DEAD_LETTER_REASON));
+                        if let Some(key) = &letter.key {
+                            println!("  key: {key}");
+                        }
+                        for (name, value) in &letter.headers {
+                            if !name.starts_with("sluice-") {
+                                println!("  {name}: {value}");
+                            }
+                        }
+                        println!("  payload: {}", preview(&letter.payload));
+                    }
+                }
+            }
+            DlqCommand::Purge { scope, yes } => {
+                let filter = scope.filter();
+                for route in scope.routes().await? {
+                    let waiting = route.peek(&filter).await?.len();
+                    if waiting == 0 {
+                        println!("route {}: nothing to purge", route.route);
+                        continue;
+                    }
+                    if !yes
+                        && !confirm(&format!(
+                            "purge {waiting} dead letter(s) of route `{}` for good?",
+                            route.route
+                        ))?
+                    {
+                        println!("route {}: kept", route.route);
+                        continue;
+                    }
+                    let purged = route.purge(&filter, |_| {}).await?;
+                    println!("route {}: purged {purged} dead letter(s)", route.route);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Asks on the terminal; refuses to guess when there is none.
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} Say --yes: stdin is not a terminal to ask on");
+    }
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+/// How long ago `at_ms` was, roughly: `45s`, `12m`, `3h`, `2d`.
+fn age(at_ms: Option<u64>) -> String {
+    let Some(at) = at_ms else {
+        return "-".into();
+    };
+    let seconds = now_ms().saturating_sub(at) / 1000;
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m", seconds / 60),
+        3600..86400 => format!("{}h", seconds / 3600),
+        _ => format!("{}d", seconds / 86400),
+    }
+}
+
+/// `30s`, `15m`, `2h` or `7d`.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not an age like 30s, 15m, 2h or 7d"))?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        "d" => number * 86400,
+        _ => return Err(format!("`{text}` is not an age like 30s, 15m, 2h or 7d")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+/// The start of a payload, as text where it is text.
+fn preview(payload: &[u8]) -> String {
+    const SHOWN: usize = 120;
+    match std::str::from_utf8(payload) {
+        Ok(text) if text.chars().count() > SHOWN => {
+            format!(
+                "{:?}… ({} bytes)",
+                text.chars().take(SHOWN).collect::<String>(),
+                payload.len()
+            )
+        }
+        Ok(text) => format!("{text:?}"),
+        Err(_) => format!("{} bytes, not UTF-8", payload.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_as_people_write_them() {
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_age("2w").is_err());
+        assert!(parse_age("h").is_err());
+        assert_eq!(age(Some(now_ms() - 3 * 3600 * 1000)), "3h");
+        assert_eq!(age(None), "-");
+    }
+}
