@@ -99,6 +99,12 @@ pub struct BackendConfig {
     /// surrounding whitespace is ignored), e.g. a mounted secret.
     #[serde(default)]
     pub url_file: Option<PathBuf>,
+    /// A file holding the password (relative to the config file; a final
+    /// newline is ignored), put into the URL's user part:
+    /// `redis://app@cache` becomes `redis://app:PASSWORD@cache`, and a URL
+    /// with no user gets `:PASSWORD@` (as Redis takes a bare password).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 /// One plugin and what it is allowed to do.
@@ -501,6 +507,19 @@ pub fn parse(
             return Err(error("url", "missing: give `url` or `url_file`".into()).into());
         }
         backend.url = expand_variables(&backend.url, &env).map_err(|m| error("url", m))?;
+        if let Some(path) = &backend.password_file {
+            let path = base_dir.join(path);
+            let password = std::fs::read_to_string(&path).map_err(|e| {
+                error(
+                    "password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let password = password.strip_suffix('\n').unwrap_or(&password);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            backend.url =
+                with_password(&backend.url, password).map_err(|m| error("password_file", m))?;
+        }
     }
     if let Some(telemetry) = config.telemetry.as_mut() {
         let error = |key: &str, message: String| ConfigError {
@@ -523,6 +542,34 @@ pub fn parse(
     };
     check(&loaded, text)?;
     Ok(loaded)
+}
+
+/// `url` with `password` (percent-encoded) in its user part. Errors never
+/// show the URL, which may hold other secrets.
+fn with_password(url: &str, password: &str) -> std::result::Result<String, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("the URL has no `scheme://` to put a password after".into());
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => {
+            return Err("the URL already holds a password; give it there or in \
+                        `password_file`, not both"
+                .into());
+        }
+        Some((user, host)) => (user, host),
+        None => ("", authority),
+    };
+    let mut encoded = String::with_capacity(password.len());
+    for byte in password.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
 }
 
 /// `text` with every `${VAR}` replaced by the environment variable `VAR`.
@@ -990,5 +1037,41 @@ plugin = "upper"
             .to_string();
         assert!(err.contains("telemetry.headers.key"), "{err}");
         assert!(err.contains("`KEY`"), "{err}");
+    }
+
+    #[test]
+    fn a_password_file_fills_the_urls_user_part() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "p@ss/wörd:1\n").unwrap();
+        let text = |url: &str| {
+            format!(
+                "[backends.main]\nurl = \"{url}\"\npassword_file = \"pw\"\n\n\
+                 [plugins.upper]\npath = \"upper.wasm\"\n\n\
+                 [[routes]]\nname = \"upper\"\ntopics = [\"t\"]\nplugin = \"upper\"\n"
+            )
+        };
+        let load = |url: &str| {
+            parse(&text(url), "t.toml", dir.path().to_path_buf(), |_| None)
+                .map(|l| l.config.backends["main"].url.clone())
+        };
+        assert_eq!(
+            load("redis://app@cache:6379/0?prefix=x").unwrap(),
+            "redis://app:p%40ss%2Fw%C3%B6rd%3A1@cache:6379/0?prefix=x"
+        );
+        assert_eq!(
+            load("redis://cache").unwrap(),
+            "redis://:p%40ss%2Fw%C3%B6rd%3A1@cache"
+        );
+        assert_eq!(
+            crate::backend::redact(&load("postgres://app@db/test").unwrap()),
+            "postgres://app:***@db/test"
+        );
+        let err = load("redis://app:inline@cache").unwrap_err().to_string();
+        assert!(err.contains("backends.main.password_file"), "{err}");
+        assert!(err.contains("not both"), "{err}");
+        assert!(!err.contains("inline"), "{err}");
+        std::fs::remove_file(dir.path().join("pw")).unwrap();
+        let err = load("redis://app@cache").unwrap_err().to_string();
+        assert!(err.contains("cannot read"), "{err}");
     }
 }
