@@ -90,31 +90,40 @@ impl Host {
                 source: backends[loaded.source_backend(route)].clone(),
                 stalled_after: Duration::from_millis(route.stalled_after_ms),
             });
-            routes.push((
-                Route {
-                    spec: RouteSpec {
-                        name: route.name.clone(),
-                        subscribe,
-                        concurrency: route.concurrency,
-                        ordered: route.ordered,
-                        retry: (&route.retry).into(),
-                        dead_letter_topic: route.dead_letter_topic(),
-                        max_in_flight: route.max_in_flight,
-                        batch_size: route.batch_size,
-                        max_hops: route.max_hops,
-                        max_message_bytes: loaded.config.runtime.max_message_bytes,
-                        max_rate: route.max_rate,
-                    },
-                    source: backends[loaded.source_backend(route)].clone(),
-                    sink: backends[loaded.output_backend(route)].clone(),
-                    dead_letters: (loaded.dead_letter_backend(route)
-                        != loaded.output_backend(route))
+            let spec = RouteSpec {
+                name: route.name.clone(),
+                subscribe,
+                concurrency: route.concurrency,
+                ordered: route.ordered,
+                retry: (&route.retry).into(),
+                dead_letter_topic: route.dead_letter_topic(),
+                max_in_flight: route.max_in_flight,
+                batch_size: route.batch_size,
+                max_hops: route.max_hops,
+                max_message_bytes: loaded.config.runtime.max_message_bytes,
+                max_rate: route.max_rate,
+                redriven: false,
+            };
+            let wire = |spec: RouteSpec| Route {
+                spec,
+                source: backends[loaded.source_backend(route)].clone(),
+                sink: backends[loaded.output_backend(route)].clone(),
+                dead_letters: (loaded.dead_letter_backend(route) != loaded.output_backend(route))
                     .then(|| backends[loaded.dead_letter_backend(route)].clone()),
-                    handler: Arc::new(WasmHandler::over(slot)),
-                    stats,
-                },
-                control,
-            ));
+                handler: Arc::new(WasmHandler::over(slot.clone())),
+                stats: stats.clone(),
+            };
+            if route.redrive {
+                // A second subscription of the same group, on the redrive
+                // topic alone: the route's own subscription (and its place
+                // in its topics) stays as it was. Counters and pause are
+                // the route's.
+                let mut redriven = spec.clone();
+                redriven.subscribe.topics = vec![route.redrive_topic()];
+                redriven.redriven = true;
+                routes.push((wire(redriven), control.clone()));
+            }
+            routes.push((wire(spec), control));
         }
         let backend_handles = backends
             .iter()

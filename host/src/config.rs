@@ -228,6 +228,12 @@ pub struct RouteConfig {
     /// route is never reported.
     #[serde(default = "defaults::stalled_after_ms")]
     pub stalled_after_ms: u64,
+    /// Also read `<name>.redrive`, where `sluice dlq redrive` sends this
+    /// route's dead letters back: only this route's group reads it, and
+    /// each message is handled under the topic it was dead-lettered from.
+    /// Off by default: it costs the route a second subscription.
+    #[serde(default)]
+    pub redrive: bool,
     /// Messages per second the route takes from its backend, at most
     /// (bursts of up to a tenth of a second's worth); unlimited if absent.
     /// For a downstream API with a quota: messages wait in the backend,
@@ -446,6 +452,12 @@ impl Loaded {
 impl RouteConfig {
     pub fn group(&self) -> &str {
         self.group.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The topic `sluice dlq redrive` sends this route's dead letters back
+    /// on (read only with `redrive = true`).
+    pub fn redrive_topic(&self) -> String {
+        format!("{}.redrive", self.name)
     }
 
     pub fn dead_letter_topic(&self) -> String {
@@ -775,6 +787,19 @@ fn check(loaded: &Loaded, text: &str) -> Result<()> {
                 format!(
                     "required when the config has {} backends",
                     config.backends.len()
+                ),
+            )
+            .into());
+        }
+        let redrive = route.redrive_topic();
+        if route.redrive && (pattern::validate(&redrive).is_err() || pattern::is_pattern(&redrive))
+        {
+            return Err(error(
+                route_line(text, index, "redrive"),
+                key("redrive"),
+                format!(
+                    "the route's name cannot name a topic: its redrive topic would be \
+                     `{redrive}` (use letters, digits, `-` and `_` in the name)"
                 ),
             )
             .into());

@@ -93,7 +93,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A config's dead letters: list, show or purge them.
+    /// A config's dead letters: list, show, redrive or purge them.
     Dlq {
         #[command(subcommand)]
         command: sluice::dlq::cli::DlqCommand,

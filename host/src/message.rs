@@ -226,6 +226,9 @@ pub mod headers {
     pub const ATTEMPTS: &str = "sluice-attempts";
     /// The route that dead-lettered the message.
     pub const ROUTE: &str = "sluice-route";
+    /// On a redriven message: a JSON list of its earlier dead-lettering
+    /// (cause, reason, attempts, route, original id, when), oldest first.
+    pub const REDRIVE_HISTORY: &str = "sluice-redrive-history";
     /// On an output: the plugin version (first 12 hex digits of its
     /// SHA-256) that produced it.
     pub const PLUGIN_VERSION: &str = "sluice-plugin-version";

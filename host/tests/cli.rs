@@ -602,3 +602,221 @@ retry = {{ max_attempts = 1 }}
         stderr(&wrong)
     );
 }
+
+/// `sluice dlq redrive`: once the plugin is fixed, dead letters go back
+/// through the route that failed them, under their original topic, with
+/// key and headers kept and their history; another route on the same
+/// topic sees none of it.
+#[test]
+fn dlq_redrive_sends_dead_letters_back_through_their_route_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let body = |plugin: &str| {
+        format!(
+            r#"[backends.main]
+url = "{url}"
+
+[plugins.p]
+path = "{plugin}"
+publish_to = ["out", "in.upper"]
+
+[plugins.other]
+path = "{echo}"
+config = {{ output = "other-out" }}
+publish_to = ["other-out"]
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "fails"
+topics = ["in"]
+plugin = "p"
+retry = {{ max_attempts = 1 }}
+redrive = true
+
+[[routes]]
+name = "other"
+topics = ["in"]
+plugin = "other"
+"#,
+            echo = plugin_path("echo").display(),
+            cache = dir.path().join("cache").display(),
+        )
+    };
+    let config = write_config(
+        dir.path(),
+        &body(&plugin_path("chaos").display().to_string()),
+    );
+    for _ in 0..2 {
+        let published = sluice(&[
+            "publish", "--url", &url, "in", "reject", "--key", "k", "--header", "h=1",
+        ]);
+        assert!(published.status.success(), "{}", stderr(&published));
+    }
+    let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let dry = sluice(&[
+        "dlq",
+        "redrive",
+        "-c",
+        &config,
+        "--route",
+        "fails",
+        "--dry-run",
+    ]);
+    assert!(
+        stdout(&dry).contains("would redrive 2 dead letter(s)"),
+        "{}",
+        stdout(&dry)
+    );
+    let not_redriven = sluice(&["dlq", "redrive", "-c", &config, "--route", "other"]);
+    assert!(!not_redriven.status.success());
+    assert!(
+        stderr(&not_redriven).contains("redrive = true"),
+        "{}",
+        stderr(&not_redriven)
+    );
+
+    // The fix: uppercase writes to `<input topic>.upper`.
+    write_config(
+        dir.path(),
+        &body(&plugin_path("uppercase").display().to_string()),
+    );
+    let redrive = sluice(&[
+        "dlq", "redrive", "-c", &config, "--route", "fails", "--rate", "100",
+    ]);
+    assert!(redrive.status.success(), "{}", stderr(&redrive));
+    assert!(
+        stdout(&redrive).contains("redriven 2 dead letter(s)"),
+        "{}",
+        stdout(&redrive)
+    );
+    let list = stdout(&sluice(&["dlq", "list", "-c", &config, "--route", "fails"]));
+    assert!(list.contains("      0  "), "{list}");
+    let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let tail = |topic: &str| -> Vec<serde_json::Value> {
+        stdout(&sluice(&["tail", "--url", &url, topic, "--json"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let header = |message: &serde_json::Value, name: &str| {
+        message["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].as_str().unwrap().to_string())
+    };
+    // What went back: new messages with key, headers and history.
+    let sent = tail("fails.redrive");
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for message in &sent {
+        assert_eq!(message["key"], "k");
+        assert_eq!(header(message, "h").as_deref(), Some("1"));
+        let history = header(message, "sluice-redrive-history").unwrap();
+        assert!(history.contains("\"cause\":\"rejected\""), "{history}");
+        assert_eq!(header(message, "sluice-dead-letter-cause"), None);
+    }
+    // What the fixed plugin made of them, under their original topic.
+    let fixed = tail("in.upper");
+    assert_eq!(fixed.len(), 2, "{fixed:?}");
+    for message in &fixed {
+        assert_eq!(message["payload"], "REJECT");
+        assert_eq!(message["key"], "k");
+        assert_eq!(header(message, "h").as_deref(), Some("1"));
+    }
+    assert_eq!(
+        tail("other-out").len(),
+        2,
+        "the other route saw only the originals"
+    );
+}
+
+/// A redrive killed with SIGKILL part way loses nothing: run again, every
+/// dead letter has gone back to the route at least once, and none is left.
+#[test]
+fn a_redrive_killed_part_way_loses_nothing() {
+    const COUNT: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"[backends.main]
+url = "{url}"
+
+[plugins.p]
+path = "{chaos}"
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "fails"
+topics = ["in"]
+plugin = "p"
+concurrency = 4
+retry = {{ max_attempts = 1 }}
+redrive = true
+"#,
+            chaos = plugin_path("chaos").display(),
+            cache = dir.path().join("cache").display(),
+        ),
+    );
+    let count = COUNT.to_string();
+    let published = sluice(&["publish", "--url", &url, "in", "reject", "--count", &count]);
+    assert!(published.status.success(), "{}", stderr(&published));
+    let originals: std::collections::HashSet<String> =
+        stdout(&sluice(&["tail", "--url", &url, "in", "--json"]))
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+            .collect();
+    assert_eq!(originals.len(), COUNT);
+    let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let mut redrive = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["dlq", "redrive", "-c", &config, "--rate", "1000"])
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    redrive.kill().unwrap();
+    redrive.wait().unwrap();
+    let redriven = || -> Vec<serde_json::Value> {
+        stdout(&sluice(&["tail", "--url", &url, "fails.redrive", "--json"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    eprintln!("redriven before the kill: {}", redriven().len());
+
+    let again = sluice(&["dlq", "redrive", "-c", &config]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let after = redriven();
+    let back: std::collections::HashSet<String> = after
+        .iter()
+        .map(|m| {
+            let headers = m["headers"].as_array().unwrap();
+            let history = headers
+                .iter()
+                .find(|h| h[0] == "sluice-redrive-history")
+                .unwrap()[1]
+                .as_str()
+                .unwrap();
+            let history: serde_json::Value = serde_json::from_str(history).unwrap();
+            history[0]["id"].to_string()
+        })
+        .collect();
+    assert_eq!(back.len(), COUNT, "every dead letter went back");
+    assert_eq!(back, originals);
+    let list = stdout(&sluice(&["dlq", "list", "-c", &config]));
+    assert!(list.contains("      0  "), "none is left: {list}");
+}

@@ -1,5 +1,5 @@
 //! `sluice dlq`: the dead letters of a config's routes, from the command
-//! line.
+//! line: list, show, redrive, purge.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -31,6 +31,19 @@ pub enum DlqCommand {
         /// One JSON object per dead letter, as `sluice tail --json` prints.
         #[arg(long)]
         json: bool,
+    },
+    /// Send dead letters back through the route that failed them (its
+    /// group only; the route needs `redrive = true`), as new messages with
+    /// their key, headers and payload, and attempts from 1.
+    Redrive {
+        #[command(flatten)]
+        scope: Scope,
+        /// Say what would be redriven, and redrive nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many messages a second.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Drop dead letters for good.
     Purge {
@@ -91,26 +104,40 @@ impl Scope {
             if self.route.as_ref().is_some_and(|name| *name != route.name) {
                 continue;
             }
-            let name = loaded.dead_letter_backend(route).to_string();
-            let backend = match connected.get(&name) {
-                Some(backend) => backend.clone(),
-                None => {
-                    let url = &loaded.config.backends[&name].url;
-                    let backend = backend::connect(url)
-                        .await
-                        .with_context(|| format!("backends.{name}"))?;
-                    connected.insert(name, backend.clone());
-                    backend
-                }
+            let backend =
+                connect(&loaded, &mut connected, loaded.dead_letter_backend(route)).await?;
+            let redrive = match route.redrive {
+                true => Some((
+                    connect(&loaded, &mut connected, loaded.source_backend(route)).await?,
+                    route.redrive_topic(),
+                )),
+                false => None,
             };
             routes.push(DeadLetters {
                 route: route.name.clone(),
                 backend,
                 topic: route.dead_letter_topic(),
+                redrive,
             });
         }
         Ok(routes)
     }
+}
+
+/// Backend `name` of the config, connected once.
+async fn connect(
+    loaded: &config::Loaded,
+    connected: &mut BTreeMap<String, Arc<dyn Backend>>,
+    name: &str,
+) -> Result<Arc<dyn Backend>> {
+    if let Some(backend) = connected.get(name) {
+        return Ok(backend.clone());
+    }
+    let backend = backend::connect(&loaded.config.backends[name].url)
+        .await
+        .with_context(|| format!("backends.{name}"))?;
+    connected.insert(name.to_string(), backend.clone());
+    Ok(backend)
 }
 
 impl DlqCommand {
@@ -176,6 +203,47 @@ impl DlqCommand {
                         }
                         println!("  payload: {}", preview(&letter.payload));
                     }
+                }
+            }
+            DlqCommand::Redrive {
+                scope,
+                dry_run,
+                rate,
+            } => {
+                if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                    bail!("--rate must be a positive number of messages a second");
+                }
+                let filter = scope.filter();
+                for route in scope.routes().await? {
+                    if dry_run {
+                        let letters = route.peek(&filter).await?;
+                        for letter in &letters {
+                            println!(
+                                "would redrive {} ({}) to `{}.redrive`",
+                                letter.header(headers::ORIGINAL_ID).unwrap_or(&letter.id),
+                                letter.header(headers::DEAD_LETTER_CAUSE).unwrap_or("-"),
+                                route.route
+                            );
+                        }
+                        println!(
+                            "route {}: would redrive {} dead letter(s)",
+                            route.route,
+                            letters.len()
+                        );
+                        continue;
+                    }
+                    let terminal = std::io::stderr().is_terminal();
+                    let redriven = route
+                        .redrive(&filter, rate, |n| {
+                            if terminal {
+                                eprint!("\rroute {}: redriven {n}", route.route);
+                            }
+                        })
+                        .await?;
+                    if terminal {
+                        eprintln!();
+                    }
+                    println!("route {}: redriven {redriven} dead letter(s)", route.route);
                 }
             }
             DlqCommand::Purge { scope, yes } => {

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 
 use super::{Context, RouteStats};
 use crate::backend::Delivery;
+use crate::message::headers;
 use crate::rate::TokenBucket;
 
 /// The smallest batch the fetcher asks for once it knows the handler's
@@ -105,6 +106,10 @@ impl Context {
             if deliveries.is_empty() {
                 continue;
             }
+            let mut deliveries = deliveries;
+            if self.spec.redriven {
+                restore_topics(&mut deliveries);
+            }
             self.stats.touch();
             RouteStats::add(&self.stats.received, deliveries.len() as u64);
             let held = self
@@ -193,6 +198,18 @@ impl Context {
             return Some(1 + more);
         }
         Some(1)
+    }
+}
+
+/// Puts each redriven delivery back under the topic it was dead-lettered
+/// from, so the plugin sees what it saw the first time. (Backends settle by
+/// receipt, never by the message's topic.)
+fn restore_topics(deliveries: &mut [Delivery]) {
+    for delivery in deliveries {
+        let message = &mut delivery.message;
+        if let Some(original) = message.header(headers::ORIGINAL_TOPIC) {
+            message.topic = original.to_string();
+        }
     }
 }
 

@@ -69,6 +69,9 @@ pub struct RouteSpec {
     pub max_message_bytes: usize,
     /// Messages per second the route takes from its backend, at most.
     pub max_rate: Option<f64>,
+    /// The route reads redriven dead letters: each is handled under the
+    /// topic it was dead-lettered from (`sluice-original-topic`).
+    pub redriven: bool,
 }
 
 impl RouteSpec {
@@ -94,6 +97,7 @@ impl RouteSpec {
             max_hops: Self::DEFAULT_MAX_HOPS,
             max_message_bytes: crate::runtime::OutputLimits::default().max_message_bytes,
             max_rate: None,
+            redriven: false,
         }
     }
 }

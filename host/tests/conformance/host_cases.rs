@@ -9,6 +9,7 @@ use anyhow::{Context, Result, ensure};
 use async_trait::async_trait;
 use sluice::Message;
 use sluice::backend::{Backend, Capabilities, Delivery, SubscribeOptions, Subscription};
+use sluice::dlq::{DeadLetters, Filter};
 use sluice::message::headers;
 use sluice::router::{DEAD_LETTER_GROUP, Route};
 
@@ -25,6 +26,10 @@ pub fn all() -> Vec<Case> {
         case!(host_reject_goes_straight_to_dead_letter),
         case!(
             host_dead_letters_are_kept_before_anyone_reads_them,
+            crate::cases::needs_at_least_once
+        ),
+        case!(
+            host_a_redrive_goes_back_through_its_route_only,
             crate::cases::needs_at_least_once
         ),
         case!(host_trapping_plugin_is_retried_then_dead_lettered),
@@ -157,6 +162,66 @@ async fn host_dead_letters_are_kept_before_anyone_reads_them(ctx: Ctx) -> Result
         got[0].header(headers::ORIGINAL_ID) == Some(input.id.as_str()),
         "{:?}",
         got[0]
+    );
+    Ok(())
+}
+
+/// A dead letter redriven goes to the route's redrive topic, which only
+/// the route's group reads: the route hands it to its plugin under its
+/// original topic (here the plugin rejects it again, so it comes back to
+/// the dead-letter topic with one step of history), and another group of
+/// the original topic gets nothing.
+async fn host_a_redrive_goes_back_through_its_route_only(ctx: Ctx) -> Result<()> {
+    let bystander = Collector::start(&ctx.backend, &[&ctx.topic("in")]).await;
+    let route = chaos_route(&ctx, "r", 1);
+    let redrive_topic = ctx.topic("redrive");
+    let mut redriven = chaos_route(&ctx, "r", 1);
+    redriven.spec.subscribe.topics = vec![redrive_topic.clone()];
+    redriven.spec.redriven = true;
+    let running = Running::start(route).await;
+    let running_redriven = Running::start(redriven).await;
+    let input = Message::new(ctx.topic("in"), "reject");
+    ctx.backend.publish(vec![input.clone()]).await?;
+    let dead = DeadLetters {
+        route: "r".into(),
+        backend: ctx.backend.clone(),
+        topic: ctx.topic("dead"),
+        redrive: Some((ctx.backend.clone(), redrive_topic)),
+    };
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let mut sent = 0;
+    while sent == 0 {
+        ensure!(tokio::time::Instant::now() < give_up, "nothing to redrive");
+        sent = dead.redrive(&Filter::default(), None, |_| {}).await?;
+    }
+    ensure!(sent == 1, "redrove {sent}");
+    let again = loop {
+        let letters = dead.peek(&Filter::default()).await?;
+        if let Some(letter) = letters.into_iter().next() {
+            break letter;
+        }
+        ensure!(
+            tokio::time::Instant::now() < give_up,
+            "never dead-lettered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    running_redriven.stop().await;
+    running.stop().await;
+    ensure!(
+        again.header(headers::ORIGINAL_TOPIC) == Some(input.topic.as_str()),
+        "handled under `{:?}`",
+        again.header(headers::ORIGINAL_TOPIC)
+    );
+    let history = again.header(headers::REDRIVE_HISTORY).unwrap_or("[]");
+    ensure!(
+        history.contains(&input.id) && history.contains("rejected"),
+        "history: {history}"
+    );
+    let seen = bystander.now();
+    ensure!(
+        seen.len() == 1 && seen[0].id == input.id,
+        "another group of the topic saw {seen:?}"
     );
     Ok(())
 }
