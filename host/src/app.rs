@@ -15,6 +15,7 @@ use crate::admin::{self, Admin, AdminState, BackendHandle, RouteHandle};
 use crate::backend::{self, Backend, SubscribeOptions};
 use crate::config::{self, AdminConfig, Loaded};
 use crate::deploy::Deployer;
+use crate::dlq::DeadLetters;
 use crate::message::now_ms;
 use crate::router::{Route, RouteControl, RouteSpec, RouteStats, StatsSnapshot, WasmHandler};
 use crate::runtime::Runtime;
@@ -89,6 +90,17 @@ impl Host {
                 group_key: subscribe.group_key(),
                 source: backends[loaded.source_backend(route)].clone(),
                 stalled_after: Duration::from_millis(route.stalled_after_ms),
+                dead_letters: DeadLetters {
+                    route: route.name.clone(),
+                    backend: backends[loaded.dead_letter_backend(route)].clone(),
+                    topic: route.dead_letter_topic(),
+                    redrive: route.redrive.then(|| {
+                        (
+                            backends[loaded.source_backend(route)].clone(),
+                            route.redrive_topic(),
+                        )
+                    }),
+                },
             });
             let spec = RouteSpec {
                 name: route.name.clone(),

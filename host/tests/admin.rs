@@ -774,3 +774,86 @@ plugin = "p"
         text(&refused.stderr)
     );
 }
+
+fn post(url: &str) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut response = agent.post(url).send_empty().unwrap();
+    (
+        response.status().as_u16(),
+        response.body_mut().read_to_string().unwrap(),
+    )
+}
+
+/// The dead-letter endpoints: a summary, the messages, redrive (only on a
+/// route that reads its redrive topic) and purge, with filters.
+#[test]
+fn dead_letters_through_the_admin_api() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let _host = start_on(dir.path(), port, None, &url, "redrive = true");
+    let api = format!("{admin}/api/routes/upper/dead-letters");
+    // A payload that is not UTF-8: the uppercase plugin rejects it.
+    let mut publish = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["publish", "--url", &url, "words", "--lines", "--json"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    publish
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"payload_base64":"//4=","key":"k"}"#)
+        .unwrap();
+    assert!(publish.wait().unwrap().success());
+
+    let wait_count = |want: u64| -> serde_json::Value {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = get(&api);
+            assert_eq!(status, 200, "{body}");
+            let summary: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if summary["count"] == want {
+                return summary;
+            }
+            assert!(Instant::now() < give_up, "{summary}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let summary = wait_count(1);
+    assert_eq!(summary["causes"]["rejected"], 1, "{summary}");
+    let (_, body) = get(&format!("{api}/messages?cause=rejected"));
+    let messages: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(messages.len(), 1, "{body}");
+    assert_eq!(messages[0]["payload_base64"], "//4=");
+    assert_eq!(messages[0]["key"], "k");
+    let (_, body) = get(&format!("{api}/messages?cause=attempts-exhausted"));
+    assert_eq!(body, "[]");
+
+    // Redriven, it fails again: back with one step of history.
+    let (status, body) = post(&format!("{api}/redrive"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"redriven\":1"), "{body}");
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = get(&format!("{api}/messages"));
+        if body.contains("sluice-redrive-history") {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "never dead-lettered again: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = post(&format!("{api}/purge?cause=rejected"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"purged\":1"), "{body}");
+    wait_count(0);
+    assert_eq!(get(&format!("{admin}/api/routes/nope/dead-letters")).0, 404);
+}

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod client;
+mod dead_letters;
 mod metrics;
 mod shadow;
 
@@ -44,6 +45,8 @@ pub struct RouteHandle {
     pub source: Arc<dyn crate::backend::Backend>,
     /// How long a route may fail or stall before it is reported not ready.
     pub stalled_after: std::time::Duration,
+    /// Its dead letters, for the dead-letter endpoints.
+    pub dead_letters: crate::dlq::DeadLetters,
 }
 
 impl RouteHandle {
@@ -150,6 +153,7 @@ pub async fn serve(
         )
         .route("/api/plugins/{name}/rollback", post(rollback_plugin))
         .merge(shadow::routes(upload_limit))
+        .merge(dead_letters::routes())
         .route("/api/routes", get(list_routes))
         .route("/api/routes/{name}/pause", post(pause_route))
         .route("/api/routes/{name}/resume", post(resume_route))
