@@ -8,6 +8,7 @@
 //! - [`router`]: the delivery loop of a route (call, publish, settle);
 //! - [`config`]: the TOML configuration;
 //! - [`rate`]: token buckets (a route's `max_rate`, a plugin's log lines);
+//! - [`replay`]: a route's stored messages from a time on, handled again;
 //! - [`deploy`]: new plugin versions into a running host, and rollback;
 //! - [`dlq`]: a route's dead letters: list, show, purge;
 //! - [`admin`]: the admin HTTP API, health and metrics;
@@ -27,6 +28,7 @@ mod fuzz;
 pub mod kit;
 pub mod message;
 pub mod rate;
+pub mod replay;
 pub mod router;
 pub mod runtime;
 pub mod telemetry;

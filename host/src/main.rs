@@ -93,6 +93,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Handle a route's stored messages again, from a time on: they go to
+    /// the route's redrive topic (it needs `redrive = true`), which only its
+    /// group reads. Backends that keep history only.
+    Replay {
+        /// The config the route is in.
+        #[arg(long, short = 'c', default_value = "sluice.toml")]
+        config: PathBuf,
+        /// The route.
+        #[arg(long)]
+        route: String,
+        /// From this time: an age (`30m`, `2h`, `7d` ago) or milliseconds
+        /// since the epoch.
+        #[arg(long, value_parser = sluice::replay::parse_time)]
+        from: u64,
+        /// Up to this time (the same forms); now if absent.
+        #[arg(long, value_parser = sluice::replay::parse_time)]
+        to: Option<u64>,
+        /// At most this many messages a second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// A config's dead letters: list, show, redrive or purge them.
     Dlq {
         #[command(subcommand)]
@@ -197,6 +218,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             exit_when_idle,
         } => run(&config, exit_when_idle.map(Duration::from_secs_f64)).await,
         Command::Check { config } => check(&config),
+        Command::Replay {
+            config,
+            route,
+            from,
+            to,
+            rate,
+        } => replay(&config, &route, from, to, rate).await,
         Command::Dlq { command } => {
             command.run().await?;
             Ok(ExitCode::SUCCESS)
@@ -277,6 +305,48 @@ async fn run(path: &Path, exit_when_idle: Option<Duration>) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+async fn replay(
+    path: &Path,
+    name: &str,
+    from_ms: u64,
+    to_ms: Option<u64>,
+    rate: Option<f64>,
+) -> Result<ExitCode> {
+    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of messages a second");
+    }
+    let loaded = config::load(path)?;
+    let route = loaded
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == name)
+        .with_context(|| format!("{} has no route named `{name}`", path.display()))?;
+    let backend_name = loaded.source_backend(route);
+    let backend = backend::connect(&loaded.config.backends[backend_name].url)
+        .await
+        .with_context(|| format!("backends.{backend_name}"))?;
+    let replay = sluice::replay::Replay {
+        route: name.to_string(),
+        backend,
+        topics: route.topics.iter().map(|t| t.get_ref().clone()).collect(),
+        redrive_topic: route.redrive.then(|| route.redrive_topic()),
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let sent = replay
+        .run(from_ms, to_ms, rate, |n| {
+            if terminal {
+                eprint!("\rroute {name}: replayed {n}");
+            }
+        })
+        .await?;
+    if terminal {
+        eprintln!();
+    }
+    println!("route {name}: replayed {sent} message(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn check(path: &Path) -> Result<ExitCode> {
     let loaded = config::load(path)?;
     for (name, backend_config) in &loaded.config.backends {
@@ -297,6 +367,23 @@ fn check(path: &Path) -> Result<ExitCode> {
         plugins.slots().count(),
         loaded.config.routes.len()
     );
+    for route in &loaded.config.routes {
+        let name = loaded.dead_letter_backend(route);
+        let scheme = loaded.config.backends[name]
+            .url
+            .split("://")
+            .next()
+            .unwrap_or("");
+        // At most once: nothing keeps a message for a reader not connected.
+        if matches!(scheme, "nats" | "redis+pubsub" | "rediss+pubsub") {
+            println!(
+                "  route {}: dead letters go to backend `{name}` ({scheme}://), which keeps \
+                 nothing nobody is subscribed to; set `routes.dead_letter_backend` to one that \
+                 keeps them",
+                route.name
+            );
+        }
+    }
     for slot in plugins.slots() {
         let plugin = slot.current();
         println!(

@@ -820,3 +820,109 @@ redrive = true
     let list = stdout(&sluice(&["dlq", "list", "-c", &config]));
     assert!(list.contains("      0  "), "none is left: {list}");
 }
+
+/// `sluice replay` sends a route's stored messages from a time on back
+/// through it; it says why where it cannot.
+#[test]
+fn replay_handles_stored_messages_again_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let body = |url: &str, redrive: bool| {
+        format!(
+            r#"[backends.main]
+url = "{url}"
+
+[plugins.upper]
+path = "{plugin}"
+config = {{ output = "shouted" }}
+publish_to = ["shouted"]
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "upper"
+topics = ["words"]
+plugin = "upper"
+redrive = {redrive}
+"#,
+            plugin = plugin_path("uppercase").display(),
+            cache = dir.path().join("cache").display(),
+        )
+    };
+    let config = write_config(dir.path(), &body(&url, true));
+    for word in ["one", "two"] {
+        assert!(
+            sluice(&["publish", "--url", &url, "words", word])
+                .status
+                .success()
+        );
+    }
+    let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let replay = sluice(&["replay", "-c", &config, "--route", "upper", "--from", "1h"]);
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert!(
+        stdout(&replay).contains("replayed 2 message(s)"),
+        "{}",
+        stdout(&replay)
+    );
+    let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let shouted = stdout(&sluice(&["tail", "--url", &url, "shouted"]));
+    assert_eq!(shouted.matches("[shouted] ONE").count(), 2, "{shouted}");
+    assert_eq!(shouted.matches("[shouted] TWO").count(), 2, "{shouted}");
+    let none = sluice(&[
+        "replay", "-c", &config, "--route", "upper", "--from", "1h", "--to", "1",
+    ]);
+    assert!(
+        stdout(&none).contains("replayed 0 message(s)"),
+        "{}",
+        stdout(&none)
+    );
+
+    let off = write_config(dir.path(), &body(&url, false));
+    let refused = sluice(&["replay", "-c", &off, "--route", "upper", "--from", "1h"]);
+    assert!(
+        stderr(&refused).contains("redrive = true"),
+        "{}",
+        stderr(&refused)
+    );
+    let memory = write_config(dir.path(), &body("memory://", true));
+    let refused = sluice(&["replay", "-c", &memory, "--route", "upper", "--from", "1h"]);
+    assert!(
+        stderr(&refused).contains("keeps no history"),
+        "{}",
+        stderr(&refused)
+    );
+    let bad = sluice(&[
+        "replay", "-c", &memory, "--route", "upper", "--from", "soon",
+    ]);
+    assert!(stderr(&bad).contains("neither an age"), "{}", stderr(&bad));
+}
+
+/// `sluice check` says when a route's dead letters would go where nothing
+/// keeps them, and which key to set.
+#[test]
+fn check_warns_of_dead_letters_that_nothing_would_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string());
+    // The same config with its one backend on NATS core.
+    let rest = &body[body.find("\n\n").unwrap()..];
+    let nats = format!("[backends.main]\nurl = \"nats://127.0.0.1:4222\"{rest}");
+    let sqlite = body.clone();
+    let out = sluice(&["check", &write_config(dir.path(), &nats)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("route upper: dead letters go to backend `main` (nats://)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("routes.dead_letter_backend"));
+    let out = sluice(&["check", &write_config(dir.path(), &sqlite)]);
+    assert!(
+        !stdout(&out).contains("dead letters go to"),
+        "{}",
+        stdout(&out)
+    );
+}

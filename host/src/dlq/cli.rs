@@ -299,7 +299,7 @@ fn age(at_ms: Option<u64>) -> String {
 }
 
 /// `30s`, `15m`, `2h` or `7d`.
-fn parse_age(text: &str) -> Result<Duration, String> {
+pub fn parse_age(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(text.len().saturating_sub(1));
     let number: u64 = number
         .parse()

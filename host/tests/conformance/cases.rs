@@ -62,7 +62,7 @@ pub fn needs_order(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> 
     (!caps.ordered_per_key).then_some("no ordering per key")
 }
 
-fn needs_history(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
+pub fn needs_history(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.history).then_some("keeps no history")
 }
 

@@ -11,6 +11,7 @@ use sluice::Message;
 use sluice::backend::{Backend, Capabilities, Delivery, SubscribeOptions, Subscription};
 use sluice::dlq::{DeadLetters, Filter};
 use sluice::message::headers;
+use sluice::replay::Replay;
 use sluice::router::{DEAD_LETTER_GROUP, Route};
 
 use crate::case;
@@ -31,6 +32,10 @@ pub fn all() -> Vec<Case> {
         case!(
             host_a_redrive_goes_back_through_its_route_only,
             crate::cases::needs_at_least_once
+        ),
+        case!(
+            host_a_replay_sends_history_back_through_its_route_only,
+            crate::cases::needs_history
         ),
         case!(host_trapping_plugin_is_retried_then_dead_lettered),
         case!(
@@ -223,6 +228,50 @@ async fn host_a_redrive_goes_back_through_its_route_only(ctx: Ctx) -> Result<()>
         seen.len() == 1 && seen[0].id == input.id,
         "another group of the topic saw {seen:?}"
     );
+    Ok(())
+}
+
+/// Stored messages from a time on go back through the route alone: its
+/// plugin handles them again, and another group of the topic gets nothing
+/// more.
+async fn host_a_replay_sends_history_back_through_its_route_only(ctx: Ctx) -> Result<()> {
+    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    let bystander = Collector::start(&ctx.backend, &[&ctx.topic("in")]).await;
+    let redrive_topic = ctx.topic("redrive");
+    let mut redriven = chaos_route(&ctx, "r", 5);
+    redriven.spec.subscribe.topics = vec![redrive_topic.clone()];
+    redriven.spec.redriven = true;
+    let running = Running::start(chaos_route(&ctx, "r", 5)).await;
+    let running_redriven = Running::start(redriven).await;
+    ctx.backend
+        .publish(vec![Message::new(ctx.topic("in"), "before")])
+        .await?;
+    outputs.wait_for(1, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let from = sluice::message::now_ms();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let later = vec![
+        Message::new(ctx.topic("in"), "after-1"),
+        Message::new(ctx.topic("in"), "after-2"),
+    ];
+    ctx.backend.publish(later).await?;
+    outputs.wait_for(3, LIMIT).await;
+    let replay = Replay {
+        route: "r".into(),
+        backend: ctx.backend.clone(),
+        topics: vec![ctx.topic("in")],
+        redrive_topic: Some(redrive_topic),
+    };
+    let sent = replay.run(from, None, None, |_| {}).await?;
+    ensure!(sent == 2, "replayed {sent}");
+    let got = outputs.wait_for(5, LIMIT).await;
+    running_redriven.stop().await;
+    running.stop().await;
+    let mut again: Vec<String> = got[3..].iter().map(text).collect();
+    again.sort();
+    ensure!(again == ["after-1", "after-2"], "handled again: {again:?}");
+    let seen = bystander.now().len();
+    ensure!(seen == 3, "another group of the topic saw {seen} messages");
     Ok(())
 }
 
