@@ -358,6 +358,25 @@ fn check(path: &Path) -> Result<ExitCode> {
             );
         }
     }
+    // At most once: nothing keeps a message for a reader not connected.
+    // (`run` starts such a route anyway, warning, so one config still runs
+    // on every backend.)
+    for (index, route) in loaded.config.routes.iter().enumerate() {
+        let name = loaded.dead_letter_backend(route);
+        let scheme = loaded.config.backends[name]
+            .url
+            .split("://")
+            .next()
+            .unwrap_or("");
+        if matches!(scheme, "nats" | "redis+pubsub" | "rediss+pubsub") {
+            bail!(
+                "routes[{index}].dead_letter_backend: route `{}` would send its dead letters to \
+                 backend `{name}` ({scheme}://), which keeps nothing nobody is subscribed to; \
+                 set `dead_letter_backend` to a backend that keeps them",
+                route.name
+            );
+        }
+    }
     let runtime = std::sync::Arc::new(app::runtime(&loaded)?);
     let plugins = sluice::deploy::Deployer::load(runtime, &loaded)?;
     println!(
@@ -367,23 +386,6 @@ fn check(path: &Path) -> Result<ExitCode> {
         plugins.slots().count(),
         loaded.config.routes.len()
     );
-    for route in &loaded.config.routes {
-        let name = loaded.dead_letter_backend(route);
-        let scheme = loaded.config.backends[name]
-            .url
-            .split("://")
-            .next()
-            .unwrap_or("");
-        // At most once: nothing keeps a message for a reader not connected.
-        if matches!(scheme, "nats" | "redis+pubsub" | "rediss+pubsub") {
-            println!(
-                "  route {}: dead letters go to backend `{name}` ({scheme}://), which keeps \
-                 nothing nobody is subscribed to; set `routes.dead_letter_backend` to one that \
-                 keeps them",
-                route.name
-            );
-        }
-    }
     for slot in plugins.slots() {
         let plugin = slot.current();
         println!(

@@ -901,28 +901,35 @@ redrive = {redrive}
     assert!(stderr(&bad).contains("neither an age"), "{}", stderr(&bad));
 }
 
-/// `sluice check` says when a route's dead letters would go where nothing
-/// keeps them, and which key to set.
+/// `sluice check` refuses a route whose dead letters would go where
+/// nothing keeps them, naming the key to set.
 #[test]
-fn check_warns_of_dead_letters_that_nothing_would_keep() {
+fn check_refuses_dead_letters_that_nothing_would_keep() {
     let dir = tempfile::tempdir().unwrap();
     let body = pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string());
     // The same config with its one backend on NATS core.
     let rest = &body[body.find("\n\n").unwrap()..];
     let nats = format!("[backends.main]\nurl = \"nats://127.0.0.1:4222\"{rest}");
-    let sqlite = body.clone();
     let out = sluice(&["check", &write_config(dir.path(), &nats)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(
+            "routes[0].dead_letter_backend: route `upper` would send its dead letters to \
+             backend `main` (nats://)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // Sent to a backend that keeps them, the same route passes.
+    let kept = nats.replace(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nbackend = \"main\"\ndead_letter_backend = \"kept\"\n",
+    ) + &format!(
+        "\n[backends.kept]\nurl = \"sqlite://{}\"\n",
+        dir.path().join("kept.db").display()
+    );
+    let out = sluice(&["check", &write_config(dir.path(), &kept)]);
+    assert!(out.status.success(), "{}\n{kept}", stderr(&out));
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("route upper: dead letters go to backend `main` (nats://)"),
-        "{}",
-        stdout(&out)
-    );
-    assert!(stdout(&out).contains("routes.dead_letter_backend"));
-    let out = sluice(&["check", &write_config(dir.path(), &sqlite)]);
-    assert!(
-        !stdout(&out).contains("dead letters go to"),
-        "{}",
-        stdout(&out)
-    );
 }
