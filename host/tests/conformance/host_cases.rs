@@ -175,7 +175,7 @@ async fn host_dead_letters_are_kept_before_anyone_reads_them(ctx: Ctx) -> Result
 /// the route's group reads: the route hands it to its plugin under its
 /// original topic (here the plugin rejects it again, so it comes back to
 /// the dead-letter topic with one step of history), and another group of
-/// the original topic gets nothing.
+/// the original topic gets nothing. A purge then drops it.
 async fn host_a_redrive_goes_back_through_its_route_only(ctx: Ctx) -> Result<()> {
     let bystander = Collector::start(&ctx.backend, &[&ctx.topic("in")]).await;
     let route = chaos_route(&ctx, "r", 1);
@@ -228,6 +228,11 @@ async fn host_a_redrive_goes_back_through_its_route_only(ctx: Ctx) -> Result<()>
         seen.len() == 1 && seen[0].id == input.id,
         "another group of the topic saw {seen:?}"
     );
+    // Purged, it is gone for good.
+    let purged = dead.purge(&Filter::default(), |_| {}).await?;
+    ensure!(purged == 1, "purged {purged}");
+    let left = dead.peek(&Filter::default()).await?;
+    ensure!(left.is_empty(), "left after a purge: {left:?}");
     Ok(())
 }
 
