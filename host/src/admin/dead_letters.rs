@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::{Admin, ApiError};
 use crate::dlq::{Filter, Summary};
+use crate::message::Message;
 
 pub(super) fn routes() -> Router<Arc<Admin>> {
     Router::new()
@@ -57,19 +58,23 @@ fn failed(e: anyhow::Error) -> ApiError {
     ApiError(StatusCode::BAD_GATEWAY, format!("{e:#}"))
 }
 
+/// The route's dead letters that `which` takes, left in place.
+async fn peek(admin: &Admin, name: &str, which: &Which) -> Result<Vec<Message>, ApiError> {
+    let state = admin.current();
+    let route = state.route(name)?;
+    route
+        .dead_letters
+        .peek(&which.filter())
+        .await
+        .map_err(failed)
+}
+
 async fn summary(
     State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
     Query(which): Query<Which>,
 ) -> Result<Json<Summary>, ApiError> {
-    let state = admin.current();
-    let route = state.route(&name)?;
-    let letters = route
-        .dead_letters
-        .peek(&which.filter())
-        .await
-        .map_err(failed)?;
-    Ok(Json(Summary::of(&letters)))
+    Ok(Json(Summary::of(&peek(&admin, &name, &which).await?)))
 }
 
 async fn messages(
@@ -77,13 +82,7 @@ async fn messages(
     Path(name): Path<String>,
     Query(which): Query<Which>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    let state = admin.current();
-    let route = state.route(&name)?;
-    let letters = route
-        .dead_letters
-        .peek(&which.filter())
-        .await
-        .map_err(failed)?;
+    let letters = peek(&admin, &name, &which).await?;
     Ok(Json(
         letters
             .iter()

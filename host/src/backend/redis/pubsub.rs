@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::redis::Client;
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::ConnectionManager;
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
@@ -76,23 +76,7 @@ impl RedisPubSubBackend {
         let config = PubSubConfig::from_url(&mut url)?;
         url.finish(&[PubSubConfig::PARAMS, Tls::PARAMS].concat())?;
         let client = url.client(&tls)?;
-        let conn = ConnectionManager::new_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_min_delay(Duration::from_millis(100))
-                .set_max_delay(Duration::from_secs(2))
-                .set_number_of_retries(6)
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to Redis at `{}`: {}",
-                url.redacted,
-                crate::backend::cause_line(&e)
-            )
-        })?;
+        let conn = super::streams::manage(&client, &url.redacted).await?;
         Ok(RedisPubSubBackend {
             shared: Arc::new(Shared {
                 client,

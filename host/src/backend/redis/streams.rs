@@ -243,6 +243,23 @@ pub fn entry_fields(message: &Message) -> Result<Vec<EntryField<'_>>> {
     Ok(fields)
 }
 
+/// The backend's command connection to the server `client` names
+/// (`redacted` for errors): reconnecting on its own, a command answered
+/// within 10 s; a failure is one line naming the server and the cause.
+pub(super) async fn manage(client: &redis::Client, redacted: &str) -> Result<ConnectionManager> {
+    ConnectionManager::new_with_config(
+        client.clone(),
+        reconnecting().set_response_timeout(Some(Duration::from_secs(10))),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to Redis at `{redacted}`: {}",
+            crate::backend::cause_line(&e)
+        )
+    })
+}
+
 /// Reconnects with backoff (100 ms doubling, at most 2 s between tries);
 /// once the tries run out, the next command starts over.
 fn reconnecting() -> ConnectionManagerConfig {
@@ -260,18 +277,7 @@ impl RedisStreamsBackend {
         let config = StreamsConfig::from_url(&mut url)?;
         url.finish(&[StreamsConfig::PARAMS, Tls::PARAMS].concat())?;
         let client = url.client(&tls)?;
-        let conn = ConnectionManager::new_with_config(
-            client.clone(),
-            reconnecting().set_response_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to Redis at `{}`: {}",
-                url.redacted,
-                crate::backend::cause_line(&e)
-            )
-        })?;
+        let conn = manage(&client, &url.redacted).await?;
         check_version(&mut conn.clone(), &url.redacted).await?;
         Ok(RedisStreamsBackend {
             shared: Arc::new(Shared {
