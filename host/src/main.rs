@@ -19,7 +19,14 @@ static ALLOCATOR: sluice::Allocator = sluice::Allocator;
 #[command(
     name = "sluice",
     version,
-    about = "Runs message handlers as sandboxed WebAssembly components"
+    about = "Runs message handlers as sandboxed WebAssembly components",
+    after_help = "Examples:
+  sluice check                                   # ./sluice.toml and its plugins
+  sluice run                                     # until Ctrl-C or SIGTERM
+  sluice publish --url sqlite://sluice.db words hello
+  sluice tail --url sqlite://sluice.db shouted --json
+  sluice dlq list                                # dead letters of every route
+  sluice new my-handler --lang rust              # a plugin project"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,21 +35,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    #[command(flatten)]
-    Admin(sluice::admin::cli::AdminCommand),
-    #[cfg(feature = "kit")]
-    #[command(flatten)]
-    Kit(sluice::kit::cli::KitCommand),
     /// Run every route of a config until SIGINT or SIGTERM.
     Run {
         /// The TOML config.
+        #[arg(default_value = "sluice.toml")]
         config: PathBuf,
         /// Stop once no message has been seen for this many seconds.
         #[arg(long, value_name = "SECONDS")]
         exit_when_idle: Option<f64>,
     },
     /// Check a config and that every plugin implements the handler world.
-    Check { config: PathBuf },
+    Check {
+        /// The TOML config.
+        #[arg(default_value = "sluice.toml")]
+        config: PathBuf,
+    },
     /// Publish messages to a topic.
     Publish {
         #[command(flatten)]
@@ -93,9 +100,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Handle a route's stored messages again, from a time on: they go to
-    /// the route's redrive topic (it needs `redrive = true`), which only its
-    /// group reads. Backends that keep history only.
+    /// Handle a route's stored messages again, from a time on.
+    ///
+    /// They go to the route's redrive topic (it needs `redrive = true`),
+    /// which only its group reads. Backends that keep history only.
     Replay {
         /// The config the route is in.
         #[arg(long, short = 'c', default_value = "sluice.toml")]
@@ -118,6 +126,18 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: sluice::dlq::cli::DlqCommand,
+    },
+    #[cfg(feature = "kit")]
+    #[command(flatten)]
+    Kit(sluice::kit::cli::KitCommand),
+    #[command(flatten)]
+    Admin(sluice::admin::cli::AdminCommand),
+    /// Print a shell's completion script.
+    ///
+    /// e.g. `sluice completions bash > ~/.local/share/bash-completion/completions/sluice`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Check, repair, compact or describe a file log directory (file:// backend).
     #[cfg(feature = "filelog")]
@@ -225,6 +245,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             to,
             rate,
         } => replay(&config, &route, from, to, rate).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "sluice", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dlq { command } => {
             command.run().await?;
             Ok(ExitCode::SUCCESS)

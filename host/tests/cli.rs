@@ -933,3 +933,52 @@ fn check_refuses_dead_letters_that_nothing_would_keep() {
     let out = sluice(&["check", &write_config(dir.path(), &body)]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `run` and `check` read `./sluice.toml` when given no file, and
+/// `completions` prints a script the shell can load.
+#[test]
+fn a_default_config_file_and_shell_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string()),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("check")
+        .current_dir(dir.path())
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("sluice.toml: ok"),
+        "{}",
+        stdout(&out)
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .current_dir(empty.path())
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("cannot read config `sluice.toml`"),
+        "{}",
+        stderr(&out)
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let out = sluice(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        assert!(stdout(&out).contains("dlq"), "{shell}");
+    }
+    let script = dir.path().join("sluice.bash");
+    std::fs::write(&script, stdout(&sluice(&["completions", "bash"]))).unwrap();
+    let loaded = Command::new("bash")
+        .args([
+            "-c",
+            &format!("source {} && complete -p sluice", script.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(loaded.status.success(), "{}", stderr(&loaded));
+}
