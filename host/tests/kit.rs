@@ -48,7 +48,7 @@ fn sluice_test_gives_the_recorded_outcomes_in_every_language() {
             path(&wasm),
             "--input",
             path(&data.join("enrich.jsonl")),
-            "-c",
+            "--set",
             "region=eu-west",
             "--expect",
             path(&data.join("enrich.expected")),

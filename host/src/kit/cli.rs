@@ -58,7 +58,8 @@ pub enum KitCommand {
         #[arg(long, short)]
         input: PathBuf,
         /// A value of the plugin's `config` table, KEY=VALUE; repeatable.
-        #[arg(long = "config", short = 'c', value_name = "KEY=VALUE")]
+        /// (`-c` elsewhere names a config file, so not here.)
+        #[arg(long = "set", short = 's', alias = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
         /// Compare the printed lines with this file.
         #[arg(long)]

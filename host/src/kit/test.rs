@@ -180,10 +180,18 @@ fn parse_record(record: &Value, number: usize) -> Result<(Message, u32)> {
     let Value::Object(fields) = record else {
         bail!("a message must be a JSON object");
     };
-    let payload = match fields.get("payload") {
-        Some(Value::String(text)) => text.clone().into_bytes(),
-        Some(other) => other.to_string().into_bytes(),
-        None => bail!("no `payload`"),
+    let payload = match (fields.get("payload"), fields.get("payload_base64")) {
+        (Some(Value::String(text)), None) => text.clone().into_bytes(),
+        (Some(other), None) => other.to_string().into_bytes(),
+        (None, Some(Value::String(encoded))) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .context("`payload_base64` is not base64")?
+        }
+        (None, Some(_)) => bail!("`payload_base64` must be a string"),
+        (Some(_), Some(_)) => bail!("both `payload` and `payload_base64`"),
+        (None, None) => bail!("no `payload` or `payload_base64`"),
     };
     let topic = match fields.get("topic") {
         Some(Value::String(topic)) => topic.clone(),
@@ -292,9 +300,15 @@ mod tests {
 {"id": "m1", "topic": "orders", "key": "k", "headers": [["a", "1"]], "payload": "hi", "timestamp_ms": 5, "attempt": 3}
 
 {"payload": {"n": 1}, "headers": {"b": 2}}
+{"payload_base64": "//4="}
 "#;
         let messages = parse_input(input).unwrap();
-        assert_eq!(messages.len(), 2);
+        assert_eq!(messages.len(), 3);
+        assert_eq!(
+            messages[2].0.payload,
+            [0xff, 0xfe],
+            "binary, as tail prints it"
+        );
         let (first, attempt) = &messages[0];
         assert_eq!((first.id.as_str(), first.topic.as_str()), ("m1", "orders"));
         assert_eq!(first.key.as_deref(), Some("k"));
