@@ -33,8 +33,13 @@ use crate::message::{Message, headers, now_ms};
 use crate::rate::TokenBucket;
 pub use crate::router::DEAD_LETTER_GROUP;
 
-/// How long dead letters read only to look at stay held.
-const LOOK_LEASE: Duration = Duration::from_secs(300);
+/// How long dead letters read only to look at stay held; one that comes
+/// back while the reading goes on is not counted twice.
+const LOOK_LEASE: Duration = Duration::from_secs(60);
+
+/// How long a batch being redriven or purged stays held: what a run killed
+/// part way held comes back after this.
+pub const TAKE_LEASE: Duration = Duration::from_secs(10);
 
 /// Dead letters read per fetch.
 const BATCH: usize = 256;
@@ -122,12 +127,17 @@ impl DeadLetters {
         let subscription = self.subscribe(LOOK_LEASE).await?;
         let mut held: Vec<Delivery> = Vec::new();
         let mut seen = HashSet::new();
+        let mut fresh = HashSet::new();
         let result = async {
             loop {
                 let batch = subscription
                     .fetch(BATCH, Duration::from_millis(500))
                     .await?;
-                let done = !batch.iter().any(|d| d.message.timestamp_ms < started);
+                // Done once nothing older than this reading is new to it.
+                let done = !batch
+                    .iter()
+                    .filter(|d| d.message.timestamp_ms < started)
+                    .any(|d| fresh.insert(d.message.id.clone()));
                 held.extend(batch);
                 if done {
                     return anyhow::Ok(());
@@ -196,7 +206,7 @@ impl DeadLetters {
         Fut: std::future::Future<Output = Result<()>>,
     {
         let started = now_ms();
-        let subscription = self.subscribe(LOOK_LEASE).await?;
+        let subscription = self.subscribe(TAKE_LEASE).await?;
         let mut skipped = Vec::new();
         let mut done = 0u64;
         let result = async {
