@@ -753,7 +753,10 @@ async fn kafka_security_settings_fail_clearly() {
             "kafka://127.0.0.1:{port}?security.protocol=ssl&ssl.ca.location={}&timeout_ms=20000",
             show(&stranger.ca())
         ),
-        &["SSL handshake failed", "certificate verify failed"],
+        // librdkafka words the handshake part differently from run to run
+        // ("SSL handshake failed: …" or an OpenSSL code in state
+        // SSL_HANDSHAKE); the cause is the same.
+        &["SSL", "certificate verify failed"],
     )
     .await;
     assert!(
