@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod client;
+mod console;
 mod dead_letters;
 mod metrics;
 mod shadow;
@@ -166,6 +167,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .merge(console::routes())
         .merge(api)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(&config.listen)

@@ -1,0 +1,415 @@
+//! The web console in a real browser: a headless Chromium, driven over
+//! WebDriver, against a running `sluice run` with a token.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs
+//! them). Screenshots of each stage go to `target/tmp/console/`.
+
+mod common;
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::plugin_path;
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures::FutureExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const TOKEN: &str = "console-test-token";
+const WIDTH: u32 = 1280;
+const HEIGHT: u32 = 800;
+/// Messages the route handles before the browser looks.
+const HANDLED: u64 = 7;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET url`, with the token if given: the status and the body.
+fn get(url: &str, token: Option<&str>) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut request = agent.get(url);
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    match request.call() {
+        Ok(mut response) => (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        ),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Waits until `check` returns something, or fails with `what`.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(Instant::now() < give_up, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts `sluice run` on SQLite with one route, `upper`, and the admin
+/// API with a token on `port`.
+fn start_host(dir: &Path, port: u16) -> Killed {
+    std::fs::copy(plugin_path("uppercase"), dir.join("upper.wasm")).unwrap();
+    let config = format!(
+        r#"[backends.main]
+url = "sqlite://{db}"
+
+[plugins.upper]
+path = "upper.wasm"
+config = {{ output = "shouted" }}
+publish_to = ["shouted"]
+
+[runtime]
+cache_dir = "cache"
+
+[admin]
+listen = "127.0.0.1:{port}"
+token = "{TOKEN}"
+
+[[routes]]
+name = "upper"
+topics = ["words"]
+plugin = "upper"
+"#,
+        db = dir.join("sluice.db").display(),
+    );
+    std::fs::write(dir.join("sluice.toml"), config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", dir.join("sluice.toml").to_str().unwrap()])
+        .env("SLUICE_LOG", "warn")
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Killed(child)
+}
+
+fn publish(dir: &Path, count: u64) {
+    let url = format!("sqlite://{}", dir.join("sluice.db").display());
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["publish", "--url", &url, "words", "hello console"])
+        .args(["--count", &count.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The route `upper` as the API reports it.
+fn api_route(admin: &str) -> Value {
+    let (status, body) = get(&format!("{admin}/api/routes"), Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let routes: Value = serde_json::from_str(&body).unwrap();
+    routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "upper")
+        .cloned()
+        .expect("route upper listed")
+}
+
+fn start_chromedriver() -> (Killed, String) {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: apt-get install chromium chromium-driver"
+        );
+    }
+    let port = free_port();
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while get(&format!("{url}/status"), None).0 != 200 {
+        assert!(Instant::now() < give_up, "chromedriver never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (Killed(child), url)
+}
+
+async fn browser(driver: &str) -> Client {
+    let capabilities = json!({
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--force-device-scale-factor=1",
+                format!("--window-size={WIDTH},{HEIGHT}"),
+            ],
+        }
+    });
+    let Value::Object(capabilities) = capabilities else {
+        unreachable!()
+    };
+    ClientBuilder::new(HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(driver)
+        .await
+        .expect("a chromium session from chromedriver")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_routes_behind_the_token_and_pauses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let _host = start_host(dir.path(), port);
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while get(&format!("{admin}/healthz"), None).0 != 200 {
+        assert!(Instant::now() < give_up, "the admin API never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    publish(dir.path(), HANDLED);
+    eventually("the route to handle the messages", async || {
+        (api_route(&admin)["stats"]["succeeded"] == HANDLED).then_some(())
+    })
+    .await;
+
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
+    std::fs::create_dir_all(&shots).unwrap();
+    for old in std::fs::read_dir(&shots).unwrap() {
+        std::fs::remove_file(old.unwrap().path()).unwrap();
+    }
+
+    let (_driver, driver_url) = start_chromedriver();
+    let client = browser(&driver_url).await;
+    // End the browser session whatever happens, so no Chromium outlives
+    // the test; then report what happened.
+    let outcome = AssertUnwindSafe(drive(&client, &admin, &shots))
+        .catch_unwind()
+        .await;
+    let _ = client.close().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn drive(client: &Client, admin: &str, shots: &Path) {
+    fit_viewport(client).await;
+
+    // Without the token: the prompt, and nothing of the routes.
+    let (status, _) = get(&format!("{admin}/api/routes"), None);
+    assert_eq!(status, 401, "the API answered without the token");
+    client.goto(&format!("{admin}/")).await.unwrap();
+    eventually("the token prompt", async || {
+        visible(client, "#login").await.then_some(())
+    })
+    .await;
+    assert!(
+        !visible(client, "#data").await,
+        "data shown without a token"
+    );
+    assert!(
+        client
+            .find_all(Locator::Css("#routes tbody tr"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "route rows rendered without a token"
+    );
+    let text = page_text(client).await;
+    assert!(
+        !text.contains("upper") && !text.contains("words"),
+        "route data on the page without a token:\n{text}"
+    );
+    screenshot(client, shots, "1-token-prompt").await;
+
+    // With the token: the route and its counts, as the API has them.
+    client
+        .find(Locator::Css("#token-input"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#token-form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let row = "#routes tr[data-route=\"upper\"]";
+    eventually("the route's row", async || {
+        client.find(Locator::Css(row)).await.ok()
+    })
+    .await;
+    assert!(!visible(client, "#login").await, "the prompt stayed up");
+    let received = cell(client, row, "received").await;
+    let acked = cell(client, row, "acked").await;
+    let stats = api_route(admin)["stats"].clone();
+    assert_eq!(acked, stats["succeeded"].to_string());
+    assert_eq!(acked, HANDLED.to_string());
+    assert_eq!(received, stats["received"].to_string());
+    assert_eq!(cell(client, row, "state").await, "running");
+    // The rate needs two polls; it is a number (0.0 on an idle route).
+    let rate = eventually("a rate", async || {
+        let rate = cell(client, row, "rate").await;
+        rate.parse::<f64>().ok()
+    })
+    .await;
+    assert!(rate >= 0.0);
+    screenshot(client, shots, "2-routes").await;
+
+    // Pause, then resume, from the route's buttons.
+    click(client, "button[data-action=pause][data-route=upper]").await;
+    eventually("the API to say paused", async || {
+        (api_route(admin)["paused"] == true).then_some(())
+    })
+    .await;
+    eventually("the page to say paused", async || {
+        (cell(client, row, "state").await == "paused").then_some(())
+    })
+    .await;
+    assert!(visible(client, "button[data-action=resume][data-route=upper]").await);
+    assert!(!visible(client, "button[data-action=pause][data-route=upper]").await);
+    screenshot(client, shots, "3-paused").await;
+
+    click(client, "button[data-action=resume][data-route=upper]").await;
+    eventually("the API to say running", async || {
+        (api_route(admin)["paused"] == false).then_some(())
+    })
+    .await;
+    eventually("the page to say running", async || {
+        (cell(client, row, "state").await == "running").then_some(())
+    })
+    .await;
+    screenshot(client, shots, "4-resumed").await;
+}
+
+/// Sizes the window so that the page, which is what a screenshot shows,
+/// is WIDTH by HEIGHT: the window's own edges take a browser-dependent
+/// share of its size, even headless.
+async fn fit_viewport(client: &Client) {
+    client.set_window_size(WIDTH, HEIGHT).await.unwrap();
+    let (width, height) = viewport(client).await;
+    client
+        .set_window_size(2 * WIDTH - width, 2 * HEIGHT - height)
+        .await
+        .unwrap();
+    assert_eq!(viewport(client).await, (WIDTH, HEIGHT));
+}
+
+async fn viewport(client: &Client) -> (u32, u32) {
+    let size = client
+        .execute("return [window.innerWidth, window.innerHeight]", vec![])
+        .await
+        .unwrap();
+    let side = |i: usize| u32::try_from(size[i].as_u64().unwrap()).unwrap();
+    (side(0), side(1))
+}
+
+/// Whether the element `css` is on the page and shown.
+async fn visible(client: &Client, css: &str) -> bool {
+    match client.find(Locator::Css(css)).await {
+        Ok(element) => element.is_displayed().await.unwrap(),
+        Err(_) => false,
+    }
+}
+
+async fn page_text(client: &Client) -> String {
+    client
+        .find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The text of the cell of class `class` in the row `row`.
+async fn cell(client: &Client, row: &str, class: &str) -> String {
+    client
+        .find(Locator::Css(&format!("{row} td.{class}")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Saves a screenshot as `name`.png and checks it is a picture of the
+/// page: a PNG of the size the window was given that is not one flat
+/// colour.
+async fn screenshot(client: &Client, shots: &Path, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    let path = shots.join(format!("{name}.png"));
+    std::fs::write(&path, &png).unwrap();
+
+    assert_eq!(
+        &png[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{}: not a PNG",
+        path.display()
+    );
+    assert_eq!(&png[12..16], b"IHDR", "{}: no IHDR first", path.display());
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!(
+        (width, height),
+        (WIDTH, HEIGHT),
+        "{}: not the window's size",
+        path.display()
+    );
+
+    let mut reader = png::Decoder::new(std::io::Cursor::new(&png))
+        .read_info()
+        .unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    let pixel_bytes = frame.line_size / frame.width as usize;
+    let colours: std::collections::HashSet<&[u8]> =
+        pixels[..frame.buffer_size()].chunks(pixel_bytes).collect();
+    assert!(
+        colours.len() > 16,
+        "{}: {} colours: a blank page?",
+        path.display(),
+        colours.len()
+    );
+}
