@@ -373,60 +373,111 @@ async fn replay(
 }
 
 fn check(path: &Path) -> Result<ExitCode> {
-    let loaded = config::load(path)?;
-    for (name, backend_config) in &loaded.config.backends {
-        let scheme = backend_config.url.split("://").next().unwrap_or("");
-        if !backend::supported_schemes().contains(&scheme) {
-            bail!(
-                "backends.{name}.url: this build has no `{scheme}` backend (it has: {})",
-                backend::supported_schemes().join(", ")
-            );
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    /// Log lines held while checking, written after the verdict so none
+    /// lands in the middle of it.
+    #[derive(Clone, Default)]
+    struct Held(Arc<Mutex<Vec<u8>>>);
+    impl Write for Held {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
-    // At most once: nothing keeps a message for a reader not connected.
-    // (`run` starts such a route anyway, warning, so one config still runs
-    // on every backend.)
-    for (index, route) in loaded.config.routes.iter().enumerate() {
-        let name = loaded.dead_letter_backend(route);
-        let scheme = loaded.config.backends[name]
-            .url
-            .split("://")
-            .next()
-            .unwrap_or("");
-        if matches!(scheme, "nats" | "redis+pubsub" | "rediss+pubsub") {
-            bail!(
-                "routes[{index}].dead_letter_backend: route `{}` would send its dead letters to \
-                 backend `{name}` ({scheme}://), which keeps nothing nobody is subscribed to; \
-                 set `dead_letter_backend` to a backend that keeps them",
-                route.name
-            );
+
+    fn verdict(path: &Path) -> Result<Vec<String>> {
+        let loaded = config::load(path)?;
+        // At most once: nothing keeps a message for a reader not connected.
+        // (`run` starts such a route anyway, warning, so one config still
+        // runs on every backend.)
+        for (index, route) in loaded.config.routes.iter().enumerate() {
+            let name = loaded.dead_letter_backend(route);
+            let scheme = loaded.config.backends[name]
+                .url
+                .split("://")
+                .next()
+                .unwrap_or("");
+            if matches!(scheme, "nats" | "redis+pubsub" | "rediss+pubsub") {
+                bail!(
+                    "routes[{index}].dead_letter_backend: route `{}` would send its dead letters \
+                     to backend `{name}` ({scheme}://), which keeps nothing nobody is subscribed \
+                     to; set `dead_letter_backend` to a backend that keeps them",
+                    route.name
+                );
+            }
         }
-    }
-    let runtime = std::sync::Arc::new(app::runtime(&loaded)?);
-    let plugins = sluice::deploy::Deployer::load(runtime, &loaded)?;
-    println!(
-        "{}: ok ({} backend(s), {} plugin(s), {} route(s))",
-        path.display(),
-        loaded.config.backends.len(),
-        plugins.slots().count(),
-        loaded.config.routes.len()
-    );
-    for slot in plugins.slots() {
-        let plugin = slot.current();
-        println!(
-            "  plugin {}: implements {} (sha256 {})",
-            slot.name,
-            plugin.world(),
-            slot.current_info().hash
-        );
-        if plugin.settings.publish_to.is_empty() {
-            println!(
-                "  plugin {}: may publish to no topic; if it has outputs, add `plugins.{}.publish_to`",
-                slot.name, slot.name
-            );
+        let runtime = Arc::new(app::runtime(&loaded)?);
+        let plugins = sluice::deploy::Deployer::load(runtime, &loaded)?;
+        let mut lines = vec![format!(
+            "{}: ok ({} backend(s), {} plugin(s), {} route(s))",
+            path.display(),
+            loaded.config.backends.len(),
+            plugins.slots().count(),
+            loaded.config.routes.len()
+        )];
+        for (name, backend) in &loaded.config.backends {
+            let from = match loaded.set_by_env(&format!("backends.{name}.url")) {
+                Some(variable) => format!(" (from {variable})"),
+                None => String::new(),
+            };
+            lines.push(format!(
+                "  backend {name}: {}{from}",
+                backend::redact(&backend.url)
+            ));
         }
+        for slot in plugins.slots() {
+            let plugin = slot.current();
+            lines.push(format!(
+                "  plugin {}: implements {} (sha256 {})",
+                slot.name,
+                plugin.world(),
+                slot.current_info().hash
+            ));
+            if plugin.settings.publish_to.is_empty() {
+                lines.push(format!(
+                    "  plugin {}: may publish to no topic; if it has outputs, add `plugins.{}.publish_to`",
+                    slot.name, slot.name
+                ));
+            }
+        }
+        for route in &loaded.config.routes {
+            let topics: Vec<&str> = route.topics.iter().map(|t| t.get_ref().as_str()).collect();
+            lines.push(format!(
+                "  route {}: {} on {} -> plugin {} -> {}; dead letters to {} on {}",
+                route.name,
+                topics.join(", "),
+                loaded.source_backend(route),
+                route.plugin.get_ref(),
+                loaded.output_backend(route),
+                route.dead_letter_topic(),
+                loaded.dead_letter_backend(route)
+            ));
+        }
+        Ok(lines)
     }
-    Ok(ExitCode::SUCCESS)
+
+    let held = Held::default();
+    let writer = held.clone();
+    let log = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .finish();
+    let result = tracing::subscriber::with_default(log, || verdict(path));
+    if let Ok(lines) = &result {
+        println!("{}", lines.join("\n"));
+    }
+    let logged = std::mem::take(&mut *held.0.lock().unwrap());
+    std::io::stderr().write_all(&logged)?;
+    result.map(|_| ExitCode::SUCCESS)
 }
 
 async fn tail(

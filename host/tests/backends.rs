@@ -263,3 +263,107 @@ async fn drain_topics(sub: &dyn backend::Subscription) -> Vec<String> {
         }
     }
 }
+
+// `sluice check` through the binary: config and plugin errors that say
+// where the value came from and what to do, and a verdict free of log lines.
+
+fn sluice_check(dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .args(["check", "sluice.toml"])
+        .current_dir(dir)
+        .env_remove("SLUICE_BACKEND_URL")
+        .env_remove("SLUICE_LOG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run sluice")
+}
+
+fn write_upper_config(dir: &std::path::Path, plugin: &std::path::Path) {
+    let config = common::upper_config(dir, plugin, "");
+    std::fs::write(dir.join("sluice.toml"), config).unwrap();
+}
+
+#[test]
+fn check_says_a_missing_plugin_needs_building_and_where_it_was_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    write_upper_config(dir.path(), std::path::Path::new("target/upper.wasm"));
+    let out = sluice_check(dir.path(), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Relative to the config file, shown absolute.
+    let absolute = dir.path().join("target/upper.wasm");
+    assert!(err.contains("plugins.upper"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "plugin file `{}` does not exist: did you build it?",
+            absolute.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_names_the_variable_that_set_a_bad_url() {
+    let dir = tempfile::tempdir().unwrap();
+    write_upper_config(dir.path(), std::path::Path::new("upper.wasm"));
+    let out = sluice_check(dir.path(), &[("SLUICE_BACKEND_URL", "localhost:6379")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "sluice.toml: `backends.main.url` as set by the environment variable \
+             SLUICE_BACKEND_URL: `localhost:6379` is not a URL"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("line 0"), "{err}");
+}
+
+#[test]
+fn check_hints_at_the_missing_handler_macro() {
+    let dir = tempfile::tempdir().unwrap();
+    write_upper_config(dir.path(), &common::plugin_path("wrong_world"));
+    let out = sluice_check(dir.path(), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("it exports [process]"), "{err}");
+    assert!(
+        err.contains("did you forget `sluice_sdk::handler!`?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_prints_its_verdict_apart_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    write_upper_config(dir.path(), &common::plugin_path("uppercase"));
+    let out = sluice_check(dir.path(), &[("SLUICE_LOG", "info")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = verdict.lines().collect();
+    assert!(
+        lines[0].starts_with("sluice.toml: ok (1 backend(s), 1 plugin(s), 1 route(s))"),
+        "{verdict}"
+    );
+    for line in &lines[1..] {
+        assert!(
+            ["  backend main: ", "  plugin upper: ", "  route upper: "]
+                .iter()
+                .any(|start| line.starts_with(start)),
+            "not a verdict line: {line:?} in\n{verdict}"
+        );
+    }
+    assert!(
+        verdict.contains("  route upper: words on main -> plugin upper -> main"),
+        "{verdict}"
+    );
+    // The log is kept, written to stderr once the verdict is out.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("plugin loaded"), "{log}");
+}

@@ -346,9 +346,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         #[cfg(feature = "sqs")]
         "sns+sqs" => Ok(Arc::new(sqs::SnsSqsBackend::connect(url).await?)),
         other => bail!(
-            "unknown backend `{other}` in URL `{}`; this build supports: {}",
+            "backend URL `{}`: {}",
             redact(url),
-            supported_schemes().join(", ")
+            unsupported_scheme(other, &supported_schemes())
         ),
     }
 }
@@ -401,6 +401,7 @@ pub fn supported_schemes() -> Vec<&'static str> {
     }
     if cfg!(feature = "postgres") {
         schemes.push("postgres");
+        schemes.push("postgresql");
     }
     if cfg!(feature = "kafka") {
         schemes.push("kafka");
@@ -410,6 +411,40 @@ pub fn supported_schemes() -> Vec<&'static str> {
         schemes.push("sns+sqs");
     }
     schemes
+}
+
+/// The cargo feature a backend's URL scheme needs, for every scheme
+/// Sluice knows (`memory` needs none).
+pub fn scheme_feature(scheme: &str) -> Option<&'static str> {
+    Some(match scheme {
+        "sqlite" => "sqlite",
+        "file" => "filelog",
+        "redis" | "rediss" | "redis+pubsub" | "rediss+pubsub" => "redis",
+        "nats" | "jetstream" => "nats",
+        "postgres" | "postgresql" => "postgres",
+        "kafka" => "kafka",
+        "sqs" | "sns+sqs" => "sqs",
+        _ => return None,
+    })
+}
+
+/// Why a build with the backends `supported` cannot open `scheme://`, and
+/// what to do: the feature a known scheme needs, or the scheme probably
+/// meant.
+pub fn unsupported_scheme(scheme: &str, supported: &[&str]) -> String {
+    let has = supported.join(", ");
+    if let Some(feature) = scheme_feature(scheme) {
+        return format!(
+            "{scheme}:// needs a sluice built with --features {feature} (or full); \
+             this build has: {has}"
+        );
+    }
+    match crate::config::keys::nearest(scheme, supported.iter().copied()) {
+        Some(meant) => format!(
+            "unknown backend `{scheme}://`; did you mean `{meant}://`? this build has: {has}"
+        ),
+        None => format!("unknown backend `{scheme}://`; this build has: {has}"),
+    }
 }
 
 /// Query parameters whose value is a secret, by a part of their name.

@@ -184,8 +184,7 @@ impl Runtime {
 
     /// Loads a plugin from a .wasm file.
     pub fn load_file(&self, path: &Path, settings: PluginSettings) -> Result<Plugin> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read plugin `{}`", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| unreadable(path, e))?;
         self.load(&bytes, settings)
             .with_context(|| format!("plugin `{}` ({})", path.display(), settings_name(path)))
     }
@@ -287,6 +286,20 @@ fn settings_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// A plugin file that cannot be read; one that is not there most often
+/// has not been built yet.
+fn unreadable(path: &Path, e: std::io::Error) -> anyhow::Error {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow::anyhow!(
+            "plugin file `{}` does not exist: did you build it?",
+            absolute.display()
+        )
+    } else {
+        anyhow::anyhow!("cannot read plugin `{}`: {e}", absolute.display())
+    }
+}
+
 fn not_a_component(e: wasmtime::Error) -> anyhow::Error {
     anyhow::anyhow!(
         "not a valid WebAssembly component (build plugins for wasm32-wasip2 or with a component toolchain): {e:#}"
@@ -304,11 +317,18 @@ fn wrong_world(e: wasmtime::Error, component: &Component, engine: &Engine) -> an
         .imports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
+    // The SDKs export `handle` from one macro or decorator; a component
+    // without it most likely left that out.
+    let hint = if exports.iter().any(|name| name == "handle") {
+        ""
+    } else {
+        "; it does not export `handle`: in Rust, did you forget `sluice_sdk::handler!`?"
+    };
     anyhow::anyhow!(
         "component does not implement the `{WORLD}` world (nor `batch-handler`, nor 0.1.0's \
          `handler`): {e:#} (it exports [{}]; it imports [{}]; a handler must export `handle`, \
          may export `handle-batch`, and may import only `sluice:plugin/host`, WASI 0.2 and \
-         `wasi:http` (linked but denied))",
+         `wasi:http` (linked but denied)){hint}",
         exports.join(", "),
         imports.join(", ")
     )

@@ -1,0 +1,220 @@
+//! The checks serde cannot make: references between tables, patterns,
+//! values that must be positive, a lease longer than the plugin's timeout,
+//! backends this build can open. Each error names the key and where its
+//! value came from.
+
+use anyhow::Result;
+
+use super::Config;
+use super::error::Sources;
+use crate::backend::{self, pattern};
+
+pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
+    let error = |key: String, message: String| sources.error(&key, message);
+    if let Some(telemetry) = &config.telemetry {
+        let endpoint = &telemetry.otlp_endpoint;
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(error(
+                "telemetry.otlp_endpoint".into(),
+                format!(
+                    "`{endpoint}` is not an http:// or https:// URL (OTLP over HTTP, \
+                     e.g. http://localhost:4318)"
+                ),
+            )
+            .into());
+        }
+    }
+    for (name, listed) in &config.backends {
+        let key = format!("backends.{name}.url");
+        let Some((scheme, _)) = listed.url.split_once("://") else {
+            return Err(error(
+                key,
+                format!(
+                    "`{}` is not a URL (expected e.g. sqlite://sluice.db or memory://)",
+                    backend::redact(&listed.url)
+                ),
+            )
+            .into());
+        };
+        let supported = backend::supported_schemes();
+        if !supported.contains(&scheme) {
+            return Err(error(key, backend::unsupported_scheme(scheme, &supported)).into());
+        }
+    }
+    for (name, plugin) in &config.plugins {
+        let zero = [
+            ("timeout_ms", plugin.timeout_ms == 0),
+            ("memory_limit_mb", plugin.memory_limit_mb == 0),
+            ("max_outputs", plugin.max_outputs == 0),
+            ("max_output_mb", plugin.max_output_mb == 0),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(error(
+                format!("plugins.{name}.{key}"),
+                "must be greater than zero".into(),
+            )
+            .into());
+        }
+        for topic in &plugin.publish_to {
+            pattern::validate(topic).map_err(|m| error(format!("plugins.{name}.publish_to"), m))?;
+        }
+        if let Some(shadow) = &plugin.shadow
+            && !(0.0..=1.0).contains(&shadow.sample)
+        {
+            return Err(error(
+                format!("plugins.{name}.shadow.sample"),
+                format!("{} is not a share of messages within 0..=1", shadow.sample),
+            )
+            .into());
+        }
+    }
+    if let Some(admin) = &config.admin {
+        let address: std::net::SocketAddr = admin.listen.parse().map_err(|_| {
+            error(
+                "admin.listen".into(),
+                format!("`{}` is not an IP address and port", admin.listen),
+            )
+        })?;
+        if !address.ip().is_loopback() && admin.token.as_deref().unwrap_or("").is_empty() {
+            return Err(error(
+                "admin.token".into(),
+                format!(
+                    "required when the admin API listens on {address}, which is not loopback \
+                     (or set SLUICE_ADMIN_TOKEN)"
+                ),
+            )
+            .into());
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for (index, route) in config.routes.iter().enumerate() {
+        let fail = |field: &str, message: String| -> anyhow::Error {
+            let key = format!("routes[{index}].{field}");
+            let within = format!("route `{}`", route.name);
+            sources.error_within(&key, Some(within), message).into()
+        };
+        if !names.insert(route.name.as_str()) {
+            return Err(fail("name", "another route has the same name".into()));
+        }
+        if route.topics.is_empty() {
+            return Err(fail("topics", "a route needs at least one topic".into()));
+        }
+        for topic in &route.topics {
+            pattern::validate(topic.get_ref()).map_err(|m| fail("topics", m))?;
+        }
+        if !config.plugins.contains_key(route.plugin.get_ref()) {
+            return Err(fail(
+                "plugin",
+                format!(
+                    "no plugin named `{}` (defined: {})",
+                    route.plugin.get_ref(),
+                    list(config.plugins.keys())
+                ),
+            ));
+        }
+        for (field, backend) in [
+            ("backend", &route.backend),
+            ("output_backend", &route.output_backend),
+            ("dead_letter_backend", &route.dead_letter_backend),
+        ] {
+            if let Some(name) = backend
+                && !config.backends.contains_key(name.get_ref())
+            {
+                return Err(fail(
+                    field,
+                    format!(
+                        "no backend named `{}` (defined: {})",
+                        name.get_ref(),
+                        list(config.backends.keys())
+                    ),
+                ));
+            }
+        }
+        if route.backend.is_none() && config.backends.len() != 1 {
+            return Err(fail(
+                "backend",
+                format!(
+                    "required when the config has {} backends",
+                    config.backends.len()
+                ),
+            ));
+        }
+        let redrive = route.redrive_topic();
+        if route.redrive && (pattern::validate(&redrive).is_err() || pattern::is_pattern(&redrive))
+        {
+            return Err(fail(
+                "redrive",
+                format!(
+                    "the route's name cannot name a topic: its redrive topic would be \
+                     `{redrive}` (use letters, digits, `-` and `_` in the name)"
+                ),
+            ));
+        }
+        if let Some(topic) = &route.dead_letter_topic
+            && (pattern::validate(topic.get_ref()).is_err() || pattern::is_pattern(topic.get_ref()))
+        {
+            return Err(fail(
+                "dead_letter_topic",
+                format!("`{}` is not a concrete topic", topic.get_ref()),
+            ));
+        }
+        for (name, value) in [
+            ("concurrency", route.concurrency),
+            ("max_in_flight", route.max_in_flight),
+            ("batch_size", route.batch_size),
+            ("stalled_after_ms", route.stalled_after_ms as usize),
+        ] {
+            if value == 0 {
+                return Err(fail(name, "must be at least 1".into()));
+            }
+        }
+        if let Some(rate) = route.max_rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(fail(
+                "max_rate",
+                format!("{rate} is not a positive number of messages per second"),
+            ));
+        }
+        if route.max_in_flight < route.concurrency {
+            return Err(fail(
+                "max_in_flight",
+                format!(
+                    "{} is less than concurrency ({}): some workers could never get a message",
+                    route.max_in_flight, route.concurrency
+                ),
+            ));
+        }
+        let retry = &route.retry;
+        if retry.max_attempts == 0 {
+            return Err(fail("retry.max_attempts", "must be at least 1".into()));
+        }
+        if retry.multiplier.is_nan() || retry.multiplier < 1.0 {
+            return Err(fail("retry.multiplier", "must be at least 1.0".into()));
+        }
+        if !(0.0..=1.0).contains(&retry.jitter) {
+            return Err(fail("retry.jitter", "must be within 0..=1".into()));
+        }
+        let plugin_timeout = config.plugins[route.plugin.get_ref()].timeout_ms;
+        if route.lease_ms <= plugin_timeout {
+            return Err(fail(
+                "lease_ms",
+                format!(
+                    "{} ms must exceed the plugin's timeout_ms ({plugin_timeout} ms), or a slow call \
+                     would be handed to a second consumer while it runs",
+                    route.lease_ms
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}

@@ -1,0 +1,442 @@
+//! The config parser's tests: defaults, overrides, secrets, and errors
+//! that name where a value came from.
+
+use super::*;
+
+const GOOD: &str = r#"
+[backends.main]
+url = "sqlite://demo.db"
+
+[plugins.upper]
+path = "upper.wasm"
+
+[[routes]]
+name = "upper"
+topics = ["orders.*"]
+plugin = "upper"
+"#;
+
+fn parse_with(text: &str, env: &[(&str, &str)]) -> Result<Loaded> {
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    parse(text, "test.toml", PathBuf::from("/etc/sluice"), |k| {
+        env.get(k).cloned()
+    })
+}
+
+#[test]
+fn good_config_loads_with_defaults() {
+    let loaded = parse_with(GOOD, &[]).unwrap();
+    let route = &loaded.config.routes[0];
+    assert_eq!(route.group(), "upper");
+    assert_eq!(route.dead_letter_topic(), "upper.dead-letter");
+    assert_eq!(loaded.source_backend(route), "main");
+    let (path, settings) = loaded.plugin_settings("upper").unwrap();
+    assert_eq!(path, PathBuf::from("/etc/sluice/upper.wasm"));
+    assert_eq!(settings.timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn environment_overrides_backend_url() {
+    let all = parse_with(GOOD, &[("SLUICE_BACKEND_URL", "memory://")]).unwrap();
+    assert_eq!(all.config.backends["main"].url, "memory://");
+    let one = parse_with(
+        GOOD,
+        &[
+            ("SLUICE_BACKEND_URL", "memory://"),
+            ("SLUICE_BACKEND_MAIN_URL", "sqlite://x.db"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(one.config.backends["main"].url, "sqlite://x.db");
+}
+
+#[test]
+fn a_backend_url_takes_variables_from_the_environment() {
+    let text = GOOD.replace(
+        "url = \"sqlite://demo.db\"",
+        "url = \"redis://app:${REDIS_PASSWORD}@cache:6379/${DB}\"",
+    );
+    let loaded = parse_with(&text, &[("REDIS_PASSWORD", "s3cr/t"), ("DB", "2")]).unwrap();
+    assert_eq!(
+        loaded.config.backends["main"].url,
+        "redis://app:s3cr/t@cache:6379/2"
+    );
+    let err = format!("{:#}", parse_with(&text, &[("DB", "2")]).unwrap_err());
+    assert!(err.contains("backends.main.url"), "{err}");
+    assert!(err.contains("`REDIS_PASSWORD`"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    let broken = GOOD.replace("sqlite://demo.db", "redis://${OOPS@cache");
+    let err = format!("{:#}", parse_with(&broken, &[]).unwrap_err());
+    assert!(err.contains("without a closing"), "{err}");
+}
+
+#[test]
+fn a_backend_url_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("url"), "postgres://app:pw@db/test\n").unwrap();
+    let text = GOOD.replace("url = \"sqlite://demo.db\"", "url_file = \"url\"");
+    let parse_in = |text: &str| parse(text, "test.toml", dir.path().to_path_buf(), |_| None);
+    let loaded = parse_in(&text).unwrap();
+    assert_eq!(
+        loaded.config.backends["main"].url,
+        "postgres://app:pw@db/test"
+    );
+
+    let both = GOOD.replace(
+        "url = \"sqlite://demo.db\"",
+        "url = \"memory://\"\nurl_file = \"url\"",
+    );
+    let err = format!("{:#}", parse_in(&both).unwrap_err());
+    assert!(err.contains("backends.main.url_file"), "{err}");
+    assert!(err.contains("not both"), "{err}");
+    let missing = GOOD.replace("url = \"sqlite://demo.db\"", "url_file = \"nowhere\"");
+    let err = format!("{:#}", parse_in(&missing).unwrap_err());
+    assert!(
+        err.contains("`backends.main.url_file`: cannot read"),
+        "{err}"
+    );
+    let neither = GOOD.replace("url = \"sqlite://demo.db\"", "");
+    let err = format!("{:#}", parse_in(&neither).unwrap_err());
+    assert!(err.contains("`backends.main.url`: missing"), "{err}");
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let text = GOOD.replace("plugin = \"upper\"", "plugin = \"upper\"\nconcurency = 4");
+    let err = format!("{:#}", parse_with(&text, &[]).unwrap_err());
+    assert!(err.contains("concurency"), "{err}");
+    assert!(err.contains("line 12"), "{err}");
+}
+
+#[test]
+fn wrong_type_is_named_with_its_line() {
+    let text = GOOD.replace("[plugins.upper]", "[plugins.upper]\ntimeout_ms = \"soon\"");
+    let err = format!("{:#}", parse_with(&text, &[]).unwrap_err());
+    assert!(err.contains("timeout_ms"), "{err}");
+    assert!(err.contains("line 6"), "{err}");
+}
+
+#[test]
+fn missing_plugin_is_named_with_its_line() {
+    let text = GOOD.replace("plugin = \"upper\"", "plugin = \"lower\"");
+    let err = parse_with(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("routes[0].plugin"), "{err}");
+    assert!(err.contains("line 11"), "{err}");
+    assert!(err.contains("no plugin named `lower`"), "{err}");
+}
+
+#[test]
+fn bad_pattern_is_refused() {
+    let text = GOOD.replace("orders.*", "orders.>.x");
+    let err = parse_with(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("routes[0].topics"), "{err}");
+}
+
+#[test]
+fn max_rate_must_be_a_positive_rate() {
+    for bad in ["0", "-5", "nan", "inf"] {
+        let text = GOOD.replace(
+            "plugin = \"upper\"\n",
+            &format!("plugin = \"upper\"\nmax_rate = {bad}\n"),
+        );
+        let err = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("routes[0].max_rate"), "{bad}: {err}");
+    }
+    let text = GOOD.replace(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nmax_rate = 2.5\n",
+    );
+    assert_eq!(
+        parse_with(&text, &[]).unwrap().config.routes[0].max_rate,
+        Some(2.5)
+    );
+}
+
+#[test]
+fn telemetry_takes_its_endpoint_and_headers_from_the_environment() {
+    let text = format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"${{OTLP}}\"\nheaders = {{ key = \"${{KEY}}\" }}\n"
+    );
+    let loaded = parse_with(&text, &[("OTLP", "http://collector:4318"), ("KEY", "k")]).unwrap();
+    let telemetry = loaded.config.telemetry.unwrap();
+    assert_eq!(telemetry.otlp_endpoint, "http://collector:4318");
+    assert_eq!(telemetry.headers["key"], "k");
+    assert_eq!(telemetry.service_name, "sluice");
+    let err = parse_with(&text, &[("OTLP", "collector:4317"), ("KEY", "k")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+    let err = parse_with(&text, &[("OTLP", "http://c")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("telemetry.headers.key"), "{err}");
+    assert!(err.contains("`KEY`"), "{err}");
+}
+
+#[test]
+fn a_password_file_fills_the_urls_user_part() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "p@ss/wörd:1\n").unwrap();
+    let text = |url: &str| {
+        format!(
+            "[backends.main]\nurl = \"{url}\"\npassword_file = \"pw\"\n\n\
+             [plugins.upper]\npath = \"upper.wasm\"\n\n\
+             [[routes]]\nname = \"upper\"\ntopics = [\"t\"]\nplugin = \"upper\"\n"
+        )
+    };
+    let load = |url: &str| {
+        parse(&text(url), "t.toml", dir.path().to_path_buf(), |_| None)
+            .map(|l| l.config.backends["main"].url.clone())
+    };
+    assert_eq!(
+        load("redis://app@cache:6379/0?prefix=x").unwrap(),
+        "redis://app:p%40ss%2Fw%C3%B6rd%3A1@cache:6379/0?prefix=x"
+    );
+    assert_eq!(
+        load("redis://cache").unwrap(),
+        "redis://:p%40ss%2Fw%C3%B6rd%3A1@cache"
+    );
+    assert_eq!(
+        crate::backend::redact(&load("postgres://app@db/test").unwrap()),
+        "postgres://app:***@db/test"
+    );
+    let err = load("redis://app:inline@cache").unwrap_err().to_string();
+    assert!(err.contains("backends.main.password_file"), "{err}");
+    assert!(err.contains("not both"), "{err}");
+    assert!(!err.contains("inline"), "{err}");
+    std::fs::remove_file(dir.path().join("pw")).unwrap();
+    let err = load("redis://app@cache").unwrap_err().to_string();
+    assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn every_accepted_key_is_in_the_reference_and_only_those() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md");
+    let reference = std::fs::read_to_string(&path).unwrap();
+    let documented = reference_keys(&reference);
+    let mut missing = Vec::new();
+    for key in keys::accepted() {
+        let wanted = if key.is_table() {
+            (key.inner_table(), None)
+        } else {
+            (key.table.clone(), Some(key.name.clone()))
+        };
+        if !documented.contains(&wanted) {
+            missing.push(format!("{wanted:?} ({})", key.kind));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/config.md leaves out keys the parser accepts (table, key): {missing:#?}"
+    );
+    let mut unknown = Vec::new();
+    for (table, key) in &documented {
+        let accepted = keys::accepted().iter().any(|k| match key {
+            Some(key) => !k.is_table() && &k.table == table && &k.name == key,
+            None => k.is_table() && &k.inner_table() == table,
+        });
+        if !accepted {
+            unknown.push(format!("{table:?} {key:?}"));
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "docs/config.md lists keys the parser does not accept: {unknown:#?}"
+    );
+}
+
+/// The keys `docs/config.md` documents: each heading naming a table
+/// (`` ### `[[routes]]` ``) as `(table, None)`, and each row of a table
+/// under it whose first cell is a key (`` | `concurrency` | … ``) as
+/// `(table, Some(key))`.
+fn reference_keys(text: &str) -> std::collections::BTreeSet<(String, Option<String>)> {
+    let mut keys = std::collections::BTreeSet::new();
+    let mut table: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            table = line
+                .split('`')
+                .nth(1)
+                .filter(|name| name.starts_with('['))
+                .map(|name| name.trim_matches(|c| c == '[' || c == ']').to_string());
+            if let Some(table) = &table {
+                keys.insert((table.clone(), None));
+            }
+        } else if let (Some(table), Some(row)) = (&table, line.strip_prefix("| `"))
+            && let Some((key, _)) = row.split_once('`')
+        {
+            keys.insert((table.clone(), Some(key.to_string())));
+        }
+    }
+    keys
+}
+
+#[test]
+fn the_keys_are_read_from_the_structs() {
+    let find = |table: &str, name: &str| {
+        keys::accepted()
+            .iter()
+            .find(|k| k.table == table && k.name == name)
+            .unwrap_or_else(|| panic!("no key {table}.{name} in {:#?}", keys::accepted()))
+            .kind
+            .clone()
+    };
+    assert_eq!(find("", "routes"), "array of tables");
+    assert_eq!(find("", "backends"), "tables by name");
+    assert_eq!(find("", "runtime"), "table");
+    assert_eq!(find("routes", "topics"), "array of strings");
+    assert_eq!(find("routes", "start"), "`earliest` or `latest`");
+    assert_eq!(find("routes", "retry"), "table");
+    assert_eq!(find("routes.retry", "multiplier"), "number");
+    assert_eq!(find("plugins.NAME", "env"), "table of strings");
+    assert_eq!(find("plugins.NAME.shadow", "sample"), "number");
+    assert_eq!(find("backends.NAME", "url"), "string");
+    assert_eq!(find("admin", "token"), "string");
+    assert_eq!(keys::header("routes"), "[[routes]]");
+    assert_eq!(keys::header("backends.NAME"), "[backends.NAME]");
+}
+
+#[test]
+fn a_misspelt_key_suggests_the_key_meant() {
+    let err = |text: &str| format!("{:#}", parse_with(text, &[]).unwrap_err());
+
+    let text = GOOD.replace("plugin = \"upper\"", "plugin = \"upper\"\nconcurency = 4");
+    let message = err(&text);
+    assert!(
+        message.contains(
+            "test.toml: line 12: unknown field `concurency` in [[routes]]; \
+             did you mean `concurrency`?"
+        ),
+        "{message}"
+    );
+
+    let text = format!("{GOOD}\n[routes.retry]\nmax_attemps = 3\n");
+    let message = err(&text);
+    assert!(message.contains("in [routes.retry]"), "{message}");
+    assert!(
+        message.contains("did you mean `max_attempts`?"),
+        "{message}"
+    );
+
+    let text = GOOD.replace("plugin = \"upper\"", "plugin = \"upper\"\ntimeout_ms = 500");
+    let message = err(&text);
+    assert!(
+        message.contains("`timeout_ms` belongs in [plugins.NAME]"),
+        "{message}"
+    );
+
+    let text = GOOD.replace("[[routes]]", "[[route]]");
+    let message = err(&text);
+    assert!(message.contains("at the top level"), "{message}");
+    assert!(message.contains("did you mean `routes`?"), "{message}");
+
+    let text = GOOD.replace(
+        "path = ",
+        "shadow = { path = \"c.wasm\", smaple = 0.5 }\npath = ",
+    );
+    let message = err(&text);
+    assert!(message.contains("in [plugins.upper.shadow]"), "{message}");
+    assert!(message.contains("did you mean `sample`?"), "{message}");
+
+    let text = GOOD.replace("plugin = \"upper\"", "plugin = \"upper\"\nzzz = 1");
+    let message = err(&text);
+    assert!(!message.contains("did you mean"), "{message}");
+    assert!(
+        message.contains("`concurrency`"),
+        "the keys there: {message}"
+    );
+}
+
+#[test]
+fn a_wrong_type_names_the_key() {
+    let text = GOOD.replace("[plugins.upper]", "[plugins.upper]\ntimeout_ms = \"soon\"");
+    let message = format!("{:#}", parse_with(&text, &[]).unwrap_err());
+    assert!(
+        message.starts_with("test.toml: line 6: `plugins.upper.timeout_ms`: invalid type"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_value_from_the_environment_names_the_variable() {
+    for variable in ["SLUICE_BACKEND_URL", "SLUICE_BACKEND_MAIN_URL"] {
+        let message = format!(
+            "{:#}",
+            parse_with(GOOD, &[(variable, "not-a-url")]).unwrap_err()
+        );
+        assert!(
+            message.contains(&format!(
+                "`backends.main.url` as set by the environment variable {variable}: \
+                 `not-a-url` is not a URL"
+            )),
+            "{message}"
+        );
+        assert!(!message.contains("line"), "{message}");
+    }
+    let message = format!(
+        "{:#}",
+        parse_with(GOOD, &[("SLUICE_BACKEND_URL", "redis://${NOPE}@cache")]).unwrap_err()
+    );
+    assert!(message.contains("SLUICE_BACKEND_URL"), "{message}");
+    assert!(message.contains("`NOPE`"), "{message}");
+
+    let admin = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9464\"\n");
+    let message = format!(
+        "{:#}",
+        parse_with(&admin, &[("SLUICE_ADMIN_TOKEN", "")]).unwrap_err()
+    );
+    assert!(
+        message.contains("`admin.token` as set by the environment variable SLUICE_ADMIN_TOKEN"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_value_from_the_file_names_its_line() {
+    let text = GOOD.replace("sqlite://demo.db", "not-a-url");
+    let message = parse_with(&text, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with("test.toml: line 3: `backends.main.url`: `not-a-url`"),
+        "{message}"
+    );
+    let text = format!("{GOOD}\n[routes.retry]\nmax_attempts = 3\njitter = 2.0\n");
+    let message = parse_with(&text, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with(
+            "test.toml: line 15: `routes[0].retry.jitter` (route `upper`): must be within"
+        ),
+        "{message}"
+    );
+    // A key left to its default is placed at its table.
+    let text = GOOD.replace("[plugins.upper]", "[plugins.upper]\ntimeout_ms = 60000");
+    let message = parse_with(&text, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with("test.toml: line 9: `routes[0].lease_ms` (route `upper`)"),
+        "{message}"
+    );
+    assert!(!message.contains("line 0"), "{message}");
+}
+
+#[test]
+fn a_scheme_this_build_lacks_names_the_feature() {
+    let without_kafka = ["memory", "sqlite", "redis"];
+    let message = crate::backend::unsupported_scheme("kafka", &without_kafka);
+    assert!(
+        message.starts_with("kafka:// needs a sluice built with --features kafka (or full)"),
+        "{message}"
+    );
+    let message = crate::backend::unsupported_scheme("sns+sqs", &without_kafka);
+    assert!(message.contains("--features sqs (or full)"), "{message}");
+    let message = crate::backend::unsupported_scheme("redsi", &without_kafka);
+    assert!(message.contains("did you mean `redis://`?"), "{message}");
+    // Through the config: the key and its line, and what this build has.
+    let text = GOOD.replace("sqlite://demo.db", "redsi://cache");
+    let message = parse_with(&text, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with("test.toml: line 3: `backends.main.url`: unknown backend `redsi://`"),
+        "{message}"
+    );
+}
