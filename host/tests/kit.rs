@@ -1,7 +1,8 @@
 //! The plugin author's kit through the `sluice` binary: `sluice test` on
 //! recorded messages (each example language, a trapping plugin), `sluice
 //! build` refusing a component of the wrong world, and `sluice new` in every
-//! language building and passing its own test.
+//! language, outside the repository, building, passing its own test and its
+//! native unit test, and naming nothing of this checkout.
 
 mod common;
 
@@ -115,45 +116,138 @@ fn sluice_build_refuses_a_component_of_another_world() {
     );
 }
 
-#[test]
-fn sluice_new_creates_projects_that_build_and_pass_their_own_test() {
+/// `sluice new` in a fresh directory outside the repository: the project
+/// builds, passes its recorded-message test and its native unit test (the
+/// command, and a test name its output must show), and no file of it names
+/// this checkout.
+fn sluice_new_builds_anywhere(lang: &str, unit_test: Option<(&[&str], &str)>) {
     let dir = tempfile::tempdir().unwrap();
-    for lang in ["rust", "python", "js", "c"] {
-        let name = format!("hello-{lang}");
-        let output = sluice(&["new", &name, "--lang", lang, "--dir", path(dir.path())]);
-        assert!(output.status.success(), "{lang}: {output:?}");
-        let project = dir.path().join(&name);
+    let repo = common::repo_root().canonicalize().unwrap();
+    assert!(
+        !dir.path().canonicalize().unwrap().starts_with(&repo),
+        "the temp dir must be outside the repository"
+    );
+    let name = format!("hello-{lang}");
+    let output = sluice(&["new", &name, "--lang", lang, "--dir", path(dir.path())]);
+    assert!(output.status.success(), "{lang}: {output:?}");
+    let project = dir.path().join(&name);
 
-        let output = sluice(&["build", path(&project)]);
-        assert!(
-            output.status.success(),
-            "{lang} scaffold does not build: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let wasm = project.join("target").join(format!("{name}.wasm"));
-        let output = sluice(&[
-            "test",
-            path(&wasm),
-            "--input",
-            path(&project.join("test/messages.jsonl")),
-            "--expect",
-            path(&project.join("test/expected.txt")),
-        ]);
-        assert!(
-            output.status.success(),
-            "{lang} scaffold fails its test: {}{}",
+    let output = sluice(&["build", path(&project)]);
+    assert!(
+        output.status.success(),
+        "{lang} scaffold does not build: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let wasm = project.join("target").join(format!("{name}.wasm"));
+    let output = sluice(&[
+        "test",
+        path(&wasm),
+        "--input",
+        path(&project.join("test/messages.jsonl")),
+        "--expect",
+        path(&project.join("test/expected.txt")),
+    ]);
+    assert!(
+        output.status.success(),
+        "{lang} scaffold fails its test: {}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout(&output).contains(&format!("1 ok -> {name}.out key=k1 by={name} HELLO")));
+
+    if let Some((command, shown)) = unit_test {
+        let output = Command::new(command[0])
+            .args(&command[1..])
+            .current_dir(&project)
+            .env(
+                "CARGO_TARGET_DIR",
+                common::repo_root().join("plugins/target"),
+            )
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+        let said = format!(
+            "{}{}",
             stdout(&output),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(stdout(&output).contains(&format!("1 ok -> {name}.out key=k1 by={name} HELLO")));
+        assert!(output.status.success(), "{lang} unit test fails: {said}");
+        assert!(said.contains(shown), "{lang} unit test did not run: {said}");
     }
-    let output = sluice(&[
-        "new",
-        "hello-rust",
-        "--lang",
-        "c",
-        "--dir",
-        path(dir.path()),
-    ]);
+
+    let mut files = Vec::new();
+    project_files(&project, &mut files);
+    assert!(files.len() > 4, "{files:?}");
+    let repo = repo.to_str().unwrap().as_bytes();
+    for file in files {
+        let contents = std::fs::read(&file).unwrap();
+        assert!(
+            !contents.windows(repo.len()).any(|w| w == repo),
+            "{} names the repository's path",
+            file.display()
+        );
+    }
+}
+
+/// Every file of a project but its build outputs in `target/`.
+fn project_files(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() == "target" {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            project_files(&entry.path(), found);
+        } else {
+            found.push(entry.path());
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+#[test]
+fn sluice_new_rust_builds_anywhere_and_passes_cargo_test() {
+    let cargo = cargo();
+    sluice_new_builds_anywhere(
+        "rust",
+        Some((
+            &[cargo.as_str(), "test"],
+            "tests::rejects_an_empty_message ... ok",
+        )),
+    );
+}
+
+#[test]
+fn sluice_new_python_builds_anywhere_and_passes_unittest() {
+    sluice_new_builds_anywhere(
+        "python",
+        Some((
+            &["python3", "-m", "unittest", "-v"],
+            "test_rejects_an_empty_message",
+        )),
+    );
+}
+
+#[test]
+fn sluice_new_js_builds_anywhere_and_passes_node_test() {
+    sluice_new_builds_anywhere(
+        "js",
+        Some((&["node", "--test"], "rejects an empty message")),
+    );
+}
+
+#[test]
+fn sluice_new_c_builds_anywhere() {
+    sluice_new_builds_anywhere("c", None);
+}
+
+#[test]
+fn sluice_new_refuses_an_existing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("taken")).unwrap();
+    let output = sluice(&["new", "taken", "--lang", "c", "--dir", path(dir.path())]);
     assert!(!output.status.success(), "an existing directory is refused");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already exists"));
 }

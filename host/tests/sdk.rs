@@ -1,5 +1,8 @@
 //! The plugin author's path from the README: a fifteen-line Rust plugin in
-//! its own crate, built with one command, run by the host.
+//! its own crate, built with one command, run by the host; and the SDK as a
+//! crate to publish: its own copy of the WIT, the same as the repository's,
+//! a version that follows the WIT package's, and a package holding what it
+//! builds from.
 
 mod common;
 
@@ -72,4 +75,77 @@ async fn a_plugin_written_against_the_sdk_builds_and_runs() {
     running.stop().await;
     assert_eq!(got[0].payload, b"HELLO");
     assert_eq!(got[0].header("by"), Some("shout"));
+}
+
+#[test]
+fn the_sdk_carries_the_repository_wit() {
+    let root = common::repo_root();
+    let ours = std::fs::read_to_string(root.join("wit/sluice.wit")).unwrap();
+    let sdks = std::fs::read_to_string(root.join("sdk/wit/sluice.wit")).unwrap();
+    assert!(
+        ours == sdks,
+        "sdk/wit/sluice.wit differs from wit/sluice.wit: cp wit/sluice.wit sdk/wit/"
+    );
+}
+
+#[test]
+fn the_sdk_version_follows_the_wit_package() {
+    let root = common::repo_root();
+    let wit = std::fs::read_to_string(root.join("wit/sluice.wit")).unwrap();
+    let package = wit
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("package sluice:plugin@"))
+        .expect("the WIT names its package");
+    let wit_version = package.trim_end_matches(';');
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(root.join("sdk/Cargo.toml")).unwrap()).unwrap();
+    let sdk_version = manifest["package"]["version"].as_str().unwrap();
+    let major_minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    assert_eq!(
+        major_minor(sdk_version),
+        major_minor(wit_version),
+        "sluice-sdk {sdk_version} must share major.minor with sluice:plugin@{wit_version}"
+    );
+}
+
+#[test]
+fn the_sdk_packages_what_it_builds_from() {
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "package",
+            "-p",
+            "sluice-sdk",
+            "--no-verify",
+            "--list",
+            "--allow-dirty",
+        ])
+        .current_dir(common::repo_root().join("plugins"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{listed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let files: Vec<&str> = listed.lines().collect();
+    for needed in [
+        "Cargo.toml",
+        "README.md",
+        "LICENSE-MIT",
+        "LICENSE-APACHE",
+        "src/lib.rs",
+        "wit/sluice.wit",
+    ] {
+        assert!(
+            files.contains(&needed),
+            "{needed} is not packaged: {files:?}"
+        );
+    }
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.starts_with("python/") || f.starts_with("js/") || f.starts_with("c/")),
+        "the other languages' helpers are packaged: {files:?}"
+    );
 }

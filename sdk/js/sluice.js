@@ -28,9 +28,46 @@
 //
 // `sluice build` puts this file next to the plugin's own sources and turns
 // them into a component with componentize-js; the component's
-// `handleBatch` export comes from the plugin's `handle` (see `batchOf`).
+// `handleBatch` export comes from the plugin's `handle` (see `batchOf`),
+// and its entry module hands this file the host (see `connectHost`).
+//
+// Outside a component (`node --test` in the project) the file works on its
+// own, with a stand-in host: `config` reads `testing.config`, `publish`
+// appends to `testing.published` and `log` writes to stderr. `message(payload,
+// ...)` makes a message to hand a handler; an exported `handle` called
+// directly returns its outputs, or throws an error whose `payload` is the
+// failure (`{ tag: "reject", val: reason }` or `tag: "retry"`):
+//
+//     import { test } from "node:test";
+//     import assert from "node:assert/strict";
+//     import { handle } from "./plugin.js";
+//     import { message } from "./sluice.js";
+//
+//     test("shouts", () => {
+//       const [out] = handle(message("hi"));
+//       assert.equal(new TextDecoder().decode(out.payload), "HI");
+//     });
 
-import * as host from "sluice:plugin/host@0.2.0";
+/** What the stand-in host reads and keeps, outside a component. */
+export const testing = { config: {}, published: [] };
+
+// The host's capabilities: the stand-in until `connectHost` is called.
+let host = {
+  configGet: (key) => testing.config[key],
+  publish: (out) => {
+    testing.published.push(out);
+  },
+  log: (level, message) => console.error(`${level}: ${message}`),
+};
+
+/**
+ * Makes `wit`, the component's `sluice:plugin/host` import, the host every
+ * call goes to. The entry module `sluice build` writes calls it; a plugin
+ * never needs to.
+ */
+export function connectHost(wit) {
+  host = wit;
+}
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
@@ -52,6 +89,22 @@ export function output(topic, payload, { key, headers } = {}) {
     key: key ?? undefined,
     headers: Object.entries(headers ?? {}).map(([name, value]) => ({ name, value: String(value) })),
     payload: toBytes(payload),
+  };
+}
+
+/**
+ * A message as the host would deliver it, to hand a handler in a test. The
+ * payload is encoded as `output` encodes one.
+ */
+export function message(payload, { topic = "test", key, headers, attempt = 1, id = "test-1" } = {}) {
+  return {
+    id,
+    topic,
+    key: key ?? undefined,
+    headers: Object.entries(headers ?? {}).map(([name, value]) => ({ name, value: String(value) })),
+    payload: toBytes(payload),
+    attempt,
+    timestampMs: 0n,
   };
 }
 

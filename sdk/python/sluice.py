@@ -31,14 +31,108 @@ raised)::
 
 ``sluice build`` puts this module on the path and turns the project into a
 component with componentize-py.
+
+Outside a component (``python3 -m unittest`` in the project) the module
+works on its own, with a stand-in host: ``config`` reads ``testing.config``
+(a dict), ``publish`` appends to ``testing.published`` and ``log`` writes
+to stderr. ``message(payload, ...)`` makes a message to hand a handler, and
+a handler called directly returns its outputs or raises its ``Retry`` or
+``Reject``::
+
+    import unittest, plugin, sluice
+
+    class PluginTest(unittest.TestCase):
+        def test_shouts(self):
+            [out] = plugin.handle(sluice.message("hi"))
+            self.assertEqual(out.payload, b"HI")
 """
 
+import dataclasses
+import enum
 import json
 import sys
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, List, Optional, Union
 
-from componentize_py_types import Err, Ok
-from wit_world.imports import host, types
+# What the stand-in host reads and keeps, outside a component.
+testing = SimpleNamespace(config={}, published=[])
+
+
+def _stand_ins():
+    """The component's types, result wrappers and host, in plain Python,
+    shaped as componentize-py generates them."""
+
+    @dataclasses.dataclass
+    class Header:
+        name: str
+        value: str
+
+    @dataclasses.dataclass
+    class Message:
+        id: str
+        topic: str
+        key: Optional[str]
+        headers: List[Header]
+        payload: bytes
+        attempt: int
+        timestamp_ms: int
+
+    @dataclasses.dataclass
+    class Outgoing:
+        topic: str
+        key: Optional[str]
+        headers: List[Header]
+        payload: bytes
+
+    @dataclasses.dataclass
+    class Failure_Retry:
+        value: str
+
+    @dataclasses.dataclass
+    class Failure_Reject:
+        value: str
+
+    @dataclasses.dataclass
+    class Ok:
+        value: Any
+
+    class Err(Exception):
+        def __init__(self, value):
+            super().__init__(value)
+            self.value = value
+
+    class LogLevel(enum.Enum):
+        TRACE = 0
+        DEBUG = 1
+        INFO = 2
+        WARN = 3
+        ERROR = 4
+
+    def log(level, message):
+        print(f"{level.name.lower()}: {message}", file=sys.stderr)
+
+    wit_types = SimpleNamespace(
+        Header=Header,
+        Message=Message,
+        Outgoing=Outgoing,
+        Failure_Retry=Failure_Retry,
+        Failure_Reject=Failure_Reject,
+    )
+    stand_in_host = SimpleNamespace(
+        LogLevel=LogLevel,
+        # Looked up at each call, so a test may replace either.
+        config_get=lambda key: testing.config.get(key),
+        publish=lambda out: testing.published.append(out),
+        log=log,
+    )
+    return Err, Ok, stand_in_host, wit_types
+
+
+try:
+    from componentize_py_types import Err, Ok
+    from wit_world.imports import host, types
+except ImportError:  # not in a component: a plain `python3 -m unittest`
+    Err, Ok, host, types = _stand_ins()
 
 Message = types.Message
 Outgoing = types.Outgoing
@@ -68,6 +162,27 @@ def output(
         key=key,
         headers=[Header(name=n, value=v) for n, v in (headers or {}).items()],
         payload=_bytes(payload),
+    )
+
+
+def message(
+    payload: Payload,
+    topic: str = "test",
+    key: Optional[str] = None,
+    headers: Optional[dict] = None,
+    attempt: int = 1,
+    id: str = "test-1",
+) -> Message:
+    """A message as the host would deliver it, to hand a handler in a test.
+    The payload is encoded as ``output`` encodes one."""
+    return Message(
+        id=id,
+        topic=topic,
+        key=key,
+        headers=[Header(name=n, value=v) for n, v in (headers or {}).items()],
+        payload=_bytes(payload),
+        attempt=attempt,
+        timestamp_ms=0,
     )
 
 

@@ -220,7 +220,12 @@ fn copy_sources(project: &Path, dest: &Path, extensions: &[&str]) -> Result<()> 
 }
 
 /// Directories and files a build never reads: hidden ones, build outputs,
-/// installed packages and Python caches.
+/// installed packages, Python caches, and unit tests (`test_*.py`,
+/// `*.test.js`), which run natively and have no place in the component.
 fn skipped(name: &str) -> bool {
-    name.starts_with('.') || matches!(name, "target" | "node_modules" | "__pycache__")
+    name.starts_with('.')
+        || matches!(name, "target" | "node_modules" | "__pycache__")
+        || (name.starts_with("test_") && name.ends_with(".py"))
+        || name.ends_with(".test.js")
+        || name.ends_with(".test.mjs")
 }

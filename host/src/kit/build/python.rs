@@ -14,17 +14,15 @@ pub fn build(project: &Path, stage: &Path, out: &Path, toolchains: &Toolchains) 
     let componentize = toolchains.componentize_py()?;
     let sources = stage.join("src");
     copy_sources(project, &sources, &["py"])?;
-    let helpers = stage.join("helpers");
-    std::fs::create_dir_all(&helpers)?;
-    std::fs::write(helpers.join("sluice.py"), crate::kit::PYTHON_HELPER)?;
+    // Over the project's own copy (`sluice new` writes one for its unit
+    // tests), so the helper always matches the WIT this binary builds.
+    std::fs::write(sources.join("sluice.py"), crate::kit::PYTHON_HELPER)?;
     run(Command::new(componentize)
         .arg("--wit-path")
         .arg(stage.join("wit"))
         .args(["--world", "batch-handler", "componentize", "plugin"])
         .arg("--python-path")
         .arg(&sources)
-        .arg("--python-path")
-        .arg(&helpers)
         .arg("--output")
         .arg(out)
         .stdout(std::process::Stdio::null()))
