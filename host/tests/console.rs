@@ -211,7 +211,7 @@ async fn console_shows_routes_behind_the_token_and_pauses_them() {
     let client = browser(&driver_url).await;
     // End the browser session whatever happens, so no Chromium outlives
     // the test; then report what happened.
-    let outcome = AssertUnwindSafe(drive(&client, &admin, &shots))
+    let outcome = AssertUnwindSafe(drive(&client, &admin, dir.path(), &shots))
         .catch_unwind()
         .await;
     let _ = client.close().await;
@@ -220,7 +220,7 @@ async fn console_shows_routes_behind_the_token_and_pauses_them() {
     }
 }
 
-async fn drive(client: &Client, admin: &str, shots: &Path) {
+async fn drive(client: &Client, admin: &str, dir: &Path, shots: &Path) {
     fit_viewport(client).await;
 
     // Without the token: the prompt, and nothing of the routes.
@@ -311,6 +311,77 @@ async fn drive(client: &Client, admin: &str, shots: &Path) {
     })
     .await;
     screenshot(client, shots, "4-resumed").await;
+
+    // Messages flowing show in the counts and draw the chart: a line above
+    // its baseline.
+    publish(dir, HANDLED);
+    let total = (2 * HANDLED).to_string();
+    eventually("the page to count the new messages", async || {
+        (cell(client, row, "acked").await == total).then_some(())
+    })
+    .await;
+    assert_eq!(api_route(admin)["stats"]["succeeded"].to_string(), total);
+    eventually("the chart to show the throughput", async || {
+        let drawn = client
+            .execute(CHART_ABOVE_BASELINE, vec![json!(row)])
+            .await
+            .unwrap();
+        (drawn == true).then_some(())
+    })
+    .await;
+    screenshot(client, shots, "4-throughput").await;
+
+    // Deploy another version from the plugin's file picker, then roll back
+    // from its button, through the confirmation.
+    let first = plugin_version(admin);
+    let echo = plugin_path("echo");
+    let second = sluice::runtime::hash(&std::fs::read(&echo).unwrap());
+    assert_ne!(first, second);
+    client
+        .find(Locator::Css(
+            "input[type=file][data-action=deploy-file][data-plugin=upper]",
+        ))
+        .await
+        .unwrap()
+        .send_keys(echo.to_str().unwrap())
+        .await
+        .unwrap();
+    let version = "#plugins tr[data-plugin=\"upper\"]";
+    for (what, expected) in [("deployed", &second), ("rolled back", &first)] {
+        if what == "rolled back" {
+            click(client, "button[data-action=rollback][data-plugin=upper]").await;
+            eventually("the confirmation", async || {
+                client.accept_alert().await.ok()
+            })
+            .await;
+        }
+        eventually(&format!("the API to run the {what} version"), async || {
+            (plugin_version(admin) == *expected).then_some(())
+        })
+        .await;
+        eventually(
+            &format!("the page to show the {what} version"),
+            async || (cell(client, version, "version").await == expected[..12]).then_some(()),
+        )
+        .await;
+        screenshot(client, shots, &format!("5-{}", what.replace(' ', "-"))).await;
+    }
+}
+
+/// The hash of plugin `upper`'s live version, as the API reports it.
+fn plugin_version(admin: &str) -> String {
+    let (status, body) = get(&format!("{admin}/api/plugins"), Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let plugins: Value = serde_json::from_str(&body).unwrap();
+    plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "upper")
+        .expect("plugin upper listed")["current"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Sizes the window so that the page, which is what a screenshot shows,
@@ -334,6 +405,16 @@ async fn viewport(client: &Client) -> (u32, u32) {
     let side = |i: usize| u32::try_from(size[i].as_u64().unwrap()).unwrap();
     (side(0), side(1))
 }
+
+/// Whether the chart of the route row `arguments[0]` has anything drawn
+/// above its baseline (the bottom three rows of pixels).
+const CHART_ABOVE_BASELINE: &str = "
+    const canvas = document.querySelector(arguments[0] + ' canvas');
+    const g = canvas.getContext('2d');
+    const above = g.getImageData(0, 0, canvas.width, canvas.height - 3).data;
+    for (let i = 3; i < above.length; i += 4) if (above[i] > 0) return true;
+    return false;
+";
 
 /// Whether the element `css` is on the page and shown.
 async fn visible(client: &Client, css: &str) -> bool {

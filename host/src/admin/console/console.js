@@ -193,7 +193,7 @@
     row.title = el("strong", {}, name);
     row.detail = el("span", { class: "detail" });
     row.cells.name.append(row.title, row.detail);
-    row.canvas = el("canvas", { class: "spark", width: 160, height: 32 });
+    row.canvas = el("canvas", { class: "spark", width: 120, height: 32 });
     row.cells.chart.append(row.canvas);
     row.pause = el(
       "button",
@@ -304,7 +304,7 @@
   /** A sparkline of the rates over the last CHART_MS, scaled to its peak. */
   function drawChart(canvas, rates, now) {
     const ratio = window.devicePixelRatio || 1;
-    const width = canvas.clientWidth || 160;
+    const width = canvas.clientWidth || 120;
     const height = canvas.clientHeight || 32;
     if (canvas.width !== Math.round(width * ratio)) canvas.width = Math.round(width * ratio);
     if (canvas.height !== Math.round(height * ratio)) canvas.height = Math.round(height * ratio);
@@ -350,8 +350,8 @@
       row.cells[key] = el("td");
     }
     row.cells.name.append(el("strong", {}, name));
-    row.cells.version.className = "mono";
-    row.cells.error.className = "wrap-narrow bad";
+    row.cells.version.className = "mono version";
+    row.cells.error.className = "wrap-narrow";
     row.cells.source.className = "wrap-narrow";
     const button = (action, label, onclick, className) =>
       el("button", { type: "button", "data-action": action, "data-plugin": name, class: className, onclick }, label);
@@ -371,14 +371,42 @@
       act(`stop the shadow of ${name}`, () => api("POST", pluginPath(name, "/shadow/stop"))),
     );
     row.report = button("shadow-report", "Report", () => openShadowReport(name));
+    // Deploy and shadow each upload a .wasm the operator picks.
+    const picker = (action, upload) => {
+      const input = el("input", {
+        type: "file",
+        accept: ".wasm,application/wasm",
+        hidden: true,
+        "data-action": action,
+        "data-plugin": name,
+      });
+      input.addEventListener("change", () => {
+        const file = input.files[0];
+        if (file) upload(file);
+        input.value = "";
+      });
+      return input;
+    };
+    const deployFile = picker("deploy-file", (file) =>
+      act(`deploy ${file.name} to ${name}`, () => api("PUT", pluginPath(name, ""), file, "application/wasm")),
+    );
+    const shadowFile = picker("shadow-file", (file) => {
+      const sample = Number(row.sample.value) || 1;
+      act(`shadow ${name} with ${file.name}`, () =>
+        api("PUT", pluginPath(name, `/shadow?sample=${encodeURIComponent(sample)}`), file, "application/wasm"),
+      );
+    });
+    row.cells.actions.className = "plugin-actions";
     row.cells.actions.append(
-      button("deploy", "Deploy…", () => chooseWasm(name, false)),
+      deployFile,
+      shadowFile,
+      button("deploy", "Deploy…", () => deployFile.click()),
       button("rollback", "Rollback", () => {
         if (confirm(`Roll plugin ${name} back to its previous version?`)) {
           act(`roll back ${name}`, () => api("POST", pluginPath(name, "/rollback")));
         }
       }),
-      button("shadow", "Shadow…", () => chooseWasm(name, true)),
+      button("shadow", "Shadow…", () => shadowFile.click()),
       row.sample,
       row.report,
       row.promote,
@@ -409,6 +437,7 @@
       const earlier = plugin.earlier || [];
       setText(c.earlier, earlier.length ? earlier.map((v) => shortHash(v.hash)).join(", ") : "-");
       setText(c.error, plugin.last_error);
+      c.error.classList.toggle("bad", Boolean(plugin.last_error));
       const shadow = shadows[i];
       setText(
         c.shadow,
@@ -432,32 +461,6 @@
       return null;
     }
   }
-
-  // Deploy and shadow both upload a .wasm the operator picks.
-  let upload = null;
-  const wasmFile = $("wasm-file");
-
-  function chooseWasm(plugin, asShadow) {
-    upload = { plugin, asShadow };
-    wasmFile.value = "";
-    wasmFile.click();
-  }
-
-  wasmFile.addEventListener("change", () => {
-    const file = wasmFile.files[0];
-    const chosen = upload;
-    upload = null;
-    if (!file || !chosen) return;
-    const { plugin, asShadow } = chosen;
-    if (asShadow) {
-      const sample = Number(plugins.get(plugin)?.sample.value || 1);
-      act(`shadow ${plugin} with ${file.name}`, () =>
-        api("PUT", pluginPath(plugin, `/shadow?sample=${encodeURIComponent(sample)}`), file, "application/wasm"),
-      );
-    } else {
-      act(`deploy ${file.name} to ${plugin}`, () => api("PUT", pluginPath(plugin, ""), file, "application/wasm"));
-    }
-  });
 
   // ---- shadow report ----
 
