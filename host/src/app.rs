@@ -1,26 +1,41 @@
 //! Assembles a running host from a config: connects the backends, loads the
-//! plugins, builds the routes, runs them until shutdown and reports.
+//! plugins, builds the routes, runs them until shutdown and reports; on a
+//! reload, changes only what the new config changes.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+mod generation;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Admin, AdminState, BackendHandle, RouteHandle};
-use crate::backend::{self, Backend, SubscribeOptions};
-use crate::config::{self, AdminConfig, Loaded};
-use crate::deploy::Deployer;
-use crate::dlq::DeadLetters;
+use crate::admin::{self, Admin};
+use crate::config::{self, Loaded};
 use crate::message::now_ms;
-use crate::router::{Route, RouteControl, RouteSpec, RouteStats, StatsSnapshot, WasmHandler};
+use crate::router::{RouteStats, StatsSnapshot};
 use crate::runtime::Runtime;
+use generation::{Changes, Generation};
+use supervisor::Supervisor;
 
-/// Builds the runtime the config asks for.
+/// Where compiled components are cached when the config names no
+/// `[runtime] cache_dir`: `$SLUICE_CACHE_DIR`, else the user's cache
+/// directory. `sluice run` and the kit (`build`, `test`) share it.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("SLUICE_CACHE_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(Runtime::default_cache_dir)
+}
+
+/// Builds the runtime the config asks for. The compiled cache is the
+/// config's `[runtime] cache_dir` (relative to the config file), else
+/// [`default_cache_dir`]; none with `cache = false`.
 pub fn runtime(loaded: &Loaded) -> Result<Runtime> {
     let runtime_config = &loaded.config.runtime;
     let cache_dir = if runtime_config.cache {
@@ -28,269 +43,37 @@ pub fn runtime(loaded: &Loaded) -> Result<Runtime> {
             .cache_dir
             .as_ref()
             .map(|dir| loaded.base_dir.join(dir))
-            .or_else(Runtime::default_cache_dir)
+            .or_else(default_cache_dir)
     } else {
         None
     };
     Runtime::new(cache_dir)
 }
 
-/// Connects every backend of the config.
-pub async fn connect_backends(loaded: &Loaded) -> Result<BTreeMap<String, Arc<dyn Backend>>> {
-    let mut backends = BTreeMap::new();
-    for (name, config) in &loaded.config.backends {
-        let backend = backend::connect(&config.url)
-            .await
-            .with_context(|| format!("backends.{name}"))?;
-        tracing::info!(backend = %name, url = %backend::redact(&config.url), kind = backend.kind(), "backend connected");
-        backends.insert(name.clone(), backend);
-    }
-    Ok(backends)
-}
-
-/// A host ready to run: its routes, wired.
-pub struct Host {
-    routes: Vec<(Route, Arc<RouteControl>)>,
-    deployer: Arc<Deployer>,
-    routes_view: Vec<RouteHandle>,
-    backends_view: Vec<BackendHandle>,
-    admin: Option<AdminConfig>,
-    watch_plugins: bool,
-    grace: Duration,
-}
-
-impl Host {
-    pub async fn from_config(loaded: &Loaded) -> Result<Self> {
-        let runtime = Arc::new(runtime(loaded)?);
-        let deployer = Arc::new(Deployer::start(runtime, loaded)?);
-        let backends = connect_backends(loaded).await?;
-        let mut routes = Vec::new();
-        let mut handles = Vec::new();
-        for route in &loaded.config.routes {
-            let mut subscribe = SubscribeOptions::new(
-                route.topics.iter().map(|t| t.get_ref().clone()).collect(),
-                route.group(),
-            );
-            subscribe.start = route.start;
-            subscribe.lease = Duration::from_millis(route.lease_ms);
-            let slot = deployer
-                .slot(route.plugin.get_ref())
-                .expect("checked plugin")
-                .clone();
-            let stats = Arc::new(RouteStats::default());
-            let control = Arc::new(RouteControl::default());
-            handles.push(RouteHandle {
-                name: route.name.clone(),
-                topics: subscribe.topics.clone(),
-                group: route.group().to_string(),
-                plugin: route.plugin.get_ref().clone(),
-                backend: loaded.source_backend(route).to_string(),
-                stats: stats.clone(),
-                control: control.clone(),
-                group_key: subscribe.group_key(),
-                source: backends[loaded.source_backend(route)].clone(),
-                stalled_after: Duration::from_millis(route.stalled_after_ms),
-                dead_letters: DeadLetters {
-                    route: route.name.clone(),
-                    backend: backends[loaded.dead_letter_backend(route)].clone(),
-                    topic: route.dead_letter_topic(),
-                    redrive: route.redrive.then(|| {
-                        (
-                            backends[loaded.source_backend(route)].clone(),
-                            route.redrive_topic(),
-                        )
-                    }),
-                },
-            });
-            let spec = RouteSpec {
-                name: route.name.clone(),
-                subscribe,
-                concurrency: route.concurrency,
-                ordered: route.ordered,
-                retry: (&route.retry).into(),
-                dead_letter_topic: route.dead_letter_topic(),
-                max_in_flight: route.max_in_flight,
-                batch_size: route.batch_size,
-                max_hops: route.max_hops,
-                max_message_bytes: loaded.config.runtime.max_message_bytes,
-                max_rate: route.max_rate,
-                redriven: false,
-            };
-            let wire = |spec: RouteSpec| Route {
-                spec,
-                source: backends[loaded.source_backend(route)].clone(),
-                sink: backends[loaded.output_backend(route)].clone(),
-                dead_letters: (loaded.dead_letter_backend(route) != loaded.output_backend(route))
-                    .then(|| backends[loaded.dead_letter_backend(route)].clone()),
-                handler: Arc::new(WasmHandler::over(slot.clone())),
-                stats: stats.clone(),
-            };
-            if route.redrive {
-                // A second subscription of the same group, on the redrive
-                // topic alone: the route's own subscription (and its place
-                // in its topics) stays as it was. Counters and pause are
-                // the route's.
-                let mut redriven = spec.clone();
-                redriven.subscribe.topics = vec![route.redrive_topic()];
-                redriven.redriven = true;
-                routes.push((wire(redriven), control.clone()));
-            }
-            routes.push((wire(spec), control));
-        }
-        let backend_handles = backends
-            .iter()
-            .map(|(name, b)| BackendHandle {
-                name: name.clone(),
-                kind: b.kind(),
-            })
-            .collect();
-        Ok(Host {
-            routes,
-            deployer,
-            routes_view: handles,
-            backends_view: backend_handles,
-            admin: loaded.config.admin.clone(),
-            watch_plugins: loaded.config.runtime.watch_plugins,
-            grace: Duration::from_millis(loaded.config.runtime.shutdown_grace_ms),
-        })
-    }
-
-    /// The plugins of this host, for deploying new versions.
-    pub fn deployer(&self) -> &Arc<Deployer> {
-        &self.deployer
-    }
-
-    /// What the admin API shows and controls of this host; the routes view
-    /// is handed over, so call it once.
-    fn admin_state(&mut self) -> AdminState {
-        AdminState::new(
-            self.deployer.clone(),
-            std::mem::take(&mut self.routes_view),
-            std::mem::take(&mut self.backends_view),
-        )
-    }
-
-    /// Runs every route until `shutdown` is cancelled or, with
-    /// `exit_when_idle`, until nothing has happened for that long. Returns
-    /// each route's counters.
-    pub async fn run(
-        self,
-        shutdown: CancellationToken,
-        exit_when_idle: Option<Duration>,
-    ) -> Result<Vec<(String, StatsSnapshot)>> {
-        let stats: Vec<(String, Arc<RouteStats>)> = self
-            .routes
-            .iter()
-            .map(|(r, _)| (r.spec.name.clone(), r.stats.clone()))
-            .collect();
-        // Every route joins its group before any runs, so outputs of one
-        // route reach the next even on a backend that keeps no history.
-        let mut subscribed = Vec::new();
-        for (route, control) in self.routes {
-            let name = route.spec.name.clone();
-            let route = route
-                .subscribe()
-                .await
-                .with_context(|| format!("route `{name}`"))?;
-            subscribed.push((name, route, control));
-        }
-        // The idle clock starts now: joining a group can take seconds (a
-        // Kafka group waits for a crashed member's session to lapse).
-        for (_, s) in &stats {
-            s.touch();
-        }
-        // Side services stop only after the routes have drained.
-        let services = CancellationToken::new();
-        let _stop_services = services.clone().drop_guard();
-        if self.watch_plugins {
-            self.deployer.watch(services.clone())?;
-        }
-        let mut tasks = tokio::task::JoinSet::new();
-        for (name, route, control) in subscribed {
-            let token = shutdown.clone();
-            tasks.spawn(async move {
-                route
-                    .run_with(token, control)
-                    .await
-                    .with_context(|| format!("route `{name}`"))
-            });
-        }
-        if let Some(idle) = exit_when_idle {
-            spawn_idle_watch(
-                stats.iter().map(|(_, s)| s.clone()).collect(),
-                idle,
-                shutdown.clone(),
-            );
-        }
-        let mut first_error = None;
-        let mut deadline = None;
-        loop {
-            let joined = tokio::select! {
-                joined = tasks.join_next() => joined,
-                _ = shutdown.cancelled(), if deadline.is_none() => {
-                    deadline = Some(tokio::time::Instant::now() + self.grace);
-                    continue;
-                }
-                _ = sleep_until(deadline) => {
-                    // A stop that cut work off is not a clean stop: the
-                    // exit code says so, as the log does.
-                    let cut = anyhow::anyhow!(
-                        "in-flight messages did not finish within the {:?} shutdown grace period; \
-                         stopped anyway (they will be redelivered after their lease)",
-                        self.grace
-                    );
-                    tracing::error!("{cut:#}");
-                    tasks.abort_all();
-                    first_error.get_or_insert(cut);
-                    break;
-                }
-            };
-            let Some(joined) = joined else { break };
-            let result = joined.context("route task panicked").and_then(|r| r);
-            if let Err(e) = result {
-                tracing::error!("{e:#}");
-                shutdown.cancel();
-                first_error.get_or_insert(e);
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        let undecodable: u64 = stats
-            .iter()
-            .map(|(_, s)| s.undecodable.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
-        if exit_when_idle.is_some() && undecodable > 0 {
-            // A batch run that met corrupt data must not look clean.
-            anyhow::bail!(
-                "{undecodable} stored message(s) could not be decoded and were dead-lettered raw: \
-                 a backend holds corrupt data"
-            );
-        }
-        Ok(stats
-            .into_iter()
-            .map(|(name, s)| (name, s.snapshot()))
-            .collect())
-    }
-}
+/// A config being checked and wired for a reload.
+type Preparing = Pin<Box<dyn Future<Output = Result<(Generation, Changes)>> + Send>>;
 
 /// Runs the config at `path` until SIGINT or SIGTERM (or idle), and on
-/// SIGHUP or `POST /api/reload` re-reads it: the new config is checked, its
-/// backends connected and its plugins loaded while the old routes keep
-/// running; only then are the old routes drained and the new ones started.
-/// A config that fails any of that is refused and the running one stays.
+/// SIGHUP or `POST /api/reload` re-reads it. The new config is checked, its
+/// new or changed backends connected and its new or changed plugins loaded
+/// while every route keeps running; a config that fails any of that is
+/// refused and nothing changes. Then only the routes whose config changed
+/// (or whose backends or plugin did) are drained and started again, removed
+/// ones drained and added ones started; the others run on. A route that
+/// stays keeps its counters and its pause, a plugin that stays its versions.
+/// Returns each route's counters.
 pub async fn serve(
     path: &Path,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
 ) -> Result<Vec<(String, StatsSnapshot)>> {
     let loaded = config::load(path)?;
-    let mut host = Host::from_config(&loaded).await?;
+    let mut current = Arc::new(Generation::start(loaded).await?);
     let (reload_requests, mut reloads) = mpsc::channel::<ReloadReply>(4);
-    let admin = match host.admin.clone() {
+    let admin = match current.loaded.config.admin.clone() {
         Some(config) => {
             let admin = Arc::new(Admin::new(
-                host.admin_state(),
+                current.admin_state(),
                 config.token.clone(),
                 reload_requests.clone(),
             ));
@@ -300,53 +83,159 @@ pub async fn serve(
         None => None,
     };
     spawn_hangup_listener(reload_requests, shutdown.clone());
+
+    // Cancelled on shutdown, when idle, or when a route fails.
+    let stop_all = shutdown.child_token();
+    let mut routes = Supervisor::new(stop_all.clone());
+    routes
+        .start(wire_all(&current, &current.route_names()))
+        .await?;
+    let mut watcher = watch_plugins(&current)?;
+    let watched = Arc::new(RwLock::new(all_stats(&current)));
+    if let Some(idle) = exit_when_idle {
+        spawn_idle_watch(watched.clone(), idle, stop_all.clone());
+    }
+
+    let mut preparing: Option<(Preparing, ReloadReply)> = None;
+    let mut deadline = None;
     loop {
-        let generation = shutdown.child_token();
-        let running = tokio::spawn(host.run(generation.clone(), exit_when_idle));
-        tokio::pin!(running);
-        let next = loop {
-            tokio::select! {
-                finished = &mut running => return finished.context("host task panicked")?,
-                Some(reply) = reloads.recv() => {
-                    match prepare(path).await {
-                        Ok(next) => break (next, reply),
-                        Err(e) => {
-                            let message = format!("{e:#}");
-                            tracing::error!("config reload refused, the running config stays: {message}");
-                            let _ = reply.send(Err(message));
-                        }
-                    }
+        tokio::select! {
+            more = routes.next() => if more.is_none() { break },
+            _ = stop_all.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + current.grace());
+                if let Some((_, reply)) = preparing.take() {
+                    let _ = reply.send(Err("the host is shutting down".into()));
                 }
             }
-        };
-        let (mut next, reply) = next;
-        tracing::info!("config reloaded: draining the running routes");
-        generation.cancel();
-        let drained = running.await.context("host task panicked")?;
-        if let Ok(summary) = &drained {
-            for (route, stats) in summary {
-                tracing::info!(route = %route, %stats, "route stopped for the reload");
+            _ = sleep_until(deadline) => {
+                // A stop that cut work off is not a clean stop: the exit
+                // code says so, as the log does.
+                let cut = anyhow::anyhow!(
+                    "in-flight messages did not finish within the {:?} shutdown grace period; \
+                     stopped anyway (they will be redelivered after their lease)",
+                    current.grace()
+                );
+                tracing::error!("{cut:#}");
+                routes.abort_all();
+                while routes.next().await.is_some() {}
+                routes.first_error.get_or_insert(cut);
+                break;
+            }
+            Some(reply) = reloads.recv(), if preparing.is_none() && !stop_all.is_cancelled() => {
+                let (running, path) = (current.clone(), path.to_path_buf());
+                let next: Preparing = Box::pin(async move {
+                    let loaded = config::load(&path)?;
+                    running.next(loaded).await
+                });
+                preparing = Some((next, reply));
+            }
+            prepared = async { (&mut preparing.as_mut().expect("preparing").0).await }, if preparing.is_some() => {
+                let (_, reply) = preparing.take().expect("preparing");
+                let (next, changes) = match prepared {
+                    Ok(next) => next,
+                    Err(e) => {
+                        let message = format!("{e:#}");
+                        tracing::error!("config reload refused, the running config stays: {message}");
+                        let _ = reply.send(Err(message));
+                        continue;
+                    }
+                };
+                routes.stop(&changes.to_stop(), current.grace()).await;
+                if stop_all.is_cancelled() {
+                    let _ = reply.send(Err("the host is shutting down".into()));
+                    continue;
+                }
+                if let Err(e) = routes.start(wire_all(&next, &changes.to_start())).await {
+                    let message = format!("{e:#}");
+                    tracing::error!("the reloaded config's routes did not start: {message}");
+                    stop_all.cancel();
+                    routes.first_error.get_or_insert(e);
+                    let _ = reply.send(Err(message));
+                    continue;
+                }
+                current = Arc::new(next);
+                if let Some(admin) = &admin {
+                    admin.replace(current.admin_state());
+                }
+                *watched.write().unwrap() = all_stats(&current);
+                watcher.cancel();
+                watcher = match watch_plugins(&current) {
+                    Ok(token) => token,
+                    Err(e) => {
+                        tracing::warn!("plugin files are not watched: {e:#}");
+                        CancellationToken::new()
+                    }
+                };
+                current.deployer.record_running();
+                let deployer = current.deployer.clone();
+                let kept = changes.plugins_kept.clone();
+                tokio::spawn(async move { deployer.deploy_changed_files(&kept).await });
+                tracing::info!("config reloaded: {changes}");
+                let _ = reply.send(Ok(()));
             }
         }
-        if let Some(admin) = &admin {
-            admin.replace(next.admin_state());
-        }
-        let _ = reply.send(Ok(()));
-        host = next;
-        if shutdown.is_cancelled() {
-            return drained;
-        }
     }
+    watcher.cancel();
+    if let Some(e) = routes.first_error.take() {
+        return Err(e);
+    }
+    let summary: Vec<(String, StatsSnapshot)> = current
+        .route_names()
+        .into_iter()
+        .map(|name| {
+            let stats = current.routes[&name].stats.snapshot();
+            (name, stats)
+        })
+        .collect();
+    let undecodable: u64 = summary.iter().map(|(_, s)| s.undecodable).sum();
+    if exit_when_idle.is_some() && undecodable > 0 {
+        // A batch run that met corrupt data must not look clean.
+        anyhow::bail!(
+            "{undecodable} stored message(s) could not be decoded and were dead-lettered raw: \
+             a backend holds corrupt data"
+        );
+    }
+    Ok(summary)
+}
+
+/// The routes named, wired to start.
+fn wire_all(
+    generation: &Generation,
+    names: &[String],
+) -> Vec<(
+    String,
+    Vec<crate::router::Route>,
+    Arc<crate::router::RouteControl>,
+)> {
+    names
+        .iter()
+        .map(|name| {
+            let control = generation.routes[name].control.clone();
+            (name.clone(), generation.wire(name), control)
+        })
+        .collect()
+}
+
+fn all_stats(generation: &Generation) -> Vec<Arc<RouteStats>> {
+    generation
+        .routes
+        .values()
+        .map(|r| r.stats.clone())
+        .collect()
+}
+
+/// Watches the generation's plugin files if its config asks for it, until
+/// the token returned is cancelled.
+fn watch_plugins(generation: &Generation) -> Result<CancellationToken> {
+    let token = CancellationToken::new();
+    if generation.loaded.config.runtime.watch_plugins {
+        generation.deployer.watch(token.clone())?;
+    }
+    Ok(token)
 }
 
 /// Where a reload request gets its answer.
 pub type ReloadReply = oneshot::Sender<std::result::Result<(), String>>;
-
-/// Reads, checks and builds the next host without touching the running one.
-async fn prepare(path: &Path) -> Result<Host> {
-    let loaded = config::load(path)?;
-    Host::from_config(&loaded).await
-}
 
 /// Turns SIGHUP into reload requests.
 fn spawn_hangup_listener(requests: mpsc::Sender<ReloadReply>, shutdown: CancellationToken) {
@@ -382,22 +271,31 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Cancels `shutdown` once no route has done anything for `idle`.
-fn spawn_idle_watch(watched: Vec<Arc<RouteStats>>, idle: Duration, shutdown: CancellationToken) {
+/// Cancels `shutdown` once no route (of those `watched` holds now) has done
+/// anything for `idle`.
+fn spawn_idle_watch(
+    watched: Arc<RwLock<Vec<Arc<RouteStats>>>>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
-            let busy = watched
-                .iter()
-                .any(|s| s.in_flight.load(Ordering::Relaxed) > 0);
-            let last = watched
-                .iter()
-                .map(|s| s.last_activity_ms.load(Ordering::Relaxed))
-                .max()
-                .unwrap_or(0);
+            let (busy, last) = {
+                let watched = watched.read().unwrap();
+                let busy = watched
+                    .iter()
+                    .any(|s| s.in_flight.load(Ordering::Relaxed) > 0);
+                let last = watched
+                    .iter()
+                    .map(|s| s.last_activity_ms.load(Ordering::Relaxed))
+                    .max()
+                    .unwrap_or(0);
+                (busy, last)
+            };
             if !busy && now_ms().saturating_sub(last) >= idle.as_millis() as u64 {
                 tracing::info!("idle for {idle:?}, shutting down");
                 shutdown.cancel();

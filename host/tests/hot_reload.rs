@@ -220,3 +220,474 @@ fn input_time(output: &Message) -> u64 {
         .replace('-', "");
     u64::from_str_radix(&id[..12], 16).unwrap()
 }
+
+/// A component of `plugin` with a custom section naming `version`: the same
+/// behaviour, a distinct content hash per version.
+fn plugin_version(plugin: &str, version: u32) -> Vec<u8> {
+    let mut wasm = std::fs::read(plugin_path(plugin)).unwrap();
+    let name = b"sluice-test-version";
+    let payload = version.to_le_bytes();
+    wasm.push(0); // custom section
+    wasm.push((1 + name.len() + payload.len()) as u8);
+    wasm.push(name.len() as u8);
+    wasm.extend_from_slice(name);
+    wasm.extend_from_slice(&payload);
+    wasm
+}
+
+/// The config `reloading` tests run and reload: route `steady` (plugin
+/// `upper`) never changes; route `shifting` (plugin `loud`) gets
+/// `shifting_extra` lines in its route table and `loud` publishes to
+/// `loud_output`.
+fn reload_config(port: u16, db: &Path, shifting_extra: &str, loud_output: &str) -> String {
+    format!(
+        r#"[backends.main]
+url = "sqlite://{db}?poll_ms=20"
+
+[plugins.upper]
+path = "upper.wasm"
+config = {{ output = "steady.out" }}
+publish_to = [">"]
+
+[plugins.loud]
+path = "loud.wasm"
+config = {{ output = "{loud_output}" }}
+publish_to = [">"]
+
+[admin]
+listen = "127.0.0.1:{port}"
+
+[[routes]]
+name = "steady"
+topics = ["steady.in"]
+plugin = "upper"
+
+[[routes]]
+name = "shifting"
+topics = ["shifting.in"]
+plugin = "loud"
+{shifting_extra}
+"#,
+        db = db.display()
+    )
+}
+
+/// A `sluice run` of a test's own over [`reload_config`], its JSON log
+/// collected; killed when dropped.
+struct Served {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    admin: sluice::admin::client::AdminClient,
+    log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    publisher: Arc<dyn sluice::backend::Backend>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Served {
+    /// Starts the host with `SLUICE_CACHE_DIR` as `cache` (the config names
+    /// no cache directory), and waits for its admin API.
+    fn start(cache: &Path) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(plugin_path("uppercase"), dir.path().join("upper.wasm")).unwrap();
+        std::fs::copy(plugin_path("uppercase"), dir.path().join("loud.wasm")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let db = dir.path().join("sluice.db");
+        std::fs::write(
+            dir.path().join("sluice.toml"),
+            reload_config(port, &db, "", "loud.out"),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("run")
+            .arg(dir.path().join("sluice.toml"))
+            .env("SLUICE_LOG", "info")
+            .env("SLUICE_LOG_FORMAT", "json")
+            .env("SLUICE_CACHE_DIR", cache)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(event) = serde_json::from_str(&line) {
+                    lines.lock().unwrap().push(event);
+                }
+            }
+        });
+        // The publisher's tasks (SQLite's writer) run on a worker of its own.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let publisher = runtime
+            .block_on(sluice::backend::connect(&format!(
+                "sqlite://{}?poll_ms=20",
+                db.display()
+            )))
+            .unwrap();
+        let admin =
+            sluice::admin::client::AdminClient::new(&format!("http://127.0.0.1:{port}"), None);
+        let mut served = Served {
+            child,
+            dir,
+            port,
+            admin,
+            log,
+            publisher,
+            runtime,
+        };
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while served.admin.get("/api/routes").is_err() {
+            assert!(
+                served.child.try_wait().unwrap().is_none(),
+                "the host exited: {:?}",
+                served.log.lock().unwrap()
+            );
+            assert!(Instant::now() < give_up, "the admin API never came up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        served
+    }
+
+    /// Rewrites the config (see [`reload_config`]) and reloads it.
+    fn reload(&self, shifting_extra: &str, loud_output: &str) {
+        let db = self.dir.path().join("sluice.db");
+        self.write_config(&reload_config(self.port, &db, shifting_extra, loud_output));
+        self.ask_reload().unwrap();
+    }
+
+    /// Asks for a reload; the API's answer, once the host's log has caught
+    /// up with it (it logs every reload, done or refused, before answering).
+    fn ask_reload(&self) -> anyhow::Result<()> {
+        let logged = |log: &Self| {
+            log.events("config reloaded", None).len()
+                + log.events("config reload refused", None).len()
+        };
+        let before = logged(self);
+        let answer = self.admin.post("/api/reload").map(|_| ());
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while logged(self) == before {
+            assert!(Instant::now() < give_up, "the reload was never logged");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        answer
+    }
+
+    fn write_config(&self, text: &str) {
+        std::fs::write(self.dir.path().join("sluice.toml"), text).unwrap();
+    }
+
+    fn publish(&self, topic: &str, count: usize) {
+        let messages = (0..count)
+            .map(|i| Message::new(topic, format!("message {i}")))
+            .collect();
+        self.runtime
+            .block_on(self.publisher.publish(messages))
+            .unwrap();
+    }
+
+    /// Route `name` as `/api/routes` shows it.
+    fn route(&self, name: &str) -> serde_json::Value {
+        let routes = self.admin.get("/api/routes").unwrap();
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no route `{name}` in {routes}"))
+            .clone()
+    }
+
+    fn succeeded(&self, route: &str) -> u64 {
+        self.route(route)["stats"]["succeeded"].as_u64().unwrap()
+    }
+
+    /// Waits until route `name` has handled `count` messages in all.
+    fn wait_handled(&self, name: &str, count: u64) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let handled = self.succeeded(name);
+            assert!(
+                handled <= count,
+                "route `{name}` handled {handled}, more than {count}"
+            );
+            if handled == count {
+                return;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "route `{name}` handled {handled} of {count}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Log events whose message is `message` and, if given, whose route is
+    /// `route`.
+    fn events(&self, message: &str, route: Option<&str>) -> Vec<serde_json::Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+                    && route.is_none_or(|r| e["fields"]["route"] == r)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// How often route `name` joined its group since the start.
+    fn subscriptions(&self, name: &str) -> usize {
+        self.events("route subscribed", Some(name)).len()
+    }
+
+    fn plugin(&self, name: &str) -> serde_json::Value {
+        let plugins = self.admin.get("/api/plugins").unwrap();
+        plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no plugin `{name}` in {plugins}"))
+            .clone()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The compiled-component cache the reload tests share, so each host does
+/// not compile the plugin again.
+fn shared_cache() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("reload-cache")
+}
+
+#[test]
+fn a_paused_route_stays_paused_through_a_reload_even_when_its_config_changed() {
+    let cache = tempfile::tempdir().unwrap();
+    let host = Served::start(cache.path());
+    // `sluice run` caches under SLUICE_CACHE_DIR when the config names no
+    // directory: the versions that ran are kept there.
+    assert!(
+        cache.path().join("versions").is_dir(),
+        "nothing kept under SLUICE_CACHE_DIR"
+    );
+    for route in ["steady", "shifting"] {
+        host.admin
+            .post(&format!("/api/routes/{route}/pause"))
+            .unwrap();
+    }
+    host.reload("concurrency = 2", "loud.out");
+    assert_eq!(
+        host.subscriptions("shifting"),
+        2,
+        "the changed route restarted"
+    );
+    assert_eq!(
+        host.subscriptions("steady"),
+        1,
+        "the unchanged route ran on"
+    );
+    for route in ["steady", "shifting"] {
+        assert_eq!(host.route(route)["paused"], true, "{route} resumed");
+    }
+    // Paused in fact: what is published waits until the route resumes.
+    host.publish("steady.in", 3);
+    host.publish("shifting.in", 3);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(host.succeeded("steady"), 0);
+    assert_eq!(host.succeeded("shifting"), 0);
+    for route in ["steady", "shifting"] {
+        host.admin
+            .post(&format!("/api/routes/{route}/resume"))
+            .unwrap();
+        host.wait_handled(route, 3);
+    }
+}
+
+#[test]
+fn a_reload_keeps_a_deployed_version_and_its_rollback() {
+    let host = Served::start(&shared_cache());
+    let first = sluice::runtime::hash(&std::fs::read(plugin_path("uppercase")).unwrap());
+    let second = plugin_version("uppercase", 2);
+    host.admin
+        .put("/api/plugins/upper", second.clone())
+        .unwrap();
+    host.admin.put("/api/plugins/loud", second.clone()).unwrap();
+    let second = sluice::runtime::hash(&second);
+
+    // `upper` is unchanged; `loud` publishes elsewhere now.
+    host.reload("", "loud.elsewhere");
+    let upper = host.plugin("upper");
+    assert_eq!(upper["current"]["hash"], second, "{upper}");
+    assert_eq!(upper["earlier"][0]["hash"], first, "{upper}");
+    let loud = host.plugin("loud");
+    assert_eq!(
+        loud["current"]["hash"], second,
+        "a changed plugin loads its file, where the deploy wrote: {loud}"
+    );
+    assert_eq!(loud["earlier"], serde_json::json!([]), "{loud}");
+    assert_eq!(
+        host.subscriptions("steady"),
+        1,
+        "the unchanged route ran on"
+    );
+    assert_eq!(
+        host.subscriptions("shifting"),
+        2,
+        "the changed route restarted"
+    );
+
+    let rolled = host.admin.post("/api/plugins/upper/rollback").unwrap();
+    assert_eq!(rolled["current"]["hash"], first, "{rolled}");
+    assert_eq!(host.plugin("upper")["current"]["hash"], first);
+    let refused = host.admin.post("/api/plugins/loud/rollback").unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("no earlier version"),
+        "{refused:#}"
+    );
+    // The rolled-back version is the one that runs.
+    host.publish("steady.in", 1);
+    host.wait_handled("steady", 1);
+}
+
+#[test]
+fn a_reload_keeps_the_counters_of_the_routes_that_stay() {
+    let host = Served::start(&shared_cache());
+    host.publish("steady.in", 3);
+    host.publish("shifting.in", 2);
+    host.wait_handled("steady", 3);
+    host.wait_handled("shifting", 2);
+    host.reload("max_in_flight = 64", "loud.out");
+    host.publish("steady.in", 4);
+    host.publish("shifting.in", 1);
+    host.wait_handled("steady", 7);
+    host.wait_handled("shifting", 3);
+    let metrics = host.admin.metrics().unwrap();
+    for expected in [
+        "sluice_route_acked_total{route=\"steady\"} 7",
+        "sluice_route_acked_total{route=\"shifting\"} 3",
+    ] {
+        assert!(metrics.contains(expected), "{expected} not in {metrics}");
+    }
+}
+
+#[test]
+fn an_unchanged_route_runs_on_through_a_reload_and_a_changed_one_restarts() {
+    let host = Served::start(&shared_cache());
+    host.publish("steady.in", 5);
+    host.wait_handled("steady", 5);
+    // Messages keep coming while the config is reloaded twice.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let publishing = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let publisher = host.publisher.clone();
+        let runtime = host.runtime.handle().clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = vec![
+                    Message::new("steady.in", "steady"),
+                    Message::new("shifting.in", "shifting"),
+                ];
+                runtime.block_on(publisher.publish(batch)).unwrap();
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    host.reload("concurrency = 2", "loud.out");
+    std::thread::sleep(Duration::from_millis(300));
+    host.reload("concurrency = 3", "loud.out");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publishing.join().unwrap();
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    host.wait_handled("steady", 5 + sent);
+    host.wait_handled("shifting", sent);
+
+    assert_eq!(
+        host.subscriptions("steady"),
+        1,
+        "the unchanged route restarted"
+    );
+    assert!(
+        host.events("route stopped", Some("steady")).is_empty(),
+        "the unchanged route stopped"
+    );
+    assert_eq!(
+        host.subscriptions("shifting"),
+        3,
+        "the changed route ran on"
+    );
+    let reloads = host.events("config reloaded", None);
+    assert_eq!(reloads.len(), 2, "{reloads:?}");
+    let said = reloads[1]["fields"]["message"].as_str().unwrap();
+    assert!(
+        said.contains("routes kept 1 [steady], restarted 1 [shifting], added 0 [], removed 0 []"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_refused_reload_leaves_everything_as_it_was() {
+    let host = Served::start(&shared_cache());
+    let deployed = plugin_version("uppercase", 3);
+    host.admin
+        .put("/api/plugins/upper", deployed.clone())
+        .unwrap();
+    host.publish("steady.in", 2);
+    host.wait_handled("steady", 2);
+    host.admin.post("/api/routes/shifting/pause").unwrap();
+
+    // The config checks out, but plugin `loud`'s new file is no component.
+    std::fs::write(
+        host.dir.path().join("broken.wasm"),
+        b"\0asm not a component",
+    )
+    .unwrap();
+    let db = host.dir.path().join("sluice.db");
+    let config = reload_config(host.port, &db, "", "loud.elsewhere")
+        .replace("path = \"loud.wasm\"", "path = \"broken.wasm\"");
+    host.write_config(&config);
+    let refused = host.ask_reload().unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("plugins.loud"),
+        "{refused:#}"
+    );
+
+    assert_eq!(host.subscriptions("steady"), 1);
+    assert_eq!(host.subscriptions("shifting"), 1);
+    assert_eq!(host.route("shifting")["paused"], true);
+    let upper = host.plugin("upper");
+    assert_eq!(
+        upper["current"]["hash"],
+        sluice::runtime::hash(&deployed),
+        "{upper}"
+    );
+    host.admin.post("/api/plugins/upper/rollback").unwrap();
+    host.publish("steady.in", 1);
+    host.wait_handled("steady", 3);
+    host.admin.post("/api/routes/shifting/resume").unwrap();
+    host.publish("shifting.in", 1);
+    host.wait_handled("shifting", 1);
+}

@@ -12,7 +12,7 @@ mod slot;
 mod store;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,7 +39,9 @@ struct Entry {
 /// The plugins of a running host.
 pub struct Deployer {
     runtime: Arc<Runtime>,
-    entries: BTreeMap<String, Entry>,
+    /// Shared with the deployer of the config before a reload, for each
+    /// plugin the reload kept.
+    entries: BTreeMap<String, Arc<Entry>>,
     /// Where the versions that ran are kept; none when only checking, or
     /// when the compiled cache is off.
     store: Option<VersionStore>,
@@ -69,59 +71,84 @@ impl Deployer {
     ) -> Result<Self> {
         let mut entries = BTreeMap::new();
         for name in loaded.config.plugins.keys() {
-            let (path, settings) = loaded.plugin_settings(name).expect("listed plugin");
-            let file = std::fs::read(&path).unwrap_or_default();
-            let loaded_file = runtime
-                .load_file(&path, settings.clone())
-                .with_context(|| format!("plugins.{name}"));
-            let (plugin, source, refusal) = match (loaded_file, &store) {
-                (Ok(plugin), _) => (plugin, path.display().to_string(), None),
-                (Err(refused), Some(store)) => {
-                    let refusal = format!("{refused:#}; running the last good version");
-                    let plugin = last_good(&runtime, store, name, &settings, refused)?;
-                    (plugin, LAST_GOOD.into(), Some(refusal))
-                }
-                (Err(refused), None) => return Err(refused),
-            };
-            tracing::info!(plugin = %name, version = plugin.short_hash(), path = %path.display(), "plugin loaded");
+            let entry = load_entry(&runtime, loaded, name, store.as_ref())?;
             if let Some(store) = &store {
-                remember(store, name, &plugin);
+                remember(store, name, &entry.slot.current());
             }
-            // The file's own hash, even when it was refused: the watcher
-            // then deploys it only once it changes.
-            let file_hash = std::sync::Mutex::new(crate::runtime::hash(&file));
-            let slot = Arc::new(PluginSlot::new(name.clone(), Arc::new(plugin), source));
-            if let Some(refusal) = refusal {
-                slot.record_error(refusal);
-            }
-            if let Some(shadow) = &loaded.config.plugins[name].shadow {
-                let path = loaded.base_dir.join(&shadow.path);
-                let candidate = runtime
-                    .load_file(&path, settings.clone())
-                    .with_context(|| format!("plugins.{name}.shadow"))?;
-                let info = VersionInfo {
-                    hash: candidate.hash.clone(),
-                    loaded_at_ms: crate::message::now_ms(),
-                    source: path.display().to_string(),
-                };
-                tracing::info!(plugin = %name, candidate = candidate.short_hash(), sample = shadow.sample, "shadow run started");
-                slot.set_shadow(Shadow::new(Arc::new(candidate), info, shadow.sample));
-            }
-            entries.insert(
-                name.clone(),
-                Entry {
-                    slot,
-                    path,
-                    settings,
-                    file_hash,
-                },
-            );
+            entries.insert(name.clone(), Arc::new(entry));
         }
         Ok(Deployer {
             runtime,
             entries,
             store,
         })
+    }
+
+    /// The plugins of `loaded`, the next config of a running host. Those
+    /// named in `unchanged` keep their slot: the version deployed last, the
+    /// earlier ones for rollback, their counters and shadow run. The others
+    /// are loaded from their files, and any refusal is an error (the
+    /// running config stays, so there is no need for the last good
+    /// version). Nothing is recorded as having run until
+    /// [`Deployer::record_running`].
+    pub fn reload(&self, loaded: &Loaded, unchanged: &BTreeSet<String>) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        for name in loaded.config.plugins.keys() {
+            let kept = unchanged
+                .contains(name)
+                .then(|| self.entries.get(name))
+                .flatten();
+            let entry = match kept {
+                Some(entry) => entry.clone(),
+                None => Arc::new(load_entry(&self.runtime, loaded, name, None)?),
+            };
+            entries.insert(name.clone(), entry);
+        }
+        Ok(Deployer {
+            runtime: self.runtime.clone(),
+            entries,
+            store: self.store.clone(),
+        })
+    }
+
+    /// Whether plugin `name` is the same slot here as in `other`: its
+    /// versions carried over a reload.
+    pub fn same_slot(&self, other: &Deployer, name: &str) -> bool {
+        match (self.entries.get(name), other.entries.get(name)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Records every plugin's current version as the one that runs, for a
+    /// start whose file is broken.
+    pub fn record_running(&self) {
+        if let Some(store) = &self.store {
+            for (name, entry) in &self.entries {
+                remember(store, name, &entry.slot.current());
+            }
+        }
+    }
+
+    /// Deploys what the files of plugins `names` hold now, where that is
+    /// not what this host last loaded or wrote there: a reload re-reads
+    /// them, as a start does, even with the watcher off. A refused file is
+    /// logged and the running version stays.
+    pub async fn deploy_changed_files(&self, names: &[String]) {
+        for name in names {
+            let Some(entry) = self.entries.get(name) else {
+                continue;
+            };
+            match std::fs::read(&entry.path) {
+                Ok(wasm) => {
+                    let source = entry.path.display().to_string();
+                    let _ = self.deploy_file(name, wasm, &source).await;
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %name, path = %entry.path.display(), "cannot read the plugin's file; the running version stays: {e}");
+                }
+            }
+        }
     }
 
     pub fn slot(&self, name: &str) -> Option<&Arc<PluginSlot>> {
@@ -311,6 +338,57 @@ impl Deployer {
     pub fn watch(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
         watch::spawn(self.clone(), self.paths(), shutdown)
     }
+}
+
+/// Loads plugin `name` of `loaded` into a new slot. A refused file runs
+/// the last good version in `store`, if given and it has one.
+fn load_entry(
+    runtime: &Runtime,
+    loaded: &Loaded,
+    name: &str,
+    store: Option<&VersionStore>,
+) -> Result<Entry> {
+    let (path, settings) = loaded.plugin_settings(name).expect("listed plugin");
+    let file = std::fs::read(&path).unwrap_or_default();
+    let loaded_file = runtime
+        .load_file(&path, settings.clone())
+        .with_context(|| format!("plugins.{name}"));
+    let (plugin, source, refusal) = match (loaded_file, store) {
+        (Ok(plugin), _) => (plugin, path.display().to_string(), None),
+        (Err(refused), Some(store)) => {
+            let refusal = format!("{refused:#}; running the last good version");
+            let plugin = last_good(runtime, store, name, &settings, refused)?;
+            (plugin, LAST_GOOD.into(), Some(refusal))
+        }
+        (Err(refused), None) => return Err(refused),
+    };
+    tracing::info!(plugin = %name, version = plugin.short_hash(), path = %path.display(), "plugin loaded");
+    // The file's own hash, even when it was refused: the watcher then
+    // deploys it only once it changes.
+    let file_hash = std::sync::Mutex::new(crate::runtime::hash(&file));
+    let slot = Arc::new(PluginSlot::new(name, Arc::new(plugin), source));
+    if let Some(refusal) = refusal {
+        slot.record_error(refusal);
+    }
+    if let Some(shadow) = &loaded.config.plugins[name].shadow {
+        let path = loaded.base_dir.join(&shadow.path);
+        let candidate = runtime
+            .load_file(&path, settings.clone())
+            .with_context(|| format!("plugins.{name}.shadow"))?;
+        let info = VersionInfo {
+            hash: candidate.hash.clone(),
+            loaded_at_ms: crate::message::now_ms(),
+            source: path.display().to_string(),
+        };
+        tracing::info!(plugin = %name, candidate = candidate.short_hash(), sample = shadow.sample, "shadow run started");
+        slot.set_shadow(Shadow::new(Arc::new(candidate), info, shadow.sample));
+    }
+    Ok(Entry {
+        slot,
+        path,
+        settings,
+        file_hash,
+    })
 }
 
 /// The version plugin `name` last ran, loaded, in place of its refused

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 /// was refused.
 pub const LAST_GOOD: &str = "last-good";
 
+#[derive(Clone)]
 pub struct VersionStore {
     dir: PathBuf,
 }

@@ -30,13 +30,12 @@ pub const C_HEADER: &str = include_str!("../../../sdk/c/sluice.h");
 /// The C helper's implementation, compiled into every C plugin.
 pub const C_SOURCE: &str = include_str!("../../../sdk/c/sluice.c");
 
-/// Where the kit caches compiled components: `$SLUICE_CACHE_DIR`, or where
-/// `sluice run` caches them by default, so a build's check makes the next
-/// test and run start at once.
+/// Where the kit caches compiled components: where `sluice run` caches them
+/// when its config names no directory (`$SLUICE_CACHE_DIR`, else the user's
+/// cache directory), so a build's check makes the next test and run start
+/// at once.
 pub fn cache_dir() -> Option<std::path::PathBuf> {
-    std::env::var_os("SLUICE_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(crate::runtime::Runtime::default_cache_dir)
+    crate::app::default_cache_dir()
 }
 
 /// The languages a plugin can be written in.
