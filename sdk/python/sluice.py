@@ -111,6 +111,9 @@ def _stand_ins():
     def log(level, message):
         print(f"{level.name.lower()}: {message}", file=sys.stderr)
 
+    for cls in (Header, Message, Outgoing, Failure_Retry, Failure_Reject, Ok):
+        cls.__qualname__ = cls.__name__  # reads as `Outgoing(...)` in a failed test
+
     wit_types = SimpleNamespace(
         Header=Header,
         Message=Message,

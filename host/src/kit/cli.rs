@@ -25,7 +25,8 @@ pub enum KitCommand {
         /// Create the project inside this directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The Rust SDK (`sdk/` of a Sluice checkout) a Rust project depends on.
+        /// For a Rust project: depend on the SDK in this directory (the `sdk/`
+        /// of a Sluice checkout) instead of a copy of it in the project.
         #[arg(long, env = "SLUICE_SDK")]
         sdk: Option<PathBuf>,
     },

@@ -65,26 +65,31 @@ pub fn scaffold(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> Resul
         Lang::Js => (include_str!("templates/js/testing.md"), "plugin.js"),
         Lang::C => (include_str!("templates/c/testing.md"), "plugin.c"),
     };
-    let readme = README
-        .replace("{{testing}}", testing.trim_end())
-        .replace("{{entry}}", entry)
-        .replace("{{lang}}", lang_name(lang))
-        .replace("{{c_packages}}", super::toolchain::C_PACKAGES);
     // Written with `{{name}}` and `{{sdk_version}}` filled in.
     let mut templated: Vec<(String, String)> = vec![
-        ("README.md".into(), readme),
         ("test/messages.jsonl".into(), MESSAGES.into()),
         ("test/expected.txt".into(), EXPECTED.into()),
         (".gitignore".into(), GITIGNORE.into()),
     ];
     // Written as they are.
     let mut verbatim: Vec<(String, String)> = Vec::new();
+    // The README's closing section, if the language has one.
+    let mut more = String::new();
     match lang {
         Lang::Rust => {
             let dependency = match sdk {
-                Some(sdk) => sdk_at(sdk)?,
+                Some(sdk) => {
+                    let (dependency, path) = sdk_at(sdk)?;
+                    more = format!(
+                        "\n## The SDK\n\nThe project depends on the Sluice SDK in `{path}` \
+                         (`sluice new --sdk`). Once `sluice-sdk` is published on crates.io, \
+                         make that dependency in `Cargo.toml`\n`sluice-sdk = \"{sdk_version}\"`.\n"
+                    );
+                    dependency
+                }
                 None => {
                     verbatim.extend(vendored_sdk());
+                    more = format!("\n{}", include_str!("templates/rust/sdk.md"));
                     format!(
                         "# A copy of the Sluice SDK, so the project builds anywhere. Once\n\
                          # sluice-sdk is published on crates.io, make this line\n\
@@ -135,6 +140,13 @@ pub fn scaffold(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> Resul
             include_str!("templates/c/plugin.c").into(),
         )),
     }
+    let readme = README
+        .replace("{{testing}}", testing.trim_end())
+        .replace("{{more}}", &more)
+        .replace("{{entry}}", entry)
+        .replace("{{lang}}", lang_name(lang))
+        .replace("{{c_packages}}", super::toolchain::C_PACKAGES);
+    templated.push(("README.md".into(), readme));
     let filled = templated.into_iter().map(|(path, contents)| {
         let contents = contents
             .replace("{{name}}", name)
@@ -166,8 +178,9 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The dependency line on the SDK in the directory `sdk` (`--sdk PATH`).
-fn sdk_at(sdk: &Path) -> Result<String> {
+/// The dependency line on the SDK in the directory `sdk` (`--sdk PATH`),
+/// and the directory it names.
+fn sdk_at(sdk: &Path) -> Result<(String, String)> {
     if !sdk.join("Cargo.toml").is_file() {
         bail!(
             "no Rust SDK at {}: pass --sdk PATH (the `sdk/` directory of a Sluice checkout), \
@@ -179,10 +192,11 @@ fn sdk_at(sdk: &Path) -> Result<String> {
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", sdk.display()))?;
     let path = sdk.to_str().context("the SDK's path is not UTF-8")?;
-    Ok(format!(
+    let dependency = format!(
         "# The Sluice SDK given to `sluice new --sdk`.\nsluice-sdk = {{ path = {} }}",
         toml::Value::from(path)
-    ))
+    );
+    Ok((dependency, path.to_string()))
 }
 
 /// The version of the SDK compiled into this binary.
@@ -323,6 +337,9 @@ mod tests {
             .unwrap();
         assert_eq!(Path::new(path), sdk.canonicalize().unwrap());
         assert!(!project.join(VENDORED_SDK).exists());
+        let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+        assert!(readme.contains(path), "{readme}");
+        assert!(!readme.contains("{{"), "{readme}");
         assert!(scaffold("other", Lang::Rust, dir.path(), Some(dir.path())).is_err());
     }
 }
