@@ -15,10 +15,25 @@ use sluice::{Message, app, config};
 #[global_allocator]
 static ALLOCATOR: sluice::Allocator = sluice::Allocator;
 
+/// `--version`: this build's version, the plugin world it implements (from
+/// the WIT file's package line) and the backends compiled in.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let world = include_str!("../../wit/sluice.wit")
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("package "))
+        .map_or("unknown", |package| package.trim_end_matches(';').trim());
+    format!(
+        "{}\nplugin world: {world}\nbackends: {}",
+        env!("CARGO_PKG_VERSION"),
+        backend::supported_schemes().join(", ")
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
     version,
+    long_version = LONG_VERSION.as_str(),
     about = "Runs message handlers as sandboxed WebAssembly components",
     after_help = "Examples:
   sluice check                                   # ./sluice.toml and its plugins

@@ -32,6 +32,36 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The cell under `column` in the row whose first cell is `first`, of a
+/// table `sluice` printed (a header row; columns two spaces or more apart).
+fn cell(table: &str, first: &str, column: &str) -> String {
+    let split = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut lines = table.lines();
+    let header = split(lines.next().unwrap_or_default());
+    let at = header
+        .iter()
+        .position(|h| h == column)
+        .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
+    let row = lines
+        .map(split)
+        .find(|row| row.first().is_some_and(|c| c == first))
+        .unwrap_or_else(|| panic!("no row {first} in\n{table}"));
+    row[at].clone()
+}
+
+/// What `sluice ARGS --json` printed, as the one JSON document it must be.
+fn json(args: &[&str], admin: &str) -> serde_json::Value {
+    let out = sluice(&[args, &["--json"]].concat(), admin, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
+}
+
 struct Running(Child);
 
 impl Drop for Running {
@@ -179,7 +209,8 @@ fn deploy_refuse_rollback_pause_and_metrics() {
 
     // A paused route fetches nothing; resumed, it takes up what waited.
     assert!(sluice(&["pause", "upper"], &admin, None).status.success());
-    assert!(text(&sluice(&["routes"], &admin, None).stdout).contains("paused"));
+    let routes = text(&sluice(&["routes"], &admin, None).stdout);
+    assert_eq!(cell(&routes, "upper", "STATE"), "paused");
     let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
     let sluice_bin = env!("CARGO_BIN_EXE_sluice");
     let publish = Command::new(sluice_bin)
@@ -204,7 +235,8 @@ fn deploy_refuse_rollback_pause_and_metrics() {
         "a paused route fetched: {routes}"
     );
     assert!(sluice(&["resume", "upper"], &admin, None).status.success());
-    assert!(text(&sluice(&["routes"], &admin, None).stdout).contains("running"));
+    let routes = text(&sluice(&["routes"], &admin, None).stdout);
+    assert_eq!(cell(&routes, "upper", "STATE"), "running");
     let give_up = Instant::now() + Duration::from_secs(20);
     while !tail("shouted").contains("HELD BACK") {
         assert!(
@@ -244,11 +276,15 @@ fn deploy_refuse_rollback_pause_and_metrics() {
     ] {
         assert!(metrics.contains(family), "missing {family} in\n{metrics}");
     }
-    let stats = sluice(&["stats"], &admin, None);
-    assert!(
-        text(&stats.stdout).contains("route upper"),
-        "{}",
-        text(&stats.stdout)
+    let stats = sluice(&["stats", "--interval", "0"], &admin, None);
+    assert!(stats.status.success(), "{}", text(&stats.stderr));
+    let stats = text(&stats.stdout);
+    let handled = cell(&stats, "upper", "HANDLED");
+    assert!(handled.parse::<u64>().is_ok(), "{stats}");
+    assert_eq!(
+        cell(&stats, "upper", "MSG/S"),
+        "-",
+        "no rate from one reading"
     );
 }
 
@@ -310,9 +346,10 @@ fn a_paused_route_shows_its_backlog() {
     let (_, routes) = get(&format!("{admin}/api/routes"));
     assert!(routes.contains("\"backlog\":5"), "{routes}");
     let listed = text(&sluice(&["routes"], &admin, None).stdout);
-    assert!(listed.contains("backlog 5 "), "{listed}");
+    assert_eq!(cell(&listed, "upper", "BACKLOG"), "5", "{listed}");
     let stats = text(&sluice(&["stats"], &admin, None).stdout);
-    assert!(stats.contains("backlog 5 "), "{stats}");
+    assert_eq!(cell(&stats, "upper", "BACKLOG"), "5", "{stats}");
+    assert_eq!(cell(&stats, "upper", "PENDING"), "0", "{stats}");
 
     assert!(sluice(&["resume", "upper"], &admin, None).status.success());
     wait_metric(&admin, backlog, 0);
@@ -536,13 +573,13 @@ fn readiness_follows_the_broker(
     );
     assert_eq!(get(&format!("{admin}/healthz")).0, 200);
     let routes = text(&sluice(&["routes"], &admin, None).stdout);
-    assert!(routes.contains("not-ready"), "{routes}");
-    assert!(routes.contains("fetches failing"), "{routes}");
+    assert_eq!(cell(&routes, "upper", "STATE"), "not-ready", "{routes}");
+    assert!(routes.contains("route upper: fetches failing"), "{routes}");
 
     broker.start_again(broker_port);
     wait_ready_status(&admin, 200, Duration::from_secs(60));
     let routes = text(&sluice(&["routes"], &admin, None).stdout);
-    assert!(routes.contains("running"), "{routes}");
+    assert_eq!(cell(&routes, "upper", "STATE"), "running", "{routes}");
     if let Some(kind) = restored {
         let metrics = get(&format!("{admin}/metrics")).1;
         let line = format!("sluice_backend_state_restored_total{{kind=\"{kind}\"}} ");
@@ -644,6 +681,7 @@ plugin = "p"
 "#
     );
     std::fs::write(dir.path().join("sluice.toml"), config).unwrap();
+    let candidate = sluice::runtime::hash(&std::fs::read(plugin_path("hostile")).unwrap());
     let _host = Running(
         Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", dir.path().join("sluice.toml").to_str().unwrap()])
@@ -658,6 +696,13 @@ plugin = "p"
         assert!(Instant::now() < give_up, "the admin API never came up");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    assert_eq!(
+        cell(&plugins, "p", "SHADOW"),
+        format!("{} on 100%", &candidate[..12]),
+        "{plugins}"
+    );
+    assert_eq!(json(&["plugins"], &admin)[0]["shadow"]["hash"], candidate);
     for payload in ["a", "b", "outputs:3", "spin:2000"] {
         let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["publish", "--url", &url, "in", payload])
@@ -717,7 +762,6 @@ plugin = "p"
     );
     assert!(!published.contains("[out] x"), "{published}");
 
-    let candidate = sluice::runtime::hash(&std::fs::read(plugin_path("hostile")).unwrap());
     let line = format!(
         "sluice_plugin_shadow_total{{plugin=\"p\",candidate=\"{}\",result=\"candidate_failed\"}} ",
         &candidate[..12]
@@ -856,4 +900,83 @@ fn dead_letters_through_the_admin_api() {
     assert!(body.contains("\"purged\":1"), "{body}");
     wait_count(0);
     assert_eq!(get(&format!("{admin}/api/routes/nope/dead-letters")).0, 404);
+}
+
+/// `plugins`, `routes` and `stats` print a table with a header and a row
+/// per plugin or route; with `--json`, the admin API's answer as one
+/// document with the fields the tables are made from.
+#[test]
+fn operator_tables_and_their_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let _host = start(dir.path(), port, None);
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let published = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["publish", "--url", &url, "words", "hello", "--count", "3"])
+        .output()
+        .unwrap();
+    assert!(published.status.success(), "{}", text(&published.stderr));
+    wait_metric(&admin, "sluice_route_acked_total{route=\"upper\"} ", 3);
+    let hash = sluice::runtime::hash(&std::fs::read(plugin_path("uppercase")).unwrap());
+
+    let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
+    assert!(plugins.starts_with("PLUGIN "), "{plugins}");
+    assert_eq!(cell(&plugins, "upper", "LIVE VERSION"), hash[..12]);
+    let deployed = cell(&plugins, "upper", "DEPLOYED");
+    assert!(
+        deployed == "just now" || deployed.ends_with(" ago"),
+        "{plugins}"
+    );
+    assert_eq!(cell(&plugins, "upper", "EARLIER"), "0");
+    assert_eq!(cell(&plugins, "upper", "SHADOW"), "-");
+    let plugins = json(&["plugins"], &admin);
+    assert_eq!(plugins[0]["name"], "upper", "{plugins}");
+    assert_eq!(plugins[0]["current"]["hash"], hash, "{plugins}");
+    assert!(plugins[0]["current"]["loaded_at_ms"].is_u64(), "{plugins}");
+    assert!(plugins[0]["shadow"].is_null(), "{plugins}");
+    assert_eq!(plugins[0]["counters"]["calls"], 3, "{plugins}");
+    assert_eq!(plugins[0]["counters"]["traps"], 0, "{plugins}");
+
+    let routes = text(&sluice(&["routes"], &admin, None).stdout);
+    assert!(routes.starts_with("ROUTE "), "{routes}");
+    for (column, want) in [
+        ("STATE", "running"),
+        ("TOPICS", "words"),
+        ("GROUP", "upper"),
+        ("BACKEND", "main"),
+        ("PLUGIN", "upper"),
+        ("BACKLOG", "0"),
+    ] {
+        assert_eq!(cell(&routes, "upper", column), want, "{routes}");
+    }
+    let routes = json(&["routes"], &admin);
+    assert_eq!(routes[0]["name"], "upper", "{routes}");
+    assert_eq!(routes[0]["state"], "running", "{routes}");
+    assert_eq!(routes[0]["topics"][0], "words", "{routes}");
+    assert_eq!(routes[0]["backlog"], 0, "{routes}");
+    assert_eq!(routes[0]["in_flight"], 0, "{routes}");
+    assert!(routes[0]["last_activity_ms"].is_u64(), "{routes}");
+
+    let stats = text(&sluice(&["stats"], &admin, None).stdout);
+    let (by_route, by_plugin) = stats
+        .split_once("\n\n")
+        .unwrap_or_else(|| panic!("two tables: {stats}"));
+    assert!(by_route.starts_with("ROUTE "), "{stats}");
+    assert_eq!(cell(by_route, "upper", "HANDLED"), "3", "{stats}");
+    assert_eq!(cell(by_route, "upper", "DEAD-LETTERED"), "0", "{stats}");
+    assert_eq!(cell(by_route, "upper", "IN FLIGHT"), "0", "{stats}");
+    let rate: f64 = cell(by_route, "upper", "MSG/S")
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {stats}"));
+    assert!(rate >= 0.0, "{stats}");
+    let last = cell(by_route, "upper", "LAST ACTIVITY");
+    assert!(last == "just now" || last.ends_with(" ago"), "{stats}");
+    assert!(by_plugin.starts_with("PLUGIN "), "{stats}");
+    assert_eq!(cell(by_plugin, "upper", "CALLS"), "3", "{stats}");
+    assert_eq!(cell(by_plugin, "upper", "TIMEOUTS"), "0", "{stats}");
+    let stats = json(&["stats", "--interval", "0.2"], &admin);
+    assert_eq!(stats["routes"][0]["stats"]["succeeded"], 3, "{stats}");
+    assert_eq!(stats["plugins"][0]["counters"]["calls"], 3, "{stats}");
+    assert!(stats["handled_per_second"]["upper"].is_f64(), "{stats}");
 }

@@ -25,6 +25,29 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The cell under `column` in the row whose first cell is `first`, of a
+/// table `sluice` printed (a header row; columns two spaces or more apart).
+fn cell(table: &str, first: &str, column: &str) -> String {
+    let split = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut lines = table.lines();
+    let header = split(lines.next().unwrap_or_default());
+    let at = header
+        .iter()
+        .position(|h| h == column)
+        .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
+    let row = lines
+        .map(split)
+        .find(|row| row.first().is_some_and(|c| c == first))
+        .unwrap_or_else(|| panic!("no row {first} in\n{table}"));
+    row[at].clone()
+}
+
 fn write_config(dir: &Path, body: &str) -> String {
     let path = dir.join("sluice.toml");
     std::fs::write(&path, body).unwrap();
@@ -551,13 +574,16 @@ retry = {{ max_attempts = 1 }}
     for _ in 0..2 {
         let list = sluice(&["dlq", "list", "-c", &config]);
         assert!(list.status.success(), "{}", stderr(&list));
-        let row = stdout(&list)
-            .lines()
-            .find(|l| l.starts_with("fails "))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("{}", stdout(&list)));
-        assert!(row.contains("      3  "), "{row}");
-        assert!(row.contains("attempts-exhausted 1, rejected 2"), "{row}");
+        let list = stdout(&list);
+        assert!(list.starts_with("ROUTE "), "{list}");
+        assert_eq!(cell(&list, "fails", "TOPIC"), "fails.dead-letter");
+        assert_eq!(cell(&list, "fails", "COUNT"), "3");
+        let oldest = cell(&list, "fails", "OLDEST");
+        assert!(oldest == "just now" || oldest.ends_with(" ago"), "{list}");
+        assert_eq!(
+            cell(&list, "fails", "CAUSES"),
+            "attempts-exhausted 1, rejected 2"
+        );
     }
     let show = sluice(&[
         "dlq",
@@ -568,13 +594,16 @@ retry = {{ max_attempts = 1 }}
         "attempts-exhausted",
     ]);
     let shown = stdout(&show);
+    assert!(shown.starts_with("ROUTE "), "{shown}");
+    assert_eq!(cell(&shown, "fails", "CAUSE"), "attempts-exhausted");
+    assert_eq!(cell(&shown, "fails", "ATTEMPTS"), "1");
+    assert_eq!(cell(&shown, "fails", "FROM"), "in");
     assert!(
-        shown.contains("cause attempts-exhausted  attempts 1  from in"),
+        cell(&shown, "fails", "REASON").starts_with("asked to retry"),
         "{shown}"
     );
-    assert!(shown.contains("reason: asked to retry"), "{shown}");
-    assert!(shown.contains("payload: \"retry\""), "{shown}");
-    assert!(!shown.contains("cause rejected"), "{shown}");
+    assert_eq!(cell(&shown, "fails", "PAYLOAD"), "\"retry\"");
+    assert!(!shown.contains("rejected"), "{shown}");
     let json = sluice(&["dlq", "show", "-c", &config, "--json"]);
     assert_eq!(stdout(&json).lines().count(), 3, "{}", stdout(&json));
 
@@ -591,9 +620,15 @@ retry = {{ max_attempts = 1 }}
         stdout(&purged)
     );
     let list = stdout(&sluice(&["dlq", "list", "-c", &config]));
-    assert!(list.contains("      1  "), "{list}");
-    assert!(list.contains("attempts-exhausted 1"), "{list}");
-    assert!(!list.contains("rejected"), "{list}");
+    assert_eq!(cell(&list, "fails", "COUNT"), "1");
+    assert_eq!(cell(&list, "fails", "CAUSES"), "attempts-exhausted 1");
+    let json = stdout(&sluice(&["dlq", "list", "-c", &config, "--json"]));
+    let summaries: serde_json::Value = serde_json::from_str(&json).expect("one JSON document");
+    assert_eq!(summaries[0]["route"], "fails", "{json}");
+    assert_eq!(summaries[0]["topic"], "fails.dead-letter", "{json}");
+    assert_eq!(summaries[0]["count"], 1, "{json}");
+    assert_eq!(summaries[0]["causes"]["attempts-exhausted"], 1, "{json}");
+    assert!(summaries[0]["oldest_ms"].is_u64(), "{json}");
 
     let wrong = sluice(&["dlq", "list", "-c", &config, "--route", "nope"]);
     assert!(
@@ -694,7 +729,7 @@ plugin = "other"
         stdout(&redrive)
     );
     let list = stdout(&sluice(&["dlq", "list", "-c", &config, "--route", "fails"]));
-    assert!(list.contains("      0  "), "{list}");
+    assert_eq!(cell(&list, "fails", "COUNT"), "0");
     let run = sluice(&["run", &config, "--exit-when-idle", "1"]);
     assert!(run.status.success(), "{}", stderr(&run));
 
@@ -821,7 +856,7 @@ redrive = true
     assert_eq!(back.len(), COUNT, "every dead letter went back");
     assert_eq!(back, originals);
     let list = stdout(&sluice(&["dlq", "list", "-c", &config]));
-    assert!(list.contains("      0  "), "none is left: {list}");
+    assert_eq!(cell(&list, "fails", "COUNT"), "0", "none is left");
 }
 
 /// `sluice replay` sends a route's stored messages from a time on back
@@ -984,4 +1019,37 @@ fn a_default_config_file_and_shell_completions() {
         .output()
         .unwrap();
     assert!(loaded.status.success(), "{}", stderr(&loaded));
+}
+
+/// `--version` names the plugin world, read from the WIT file, and the
+/// backends this build has.
+#[test]
+fn version_names_the_world_and_the_backends() {
+    let wit = std::fs::read_to_string(common::repo_root().join("wit/sluice.wit")).unwrap();
+    let world = wit
+        .lines()
+        .find_map(|l| l.strip_prefix("package "))
+        .unwrap()
+        .trim_end_matches(';');
+    let out = sluice(&["--version"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let version = stdout(&out);
+    assert!(
+        version.starts_with(&format!("sluice {}\n", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(
+        version.contains(&format!("plugin world: {world}\n")),
+        "{version}"
+    );
+    let backends = version
+        .lines()
+        .find_map(|l| l.strip_prefix("backends: "))
+        .unwrap_or_else(|| panic!("{version}"));
+    let backends: Vec<&str> = backends.split(", ").collect();
+    for embedded in ["memory", "sqlite", "file"] {
+        assert!(backends.contains(&embedded), "{version}");
+    }
+    let short = stdout(&sluice(&["-V"]));
+    assert_eq!(short.lines().count(), 1, "{short}");
 }

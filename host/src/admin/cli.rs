@@ -2,11 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::client::AdminClient;
+use super::table::{print_json, short_hash};
+use super::views;
 
 /// Where the running host's admin API is.
 #[derive(Args, Debug, Clone)]
@@ -57,8 +61,11 @@ pub enum AdminCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
-    /// List plugins, their running versions and earlier ones.
+    /// List plugins: live version, when it was deployed, earlier versions,
+    /// shadow candidate.
     Plugins {
+        #[command(flatten)]
+        output: Output,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -68,8 +75,11 @@ pub enum AdminCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
-    /// List routes and whether they are paused.
+    /// List routes: running, paused or not ready, what they read, and their
+    /// backlog.
     Routes {
+        #[command(flatten)]
+        output: Output,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -85,8 +95,15 @@ pub enum AdminCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
-    /// Print each route's counters and each plugin's failures.
+    /// Print each route's counters, rate and last activity, and each
+    /// plugin's failures.
     Stats {
+        /// Seconds between the two readings the rate is taken from; 0 reads
+        /// once and shows no rate.
+        #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+        interval: f64,
+        #[command(flatten)]
+        output: Output,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -95,6 +112,14 @@ pub enum AdminCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
+}
+
+/// How a listing is printed.
+#[derive(Args, Debug, Clone)]
+pub struct Output {
+    /// Print the admin API's answer as one JSON document, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What to do with a shadow run.
@@ -169,24 +194,11 @@ impl AdminCommand {
                     None => println!("plugin {plugin}: that version is already running"),
                 }
             }
-            AdminCommand::Plugins { target } => {
-                for plugin in list(client(&target).get("/api/plugins")?) {
-                    println!(
-                        "{:<20} {}  since {}  ({} earlier version(s))",
-                        plugin["name"].as_str().unwrap_or(""),
-                        short(&plugin["current"]),
-                        plugin["current"]["loaded_at_ms"],
-                        plugin["earlier"].as_array().map_or(0, Vec::len)
-                    );
-                    if plugin["current"]["source"] == crate::deploy::LAST_GOOD {
-                        println!(
-                            "{:<20} RUNNING ITS LAST GOOD VERSION: its file was refused at start",
-                            ""
-                        );
-                    }
-                    if let Some(error) = plugin["last_error"].as_str() {
-                        println!("{:<20} last refused version: {error}", "");
-                    }
+            AdminCommand::Plugins { output, target } => {
+                let plugins = client(&target).get("/api/plugins")?;
+                match output.json {
+                    true => print_json(&plugins),
+                    false => print!("{}", views::plugins(&list(plugins))),
                 }
             }
             AdminCommand::Rollback { plugin, target } => {
@@ -196,26 +208,11 @@ impl AdminCommand {
                     short(&answer["current"])
                 );
             }
-            AdminCommand::Routes { target } => {
-                for route in list(client(&target).get("/api/routes")?) {
-                    println!(
-                        "{:<20} {:<9} plugin {:<16} group {:<16} backlog {:<8} topics {}",
-                        route["name"].as_str().unwrap_or(""),
-                        if route["paused"].as_bool() == Some(true) {
-                            "paused"
-                        } else if route["trouble"].is_string() {
-                            "not-ready"
-                        } else {
-                            "running"
-                        },
-                        route["plugin"].as_str().unwrap_or(""),
-                        route["group"].as_str().unwrap_or(""),
-                        count(&route["backlog"]),
-                        route["topics"]
-                    );
-                    if let Some(trouble) = route["trouble"].as_str() {
-                        println!("    {trouble}");
-                    }
+            AdminCommand::Routes { output, target } => {
+                let routes = client(&target).get("/api/routes")?;
+                match output.json {
+                    true => print_json(&routes),
+                    false => print!("{}", views::routes(&list(routes))),
                 }
             }
             AdminCommand::Pause { route, target } => {
@@ -230,34 +227,11 @@ impl AdminCommand {
                 client(&target).post("/api/reload")?;
                 println!("config reloaded");
             }
-            AdminCommand::Stats { target } => {
-                let client = client(&target);
-                for route in list(client.get("/api/routes")?) {
-                    let s = &route["stats"];
-                    println!(
-                        "route {:<20} received {} acked {} outputs {} retried {} dead-lettered {} in flight {} pending {} backlog {} plugin errors {} backend errors {}",
-                        route["name"].as_str().unwrap_or(""),
-                        s["received"],
-                        s["succeeded"],
-                        s["published"],
-                        s["retried"],
-                        s["dead_lettered"],
-                        s["in_flight"],
-                        count(&route["pending"]),
-                        count(&route["backlog"]),
-                        s["plugin_errors"],
-                        s["backend_errors"]
-                    );
-                }
-                let metrics = client.metrics()?;
-                for line in metrics.lines().filter(|l| {
-                    l.starts_with("sluice_plugin_traps_total")
-                        || l.starts_with("sluice_plugin_timeouts_total")
-                        || l.starts_with("sluice_plugin_memory_limit_hits_total")
-                }) {
-                    println!("{line}");
-                }
-            }
+            AdminCommand::Stats {
+                interval,
+                output,
+                target,
+            } => stats(&client(&target), interval, output.json)?,
         }
         Ok(())
     }
@@ -271,18 +245,47 @@ fn list(value: Value) -> Vec<Value> {
     value.as_array().cloned().unwrap_or_default()
 }
 
-/// A count the backend may not know: `-` then.
-fn count(value: &Value) -> String {
-    value
-        .as_u64()
-        .map_or_else(|| "-".to_string(), |n| n.to_string())
+/// `sluice stats`: two readings of the routes `interval` seconds apart
+/// give each route's rate; with `json`, one document of the routes (the
+/// second reading), the plugins, and the rates by route.
+fn stats(client: &AdminClient, interval: f64, json: bool) -> Result<()> {
+    if !(interval.is_finite() && interval >= 0.0) {
+        bail!("--interval must be a number of seconds, 0 or more");
+    }
+    let before = list(client.get("/api/routes")?);
+    let started = Instant::now();
+    let routes = match interval > 0.0 {
+        true => {
+            std::thread::sleep(Duration::from_secs_f64(interval));
+            list(client.get("/api/routes")?)
+        }
+        false => before.clone(),
+    };
+    let seconds = match interval > 0.0 {
+        true => started.elapsed().as_secs_f64(),
+        false => 0.0,
+    };
+    let rates = views::rates(&before, &routes, seconds);
+    let plugins = client.get("/api/plugins")?;
+    if json {
+        let by_route: serde_json::Map<String, Value> = routes
+            .iter()
+            .zip(&rates)
+            .map(|(route, rate)| (route["name"].as_str().unwrap_or("").into(), json!(rate)))
+            .collect();
+        print_json(&json!({
+            "routes": routes,
+            "plugins": plugins,
+            "handled_per_second": by_route,
+        }));
+    } else {
+        print!("{}", views::stats(&routes, &rates, &list(plugins)));
+    }
+    Ok(())
 }
 
 fn short(info: &Value) -> String {
-    info["hash"]
-        .as_str()
-        .map(|h| h[..12.min(h.len())].to_string())
-        .unwrap_or_default()
+    short_hash(info["hash"].as_str().unwrap_or_default())
 }
 
 /// A shadow report, for people: counts, then each difference side by side.

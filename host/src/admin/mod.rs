@@ -11,6 +11,8 @@ mod console;
 mod dead_letters;
 mod metrics;
 mod shadow;
+pub mod table;
+mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -239,9 +241,31 @@ async fn ready(State(admin): State<Arc<Admin>>) -> Response {
 #[derive(Serialize)]
 struct PluginView {
     name: String,
+    /// The live version; its `loaded_at_ms` is when it was deployed.
     current: crate::deploy::VersionInfo,
     earlier: Vec<crate::deploy::VersionInfo>,
     last_error: Option<String>,
+    /// The candidate running in the shadow of the live version, if any.
+    shadow: Option<ShadowView>,
+    /// Calls and failed calls, across versions.
+    counters: CountersView,
+}
+
+#[derive(Serialize)]
+struct ShadowView {
+    #[serde(flatten)]
+    candidate: crate::deploy::VersionInfo,
+    /// Share of messages the candidate handles too.
+    sample: f64,
+}
+
+#[derive(Serialize)]
+struct CountersView {
+    calls: u64,
+    traps: u64,
+    timeouts: u64,
+    memory_limit_hits: u64,
+    output_limit_hits: u64,
 }
 
 async fn list_plugins(State(admin): State<Arc<Admin>>) -> Json<Vec<PluginView>> {
@@ -250,11 +274,26 @@ async fn list_plugins(State(admin): State<Arc<Admin>>) -> Json<Vec<PluginView>> 
         state
             .deployer
             .slots()
-            .map(|slot| PluginView {
-                name: slot.name.clone(),
-                current: slot.current_info(),
-                earlier: slot.history(),
-                last_error: slot.last_error(),
+            .map(|slot| {
+                let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+                let counters = &slot.counters;
+                PluginView {
+                    name: slot.name.clone(),
+                    current: slot.current_info(),
+                    earlier: slot.history(),
+                    last_error: slot.last_error(),
+                    shadow: slot.shadow().map(|shadow| ShadowView {
+                        candidate: shadow.info.clone(),
+                        sample: shadow.sample,
+                    }),
+                    counters: CountersView {
+                        calls: get(&counters.calls),
+                        traps: get(&counters.traps),
+                        timeouts: get(&counters.timeouts),
+                        memory_limit_hits: get(&counters.memory_limit_hits),
+                        output_limit_hits: get(&counters.output_limit_hits),
+                    },
+                }
             })
             .collect(),
     )
@@ -301,6 +340,13 @@ async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value>
         .zip(depths)
         .map(|(r, depth)| {
             let s = r.stats.snapshot();
+            let trouble = r.trouble();
+            let state = match (r.control.is_paused(), &trouble) {
+                (true, _) => "paused",
+                (false, Some(_)) => "not-ready",
+                (false, None) => "running",
+            };
+            let last_activity = r.stats.last_activity_ms.load(Ordering::Relaxed);
             json!({
                 "name": r.name,
                 "topics": r.topics,
@@ -308,10 +354,15 @@ async fn list_routes(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value>
                 "plugin": r.plugin,
                 "backend": r.backend,
                 "paused": r.control.is_paused(),
+                "state": state,
                 "backend_ok": r.stats.backend_ok.load(Ordering::Relaxed),
-                "trouble": r.trouble(),
+                "trouble": trouble,
                 "pending": depth.pending,
                 "backlog": depth.backlog,
+                "in_flight": s.in_flight,
+                // Last fetch or settlement, ms since the epoch; null before
+                // the first.
+                "last_activity_ms": (last_activity != 0).then_some(last_activity),
                 "stats": {
                     "received": s.received,
                     "succeeded": s.succeeded,

@@ -11,20 +11,26 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
 use super::{DeadLetters, Filter, Summary};
+use crate::admin::table::{Table, ago, print_json};
 use crate::backend::{self, Backend};
 use crate::config;
-use crate::message::{headers, now_ms};
+use crate::message::headers;
 
 #[derive(Subcommand, Debug)]
 pub enum DlqCommand {
-    /// Per route: how many dead letters wait, their causes, the oldest and
-    /// the newest.
+    /// Per route: its dead-letter topic, how many dead letters wait, the
+    /// oldest and the newest, their causes.
     List {
         #[command(flatten)]
         scope: Scope,
+        /// One JSON document: per route, its topic and the summary the admin
+        /// API answers (`count`, `causes`, `oldest_ms`, `newest_ms`).
+        #[arg(long)]
+        json: bool,
     },
-    /// The dead letters themselves: cause, reason, attempts, original
-    /// topic and id, headers and the start of the payload.
+    /// The dead letters themselves, one a row: when, cause, attempts,
+    /// original topic and id, key, reason and the start of the payload
+    /// (--json for all of them, headers included).
     Show {
         #[command(flatten)]
         scope: Scope,
@@ -143,12 +149,12 @@ async fn connect(
 impl DlqCommand {
     pub async fn run(self) -> Result<()> {
         match self {
-            DlqCommand::List { scope } => {
+            DlqCommand::List { scope, json } => {
                 let filter = scope.filter();
-                println!(
-                    "{:<24} {:>7}  {:<11} {:<11} causes",
-                    "ROUTE", "COUNT", "OLDEST", "NEWEST"
-                );
+                let mut table =
+                    Table::new(&["ROUTE", "TOPIC", "COUNT", "OLDEST", "NEWEST", "CAUSES"])
+                        .numbers(&["COUNT"]);
+                let mut summaries = Vec::new();
                 for route in scope.routes().await? {
                     let summary = Summary::of(&route.peek(&filter).await?);
                     let causes: Vec<String> = summary
@@ -156,18 +162,38 @@ impl DlqCommand {
                         .iter()
                         .map(|(cause, n)| format!("{cause} {n}"))
                         .collect();
-                    println!(
-                        "{:<24} {:>7}  {:<11} {:<11} {}",
-                        route.route,
-                        summary.count,
-                        age(summary.oldest_ms),
-                        age(summary.newest_ms),
-                        causes.join(", ")
-                    );
+                    table.row(vec![
+                        route.route.clone(),
+                        route.topic.clone(),
+                        summary.count.to_string(),
+                        ago(summary.oldest_ms),
+                        ago(summary.newest_ms),
+                        causes.join(", "),
+                    ]);
+                    let mut entry = serde_json::to_value(&summary)?;
+                    entry["route"] = route.route.into();
+                    entry["topic"] = route.topic.into();
+                    summaries.push(entry);
+                }
+                match json {
+                    true => print_json(&summaries.into()),
+                    false => print!("{table}"),
                 }
             }
             DlqCommand::Show { scope, json } => {
                 let filter = scope.filter();
+                let mut table = Table::new(&[
+                    "ROUTE",
+                    "DEAD-LETTERED",
+                    "CAUSE",
+                    "ATTEMPTS",
+                    "FROM",
+                    "ID",
+                    "KEY",
+                    "REASON",
+                    "PAYLOAD",
+                ])
+                .numbers(&["ATTEMPTS"]);
                 for route in scope.routes().await? {
                     for letter in route.peek(&filter).await? {
                         if json {
@@ -178,31 +204,25 @@ impl DlqCommand {
                             println!("{line}");
                             continue;
                         }
-                        let field = |name| letter.header(name).unwrap_or("-");
-                        println!(
-                            "route {}  {}  {} ago",
-                            route.route,
-                            letter.id,
-                            age(Some(letter.timestamp_ms))
-                        );
-                        println!(
-                            "  cause {}  attempts {}  from {} (message {})",
+                        let field = |name| letter.header(name).unwrap_or("-").to_string();
+                        table.row(vec![
+                            route.route.clone(),
+                            ago(Some(letter.timestamp_ms)),
                             field(headers::DEAD_LETTER_CAUSE),
                             field(headers::ATTEMPTS),
                             field(headers::ORIGINAL_TOPIC),
-                            field(headers::ORIGINAL_ID)
-                        );
-                        println!("  reason: {}", field(headers::DEAD_LETTER_REASON));
-                        if let Some(key) = &letter.key {
-                            println!("  key: {key}");
-                        }
-                        for (name, value) in &letter.headers {
-                            if !name.starts_with("sluice-") {
-                                println!("  {name}: {value}");
-                            }
-                        }
-                        println!("  payload: {}", preview(&letter.payload));
+                            letter
+                                .header(headers::ORIGINAL_ID)
+                                .unwrap_or(&letter.id)
+                                .to_string(),
+                            letter.key.clone().unwrap_or_default(),
+                            field(headers::DEAD_LETTER_REASON),
+                            preview(&letter.payload),
+                        ]);
                     }
+                }
+                if !json {
+                    print!("{table}");
                 }
             }
             DlqCommand::Redrive {
@@ -284,20 +304,6 @@ fn confirm(question: &str) -> Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-/// How long ago `at_ms` was, roughly: `45s`, `12m`, `3h`, `2d`.
-fn age(at_ms: Option<u64>) -> String {
-    let Some(at) = at_ms else {
-        return "-".into();
-    };
-    let seconds = now_ms().saturating_sub(at) / 1000;
-    match seconds {
-        0..60 => format!("{seconds}s"),
-        60..3600 => format!("{}m", seconds / 60),
-        3600..86400 => format!("{}h", seconds / 3600),
-        _ => format!("{}d", seconds / 86400),
-    }
-}
-
 /// `30s`, `15m`, `2h` or `7d`.
 pub fn parse_age(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(text.len().saturating_sub(1));
@@ -314,16 +320,14 @@ pub fn parse_age(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
-/// The start of a payload, as text where it is text.
+/// A payload as a quoted, escaped string where it is text (the table
+/// cuts it short), its size where it is not.
 fn preview(payload: &[u8]) -> String {
-    const SHOWN: usize = 120;
+    // More than a cell ever shows, without escaping a whole large payload.
+    const SHOWN: usize = 64;
     match std::str::from_utf8(payload) {
         Ok(text) if text.chars().count() > SHOWN => {
-            format!(
-                "{:?}… ({} bytes)",
-                text.chars().take(SHOWN).collect::<String>(),
-                payload.len()
-            )
+            format!("{:?}…", text.chars().take(SHOWN).collect::<String>())
         }
         Ok(text) => format!("{text:?}"),
         Err(_) => format!("{} bytes, not UTF-8", payload.len()),
@@ -341,7 +345,5 @@ mod tests {
         assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_age("2w").is_err());
         assert!(parse_age("h").is_err());
-        assert_eq!(age(Some(now_ms() - 3 * 3600 * 1000)), "3h");
-        assert_eq!(age(None), "-");
     }
 }
