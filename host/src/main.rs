@@ -418,10 +418,15 @@ fn check(path: &Path) -> Result<ExitCode> {
                 .next()
                 .unwrap_or("");
             if matches!(scheme, "nats" | "redis+pubsub" | "rediss+pubsub") {
+                let from = match loaded.set_by_env(&format!("backends.{name}.url")) {
+                    Some(variable) => format!(", as {variable} sets it"),
+                    None => String::new(),
+                };
                 bail!(
-                    "routes[{index}].dead_letter_backend: route `{}` would send its dead letters \
-                     to backend `{name}` ({scheme}://), which keeps nothing nobody is subscribed \
-                     to; set `dead_letter_backend` to a backend that keeps them",
+                    "{}: routes[{index}].dead_letter_backend: route `{}` would send its dead \
+                     letters to backend `{name}` ({scheme}://{from}), which keeps nothing nobody \
+                     is subscribed to; set `dead_letter_backend` to a backend that keeps them",
+                    path.display(),
                     route.name
                 );
             }

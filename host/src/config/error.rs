@@ -69,6 +69,9 @@ pub struct Sources<'a> {
     /// Keys (`backends.main.url`) whose value an environment variable set,
     /// with the variable.
     pub from_env: BTreeMap<String, String>,
+    /// Keys (`backends.main.url`) whose value a file named by another key
+    /// held: that key (`backends.main.url_file`) and the file.
+    pub from_file: BTreeMap<String, (String, String)>,
 }
 
 impl Sources<'_> {
@@ -76,6 +79,9 @@ impl Sources<'_> {
     pub fn origin(&self, key: &str) -> Origin {
         if let Some(variable) = self.from_env.get(key) {
             return Origin::Env(variable.clone());
+        }
+        if let Some((naming, _)) = self.from_file.get(key) {
+            return self.origin(naming);
         }
         self.document.line(key).map_or(Origin::File, Origin::Line)
     }
@@ -96,7 +102,10 @@ impl Sources<'_> {
             file: self.file.clone(),
             origin: self.origin(key),
             key: key.to_string(),
-            within,
+            within: within.or_else(|| {
+                let (_, file) = self.from_file.get(key)?;
+                Some(format!("read from {file}"))
+            }),
             message: message.into(),
         }
     }

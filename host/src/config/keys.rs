@@ -53,20 +53,23 @@ impl Key {
     }
 }
 
-/// Every key of the config, tables included, in the order of the structs.
+/// Every key of the config, tables included, in the order of the structs;
+/// none if the structs could not be traced (a test makes sure they can).
 pub fn accepted() -> &'static [Key] {
     static KEYS: OnceLock<Vec<Key>> = OnceLock::new();
-    KEYS.get_or_init(|| {
-        let keys = RefCell::new(Vec::new());
-        let kind = RefCell::new(String::new());
-        super::Config::deserialize(Probe {
-            path: String::new(),
-            keys: &keys,
-            kind: &kind,
-        })
-        .expect("every config struct deserializes from the probe");
-        keys.into_inner()
-    })
+    KEYS.get_or_init(|| trace().unwrap_or_default())
+}
+
+/// Deserializes a [`Config`](super::Config) from the probe, recording its keys.
+pub fn trace() -> Result<Vec<Key>, Error> {
+    let keys = RefCell::new(Vec::new());
+    let kind = RefCell::new(String::new());
+    super::Config::deserialize(Probe {
+        path: String::new(),
+        keys: &keys,
+        kind: &kind,
+    })?;
+    Ok(keys.into_inner())
 }
 
 /// The keys of one table. `table` is a path of the document (`routes`,

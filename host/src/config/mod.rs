@@ -433,6 +433,7 @@ pub fn parse(
         file: source_name.to_string(),
         document: Document::parse(text),
         from_env: BTreeMap::new(),
+        from_file: BTreeMap::new(),
     };
     let mut config: Config =
         toml::from_str(text).map_err(|e| error::from_toml(&e, &sources.document, source_name))?;
@@ -474,6 +475,8 @@ pub fn parse(
                 })?
                 .trim()
                 .to_string();
+            let source = (key("url_file"), path.display().to_string());
+            sources.from_file.insert(key("url"), source);
         } else if backend.url.is_empty() {
             return Err(sources
                 .error(&key("url"), "missing: give `url` or `url_file`")

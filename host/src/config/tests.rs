@@ -98,6 +98,13 @@ fn a_backend_url_can_come_from_a_file() {
         err.contains("`backends.main.url_file`: cannot read"),
         "{err}"
     );
+    std::fs::write(dir.path().join("url"), "cache:6379\n").unwrap();
+    let err = format!("{:#}", parse_in(&text).unwrap_err());
+    assert!(
+        err.starts_with("test.toml: line 3: `backends.main.url` (read from "),
+        "{err}"
+    );
+    assert!(err.contains("`cache:6379` is not a URL"), "{err}");
     let neither = GOOD.replace("url = \"sqlite://demo.db\"", "");
     let err = format!("{:#}", parse_in(&neither).unwrap_err());
     assert!(err.contains("`backends.main.url`: missing"), "{err}");
@@ -276,6 +283,7 @@ fn reference_keys(text: &str) -> std::collections::BTreeSet<(String, Option<Stri
 
 #[test]
 fn the_keys_are_read_from_the_structs() {
+    keys::trace().expect("every config struct deserializes from the probe");
     let find = |table: &str, name: &str| {
         keys::accepted()
             .iter()
