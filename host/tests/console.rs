@@ -366,6 +366,87 @@ async fn drive(client: &Client, admin: &str, dir: &Path, shots: &Path) {
         .await;
         screenshot(client, shots, &format!("5-{}", what.replace(' ', "-"))).await;
     }
+
+    // A payload that is not UTF-8, which the plugin rejects: the dead-letter
+    // browser lists it, and purges it through the confirmation.
+    publish_lines(dir, r#"{"payload_base64":"//4="}"#);
+    let letters = format!("{admin}/api/routes/upper/dead-letters");
+    eventually("the API to list the dead letter", async || {
+        let (_, body) = get(&letters, Some(TOKEN));
+        (serde_json::from_str::<Value>(&body).unwrap()["count"] == 1).then_some(())
+    })
+    .await;
+    let (_, body) = get(&format!("{letters}/messages"), Some(TOKEN));
+    let id = serde_json::from_str::<Value>(&body).unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    click(client, "button[data-action=dead-letters][data-route=upper]").await;
+    let listed = eventually("the page to list the dead letter", async || {
+        let rows = client
+            .find_all(Locator::Css("#dl-messages tbody tr"))
+            .await
+            .unwrap();
+        match rows.as_slice() {
+            [row] => Some(row.text().await.unwrap()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        listed.contains(&id) && listed.contains("rejected"),
+        "{listed}"
+    );
+    screenshot(client, shots, "6-dead-letters").await;
+    click(client, "#dl-purge-all").await;
+    eventually("the confirmation", async || {
+        client.accept_alert().await.ok()
+    })
+    .await;
+    eventually("the page to report the purge", async || {
+        let status = client
+            .find(Locator::Css("#status"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        status.ends_with("done (1 purged)").then_some(())
+    })
+    .await;
+    eventually("the API to have purged it", async || {
+        let (_, body) = get(&letters, Some(TOKEN));
+        (serde_json::from_str::<Value>(&body).unwrap()["count"] == 0).then_some(())
+    })
+    .await;
+    eventually("the page to list none", async || {
+        let rows = client
+            .find_all(Locator::Css("#dl-messages tbody tr"))
+            .await
+            .unwrap();
+        rows.is_empty().then_some(())
+    })
+    .await;
+    screenshot(client, shots, "7-purged").await;
+}
+
+/// Publishes to `words` the message `line`, as `sluice tail --json` prints
+/// one.
+fn publish_lines(dir: &Path, line: &str) {
+    use std::io::Write;
+    let url = format!("sqlite://{}", dir.join("sluice.db").display());
+    let mut publish = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["publish", "--url", &url, "words", "--lines", "--json"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    publish
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(line.as_bytes())
+        .unwrap();
+    assert!(publish.wait().unwrap().success());
 }
 
 /// The hash of plugin `upper`'s live version, as the API reports it.

@@ -521,31 +521,47 @@
     await loadDeadLetters();
   }
 
-  async function loadDeadLetters() {
+  let lettersRead = Promise.resolve();
+
+  /** Reads the dead letters again once any read under way is done. */
+  function loadDeadLetters() {
+    lettersRead = lettersRead.then(readDeadLetters);
+    return lettersRead;
+  }
+
+  async function readDeadLetters() {
     const name = lettersOf;
     if (!name) return;
     const body = document.querySelector("#dl-messages tbody");
     $("dl-summary").textContent = "Reading…";
     try {
-      const [summary, letters] = await Promise.all([
-        api("GET", routePath(name, "/dead-letters")),
-        api("GET", routePath(name, "/dead-letters/messages")),
-      ]);
+      // One read: reading holds the dead letters a moment, so a second
+      // read at the same time would find none.
+      const letters = await api("GET", routePath(name, "/dead-letters/messages"));
       if (lettersOf !== name) return;
-      const causes = Object.entries(summary.causes || {})
-        .map(([cause, n]) => `${cause} ${n}`)
-        .join(", ");
-      $("dl-summary").textContent =
-        `${summary.count} dead letter${summary.count === 1 ? "" : "s"}` +
-        (causes ? ` (${causes})` : "") +
-        (summary.oldest_ms ? `, oldest ${clock(summary.oldest_ms)}, newest ${clock(summary.newest_ms)}` : "") +
-        (letters.length > MAX_LETTERS ? `; the first ${MAX_LETTERS} shown` : "");
+      $("dl-summary").textContent = summarizeLetters(letters);
       body.replaceChildren(...letters.slice(0, MAX_LETTERS).map(letterRow));
     } catch (error) {
       if (error instanceof Unauthorized) return needToken("The token was refused.");
       $("dl-summary").textContent = error.message;
       body.replaceChildren();
     }
+  }
+
+  /** Counts by cause, oldest and newest, as `sluice dlq list` gives them. */
+  function summarizeLetters(letters) {
+    const causes = new Map();
+    for (const letter of letters) {
+      const cause = header(letter, CAUSE_HEADER) || "unknown";
+      causes.set(cause, (causes.get(cause) || 0) + 1);
+    }
+    const times = letters.map((letter) => letter.timestamp_ms);
+    return (
+      `${letters.length} dead letter${letters.length === 1 ? "" : "s"}` +
+      (causes.size ? ` (${[...causes].map(([cause, n]) => `${cause} ${n}`).join(", ")})` : "") +
+      (times.length ? `, oldest ${clock(Math.min(...times))}, newest ${clock(Math.max(...times))}` : "") +
+      (letters.length > MAX_LETTERS ? `; the first ${MAX_LETTERS} shown` : "")
+    );
   }
 
   function letterRow(letter) {
