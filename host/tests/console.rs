@@ -367,6 +367,44 @@ async fn drive(client: &Client, admin: &str, dir: &Path, shots: &Path) {
         screenshot(client, shots, &format!("5-{}", what.replace(' ', "-"))).await;
     }
 
+    // A shadow run started from the plugin's other file picker, then
+    // stopped from its button.
+    let shadow = format!("{admin}/api/plugins/upper/shadow");
+    client
+        .find(Locator::Css(
+            "input[type=file][data-action=shadow-file][data-plugin=upper]",
+        ))
+        .await
+        .unwrap()
+        .send_keys(echo.to_str().unwrap())
+        .await
+        .unwrap();
+    eventually("the API to report the shadow run", async || {
+        let (status, body) = get(&shadow, Some(TOKEN));
+        (status == 200
+            && serde_json::from_str::<Value>(&body).unwrap()["candidate"]["hash"]
+                == second.as_str())
+        .then_some(())
+    })
+    .await;
+    eventually("the page to show the shadow run", async || {
+        cell(client, version, "shadow")
+            .await
+            .starts_with(&second[..12])
+            .then_some(())
+    })
+    .await;
+    screenshot(client, shots, "6-shadow").await;
+    click(client, "button[data-action=shadow-stop][data-plugin=upper]").await;
+    eventually("the API to have stopped the shadow run", async || {
+        (get(&shadow, Some(TOKEN)).0 == 404).then_some(())
+    })
+    .await;
+    eventually("the page to show no shadow run", async || {
+        (cell(client, version, "shadow").await == "-").then_some(())
+    })
+    .await;
+
     // A payload that is not UTF-8, which the plugin rejects: the dead-letter
     // browser lists it, and purges it through the confirmation.
     publish_lines(dir, r#"{"payload_base64":"//4="}"#);
@@ -397,7 +435,7 @@ async fn drive(client: &Client, admin: &str, dir: &Path, shots: &Path) {
         listed.contains(&id) && listed.contains("rejected"),
         "{listed}"
     );
-    screenshot(client, shots, "6-dead-letters").await;
+    screenshot(client, shots, "7-dead-letters").await;
     click(client, "#dl-purge-all").await;
     eventually("the confirmation", async || {
         client.accept_alert().await.ok()
@@ -427,7 +465,7 @@ async fn drive(client: &Client, admin: &str, dir: &Path, shots: &Path) {
         rows.is_empty().then_some(())
     })
     .await;
-    screenshot(client, shots, "7-purged").await;
+    screenshot(client, shots, "8-purged").await;
 }
 
 /// Publishes to `words` the message `line`, as `sluice tail --json` prints

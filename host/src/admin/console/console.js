@@ -351,6 +351,7 @@
     }
     row.cells.name.append(el("strong", {}, name));
     row.cells.version.className = "mono version";
+    row.cells.shadow.className = "shadow wrap-narrow";
     row.cells.error.className = "wrap-narrow";
     row.cells.source.className = "wrap-narrow";
     const button = (action, label, onclick, className) =>
