@@ -12,6 +12,7 @@ mod dead_letters;
 mod metrics;
 mod shadow;
 pub mod table;
+mod upload;
 mod views;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -152,7 +153,7 @@ pub async fn serve(
         .route("/api/plugins", get(list_plugins))
         .route(
             "/api/plugins/{name}",
-            put(deploy_plugin).layer(DefaultBodyLimit::max(upload_limit)),
+            upload::limited(put(deploy_plugin), upload_limit),
         )
         .route("/api/plugins/{name}/rollback", post(rollback_plugin))
         .merge(shadow::routes(upload_limit))

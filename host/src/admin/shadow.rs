@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -19,9 +19,7 @@ pub(super) fn routes(upload_limit: usize) -> Router<Arc<Admin>> {
     Router::new()
         .route(
             "/api/plugins/{name}/shadow",
-            get(report)
-                .put(start)
-                .layer(DefaultBodyLimit::max(upload_limit)),
+            super::upload::limited(get(report).put(start), upload_limit),
         )
         .route("/api/plugins/{name}/shadow/promote", post(promote))
         .route("/api/plugins/{name}/shadow/stop", post(stop))
