@@ -16,6 +16,9 @@ use super::toolchain::Toolchains;
 pub enum KitCommand {
     /// Create a plugin project that builds with `sluice build` and passes
     /// its own `sluice test`.
+    #[command(
+        after_help = "Examples:\n  sluice new shout --lang python\n  sluice new shout --lang rust --dir ~/plugins"
+    )]
     New {
         /// The plugin's name; the project goes into a directory of this name.
         name: String,
@@ -34,6 +37,9 @@ pub enum KitCommand {
     /// component and check it against the world. Python and JavaScript
     /// toolchains are installed on first use into $SLUICE_TOOLCHAINS
     /// (default ~/.cache/sluice/toolchains).
+    #[command(
+        after_help = "Examples:\n  sluice build                  # the project in this directory\n  sluice build shout -o shout.wasm"
+    )]
     Build {
         /// The project directory.
         #[arg(default_value = ".")]
@@ -45,6 +51,45 @@ pub enum KitCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Build a plugin project, run it on a local backend and print each
+    /// message's outcome; rebuild and deploy it on every save.
+    ///
+    /// The route reads the topics of test/messages.jsonl (published once at
+    /// the start) from a SQLite file in PROJECT/target/sluice-dev/; feed it
+    /// with the `sluice publish` line it prints. With --admin and --plugin
+    /// each build is deployed to that running host instead.
+    #[command(after_help = "Examples:
+  sluice dev                                # the project in this directory
+  sluice dev my-handler --topic orders      # read another topic
+  sluice dev --admin http://127.0.0.1:9464 --plugin upper   # deploy to a running host")]
+    Dev {
+        /// The project directory.
+        #[arg(default_value = ".")]
+        project: PathBuf,
+        /// A topic the route reads; repeatable (default: the input's topics).
+        #[arg(long, short)]
+        topic: Vec<String>,
+        /// Messages published once at the start (default:
+        /// PROJECT/test/messages.jsonl if it exists).
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+        /// The backend the route reads (default: a SQLite file in
+        /// PROJECT/target/sluice-dev/).
+        #[arg(long, conflicts_with = "admin")]
+        url: Option<String>,
+        /// A value of the plugin's `config` table, KEY=VALUE; repeatable.
+        #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Deploy each build to the running host with this admin API.
+        #[arg(long, requires = "plugin")]
+        admin: Option<String>,
+        /// With --admin: the plugin each build is a version of.
+        #[arg(long, requires = "admin")]
+        plugin: Option<String>,
+        /// With --admin: its bearer token.
+        #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Run a plugin on recorded messages (JSON lines, as `sluice tail
     /// --json` prints them) with no backend and print one line per message:
     /// `N ok -> …`, `N retry: …`, `N reject: …`, or `N trap|timeout|memory-limit: …`.
@@ -52,6 +97,9 @@ pub enum KitCommand {
     /// and any --expect file matched; 2 if a message trapped, timed out or
     /// hit the memory cap; 1 if the lines differ from --expect or the run
     /// failed.
+    #[command(
+        after_help = "Examples:\n  sluice test target/shout.wasm --input test/messages.jsonl --expect test/expected.txt\n  sluice tail --url sqlite://sluice.db orders --json > orders.jsonl && sluice test target/shout.wasm -i orders.jsonl"
+    )]
     Test {
         /// The component.
         plugin: PathBuf,
@@ -123,6 +171,36 @@ impl KitCommand {
                 );
                 Ok(ExitCode::SUCCESS)
             }
+            KitCommand::Dev {
+                project,
+                topic,
+                input,
+                url,
+                config,
+                admin,
+                plugin,
+                token,
+            } => {
+                let options = super::dev::DevOptions {
+                    build: BuildOptions {
+                        project,
+                        out: None,
+                        toolchains: Toolchains::locate()?,
+                        force: false,
+                        cache_dir: super::cache_dir(),
+                    },
+                    url,
+                    topics: topic,
+                    input,
+                    config: key_values(&config)?,
+                    attach: admin.zip(plugin).map(|(admin, plugin)| super::dev::Attach {
+                        client: crate::admin::client::AdminClient::new(&admin, token),
+                        plugin,
+                    }),
+                };
+                super::dev::run(options, crate::app::shutdown_on_signals()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             KitCommand::Test {
                 plugin,
                 input,
@@ -132,14 +210,7 @@ impl KitCommand {
                 memory_mb,
                 batch,
             } => {
-                let config = config
-                    .iter()
-                    .map(|pair| {
-                        pair.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .with_context(|| format!("config `{pair}` is not KEY=VALUE"))
-                    })
-                    .collect::<Result<_>>()?;
+                let config = key_values(&config)?;
                 let options = TestOptions {
                     wasm: plugin,
                     input,
@@ -159,4 +230,16 @@ impl KitCommand {
             }
         }
     }
+}
+
+/// `KEY=VALUE` arguments as pairs.
+fn key_values(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("config `{pair}` is not KEY=VALUE"))
+        })
+        .collect()
 }

@@ -10,6 +10,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod dev;
 pub mod new;
 pub mod test;
 pub mod toolchain;

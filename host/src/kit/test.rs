@@ -248,10 +248,15 @@ fn text_of(value: &Value) -> Result<String> {
 
 /// `N ok -> TOPIC [key=K] [NAME=VALUE…] PAYLOAD | …`, `N retry: …`, `N reject: …`.
 pub fn describe(number: usize, outcome: &Outcome) -> String {
+    format!("{number} {}", describe_outcome(outcome))
+}
+
+/// What [`describe`] says after the message's number.
+pub fn describe_outcome(outcome: &Outcome) -> String {
     match outcome {
-        Outcome::Outputs(outputs) if outputs.is_empty() => format!("{number} ok (no outputs)"),
+        Outcome::Outputs(outputs) if outputs.is_empty() => "ok (no outputs)".to_string(),
         Outcome::Outputs(outputs) => {
-            let mut line = format!("{number} ok");
+            let mut line = "ok".to_string();
             for (i, output) in outputs.iter().enumerate() {
                 line.push_str(if i == 0 { " -> " } else { " | " });
                 line.push_str(&output.topic);
@@ -265,18 +270,23 @@ pub fn describe(number: usize, outcome: &Outcome) -> String {
             }
             line
         }
-        Outcome::Retry(reason) => format!("{number} retry: {reason}"),
-        Outcome::Reject(reason) => format!("{number} reject: {reason}"),
+        Outcome::Retry(reason) => format!("retry: {reason}"),
+        Outcome::Reject(reason) => format!("reject: {reason}"),
     }
 }
 
 /// `N trap: …`, `N timeout: …` or `N memory-limit: …`.
 pub fn describe_error(number: usize, error: &CallError) -> String {
-    format!("{number} {}: {error}", error.cause())
+    format!("{number} {}", describe_call_error(error))
+}
+
+/// What [`describe_error`] says after the message's number.
+pub fn describe_call_error(error: &CallError) -> String {
+    format!("{}: {error}", error.cause())
 }
 
 /// The payload as text on one line: control characters escaped.
-fn printable(payload: &[u8]) -> String {
+pub fn printable(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload)
         .chars()
         .flat_map(|c| {

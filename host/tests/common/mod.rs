@@ -275,3 +275,42 @@ plugin = "upper"
         cache = dir.join("cache").display(),
     )
 }
+
+/// The cell under `column` in the row whose first cell is `first`, of a
+/// table `sluice` printed (a header row; columns two spaces or more apart).
+pub fn cell(table: &str, first: &str, column: &str) -> String {
+    let split = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut lines = table.lines();
+    let header = split(lines.next().unwrap_or_default());
+    let at = header
+        .iter()
+        .position(|h| h == column)
+        .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
+    let row = lines
+        .map(split)
+        .find(|row| row.first().is_some_and(|c| c == first))
+        .unwrap_or_else(|| panic!("no row {first} in\n{table}"));
+    row[at].clone()
+}
+
+/// A `sluice` command as the kit tests run it: toolchains and the
+/// component cache under the target directory, and Rust scaffolds building
+/// in the plugins' target directory, so the SDK's dependencies are not
+/// compiled again for each.
+pub fn kit_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .env("SLUICE_TOOLCHAINS", toolchains_dir())
+        .env(
+            "SLUICE_CACHE_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("component-cache"),
+        )
+        .env("CARGO_TARGET_DIR", repo_root().join("plugins/target"));
+    command
+}
