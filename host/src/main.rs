@@ -51,6 +51,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run every route of a config until SIGINT or SIGTERM.
+    #[command(
+        after_help = "Examples:\n  sluice run                                  # ./sluice.toml\n  sluice run batch.toml --exit-when-idle 5     # a batch job"
+    )]
     Run {
         /// The TOML config.
         #[arg(default_value = "sluice.toml")]
@@ -60,12 +63,18 @@ enum Command {
         exit_when_idle: Option<f64>,
     },
     /// Check a config and that every plugin implements the handler world.
+    #[command(
+        after_help = "Examples:\n  sluice check examples/anywhere.toml\n  SLUICE_BACKEND_URL=redis://127.0.0.1 sluice check   # with the override"
+    )]
     Check {
         /// The TOML config.
         #[arg(default_value = "sluice.toml")]
         config: PathBuf,
     },
     /// Publish messages to a topic.
+    #[command(
+        after_help = "Examples:\n  sluice publish --url sqlite://sluice.db orders '{\"id\": 1}' --key a1 -H source=cli\n  sluice tail --url sqlite://a.db orders --json | sluice publish --url redis://127.0.0.1 orders --lines --json"
+    )]
     Publish {
         #[command(flatten)]
         target: Target,
@@ -92,6 +101,9 @@ enum Command {
         count: usize,
     },
     /// Print the messages of topics (patterns allowed), e.g. a dead-letter topic.
+    #[command(
+        after_help = "Examples:\n  sluice tail --url redis://127.0.0.1 'orders.>' --follow --json\n  sluice tail -c sluice.toml orders.dead-letter --limit 10"
+    )]
     Tail {
         #[command(flatten)]
         target: Target,
@@ -119,6 +131,7 @@ enum Command {
     ///
     /// They go to the route's redrive topic (it needs `redrive = true`),
     /// which only its group reads. Backends that keep history only.
+    #[command(after_help = "Example:\n  sluice replay --route enrich --from 2h --rate 100")]
     Replay {
         /// The config the route is in.
         #[arg(long, short = 'c', default_value = "sluice.toml")]
@@ -138,6 +151,9 @@ enum Command {
         rate: Option<f64>,
     },
     /// A config's dead letters: list, show, redrive or purge them.
+    #[command(
+        after_help = "Examples:\n  sluice dlq list\n  sluice dlq redrive --route enrich --cause attempts-exhausted"
+    )]
     Dlq {
         #[command(subcommand)]
         command: sluice::dlq::cli::DlqCommand,
@@ -150,12 +166,16 @@ enum Command {
     /// Print a shell's completion script.
     ///
     /// e.g. `sluice completions bash > ~/.local/share/bash-completion/completions/sluice`.
+    #[command(after_help = "Example:\n  sluice completions zsh > ~/.zfunc/_sluice")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
     /// Check, repair, compact or describe a file log directory (file:// backend).
     #[cfg(feature = "filelog")]
+    #[command(
+        after_help = "Examples:\n  sluice log check ./data\n  sluice log compact \"file://./data?retention_ms=86400000\""
+    )]
     Log {
         #[command(subcommand)]
         command: backend::filelog::LogCommand,

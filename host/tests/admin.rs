@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::plugin_path;
+use common::{cell, plugin_path};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -30,29 +30,6 @@ fn sluice(args: &[&str], admin: &str, token: Option<&str>) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The cell under `column` in the row whose first cell is `first`, of a
-/// table `sluice` printed (a header row; columns two spaces or more apart).
-fn cell(table: &str, first: &str, column: &str) -> String {
-    let split = |line: &str| -> Vec<String> {
-        line.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
-    let mut lines = table.lines();
-    let header = split(lines.next().unwrap_or_default());
-    let at = header
-        .iter()
-        .position(|h| h == column)
-        .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
-    let row = lines
-        .map(split)
-        .find(|row| row.first().is_some_and(|c| c == first))
-        .unwrap_or_else(|| panic!("no row {first} in\n{table}"));
-    row[at].clone()
 }
 
 /// What `sluice ARGS --json` printed, as the one JSON document it must be.

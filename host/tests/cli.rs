@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::plugin_path;
+use common::{cell, plugin_path};
 
 fn sluice(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -23,29 +23,6 @@ fn stderr(output: &Output) -> String {
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The cell under `column` in the row whose first cell is `first`, of a
-/// table `sluice` printed (a header row; columns two spaces or more apart).
-fn cell(table: &str, first: &str, column: &str) -> String {
-    let split = |line: &str| -> Vec<String> {
-        line.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
-    let mut lines = table.lines();
-    let header = split(lines.next().unwrap_or_default());
-    let at = header
-        .iter()
-        .position(|h| h == column)
-        .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
-    let row = lines
-        .map(split)
-        .find(|row| row.first().is_some_and(|c| c == first))
-        .unwrap_or_else(|| panic!("no row {first} in\n{table}"));
-    row[at].clone()
 }
 
 fn write_config(dir: &Path, body: &str) -> String {
@@ -1052,4 +1029,47 @@ fn version_names_the_world_and_the_backends() {
     }
     let short = stdout(&sluice(&["-V"]));
     assert_eq!(short.lines().count(), 1, "{short}");
+}
+
+/// The commands `sluice ARGS --help` lists, but `help`.
+fn subcommands(args: &[&str]) -> Vec<String> {
+    let help = stdout(&sluice(&[args, &["--help"]].concat()));
+    help.lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every command's help ends with an example of its use.
+#[test]
+fn every_command_shows_an_example() {
+    let commands = subcommands(&[]);
+    for expected in ["run", "check", "dev", "dlq", "plugins"] {
+        assert!(commands.iter().any(|c| c == expected), "{commands:?}");
+    }
+    let mut checked = 0;
+    for command in &commands {
+        let mut paths = vec![vec![command.as_str()]];
+        let nested = subcommands(&[command.as_str()]);
+        paths.extend(nested.iter().map(|n| vec![command.as_str(), n.as_str()]));
+        for path in paths {
+            let help = stdout(&sluice(&[&path[..], &["--help"]].concat()));
+            assert!(
+                help.contains("Example"),
+                "`sluice {} --help` shows no example:\n{help}",
+                path.join(" ")
+            );
+            assert!(
+                help.contains(&format!("sluice {}", path.join(" "))),
+                "`sluice {} --help`'s example does not use it:\n{help}",
+                path.join(" ")
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > commands.len(), "no nested commands were checked");
 }

@@ -10,19 +10,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn sluice(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    common::kit_command()
         .args(args)
-        .env("SLUICE_TOOLCHAINS", common::toolchains_dir())
-        .env(
-            "SLUICE_CACHE_DIR",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("component-cache"),
-        )
-        // Rust scaffolds share the plugins' target dir, so the SDK's
-        // dependencies are not compiled again for each.
-        .env(
-            "CARGO_TARGET_DIR",
-            common::repo_root().join("plugins/target"),
-        )
         .output()
         .expect("run sluice")
 }

@@ -36,6 +36,9 @@ pub struct AdminTarget {
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
     /// Deploy a new version of a plugin into the running host.
+    #[command(
+        after_help = "Examples:\n  sluice deploy target/shout.wasm --plugin shout\n  sluice deploy target/shout.wasm --plugin shout --shadow --sample 0.1"
+    )]
     Deploy {
         /// The .wasm component.
         file: PathBuf,
@@ -53,6 +56,9 @@ pub enum AdminCommand {
         target: AdminTarget,
     },
     /// A shadow run: `report`, `promote` (make the candidate live) or `stop`.
+    #[command(
+        after_help = "Examples:\n  sluice shadow report shout\n  sluice shadow promote shout"
+    )]
     Shadow {
         #[arg(value_enum)]
         action: ShadowAction,
@@ -63,6 +69,9 @@ pub enum AdminCommand {
     },
     /// List plugins: live version, when it was deployed, earlier versions,
     /// shadow candidate.
+    #[command(
+        after_help = "Example:\n  sluice plugins --admin http://10.0.0.5:9464 --token \"$TOKEN\""
+    )]
     Plugins {
         #[command(flatten)]
         output: Output,
@@ -70,6 +79,7 @@ pub enum AdminCommand {
         target: AdminTarget,
     },
     /// Return a plugin to its previous version.
+    #[command(after_help = "Example:\n  sluice rollback shout")]
     Rollback {
         plugin: String,
         #[command(flatten)]
@@ -77,6 +87,7 @@ pub enum AdminCommand {
     },
     /// List routes: running, paused or not ready, what they read, and their
     /// backlog.
+    #[command(after_help = "Examples:\n  sluice routes\n  sluice routes --json")]
     Routes {
         #[command(flatten)]
         output: Output,
@@ -84,12 +95,14 @@ pub enum AdminCommand {
         target: AdminTarget,
     },
     /// Stop fetching on a route (messages in flight finish).
+    #[command(after_help = "Example:\n  sluice pause enrich")]
     Pause {
         route: String,
         #[command(flatten)]
         target: AdminTarget,
     },
     /// Resume a paused route.
+    #[command(after_help = "Example:\n  sluice resume enrich")]
     Resume {
         route: String,
         #[command(flatten)]
@@ -97,6 +110,7 @@ pub enum AdminCommand {
     },
     /// Print each route's counters, rate and last activity, and each
     /// plugin's failures.
+    #[command(after_help = "Example:\n  sluice stats --interval 5")]
     Stats {
         /// Seconds between the two readings the rate is taken from; 0 reads
         /// once and shows no rate.
@@ -108,6 +122,9 @@ pub enum AdminCommand {
         target: AdminTarget,
     },
     /// Re-read the running host's config file and apply it (like SIGHUP).
+    #[command(
+        after_help = "Example:\n  sluice reload                 # or: kill -HUP <pid of sluice run>"
+    )]
     Reload {
         #[command(flatten)]
         target: AdminTarget,

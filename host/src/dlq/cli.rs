@@ -20,6 +20,7 @@ use crate::message::headers;
 pub enum DlqCommand {
     /// Per route: its dead-letter topic, how many dead letters wait, the
     /// oldest and the newest, their causes.
+    #[command(after_help = "Example:\n  sluice dlq list -c prod.toml")]
     List {
         #[command(flatten)]
         scope: Scope,
@@ -31,6 +32,9 @@ pub enum DlqCommand {
     /// The dead letters themselves, one a row: when, cause, attempts,
     /// original topic and id, key, reason and the start of the payload
     /// (--json for all of them, headers included).
+    #[command(
+        after_help = "Examples:\n  sluice dlq show --route enrich --newer-than 1h\n  sluice dlq show --route enrich --json > letters.jsonl"
+    )]
     Show {
         #[command(flatten)]
         scope: Scope,
@@ -41,6 +45,9 @@ pub enum DlqCommand {
     /// Send dead letters back through the route that failed them (its
     /// group only; the route needs `redrive = true`), as new messages with
     /// their key, headers and payload, and attempts from 1.
+    #[command(
+        after_help = "Examples:\n  sluice dlq redrive --route enrich --dry-run\n  sluice dlq redrive --route enrich --cause attempts-exhausted --rate 50"
+    )]
     Redrive {
         #[command(flatten)]
         scope: Scope,
@@ -52,6 +59,7 @@ pub enum DlqCommand {
         rate: Option<f64>,
     },
     /// Drop dead letters for good.
+    #[command(after_help = "Example:\n  sluice dlq purge --route enrich --older-than 7d --yes")]
     Purge {
         #[command(flatten)]
         scope: Scope,

@@ -23,18 +23,23 @@ use crate::message::now_ms;
 pub enum LogCommand {
     /// Check every record and group file without changing anything; exit 1
     /// if problems are found (each printed with its file and line).
+    #[command(after_help = "Example:\n  sluice log check ./data")]
     Check {
         /// The log directory (or its file:// URL).
         path: String,
     },
     /// Repair: truncate torn tails, move damaged records to quarantine/,
     /// remove files left by interrupted writes; print what was done.
+    #[command(after_help = "Example:\n  sluice log recover ./data")]
     Recover {
         /// The log directory (or its file:// URL).
         path: String,
     },
     /// Apply retention and rewrite segments without records every group has
     /// acknowledged (or past retention); print the bytes before and after.
+    #[command(
+        after_help = "Example:\n  sluice log compact \"file://./data?retention_bytes=1000000000\""
+    )]
     Compact {
         /// The log directory, or its file:// URL with retention_ms and
         /// retention_bytes to apply.
@@ -42,6 +47,7 @@ pub enum LogCommand {
     },
     /// Per topic: segments, records, bytes, oldest and newest; per group:
     /// position, pending and in-flight messages.
+    #[command(after_help = "Example:\n  sluice log stats file://./data")]
     Stats {
         /// The log directory (or its file:// URL).
         path: String,
