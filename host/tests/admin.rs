@@ -6,15 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cell, plugin_path};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{KillOnDrop, cell, free_port, plugin_path};
 
 fn sluice(args: &[&str], admin: &str, token: Option<&str>) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
@@ -39,78 +31,36 @@ fn json(args: &[&str], admin: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
 }
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path, port: u16, token: Option<&str>) -> Running {
+fn start(dir: &Path, port: u16, token: Option<&str>) -> KillOnDrop {
     let url = format!("sqlite://{}", dir.join("sluice.db").display());
     start_on(dir, port, token, &url, "")
 }
 
 /// Starts a host whose one route reads `words` on `url`, with `route_extra`
-/// lines added to the route.
-fn start_on(dir: &Path, port: u16, token: Option<&str>, url: &str, route_extra: &str) -> Running {
-    let plugin = dir.join("upper.wasm");
-    std::fs::copy(plugin_path("uppercase"), &plugin).unwrap();
-    let token_line = token
-        .map(|t| format!("token = \"{t}\"\n"))
-        .unwrap_or_default();
-    let config = format!(
-        r#"[backends.main]
-url = "{url}"
-
-[plugins.upper]
-path = "upper.wasm"
-config = {{ output = "shouted" }}
-publish_to = ["shouted"]
-
-[runtime]
-cache_dir = "cache"
-
-[admin]
-listen = "127.0.0.1:{port}"
-max_upload_mb = 1
-{token_line}
-[[routes]]
-name = "upper"
-topics = ["words"]
-plugin = "upper"
-{route_extra}
-"#,
-    );
-    std::fs::write(dir.join("sluice.toml"), config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", dir.join("sluice.toml").to_str().unwrap()])
-        .env("SLUICE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+/// lines added to the route, and waits for its admin API.
+fn start_on(
+    dir: &Path,
+    port: u16,
+    token: Option<&str>,
+    url: &str,
+    route_extra: &str,
+) -> KillOnDrop {
+    let mut admin_extra = "max_upload_mb = 1".to_string();
+    if let Some(token) = token {
+        admin_extra.push_str(&format!("\ntoken = \"{token}\""));
+    }
+    let host = common::run_admin_host(dir, url, port, &admin_extra, route_extra);
     let admin = format!("http://127.0.0.1:{port}");
     let give_up = Instant::now() + Duration::from_secs(30);
     while !sluice(&["routes"], &admin, token).status.success() {
         assert!(Instant::now() < give_up, "the admin API never came up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    Running(child)
+    host
 }
 
 fn get(url: &str) -> (u16, String) {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let mut response = agent.get(url).call().unwrap();
-    (
-        response.status().as_u16(),
-        response.body_mut().read_to_string().unwrap(),
-    )
+    common::http_get(url, None)
 }
 
 #[test]
@@ -659,15 +609,7 @@ plugin = "p"
     );
     std::fs::write(dir.path().join("sluice.toml"), config).unwrap();
     let candidate = sluice::runtime::hash(&std::fs::read(plugin_path("hostile")).unwrap());
-    let _host = Running(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", dir.path().join("sluice.toml").to_str().unwrap()])
-            .env("SLUICE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _host = common::run_host(dir.path());
     let give_up = Instant::now() + Duration::from_secs(30);
     while !sluice(&["routes"], &admin, None).status.success() {
         assert!(Instant::now() < give_up, "the admin API never came up");

@@ -8,10 +8,10 @@ mod common;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::plugin_path;
+use common::{KillOnDrop, free_port, http_get as get, plugin_path};
 use fantoccini::{Client, ClientBuilder, Locator};
 use futures::FutureExt;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,43 +24,6 @@ const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 800;
 /// Messages the route handles before the browser looks.
 const HANDLED: u64 = 7;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `GET url`, with the token if given: the status and the body.
-fn get(url: &str, token: Option<&str>) -> (u16, String) {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let mut request = agent.get(url);
-    if let Some(token) = token {
-        request = request.header("Authorization", &format!("Bearer {token}"));
-    }
-    match request.call() {
-        Ok(mut response) => (
-            response.status().as_u16(),
-            response.body_mut().read_to_string().unwrap(),
-        ),
-        Err(e) => (0, e.to_string()),
-    }
-}
 
 /// Waits until `check` returns something, or fails with `what`.
 async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
@@ -76,41 +39,9 @@ async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) ->
 
 /// Starts `sluice run` on SQLite with one route, `upper`, and the admin
 /// API with a token on `port`.
-fn start_host(dir: &Path, port: u16) -> Killed {
-    std::fs::copy(plugin_path("uppercase"), dir.join("upper.wasm")).unwrap();
-    let config = format!(
-        r#"[backends.main]
-url = "sqlite://{db}"
-
-[plugins.upper]
-path = "upper.wasm"
-config = {{ output = "shouted" }}
-publish_to = ["shouted"]
-
-[runtime]
-cache_dir = "cache"
-
-[admin]
-listen = "127.0.0.1:{port}"
-token = "{TOKEN}"
-
-[[routes]]
-name = "upper"
-topics = ["words"]
-plugin = "upper"
-"#,
-        db = dir.join("sluice.db").display(),
-    );
-    std::fs::write(dir.join("sluice.toml"), config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", dir.join("sluice.toml").to_str().unwrap()])
-        .env("SLUICE_LOG", "warn")
-        .env_remove("SLUICE_ADMIN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Killed(child)
+fn start_host(dir: &Path, port: u16) -> KillOnDrop {
+    let url = format!("sqlite://{}", dir.join("sluice.db").display());
+    common::run_admin_host(dir, &url, port, &format!("token = \"{TOKEN}\""), "")
 }
 
 fn publish(dir: &Path, count: u64) {
@@ -137,7 +68,7 @@ fn api_route(admin: &str) -> Value {
         .expect("route upper listed")
 }
 
-fn start_chromedriver() -> (Killed, String) {
+fn start_chromedriver() -> (KillOnDrop, String) {
     for tool in [CHROMIUM, CHROMEDRIVER] {
         assert!(
             Path::new(tool).exists(),
@@ -157,7 +88,7 @@ fn start_chromedriver() -> (Killed, String) {
         assert!(Instant::now() < give_up, "chromedriver never came up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (Killed(child), url)
+    (KillOnDrop(child), url)
 }
 
 async fn browser(driver: &str) -> Client {

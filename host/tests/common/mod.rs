@@ -314,3 +314,94 @@ pub fn kit_command() -> Command {
         .env("CARGO_TARGET_DIR", repo_root().join("plugins/target"));
     command
 }
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `sluice run` on `dir/sluice.toml`, quietly.
+pub fn run_host(dir: &Path) -> KillOnDrop {
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(dir.join("sluice.toml"))
+        .env("SLUICE_LOG", "warn")
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sluice run");
+    KillOnDrop(child)
+}
+
+/// Runs a host whose one route, `upper`, reads `words` on `url` through the
+/// uppercase plugin (which publishes to `shouted`), with the admin API on
+/// `port`; `admin_extra` lines go under `[admin]` and `route_extra` lines
+/// under the route.
+pub fn run_admin_host(
+    dir: &Path,
+    url: &str,
+    port: u16,
+    admin_extra: &str,
+    route_extra: &str,
+) -> KillOnDrop {
+    std::fs::copy(plugin_path("uppercase"), dir.join("upper.wasm")).unwrap();
+    let config = format!(
+        r#"[backends.main]
+url = "{url}"
+
+[plugins.upper]
+path = "upper.wasm"
+config = {{ output = "shouted" }}
+publish_to = ["shouted"]
+
+[runtime]
+cache_dir = "cache"
+
+[admin]
+listen = "127.0.0.1:{port}"
+{admin_extra}
+
+[[routes]]
+name = "upper"
+topics = ["words"]
+plugin = "upper"
+{route_extra}
+"#,
+    );
+    std::fs::write(dir.join("sluice.toml"), config).unwrap();
+    run_host(dir)
+}
+
+/// `GET url`, with a bearer token if given: the status and the body (status
+/// 0 and the error when nothing answered).
+pub fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut request = agent.get(url);
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    match request.call() {
+        Ok(mut response) => (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        ),
+        Err(e) => (0, e.to_string()),
+    }
+}
