@@ -3,6 +3,8 @@
 //! backends this build can open. Each error names the key and where its
 //! value came from.
 
+use std::ops::RangeInclusive;
+
 use anyhow::Result;
 
 use super::Config;
@@ -41,19 +43,34 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
             return Err(error(key, backend::unsupported_scheme(scheme, &supported)).into());
         }
     }
+    if let Some(admin) = &config.admin {
+        within(admin.max_upload_mb, 1..=MAX_MIB, "MiB")
+            .map_err(|m| error("admin.max_upload_mb".into(), m))?;
+    }
+    within(
+        config.runtime.max_message_bytes as u64,
+        1..=MAX_MIB << 20,
+        "bytes",
+    )
+    .map_err(|m| error("runtime.max_message_bytes".into(), m))?;
     for (name, plugin) in &config.plugins {
-        let zero = [
-            ("timeout_ms", plugin.timeout_ms == 0),
-            ("memory_limit_mb", plugin.memory_limit_mb == 0),
-            ("max_outputs", plugin.max_outputs == 0),
-            ("max_output_mb", plugin.max_output_mb == 0),
-        ];
-        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
-            return Err(error(
-                format!("plugins.{name}.{key}"),
-                "must be greater than zero".into(),
-            )
-            .into());
+        for (key, value, range, unit) in [
+            ("timeout_ms", plugin.timeout_ms, 1..=u64::MAX, "ms"),
+            (
+                "memory_limit_mb",
+                plugin.memory_limit_mb,
+                1..=MAX_MIB,
+                "MiB",
+            ),
+            ("max_outputs", plugin.max_outputs as u64, 1..=u64::MAX, ""),
+            (
+                "max_output_mb",
+                plugin.max_output_mb as u64,
+                1..=MAX_MIB,
+                "MiB",
+            ),
+        ] {
+            within(value, range, unit).map_err(|m| error(format!("plugins.{name}.{key}"), m))?;
         }
         for topic in &plugin.publish_to {
             pattern::validate(topic).map_err(|m| error(format!("plugins.{name}.publish_to"), m))?;
@@ -159,14 +176,13 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
             ));
         }
         for (name, value) in [
-            ("concurrency", route.concurrency),
-            ("max_in_flight", route.max_in_flight),
-            ("batch_size", route.batch_size),
-            ("stalled_after_ms", route.stalled_after_ms as usize),
+            ("concurrency", route.concurrency as u64),
+            ("max_in_flight", route.max_in_flight as u64),
+            ("batch_size", route.batch_size as u64),
+            ("stalled_after_ms", route.stalled_after_ms),
+            ("max_hops", u64::from(route.max_hops)),
         ] {
-            if value == 0 {
-                return Err(fail(name, "must be at least 1".into()));
-            }
+            within(value, 1..=u64::MAX, "").map_err(|m| fail(name, m))?;
         }
         if let Some(rate) = route.max_rate
             && !(rate.is_finite() && rate > 0.0)
@@ -189,8 +205,20 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         if retry.max_attempts == 0 {
             return Err(fail("retry.max_attempts", "must be at least 1".into()));
         }
-        if retry.multiplier.is_nan() || retry.multiplier < 1.0 {
-            return Err(fail("retry.multiplier", "must be at least 1.0".into()));
+        if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+            return Err(fail(
+                "retry.multiplier",
+                format!("{} is not a factor of at least 1.0", retry.multiplier),
+            ));
+        }
+        if retry.initial_backoff_ms > retry.max_backoff_ms {
+            return Err(fail(
+                "retry.initial_backoff_ms",
+                format!(
+                    "{} ms is longer than retry.max_backoff_ms ({} ms)",
+                    retry.initial_backoff_ms, retry.max_backoff_ms
+                ),
+            ));
         }
         if !(0.0..=1.0).contains(&retry.jitter) {
             return Err(fail("retry.jitter", "must be within 0..=1".into()));
@@ -208,6 +236,31 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The most MiB a size may name: 4 GiB, the most a plugin's 32-bit memory
+/// can hold, and far below where a size in bytes would overflow.
+const MAX_MIB: u64 = 4096;
+
+/// Whether a whole-number setting lies in `range`, with the reason if not.
+fn within(value: u64, range: RangeInclusive<u64>, unit: &str) -> Result<(), String> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    Err(if *range.end() == u64::MAX {
+        format!("must be at least {}", range.start())
+    } else {
+        format!(
+            "{value}{unit} is outside {}..={}{unit}",
+            range.start(),
+            range.end()
+        )
+    })
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {

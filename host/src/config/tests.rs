@@ -448,3 +448,81 @@ fn a_scheme_this_build_lacks_names_the_feature() {
         "{message}"
     );
 }
+
+/// Numbers out of their range are refused by `check`, naming the key and
+/// its line, rather than wrapping or misbehaving at run time.
+#[test]
+fn numbers_out_of_range_name_their_key() {
+    let plugin = "path = \"upper.wasm\"\n";
+    let route = "plugin = \"upper\"\n";
+    let cases = [
+        (
+            plugin,
+            "memory_limit_mb = 17592186044416",
+            "plugins.upper.memory_limit_mb",
+            "line 7",
+        ),
+        (
+            plugin,
+            "memory_limit_mb = 0",
+            "plugins.upper.memory_limit_mb",
+            "line 7",
+        ),
+        (
+            plugin,
+            "max_output_mb = 5000",
+            "plugins.upper.max_output_mb",
+            "line 7",
+        ),
+        (
+            plugin,
+            "max_outputs = 0",
+            "plugins.upper.max_outputs",
+            "line 7",
+        ),
+        (route, "max_hops = 0", "routes[0].max_hops", "line 12"),
+        (
+            route,
+            "retry = { multiplier = nan }",
+            "routes[0].retry.multiplier",
+            "line 12",
+        ),
+        (
+            route,
+            "retry = { multiplier = inf }",
+            "routes[0].retry.multiplier",
+            "line 12",
+        ),
+        (
+            route,
+            "retry = { multiplier = 0.5 }",
+            "routes[0].retry.multiplier",
+            "line 12",
+        ),
+        (
+            route,
+            "retry = { jitter = 2.0 }",
+            "routes[0].retry.jitter",
+            "line 12",
+        ),
+        (
+            route,
+            "retry = { initial_backoff_ms = 5000, max_backoff_ms = 100 }",
+            "routes[0].retry.initial_backoff_ms",
+            "line 12",
+        ),
+    ];
+    for (after, line, key, at) in cases {
+        let text = GOOD.replace(after, &format!("{after}{line}\n"));
+        let err = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains(key), "{line}: {err}");
+        assert!(err.contains(at), "{line}: {err}");
+    }
+    let runtime = format!("{GOOD}\n[runtime]\nmax_message_bytes = 0\n");
+    let err = parse_with(&runtime, &[]).unwrap_err().to_string();
+    assert!(err.contains("runtime.max_message_bytes"), "{err}");
+    let admin = format!("{GOOD}\n[admin]\nmax_upload_mb = 99999999999999\n");
+    let err = parse_with(&admin, &[]).unwrap_err().to_string();
+    assert!(err.contains("admin.max_upload_mb"), "{err}");
+    assert!(err.contains("outside 1..=4096 MiB"), "{err}");
+}
