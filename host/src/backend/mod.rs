@@ -7,8 +7,9 @@
 //! Dead-lettering is done by the host on top of every backend (publish to the
 //! dead-letter topic, then ack), so it means the same everywhere.
 //!
-//! What a backend cannot do natively it declares in [`Capabilities`], and the
-//! host fills the gap (see `docs/architecture.md`).
+//! A backend declares what it guarantees in [`Capabilities`]; what it lacks
+//! natively (topic patterns, nack delays) it provides itself, with shared
+//! pieces such as [`pattern`] (see `docs/architecture.md`).
 
 use std::any::Any;
 use std::fmt;

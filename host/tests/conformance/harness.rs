@@ -107,12 +107,31 @@ const ALONE: &[&str] = &[
 /// restart the server (every other case is left out of the result).
 async fn run_once(
     target: Arc<dyn Target>,
+    pinned: Capabilities,
     round: usize,
     restart_only: bool,
 ) -> Vec<(&'static str, Verdict)> {
     let backend = target.open().await.expect("open the backend");
-    let caps = backend.capabilities();
+    // Which cases apply follows the pinned capabilities, not the ones the
+    // backend declares: a changed flag fails here instead of turning a
+    // failing case into "n/a".
+    let caps = pinned;
     let mut results = Vec::new();
+    if !restart_only {
+        let declared = backend.capabilities();
+        results.push((
+            "declares_the_pinned_capabilities",
+            if declared == pinned {
+                Verdict::Pass(Duration::ZERO)
+            } else {
+                Verdict::Fail(format!(
+                    "the backend declares {}, the suite pins {}",
+                    describe(&declared),
+                    describe(&pinned)
+                ))
+            },
+        ));
+    }
     let cases = crate::cases::all()
         .into_iter()
         .chain(crate::host_cases::all());
@@ -153,9 +172,66 @@ async fn run_once(
     results
 }
 
+/// The capabilities named in `words` (the fields of [`Capabilities`],
+/// space-separated), every other one off.
+pub fn pinned(words: &str) -> Capabilities {
+    let mut caps = Capabilities {
+        persistent: false,
+        history: false,
+        consumer_groups: false,
+        ordered_per_key: false,
+        native_delay: false,
+        lease: false,
+        wildcards: false,
+        at_least_once: false,
+        lease_checked: false,
+        backlog: false,
+    };
+    for word in words.split_whitespace() {
+        let flag = match word {
+            "persistent" => &mut caps.persistent,
+            "history" => &mut caps.history,
+            "consumer_groups" => &mut caps.consumer_groups,
+            "ordered_per_key" => &mut caps.ordered_per_key,
+            "native_delay" => &mut caps.native_delay,
+            "lease" => &mut caps.lease,
+            "wildcards" => &mut caps.wildcards,
+            "at_least_once" => &mut caps.at_least_once,
+            "lease_checked" => &mut caps.lease_checked,
+            "backlog" => &mut caps.backlog,
+            other => panic!("`{other}` is not a capability"),
+        };
+        *flag = true;
+    }
+    caps
+}
+
+/// The capabilities that are on, as [`pinned`] reads them.
+fn describe(caps: &Capabilities) -> String {
+    let flags = [
+        ("persistent", caps.persistent),
+        ("history", caps.history),
+        ("consumer_groups", caps.consumer_groups),
+        ("ordered_per_key", caps.ordered_per_key),
+        ("native_delay", caps.native_delay),
+        ("lease", caps.lease),
+        ("wildcards", caps.wildcards),
+        ("at_least_once", caps.at_least_once),
+        ("lease_checked", caps.lease_checked),
+        ("backlog", caps.backlog),
+    ];
+    let on: Vec<&str> = flags
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect();
+    format!("\"{}\"", on.join(" "))
+}
+
 /// Runs every case (N times in parallel in stress mode), prints the table,
-/// writes it for the combined report, and fails if any case failed.
-pub async fn run_suite(target: Arc<dyn Target>) {
+/// writes it for the combined report, and fails if any case failed or the
+/// backend declares other capabilities than `pinned`.
+pub async fn run_suite(target: Arc<dyn Target>, pinned: Capabilities) {
     // The backends' own logs, for a failing case: `RUST_LOG=sluice=debug`.
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -170,7 +246,7 @@ pub async fn run_suite(target: Arc<dyn Target>) {
         .max(1);
     let runs = (0..rounds).map(|round| {
         let target = target.clone();
-        tokio::spawn(async move { run_once(target, round, false).await })
+        tokio::spawn(async move { run_once(target, pinned, round, false).await })
     });
     let mut all = Vec::new();
     for run in futures::future::join_all(runs).await {
@@ -178,7 +254,7 @@ pub async fn run_suite(target: Arc<dyn Target>) {
     }
     // Then the restart cases, once each, with nothing else running; their
     // verdicts take the first round's place in the table.
-    for (case, verdict) in run_once(target.clone(), rounds, true).await {
+    for (case, verdict) in run_once(target.clone(), pinned, rounds, true).await {
         if let Some(slot) = all[0].iter_mut().find(|(name, _)| *name == case) {
             slot.1 = verdict;
         }
