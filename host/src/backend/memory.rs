@@ -24,6 +24,20 @@ use crate::message::Message;
 
 const DEFAULT_CAPACITY: usize = 10_000;
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: false,
+    history: false,
+    consumer_groups: true,
+    ordered_per_key: true,
+    native_delay: true,
+    lease: false,
+    wildcards: true,
+    at_least_once: true,
+    lease_checked: false,
+    backlog: true,
+};
+
 pub struct MemoryBackend {
     shared: Arc<Shared>,
 }
@@ -140,18 +154,7 @@ impl Backend for MemoryBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: false,
-            history: false,
-            consumer_groups: true,
-            ordered_per_key: true,
-            native_delay: true,
-            lease: false,
-            wildcards: true,
-            at_least_once: true,
-            lease_checked: false,
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

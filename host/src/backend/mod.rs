@@ -381,37 +381,72 @@ pub(crate) fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
+/// A kind of backend this build can open.
+pub struct BackendKind {
+    /// Its URL schemes.
+    pub schemes: &'static [&'static str],
+    /// What it guarantees, known before anything is connected.
+    pub capabilities: Capabilities,
+}
+
+/// Every kind of backend this build can open.
+pub fn kinds() -> Vec<BackendKind> {
+    let kind = |schemes, capabilities| BackendKind {
+        schemes,
+        capabilities,
+    };
+    #[allow(unused_mut)]
+    let mut kinds = vec![kind(&["memory"], memory::CAPABILITIES)];
+    #[cfg(feature = "sqlite")]
+    kinds.push(kind(&["sqlite"], sqlite::CAPABILITIES));
+    #[cfg(feature = "filelog")]
+    kinds.push(kind(&["file"], filelog::CAPABILITIES));
+    #[cfg(feature = "redis")]
+    kinds.extend([
+        kind(&["redis", "rediss"], redis::streams::CAPABILITIES),
+        kind(
+            &["redis+pubsub", "rediss+pubsub"],
+            redis::pubsub::CAPABILITIES,
+        ),
+    ]);
+    #[cfg(feature = "nats")]
+    kinds.extend([
+        kind(&["nats"], nats::core::CAPABILITIES),
+        kind(&["jetstream"], nats::jetstream::CAPABILITIES),
+    ]);
+    #[cfg(feature = "postgres")]
+    kinds.push(kind(&["postgres", "postgresql"], postgres::CAPABILITIES));
+    #[cfg(feature = "kafka")]
+    kinds.push(kind(&["kafka"], kafka::CAPABILITIES));
+    #[cfg(feature = "sqs")]
+    kinds.push(kind(&["sqs", "sns+sqs"], sqs::CAPABILITIES));
+    kinds
+}
+
 /// URL schemes this build can connect to.
 pub fn supported_schemes() -> Vec<&'static str> {
-    let mut schemes = vec!["memory"];
-    if cfg!(feature = "sqlite") {
-        schemes.push("sqlite");
-    }
-    if cfg!(feature = "filelog") {
-        schemes.push("file");
-    }
-    if cfg!(feature = "redis") {
-        schemes.push("redis");
-        schemes.push("rediss");
-        schemes.push("redis+pubsub");
-        schemes.push("rediss+pubsub");
-    }
-    if cfg!(feature = "nats") {
-        schemes.push("nats");
-        schemes.push("jetstream");
-    }
-    if cfg!(feature = "postgres") {
-        schemes.push("postgres");
-        schemes.push("postgresql");
-    }
-    if cfg!(feature = "kafka") {
-        schemes.push("kafka");
-    }
-    if cfg!(feature = "sqs") {
-        schemes.push("sqs");
-        schemes.push("sns+sqs");
-    }
-    schemes
+    kinds()
+        .iter()
+        .flat_map(|kind| kind.schemes.iter().copied())
+        .collect()
+}
+
+/// What the backend a URL scheme opens guarantees, if this build has it.
+pub fn capabilities_of(scheme: &str) -> Option<Capabilities> {
+    kinds()
+        .into_iter()
+        .find(|kind| kind.schemes.contains(&scheme))
+        .map(|kind| kind.capabilities)
+}
+
+/// The schemes of this build's backends that guarantee what `has` asks,
+/// for an error that says where a route could run instead.
+pub fn schemes_with(has: impl Fn(&Capabilities) -> bool) -> Vec<&'static str> {
+    kinds()
+        .iter()
+        .filter(|kind| has(&kind.capabilities))
+        .flat_map(|kind| kind.schemes.iter().copied())
+        .collect()
 }
 
 /// The cargo feature a backend's URL scheme needs, for every scheme

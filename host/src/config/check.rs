@@ -156,6 +156,42 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
                 ),
             ));
         }
+        let source = match &route.backend {
+            Some(name) => name.get_ref().as_str(),
+            None => config.backends.keys().next().map_or("", String::as_str),
+        };
+        let scheme = config.backends[source]
+            .url
+            .split_once("://")
+            .map_or("", |(scheme, _)| scheme);
+        if let Some(caps) = backend::capabilities_of(scheme) {
+            if route.ordered && !caps.ordered_per_key {
+                return Err(fail(
+                    "ordered",
+                    format!(
+                        "backend `{source}` ({scheme}://) does not keep each key's messages in \
+                         order; these do: {}",
+                        schemes(backend::schemes_with(|c| c.ordered_per_key))
+                    ),
+                ));
+            }
+            if let Some(topic) = route
+                .topics
+                .iter()
+                .find(|t| pattern::is_pattern(t.get_ref()))
+                && !caps.wildcards
+            {
+                return Err(fail(
+                    "topics",
+                    format!(
+                        "`{}` is a pattern, and backend `{source}` ({scheme}://) reads exact \
+                         topics only; these take patterns: {}",
+                        topic.get_ref(),
+                        schemes(backend::schemes_with(|c| c.wildcards))
+                    ),
+                ));
+            }
+        }
         let redrive = route.redrive_topic();
         if route.redrive && (pattern::validate(&redrive).is_err() || pattern::is_pattern(&redrive))
         {
@@ -261,6 +297,14 @@ fn within(value: u64, range: RangeInclusive<u64>, unit: &str) -> Result<(), Stri
             range.end()
         )
     })
+}
+
+fn schemes(schemes: Vec<&str>) -> String {
+    schemes
+        .iter()
+        .map(|scheme| format!("{scheme}://"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {

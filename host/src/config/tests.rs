@@ -526,3 +526,33 @@ fn numbers_out_of_range_name_their_key() {
     assert!(err.contains("admin.max_upload_mb"), "{err}");
     assert!(err.contains("outside 1..=4096 MiB"), "{err}");
 }
+
+/// A route that needs what its backend does not guarantee is refused,
+/// naming the key and the backends of this build that would do.
+#[cfg(all(feature = "redis", feature = "sqs"))]
+#[test]
+fn a_route_needing_what_its_backend_lacks_is_refused() {
+    let ordered = GOOD.replace(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nordered = true\n",
+    );
+    assert!(parse_with(&ordered, &[]).is_ok());
+    let on_redis = ordered.replace("sqlite://demo.db", "redis://localhost");
+    let err = parse_with(&on_redis, &[]).unwrap_err().to_string();
+    assert!(err.contains("routes[0].ordered"), "{err}");
+    assert!(err.contains("line 12"), "{err}");
+    assert!(
+        err.contains("(redis://) does not keep each key's messages in order"),
+        "{err}"
+    );
+    assert!(err.contains("sqlite://"), "{err}");
+    assert!(!err.contains("jetstream://"), "{err}");
+
+    let on_sqs = GOOD.replace("sqlite://demo.db", "sqs://localhost:4566");
+    let err = parse_with(&on_sqs, &[]).unwrap_err().to_string();
+    assert!(err.contains("routes[0].topics"), "{err}");
+    assert!(err.contains("`orders.*` is a pattern"), "{err}");
+    assert!(err.contains("redis://"), "{err}");
+    let exact = on_sqs.replace("orders.*", "orders");
+    assert!(parse_with(&exact, &[]).is_ok());
+}

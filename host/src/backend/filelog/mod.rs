@@ -117,6 +117,20 @@ use crate::message::Message;
 use store::Store;
 use subscription::FileSubscription;
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: true,
+    history: true,
+    consumer_groups: true,
+    ordered_per_key: true,
+    native_delay: true,
+    lease: true,
+    wildcards: true,
+    at_least_once: true,
+    lease_checked: false,
+    backlog: true,
+};
+
 /// The `file://` backend. Cheap to clone through `connect`: handles to one
 /// directory share the store.
 pub struct FileLogBackend {
@@ -161,18 +175,7 @@ impl Backend for FileLogBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: true,
-            history: true,
-            consumer_groups: true,
-            ordered_per_key: true,
-            native_delay: true,
-            lease: true,
-            wildcards: true,
-            at_least_once: true,
-            lease_checked: false,
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {

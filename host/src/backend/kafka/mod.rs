@@ -115,6 +115,25 @@ use consumer::{Behaviour, Context as ConsumerContext};
 use state::Shared;
 use subscription::{GroupNames, KafkaSubscription};
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: true,
+    history: true,
+    consumer_groups: true,
+    ordered_per_key: true,
+    // In the member's memory (see the module documentation).
+    native_delay: false,
+    lease: true,
+    wildcards: true,
+    at_least_once: true,
+    // Stale settlements are refused once the member knows its
+    // partitions moved; until it hears of a lapsed session, the
+    // broker's generation check is all that stops its commits.
+    lease_checked: false,
+    // Watermarks less committed offsets.
+    backlog: true,
+};
+
 /// A handle on a Kafka cluster: one producer and one admin client; each
 /// subscription adds a consumer.
 pub struct KafkaBackend {
@@ -296,23 +315,7 @@ impl Backend for KafkaBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: true,
-            history: true,
-            consumer_groups: true,
-            ordered_per_key: true,
-            // In the member's memory (see the module documentation).
-            native_delay: false,
-            lease: true,
-            wildcards: true,
-            at_least_once: true,
-            // Stale settlements are refused once the member knows its
-            // partitions moved; until it hears of a lapsed session, the
-            // broker's generation check is all that stops its commits.
-            lease_checked: false,
-            // Watermarks less committed offsets.
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {

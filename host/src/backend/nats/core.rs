@@ -38,6 +38,23 @@ use crate::backend::{
 };
 use crate::message::{Message, now_ms};
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: false,
+    history: false,
+    consumer_groups: true,
+    // NATS keeps the order of one connection's messages to a member.
+    ordered_per_key: true,
+    // In this process, like the memory backend; lost on close.
+    native_delay: true,
+    lease: false,
+    wildcards: true,
+    at_least_once: false,
+    lease_checked: false,
+    // Nothing is kept: a message is delivered as it is published.
+    backlog: false,
+};
+
 pub struct NatsCoreBackend {
     client: Client,
     server: ServerUrl,
@@ -165,21 +182,7 @@ impl Backend for NatsCoreBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: false,
-            history: false,
-            consumer_groups: true,
-            // NATS keeps the order of one connection's messages to a member.
-            ordered_per_key: true,
-            // In this process, like the memory backend; lost on close.
-            native_delay: true,
-            lease: false,
-            wildcards: true,
-            at_least_once: false,
-            lease_checked: false,
-            // Nothing is kept: a message is delivered as it is published.
-            backlog: false,
-        }
+        CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

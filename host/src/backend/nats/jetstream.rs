@@ -79,6 +79,24 @@ async fn check_available(client: &Client, server: &ServerUrl) -> Result<()> {
     Ok(())
 }
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: true,
+    history: true,
+    consumer_groups: true,
+    // A nack lets later messages pass, and members share a consumer.
+    ordered_per_key: false,
+    native_delay: true,
+    lease: true,
+    wildcards: true,
+    at_least_once: true,
+    // The server takes an ack for whichever delivery of the message
+    // is current (see `pull.rs`).
+    lease_checked: false,
+    // The consumers' `num_pending`.
+    backlog: true,
+};
+
 pub struct JetStreamBackend {
     client: Client,
     server: ServerUrl,
@@ -116,22 +134,7 @@ impl Backend for JetStreamBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: true,
-            history: true,
-            consumer_groups: true,
-            // A nack lets later messages pass, and members share a consumer.
-            ordered_per_key: false,
-            native_delay: true,
-            lease: true,
-            wildcards: true,
-            at_least_once: true,
-            // The server takes an ack for whichever delivery of the message
-            // is current (see `pull.rs`).
-            lease_checked: false,
-            // The consumers' `num_pending`.
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {

@@ -42,6 +42,20 @@ use crate::message::Message;
 pub use settings::PostgresSettings;
 use subscription::PostgresSubscription;
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: true,
+    history: true,
+    consumer_groups: true,
+    ordered_per_key: true,
+    native_delay: true,
+    lease: true,
+    wildcards: true,
+    at_least_once: true,
+    lease_checked: true,
+    backlog: true,
+};
+
 pub struct PostgresBackend {
     shared: Arc<Shared>,
 }
@@ -267,18 +281,7 @@ impl Backend for PostgresBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: true,
-            history: true,
-            consumer_groups: true,
-            ordered_per_key: true,
-            native_delay: true,
-            lease: true,
-            wildcards: true,
-            at_least_once: true,
-            lease_checked: true,
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

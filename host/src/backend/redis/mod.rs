@@ -90,7 +90,7 @@ pub(crate) mod config;
 mod delayed;
 pub(crate) mod envelope;
 mod listener;
-mod pubsub;
+pub(crate) mod pubsub;
 pub(crate) mod reader;
 mod scripts;
 mod settle;

@@ -33,6 +33,23 @@ use crate::message::Message;
 /// again after a reconnect.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: false,
+    history: false,
+    // Within one process; across processes each process's group
+    // receives every message.
+    consumer_groups: true,
+    ordered_per_key: true,
+    native_delay: false,
+    lease: false,
+    wildcards: true,
+    at_least_once: false,
+    lease_checked: false,
+    // Nothing is kept: a message is delivered as it is published.
+    backlog: false,
+};
+
 pub struct RedisPubSubBackend {
     shared: Arc<Shared>,
 }
@@ -163,21 +180,7 @@ impl Backend for RedisPubSubBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: false,
-            history: false,
-            // Within one process; across processes each process's group
-            // receives every message.
-            consumer_groups: true,
-            ordered_per_key: true,
-            native_delay: false,
-            lease: false,
-            wildcards: true,
-            at_least_once: false,
-            lease_checked: false,
-            // Nothing is kept: a message is delivered as it is published.
-            backlog: false,
-        }
+        CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

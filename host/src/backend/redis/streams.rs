@@ -20,6 +20,28 @@ use super::{glob_escape, scripts, transient};
 use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
 use crate::message::Message;
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    // With AOF (`appendonly yes`, `appendfsync always` for every
+    // write); a server that keeps nothing on disk loses everything.
+    persistent: true,
+    history: true,
+    consumer_groups: true,
+    // A nacked message waits in the retry stream while later ones
+    // of its key are delivered.
+    ordered_per_key: false,
+    native_delay: false,
+    lease: true,
+    wildcards: true,
+    at_least_once: true,
+    // The settling script checks that this consumer still holds
+    // the entry, with the delivery count it was given, before it
+    // changes anything.
+    lease_checked: true,
+    // XINFO GROUPS `lag` (Redis 7 and later).
+    backlog: true,
+};
+
 /// Where everything lives, under the configured prefix `P`:
 ///
 /// | key | type | holds |
@@ -408,26 +430,7 @@ impl Backend for RedisStreamsBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            // With AOF (`appendonly yes`, `appendfsync always` for every
-            // write); a server that keeps nothing on disk loses everything.
-            persistent: true,
-            history: true,
-            consumer_groups: true,
-            // A nacked message waits in the retry stream while later ones
-            // of its key are delivered.
-            ordered_per_key: false,
-            native_delay: false,
-            lease: true,
-            wildcards: true,
-            at_least_once: true,
-            // The settling script checks that this consumer still holds
-            // the entry, with the delivery count it was given, before it
-            // changes anything.
-            lease_checked: true,
-            // XINFO GROUPS `lag` (Redis 7 and later).
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

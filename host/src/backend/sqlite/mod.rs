@@ -69,6 +69,20 @@ CREATE TABLE IF NOT EXISTS sluice_deliveries (
 CREATE INDEX IF NOT EXISTS sluice_deliveries_visible ON sluice_deliveries (group_name, visible_at);
 "#;
 
+/// What this backend guarantees.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    persistent: true,
+    history: true,
+    consumer_groups: true,
+    ordered_per_key: true,
+    native_delay: true,
+    lease: true,
+    wildcards: true,
+    at_least_once: true,
+    lease_checked: true,
+    backlog: true,
+};
+
 pub struct SqliteBackend {
     shared: Arc<Shared>,
 }
@@ -197,18 +211,7 @@ impl Backend for SqliteBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            persistent: true,
-            history: true,
-            consumer_groups: true,
-            ordered_per_key: true,
-            native_delay: true,
-            lease: true,
-            wildcards: true,
-            at_least_once: true,
-            lease_checked: true,
-            backlog: true,
-        }
+        CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {

@@ -80,7 +80,7 @@ use super::{Capabilities, SubscribeOptions, pattern};
 use crate::message::Message;
 
 /// What both backends guarantee.
-const CAPABILITIES: Capabilities = Capabilities {
+pub const CAPABILITIES: Capabilities = Capabilities {
     persistent: true,
     history: false,
     consumer_groups: true,
