@@ -71,7 +71,8 @@ fn deploy_refuse_rollback_pause_and_metrics() {
     let _host = start(dir.path(), port, None);
 
     assert_eq!(get(&format!("{admin}/healthz")).0, 200);
-    assert_eq!(get(&format!("{admin}/readyz")).0, 200);
+    // Ready once the route has reached its backend.
+    wait_ready_status(&admin, 200, Duration::from_secs(30));
 
     let plugins = text(&sluice(&["plugins"], &admin, None).stdout);
     let first = sluice::runtime::hash(&std::fs::read(plugin_path("uppercase")).unwrap());
