@@ -387,40 +387,80 @@ pub struct BackendKind {
     pub schemes: &'static [&'static str],
     /// What it guarantees, known before anything is connected.
     pub capabilities: Capabilities,
+    /// Parses a URL of this kind as `connect` would, every parameter
+    /// checked, without connecting.
+    pub parse: fn(&str) -> Result<()>,
 }
 
 /// Every kind of backend this build can open.
 pub fn kinds() -> Vec<BackendKind> {
-    let kind = |schemes, capabilities| BackendKind {
+    let kind = |schemes, capabilities, parse| BackendKind {
         schemes,
         capabilities,
+        parse,
     };
     #[allow(unused_mut)]
-    let mut kinds = vec![kind(&["memory"], memory::CAPABILITIES)];
+    let mut kinds = vec![kind(&["memory"], memory::CAPABILITIES, |url| {
+        memory::MemoryBackend::from_url(url).map(drop)
+    })];
     #[cfg(feature = "sqlite")]
-    kinds.push(kind(&["sqlite"], sqlite::CAPABILITIES));
+    kinds.push(kind(&["sqlite"], sqlite::CAPABILITIES, |url| {
+        sqlite::parse_url(url).map(drop)
+    }));
     #[cfg(feature = "filelog")]
-    kinds.push(kind(&["file"], filelog::CAPABILITIES));
+    kinds.push(kind(&["file"], filelog::CAPABILITIES, |url| {
+        filelog::parse_url(url).map(drop)
+    }));
     #[cfg(feature = "redis")]
     kinds.extend([
-        kind(&["redis", "rediss"], redis::streams::CAPABILITIES),
+        kind(&["redis", "rediss"], redis::streams::CAPABILITIES, |url| {
+            redis::RedisStreamsBackend::parse(url).map(drop)
+        }),
         kind(
             &["redis+pubsub", "rediss+pubsub"],
             redis::pubsub::CAPABILITIES,
+            |url| redis::RedisPubSubBackend::parse(url).map(drop),
         ),
     ]);
     #[cfg(feature = "nats")]
     kinds.extend([
-        kind(&["nats"], nats::core::CAPABILITIES),
-        kind(&["jetstream"], nats::jetstream::CAPABILITIES),
+        kind(&["nats"], nats::core::CAPABILITIES, |url| {
+            nats::core::parse_url(url).map(drop)
+        }),
+        kind(&["jetstream"], nats::jetstream::CAPABILITIES, |url| {
+            nats::jetstream::JetStreamBackend::parse(url).map(drop)
+        }),
     ]);
     #[cfg(feature = "postgres")]
-    kinds.push(kind(&["postgres", "postgresql"], postgres::CAPABILITIES));
+    kinds.push(kind(
+        &["postgres", "postgresql"],
+        postgres::CAPABILITIES,
+        |url| postgres::PostgresSettings::parse(url).map(drop),
+    ));
     #[cfg(feature = "kafka")]
-    kinds.push(kind(&["kafka"], kafka::CAPABILITIES));
+    kinds.push(kind(&["kafka"], kafka::CAPABILITIES, |url| {
+        kafka::KafkaConfig::parse(url).map(drop)
+    }));
     #[cfg(feature = "sqs")]
-    kinds.push(kind(&["sqs", "sns+sqs"], sqs::CAPABILITIES));
+    kinds.extend([
+        kind(&["sqs"], sqs::CAPABILITIES, |url| {
+            sqs::config::SqsConfig::parse(url, sqs::plain::SCHEME).map(drop)
+        }),
+        kind(&["sns+sqs"], sqs::CAPABILITIES, |url| {
+            sqs::config::SqsConfig::parse(url, sqs::sns::SCHEME).map(drop)
+        }),
+    ]);
     kinds
+}
+
+/// Parses a backend URL as connecting would, without connecting: an
+/// unknown, repeated or malformed parameter is an error naming it.
+pub fn parse_url(url: &str) -> Result<()> {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    match kinds().iter().find(|kind| kind.schemes.contains(&scheme)) {
+        Some(kind) => (kind.parse)(url),
+        None => bail!("{}", unsupported_scheme(scheme, &supported_schemes())),
+    }
 }
 
 /// URL schemes this build can connect to.

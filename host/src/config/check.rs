@@ -42,6 +42,7 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         if !supported.contains(&scheme) {
             return Err(error(key, backend::unsupported_scheme(scheme, &supported)).into());
         }
+        backend::parse_url(&listed.url).map_err(|e| error(key, format!("{e:#}")))?;
     }
     if let Some(admin) = &config.admin {
         within(admin.max_upload_mb, 1..=MAX_MIB, "MiB")

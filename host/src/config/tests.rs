@@ -556,3 +556,53 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
     let exact = on_sqs.replace("orders.*", "orders");
     assert!(parse_with(&exact, &[]).is_ok());
 }
+
+/// Every backend's URL parameters are parsed by `check` as connecting
+/// would: an unknown, repeated or malformed one is refused, named.
+#[cfg(all(
+    feature = "redis",
+    feature = "nats",
+    feature = "postgres",
+    feature = "kafka",
+    feature = "sqs",
+    feature = "filelog"
+))]
+#[test]
+fn backend_parameters_are_checked_without_connecting() {
+    let cases = [
+        ("memory://?capacity=abc", "capacity"),
+        ("memory://?capasity=5", "capasity"),
+        ("sqlite://", "sqlite://"),
+        ("sqlite://x.db?poll_ms=fast", "poll_ms"),
+        (
+            "sqlite://x.db?synchronous=full&synchronous=off",
+            "synchronous",
+        ),
+        ("file:///tmp/log?fsync=sometimes", "fsync"),
+        ("redis://h?blok_ms=5", "blok_ms"),
+        ("redis://h?block_ms=5&block_ms=6", "block_ms"),
+        ("redis+pubsub://h?prefix", "prefix"),
+        ("nats://h:4222?pending=lots", "pending"),
+        ("nats://h:4222?nmae=x", "nmae"),
+        ("jetstream://h:4222?replicas=two", "replicas"),
+        ("postgres://h/db?pool=none", "pool"),
+        ("postgres://h/db?poool=3", "poool"),
+        ("kafka://h:9092?timeout_ms=soon", "timeout_ms"),
+        ("sqs://localhost:4566?wait_s=3", "wait_s"),
+        ("sns+sqs://localhost:4566?prefix=a&prefix=b", "prefix"),
+    ];
+    let mut wrong = Vec::new();
+    for (url, named) in cases {
+        let text = GOOD.replace("sqlite://demo.db", url);
+        match parse_with(&text, &[]) {
+            Ok(_) => wrong.push(format!("{url}: accepted")),
+            Err(e) => {
+                let err = format!("{e:#}");
+                if !(err.contains("backends.main.url") && err.contains(named)) {
+                    wrong.push(format!("{url}: {err}"));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

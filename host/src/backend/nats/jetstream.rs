@@ -104,9 +104,15 @@ pub struct JetStreamBackend {
 }
 
 impl JetStreamBackend {
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// The URL's server and stream settings, every parameter checked.
+    pub(crate) fn parse(url: &str) -> Result<(ServerUrl, Settings)> {
         let (mut server, pairs) = split_url(url, SCHEME)?;
         let settings = Settings::parse(&mut server, pairs)?;
+        Ok((server, settings))
+    }
+
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (server, settings) = Self::parse(url)?;
         let client = server.connect(65_536).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(server.timeout)

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
-use super::config::{self, PubSubConfig, Tls};
+use super::config::{self, PubSubConfig, RedisUrl, Tls};
 use super::listener::Listener;
 use super::{envelope, glob_escape, transient};
 use crate::backend::memory::MemoryBackend;
@@ -88,10 +88,16 @@ impl Group {
 
 impl RedisPubSubBackend {
     /// Connects to `redis[s]+pubsub://[user:password@]host[:port][?params]`.
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// The URL's address, TLS and settings, every parameter checked.
+    pub(crate) fn parse(url: &str) -> Result<(RedisUrl, Tls, PubSubConfig)> {
         let (mut url, tls) = config::open(url, "redis+pubsub")?;
         let config = PubSubConfig::from_url(&mut url)?;
         url.finish(&[PubSubConfig::PARAMS, Tls::PARAMS].concat())?;
+        Ok((url, tls, config))
+    }
+
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (url, tls, config) = Self::parse(url)?;
         let client = url.client(&tls)?;
         let conn = super::streams::manage(&client, &url.redacted).await?;
         Ok(RedisPubSubBackend {

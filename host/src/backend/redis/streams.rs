@@ -14,7 +14,7 @@ use ::redis::{Client, Value};
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 
-use super::config::{self, StreamsConfig, Tls};
+use super::config::{self, RedisUrl, StreamsConfig, Tls};
 use super::subscription::StreamSubscription;
 use super::{glob_escape, scripts, transient};
 use crate::backend::{Backend, Capabilities, StartFrom, SubscribeOptions, Subscription, pattern};
@@ -294,10 +294,16 @@ fn reconnecting() -> ConnectionManagerConfig {
 
 impl RedisStreamsBackend {
     /// Connects to `redis[s]://[user:password@]host[:port][/db][?params]`.
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// The URL's address, TLS and stream settings, every parameter checked.
+    pub(crate) fn parse(url: &str) -> Result<(RedisUrl, Tls, StreamsConfig)> {
         let (mut url, tls) = config::open(url, "redis")?;
         let config = StreamsConfig::from_url(&mut url)?;
         url.finish(&[StreamsConfig::PARAMS, Tls::PARAMS].concat())?;
+        Ok((url, tls, config))
+    }
+
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (url, tls, config) = Self::parse(url)?;
         let client = url.client(&tls)?;
         let conn = manage(&client, &url.redacted).await?;
         check_version(&mut conn.clone(), &url.redacted).await?;

@@ -134,7 +134,13 @@ pub(crate) fn parse_url(url: &str) -> Result<(&str, SqliteSynchronous, Duration)
     }
     let mut synchronous = SqliteSynchronous::Full;
     let mut poll = Duration::from_millis(100);
+    let mut seen = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        if seen.contains(&name) {
+            bail!("SQLite URL `{url}`: `{name}` is given twice");
+        }
+        seen.push(name);
         match pair.split_once('=') {
             Some(("synchronous", value)) => {
                 synchronous = SqliteSynchronous::from_str(value).map_err(|_| {

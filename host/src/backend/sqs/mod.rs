@@ -59,12 +59,12 @@ pub mod config;
 pub mod directory;
 mod lease;
 pub mod names;
-mod plain;
+pub(crate) mod plain;
 pub mod queues;
 mod receive;
 mod send;
 mod settle;
-mod sns;
+pub(crate) mod sns;
 pub mod subscription;
 
 use std::collections::HashMap;

@@ -18,7 +18,7 @@ use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
 
-const SCHEME: &str = "sqs";
+pub(crate) const SCHEME: &str = "sqs";
 /// Batch requests of one publish under way at once.
 const PARALLEL_SENDS: usize = 16;
 

@@ -21,7 +21,7 @@ use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
 
-const SCHEME: &str = "sns+sqs";
+pub(crate) const SCHEME: &str = "sns+sqs";
 /// PublishBatch requests of one publish under way at once.
 const PARALLEL_SENDS: usize = 16;
 
