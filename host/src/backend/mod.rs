@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::message::Message;
 
@@ -320,36 +321,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
             redact(url)
         );
     };
-    match scheme {
-        "memory" => Ok(Arc::new(memory::MemoryBackend::from_url(url)?)),
-        #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(sqlite::SqliteBackend::connect(url).await?)),
-        #[cfg(feature = "filelog")]
-        "file" => Ok(Arc::new(filelog::FileLogBackend::connect(url).await?)),
-        #[cfg(feature = "redis")]
-        "redis" | "rediss" => Ok(Arc::new(redis::RedisStreamsBackend::connect(url).await?)),
-        #[cfg(feature = "redis")]
-        "redis+pubsub" | "rediss+pubsub" => {
-            Ok(Arc::new(redis::RedisPubSubBackend::connect(url).await?))
-        }
-        #[cfg(feature = "nats")]
-        "nats" => Ok(Arc::new(nats::core::NatsCoreBackend::connect(url).await?)),
-        #[cfg(feature = "nats")]
-        "jetstream" => Ok(Arc::new(
-            nats::jetstream::JetStreamBackend::connect(url).await?,
-        )),
-        #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Arc::new(postgres::PostgresBackend::connect(url).await?)),
-        #[cfg(feature = "kafka")]
-        "kafka" => Ok(Arc::new(kafka::KafkaBackend::connect(url).await?)),
-        #[cfg(feature = "sqs")]
-        "sqs" => Ok(Arc::new(sqs::SqsBackend::connect(url).await?)),
-        #[cfg(feature = "sqs")]
-        "sns+sqs" => Ok(Arc::new(sqs::SnsSqsBackend::connect(url).await?)),
-        other => bail!(
+    match kinds().iter().find(|kind| kind.schemes.contains(&scheme)) {
+        Some(kind) => (kind.connect)(url).await,
+        None => bail!(
             "backend URL `{}`: {}",
             redact(url),
-            unsupported_scheme(other, &supported_schemes())
+            unsupported_scheme(scheme, &supported_schemes())
         ),
     }
 }
@@ -390,65 +367,118 @@ pub struct BackendKind {
     /// Parses a URL of this kind as `connect` would, every parameter
     /// checked, without connecting.
     pub parse: fn(&str) -> Result<()>,
+    /// Opens the backend a URL of this kind names.
+    pub connect: Connect,
 }
 
-/// Every kind of backend this build can open.
+/// How a [`BackendKind`] opens a backend.
+pub type Connect = fn(&str) -> BoxFuture<'_, Result<Arc<dyn Backend>>>;
+
+/// The [`Connect`] of a backend type with an `async fn connect(&str)`.
+#[allow(unused_macros)] // every backend that uses it may be left out of a build
+macro_rules! connect_with {
+    ($backend:ty) => {{
+        fn connect(url: &str) -> BoxFuture<'_, Result<Arc<dyn Backend>>> {
+            Box::pin(
+                async move { Ok(Arc::new(<$backend>::connect(url).await?) as Arc<dyn Backend>) },
+            )
+        }
+        connect
+    }};
+}
+
+fn connect_memory(url: &str) -> BoxFuture<'_, Result<Arc<dyn Backend>>> {
+    Box::pin(async move { Ok(Arc::new(memory::MemoryBackend::from_url(url)?) as Arc<dyn Backend>) })
+}
+
+/// Every kind of backend this build can open: adding a backend is its
+/// module and one entry here.
 pub fn kinds() -> Vec<BackendKind> {
-    let kind = |schemes, capabilities, parse| BackendKind {
+    let kind = |schemes, capabilities, parse, connect| BackendKind {
         schemes,
         capabilities,
         parse,
+        connect,
     };
     #[allow(unused_mut)]
-    let mut kinds = vec![kind(&["memory"], memory::CAPABILITIES, |url| {
-        memory::MemoryBackend::from_url(url).map(drop)
-    })];
+    let mut kinds = vec![kind(
+        &["memory"],
+        memory::CAPABILITIES,
+        |url| memory::MemoryBackend::from_url(url).map(drop),
+        connect_memory,
+    )];
     #[cfg(feature = "sqlite")]
-    kinds.push(kind(&["sqlite"], sqlite::CAPABILITIES, |url| {
-        sqlite::parse_url(url).map(drop)
-    }));
+    kinds.push(kind(
+        &["sqlite"],
+        sqlite::CAPABILITIES,
+        |url| sqlite::parse_url(url).map(drop),
+        connect_with!(sqlite::SqliteBackend),
+    ));
     #[cfg(feature = "filelog")]
-    kinds.push(kind(&["file"], filelog::CAPABILITIES, |url| {
-        filelog::parse_url(url).map(drop)
-    }));
+    kinds.push(kind(
+        &["file"],
+        filelog::CAPABILITIES,
+        |url| filelog::parse_url(url).map(drop),
+        connect_with!(filelog::FileLogBackend),
+    ));
     #[cfg(feature = "redis")]
     kinds.extend([
-        kind(&["redis", "rediss"], redis::streams::CAPABILITIES, |url| {
-            redis::RedisStreamsBackend::parse(url).map(drop)
-        }),
+        kind(
+            &["redis", "rediss"],
+            redis::streams::CAPABILITIES,
+            |url| redis::RedisStreamsBackend::parse(url).map(drop),
+            connect_with!(redis::RedisStreamsBackend),
+        ),
         kind(
             &["redis+pubsub", "rediss+pubsub"],
             redis::pubsub::CAPABILITIES,
             |url| redis::RedisPubSubBackend::parse(url).map(drop),
+            connect_with!(redis::RedisPubSubBackend),
         ),
     ]);
     #[cfg(feature = "nats")]
     kinds.extend([
-        kind(&["nats"], nats::core::CAPABILITIES, |url| {
-            nats::core::parse_url(url).map(drop)
-        }),
-        kind(&["jetstream"], nats::jetstream::CAPABILITIES, |url| {
-            nats::jetstream::JetStreamBackend::parse(url).map(drop)
-        }),
+        kind(
+            &["nats"],
+            nats::core::CAPABILITIES,
+            |url| nats::core::parse_url(url).map(drop),
+            connect_with!(nats::core::NatsCoreBackend),
+        ),
+        kind(
+            &["jetstream"],
+            nats::jetstream::CAPABILITIES,
+            |url| nats::jetstream::JetStreamBackend::parse(url).map(drop),
+            connect_with!(nats::jetstream::JetStreamBackend),
+        ),
     ]);
     #[cfg(feature = "postgres")]
     kinds.push(kind(
         &["postgres", "postgresql"],
         postgres::CAPABILITIES,
         |url| postgres::PostgresSettings::parse(url).map(drop),
+        connect_with!(postgres::PostgresBackend),
     ));
     #[cfg(feature = "kafka")]
-    kinds.push(kind(&["kafka"], kafka::CAPABILITIES, |url| {
-        kafka::KafkaConfig::parse(url).map(drop)
-    }));
+    kinds.push(kind(
+        &["kafka"],
+        kafka::CAPABILITIES,
+        |url| kafka::KafkaConfig::parse(url).map(drop),
+        connect_with!(kafka::KafkaBackend),
+    ));
     #[cfg(feature = "sqs")]
     kinds.extend([
-        kind(&["sqs"], sqs::CAPABILITIES, |url| {
-            sqs::config::SqsConfig::parse(url, sqs::plain::SCHEME).map(drop)
-        }),
-        kind(&["sns+sqs"], sqs::CAPABILITIES, |url| {
-            sqs::config::SqsConfig::parse(url, sqs::sns::SCHEME).map(drop)
-        }),
+        kind(
+            &["sqs"],
+            sqs::CAPABILITIES,
+            |url| sqs::config::SqsConfig::parse(url, sqs::plain::SCHEME).map(drop),
+            connect_with!(sqs::SqsBackend),
+        ),
+        kind(
+            &["sns+sqs"],
+            sqs::CAPABILITIES,
+            |url| sqs::config::SqsConfig::parse(url, sqs::sns::SCHEME).map(drop),
+            connect_with!(sqs::SnsSqsBackend),
+        ),
     ]);
     kinds
 }
