@@ -202,7 +202,8 @@ impl From<anyhow::Error> for SettleError {
 /// A message backend.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
-    /// Short name of the kind of backend, e.g. `sqlite`.
+    /// Short name of the kind of backend: its URL scheme, e.g. `sqlite`
+    /// (without the `s` of a TLS scheme such as `rediss`).
     fn kind(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;

@@ -118,17 +118,28 @@ async fn run_once(
     let caps = pinned;
     let mut results = Vec::new();
     if !restart_only {
+        // What the registry says of the backend's kind (its scheme) must
+        // be what the backend itself declares, and both what is pinned.
         let declared = backend.capabilities();
+        let registered = sluice::backend::capabilities_of(backend.kind());
         results.push((
             "declares_the_pinned_capabilities",
-            if declared == pinned {
-                Verdict::Pass(Duration::ZERO)
-            } else {
+            if declared != pinned {
                 Verdict::Fail(format!(
                     "the backend declares {}, the suite pins {}",
                     describe(&declared),
                     describe(&pinned)
                 ))
+            } else if registered != Some(declared) {
+                Verdict::Fail(format!(
+                    "the registry has {} for kind `{}`, not what the backend declares",
+                    registered
+                        .as_ref()
+                        .map_or("no such scheme".into(), describe),
+                    backend.kind()
+                ))
+            } else {
+                Verdict::Pass(Duration::ZERO)
             },
         ));
     }

@@ -182,7 +182,7 @@ impl RedisPubSubBackend {
 #[async_trait]
 impl Backend for RedisPubSubBackend {
     fn kind(&self) -> &'static str {
-        "redis-pubsub"
+        "redis+pubsub"
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -432,7 +432,7 @@ impl Backend for RedisStreamsBackend {
     }
 
     fn kind(&self) -> &'static str {
-        "redis-streams"
+        "redis"
     }
 
     fn capabilities(&self) -> Capabilities {
