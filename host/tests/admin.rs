@@ -755,7 +755,6 @@ fn post(url: &str) -> (u16, String) {
 /// route that reads its redrive topic) and purge, with filters.
 #[test]
 fn dead_letters_through_the_admin_api() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let admin = format!("http://127.0.0.1:{port}");
@@ -763,18 +762,7 @@ fn dead_letters_through_the_admin_api() {
     let _host = start_on(dir.path(), port, None, &url, "redrive = true");
     let api = format!("{admin}/api/routes/upper/dead-letters");
     // A payload that is not UTF-8: the uppercase plugin rejects it.
-    let mut publish = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["publish", "--url", &url, "words", "--lines", "--json"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    publish
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"payload_base64":"//4=","key":"k"}"#)
-        .unwrap();
-    assert!(publish.wait().unwrap().success());
+    common::publish_json_lines(&url, "words", br#"{"payload_base64":"//4=","key":"k"}"#);
 
     let wait_count = |want: u64| -> serde_json::Value {
         let give_up = Instant::now() + Duration::from_secs(20);

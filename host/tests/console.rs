@@ -402,20 +402,8 @@ async fn drive(client: &Client, admin: &str, dir: &Path, shots: &Path) {
 /// Publishes to `words` the message `line`, as `sluice tail --json` prints
 /// one.
 fn publish_lines(dir: &Path, line: &str) {
-    use std::io::Write;
     let url = format!("sqlite://{}", dir.join("sluice.db").display());
-    let mut publish = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["publish", "--url", &url, "words", "--lines", "--json"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    publish
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(line.as_bytes())
-        .unwrap();
-    assert!(publish.wait().unwrap().success());
+    common::publish_json_lines(&url, "words", line.as_bytes());
 }
 
 /// The hash of plugin `upper`'s live version, as the API reports it.

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -26,10 +26,11 @@ struct Dev {
 }
 
 impl Dev {
-    fn start(project: &Path) -> Dev {
+    fn start(project: &Path, extra: &[&str]) -> Dev {
         let mut child = sluice()
             .arg("dev")
             .arg(project)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -84,17 +85,22 @@ impl Drop for Dev {
     }
 }
 
-fn rebuilds_and_deploys_after_an_edit(lang: &str, source: &str, from: &str, to: &str) {
-    let dir = tempfile::tempdir().unwrap();
+/// A project `demo` in `lang`, made by `sluice new` in `dir`.
+fn new_project(dir: &Path, lang: &str) -> PathBuf {
     let created = sluice()
         .args(["new", "demo", "--lang", lang, "--dir"])
-        .arg(dir.path())
+        .arg(dir)
         .output()
         .unwrap();
     assert!(created.status.success(), "{created:?}");
-    let project = dir.path().join("demo");
+    dir.join("demo")
+}
 
-    let mut dev = Dev::start(&project);
+fn rebuilds_and_deploys_after_an_edit(lang: &str, source: &str, from: &str, to: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = new_project(dir.path(), lang);
+
+    let mut dev = Dev::start(&project, &[]);
     // The scaffold's own test messages, handled as soon as it runs.
     dev.expect(&["words key=k1 hello => ok -> demo.out", "HELLO"]);
     dev.expect(&["=> reject: empty payload"]);
@@ -134,5 +140,38 @@ fn a_rust_plugin_is_rebuilt_and_deployed_after_an_edit() {
         "src/lib.rs",
         "text.to_uppercase()",
         "text.to_uppercase() + \"!\"",
+    );
+}
+
+/// With `--admin` and `--plugin`, a build goes to a running host through
+/// its admin API instead: the first one at once, and the host then runs it.
+#[test]
+fn a_build_is_deployed_to_a_running_host_with_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = new_project(dir.path(), "rust");
+    let host_dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let url = format!("sqlite://{}", host_dir.path().join("sluice.db").display());
+    let _host = common::run_admin_host(host_dir.path(), &url, port, "", "");
+    let admin = format!("http://127.0.0.1:{port}");
+    let plugins = format!("{admin}/api/plugins");
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while common::http_get(&plugins, None).0 != 200 {
+        assert!(
+            Instant::now() < give_up,
+            "the host's admin API never came up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut dev = Dev::start(&project, &["--admin", &admin, "--plugin", "upper"]);
+    let line = dev.expect(&["deployed plugin upper version"]);
+    let version = line.rsplit(' ').next().unwrap();
+    let (_, body) = common::http_get(&plugins, None);
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let current = listed[0]["current"]["hash"].as_str().unwrap_or_default();
+    assert!(
+        current.starts_with(version),
+        "the host runs {current}, not the build {version}: {body}"
     );
 }

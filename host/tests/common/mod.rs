@@ -405,3 +405,16 @@ pub fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
         Err(e) => (0, e.to_string()),
     }
 }
+
+/// `sluice publish --lines --json` of `lines` to `topic` on `url`, as
+/// `sluice tail --json` prints messages.
+pub fn publish_json_lines(url: &str, topic: &str, lines: &[u8]) {
+    use std::io::Write;
+    let mut publish = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["publish", "--url", url, topic, "--lines", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    publish.stdin.take().unwrap().write_all(lines).unwrap();
+    assert!(publish.wait().unwrap().success());
+}
