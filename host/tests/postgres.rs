@@ -123,11 +123,12 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() {
     drop(backend::connect(&url).await.unwrap());
     drop(backend::connect(&url).await.unwrap());
     let pool = schema.pool().await;
-    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM sluice_migrations")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(versions, vec![1]);
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM sluice_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, vec![1, 2]);
 
     sqlx::query("INSERT INTO sluice_migrations (version) VALUES (99)")
         .execute(&pool)

@@ -10,6 +10,11 @@
 //! statement is refused (e.g. an output PostgreSQL cannot store), the batch
 //! is settled again one item at a time, each under a savepoint of one
 //! transaction, so the item at fault fails alone.
+//!
+//! Rows are matched by key with `seq = ANY(…)` besides the join, so the
+//! primary key finds them whatever the planner believes of the table: with
+//! statistics that lag a growing backlog, the join alone was planned as a
+//! scan of the group's every row.
 
 use std::collections::HashSet;
 
@@ -32,12 +37,12 @@ const SETTLE: &str = concat!(
     ", acked AS ( \
          DELETE FROM sluice_deliveries d \
          USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
-         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+         WHERE d.group_key = $1 AND d.seq = ANY($2) AND d.seq = c.seq AND d.attempt = c.attempt \
          RETURNING d.seq, d.attempt \
      ), nacked AS ( \
          UPDATE sluice_deliveries d SET visible_at = now() + c.delay_ms * interval '1 millisecond' \
          FROM UNNEST($4::int8[], $5::int4[], $6::int8[]) AS c(seq, attempt, delay_ms) \
-         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+         WHERE d.group_key = $1 AND d.seq = ANY($4) AND d.seq = c.seq AND d.attempt = c.attempt \
          RETURNING d.seq, d.attempt \
      ), new AS ( \
          INSERT INTO sluice_messages (id, topic, msg_key, headers, payload, timestamp_ms) \

@@ -64,7 +64,8 @@ fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
                     ", acked AS ( \
                          DELETE FROM sluice_deliveries d \
                          USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
-                         WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt \
+                         WHERE d.group_key = $1 AND d.seq = ANY($2) \
+                           AND d.seq = c.seq AND d.attempt = c.attempt \
                          RETURNING 1 \
                      ) SELECT 1 FROM relaxed"
                 ))
@@ -97,19 +98,25 @@ impl PostgresSubscription {
     /// Claims up to `max` visible deliveries: rows other consumers are
     /// claiming at this moment are skipped, not waited for. The commit does
     /// not wait for its WAL flush (see [`relaxed!`]).
+    ///
+    /// The claimed rows are updated by their `ctid`s, which stay theirs
+    /// while the claim holds their locks: matched by key instead, the
+    /// planner may scan the group's every row (it did, on a table whose
+    /// statistics lagged its backlog), so each claim grew as slow as the
+    /// backlog was long.
     async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
         let rows = sqlx::query(concat!(
             "WITH ",
             relaxed!(),
             ", claimable AS ( \
-                 SELECT seq FROM sluice_deliveries \
+                 SELECT ctid FROM sluice_deliveries \
                  WHERE group_key = $1 AND visible_at <= now() \
                  ORDER BY seq LIMIT $2 \
                  FOR UPDATE SKIP LOCKED \
              ), claimed AS ( \
                  UPDATE sluice_deliveries d \
                  SET attempt = d.attempt + 1, visible_at = now() + $3 * interval '1 millisecond' \
-                 FROM claimable WHERE d.group_key = $1 AND d.seq = claimable.seq \
+                 WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM claimable)) \
                  RETURNING d.seq, d.attempt \
              ) \
              SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
@@ -274,7 +281,8 @@ impl Subscription for PostgresSubscription {
             sqlx::query(
                 "UPDATE sluice_deliveries d SET visible_at = now() \
                  FROM UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
-                 WHERE d.group_key = $1 AND d.seq = c.seq AND d.attempt = c.attempt",
+                 WHERE d.group_key = $1 AND d.seq = ANY($2) \
+                   AND d.seq = c.seq AND d.attempt = c.attempt",
             )
             .bind(&self.group_key)
             .bind(&seqs)
