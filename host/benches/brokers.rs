@@ -239,7 +239,7 @@ impl Broker {
             }
             #[cfg(feature = "postgres")]
             Broker::Postgres => {
-                "input consumed and outputs written in one transaction, synchronous_commit=off, on both sides"
+                "input consumed and outputs written in one transaction, synchronous_commit=off, plain TCP (no TLS), on both sides"
             }
             #[cfg(feature = "sqlite")]
             Broker::Sqlite => {
