@@ -1,7 +1,8 @@
 //! PostgreSQL backend specifics on the shared server (127.0.0.1:5432,
 //! database `test`), each test in a schema of its own: NOTIFY wakes a
 //! waiting consumer, settled messages are deleted after their retention,
-//! migrations run once and a newer schema is refused, and a settled batch
+//! migrations run once, a version 1 schema is upgraded with its messages
+//! and a newer schema is refused, and a settled batch
 //! answers per item when the database refuses one output (a batch around a
 //! lost lease is a conformance case).
 #![cfg(feature = "postgres")]
@@ -139,6 +140,84 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() {
         error.contains("version 99, newer than this build"),
         "{error}"
     );
+}
+
+/// A database made by a build that knew only migration 1 (its indexes,
+/// no fill factor) keeps its unsettled messages through the upgrade, and
+/// ends with migration 2's indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_is_upgraded_with_its_messages() {
+    let schema = Schema::new();
+    let url = schema.url("pool=2");
+    let backend = backend::connect(&url).await.unwrap();
+    drop(
+        backend
+            .subscribe(SubscribeOptions::new(vec!["old".into()], "g"))
+            .await
+            .unwrap(),
+    );
+    backend
+        .publish(vec![Message::new("old", "a"), Message::new("old", "b")])
+        .await
+        .unwrap();
+    drop(backend);
+    let pool = schema.pool().await;
+    sqlx::raw_sql(
+        "DELETE FROM sluice_migrations WHERE version = 2; \
+         DROP INDEX sluice_messages_published; \
+         CREATE INDEX sluice_messages_topic ON sluice_messages (topic, seq); \
+         CREATE INDEX sluice_messages_published ON sluice_messages (published_at); \
+         CREATE INDEX sluice_deliveries_visible ON sluice_deliveries (group_key, visible_at); \
+         CREATE INDEX sluice_deliveries_seq ON sluice_deliveries (seq); \
+         ALTER TABLE sluice_deliveries RESET (fillfactor);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let backend = backend::connect(&url).await.unwrap();
+    let sub = backend
+        .subscribe(SubscribeOptions::new(vec!["old".into()], "g"))
+        .await
+        .unwrap();
+    let got = fetch_exactly(sub.as_ref(), 2).await;
+    let payloads: Vec<&[u8]> = got.iter().map(|d| d.message.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![b"a".as_slice(), b"b".as_slice()]);
+    for delivery in &got {
+        sub.ack(delivery).await.unwrap();
+    }
+    sub.close().await.unwrap();
+
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM sluice_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, vec![1, 2]);
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes \
+         WHERE schemaname = current_schema() ORDER BY indexname",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        indexes,
+        vec![
+            "sluice_deliveries_pkey",
+            "sluice_groups_pkey",
+            "sluice_messages_pkey",
+            "sluice_messages_published",
+            "sluice_migrations_pkey",
+        ]
+    );
+    let fill: Option<Vec<String>> = sqlx::query_scalar(
+        "SELECT reloptions::text[] FROM pg_class WHERE oid = 'sluice_deliveries'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(fill, Some(vec!["fillfactor=50".to_string()]));
 }
 
 /// Fetches until exactly `n` deliveries arrived.

@@ -83,21 +83,18 @@ async fn clean(weak: &Weak<Shared>) -> Result<()> {
             .await?;
         // Every delivery row belongs to a recorded group, so a message is
         // settled when no group's primary key holds it.
-        let groups: Vec<String> =
-            sqlx::query_scalar("SELECT DISTINCT group_key FROM sluice_groups")
-                .fetch_all(&mut *tx)
-                .await?;
         let deleted = sqlx::query(
             "DELETE FROM sluice_messages WHERE seq IN ( \
                  SELECT m.seq FROM sluice_messages m \
                  WHERE m.published_at < now() - $1 * interval '1 millisecond' \
-                   AND NOT EXISTS (SELECT 1 FROM sluice_deliveries d \
-                                   WHERE d.group_key = ANY($3) AND d.seq = m.seq) \
+                   AND NOT EXISTS ( \
+                       SELECT 1 FROM sluice_deliveries d \
+                       WHERE d.group_key = ANY(ARRAY(SELECT DISTINCT group_key FROM sluice_groups)) \
+                         AND d.seq = m.seq) \
                  ORDER BY m.seq LIMIT $2)",
         )
         .bind(shared.settings.retention.as_millis() as i64)
         .bind(CLEANUP_BATCH)
-        .bind(&groups)
         .execute(&mut *tx)
         .await?
         .rows_affected();
