@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::url::BackendUrl;
 use super::{
     Backend, Capabilities, Delivery, Receipt, SettleError, Settlement, SubscribeOptions,
     Subscription, pattern,
@@ -114,22 +115,14 @@ impl MemoryBackend {
     }
 
     pub fn from_url(url: &str) -> Result<Self> {
-        let query = url
-            .strip_prefix("memory://")
-            .context("a memory URL starts with memory://")?;
-        let mut capacity = DEFAULT_CAPACITY;
-        if let Some(params) = query.trim_start_matches('/').strip_prefix('?') {
-            for pair in params.split('&').filter(|p| !p.is_empty()) {
-                match pair.split_once('=') {
-                    Some(("capacity", value)) => {
-                        capacity = value.parse().with_context(|| {
-                            format!("memory URL: capacity `{value}` is not a number")
-                        })?
-                    }
-                    _ => bail!("memory URL: unknown parameter `{pair}` (known: capacity)"),
-                }
-            }
+        let mut url = BackendUrl::split(url, "memory")?;
+        if !url.address.trim_start_matches('/').is_empty() {
+            return Err(url.error("takes no address (expected memory:// or memory://?capacity=N)"));
         }
+        let capacity = url
+            .take("capacity", "a number")?
+            .unwrap_or(DEFAULT_CAPACITY);
+        url.finish(&["capacity"])?;
         Ok(Self::new(capacity))
     }
 }

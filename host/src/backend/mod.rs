@@ -557,6 +557,12 @@ pub fn unsupported_scheme(scheme: &str, supported: &[&str]) -> String {
 /// Query parameters whose value is a secret, by a part of their name.
 const SECRET_PARAMETERS: [&str; 4] = ["password", "passwd", "secret", "token"];
 
+/// Whether the value of query parameter `name` is a secret, never shown.
+pub(crate) fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PARAMETERS.iter().any(|secret| name.contains(secret))
+}
+
 /// The URL with every secret replaced, safe to log: the password of each
 /// `user:password@` (several servers may each have one, and a password may
 /// hold an unescaped `/`), and the value of a query parameter whose name
@@ -565,10 +571,8 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (servers, query) = match rest.split_once('?') {
-        Some((servers, query)) => (servers, Some(query)),
-        None => (rest, None),
-    };
+    // Split where the URL parsers split, so a `?` in a password stays in it.
+    let (servers, query) = self::url::split_query(rest);
     let mut out = format!("{scheme}://");
     for (i, server) in servers.split(',').enumerate() {
         if i > 0 {
@@ -594,11 +598,7 @@ pub fn redact(url: &str) -> String {
                 out.push('&');
             }
             match pair.split_once('=') {
-                Some((name, _))
-                    if SECRET_PARAMETERS
-                        .iter()
-                        .any(|secret| name.to_ascii_lowercase().contains(secret)) =>
-                {
+                Some((name, _)) if is_secret_parameter(name) => {
                     out.push_str(name);
                     out.push_str("=***");
                 }
@@ -687,9 +687,77 @@ mod tests {
                  &ssl.key.password=***&ssl.ca.location=/ca.pem",
             ),
             ("sqs://h:4566?profile=ci", "sqs://h:4566?profile=ci"),
+            // A password may hold a `?`, a query value an `@`.
+            ("redis://u:p?ss@h/0?prefix=x", "redis://u:***@h/0?prefix=x"),
+            ("nats://h:4222?name=app@host", "nats://h:4222?name=app@host"),
         ];
         for (url, shown) in cases {
             assert_eq!(super::redact(url), shown, "{url}");
         }
+    }
+
+    /// A valid URL of every scheme Sluice knows, and a parameter its kind
+    /// takes, with a valid value.
+    const SAMPLES: &[(&str, &str)] = &[
+        ("memory://", "capacity=10"),
+        ("sqlite://sluice.db", "poll_ms=50"),
+        ("file:///var/lib/sluice", "fsync=never"),
+        ("redis://127.0.0.1:6379/0", "prefix=app:"),
+        ("rediss://u:pw@127.0.0.1:6380/0", "count=5"),
+        ("redis+pubsub://127.0.0.1:6379", "capacity=5"),
+        ("rediss+pubsub://127.0.0.1:6380", "prefix=app:"),
+        ("nats://127.0.0.1:4222,127.0.0.1:4223", "pending=10"),
+        ("jetstream://u:pw@127.0.0.1:4222", "stream=ORDERS"),
+        (
+            "postgres://app:pw@db:5432/sluice?sslmode=disable",
+            "schema=app",
+        ),
+        ("postgresql://db/sluice", "pool=2"),
+        ("kafka://127.0.0.1:9092", "partitions=6"),
+        ("sqs://aws?region=eu-west-1", "prefix=app-"),
+        ("sns+sqs://KEY:SECRET@127.0.0.1:4566", "heartbeat=false"),
+    ];
+
+    /// Every kind's parser refuses an unknown, a repeated and a valueless
+    /// parameter, naming it, and takes its sample as it is.
+    #[test]
+    fn every_kind_checks_its_parameters_the_same_way() {
+        let mut wrong = Vec::new();
+        for kind in super::kinds() {
+            for scheme in kind.schemes {
+                let Some((sample, param)) = SAMPLES
+                    .iter()
+                    .find(|(url, _)| url.split_once("://").unwrap().0 == *scheme)
+                else {
+                    wrong.push(format!("{scheme}: no sample URL in SAMPLES"));
+                    continue;
+                };
+                let name = param.split_once('=').unwrap().0;
+                let with = |query: &str| {
+                    let joint = if sample.contains('?') { '&' } else { '?' };
+                    format!("{sample}{joint}{query}")
+                };
+                let cases = [
+                    (sample.to_string(), None),
+                    (with(param), None),
+                    (with("colour=red"), Some("colour")),
+                    (with(&format!("{param}&{param}")), Some(name)),
+                    (with("colour"), Some("colour")),
+                    (with(&format!("{param}&{name}")), Some(name)),
+                ];
+                for (url, refused) in cases {
+                    let result = (kind.parse)(&url).map_err(|e| format!("{e:#}"));
+                    let right = match (&result, refused) {
+                        (Ok(()), None) => true,
+                        (Err(e), Some(name)) => e.contains(&format!("`{name}`")),
+                        _ => false,
+                    };
+                    if !right {
+                        wrong.push(format!("{url}: {result:?}"));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 }

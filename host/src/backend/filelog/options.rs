@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
+
+use crate::backend::url::BackendUrl;
 
 /// When appended bytes are forced to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,55 +49,33 @@ impl Default for Options {
 
 /// Splits a `file://` URL into the directory and its options.
 pub fn parse_url(url: &str) -> Result<(PathBuf, Options)> {
-    let rest = url
-        .strip_prefix("file://")
-        .context("a file log URL starts with file://")?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if path.is_empty() {
-        bail!("file log URL `{url}` names no directory (expected file://DIR)");
-    }
-    let mut options = Options::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair
-            .split_once('=')
-            .with_context(|| format!("file log URL: parameter `{pair}` is not NAME=VALUE"))?;
-        let number = || -> Result<u64> {
-            value
-                .parse()
-                .with_context(|| format!("file log URL: {name} `{value}` is not a number"))
-        };
-        match name {
-            "fsync" => {
-                options.fsync = match value {
-                    "always" => Fsync::Always,
-                    "interval" => Fsync::Interval,
-                    "never" => Fsync::Never,
-                    _ => bail!(
-                        "file log URL: fsync must be always, interval or never, not `{value}`"
-                    ),
-                }
-            }
-            "fsync_interval_ms" => {
-                options.fsync_interval = Duration::from_millis(number()?.max(1));
-            }
-            "segment_bytes" => {
-                let bytes = number()?;
-                if !(1024..=MAX_SEGMENT_BYTES).contains(&bytes) {
-                    bail!(
-                        "file log URL: segment_bytes must be between 1024 and {MAX_SEGMENT_BYTES}"
-                    );
-                }
-                options.segment_bytes = bytes;
-            }
-            "retention_ms" => options.retention = Some(Duration::from_millis(number()?)),
-            "retention_bytes" => options.retention_bytes = Some(number()?),
-            _ => bail!(
-                "file log URL: unknown parameter `{name}` (known: fsync, fsync_interval_ms, \
-                 segment_bytes, retention_ms, retention_bytes)"
-            ),
-        }
-    }
-    Ok((PathBuf::from(path), options))
+    let mut url = BackendUrl::split(url, "file")?;
+    url.require_address("directory (expected file://DIR)")?;
+    let default = Options::default();
+    let fsync = [
+        ("always", Fsync::Always),
+        ("interval", Fsync::Interval),
+        ("never", Fsync::Never),
+    ];
+    let options = Options {
+        fsync: url.take_choice("fsync", &fsync)?.unwrap_or(default.fsync),
+        fsync_interval: url
+            .take_ms("fsync_interval_ms")?
+            .map_or(default.fsync_interval, |d| d.max(Duration::from_millis(1))),
+        segment_bytes: url
+            .take_in("segment_bytes", 1024..=MAX_SEGMENT_BYTES)?
+            .unwrap_or(default.segment_bytes),
+        retention: url.take_ms("retention_ms")?,
+        retention_bytes: url.take("retention_bytes", "a number of bytes")?,
+    };
+    url.finish(&[
+        "fsync",
+        "fsync_interval_ms",
+        "segment_bytes",
+        "retention_ms",
+        "retention_bytes",
+    ])?;
+    Ok((PathBuf::from(url.address), options))
 }
 
 #[cfg(test)]

@@ -7,10 +7,9 @@
 
 use std::time::Duration;
 
-use crate::backend::url::percent_decode;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use crate::backend::redact;
+use crate::backend::url::BackendUrl;
 
 const SCHEME: &str = "kafka";
 
@@ -88,93 +87,59 @@ impl KafkaConfig {
     ];
 
     pub fn parse(url: &str) -> Result<Self> {
-        let shown = redact(url);
-        let rest = url
-            .strip_prefix(SCHEME)
-            .and_then(|r| r.strip_prefix("://"))
-            .with_context(|| format!("a {SCHEME} URL starts with {SCHEME}://, not `{shown}`"))?;
-        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let hosts: Vec<&str> = hosts
+        let mut url = BackendUrl::split(url, SCHEME)?;
+        let hosts: Vec<&str> = url
+            .address
             .trim_end_matches('/')
             .split(',')
             .map(str::trim)
             .filter(|h| !h.is_empty())
             .collect();
         if hosts.is_empty() {
-            bail!(
-                "{SCHEME} URL `{shown}` names no broker (expected e.g. {SCHEME}://127.0.0.1:9092)"
-            );
+            return Err(url.error(format!(
+                "names no broker (expected e.g. {SCHEME}://127.0.0.1:9092)"
+            )));
         }
-        for host in &hosts {
-            if host.contains('@') || host.contains('/') {
-                bail!(
-                    "{SCHEME} URL `{shown}`: brokers are HOST:PORT (credentials go in \
-                     sasl.username and sasl.password)"
-                );
-            }
+        if hosts.iter().any(|h| h.contains('@') || h.contains('/')) {
+            return Err(url.error(
+                "brokers are HOST:PORT (credentials go in sasl.username and sasl.password)",
+            ));
         }
+        let bootstrap = hosts.join(",");
+        let positive_ms = |url: &mut BackendUrl, name| -> Result<Option<Duration>> {
+            Ok(url.take_in(name, 1..)?.map(Duration::from_millis))
+        };
         let mut config = KafkaConfig {
-            bootstrap: hosts.join(","),
-            shown: shown.clone(),
-            partitions: 3,
-            replication: 1,
-            timeout: Duration::from_secs(30),
-            commit_interval: Duration::from_millis(200),
-            heartbeat: Duration::from_millis(500),
-            session_timeout: None,
-            metadata_refresh: Duration::from_millis(1000),
-            buffer: 1000,
-            join_timeout: Duration::from_secs(15),
+            bootstrap,
+            shown: url.redacted.clone(),
+            partitions: url.take_in("partitions", 1..)?.unwrap_or(3),
+            replication: url.take_in("replication", 1..)?.unwrap_or(1),
+            timeout: positive_ms(&mut url, "timeout_ms")?.unwrap_or(Duration::from_secs(30)),
+            commit_interval: positive_ms(&mut url, "commit_ms")?
+                .unwrap_or(Duration::from_millis(200)),
+            heartbeat: positive_ms(&mut url, "heartbeat_ms")?.unwrap_or(Duration::from_millis(500)),
+            session_timeout: positive_ms(&mut url, "session_timeout_ms")?,
+            metadata_refresh: positive_ms(&mut url, "metadata_refresh_ms")?
+                .unwrap_or(Duration::from_millis(1000)),
+            buffer: url.take_in("buffer", 1..)?.unwrap_or(1000),
+            join_timeout: positive_ms(&mut url, "join_timeout_ms")?
+                .unwrap_or(Duration::from_secs(15)),
             properties: Vec::new(),
         };
-        let mut seen: Vec<String> = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let Some((key, value)) = pair.split_once('=') else {
-                bail!("{SCHEME} URL: parameter `{pair}` has no value (expected NAME=VALUE)");
-            };
-            let value = percent_decode(value).with_context(|| {
-                format!("{SCHEME} URL: parameter `{key}` is not valid percent-encoding")
-            })?;
-            if seen.iter().any(|k| k == key) {
-                bail!("{SCHEME} URL: `{key}` is given twice");
-            }
-            seen.push(key.to_string());
-            if let Some(property) = key.strip_prefix("rdkafka.") {
-                if property.is_empty() {
-                    bail!("{SCHEME} URL: `rdkafka.` needs a librdkafka property name after it");
-                }
-                config.properties.push((property.to_string(), value));
-                continue;
-            }
-            if Self::SECURITY.contains(&key) {
-                security(key, &value)?;
-                config.properties.push((key.to_string(), value));
-                continue;
-            }
-            match key {
-                "partitions" => config.partitions = positive(key, &value)?,
-                "replication" => config.replication = positive(key, &value)?,
-                "timeout_ms" => config.timeout = millis(key, &value)?,
-                "commit_ms" => config.commit_interval = millis(key, &value)?,
-                "heartbeat_ms" => config.heartbeat = millis(key, &value)?,
-                "session_timeout_ms" => config.session_timeout = Some(millis(key, &value)?),
-                "metadata_refresh_ms" => config.metadata_refresh = millis(key, &value)?,
-                "buffer" => config.buffer = positive(key, &value)?,
-                "join_timeout_ms" => config.join_timeout = millis(key, &value)?,
-                _ => bail!(
-                    "{SCHEME} URL: unknown parameter `{key}` (known: {}, {})",
-                    Self::PARAMS.join(", "),
-                    Self::SECURITY.join(", ")
-                ),
+        for name in Self::SECURITY {
+            if let Some(value) = security(&mut url, name)? {
+                config.properties.push((name.to_string(), value));
             }
         }
+        config.properties.extend(url.take_prefixed("rdkafka.")?);
+        url.finish(&[Self::PARAMS, Self::SECURITY].concat())?;
         let mut names: Vec<&str> = config.properties.iter().map(|(n, _)| n.as_str()).collect();
         names.sort_unstable();
         if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
-            bail!(
-                "{SCHEME} URL: `{0}` is given twice (as {0} and rdkafka.{0})",
+            return Err(url.error(format!(
+                "`{0}` is given twice (as {0} and rdkafka.{0})",
                 twice[0]
-            );
+            )));
         }
         Ok(config)
     }
@@ -202,32 +167,17 @@ impl KafkaConfig {
     }
 }
 
-/// Checks the values librdkafka would refuse only when a client is made,
-/// so the error names the parameter and what it accepts.
-fn security(key: &str, value: &str) -> Result<()> {
-    let accepted: &[&str] = match key {
+/// Takes security property `name`, checking the values librdkafka would
+/// refuse only when a client is made, so the error names the parameter and
+/// what it accepts.
+fn security(url: &mut BackendUrl, name: &str) -> Result<Option<String>> {
+    let accepted: &[&str] = match name {
         "security.protocol" => &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"],
         "sasl.mechanism" => &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"],
-        _ => return Ok(()),
+        _ => return url.take(name, "a value"),
     };
-    if !accepted.iter().any(|a| a.eq_ignore_ascii_case(value)) {
-        bail!(
-            "{SCHEME} URL: {key} `{value}` is not one of {}",
-            accepted.join(", ")
-        );
-    }
-    Ok(())
-}
-
-fn positive<T: std::str::FromStr + PartialOrd + Default>(key: &str, value: &str) -> Result<T> {
-    match value.parse::<T>() {
-        Ok(n) if n > T::default() => Ok(n),
-        _ => bail!("{SCHEME} URL: {key} `{value}` is not a positive whole number"),
-    }
-}
-
-fn millis(key: &str, value: &str) -> Result<Duration> {
-    Ok(Duration::from_millis(positive(key, value)?))
+    let choices: Vec<(&str, String)> = accepted.iter().map(|a| (*a, a.to_string())).collect();
+    url.take_choice(name, &choices)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::headers;
-use super::{COMMON_PARAMS, ServerUrl, nats_name, parse_num, split_url};
+use super::{COMMON_PARAMS, ServerUrl, nats_name, split_url};
 use crate::backend::{
     Backend, Capabilities, Delivery, Receipt, SubscribeOptions, Subscription, closed_error, pattern,
 };
@@ -150,19 +150,10 @@ pub(crate) async fn flush(client: &Client, server: &ServerUrl) -> Result<()> {
 /// Splits a `nats://` URL into the servers and how many messages a
 /// subscription buffers (`pending`).
 pub(crate) fn parse_url(url: &str) -> Result<(ServerUrl, usize)> {
-    let (mut server, pairs) = split_url(url, "nats")?;
-    let mut pending = 65_536usize;
-    for (key, value) in pairs {
-        if server.take_common("nats", &key, &value)? {
-            continue;
-        }
-        match key.as_str() {
-            "pending" => pending = parse_num("nats", &key, &value)?,
-            _ => {
-                bail!("nats URL: unknown parameter `{key}` (known: pending, {COMMON_PARAMS})")
-            }
-        }
-    }
+    let (mut server, mut params) = split_url(url, "nats")?;
+    server.take_common(&mut params)?;
+    let pending = params.take("pending", "a number")?.unwrap_or(65_536);
+    params.finish(&[&["pending"], COMMON_PARAMS].concat())?;
     Ok((server, pending))
 }
 

@@ -41,11 +41,10 @@ mod window;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backend::url::percent_decode;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use super::redact;
+use crate::backend::url::{BackendUrl, percent_decode};
 
 /// Connection settings shared by both schemes, parsed from the URL.
 #[derive(Debug, Clone)]
@@ -78,66 +77,64 @@ struct Access {
     token: Option<String>,
 }
 
-/// The parameters both schemes take, for the lists in unknown-parameter
-/// errors.
-pub(crate) const COMMON_PARAMS: &str = "name, tls, timeout_ms, ca, cert, key, creds, nkey, token";
+/// The parameters both schemes take.
+pub(crate) const COMMON_PARAMS: &[&str] = &[
+    "name",
+    "tls",
+    "timeout_ms",
+    "ca",
+    "cert",
+    "key",
+    "creds",
+    "nkey",
+    "token",
+];
 
-/// Splits `scheme://servers?query` into the servers and the query pairs;
-/// the caller takes the pairs it knows and passes the rest to
-/// [`ServerUrl::take_common`].
-pub(crate) fn split_url(url: &str, scheme: &str) -> Result<(ServerUrl, Vec<(String, String)>)> {
-    let shown = redact(url);
-    let rest = url
-        .strip_prefix(scheme)
-        .and_then(|r| r.strip_prefix("://"))
-        .with_context(|| format!("a {scheme} URL starts with {scheme}://, not `{shown}`"))?;
-    let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let hosts = hosts.trim_end_matches('/');
+/// Splits `scheme://servers?query` into the servers and the query
+/// parameters; the caller takes those both schemes know with
+/// [`ServerUrl::take_common`], then its own.
+pub(crate) fn split_url(url: &str, scheme: &str) -> Result<(ServerUrl, BackendUrl)> {
+    let params = BackendUrl::split(url, scheme)?;
+    let hosts = params.address.trim_end_matches('/');
     if hosts.is_empty() {
-        bail!("{scheme} URL `{shown}` names no server (expected e.g. {scheme}://127.0.0.1:4222)");
+        return Err(params.error(format!(
+            "names no server (expected e.g. {scheme}://127.0.0.1:4222)"
+        )));
     }
-    let servers = hosts
-        .split(',')
-        .map(|h| format!("nats://{}", h.trim()))
-        .collect();
-    let mut pairs = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value).with_context(|| {
-            format!("{scheme} URL: parameter `{key}` is not valid percent-encoding")
-        })?;
-        pairs.push((key.to_string(), value));
-    }
-    Ok((
-        ServerUrl {
-            servers,
-            shown,
-            name: None,
-            tls: false,
-            timeout: Duration::from_secs(10),
-            access: Access::default(),
-        },
-        pairs,
-    ))
+    let server = ServerUrl {
+        servers: hosts
+            .split(',')
+            .map(|h| format!("nats://{}", h.trim()))
+            .collect(),
+        shown: params.redacted.clone(),
+        name: None,
+        tls: false,
+        timeout: Duration::from_secs(10),
+        access: Access::default(),
+    };
+    Ok((server, params))
 }
 
 impl ServerUrl {
-    /// Takes the parameters both schemes know; returns whether `key` was one.
-    pub(crate) fn take_common(&mut self, scheme: &str, key: &str, value: &str) -> Result<bool> {
-        match key {
-            "name" => self.name = Some(value.to_string()),
-            "tls" => self.tls = parse_bool(scheme, key, value)?,
-            "timeout_ms" => self.timeout = Duration::from_millis(parse_num(scheme, key, value)?),
-            "ca" => self.access.ca = Some(path(scheme, key, value)?),
-            "cert" => self.access.cert = Some(path(scheme, key, value)?),
-            "key" => self.access.key = Some(path(scheme, key, value)?),
-            "creds" => self.access.creds = Some(path(scheme, key, value)?),
-            "nkey" => self.access.nkey = Some(path(scheme, key, value)?),
-            "token" if !value.is_empty() => self.access.token = Some(value.to_string()),
-            "token" => bail!("{scheme} URL: token is empty"),
-            _ => return Ok(false),
+    /// Takes the parameters both schemes know.
+    pub(crate) fn take_common(&mut self, url: &mut BackendUrl) -> Result<()> {
+        self.name = url.take("name", "a connection name")?;
+        self.tls = url.take_bool("tls")?.unwrap_or(false);
+        if let Some(timeout) = url.take_ms("timeout_ms")? {
+            self.timeout = timeout;
         }
-        Ok(true)
+        self.access = Access {
+            ca: url.take_path("ca")?,
+            cert: url.take_path("cert")?,
+            key: url.take_path("key")?,
+            creds: url.take_path("creds")?,
+            nkey: url.take_path("nkey")?,
+            token: url.take_with("token", |token| match token {
+                "" => Err("is empty".into()),
+                token => Ok(token.to_string()),
+            })?,
+        };
+        Ok(())
     }
 
     /// TLS and credentials applied to `options`, reading the files the URL
@@ -283,20 +280,6 @@ impl ServerUrl {
     }
 }
 
-pub(crate) fn parse_num<T: std::str::FromStr>(scheme: &str, key: &str, value: &str) -> Result<T> {
-    value
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{scheme} URL: {key} `{value}` is not a valid number"))
-}
-
-/// A file path parameter.
-fn path(scheme: &str, key: &str, value: &str) -> Result<PathBuf> {
-    if value.is_empty() {
-        bail!("{scheme} URL: {key} needs a file path");
-    }
-    Ok(PathBuf::from(value))
-}
-
 /// Fails naming the parameter and the file unless it can be read (the
 /// client library would report it later, without saying which).
 fn readable(scheme: &str, key: &str, path: &std::path::Path) -> Result<()> {
@@ -306,14 +289,6 @@ fn readable(scheme: &str, key: &str, path: &std::path::Path) -> Result<()> {
             path.display()
         )
     })
-}
-
-pub(crate) fn parse_bool(scheme: &str, key: &str, value: &str) -> Result<bool> {
-    match value {
-        "true" | "1" | "yes" | "" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => bail!("{scheme} URL: {key} must be true or false, not `{value}`"),
-    }
 }
 
 /// A name NATS accepts as a queue group, consumer or stream name, derived
@@ -354,43 +329,51 @@ mod tests {
 
     #[test]
     fn urls_split_into_servers_and_parameters() {
-        let (url, pairs) = split_url(
+        let (server, mut params) = split_url(
             "nats://u:secret@a:4222,b:4223?name=x&subjects=o.%3E",
             "nats",
         )
         .unwrap();
-        assert_eq!(url.servers, ["nats://u:secret@a:4222", "nats://b:4223"]);
-        assert!(!url.shown.contains("secret"));
-        assert_eq!(pairs[1], ("subjects".to_string(), "o.>".to_string()));
+        assert_eq!(server.servers, ["nats://u:secret@a:4222", "nats://b:4223"]);
+        assert!(!server.shown.contains("secret"));
+        assert_eq!(
+            params
+                .take::<String>("subjects", "subjects")
+                .unwrap()
+                .as_deref(),
+            Some("o.>")
+        );
         assert!(split_url("nats://", "nats").is_err());
+        assert!(split_url("nats:///", "nats").is_err());
     }
 
     #[tokio::test]
     async fn tls_and_credential_parameters() {
-        let (mut url, pairs) = split_url(
+        let (mut server, mut params) = split_url(
             "nats://h:4222?ca=/ca.pem&cert=/c.pem&key=/c.key&nkey=/u.nk&token=t%26k",
             "nats",
         )
         .unwrap();
-        for (key, value) in pairs {
-            assert!(url.take_common("nats", &key, &value).unwrap(), "{key}");
-        }
-        assert_eq!(url.access.ca, Some(PathBuf::from("/ca.pem")));
-        assert_eq!(url.access.token.as_deref(), Some("t&k"));
+        server.take_common(&mut params).unwrap();
+        params.finish(COMMON_PARAMS).unwrap();
+        assert_eq!(server.access.ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(server.access.token.as_deref(), Some("t&k"));
         let options = async_nats::ConnectOptions::new();
-        let err = url
+        let err = server
             .authenticate(options, &[])
             .await
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("at most one of"), "{err}");
-        assert!(url.take_common("nats", "creds", "").is_err());
-        assert!(url.take_common("nats", "token", "").is_err());
+        for query in ["creds=", "token=", "tls=maybe"] {
+            let (mut server, mut params) = split_url(&format!("nats://h?{query}"), "nats").unwrap();
+            assert!(server.take_common(&mut params).is_err(), "{query}");
+        }
 
-        let (mut url, _) = split_url("nats://h:4222", "nats").unwrap();
-        url.take_common("nats", "cert", "/c.pem").unwrap();
-        let err = url
+        let (mut server, mut params) = split_url("nats://h:4222?cert=/c.pem", "nats").unwrap();
+        server.take_common(&mut params).unwrap();
+        let err = server
             .authenticate(async_nats::ConnectOptions::new(), &[])
             .await
             .err()

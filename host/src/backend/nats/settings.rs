@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 
-use super::{COMMON_PARAMS, ServerUrl, parse_bool, parse_num};
+use super::{COMMON_PARAMS, ServerUrl};
 use crate::backend::pattern;
+use crate::backend::url::BackendUrl;
 
 pub(crate) const SCHEME: &str = "jetstream";
 
@@ -29,79 +30,53 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub fn parse(server: &mut ServerUrl, pairs: Vec<(String, String)>) -> Result<Self> {
-        let mut settings = Settings {
-            stream: None,
-            subjects: None,
-            prefix: "SLUICE".to_string(),
-            retention: None,
-            storage: None,
-            replicas: None,
-            max_age: None,
-            max_bytes: None,
-            max_msgs: None,
-            duplicate_window: None,
-            max_ack_pending: 1000,
-            progress: true,
+    pub const PARAMS: &[&str] = &[
+        "stream",
+        "subjects",
+        "stream_prefix",
+        "retention",
+        "storage",
+        "replicas",
+        "max_age_ms",
+        "max_bytes",
+        "max_msgs",
+        "duplicate_window_ms",
+        "max_ack_pending",
+        "progress",
+    ];
+
+    /// Takes the connection's parameters into `server`, and the rest.
+    pub fn parse(server: &mut ServerUrl, mut url: BackendUrl) -> Result<Self> {
+        server.take_common(&mut url)?;
+        let settings = Settings {
+            stream: url.take_with("stream", stream_name)?,
+            subjects: url.take_with("subjects", subjects)?,
+            prefix: url
+                .take_with("stream_prefix", stream_name)?
+                .unwrap_or_else(|| "SLUICE".to_string()),
+            retention: url.take_choice(
+                "retention",
+                &[
+                    ("limits", RetentionPolicy::Limits),
+                    ("workqueue", RetentionPolicy::WorkQueue),
+                    ("interest", RetentionPolicy::Interest),
+                ],
+            )?,
+            storage: url.take_choice(
+                "storage",
+                &[("file", StorageType::File), ("memory", StorageType::Memory)],
+            )?,
+            replicas: url.take("replicas", "a number")?,
+            max_age: url.take_ms("max_age_ms")?,
+            max_bytes: url.take("max_bytes", "a number")?,
+            max_msgs: url.take("max_msgs", "a number")?,
+            duplicate_window: url.take_ms("duplicate_window_ms")?,
+            max_ack_pending: url.take("max_ack_pending", "a number")?.unwrap_or(1000),
+            progress: url.take_bool("progress")?.unwrap_or(true),
         };
-        let ms = |key: &str, value: &str| -> Result<Duration> {
-            Ok(Duration::from_millis(parse_num(SCHEME, key, value)?))
-        };
-        for (key, value) in pairs {
-            if server.take_common(SCHEME, &key, &value)? {
-                continue;
-            }
-            match key.as_str() {
-                "stream" => settings.stream = Some(checked_name(&key, &value)?),
-                "subjects" => {
-                    let subjects: Vec<String> = value
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect();
-                    for subject in &subjects {
-                        pattern::validate(subject)
-                            .map_err(|e| anyhow::anyhow!("{SCHEME} URL: subjects: {e}"))?;
-                    }
-                    if subjects.is_empty() {
-                        bail!("{SCHEME} URL: subjects is empty");
-                    }
-                    settings.subjects = Some(subjects);
-                }
-                "stream_prefix" => settings.prefix = checked_name(&key, &value)?,
-                "retention" => {
-                    settings.retention = Some(match value.as_str() {
-                        "limits" => RetentionPolicy::Limits,
-                        "workqueue" => RetentionPolicy::WorkQueue,
-                        "interest" => RetentionPolicy::Interest,
-                        _ => bail!(
-                            "{SCHEME} URL: retention must be limits, workqueue or interest, not `{value}`"
-                        ),
-                    })
-                }
-                "storage" => {
-                    settings.storage = Some(match value.as_str() {
-                        "file" => StorageType::File,
-                        "memory" => StorageType::Memory,
-                        _ => bail!("{SCHEME} URL: storage must be file or memory, not `{value}`"),
-                    })
-                }
-                "replicas" => settings.replicas = Some(parse_num(SCHEME, &key, &value)?),
-                "max_age_ms" => settings.max_age = Some(ms(&key, &value)?),
-                "max_bytes" => settings.max_bytes = Some(parse_num(SCHEME, &key, &value)?),
-                "max_msgs" => settings.max_msgs = Some(parse_num(SCHEME, &key, &value)?),
-                "duplicate_window_ms" => settings.duplicate_window = Some(ms(&key, &value)?),
-                "max_ack_pending" => settings.max_ack_pending = parse_num(SCHEME, &key, &value)?,
-                "progress" => settings.progress = parse_bool(SCHEME, &key, &value)?,
-                _ => bail!(
-                    "{SCHEME} URL: unknown parameter `{key}` (known: stream, subjects, stream_prefix, \
-                     retention, storage, replicas, max_age_ms, max_bytes, max_msgs, \
-                     duplicate_window_ms, max_ack_pending, progress, {COMMON_PARAMS})"
-                ),
-            }
-        }
+        url.finish(&[Self::PARAMS, COMMON_PARAMS].concat())?;
         if settings.subjects.is_some() && settings.stream.is_none() {
-            bail!("{SCHEME} URL: subjects needs stream (the stream to give them to)");
+            return Err(url.error("subjects needs stream (the stream to give them to)"));
         }
         Ok(settings)
     }
@@ -135,17 +110,34 @@ impl Settings {
     }
 }
 
-fn checked_name(key: &str, value: &str) -> Result<String> {
+/// A stream name (`stream`, `stream_prefix`).
+fn stream_name(value: &str) -> Result<String, String> {
     if value.is_empty()
         || value
             .chars()
             .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c == '/' || c == '\\')
     {
-        bail!(
-            "{SCHEME} URL: {key} `{value}` is not a valid stream name (no dots, wildcards, spaces or slashes)"
+        return Err(
+            "is not a valid stream name (no dots, wildcards, spaces or slashes)".to_string(),
         );
     }
     Ok(value.to_string())
+}
+
+/// A stream's subjects, comma-separated.
+fn subjects(value: &str) -> Result<Vec<String>, String> {
+    let subjects: Vec<String> = value
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if subjects.is_empty() {
+        return Err("names no subject".to_string());
+    }
+    for subject in &subjects {
+        pattern::validate(subject).map_err(|e| format!("is not valid: {e}"))?;
+    }
+    Ok(subjects)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::backend::url::{BackendUrl, percent_decode};
+use crate::backend::url::BackendUrl;
 
 /// A backend URL split into what the `redis` crate connects to and our own
 /// parameters.
@@ -39,19 +39,11 @@ impl Tls {
     pub const PARAMS: &[&str] = &["ca", "cert", "key"];
 
     fn from_url(url: &mut RedisUrl, secure: bool) -> Result<Self> {
-        let mut path = |name: &str| -> Result<Option<PathBuf>> {
-            let Some(value) = url.take::<String>(name, "a file path")? else {
-                return Ok(None);
-            };
-            let path = percent_decode(&value)
-                .with_context(|| format!("backend URL `{}`: parameter `{name}`", url.redacted))?;
-            Ok(Some(PathBuf::from(path)))
-        };
         let tls = Tls {
             enabled: secure,
-            ca: path("ca")?,
-            cert: path("cert")?,
-            key: path("key")?,
+            ca: url.take_path("ca")?,
+            cert: url.take_path("cert")?,
+            key: url.take_path("key")?,
         };
         let given = [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)];
         if let Some((name, _)) = given.iter().find(|(_, p)| p.is_some())

@@ -27,16 +27,16 @@ mod subscription;
 mod writer;
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, SqlitePool};
 use tokio::sync::Notify;
 
+use super::url::BackendUrl;
 use super::{Backend, Capabilities, SubscribeOptions, Subscription, pattern};
 use crate::message::Message;
 use subscription::SqliteSubscription;
@@ -99,6 +99,7 @@ struct Shared {
 impl SqliteBackend {
     pub async fn connect(url: &str) -> Result<Self> {
         let (path, synchronous, poll) = parse_url(url)?;
+        let path = path.as_str();
         let options = SqliteConnectOptions::new()
             .filename(PathBuf::from(path))
             .create_if_missing(true)
@@ -124,39 +125,25 @@ impl SqliteBackend {
 
 /// Splits a `sqlite://` URL into the database file, how commits are
 /// synced, and how often consumers look for other processes' messages.
-pub(crate) fn parse_url(url: &str) -> Result<(&str, SqliteSynchronous, Duration)> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .context("a SQLite URL starts with sqlite://")?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if path.is_empty() {
-        bail!("SQLite URL `{url}` names no file (expected sqlite://PATH)");
-    }
-    let mut synchronous = SqliteSynchronous::Full;
-    let mut poll = Duration::from_millis(100);
-    let mut seen = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        if seen.contains(&name) {
-            bail!("SQLite URL `{url}`: `{name}` is given twice");
-        }
-        seen.push(name);
-        match pair.split_once('=') {
-            Some(("synchronous", value)) => {
-                synchronous = SqliteSynchronous::from_str(value).map_err(|_| {
-                    anyhow::anyhow!("SQLite URL: synchronous must be full or normal, not `{value}`")
-                })?
-            }
-            Some(("poll_ms", value)) => {
-                poll =
-                    Duration::from_millis(value.parse().with_context(|| {
-                        format!("SQLite URL: poll_ms `{value}` is not a number")
-                    })?)
-            }
-            _ => bail!("SQLite URL: unknown parameter `{pair}` (known: synchronous, poll_ms)"),
-        }
-    }
-    Ok((path, synchronous, poll))
+pub(crate) fn parse_url(url: &str) -> Result<(String, SqliteSynchronous, Duration)> {
+    let mut url = BackendUrl::split(url, "sqlite")?;
+    url.require_address("file (expected sqlite://PATH)")?;
+    let synchronous = url
+        .take_choice(
+            "synchronous",
+            &[
+                ("full", SqliteSynchronous::Full),
+                ("normal", SqliteSynchronous::Normal),
+                ("extra", SqliteSynchronous::Extra),
+                ("off", SqliteSynchronous::Off),
+            ],
+        )?
+        .unwrap_or(SqliteSynchronous::Full);
+    let poll = url
+        .take_ms("poll_ms")?
+        .unwrap_or(Duration::from_millis(100));
+    url.finish(&["synchronous", "poll_ms"])?;
+    Ok((url.address, synchronous, poll))
 }
 
 /// How a stored row becomes a message, shared with PostgreSQL; the fuzz

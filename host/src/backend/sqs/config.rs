@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use crate::backend::url::percent_decode;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::backend::redact;
+use crate::backend::url::{BackendUrl, percent_decode};
 
 /// The host that means "real AWS, endpoints from the region".
 pub const AWS_HOST: &str = "aws";
@@ -69,12 +68,8 @@ impl SqsConfig {
     /// Parses `scheme://[KEY:SECRET@]HOST[:PORT][?params]`, where HOST
     /// `aws` means AWS itself.
     pub fn parse(url: &str, scheme: &str) -> Result<Self> {
-        let shown = redact(url);
-        let Some(rest) = url.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")) else {
-            bail!("backend URL `{shown}` does not start with {scheme}://");
-        };
-        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, path) = authority.split_once('/').unwrap_or((authority, ""));
+        let mut url = BackendUrl::split(url, scheme)?;
+        let (authority, path) = url.address.split_once('/').unwrap_or((&url.address, ""));
         if !path.is_empty() {
             // An unescaped `/` in a secret ends the authority early, and the
             // redacted form would then show the secret's tail: say nothing.
@@ -84,152 +79,96 @@ impl SqsConfig {
             );
         }
         let (userinfo, host) = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => (Some(userinfo), host),
-            None => (None, authority),
+            Some((userinfo, host)) => (Some(userinfo), host.to_string()),
+            None => (None, authority.to_string()),
         };
         if host.is_empty() {
-            bail!(
-                "backend URL `{shown}` names no endpoint (expected {scheme}://{AWS_HOST}?region=REGION \
+            return Err(url.error(format!(
+                "names no endpoint (expected {scheme}://{AWS_HOST}?region=REGION \
                  for AWS, or {scheme}://HOST:PORT for a local endpoint)"
-            );
+            )));
         }
-        let credentials = userinfo
-            .map(|info| -> Result<(String, String)> {
-                let (key, secret) = info.split_once(':').with_context(|| {
-                    format!("backend URL `{shown}`: credentials must be KEY:SECRET")
-                })?;
-                let key = percent_decode(key)
-                    .with_context(|| format!("backend URL `{shown}`: access key"))?;
-                let secret = percent_decode(secret)
-                    .with_context(|| format!("backend URL `{shown}`: secret key"))?;
-                if key.is_empty() || secret.is_empty() {
-                    bail!("backend URL `{shown}`: credentials must be KEY:SECRET, both non-empty");
-                }
-                Ok((key, secret))
-            })
-            .transpose()?;
-
-        let mut config = SqsConfig {
+        let credentials = userinfo.map(|info| credentials(&url, info)).transpose()?;
+        let region = url.take_with("region", |value| {
+            if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err("is not a region name".to_string());
+            }
+            Ok(value.to_string())
+        })?;
+        let prefix = url.take_with("prefix", |value| {
+            if value.len() > MAX_PREFIX_LEN
+                || !value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "must be at most {MAX_PREFIX_LEN} letters, digits, `-` or `_` \
+                     (SQS queue names allow nothing else)"
+                ));
+            }
+            Ok(value.to_string())
+        })?;
+        let profile = url.take_with("profile", |value| match value {
+            "" => Err("is empty".to_string()),
+            profile => Ok(profile.to_string()),
+        })?;
+        if credentials.is_some() && profile.is_some() {
+            return Err(url.error("give either KEY:SECRET@ or profile, not both"));
+        }
+        let config = SqsConfig {
             endpoint: None,
             credentials,
-            region: None,
-            profile: None,
-            prefix: "sluice-".into(),
-            max_receive: 25,
-            retention: Duration::from_secs(MAX_RETENTION_S),
-            discover: Duration::from_millis(2000),
-            ack_batch: Duration::from_millis(10),
-            heartbeat: true,
-            shown: shown.clone(),
+            region,
+            profile,
+            prefix: prefix.unwrap_or_else(|| "sluice-".into()),
+            max_receive: url.take_in("max_receive", 0..=1000)?.unwrap_or(25),
+            retention: Duration::from_secs(
+                url.take_in("retention_s", 60..=MAX_RETENTION_S)?
+                    .unwrap_or(MAX_RETENTION_S),
+            ),
+            discover: url
+                .take_ms("discover_ms")?
+                .unwrap_or(Duration::from_millis(2000)),
+            ack_batch: url
+                .take_ms("ack_batch_ms")?
+                .unwrap_or(Duration::from_millis(10)),
+            heartbeat: url.take_bool("heartbeat")?.unwrap_or(true),
+            shown: url.redacted.clone(),
         };
-        let mut tls = None;
-        let mut seen = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let Some((name, value)) = pair.split_once('=') else {
-                bail!(
-                    "backend URL `{shown}`: parameter `{pair}` has no value (expected NAME=VALUE)"
-                );
-            };
-            if seen.contains(&name) {
-                bail!("backend URL `{shown}`: `{name}` is given twice");
-            }
-            seen.push(name);
-            let value = percent_decode(value)
-                .with_context(|| format!("backend URL `{shown}`: parameter `{name}`"))?;
-            let number = |expected: &str| -> Result<u64> {
-                value.parse().map_err(|_| {
-                    anyhow::anyhow!("backend URL `{shown}`: {name} `{value}` is not {expected}")
-                })
-            };
-            match name {
-                "region" => {
-                    if value.is_empty()
-                        || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    {
-                        bail!("backend URL `{shown}`: region `{value}` is not a region name");
-                    }
-                    config.region = Some(value.clone());
-                }
-                "prefix" => {
-                    if value.len() > MAX_PREFIX_LEN
-                        || !value
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        bail!(
-                            "backend URL `{shown}`: prefix `{value}` must be at most {MAX_PREFIX_LEN} \
-                             letters, digits, `-` or `_` (SQS queue names allow nothing else)"
-                        );
-                    }
-                    config.prefix = value.clone();
-                }
-                "max_receive" => {
-                    let n = number("a number of receives")?;
-                    if n > 1000 {
-                        bail!(
-                            "backend URL `{shown}`: max_receive must be 0 (off) or 1 to 1000, not {n}"
-                        );
-                    }
-                    config.max_receive = n as u32;
-                }
-                "retention_s" => {
-                    let s = number("a number of seconds")?;
-                    if !(60..=MAX_RETENTION_S).contains(&s) {
-                        bail!(
-                            "backend URL `{shown}`: retention_s must be 60 to {MAX_RETENTION_S} (14 days), not {s}"
-                        );
-                    }
-                    config.retention = Duration::from_secs(s);
-                }
-                "discover_ms" => {
-                    config.discover = Duration::from_millis(number("a number of milliseconds")?)
-                }
-                "ack_batch_ms" => {
-                    config.ack_batch = Duration::from_millis(number("a number of milliseconds")?)
-                }
-                "heartbeat" => config.heartbeat = parse_bool(&shown, name, &value)?,
-                "tls" => tls = Some(parse_bool(&shown, name, &value)?),
-                "profile" => {
-                    if config.credentials.is_some() {
-                        bail!(
-                            "backend URL `{shown}`: give either KEY:SECRET@ or profile, not both"
-                        );
-                    }
-                    if value.is_empty() {
-                        bail!("backend URL `{shown}`: profile is empty");
-                    }
-                    config.profile = Some(value.clone());
-                }
-                _ => bail!(
-                    "backend URL `{shown}`: unknown parameter `{name}` (known: {})",
-                    Self::PARAMS.join(", ")
-                ),
-            }
-        }
+        let tls = url.take_bool("tls")?;
+        url.finish(Self::PARAMS)?;
         if host == AWS_HOST {
             if tls == Some(false) {
-                bail!(
-                    "backend URL `{shown}`: tls=false needs a HOST:PORT endpoint, not {AWS_HOST}"
-                );
+                return Err(url.error(format!(
+                    "tls=false needs a HOST:PORT endpoint, not {AWS_HOST}"
+                )));
             }
-        } else {
-            let scheme = if tls.unwrap_or(false) {
-                "https"
-            } else {
-                "http"
-            };
-            config.endpoint = Some(format!("{scheme}://{host}"));
+            return Ok(config);
         }
-        Ok(config)
+        let scheme = if tls.unwrap_or(false) {
+            "https"
+        } else {
+            "http"
+        };
+        Ok(SqsConfig {
+            endpoint: Some(format!("{scheme}://{host}")),
+            ..config
+        })
     }
 }
 
-fn parse_bool(shown: &str, name: &str, value: &str) -> Result<bool> {
-    match value {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => bail!("backend URL `{shown}`: {name} must be true or false, not `{value}`"),
+/// The static credentials of the user info `KEY:SECRET`, %-decoded; errors
+/// never show them.
+fn credentials(url: &BackendUrl, info: &str) -> Result<(String, String)> {
+    let (key, secret) = info
+        .split_once(':')
+        .ok_or_else(|| url.error("credentials must be KEY:SECRET"))?;
+    let key = percent_decode(key).map_err(|e| url.error(format!("access key: {e}")))?;
+    let secret = percent_decode(secret).map_err(|e| url.error(format!("secret key: {e}")))?;
+    if key.is_empty() || secret.is_empty() {
+        return Err(url.error("credentials must be KEY:SECRET, both non-empty"));
     }
+    Ok((key, secret))
 }
 
 #[cfg(test)]
