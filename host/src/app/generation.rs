@@ -364,7 +364,7 @@ fn subscribe_options(route: &RouteConfig) -> SubscribeOptions {
         route.topics.iter().map(|t| t.get_ref().clone()).collect(),
         route.group(),
     );
-    subscribe.start = route.start;
+    subscribe.start = route.start.unwrap_or_default();
     subscribe.lease = Duration::from_millis(route.lease_ms);
     subscribe
 }

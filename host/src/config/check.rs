@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::Config;
 use super::error::Sources;
-use crate::backend::{self, pattern};
+use crate::backend::{self, StartFrom, pattern};
 
 pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
     let error = |key: String, message: String| sources.error(&key, message);
@@ -173,6 +173,16 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
                         "backend `{source}` ({scheme}://) does not keep each key's messages in \
                          order; these do: {}",
                         schemes(backend::schemes_with(|c| c.ordered_per_key))
+                    ),
+                ));
+            }
+            if route.start == Some(StartFrom::Earliest) && !caps.history {
+                return Err(fail(
+                    "start",
+                    format!(
+                        "`earliest` asks for messages published before the group existed, and \
+                         backend `{source}` ({scheme}://) keeps none; these do: {}",
+                        schemes(backend::schemes_with(|c| c.history))
                     ),
                 ));
             }

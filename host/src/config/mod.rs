@@ -194,9 +194,11 @@ pub struct RouteConfig {
     /// The consumer group; the route's name if absent.
     #[serde(default)]
     pub group: Option<String>,
-    /// Where a new group starts: `earliest` (default) or `latest`.
+    /// Where a new group starts: `earliest` (the default: every message the
+    /// backend still holds) or `latest`. Given as `earliest`, the backend
+    /// must keep history, or the route is refused.
     #[serde(default)]
-    pub start: StartFrom,
+    pub start: Option<StartFrom>,
     /// The plugin that handles each message.
     pub plugin: Spanned<String>,
     /// Messages handled at once.

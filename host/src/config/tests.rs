@@ -557,6 +557,40 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
     assert!(parse_with(&exact, &[]).is_ok());
 }
 
+/// `start = "earliest"` asks for what was published before the group
+/// existed: refused on a backend that keeps no history, naming those that
+/// do; left out, the default stands on every backend.
+#[cfg(feature = "nats")]
+#[test]
+fn earliest_is_refused_where_nothing_is_kept() {
+    let earliest = GOOD.replace(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nstart = \"earliest\"\n",
+    );
+    assert!(parse_with(&earliest, &[]).is_ok());
+    for url in ["memory://", "nats://127.0.0.1:4222"] {
+        let on = earliest.replace("sqlite://demo.db", url);
+        let err = parse_with(&on, &[]).unwrap_err().to_string();
+        assert!(err.contains("routes[0].start"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
+        assert!(err.contains("keeps none"), "{err}");
+        let these: Vec<&str> = err
+            .split("these do: ")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .collect();
+        assert!(these.contains(&"sqlite://"), "{err}");
+        for none in ["memory://", "nats://", "redis+pubsub://"] {
+            assert!(!these.contains(&none), "{err}");
+        }
+        let default = GOOD.replace("sqlite://demo.db", url);
+        assert!(parse_with(&default, &[]).is_ok(), "{url}");
+        let latest = earliest.replace("\"earliest\"", "\"latest\"");
+        assert!(parse_with(&latest.replace("sqlite://demo.db", url), &[]).is_ok());
+    }
+}
+
 /// Every backend's URL parameters are parsed by `check` as connecting
 /// would: an unknown, repeated or malformed one is refused, named.
 #[cfg(all(
