@@ -14,11 +14,13 @@
 //! - [`admin`]: the admin HTTP API, health and metrics;
 //! - [`telemetry`]: the log, and delivery spans exported over OTLP;
 //! - `kit`: `sluice new`, `sluice build` and `sluice test` for plugin authors;
-//! - [`app`]: wiring it all into a running host.
+//! - [`app`]: wiring it all into a running host;
+//! - [`cli`]: the `sluice` command.
 
 pub mod admin;
 pub mod app;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod dlq;

@@ -45,7 +45,7 @@ pub mod bindings {
 
     wit_bindgen::generate!({
         // The crate's own copy of the WIT, so it builds when published;
-        // host/tests/sdk.rs checks that it matches the repository's.
+        // tests/integration/sdk.rs checks that it matches the repository's.
         path: "wit",
         world: "batch-handler",
         // The export macro has to be usable from downstream plugin crates,

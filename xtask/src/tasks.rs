@@ -15,6 +15,10 @@ pub const WASM_TARGET: &str = "wasm32-wasip2";
 /// to compile).
 const ALL_BACKENDS: &str = "sluice/full";
 
+/// Every backend, and every integration test: those that need a server or
+/// a toolchain too, which `test` provides.
+const EVERYTHING: &str = "sluice/full,sluice-tests/full";
+
 /// The example plugins written in Python, JavaScript and C, each built by
 /// `sluice build` into its own `target/`.
 pub const LANGUAGE_EXAMPLES: &[&str] = &[
@@ -66,12 +70,22 @@ pub fn test(extra: &[String]) -> Result<()> {
         "--workspace",
         "--no-fail-fast",
         "--features",
-        ALL_BACKENDS,
+        EVERYTHING,
     ])
     .args(extra);
+    let mut steps = vec![host];
+    if extra.is_empty() {
+        // Tests that measure throughput, alone once the rest are done: the
+        // others beside them would move their figures.
+        let mut alone = cargo();
+        alone.args(["test", "-p", "sluice-tests", "--test", "integration"]);
+        alone.args(["--features", EVERYTHING, "--", "--ignored", "hostile::"]);
+        steps.push(alone);
+    }
     let mut sdk = guest_cargo();
     sdk.args(["test", "-p", "sluice-sdk"]);
-    let result = run_all([host, sdk]);
+    steps.push(sdk);
+    let result = run_all(steps);
     crate::report::conformance_table();
     result
 }
@@ -131,7 +145,7 @@ pub fn lint() -> Result<()> {
         "--workspace",
         "--all-targets",
         "--features",
-        ALL_BACKENDS,
+        EVERYTHING,
         "--",
         "-D",
         "warnings",
