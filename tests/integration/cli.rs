@@ -185,6 +185,40 @@ fn environment_moves_the_same_config_to_another_backend() {
     );
 }
 
+/// A route with `output_backend` reads its input from one backend and
+/// publishes to another (here SQLite to a file log): the outputs are on the
+/// output backend only, and the input is settled where it came from.
+#[test]
+fn outputs_go_to_the_output_backend_and_inputs_are_settled_at_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin_path("uppercase");
+    let out_url = format!("file://{}", dir.path().join("out-log").display());
+    let body = common::upper_config(dir.path(), &plugin, "").replace(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nbackend = \"main\"\noutput_backend = \"out\"\n",
+    ) + &format!("\n[backends.out]\nurl = \"{out_url}\"\n");
+    let config = write_config(dir.path(), &body);
+    let in_url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let published = sluice(&["publish", "--url", &in_url, "words", "crossed"]);
+    assert!(published.status.success(), "{}", stderr(&published));
+    for _ in 0..2 {
+        let run = common::sluice()
+            .args(["run", &config, "--exit-when-idle", "1"])
+            .env("SLUICE_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
+    let on_output = stdout(&sluice(&["tail", "--url", &out_url, "shouted"]));
+    assert_eq!(
+        on_output.matches("[shouted] CROSSED").count(),
+        1,
+        "handled once, its output on the output backend: {on_output}"
+    );
+    let at_home = stdout(&sluice(&["tail", "--url", &in_url, "shouted"]));
+    assert!(!at_home.contains("CROSSED"), "{at_home}");
+}
+
 /// SIGTERM waits for in-flight messages only as long as the grace period;
 /// a message cut off there is not lost: it comes back after its lease.
 #[test]
