@@ -225,4 +225,15 @@ mod tests {
         );
         assert!(!err("kafka://u:secret@h:1").contains("secret"));
     }
+
+    /// librdkafka compares the mechanism's name exactly (`strcmp`), so a
+    /// name given in another case is passed on as librdkafka spells it.
+    #[test]
+    fn a_mechanism_in_any_case_is_passed_on_as_librdkafka_spells_it() {
+        let config = KafkaConfig::parse("kafka://h:1?sasl.mechanism=scram-sha-256").unwrap();
+        assert_eq!(
+            config.properties,
+            [("sasl.mechanism".to_string(), "SCRAM-SHA-256".to_string())]
+        );
+    }
 }
