@@ -11,6 +11,10 @@
 //       return [output("shouted", text.toUpperCase())];
 //     });
 //
+// The function may be `async`, to `await fetch(url)` for instance: a
+// request goes out only to the origins the plugin's config grants
+// (`allowed_outbound_hosts`), and any other fails with a TypeError.
+//
 // Return an array of outputs (or nothing). Throw `Retry` for a transient
 // failure (the message comes back after a backoff) or `Reject` for a
 // permanent one (it goes to the dead-letter topic). Any other exception
@@ -175,20 +179,50 @@ class Message {
 
 /**
  * Wraps a plain function into the component's exported `handle`; the
- * component's `handleBatch` calls it for each message.
+ * component's `handleBatch` calls it for each message, one after another.
+ * The function may be `async` (to `await fetch(...)`, say): the host then
+ * waits for it, within the call's deadline.
  */
 export function handler(fn) {
-  const handle = (raw) => unwrap(answerOne(fn, raw));
-  handle.batch = (raws) =>
-    raws.map((raw) => {
-      kept = [];
-      try {
-        const result = answerOne(fn, raw);
-        return result.tag === "ok" ? { tag: "ok", val: kept.concat(result.val) } : result;
-      } finally {
+  const handle = (raw) => {
+    const result = answerOne(fn, raw);
+    return isPromise(result) ? result.then(unwrap) : unwrap(result);
+  };
+  handle.batch = (raws) => {
+    const answers = [];
+    const withKept = (result) => (result.tag === "ok" ? { tag: "ok", val: kept.concat(result.val) } : result);
+    // Each message in turn, so what a message publishes, even after an
+    // `await`, is kept with its own outputs.
+    const from = (index) => {
+      for (let i = index; i < raws.length; i++) {
+        kept = [];
+        let result;
+        try {
+          result = answerOne(fn, raws[i]);
+        } catch (e) {
+          kept = null;
+          throw e;
+        }
+        if (isPromise(result)) {
+          return result.then(
+            (settled) => {
+              answers.push(withKept(settled));
+              kept = null;
+              return from(i + 1);
+            },
+            (e) => {
+              kept = null;
+              throw e;
+            },
+          );
+        }
+        answers.push(withKept(result));
         kept = null;
       }
-    });
+      return answers;
+    };
+    return from(0);
+  };
   return handle;
 }
 
@@ -238,14 +272,28 @@ export function batchOf(plugin) {
     });
 }
 
-/** One message's result, `{ tag: "ok", val }` or `{ tag: "err", val }`. */
+/**
+ * One message's result, `{ tag: "ok", val }` or `{ tag: "err", val }`, or a
+ * promise of it if `fn` is async.
+ */
 function answerOne(fn, raw) {
+  let value;
   try {
-    return answer(fn(new Message(raw)));
+    value = fn(new Message(raw));
   } catch (e) {
-    if (e instanceof Retry || e instanceof Reject) return answer(e);
-    throw e;
+    return failure(e);
   }
+  return isPromise(value) ? value.then(answer, failure) : answer(value);
+}
+
+/** A thrown `Retry` or `Reject` as a result; anything else goes on up. */
+function failure(e) {
+  if (e instanceof Retry || e instanceof Reject) return answer(e);
+  throw e;
+}
+
+function isPromise(value) {
+  return typeof value?.then === "function";
 }
 
 function answer(value) {

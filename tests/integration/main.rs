@@ -22,6 +22,7 @@ mod kit;
 mod languages;
 #[cfg(feature = "nats")]
 mod nats;
+mod outbound_http;
 mod pipeline;
 #[cfg(feature = "postgres")]
 mod postgres;

@@ -333,10 +333,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
 }
 
 /// Chooses ring as rustls' process-wide crypto provider, which the Redis
-/// and NATS clients take: with more than one built in (the AWS SDK brings
-/// aws-lc-rs) rustls cannot choose, and panics at the first TLS client.
-/// Another provider installed first stays.
-#[cfg(any(feature = "redis", feature = "nats"))]
+/// and NATS clients and plugins' outbound HTTP take: with more than one
+/// built in (the AWS SDK brings aws-lc-rs) rustls cannot choose, and panics
+/// at the first TLS client. Another provider installed first stays.
 pub(crate) fn choose_rustls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -10,6 +10,7 @@ use anyhow::Result;
 use super::Config;
 use super::error::Sources;
 use crate::backend::{self, StartFrom, pattern};
+use crate::runtime::Origin;
 
 pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
     let error = |key: String, message: String| sources.error(&key, message);
@@ -65,6 +66,12 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
             ),
             ("max_outputs", plugin.max_outputs as u64, 1..=u64::MAX, ""),
             (
+                "max_outbound_requests",
+                plugin.max_outbound_requests as u64,
+                1..=1024,
+                "",
+            ),
+            (
                 "max_output_mb",
                 plugin.max_output_mb as u64,
                 1..=MAX_MIB,
@@ -75,6 +82,11 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         }
         for topic in &plugin.publish_to {
             pattern::validate(topic).map_err(|m| error(format!("plugins.{name}.publish_to"), m))?;
+        }
+        for origin in &plugin.allowed_outbound_hosts {
+            origin
+                .parse::<Origin>()
+                .map_err(|m| error(format!("plugins.{name}.allowed_outbound_hosts"), m))?;
         }
         if let Some(shadow) = &plugin.shadow
             && !(0.0..=1.0).contains(&shadow.sample)

@@ -12,6 +12,9 @@ pub(super) fn max_outputs() -> usize {
 pub(super) fn max_output_mb() -> usize {
     crate::runtime::OutputLimits::default().max_bytes >> 20
 }
+pub(super) fn max_outbound_requests() -> usize {
+    8
+}
 pub(super) fn max_message_bytes() -> usize {
     crate::runtime::OutputLimits::default().max_message_bytes
 }

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -27,7 +28,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::backend::StartFrom;
-use crate::runtime::{OutputLimits, PluginSettings};
+use crate::runtime::{OutboundHttp, OutputLimits, PluginSettings};
 
 mod check;
 mod defaults;
@@ -159,6 +160,16 @@ pub struct PluginConfig {
     /// (none by default).
     #[serde(default)]
     pub read_dirs: BTreeMap<String, PathBuf>,
+    /// Origins the plugin may send HTTP requests to, as
+    /// `scheme://host[:port]` (`https://api.example.com`,
+    /// `http://127.0.0.1:*`, `https://*.example.com`); none if absent.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+    /// Most HTTP requests the plugin may have in flight at once, across
+    /// all its instances; a request over it waits for a turn, within the
+    /// call's deadline.
+    #[serde(default = "defaults::max_outbound_requests")]
+    pub max_outbound_requests: usize,
     /// A candidate version to run in the shadow of this one: it handles
     /// the same messages with the same settings, its results are compared
     /// and never published (`sluice shadow report`).
@@ -367,6 +378,13 @@ impl Loaded {
             .iter()
             .map(|(guest, host)| (guest.clone(), self.base_dir.join(host)))
             .collect();
+        // Checked when the config was loaded.
+        let origins = plugin
+            .allowed_outbound_hosts
+            .iter()
+            .filter_map(|origin| origin.parse().ok())
+            .collect();
+        settings.outbound_http = Arc::new(OutboundHttp::new(origins, plugin.max_outbound_requests));
         Some((self.base_dir.join(&plugin.path), settings))
     }
 

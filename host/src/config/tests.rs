@@ -143,6 +143,57 @@ fn bad_pattern_is_refused() {
 }
 
 #[test]
+fn an_outbound_grant_must_be_an_origin() {
+    let granted = |hosts: &str| {
+        GOOD.replace(
+            "path = \"upper.wasm\"\n",
+            &format!("path = \"upper.wasm\"\nallowed_outbound_hosts = {hosts}\n"),
+        )
+    };
+    let loaded = parse_with(
+        &granted(r#"["https://api.example.com", "http://127.0.0.1:*"]"#),
+        &[],
+    )
+    .unwrap();
+    let (_, settings) = loaded.plugin_settings("upper").unwrap();
+    assert!(
+        settings
+            .outbound_http
+            .allows(&"https://api.example.com/v1".parse().unwrap())
+    );
+    assert!(
+        settings
+            .outbound_http
+            .allows(&"http://127.0.0.1:9000/".parse().unwrap())
+    );
+    assert!(
+        !settings
+            .outbound_http
+            .allows(&"https://example.com/".parse().unwrap())
+    );
+
+    let err = parse_with(&granted(r#"["https://api.example.com/v1"]"#), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("plugins.upper.allowed_outbound_hosts"),
+        "{err}"
+    );
+    assert!(err.contains("`/v1` is not allowed"), "{err}");
+
+    // Nothing is granted by default.
+    let (_, settings) = parse_with(GOOD, &[])
+        .unwrap()
+        .plugin_settings("upper")
+        .unwrap();
+    assert!(
+        !settings
+            .outbound_http
+            .allows(&"https://api.example.com/".parse().unwrap())
+    );
+}
+
+#[test]
 fn max_rate_must_be_a_positive_rate() {
     for bad in ["0", "-5", "nan", "inf"] {
         let text = GOOD.replace(
@@ -478,6 +529,12 @@ fn numbers_out_of_range_name_their_key() {
             plugin,
             "max_outputs = 0",
             "plugins.upper.max_outputs",
+            "line 7",
+        ),
+        (
+            plugin,
+            "max_outbound_requests = 0",
+            "plugins.upper.max_outbound_requests",
             "line 7",
         ),
         (route, "max_hops = 0", "routes[0].max_hops", "line 12"),

@@ -12,9 +12,11 @@ use anyhow::Result;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::gate::{Share, Slot};
 use super::log::{MAX_TEXT, escape};
+use super::outbound::Hooks;
 use super::outputs::{Tally, clean_headers};
 use super::sluice::plugin::types;
 use super::{BatchHandler, EPOCH_TICK, Exports, Handler, Plugin, PluginSettings};
@@ -78,6 +80,9 @@ const HOST_WAIT_SLACK: Duration = Duration::from_millis(2 * EPOCH_TICK.as_millis
 /// The data of one store.
 pub struct State {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    /// Outbound HTTP: the plugin's grant and the current call's deadline.
+    http_hooks: Hooks,
     table: ResourceTable,
     memory: MemoryCap,
     pub(super) settings: Arc<PluginSettings>,
@@ -151,6 +156,16 @@ impl WasiView for State {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }
@@ -229,8 +244,15 @@ impl Instance {
         for (guest, host) in &settings.read_dirs {
             wasi.preopened_dir(host, guest, FsPerms::ReadOnly)?;
         }
+        let deadline = Instant::now() + settings.timeout;
         let state = State {
             wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            http_hooks: Hooks {
+                plugin: settings.name.clone(),
+                grant: settings.outbound_http.clone(),
+                deadline,
+            },
             table: ResourceTable::new(),
             memory: MemoryCap {
                 limit: settings.memory_limit,
@@ -241,7 +263,7 @@ impl Instance {
             published: Vec::new(),
             tally: Tally::default(),
             in_batch: false,
-            deadline: Instant::now() + settings.timeout,
+            deadline,
             share,
             slot: Arc::new(Mutex::new(None)),
         };
@@ -423,6 +445,7 @@ fn start_call(store: &mut Store<State>, timeout: Duration, in_batch: bool) {
     state.tally = Tally::default();
     state.in_batch = in_batch;
     state.deadline = Instant::now() + timeout;
+    state.http_hooks.deadline = state.deadline;
     store.set_epoch_deadline(1);
 }
 

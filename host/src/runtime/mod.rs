@@ -12,11 +12,11 @@
 //! `batch-handler` world, which adds `handle-batch`; loading tells which.
 
 mod cache;
-mod denied;
 mod gate;
 mod host_api;
 mod instance;
 mod log;
+mod outbound;
 mod outputs;
 
 use std::collections::BTreeMap;
@@ -33,6 +33,7 @@ use wasmtime::{Config, Engine};
 pub use gate::{Gate, Share};
 pub use instance::{BatchError, CallError, Instance, Outcome};
 pub use log::{LogBudget, escape};
+pub use outbound::{Origin, OutboundHttp};
 pub use outputs::{HOST_HEADER_PREFIX, OutputLimits};
 
 wasmtime::component::bindgen!({
@@ -91,6 +92,9 @@ pub struct PluginSettings {
     pub env: BTreeMap<String, String>,
     /// Host directories the plugin may read, by the path it sees them at.
     pub read_dirs: BTreeMap<String, PathBuf>,
+    /// The origins the plugin may send HTTP requests to (none unless
+    /// granted), shared by all its instances.
+    pub outbound_http: Arc<OutboundHttp>,
 }
 
 impl PluginSettings {
@@ -105,6 +109,7 @@ impl PluginSettings {
             publish_to: Vec::new(),
             env: BTreeMap::new(),
             read_dirs: BTreeMap::new(),
+            outbound_http: Arc::default(),
         }
     }
 }
@@ -147,6 +152,10 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Every plugin links `wasi:http` (componentize-js components import
+        // it whether or not they fetch); requests go out only by grant.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        crate::backend::choose_rustls_provider();
         BatchHandler::add_to_linker::<instance::State, HasSelf<instance::State>>(
             &mut linker,
             |s| s,
@@ -196,18 +205,10 @@ impl Runtime {
             Some(dir) => cache::load_or_compile(&self.engine, dir, &hash, wasm)?,
             None => Component::new(&self.engine, wasm).map_err(not_a_component)?,
         };
-        // Imports the host denies (wasi:http) get trapping stubs; all the
-        // others must link for real. WASI imports of a newer 0.2.x than the
-        // host's match the host's by semver.
-        let stubbed;
-        let linker = if denied::denied_imports(&component, &self.engine).is_empty() {
-            &self.linker
-        } else {
-            stubbed = denied::linker_with_stubs(&self.linker, &component, &self.engine)
-                .map_err(|e| wrong_world(e, &component, &self.engine))?;
-            &stubbed
-        };
-        let pre = linker
+        // WASI imports of a newer 0.2.x than the host's match the host's by
+        // semver.
+        let pre = self
+            .linker
             .instantiate_pre(&component)
             .map_err(|e| wrong_world(e, &component, &self.engine))?;
         let ty = component.component_type();
@@ -327,8 +328,7 @@ fn wrong_world(e: wasmtime::Error, component: &Component, engine: &Engine) -> an
     anyhow::anyhow!(
         "component does not implement the `{WORLD}` world (nor `batch-handler`, nor 0.1.0's \
          `handler`): {e:#} (it exports [{}]; it imports [{}]; a handler must export `handle`, \
-         may export `handle-batch`, and may import only `sluice:plugin/host`, WASI 0.2 and \
-         `wasi:http` (linked but denied)){hint}",
+         may export `handle-batch`, and may import only `sluice:plugin/host` and WASI 0.2, `wasi:http` included){hint}",
         exports.join(", "),
         imports.join(", ")
     )
