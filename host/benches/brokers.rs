@@ -9,7 +9,10 @@
 //!   batch, and a second loop counting (and acking) the outputs.
 //!
 //! Both get the same pre-published 1 KiB messages and are timed from the
-//! start of consuming until the last output is counted. Results go to the
+//! start of consuming until the last output is counted. On backends that
+//! keep a key with one consumer at a time (SQLite, PostgreSQL), an ordered
+//! route over 1,000 keys runs too, and its rate is given as a share of the
+//! unordered route's at the same concurrency. Results go to the
 //! terminal, to `target/bench/brokers.json` and to an SVG chart beside it.
 //!
 //! Needs Redis on 127.0.0.1:6379 and NATS with JetStream on 127.0.0.1:4222
@@ -60,6 +63,10 @@ use pipeline::{INPUT, PAYLOAD_BYTES, Pipeline, echo_handler, positive_env};
 /// (at least 128), so at 32 the concurrency also sets how many round trips
 /// a message costs.
 const CONCURRENCIES: [usize; 3] = [1, 8, 32];
+/// Keys of the ordered run, on backends that keep a key with one consumer
+/// at a time (`key_affinity`), and the concurrency it is compared at.
+const ORDERED_KEYS: usize = 1_000;
+const ORDERED_CONCURRENCY: usize = 32;
 /// Enough for connections, wasm instances and code paths to be warm.
 const WARMUP_MESSAGES: usize = 1_000;
 /// Publish batch of the plain loops' producers.
@@ -289,7 +296,23 @@ struct BrokerResult {
     messages: usize,
     /// Messages per second at each router concurrency.
     sluice: Vec<(usize, f64)>,
+    /// Messages per second of an ordered route over [`ORDERED_KEYS`] keys,
+    /// at [`ORDERED_CONCURRENCY`], where the backend has key affinity.
+    ordered: Option<f64>,
     plain: f64,
+}
+
+impl BrokerResult {
+    /// The ordered route's rate over the unordered one's, at the same
+    /// concurrency in the same run.
+    fn ordered_over_unordered(&self) -> Option<f64> {
+        let unordered = self
+            .sluice
+            .iter()
+            .find(|(concurrency, _)| *concurrency == ORDERED_CONCURRENCY)?
+            .1;
+        Some(self.ordered? / unordered)
+    }
 }
 
 /// Every Sluice concurrency, then the plain loop, each on fresh keys.
@@ -302,12 +325,27 @@ async fn measure(
     let mut sluice = Vec::new();
     for concurrency in CONCURRENCIES {
         let namespace = namespace(broker, &format!("c{concurrency}"));
-        let rate = sluice_rate(broker, &namespace, handler, concurrency, messages).await;
+        let rate = sluice_rate(broker, &namespace, handler, concurrency, messages, None).await;
         // Cleaned even when the run failed; the run's error matters more.
         let cleaned = broker.clean(&namespace).await;
         sluice.push((concurrency, rate?));
         cleaned?;
     }
+    let keyed = namespace(broker, "ordered");
+    let scheme = broker.sluice_url(&keyed)?;
+    let scheme = scheme.split_once("://").map_or("", |(scheme, _)| scheme);
+    let ordered = match sluice::backend::capabilities_of(scheme) {
+        Some(caps) if caps.key_affinity => {
+            let keys = Some(ORDERED_KEYS);
+            let rate =
+                sluice_rate(broker, &keyed, handler, ORDERED_CONCURRENCY, messages, keys).await;
+            let cleaned = broker.clean(&keyed).await;
+            let rate = rate?;
+            cleaned?;
+            Some(rate)
+        }
+        _ => None,
+    };
     let namespace = namespace(broker, "plain");
     let plain = plain_rate(broker, &namespace, messages).await;
     let cleaned = broker.clean(&namespace).await;
@@ -317,6 +355,7 @@ async fn measure(
         broker,
         messages,
         sluice,
+        ordered,
         plain,
     })
 }
@@ -327,14 +366,22 @@ async fn sluice_rate(
     handler: &Arc<dyn MessageHandler>,
     concurrency: usize,
     messages: usize,
+    keys: Option<usize>,
 ) -> Result<f64> {
-    let phase = format!("{}, sluice, concurrency {concurrency}:", broker.name());
+    let ordered = match keys {
+        Some(keys) => format!(", ordered over {keys} keys"),
+        None => String::new(),
+    };
+    let phase = format!(
+        "{}, sluice, concurrency {concurrency}{ordered}:",
+        broker.name()
+    );
     if let Broker::JetStream = broker {
         refuse_foreign_stream().await?;
     }
     println!("{phase} warming up…");
     let backend = sluice::backend::connect(&broker.sluice_url(namespace)?).await?;
-    let mut run = Pipeline::start(backend, handler.clone(), concurrency).await?;
+    let mut run = Pipeline::start(backend, handler.clone(), concurrency, keys).await?;
     run.publish(broker.warmup_messages()).await?;
     run.collect(broker.warmup_messages()).await?;
     run.control.pause_and_wait(SETTLE).await;
@@ -834,6 +881,13 @@ fn print_tables(results: &[BrokerResult]) {
                 rate / result.plain
             );
         }
+        if let (Some(ordered), Some(ratio)) = (result.ordered, result.ordered_over_unordered()) {
+            println!(
+                "  ordered over {ORDERED_KEYS} keys, concurrency {ORDERED_CONCURRENCY}: {} msgs/s, \
+                 {ratio:.2} of unordered",
+                thousands(ordered)
+            );
+        }
         println!();
     }
 }
@@ -859,6 +913,12 @@ fn to_json(results: &[BrokerResult], messages: usize) -> serde_json::Value {
                 "messages": result.messages,
                 "plain_msgs_per_sec": result.plain.round(),
                 "sluice": sluice,
+                "ordered": result.ordered.map(|rate| json!({
+                    "keys": ORDERED_KEYS,
+                    "concurrency": ORDERED_CONCURRENCY,
+                    "msgs_per_sec": rate.round(),
+                    "ordered_over_unordered": result.ordered_over_unordered().map(round2),
+                })),
             })
         })
         .collect();

@@ -202,7 +202,7 @@ impl Pair<Pipeline> {
 /// A pipeline on a fresh in-memory backend of its own.
 async fn memory_pipeline(handler: Arc<dyn MessageHandler>, concurrency: usize) -> Result<Pipeline> {
     let backend = Arc::new(MemoryBackend::from_url("memory://")?);
-    Pipeline::start(backend, handler, concurrency).await
+    Pipeline::start(backend, handler, concurrency, None).await
 }
 
 async fn warm_up(pipeline: &mut Pipeline) -> Result<()> {
@@ -214,7 +214,7 @@ async fn warm_up(pipeline: &mut Pipeline) -> Result<()> {
 /// consumed, publishing as fast as back-pressure allows.
 async fn throughput(pipeline: &mut Pipeline, messages: usize) -> Result<f64> {
     // Built beforehand: the publisher's own costs are not the pipeline's.
-    let batches = batches(messages);
+    let batches = batches(messages, None);
     let backend = pipeline.backend.clone();
     let started = Instant::now();
     let publisher = tokio::spawn(async move {

@@ -28,7 +28,7 @@ backends! {
         "consumer_groups ordered_per_key native_delay wildcards at_least_once backlog";
     sqlite => targets::Sqlite::new(),
         "persistent history consumer_groups ordered_per_key native_delay lease wildcards \
-         at_least_once lease_checked backlog";
+         at_least_once lease_checked backlog key_affinity";
     file => targets::FileLog::new(),
         "persistent history consumer_groups ordered_per_key native_delay lease wildcards \
          at_least_once backlog";
@@ -47,7 +47,7 @@ backends! {
     #[cfg_attr(not(feature = "postgres"), ignore = "needs PostgreSQL (feature `postgres`)")]
     postgres => targets::postgres::Postgres::new(),
         "persistent history consumer_groups ordered_per_key native_delay lease wildcards \
-         at_least_once lease_checked backlog";
+         at_least_once lease_checked backlog key_affinity";
     #[cfg(feature = "kafka")]
     kafka => targets::kafka::Kafka::new(),
         "persistent history consumer_groups ordered_per_key lease wildcards at_least_once backlog";

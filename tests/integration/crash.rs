@@ -1,6 +1,7 @@
 //! Crash and scale-out tests with the real `sluice` binary: SIGKILL in the
-//! middle of a run loses nothing, and several processes in one consumer
-//! group share the work and take over from one that dies.
+//! middle of a run loses nothing, several processes in one consumer group
+//! share the work and take over from one that dies, and on an ordered
+//! route they keep each key's order while doing so.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -198,26 +199,10 @@ async fn publish_jobs(ns: &str, url: &str, payloads: impl Iterator<Item = String
 
 /// Counts outputs of `done` per input id (read by a throw-away group).
 async fn outputs_by_input(ns: &str, url: &str) -> HashMap<String, usize> {
-    let backend = backend::connect(url).await.unwrap();
-    let mut options = SubscribeOptions::new(
-        vec![format!("{ns}.done")],
-        format!("count-{}", Message::new("x", "").id),
-    );
-    options.ephemeral = true;
-    let sub = backend.subscribe(options).await.unwrap();
     let mut counts = HashMap::new();
-    loop {
-        let batch = sub.fetch(1000, Duration::from_millis(500)).await.unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        for d in batch {
-            let input = d.message.header(headers::CAUSATION_ID).unwrap().to_string();
-            *counts.entry(input).or_insert(0) += 1;
-            sub.ack(&d).await.unwrap();
-        }
+    for (_, input) in outputs_in_order(ns, url).await {
+        *counts.entry(input).or_insert(0) += 1;
     }
-    sub.close().await.unwrap();
     counts
 }
 
@@ -326,6 +311,24 @@ async fn file_log_refuses_a_second_process() {
     first.stop();
 }
 
+/// Starts three hosts of `config` and SIGKILLs the first once they have
+/// worked for `after`; the survivors are returned.
+fn three_hosts_one_killed(config: &Path, after: Duration) -> impl Iterator<Item = Host> {
+    // One after another: tansu 0.6.0 forks a new group's state when its
+    // first members join at the same moment.
+    let hosts: Vec<Host> = (0..3)
+        .map(|_| {
+            let host = Host::start(config);
+            host.wait_subscribed(1);
+            host
+        })
+        .collect();
+    std::thread::sleep(after);
+    let mut hosts = hosts.into_iter();
+    hosts.next().unwrap().kill();
+    hosts
+}
+
 /// Three processes in one consumer group share the work; when one is
 /// killed, the others finish its messages. This is how a deployment grows
 /// past one machine on the broker it already runs.
@@ -335,19 +338,7 @@ async fn three_processes_share_a_group_and_take_over(ns: &str, url: &str, dir: &
     // Slow jobs, so every process is busy when one dies.
     let ids = publish_jobs(ns, url, (0..TOTAL).map(|_| "sleep:10".to_string())).await;
 
-    // One after another: tansu 0.6.0 forks a new group's state when its
-    // first members join at the same moment.
-    let hosts: Vec<Host> = (0..3)
-        .map(|_| {
-            let host = Host::start(&config);
-            host.wait_subscribed(1);
-            host
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(3));
-    let mut hosts = hosts.into_iter();
-    let victim = hosts.next().unwrap();
-    victim.kill();
+    let hosts = three_hosts_one_killed(&config, Duration::from_secs(3));
 
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
@@ -381,6 +372,123 @@ async fn sqlite_three_processes_share_a_group_and_take_over() {
         dir.path().join("shared.db").display()
     );
     three_processes_share_a_group_and_take_over("crash", &url, dir.path()).await;
+}
+
+/// Three processes in one group on an ordered route, 1,000 keys with three
+/// messages each, some retried, and one process killed mid-run: every
+/// input is handled, and each key's outputs come out in its publish order,
+/// since a key's next message is handed to no one while its previous one
+/// is unsettled, in whichever process.
+async fn three_processes_keep_each_keys_order(ns: &str, url: &str, dir: &Path) {
+    const KEYS: usize = 1_000;
+    const TOTAL: usize = 3 * KEYS;
+    let config = config(ns, dir, url, 1_000, 2_000, 4);
+    let mut route = std::fs::read_to_string(&config).unwrap();
+    route.push_str("ordered = true\n");
+    std::fs::write(&config, route).unwrap();
+
+    let backend = backend::connect(url).await.unwrap();
+    let messages: Vec<Message> = (0..TOTAL)
+        .map(|i| {
+            // A retry every seventh message, or a short job.
+            let command = if i % 7 == 3 { "retry:1" } else { "sleep:3" };
+            let mut message = Message::new(format!("{ns}.jobs"), command);
+            message.key = Some(format!("key-{}", i % KEYS));
+            message
+        })
+        .collect();
+    let position: HashMap<String, usize> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id.clone(), i))
+        .collect();
+    for chunk in messages.chunks(1000) {
+        backend.publish(chunk.to_vec()).await.unwrap();
+    }
+
+    let hosts = three_hosts_one_killed(&config, Duration::from_secs(2));
+
+    let give_up = Instant::now() + Duration::from_secs(180);
+    let outputs = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let outputs = outputs_in_order(ns, url).await;
+        let handled: std::collections::HashSet<&String> =
+            outputs.iter().map(|(_, input)| input).collect();
+        if handled.len() == TOTAL {
+            break outputs;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{} of {TOTAL} handled",
+            handled.len()
+        );
+    };
+    for host in hosts {
+        host.stop();
+    }
+
+    // Each key's inputs, in the order their outputs were published; a
+    // handling repeated after the kill may repeat an input, never reorder.
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (key, input) in &outputs {
+        let inputs = by_key.entry(key.clone()).or_default();
+        let at = position[input];
+        if inputs.last() != Some(&at) {
+            inputs.push(at);
+        }
+    }
+    assert_eq!(by_key.len(), KEYS);
+    let out_of_order: Vec<_> = by_key
+        .iter()
+        .filter(|(_, inputs)| !inputs.is_sorted() || inputs.len() != 3)
+        .collect();
+    println!(
+        "{}: {TOTAL} messages of {KEYS} keys over three processes, one killed; {} outputs",
+        backend::redact(url),
+        outputs.len()
+    );
+    assert!(
+        out_of_order.is_empty(),
+        "{} keys out of order, e.g. {:?}",
+        out_of_order.len(),
+        out_of_order.first()
+    );
+}
+
+/// The outputs of `done` in the order they were published, as (key,
+/// input id), read by a throw-away group.
+async fn outputs_in_order(ns: &str, url: &str) -> Vec<(String, String)> {
+    let backend = backend::connect(url).await.unwrap();
+    let mut options = SubscribeOptions::new(
+        vec![format!("{ns}.done")],
+        format!("order-{}", Message::new("x", "").id),
+    );
+    options.ephemeral = true;
+    let sub = backend.subscribe(options).await.unwrap();
+    let mut outputs = Vec::new();
+    loop {
+        let batch = sub.fetch(1000, Duration::from_millis(500)).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            let input = d.message.header(headers::CAUSATION_ID).unwrap().to_string();
+            outputs.push((d.message.key.clone().unwrap_or_default(), input));
+            sub.ack(&d).await.unwrap();
+        }
+    }
+    sub.close().await.unwrap();
+    outputs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_three_processes_keep_each_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?poll_ms=20",
+        dir.path().join("shared.db").display()
+    );
+    three_processes_keep_each_keys_order("order", &url, dir.path()).await;
 }
 
 /// A namespace of its own on a shared server.
@@ -530,6 +638,15 @@ async fn postgres_three_processes_share_a_group_and_take_over() {
     let dir = tempfile::tempdir().unwrap();
     let schema = PostgresSchema::new();
     three_processes_share_a_group_and_take_over("crash", &schema.url(), dir.path()).await;
+    schema.drop_schema().await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_three_processes_keep_each_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = PostgresSchema::new();
+    three_processes_keep_each_keys_order("order", &schema.url(), dir.path()).await;
     schema.drop_schema().await;
 }
 

@@ -127,7 +127,7 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
 
     sqlx::query("INSERT INTO sluice_migrations (version) VALUES (99)")
         .execute(&pool)
@@ -141,8 +141,9 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() {
 }
 
 /// A database made by a build that knew only migration 1 (its indexes,
-/// no fill factor) keeps its unsettled messages through the upgrade, and
-/// ends with migration 2's indexes.
+/// no fill factor, no keys with deliveries) keeps its unsettled messages
+/// through the upgrade, their deliveries gain their keys, and it ends with
+/// the indexes of migrations 2 and 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_schema_is_upgraded_with_its_messages() {
     let schema = Schema::new();
@@ -154,14 +155,21 @@ async fn a_version_1_schema_is_upgraded_with_its_messages() {
             .await
             .unwrap(),
     );
+    let keyed = |payload: &str, key: &str| {
+        let mut message = Message::new("old", payload.to_string());
+        message.key = Some(key.into());
+        message
+    };
     backend
-        .publish(vec![Message::new("old", "a"), Message::new("old", "b")])
+        .publish(vec![keyed("a", "k1"), keyed("b", "k2")])
         .await
         .unwrap();
     drop(backend);
     let pool = schema.pool().await;
     sqlx::raw_sql(
-        "DELETE FROM sluice_migrations WHERE version = 2; \
+        "DELETE FROM sluice_migrations WHERE version >= 2; \
+         DROP INDEX sluice_deliveries_key; \
+         ALTER TABLE sluice_deliveries DROP COLUMN msg_key; \
          DROP INDEX sluice_messages_published; \
          CREATE INDEX sluice_messages_topic ON sluice_messages (topic, seq); \
          CREATE INDEX sluice_messages_published ON sluice_messages (published_at); \
@@ -174,6 +182,12 @@ async fn a_version_1_schema_is_upgraded_with_its_messages() {
     .unwrap();
 
     let backend = backend::connect(&url).await.unwrap();
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT msg_key FROM sluice_deliveries ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(keys, vec!["k1", "k2"]);
     let sub = backend
         .subscribe(SubscribeOptions::new(vec!["old".into()], "g"))
         .await
@@ -191,7 +205,7 @@ async fn a_version_1_schema_is_upgraded_with_its_messages() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT indexname::text FROM pg_indexes \
          WHERE schemaname = current_schema() ORDER BY indexname",
@@ -202,6 +216,7 @@ async fn a_version_1_schema_is_upgraded_with_its_messages() {
     assert_eq!(
         indexes,
         vec![
+            "sluice_deliveries_key",
             "sluice_deliveries_pkey",
             "sluice_groups_pkey",
             "sluice_messages_pkey",

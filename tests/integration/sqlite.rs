@@ -89,3 +89,60 @@ async fn two_backends_on_one_file_settle_batches_exactly_once() {
     assert_eq!(seen.len(), 2 * PER_SIDE, "inputs handled");
     reader.close().await.unwrap();
 }
+
+/// A database made before deliveries carried their message's key gains the
+/// column when opened, filled from the log, so ordered claims hold the keys
+/// of messages already waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_made_before_keys_were_kept_gain_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let url = format!("sqlite://{}", path.display());
+    let backend = backend::connect(&url).await.unwrap();
+    let sub = backend
+        .subscribe(SubscribeOptions::new(vec!["old".into()], "g"))
+        .await
+        .unwrap();
+    let keyed = |text: &str, key: &str| {
+        let mut message = Message::new("old", text.to_string());
+        message.key = Some(key.into());
+        message
+    };
+    backend
+        .publish(vec![keyed("a1", "a"), keyed("a2", "a"), keyed("b1", "b")])
+        .await
+        .unwrap();
+    // A claim makes the deliveries; closing hands them back unsettled.
+    assert_eq!(
+        sub.fetch(10, Duration::from_secs(5)).await.unwrap().len(),
+        3
+    );
+    sub.close().await.unwrap();
+    drop(sub);
+    drop(backend);
+
+    // The layout of an older build: no key with deliveries.
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "DROP INDEX sluice_deliveries_key; ALTER TABLE sluice_deliveries DROP COLUMN msg_key;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let backend = backend::connect(&url).await.unwrap();
+    let mut options = SubscribeOptions::new(vec!["old".into()], "g");
+    options.ordered = true;
+    let sub = backend.subscribe(options).await.unwrap();
+    let first = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    let heads: HashSet<String> = first.iter().map(text).collect();
+    assert_eq!(heads, HashSet::from(["a1".to_string(), "b1".to_string()]));
+    for delivery in &first {
+        sub.ack(delivery).await.unwrap();
+    }
+    let next = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(next.iter().map(text).collect::<Vec<_>>(), ["a2"]);
+    sub.ack(&next[0]).await.unwrap();
+    sub.close().await.unwrap();
+}

@@ -61,9 +61,16 @@ pub fn message() -> Message {
     Message::new(INPUT, payload)
 }
 
-/// `count` messages in publish batches, built before any clock starts.
-pub fn batches(count: usize) -> Vec<Vec<Message>> {
-    let messages: Vec<Message> = (0..count).map(|_| message()).collect();
+/// `count` messages in publish batches, built before any clock starts;
+/// with `keys`, the messages take that many keys in turn.
+pub fn batches(count: usize, keys: Option<usize>) -> Vec<Vec<Message>> {
+    let messages: Vec<Message> = (0..count)
+        .map(|i| {
+            let mut message = message();
+            message.key = keys.map(|keys| format!("key-{}", i % keys));
+            message
+        })
+        .collect();
     messages
         .chunks(PUBLISH_BATCH)
         .map(<[Message]>::to_vec)
@@ -79,13 +86,18 @@ pub struct Pipeline {
     route: JoinHandle<Result<()>>,
     counter: JoinHandle<Result<()>>,
     outputs: mpsc::UnboundedReceiver<usize>,
+    /// The keys inputs take in turn, on an ordered route.
+    keys: Option<usize>,
 }
 
 impl Pipeline {
+    /// With `keys`, the route is ordered and its inputs take that many keys
+    /// in turn.
     pub async fn start(
         backend: Arc<dyn Backend>,
         handler: Arc<dyn MessageHandler>,
         concurrency: usize,
+        keys: Option<usize>,
     ) -> Result<Self> {
         let shutdown = CancellationToken::new();
         // Both groups are joined before anything is published: the memory
@@ -100,6 +112,7 @@ impl Pipeline {
             spec: RouteSpec {
                 concurrency,
                 batch_size: BATCH_SIZE,
+                ordered: keys.is_some(),
                 ..RouteSpec::new("bench", SubscribeOptions::new(vec![INPUT.into()], "bench"))
             },
             source: backend.clone(),
@@ -119,12 +132,13 @@ impl Pipeline {
             route,
             counter,
             outputs,
+            keys,
         })
     }
 
     /// Publishes `count` messages, a batch at a time.
     pub async fn publish(&self, count: usize) -> Result<()> {
-        for batch in batches(count) {
+        for batch in batches(count, self.keys) {
             self.backend.publish(batch).await?;
         }
         Ok(())

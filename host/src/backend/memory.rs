@@ -37,6 +37,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     at_least_once: true,
     lease_checked: false,
     backlog: true,
+    key_affinity: false,
 };
 
 pub struct MemoryBackend {

@@ -72,6 +72,11 @@ pub struct Capabilities {
     pub lease_checked: bool,
     /// [`Backend::backlog`] answers how many messages wait for a group.
     pub backlog: bool,
+    /// With [`SubscribeOptions::ordered`], a key's next message goes to no
+    /// consumer of the group, in any process, until its previous one is
+    /// settled (a nack holds the key), so per-key order holds across the
+    /// consumers of a group and through retries.
+    pub key_affinity: bool,
 }
 
 /// Where a group that has never consumed starts reading.
@@ -100,6 +105,13 @@ pub struct SubscribeOptions {
     /// The group exists only for this subscription (e.g. `sluice tail`) and
     /// is removed when it closes.
     pub ephemeral: bool,
+    /// Key affinity, for routes with `ordered = true`: a key's next message
+    /// is handed out, to any consumer of the group, only once its previous
+    /// one is settled (acked or dead-lettered; a nack holds the key), so
+    /// one key is handled by one consumer at a time, in publish order.
+    /// Backends with [`Capabilities::key_affinity`] claim this way;
+    /// elsewhere it is ignored.
+    pub ordered: bool,
 }
 
 impl SubscribeOptions {
@@ -120,6 +132,7 @@ impl SubscribeOptions {
             start: StartFrom::Earliest,
             lease: Duration::from_secs(30),
             ephemeral: false,
+            ordered: false,
         }
     }
 }

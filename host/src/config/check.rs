@@ -178,13 +178,20 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
             .split_once("://")
             .map_or("", |(scheme, _)| scheme);
         if let Some(caps) = backend::capabilities_of(scheme) {
-            if route.ordered && !caps.ordered_per_key {
+            if route.ordered && !keeps_order(&caps) {
                 return Err(fail(
                     "ordered",
                     format!(
                         "backend `{source}` ({scheme}://) does not keep each key's messages in \
-                         order; these do: {}",
-                        schemes(backend::schemes_with(|c| c.ordered_per_key))
+                         order{}; these do: {}",
+                        if caps.ordered_per_key {
+                            " across the consumers of a group (it is at-most-once: a group's \
+                             members split a key between them, and what one held is lost \
+                             when it goes)"
+                        } else {
+                            ""
+                        },
+                        schemes(backend::schemes_with(keeps_order))
                     ),
                 ));
             }
@@ -302,6 +309,12 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
 const MAX_MIB: u64 = 4096;
 
 /// Whether a whole-number setting lies in `range`, with the reason if not.
+/// Whether `ordered = true` can hold on a backend: each key in publish
+/// order, and no key split among a group's members and lost with one.
+fn keeps_order(caps: &backend::Capabilities) -> bool {
+    caps.ordered_per_key && caps.at_least_once
+}
+
 fn within(value: u64, range: RangeInclusive<u64>, unit: &str) -> Result<(), String> {
     if range.contains(&value) {
         return Ok(());

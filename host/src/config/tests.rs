@@ -586,7 +586,12 @@ fn numbers_out_of_range_name_their_key() {
 
 /// A route that needs what its backend does not guarantee is refused,
 /// naming the key and the backends of this build that would do.
-#[cfg(all(feature = "redis", feature = "sqs"))]
+#[cfg(all(
+    feature = "redis",
+    feature = "sqs",
+    feature = "nats",
+    feature = "postgres"
+))]
 #[test]
 fn a_route_needing_what_its_backend_lacks_is_refused() {
     let ordered = GOOD.replace(
@@ -604,6 +609,18 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
     );
     assert!(err.contains("sqlite://"), "{err}");
     assert!(!err.contains("jetstream://"), "{err}");
+    // At-most-once backends keep order for one subscriber only.
+    for scheme in ["nats://localhost", "redis+pubsub://localhost"] {
+        let at_most_once = ordered.replace("sqlite://demo.db", scheme);
+        let err = parse_with(&at_most_once, &[]).unwrap_err().to_string();
+        assert!(err.contains("routes[0].ordered"), "{scheme}: {err}");
+        assert!(
+            err.contains("across the consumers of a group"),
+            "{scheme}: {err}"
+        );
+        assert!(!err.contains("nats://,"), "{scheme}: {err}");
+        assert!(err.contains("postgres://"), "{scheme}: {err}");
+    }
 
     let on_sqs = GOOD.replace("sqlite://demo.db", "sqs://localhost:4566");
     let err = parse_with(&on_sqs, &[]).unwrap_err().to_string();

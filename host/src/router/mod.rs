@@ -198,7 +198,13 @@ impl Route {
     /// for the same reason, makes sure dead letters will be kept.
     pub async fn subscribe(self) -> Result<Subscribed> {
         self.keep_dead_letters().await?;
-        let subscription = self.source.subscribe(self.spec.subscribe.clone()).await?;
+        // An ordered route asks the backend to keep each key with one
+        // consumer of the group at a time, where it can.
+        let options = SubscribeOptions {
+            ordered: self.spec.ordered,
+            ..self.spec.subscribe.clone()
+        };
+        let subscription = self.source.subscribe(options).await?;
         tracing::info!(
             route = %self.spec.name,
             topics = ?self.spec.subscribe.topics,

@@ -27,6 +27,10 @@ pub fn all() -> Vec<Case> {
         case!(redelivery_after_nack),
         case!(nacked_message_returns_before_later_ones, needs_order),
         case!(order_preserved_per_key, needs_order),
+        case!(
+            a_key_waits_for_its_previous_delivery_across_consumers,
+            needs_key_affinity
+        ),
         case!(continue_after_subscriber_closes, needs_at_least_once),
         case!(concurrent_close, needs_at_least_once),
         case!(continue_after_repeated_errors),
@@ -62,6 +66,10 @@ pub fn needs_at_least_once(caps: &Capabilities, _: &dyn Target) -> Option<&'stat
 
 pub fn needs_order(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
     (!caps.ordered_per_key).then_some("no ordering per key")
+}
+
+fn needs_key_affinity(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
+    (!caps.key_affinity).then_some("no key affinity across consumers")
 }
 
 pub fn needs_history(caps: &Capabilities, _: &dyn Target) -> Option<&'static str> {
@@ -296,6 +304,86 @@ async fn order_preserved_per_key(ctx: Ctx) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Two ordered consumers of one group: each key's oldest unsettled message
+/// is the only one of its key either can get, whoever holds it and whether
+/// it is claimed, nacked or acked; unkeyed messages wait for nothing.
+async fn a_key_waits_for_its_previous_delivery_across_consumers(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("t");
+    let ordered = |options: &mut sluice::backend::SubscribeOptions| options.ordered = true;
+    let first = ctx.subscribe_with([topic.clone()], "g", ordered).await?;
+    let second = ctx.subscribe_with([topic.clone()], "g", ordered).await?;
+    let keyed = |text: &str, key: &str| Message::new(&topic, text.to_string()).with_key(key);
+    ctx.backend
+        .publish(vec![
+            keyed("a1", "a"),
+            keyed("b1", "b"),
+            keyed("a2", "a"),
+            Message::new(&topic, "free"),
+            keyed("b2", "b"),
+            keyed("a3", "a"),
+        ])
+        .await?;
+
+    // Until something is settled: the head of each key, and the unkeyed.
+    let held = take_until_quiet(first.as_ref()).await?;
+    ensure!(
+        payloads(&held) == ["a1", "b1", "free"],
+        "first consumer got {:?}",
+        payloads(&held)
+    );
+    expect_nothing(second.as_ref(), QUIET).await?;
+
+    // A nacked message holds its key: it alone comes back. An acked one
+    // lets its key's next go, to either consumer.
+    let [a1, b1, free] = &held[..] else {
+        unreachable!()
+    };
+    first.nack(a1, Duration::ZERO).await?;
+    first.ack(b1).await?;
+    first.ack(free).await?;
+    let held = take_until_quiet(second.as_ref()).await?;
+    ensure!(
+        payloads(&held) == ["a1", "b2"],
+        "after a nack and an ack, the second consumer got {:?}",
+        payloads(&held)
+    );
+    expect_nothing(first.as_ref(), QUIET).await?;
+
+    for delivery in &held {
+        second.ack(delivery).await?;
+    }
+    for expected in ["a2", "a3"] {
+        let got = take_until_quiet(first.as_ref()).await?;
+        ensure!(
+            payloads(&got) == [expected],
+            "expected only {expected}, got {:?}",
+            payloads(&got)
+        );
+        expect_nothing(second.as_ref(), QUIET).await?;
+        for delivery in &got {
+            first.ack(delivery).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything `sub` is handed until it has been quiet for a moment,
+/// unsettled, in the order handed.
+async fn take_until_quiet(sub: &dyn Subscription) -> Result<Vec<Delivery>> {
+    let mut held = Vec::new();
+    loop {
+        let batch = sub.fetch(10, QUIET).await?;
+        if batch.is_empty() {
+            return Ok(held);
+        }
+        held.extend(batch);
+    }
+}
+
+fn payloads(deliveries: &[Delivery]) -> Vec<String> {
+    deliveries.iter().map(payload).collect()
 }
 
 async fn continue_after_subscriber_closes(ctx: Ctx) -> Result<()> {

@@ -197,6 +197,7 @@ pub fn pinned(words: &str) -> Capabilities {
         at_least_once: false,
         lease_checked: false,
         backlog: false,
+        key_affinity: false,
     };
     for word in words.split_whitespace() {
         let flag = match word {
@@ -210,6 +211,7 @@ pub fn pinned(words: &str) -> Capabilities {
             "at_least_once" => &mut caps.at_least_once,
             "lease_checked" => &mut caps.lease_checked,
             "backlog" => &mut caps.backlog,
+            "key_affinity" => &mut caps.key_affinity,
             other => panic!("`{other}` is not a capability"),
         };
         *flag = true;
@@ -230,6 +232,7 @@ fn describe(caps: &Capabilities) -> String {
         ("at_least_once", caps.at_least_once),
         ("lease_checked", caps.lease_checked),
         ("backlog", caps.backlog),
+        ("key_affinity", caps.key_affinity),
     ];
     let on: Vec<&str> = flags
         .iter()

@@ -129,6 +129,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     at_least_once: true,
     lease_checked: false,
     backlog: true,
+    key_affinity: false,
 };
 
 /// The `file://` backend. Cheap to clone through `connect`: handles to one

@@ -132,6 +132,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: false,
     // Watermarks less committed offsets.
     backlog: true,
+    key_affinity: false,
 };
 
 /// A handle on a Kafka cluster: one producer and one admin client; each

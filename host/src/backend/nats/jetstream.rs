@@ -95,6 +95,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: false,
     // The consumers' `num_pending`.
     backlog: true,
+    key_affinity: false,
 };
 
 pub struct JetStreamBackend {

@@ -54,6 +54,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     at_least_once: true,
     lease_checked: true,
     backlog: true,
+    key_affinity: true,
 };
 
 pub struct PostgresBackend {
@@ -194,7 +195,7 @@ macro_rules! relaxed {
 use relaxed;
 
 /// The end of a statement whose CTE `new` inserted messages (`seq`,
-/// `topic`): a delivery row for every group whose pattern matches, and a
+/// `topic`, `msg_key`): a delivery row for every group whose pattern matches, and a
 /// notification per group woken, on the channel bound as `$channel`.
 /// PostgreSQL delivers one notification per channel and payload per
 /// transaction however often it is sent, so each group is woken once.
@@ -202,8 +203,8 @@ macro_rules! fan_out {
     ($channel:literal) => {
         concat!(
             "fanned AS ( \
-                 INSERT INTO sluice_deliveries (group_key, seq) \
-                 SELECT DISTINCT g.group_key, new.seq FROM new JOIN sluice_groups g ON new.topic ~ g.matcher \
+                 INSERT INTO sluice_deliveries (group_key, seq, msg_key) \
+                 SELECT DISTINCT g.group_key, new.seq, new.msg_key FROM new JOIN sluice_groups g ON new.topic ~ g.matcher \
                  ON CONFLICT DO NOTHING \
                  RETURNING group_key \
              ), woken AS ( \
@@ -235,7 +236,7 @@ async fn insert_messages<'e>(
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[]) \
                   WITH ORDINALITY AS t(id, topic, msg_key, headers, payload, timestamp_ms, ord) \
              ORDER BY ord \
-             RETURNING seq, topic \
+             RETURNING seq, topic, msg_key \
          ), ",
         fan_out!("$7"),
         " SELECT 1 FROM woken"
@@ -381,8 +382,8 @@ async fn create_group(pool: &PgPool, group_key: &str, options: &SubscribeOptions
             == 1;
         if created && options.start == StartFrom::Earliest {
             sqlx::query(
-                "INSERT INTO sluice_deliveries (group_key, seq) \
-                 SELECT $1, seq FROM sluice_messages WHERE topic ~ $2 \
+                "INSERT INTO sluice_deliveries (group_key, seq, msg_key) \
+                 SELECT $1, seq, msg_key FROM sluice_messages WHERE topic ~ $2 \
                  ON CONFLICT DO NOTHING",
             )
             .bind(group_key)

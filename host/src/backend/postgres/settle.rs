@@ -28,7 +28,8 @@ use crate::backend::{SettleError, Settlement};
 pub type Item = crate::backend::claims::Item<i32>;
 
 /// Deletes the acked rows, moves the nacked ones and inserts the outputs of
-/// the acked rows that carry any. Returns the `(seq, attempt)` of every row
+/// the acked rows that carry any. On an ordered group (`$16`), an ack may
+/// free a key other consumers wait for, so it wakes the group itself too. Returns the `(seq, attempt)` of every row
 /// it settled. It commits without waiting for the WAL flush (see
 /// [`relaxed!`]).
 const SETTLE: &str = concat!(
@@ -53,19 +54,25 @@ const SETTLE: &str = concat!(
                                    owner_seq, owner_attempt, ord) \
          WHERE (o.owner_seq, o.owner_attempt) IN (SELECT seq, attempt FROM acked) \
          ORDER BY o.ord \
-         RETURNING seq, topic \
+         RETURNING seq, topic, msg_key \
      ), ",
     fan_out!("$15"),
-    " SELECT seq, attempt FROM acked \
+    ", freed AS ( \
+         SELECT pg_notify($15, $1) WHERE $16 AND EXISTS (SELECT 1 FROM acked) \
+     ) \
+     SELECT seq, attempt FROM acked \
      UNION ALL SELECT seq, attempt FROM nacked \
      UNION ALL SELECT NULL, NULL FROM woken \
+     UNION ALL SELECT NULL, NULL FROM freed \
      UNION ALL SELECT NULL, NULL FROM relaxed"
 );
 
-/// Settles `items` of `group_key`, answering for each in order.
+/// Settles `items` of `group_key` (an `ordered` subscription's, or not),
+/// answering for each in order.
 pub async fn settle(
     shared: &Shared,
     group_key: &str,
+    ordered: bool,
     items: &[Item],
 ) -> Vec<Result<(), SettleError>> {
     // An output that can never be published fails its own item only.
@@ -86,7 +93,9 @@ pub async fn settle(
         .filter(|(_, result)| result.is_none())
         .map(|(item, _)| item)
         .collect();
-    let mut answered = settle_valid(shared, group_key, &valid).await.into_iter();
+    let mut answered = settle_valid(shared, group_key, ordered, &valid)
+        .await
+        .into_iter();
     for result in results.iter_mut().filter(|r| r.is_none()) {
         *result = answered.next();
     }
@@ -99,6 +108,7 @@ pub async fn settle(
 async fn settle_valid(
     shared: &Shared,
     group_key: &str,
+    ordered: bool,
     items: &[&Item],
 ) -> Vec<Result<(), SettleError>> {
     if items.is_empty() {
@@ -108,10 +118,10 @@ async fn settle_valid(
         Ok(conn) => conn,
         Err(e) => return unavailable(items.len(), &e.into()),
     };
-    match run(&mut conn, &shared.channel, group_key, items).await {
+    match run(&mut conn, &shared.channel, group_key, ordered, items).await {
         Ok(held) => answers(items, &held),
         Err(e) if is_refusal(&e) && items.len() > 1 => {
-            one_by_one(&mut conn, &shared.channel, group_key, items).await
+            one_by_one(&mut conn, &shared.channel, group_key, ordered, items).await
         }
         Err(e) => unavailable(items.len(), &e.into()),
     }
@@ -123,6 +133,7 @@ async fn one_by_one(
     conn: &mut PgConnection,
     channel: &str,
     group_key: &str,
+    ordered: bool,
     items: &[&Item],
 ) -> Vec<Result<(), SettleError>> {
     let attempt = async {
@@ -131,7 +142,7 @@ async fn one_by_one(
         for item in items {
             let mut savepoint = tx.begin().await?;
             let one = std::slice::from_ref(item);
-            match run(&mut savepoint, channel, group_key, one).await {
+            match run(&mut savepoint, channel, group_key, ordered, one).await {
                 Ok(held) => {
                     savepoint.commit().await?;
                     results.extend(answers(one, &held));
@@ -159,6 +170,7 @@ async fn run(
     conn: &mut PgConnection,
     channel: &str,
     group_key: &str,
+    ordered: bool,
     items: &[&Item],
 ) -> Result<HashSet<(i64, i32)>, sqlx::Error> {
     let mut acks = (Vec::new(), Vec::new());
@@ -203,6 +215,7 @@ async fn run(
         .bind(&owners.0)
         .bind(&owners.1)
         .bind(channel)
+        .bind(ordered)
         .fetch_all(&mut *conn)
         .await?;
     let mut held = HashSet::with_capacity(rows.len());

@@ -22,6 +22,33 @@ use crate::backend::claims::{forget_claim, settle_claims, stored_message};
 use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
 
+/// The claim statement, with `$filter` (text starting `AND`, about the
+/// candidate row `d`) narrowing what may be claimed.
+macro_rules! claim_query {
+    ($filter:literal) => {
+        concat!(
+            "WITH ",
+            relaxed!(),
+            ", claimable AS ( \
+                 SELECT ctid FROM sluice_deliveries d \
+                 WHERE group_key = $1 AND visible_at <= now() ",
+            $filter,
+            "ORDER BY seq LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED \
+             ), claimed AS ( \
+                 UPDATE sluice_deliveries d \
+                 SET attempt = d.attempt + 1, visible_at = now() + $3 * interval '1 millisecond' \
+                 WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM claimable)) \
+                 RETURNING d.seq, d.attempt \
+             ) \
+             SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
+                    m.payload, m.timestamp_ms \
+             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq CROSS JOIN relaxed \
+             ORDER BY claimed.seq"
+        )
+    };
+}
+
 pub struct PostgresSubscription {
     shared: Arc<Shared>,
     group_key: String,
@@ -46,15 +73,18 @@ struct PostgresReceipt {
 /// Acks deleted with one statement per few milliseconds: a round trip per
 /// ack would cap a consumer far below what the database can do. Only the
 /// current claims are deleted; the commit does not wait for its WAL flush
-/// (see [`relaxed!`]).
-fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
+/// (see [`relaxed!`]). On an ordered subscription an ack may free a key
+/// another consumer waits for, so the statement also wakes the group.
+fn postgres_acks(shared: &Arc<Shared>, group_key: String, ordered: bool) -> Arc<AckBatcher> {
     let pool = shared.pool.clone();
+    let channel = shared.channel.clone();
     let table_group = group_key.clone();
     AckBatcher::start(
         group_key,
         Duration::from_millis(2),
         Box::new(move |claims| {
             let pool = pool.clone();
+            let channel = channel.clone();
             let group_key = table_group.clone();
             let (seqs, attempts): (Vec<i64>, Vec<i32>) = claims.into_iter().unzip();
             Box::pin(async move {
@@ -67,11 +97,15 @@ fn postgres_acks(shared: &Arc<Shared>, group_key: String) -> Arc<AckBatcher> {
                          WHERE d.group_key = $1 AND d.seq = ANY($2) \
                            AND d.seq = c.seq AND d.attempt = c.attempt \
                          RETURNING 1 \
-                     ) SELECT 1 FROM relaxed"
+                     ), woken AS ( \
+                         SELECT pg_notify($4, $1) WHERE $5 AND EXISTS (SELECT 1 FROM acked) \
+                     ) SELECT 1 FROM relaxed UNION ALL SELECT 1 FROM woken"
                 ))
                 .bind(&group_key)
                 .bind(&seqs)
                 .bind(&attempts)
+                .bind(&channel)
+                .bind(ordered)
                 .execute(&pool)
                 .await?;
                 Ok(())
@@ -84,7 +118,7 @@ impl PostgresSubscription {
     pub fn new(shared: Arc<Shared>, group_key: String, options: &SubscribeOptions) -> Self {
         PostgresSubscription {
             wake: shared.waker(&group_key),
-            acks: postgres_acks(&shared, group_key.clone()),
+            acks: postgres_acks(&shared, group_key.clone(), options.ordered),
             shared,
             group_key,
             options: options.clone(),
@@ -104,31 +138,26 @@ impl PostgresSubscription {
     /// planner may scan the group's every row (it did, on a table whose
     /// statistics lagged its backlog), so each claim grew as slow as the
     /// backlog was long.
+    ///
+    /// On an ordered subscription, only the oldest unsettled delivery of
+    /// each key is claimable: an earlier one of its key, claimed by anyone,
+    /// nacked or not yet due, holds it back.
     async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
-        let rows = sqlx::query(concat!(
-            "WITH ",
-            relaxed!(),
-            ", claimable AS ( \
-                 SELECT ctid FROM sluice_deliveries \
-                 WHERE group_key = $1 AND visible_at <= now() \
-                 ORDER BY seq LIMIT $2 \
-                 FOR UPDATE SKIP LOCKED \
-             ), claimed AS ( \
-                 UPDATE sluice_deliveries d \
-                 SET attempt = d.attempt + 1, visible_at = now() + $3 * interval '1 millisecond' \
-                 WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM claimable)) \
-                 RETURNING d.seq, d.attempt \
-             ) \
-             SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
-                    m.payload, m.timestamp_ms \
-             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq CROSS JOIN relaxed \
-             ORDER BY claimed.seq"
-        ))
-        .bind(&self.group_key)
-        .bind(max as i64)
-        .bind(self.lease.as_millis() as i64)
-        .fetch_all(&self.shared.pool)
-        .await?;
+        let query = if self.options.ordered {
+            claim_query!(
+                "AND (d.msg_key IS NULL OR NOT EXISTS ( \
+                     SELECT 1 FROM sluice_deliveries e \
+                     WHERE e.group_key = $1 AND e.msg_key = d.msg_key AND e.seq < d.seq)) "
+            )
+        } else {
+            claim_query!("")
+        };
+        let rows = sqlx::query(query)
+            .bind(&self.group_key)
+            .bind(max as i64)
+            .bind(self.lease.as_millis() as i64)
+            .fetch_all(&self.shared.pool)
+            .await?;
         let mut deliveries = Vec::with_capacity(rows.len());
         let mut mine = self.mine.lock().unwrap();
         for row in rows {
@@ -165,16 +194,20 @@ impl PostgresSubscription {
     }
 
     /// How long until the group's next delivery becomes visible (a nack's
-    /// delay or a lease running out), if it has any. Makes the group again
+    /// delay or a lease running out), if it has any. On an ordered
+    /// subscription only claimed or delayed deliveries count: one that is
+    /// visible but held back by its key waits for a settlement, which wakes
+    /// the group. Makes the group again
     /// if its patterns are gone (the tables were made again since it
     /// subscribed): publishes would no longer reach it.
     async fn next_due(&self) -> Result<Option<Duration>> {
         let (millis, patterns): (Option<f64>, i64) = sqlx::query_as(
             "SELECT (SELECT (EXTRACT(EPOCH FROM MIN(visible_at) - now()) * 1000)::float8 \
-                     FROM sluice_deliveries WHERE group_key = $1), \
+                     FROM sluice_deliveries WHERE group_key = $1 AND (NOT $2 OR visible_at > now())), \
                     (SELECT COUNT(*) FROM sluice_groups WHERE group_key = $1)",
         )
         .bind(&self.group_key)
+        .bind(self.options.ordered)
         .fetch_one(&self.shared.pool)
         .await?;
         let wanted: std::collections::HashSet<&String> = self.options.topics.iter().collect();
@@ -251,7 +284,7 @@ impl Subscription for PostgresSubscription {
     async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
         let claim = |r: &PostgresReceipt| (r.seq, r.attempt);
         settle_claims(batch, claim, &self.mine, async |items| {
-            settle::settle(&self.shared, &self.group_key, &items).await
+            settle::settle(&self.shared, &self.group_key, self.options.ordered, &items).await
         })
         .await
     }

@@ -48,6 +48,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: false,
     // Nothing is kept: a message is delivered as it is published.
     backlog: false,
+    key_affinity: false,
 };
 
 pub struct RedisPubSubBackend {

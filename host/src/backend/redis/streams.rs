@@ -40,6 +40,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: true,
     // XINFO GROUPS `lag` (Redis 7 and later).
     backlog: true,
+    key_affinity: false,
 };
 
 /// Where everything lives, under the configured prefix `P`:

@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS sluice_deliveries (
     seq        INTEGER NOT NULL,
     attempt    INTEGER NOT NULL,
     visible_at INTEGER NOT NULL,
+    msg_key    TEXT,
     PRIMARY KEY (group_name, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sluice_deliveries_visible ON sluice_deliveries (group_name, visible_at);
@@ -81,6 +82,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     at_least_once: true,
     lease_checked: true,
     backlog: true,
+    key_affinity: true,
 };
 
 pub struct SqliteBackend {
@@ -169,6 +171,9 @@ async fn open(options: SqliteConnectOptions, path: &str) -> Result<SqlitePool> {
                 .execute(&pool)
                 .await
                 .with_context(|| format!("cannot create Sluice tables in `{path}`"))?;
+            add_delivery_keys(&pool)
+                .await
+                .with_context(|| format!("cannot upgrade the Sluice tables in `{path}`"))?;
             anyhow::Ok(pool)
         }
         .await;
@@ -179,6 +184,36 @@ async fn open(options: SqliteConnectOptions, path: &str) -> Result<SqlitePool> {
             other => return other,
         }
     }
+}
+
+/// Gives every delivery its message's key, for claims that keep per-key
+/// order across consumers (`store::claim`). Databases made before keys were
+/// kept with deliveries gain the column, filled from the log, once.
+async fn add_delivery_keys(pool: &SqlitePool) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let has_keys: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pragma_table_info('sluice_deliveries') WHERE name = 'msg_key'",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if has_keys == 0 {
+        sqlx::raw_sql(
+            "ALTER TABLE sluice_deliveries ADD COLUMN msg_key TEXT; \
+             UPDATE sluice_deliveries SET msg_key = \
+                 (SELECT m.msg_key FROM sluice_messages m WHERE m.seq = sluice_deliveries.seq);",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tracing::info!("SQLite: deliveries now carry their message's key");
+    }
+    sqlx::raw_sql(
+        "CREATE INDEX IF NOT EXISTS sluice_deliveries_key \
+         ON sluice_deliveries (group_name, msg_key, seq) WHERE msg_key IS NOT NULL",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 #[async_trait]

@@ -78,28 +78,42 @@ pub async fn create_group(
 }
 
 /// Claims up to `max` visible deliveries of `group` for `lease`, after
-/// turning the log rows past its cursors into deliveries.
+/// turning the log rows past its cursors into deliveries. `ordered` claims
+/// only the oldest unsettled delivery of each key, so a key's next message
+/// waits until its previous one is settled, whichever consumer holds it.
 pub async fn claim(
     conn: &mut SqliteConnection,
     group: &str,
     lease: Duration,
     max: usize,
+    ordered: bool,
 ) -> Result<Vec<Delivery>> {
     materialize(conn, group).await?;
     let now = now_ms() as i64;
-    let claimed: Vec<(i64, i64)> = sqlx::query_as(
+    let claim = if ordered {
+        "UPDATE sluice_deliveries SET attempt = attempt + 1, visible_at = ?1 \
+         WHERE group_name = ?2 AND seq IN ( \
+             SELECT d.seq FROM sluice_deliveries d \
+             WHERE d.group_name = ?2 AND d.visible_at <= ?3 \
+               AND (d.msg_key IS NULL OR NOT EXISTS ( \
+                   SELECT 1 FROM sluice_deliveries e \
+                   WHERE e.group_name = ?2 AND e.msg_key = d.msg_key AND e.seq < d.seq)) \
+             ORDER BY d.seq LIMIT ?4) \
+         RETURNING seq, attempt"
+    } else {
         "UPDATE sluice_deliveries SET attempt = attempt + 1, visible_at = ?1 \
          WHERE group_name = ?2 AND seq IN ( \
              SELECT seq FROM sluice_deliveries \
              WHERE group_name = ?2 AND visible_at <= ?3 ORDER BY seq LIMIT ?4) \
-         RETURNING seq, attempt",
-    )
-    .bind(now + lease.as_millis() as i64)
-    .bind(group)
-    .bind(now)
-    .bind(max as i64)
-    .fetch_all(&mut *conn)
-    .await?;
+         RETURNING seq, attempt"
+    };
+    let claimed: Vec<(i64, i64)> = sqlx::query_as(claim)
+        .bind(now + lease.as_millis() as i64)
+        .bind(group)
+        .bind(now)
+        .bind(max as i64)
+        .fetch_all(&mut *conn)
+        .await?;
     if claimed.is_empty() {
         return Ok(Vec::new());
     }
@@ -170,8 +184,9 @@ async fn materialize(conn: &mut SqliteConnection, group: &str) -> Result<()> {
             .map(|(seq, _)| *seq)
             .collect();
         sqlx::query(
-            "INSERT OR IGNORE INTO sluice_deliveries (group_name, seq, attempt, visible_at) \
-             SELECT ?1, value, 0, 0 FROM json_each(?2)",
+            "INSERT OR IGNORE INTO sluice_deliveries (group_name, seq, attempt, visible_at, msg_key) \
+             SELECT ?1, m.seq, 0, 0, m.msg_key FROM sluice_messages m \
+             WHERE m.seq IN (SELECT value FROM json_each(?2))",
         )
         .bind(group)
         .bind(serde_json::to_string(&matching)?)

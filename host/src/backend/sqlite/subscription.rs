@@ -24,6 +24,8 @@ pub struct SqliteSubscription {
     closed: AtomicBool,
     lease: Duration,
     ephemeral: bool,
+    /// Claims keep per-key order across consumers.
+    ordered: bool,
     /// Claimed and unsettled (row and attempt), handed back on close.
     mine: Mutex<HashMap<i64, i64>>,
 }
@@ -36,6 +38,7 @@ impl SqliteSubscription {
             closed: AtomicBool::new(false),
             lease: options.lease,
             ephemeral: options.ephemeral,
+            ordered: options.ordered,
             mine: Mutex::new(HashMap::new()),
         }
     }
@@ -59,7 +62,7 @@ impl Subscription for SqliteSubscription {
             let deliveries = self
                 .shared
                 .writer
-                .claim(&self.group, self.lease, max.max(1))
+                .claim(&self.group, self.lease, max.max(1), self.ordered)
                 .await?;
             if !deliveries.is_empty() {
                 let mut mine = self.mine.lock().unwrap();

@@ -54,6 +54,8 @@ enum Request {
         group: String,
         lease: Duration,
         max: usize,
+        /// Only the oldest unsettled delivery of each key (see `store::claim`).
+        ordered: bool,
         done: Reply<Vec<Delivery>>,
     },
     Settle {
@@ -165,11 +167,18 @@ impl Writer {
         .await
     }
 
-    pub async fn claim(&self, group: &str, lease: Duration, max: usize) -> Result<Vec<Delivery>> {
+    pub async fn claim(
+        &self,
+        group: &str,
+        lease: Duration,
+        max: usize,
+        ordered: bool,
+    ) -> Result<Vec<Delivery>> {
         self.ask(|done| Request::Claim {
             group: group.to_string(),
             lease,
             max,
+            ordered,
             done,
         })
         .await
@@ -345,10 +354,11 @@ async fn carry_out(conn: &mut SqliteConnection, request: Request) -> Result<Outc
             group,
             lease,
             max,
+            ordered,
             done,
         } => {
             let result = savepoint(conn, async |conn| {
-                store::claim(conn, &group, lease, max).await
+                store::claim(conn, &group, lease, max, ordered).await
             })
             .await?;
             Outcome::Claimed(done, result)

@@ -91,6 +91,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     at_least_once: true,
     lease_checked: false,
     backlog: true,
+    key_affinity: false,
 };
 
 /// A publish's messages by topic: each topic is sent on its own.
