@@ -166,6 +166,14 @@ impl Broker {
         }
     }
 
+    /// The scheme of Sluice's URL for the broker.
+    fn scheme(self) -> &'static str {
+        match self {
+            Broker::RedisStreams => "redis",
+            other => other.slug(),
+        }
+    }
+
     fn address(self) -> &'static str {
         match self {
             Broker::RedisStreams => "127.0.0.1:6379",
@@ -332,9 +340,7 @@ async fn measure(
         cleaned?;
     }
     let keyed = namespace(broker, "ordered");
-    let scheme = broker.sluice_url(&keyed)?;
-    let scheme = scheme.split_once("://").map_or("", |(scheme, _)| scheme);
-    let ordered = match sluice::backend::capabilities_of(scheme) {
+    let ordered = match sluice::backend::capabilities_of(broker.scheme()) {
         Some(caps) if caps.key_affinity => {
             let keys = Some(ORDERED_KEYS);
             let rate =

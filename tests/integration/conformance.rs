@@ -50,7 +50,8 @@ backends! {
          at_least_once lease_checked backlog key_affinity";
     #[cfg(feature = "kafka")]
     kafka => targets::kafka::Kafka::new(),
-        "persistent history consumer_groups ordered_per_key lease wildcards at_least_once backlog";
+        "persistent history consumer_groups ordered_per_key lease wildcards at_least_once backlog \
+         key_affinity";
     #[cfg(feature = "sqs")]
     sqs => targets::sqs::Sqs::queue(),
         "persistent consumer_groups native_delay lease at_least_once backlog";

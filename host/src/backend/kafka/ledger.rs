@@ -247,6 +247,23 @@ impl Ledger {
         Some((message, entry.attempts))
     }
 
+    /// The key of the message at `offset`, while it is unsettled.
+    pub fn key(&self, offset: i64) -> Option<&str> {
+        self.entries.get(&offset)?.message.as_ref()?.key.as_deref()
+    }
+
+    /// The oldest unsettled offset of each key in the partition: a message
+    /// of an ordered group may go out only if it is its key's.
+    pub fn first_of_keys(&self) -> HashMap<&str, i64> {
+        let mut first = HashMap::new();
+        for (offset, entry) in &self.entries {
+            if let Some(key) = entry.message.as_ref().and_then(|m| m.key.as_deref()) {
+                first.entry(key).or_insert(*offset);
+            }
+        }
+        first
+    }
+
     /// Settles a message for good; false if it was not out.
     pub fn ack(&mut self, offset: i64) -> bool {
         let Some(entry) = self.entries.get_mut(&offset) else {

@@ -38,12 +38,12 @@ impl Member {
     }
 
     /// Adds a subscription, taken for dead if it holds messages and does
-    /// not fetch for `lease`.
-    pub fn attach(&self, id: u64, lease: std::time::Duration) {
+    /// not fetch for `lease`; `ordered` asks for key affinity.
+    pub fn attach(&self, id: u64, lease: std::time::Duration, ordered: bool) {
         self.shared
             .lock()
             .subscribers
-            .insert(id, Subscriber::new(lease));
+            .insert(id, Subscriber::new(lease, ordered));
     }
 
     /// Removes a subscription, putting what it holds back in line; true if

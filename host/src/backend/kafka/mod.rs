@@ -27,7 +27,7 @@
 //! | start | `earliest` → the beginning; `latest` → the end when the group first gets the partition (the high watermark of a fetch response: tansu's ListOffsets answers inside the last batch), committed at once so the group's start stays put |
 //! | subscribe | the first subscription of a group in a process returns once its member holds its partitions and knows where each starts (at most `join_timeout_ms`); later ones join that member at once |
 //! | resuming | a partition taken over at a committed offset is read from the offset expected, even on a broker that answers a fetch from inside a record batch with the next batch (see [`landing`]); a full buffer never pauses a partition (that would fetch it again from inside a batch), the member just stops taking records |
-//! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass |
+//! | ordering | per partition, so per key; a nacked message with no delay goes first in line again; one with a delay lets later ones pass, except on an ordered subscription (key affinity), where a key's later messages wait in line until it is settled |
 //! | settling | a batch of acks and nacks under one lock of the member's books, no broker round trip (commits follow); a delivery whose partition the member gave up, or that was handed out again since, answers "lease lost" and changes nothing |
 //! | commits | the lowest unsettled offset per partition, every `commit_ms`, on revocation and on close; never past an unfinished message |
 //! | patterns | `*` and `>` become anchored regular expressions in the subscription (`^orders\.[^.]+$`); new topics are found within `metadata_refresh_ms` |
@@ -132,7 +132,9 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: false,
     // Watermarks less committed offsets.
     backlog: true,
-    key_affinity: false,
+    // A key's partition has one member; within it, an ordered group's
+    // next message of a key waits for the previous one (see `state.rs`).
+    key_affinity: true,
 };
 
 /// A handle on a Kafka cluster: one producer and one admin client; each
@@ -247,6 +249,7 @@ impl KafkaBackend {
         &self,
         behaviour: &Behaviour,
         lease: Duration,
+        ordered: bool,
         first: u64,
     ) -> Result<Arc<members::Member>> {
         let shared = Arc::new(Shared::default());
@@ -262,7 +265,7 @@ impl KafkaBackend {
             .with_context(|| format!("cannot subscribe to {:?}", behaviour.subscription))?;
         let (commands, received) = std::sync::mpsc::channel();
         let member = Arc::new(members::Member::new(shared.clone(), commands));
-        member.attach(first, lease);
+        member.attach(first, lease, ordered);
         std::thread::Builder::new()
             .name("sluice-kafka-consumer".into())
             .spawn(move || consumer::run(consumer, shared, received))
@@ -423,11 +426,11 @@ impl Backend for KafkaBackend {
         let id = subscription::next_id();
         let member = match current.upgrade() {
             Some(member) => {
-                member.attach(id, options.lease);
+                member.attach(id, options.lease, options.ordered);
                 member
             }
             None => {
-                let member = self.start_member(&behaviour, options.lease, id)?;
+                let member = self.start_member(&behaviour, options.lease, options.ordered, id)?;
                 *current = Arc::downgrade(&member);
                 // librdkafka joins the group only once a pattern matches a topic.
                 let will_join = !exact.is_empty() || self.any_topic_matches(&options.topics).await;

@@ -144,17 +144,30 @@ impl State {
         self.delayed.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Up to `max` deliveries from the front of the line.
+    /// Up to `max` deliveries from the front of the line. For an ordered
+    /// group, a message whose key has an older unsettled one in its
+    /// partition (out, or waiting out a nack) stays in line, in its place.
     pub fn hand_out(&mut self, max: usize, subscription: u64) -> Vec<Delivery> {
+        let first_of_keys = self.ordered().then(|| self.first_of_keys());
         let mut deliveries = Vec::new();
+        let mut held_back = VecDeque::new();
         while deliveries.len() < max {
             let Some(ticket) = self.ready.pop_front() else {
                 break;
             };
-            let Some((message, attempt)) = self
-                .ledger(&ticket)
-                .and_then(|l| l.hand_out(ticket.offset, subscription))
-            else {
+            let Some(ledger) = self.ledger(&ticket) else {
+                continue;
+            };
+            if let Some(first) = &first_of_keys
+                && let Some(key) = ledger.key(ticket.offset)
+                && first
+                    .get(&(ticket.topic.clone(), ticket.partition, key.to_owned()))
+                    .is_some_and(|&offset| offset < ticket.offset)
+            {
+                held_back.push_back(ticket);
+                continue;
+            }
+            let Some((message, attempt)) = ledger.hand_out(ticket.offset, subscription) else {
                 continue;
             };
             deliveries.push(Delivery {
@@ -167,7 +180,28 @@ impl State {
                 }),
             });
         }
+        while let Some(ticket) = held_back.pop_back() {
+            self.ready.push_front(ticket);
+        }
         deliveries
+    }
+
+    /// Whether a subscription of the member asked for key affinity.
+    fn ordered(&self) -> bool {
+        self.subscribers.values().any(|s| s.ordered)
+    }
+
+    /// The oldest unsettled offset of every key, by partition.
+    fn first_of_keys(&self) -> HashMap<(Arc<str>, i32, String), i64> {
+        let mut first = HashMap::new();
+        for (topic, partitions) in &self.ledgers {
+            for (partition, ledger) in partitions {
+                for (key, offset) in ledger.first_of_keys() {
+                    first.insert((topic.clone(), *partition, key.to_owned()), offset);
+                }
+            }
+        }
+        first
     }
 
     /// Puts what `subscription` holds back in line, first, for any
@@ -218,14 +252,17 @@ pub struct Subscriber {
     pub last_fetch: Instant,
     pub fetching: usize,
     pub lease: std::time::Duration,
+    /// Asked for key affinity ([`crate::backend::SubscribeOptions::ordered`]).
+    pub ordered: bool,
 }
 
 impl Subscriber {
-    pub fn new(lease: std::time::Duration) -> Self {
+    pub fn new(lease: std::time::Duration, ordered: bool) -> Self {
         Subscriber {
             last_fetch: Instant::now(),
             fetching: 0,
             lease,
+            ordered,
         }
     }
 }
@@ -258,5 +295,63 @@ impl Shared {
         // A panic while holding the lock leaves consistent-enough books:
         // every change is a single map or queue operation.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::kafka::ledger::Prior;
+
+    /// A member's books with one partition of `orders` holding `keys`, in
+    /// offset order, and one subscription (`ordered` or not).
+    fn books(keys: &[&str], ordered: bool) -> State {
+        let mut state = State::default();
+        let epoch = state.new_epoch();
+        state
+            .ledgers
+            .entry(Arc::from("orders"))
+            .or_default()
+            .insert(0, Ledger::new(epoch, Some(0), Prior::default()));
+        for (offset, key) in keys.iter().enumerate() {
+            let message = Message::new("orders", offset.to_string()).with_key(*key);
+            state.file("orders", 0, offset as i64, message, || 0);
+        }
+        let lease = std::time::Duration::from_secs(30);
+        state.subscribers.insert(1, Subscriber::new(lease, ordered));
+        state
+    }
+
+    fn payloads(deliveries: &[Delivery]) -> Vec<String> {
+        deliveries
+            .iter()
+            .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn an_ordered_member_hands_out_a_key_only_after_its_previous_message() {
+        let mut state = books(&["a", "b", "a", "c", "b"], true);
+        let first = state.hand_out(10, 1);
+        assert_eq!(payloads(&first), ["0", "1", "3"]);
+        assert!(state.hand_out(10, 1).is_empty(), "a and b are out");
+
+        // Acked, `a` lets its next go; nacked, `b` holds its key.
+        let ticket = |d: &Delivery| d.receipt.get::<KafkaReceipt>().unwrap().ticket.clone();
+        let (a, b) = (ticket(&first[0]), ticket(&first[1]));
+        state.ledger(&a).unwrap().ack(a.offset);
+        assert!(state.ledger(&b).unwrap().nack(b.offset, 1));
+        state.ready.push_front(b);
+        assert_eq!(payloads(&state.hand_out(10, 1)), ["1", "2"]);
+        assert!(
+            state.hand_out(10, 1).is_empty(),
+            "b's second waits for its first"
+        );
+    }
+
+    #[test]
+    fn an_unordered_member_hands_out_in_line() {
+        let mut state = books(&["a", "b", "a", "c", "b"], false);
+        assert_eq!(payloads(&state.hand_out(10, 1)), ["0", "1", "2", "3", "4"]);
     }
 }
