@@ -256,12 +256,8 @@ mod javascript {
     use super::*;
 
     fn load(origins: &[String]) -> Arc<Plugin> {
-        let mut settings = settings("fetch", &[]);
+        let mut settings = granted(origins, &[]);
         settings.timeout = Duration::from_secs(5);
-        settings.outbound_http = Arc::new(OutboundHttp::new(
-            origins.iter().map(|o| o.parse().unwrap()).collect(),
-            8,
-        ));
         Arc::new(
             runtime()
                 .load_file(&common::example_path("js", "fetch"), settings)

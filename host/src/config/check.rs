@@ -308,13 +308,13 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
 /// can hold, and far below where a size in bytes would overflow.
 const MAX_MIB: u64 = 4096;
 
-/// Whether a whole-number setting lies in `range`, with the reason if not.
 /// Whether `ordered = true` can hold on a backend: each key in publish
 /// order, and no key split among a group's members and lost with one.
 fn keeps_order(caps: &backend::Capabilities) -> bool {
     caps.ordered_per_key && caps.at_least_once
 }
 
+/// Whether a whole-number setting lies in `range`, with the reason if not.
 fn within(value: u64, range: RangeInclusive<u64>, unit: &str) -> Result<(), String> {
     if range.contains(&value) {
         return Ok(());

@@ -192,13 +192,12 @@ impl Origin {
                 })
             }
         };
-        let port = uri
-            .port_u16()
-            .unwrap_or(if *scheme == Scheme::HTTPS { 443 } else { 80 });
+        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default_port);
         let port_fits = match self.port {
             Port::Any => true,
             Port::Exactly(own) => port == own,
-            Port::Default => port == if *scheme == Scheme::HTTPS { 443 } else { 80 },
+            Port::Default => port == default_port,
         };
         host_fits && port_fits
     }

@@ -148,26 +148,27 @@ impl State {
     /// group, a message whose key has an older unsettled one in its
     /// partition (out, or waiting out a nack) stays in line, in its place.
     pub fn hand_out(&mut self, max: usize, subscription: u64) -> Vec<Delivery> {
-        let first_of_keys = self.ordered().then(|| self.first_of_keys());
+        let held_back = if self.ordered() {
+            self.held_back()
+        } else {
+            Vec::new()
+        };
         let mut deliveries = Vec::new();
-        let mut held_back = VecDeque::new();
+        let mut kept = VecDeque::new();
+        let mut position = 0;
         while deliveries.len() < max {
             let Some(ticket) = self.ready.pop_front() else {
                 break;
             };
-            let Some(ledger) = self.ledger(&ticket) else {
-                continue;
-            };
-            if let Some(first) = &first_of_keys
-                && let Some(key) = ledger.key(ticket.offset)
-                && first
-                    .get(&(ticket.topic.clone(), ticket.partition, key.to_owned()))
-                    .is_some_and(|&offset| offset < ticket.offset)
-            {
-                held_back.push_back(ticket);
+            position += 1;
+            if held_back.get(position - 1) == Some(&true) {
+                kept.push_back(ticket);
                 continue;
             }
-            let Some((message, attempt)) = ledger.hand_out(ticket.offset, subscription) else {
+            let Some((message, attempt)) = self
+                .ledger(&ticket)
+                .and_then(|l| l.hand_out(ticket.offset, subscription))
+            else {
                 continue;
             };
             deliveries.push(Delivery {
@@ -180,7 +181,7 @@ impl State {
                 }),
             });
         }
-        while let Some(ticket) = held_back.pop_back() {
+        while let Some(ticket) = kept.pop_back() {
             self.ready.push_front(ticket);
         }
         deliveries
@@ -191,17 +192,32 @@ impl State {
         self.subscribers.values().any(|s| s.ordered)
     }
 
-    /// The oldest unsettled offset of every key, by partition.
-    fn first_of_keys(&self) -> HashMap<(Arc<str>, i32, String), i64> {
-        let mut first = HashMap::new();
-        for (topic, partitions) in &self.ledgers {
-            for (partition, ledger) in partitions {
-                for (key, offset) in ledger.first_of_keys() {
-                    first.insert((topic.clone(), *partition, key.to_owned()), offset);
-                }
-            }
-        }
-        first
+    /// For each ticket in line, in order, whether its key has an older
+    /// unsettled message in its partition. Handing messages out does not
+    /// change the answer, since an unsettled message counts whether it is
+    /// out or not.
+    fn held_back(&self) -> Vec<bool> {
+        let mut firsts: HashMap<(&str, i32, u64), HashMap<&str, i64>> = HashMap::new();
+        self.ready
+            .iter()
+            .map(|ticket| {
+                let Some(ledger) = self
+                    .ledgers
+                    .get(&ticket.topic)
+                    .and_then(|partitions| partitions.get(&ticket.partition))
+                    .filter(|ledger| ledger.epoch == ticket.epoch)
+                else {
+                    return false;
+                };
+                let Some(key) = ledger.key(ticket.offset) else {
+                    return false;
+                };
+                let first = firsts
+                    .entry((&ticket.topic, ticket.partition, ticket.epoch))
+                    .or_insert_with(|| ledger.first_of_keys());
+                first.get(key).is_some_and(|&offset| offset < ticket.offset)
+            })
+            .collect()
     }
 
     /// Puts what `subscription` holds back in line, first, for any

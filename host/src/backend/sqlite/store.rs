@@ -77,6 +77,22 @@ pub async fn create_group(
     Ok(())
 }
 
+/// The claim statement, with `$filter` (text starting `AND`, about the
+/// candidate row `d`) narrowing what may be claimed.
+macro_rules! claim_sql {
+    ($filter:literal) => {
+        concat!(
+            "UPDATE sluice_deliveries SET attempt = attempt + 1, visible_at = ?1 \
+             WHERE group_name = ?2 AND seq IN ( \
+                 SELECT d.seq FROM sluice_deliveries d \
+                 WHERE d.group_name = ?2 AND d.visible_at <= ?3 ",
+            $filter,
+            "ORDER BY d.seq LIMIT ?4) \
+             RETURNING seq, attempt"
+        )
+    };
+}
+
 /// Claims up to `max` visible deliveries of `group` for `lease`, after
 /// turning the log rows past its cursors into deliveries. `ordered` claims
 /// only the oldest unsettled delivery of each key, so a key's next message
@@ -91,21 +107,13 @@ pub async fn claim(
     materialize(conn, group).await?;
     let now = now_ms() as i64;
     let claim = if ordered {
-        "UPDATE sluice_deliveries SET attempt = attempt + 1, visible_at = ?1 \
-         WHERE group_name = ?2 AND seq IN ( \
-             SELECT d.seq FROM sluice_deliveries d \
-             WHERE d.group_name = ?2 AND d.visible_at <= ?3 \
-               AND (d.msg_key IS NULL OR NOT EXISTS ( \
-                   SELECT 1 FROM sluice_deliveries e \
-                   WHERE e.group_name = ?2 AND e.msg_key = d.msg_key AND e.seq < d.seq)) \
-             ORDER BY d.seq LIMIT ?4) \
-         RETURNING seq, attempt"
+        claim_sql!(
+            "AND (d.msg_key IS NULL OR NOT EXISTS ( \
+                 SELECT 1 FROM sluice_deliveries e \
+                 WHERE e.group_name = ?2 AND e.msg_key = d.msg_key AND e.seq < d.seq)) "
+        )
     } else {
-        "UPDATE sluice_deliveries SET attempt = attempt + 1, visible_at = ?1 \
-         WHERE group_name = ?2 AND seq IN ( \
-             SELECT seq FROM sluice_deliveries \
-             WHERE group_name = ?2 AND visible_at <= ?3 ORDER BY seq LIMIT ?4) \
-         RETURNING seq, attempt"
+        claim_sql!("")
     };
     let claimed: Vec<(i64, i64)> = sqlx::query_as(claim)
         .bind(now + lease.as_millis() as i64)
