@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use anyhow::anyhow;
 use sqlx::{Acquire, PgConnection, Row};
 
+use super::subscription::unpark;
 use super::{OutputColumns, Shared, check_topic, fan_out, relaxed};
 use crate::backend::{SettleError, Settlement};
 
@@ -29,7 +30,8 @@ pub type Item = crate::backend::claims::Item<i32>;
 
 /// Deletes the acked rows, moves the nacked ones and inserts the outputs of
 /// the acked rows that carry any. On an ordered group (`$16`), an ack may
-/// free a key other consumers wait for, so it wakes the group itself too. Returns the `(seq, attempt)` of every row
+/// free a key other consumers wait for: it brings the key's next row out of
+/// parking and wakes the group. Returns the `(seq, attempt)` of every row
 /// it settled. It commits without waiting for the WAL flush (see
 /// [`relaxed!`]).
 const SETTLE: &str = concat!(
@@ -39,8 +41,10 @@ const SETTLE: &str = concat!(
          DELETE FROM sluice_deliveries d \
          USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
          WHERE d.group_key = $1 AND d.seq = ANY($2) AND d.seq = c.seq AND d.attempt = c.attempt \
-         RETURNING d.seq, d.attempt \
-     ), nacked AS ( \
+         RETURNING d.seq, d.attempt, d.msg_key \
+     ), ",
+    unpark!("$16"),
+    ", nacked AS ( \
          UPDATE sluice_deliveries d SET visible_at = now() + c.delay_ms * interval '1 millisecond' \
          FROM UNNEST($4::int8[], $5::int4[], $6::int8[]) AS c(seq, attempt, delay_ms) \
          WHERE d.group_key = $1 AND d.seq = ANY($4) AND d.seq = c.seq AND d.attempt = c.attempt \

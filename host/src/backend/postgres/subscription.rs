@@ -22,32 +22,92 @@ use crate::backend::claims::{forget_claim, settle_claims, stored_message};
 use crate::backend::{Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription};
 use crate::message::Message;
 
-/// The claim statement, with `$filter` (text starting `AND`, about the
-/// candidate row `d`) narrowing what may be claimed.
-macro_rules! claim_query {
-    ($filter:literal) => {
+/// The end of a claim statement whose CTE `claimable` holds the `ctid`s of
+/// the rows to claim: it claims them (a new attempt, invisible for the
+/// lease, `$3` ms) and answers them with their messages, oldest first.
+macro_rules! claim_rows {
+    () => {
+        "claimed AS ( \
+             UPDATE sluice_deliveries d \
+             SET attempt = d.attempt + 1, visible_at = now() + $3 * interval '1 millisecond' \
+             WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM claimable)) \
+             RETURNING d.seq, d.attempt \
+         ) \
+         SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
+                m.payload, m.timestamp_ms \
+         FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq CROSS JOIN relaxed \
+         ORDER BY claimed.seq"
+    };
+}
+
+/// Claims up to `$2` of a group's visible rows, oldest first.
+const CLAIM: &str = concat!(
+    "WITH ",
+    relaxed!(),
+    ", claimable AS ( \
+         SELECT ctid FROM sluice_deliveries d \
+         WHERE group_key = $1 AND visible_at <= now() \
+         ORDER BY seq LIMIT $2 \
+         FOR UPDATE SKIP LOCKED \
+     ), ",
+    claim_rows!()
+);
+
+/// An ordered claim: of the oldest `$4` visible rows, claims up to `$2`
+/// that no earlier row of their key holds back, and parks the others (out
+/// of sight for `$5` ms) so that claims to come do not look them over
+/// again: with most keys held, the rows of held keys are most of what a
+/// claim would read, one index probe each.
+const ORDERED_CLAIM: &str = concat!(
+    "WITH ",
+    relaxed!(),
+    ", scanned AS ( \
+         SELECT ctid, seq, d.msg_key IS NOT NULL AND EXISTS ( \
+             SELECT 1 FROM sluice_deliveries e \
+             WHERE e.group_key = $1 AND e.msg_key = d.msg_key AND e.seq < d.seq) AS held \
+         FROM sluice_deliveries d \
+         WHERE group_key = $1 AND visible_at <= now() \
+         ORDER BY seq LIMIT $4 \
+         FOR UPDATE SKIP LOCKED \
+     ), claimable AS ( \
+         SELECT ctid FROM scanned WHERE NOT held ORDER BY seq LIMIT $2 \
+     ), parked AS ( \
+         UPDATE sluice_deliveries d SET visible_at = now() + $5 * interval '1 millisecond' \
+         WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM scanned WHERE held)) \
+         RETURNING 1 \
+     ), ",
+    claim_rows!()
+);
+
+/// How long a row held back by its key stays parked. Settling the row
+/// that holds it back brings it back at once (see [`unpark!`]); this only
+/// bounds the wait of one whose holder went in a way that does not (a
+/// settlement that raced the parking).
+const PARK: Duration = Duration::from_secs(2);
+
+/// A CTE `unparked` for a statement whose CTE `acked` deleted rows
+/// (`seq`, `msg_key`) of group `$1`: on an ordered group (`$ordered`),
+/// the next row of each of their keys comes out of parking (see
+/// [`ORDERED_CLAIM`]). Only a row never claimed can be parked.
+macro_rules! unpark {
+    ($ordered:literal) => {
         concat!(
-            "WITH ",
-            relaxed!(),
-            ", claimable AS ( \
-                 SELECT ctid FROM sluice_deliveries d \
-                 WHERE group_key = $1 AND visible_at <= now() ",
-            $filter,
-            "ORDER BY seq LIMIT $2 \
-                 FOR UPDATE SKIP LOCKED \
-             ), claimed AS ( \
-                 UPDATE sluice_deliveries d \
-                 SET attempt = d.attempt + 1, visible_at = now() + $3 * interval '1 millisecond' \
-                 WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM claimable)) \
-                 RETURNING d.seq, d.attempt \
-             ) \
-             SELECT claimed.seq, claimed.attempt, m.id, m.topic, m.msg_key, m.headers::text AS headers, \
-                    m.payload, m.timestamp_ms \
-             FROM claimed JOIN sluice_messages m ON m.seq = claimed.seq CROSS JOIN relaxed \
-             ORDER BY claimed.seq"
+            "unparked AS ( \
+                 UPDATE sluice_deliveries d SET visible_at = now() \
+                 FROM acked a \
+                 WHERE ",
+            $ordered,
+            " AND a.msg_key IS NOT NULL \
+                   AND d.group_key = $1 AND d.msg_key = a.msg_key \
+                   AND d.seq = (SELECT MIN(e.seq) FROM sluice_deliveries e \
+                                WHERE e.group_key = $1 AND e.msg_key = a.msg_key AND e.seq > a.seq) \
+                   AND d.attempt = 0 AND d.visible_at > now() \
+                 RETURNING 1 \
+             )"
         )
     };
 }
+pub(super) use unpark;
 
 pub struct PostgresSubscription {
     shared: Arc<Shared>,
@@ -96,8 +156,10 @@ fn postgres_acks(shared: &Arc<Shared>, group_key: String, ordered: bool) -> Arc<
                          USING UNNEST($2::int8[], $3::int4[]) AS c(seq, attempt) \
                          WHERE d.group_key = $1 AND d.seq = ANY($2) \
                            AND d.seq = c.seq AND d.attempt = c.attempt \
-                         RETURNING 1 \
-                     ), woken AS ( \
+                         RETURNING d.seq, d.msg_key \
+                     ), ",
+                    unpark!("$5"),
+                    ", woken AS ( \
                          SELECT pg_notify($4, $1) WHERE $5 AND EXISTS (SELECT 1 FROM acked) \
                      ) SELECT 1 FROM relaxed UNION ALL SELECT 1 FROM woken"
                 ))
@@ -141,23 +203,25 @@ impl PostgresSubscription {
     ///
     /// On an ordered subscription, only the oldest unsettled delivery of
     /// each key is claimable: an earlier one of its key, claimed by anyone,
-    /// nacked or not yet due, holds it back.
+    /// nacked or not yet due, holds it back (see [`ORDERED_CLAIM`]).
     async fn claim(&self, max: usize) -> Result<Vec<Delivery>> {
-        let query = if self.options.ordered {
-            claim_query!(
-                "AND (d.msg_key IS NULL OR NOT EXISTS ( \
-                     SELECT 1 FROM sluice_deliveries e \
-                     WHERE e.group_key = $1 AND e.msg_key = d.msg_key AND e.seq < d.seq)) "
-            )
-        } else {
-            claim_query!("")
+        let claim = |query| {
+            sqlx::query(query)
+                .bind(&self.group_key)
+                .bind(max as i64)
+                .bind(self.lease.as_millis() as i64)
         };
-        let rows = sqlx::query(query)
-            .bind(&self.group_key)
-            .bind(max as i64)
-            .bind(self.lease.as_millis() as i64)
-            .fetch_all(&self.shared.pool)
-            .await?;
+        let query = if self.options.ordered {
+            // Twice what is asked: rows held back by their keys are parked
+            // as the scan passes them, so a claim reads at most this many.
+            let scan = (max * 2).max(64);
+            claim(ORDERED_CLAIM)
+                .bind(scan as i64)
+                .bind(PARK.as_millis() as i64)
+        } else {
+            claim(CLAIM)
+        };
+        let rows = query.fetch_all(&self.shared.pool).await?;
         let mut deliveries = Vec::with_capacity(rows.len());
         let mut mine = self.mine.lock().unwrap();
         for row in rows {
