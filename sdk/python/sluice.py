@@ -29,13 +29,31 @@ raised)::
         return [[sluice.output("copied", m.payload)] if m.payload
                 else sluice.Reject("empty payload") for m in msgs]
 
+A handler may call HTTP APIs with ``http_get(url)``, which answers the
+status and the body; the host sends the request only if the plugin's
+config grants the URL's origin (``allowed_outbound_hosts``), and follows
+no redirect (a 3xx comes back as it is). A request that gets no response
+raises ``HttpError``, whose ``code`` says why (``HttpRequestDenied`` for an
+origin not granted)::
+
+    @sluice.handler
+    def handle(msg):
+        try:
+            status, body = sluice.http_get(f"https://api.example.com/users/{msg.key}")
+        except sluice.HttpError as e:
+            raise sluice.Retry(str(e))
+        return [sluice.output("users.enriched", body)]
+
 ``sluice build`` puts this module on the path and turns the project into a
 component with componentize-py.
 
 Outside a component (``python3 -m unittest`` in the project) the module
 works on its own, with a stand-in host: ``config`` reads ``testing.config``
 (a dict), ``publish`` appends to ``testing.published`` and ``log`` writes
-to stderr. ``message(payload, ...)`` makes a message to hand a handler, and
+to stderr; ``http_get`` calls ``testing.http`` (a function of the URL and
+the headers answering ``(status, body)``, or raising ``HttpError``) and,
+while it is ``None``, is denied as in a plugin granted no origin.
+``message(payload, ...)`` makes a message to hand a handler, and
 a handler called directly returns its outputs or raises its ``Retry`` or
 ``Reject``::
 
@@ -51,11 +69,12 @@ import dataclasses
 import enum
 import json
 import sys
+import urllib.parse
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, List, Optional, Union
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 # What the stand-in host reads and keeps, outside a component.
-testing = SimpleNamespace(config={}, published=[])
+testing = SimpleNamespace(config={}, published=[], http=None)
 
 
 def _stand_ins():
@@ -136,6 +155,11 @@ try:
     from wit_world.imports import host, types
 except ImportError:  # not in a component: a plain `python3 -m unittest`
     Err, Ok, host, types = _stand_ins()
+
+try:
+    from wit_world.imports import http_types, outgoing_handler, streams
+except ImportError:  # not in a component, or built without wasi:http
+    http_types = outgoing_handler = streams = None
 
 Message = types.Message
 Outgoing = types.Outgoing
@@ -245,6 +269,110 @@ def log(level: str, message: str) -> None:
     """Writes a line to the host's log: level is trace, debug, info, warn or
     error."""
     host.log(host.LogLevel[level.upper()], message)
+
+
+class HttpError(Exception):
+    """An HTTP request that got no response. ``code`` is the ``wasi:http``
+    error code's name: ``HttpRequestDenied`` when the plugin's config does
+    not grant the URL's origin, ``ConnectionRefused``, ``DnsError``,
+    ``ConnectionTimeout`` and so on."""
+
+    def __init__(self, code: str, detail: Optional[str] = None):
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}" if detail else code)
+
+
+def http_get(url: str, headers: Optional[dict] = None) -> Tuple[int, bytes]:
+    """GETs ``url`` (http or https) and answers ``(status, body)``. Any
+    status is an answer, a redirect's included: nothing follows it. Raises
+    ``HttpError`` when there is no response, ``HttpRequestDenied`` at once
+    for an origin the plugin is not granted, and ``ValueError`` for a
+    header ``wasi:http`` refuses (``Host``, ``Connection``...). The request
+    shares the call's deadline: one still waiting then fails the call as a
+    timeout."""
+    if outgoing_handler is None:
+        if testing.http is None:
+            raise HttpError("HttpRequestDenied", f"no stand-in for GET {url} (sluice.testing.http)")
+        return testing.http(url, dict(headers or {}))
+    request = _request(url, headers or {})
+    try:
+        pending = outgoing_handler.handle(request, None)
+    except Err as e:
+        raise _http_error(e.value) from None
+    with pending:
+        with pending.subscribe() as ready:
+            ready.block()
+        answer = pending.get()
+    # After `block`, `get` has the answer and gives it this once: anything
+    # but Ok(...) would be a fault here, not on the network.
+    if answer is None or isinstance(answer, Err):
+        raise HttpError("InternalError", "the response was not there after waiting for it")
+    if isinstance(answer.value, Err):
+        raise _http_error(answer.value.value)
+    # Dropped in order, child first; the host counts the request as in
+    # flight until its body is dropped (`max_outbound_requests`).
+    with answer.value.value as response:
+        status = response.status()
+        with response.consume() as body, body.stream() as stream:
+            return status, _read_all(stream)
+
+
+def _request(url: str, headers: dict):
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        raise HttpError("HttpRequestUriInvalid", f"not an absolute URL: {url!r}")
+    try:
+        fields = http_types.Fields.from_list(
+            [(name, str(value).encode("utf-8")) for name, value in headers.items()]
+        )
+    except Err as e:
+        problem = type(e.value).__name__.split("_", 1)[-1]
+        raise ValueError(f"headers {sorted(headers)}: {problem}") from None
+    request = http_types.OutgoingRequest(fields)
+    scheme = {
+        "http": http_types.Scheme_Http(),
+        "https": http_types.Scheme_Https(),
+    }.get(parts.scheme.lower()) or http_types.Scheme_Other(parts.scheme)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    for what, setter, value in (
+        ("method", request.set_method, http_types.Method_Get()),
+        ("scheme", request.set_scheme, scheme),
+        ("authority", request.set_authority, parts.netloc),
+        ("path", request.set_path_with_query, path),
+    ):
+        try:
+            setter(value)
+        except Err:
+            raise HttpError("HttpRequestUriInvalid", f"the {what} of {url!r}") from None
+    return request
+
+
+def _read_all(stream) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunks.append(stream.blocking_read(64 * 1024))
+        except Err as e:
+            if isinstance(e.value, streams.StreamError_Closed):
+                return b"".join(chunks)
+            with e.value.value as error:
+                code = http_types.http_error_code(error)
+                if code is not None:
+                    raise _http_error(code) from None
+                raise HttpError("HttpResponseIncomplete", error.to_debug_string()) from None
+
+
+def _http_error(code) -> HttpError:
+    """``HttpError`` for a ``wasi:http`` error code: ``ErrorCode_X`` is X,
+    with its payload, if any, as the detail."""
+    name = type(code).__name__.split("_", 1)[-1]
+    if name == "HttpRequestDenied":
+        detail = "the origin is not in the plugin's allowed_outbound_hosts"
+    else:
+        value = getattr(code, "value", None)
+        detail = None if value is None else str(value)
+    return HttpError(name, detail)
 
 
 Answer = Union[Optional[Iterable[Outgoing]], Retry, Reject]

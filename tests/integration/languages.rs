@@ -355,6 +355,14 @@ fn the_toolchains_components_need_what_the_host_accepts() {
             .any(|i| i.starts_with("wasi:") && i.ends_with("@0.2.9")),
         "{imports:?}"
     );
+    // Built against `wasi:http` too (`sluice.http_get`), whether or not it
+    // makes requests.
+    assert!(
+        imports
+            .iter()
+            .any(|i| i.starts_with("wasi:http/outgoing-handler@")),
+        "{imports:?}"
+    );
     let (imports, _) = interface(&common::example_path("js", "enrich"));
     assert!(
         imports.iter().any(|i| i.starts_with("wasi:http/")),

@@ -1,10 +1,11 @@
 //! Outbound HTTP by grant (`allowed_outbound_hosts`): a plugin reaches the
 //! origins it is granted and nothing else. Against HTTP servers the test
 //! starts on loopback, each counting the requests it gets: a granted origin
-//! answers (Rust and JavaScript plugins); a plugin with no grant, a denied
-//! origin and a redirect to one fail in the plugin and reach no server; a
-//! server slower than the deadline fails the call as a timeout rather than
-//! hanging it; requests in flight stay within the plugin's bound.
+//! answers (Rust, JavaScript and Python plugins); a plugin with no grant, a
+//! denied origin and a redirect to one fail in the plugin and reach no
+//! server; a server slower than the deadline fails the call as a timeout
+//! rather than hanging it; requests in flight stay within the plugin's
+//! bound.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -250,43 +251,76 @@ async fn requests_in_flight_stay_within_the_plugins_bound() {
     assert_eq!(server.counts.most_in_flight.load(Ordering::SeqCst), 2);
 }
 
-/// JavaScript's `fetch` goes through the same grant.
+/// The example plugin `fetch` in `lang`, granted `origins`.
 #[cfg(feature = "languages")]
-mod javascript {
+fn load_example(lang: &str, origins: &[String]) -> Arc<Plugin> {
+    let mut settings = granted(origins, &[]);
+    settings.timeout = Duration::from_secs(5);
+    Arc::new(
+        runtime()
+            .load_file(&common::example_path(lang, "fetch"), settings)
+            .unwrap(),
+    )
+}
+
+/// What a `fetch` example in `lang` must do: reach a granted origin, be
+/// denied (with a reason containing `denied`) another origin and any when
+/// granted none, and hand a redirect back as it came, following nothing.
+#[cfg(feature = "languages")]
+async fn a_granted_origin_only(lang: &str, denied_reason: &str) {
+    let allowed = Server::start().await;
+    let denied = Server::start().await;
+    let plugin = load_example(lang, &[allowed.origin()]);
+
+    let outcome = fetch(&plugin, &allowed.url("/hello")).await.unwrap();
+    assert_eq!(
+        body_and_status(outcome),
+        ("hello from the server".into(), "200".into())
+    );
+    let reason = rejected(fetch(&plugin, &denied.url("/hello")).await.unwrap());
+    assert!(reason.contains(denied_reason), "{reason}");
+    let to_denied = allowed.url(&format!("/redirect?to={}", denied.url("/hello")));
+    let outcome = fetch(&plugin, &to_denied).await.unwrap();
+    assert_eq!(body_and_status(outcome).1, "302");
+    assert_eq!(denied.requests(), 0);
+
+    let ungranted = load_example(lang, &[]);
+    let reason = rejected(fetch(&ungranted, &allowed.url("/hello")).await.unwrap());
+    assert!(
+        reason.starts_with("GET ") && reason.contains(denied_reason),
+        "{reason}"
+    );
+    assert_eq!(allowed.requests(), 2, "the hello and the redirect");
+}
+
+/// JavaScript's `fetch` goes through the same grant (a denial is its
+/// `TypeError`).
+#[cfg(feature = "languages")]
+#[tokio::test]
+async fn javascript_fetch_reaches_a_granted_origin_only() {
+    a_granted_origin_only("js", "TypeError").await;
+}
+
+/// Python's `sluice.http_get` goes through the same grant.
+#[cfg(feature = "languages")]
+mod python {
     use super::*;
 
-    fn load(origins: &[String]) -> Arc<Plugin> {
-        let mut settings = granted(origins, &[]);
-        settings.timeout = Duration::from_secs(5);
-        Arc::new(
-            runtime()
-                .load_file(&common::example_path("js", "fetch"), settings)
-                .unwrap(),
-        )
+    #[tokio::test]
+    async fn http_get_reaches_a_granted_origin_only() {
+        a_granted_origin_only("python", "HttpRequestDenied").await;
     }
 
     #[tokio::test]
-    async fn fetch_reaches_a_granted_origin_only() {
-        let allowed = Server::start().await;
-        let denied = Server::start().await;
-        let plugin = load(&[allowed.origin()]);
-
-        let outcome = fetch(&plugin, &allowed.url("/hello")).await.unwrap();
-        assert_eq!(
-            body_and_status(outcome),
-            ("hello from the server".into(), "200".into())
-        );
-        let reason = rejected(fetch(&plugin, &denied.url("/hello")).await.unwrap());
-        assert!(reason.contains("TypeError"), "{reason}");
-        // componentize-js's fetch hands the redirect back as it came.
-        let to_denied = allowed.url(&format!("/redirect?to={}", denied.url("/hello")));
-        let outcome = fetch(&plugin, &to_denied).await.unwrap();
-        assert_eq!(body_and_status(outcome).1, "302");
-        assert_eq!(denied.requests(), 0);
-
-        let ungranted = load(&[]);
-        let reason = rejected(fetch(&ungranted, &allowed.url("/hello")).await.unwrap());
-        assert!(reason.starts_with("GET "), "{reason}");
-        assert_eq!(allowed.requests(), 2, "the hello and the redirect");
+    async fn a_granted_request_without_a_response_names_why() {
+        // A port that was just free: nothing listens there.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let plugin = load_example("python", &["http://127.0.0.1:*".into()]);
+        let url = format!("http://{closed}/hello");
+        let reason = rejected(fetch(&plugin, &url).await.unwrap());
+        assert!(reason.contains("ConnectionRefused"), "{reason}");
     }
 }

@@ -3,8 +3,9 @@
 //! and checks it against the world, and `sluice test` runs a component on
 //! recorded messages with no backend.
 //!
-//! The WIT world and the language helpers are compiled into the binary, so
-//! a project needs nothing from the Sluice repository; the language
+//! The WIT world and the language helpers are compiled into the binary (and
+//! for Python the `wasi:http` WIT of the wasmtime-wasi-http the host links),
+//! so a project needs nothing from the Sluice repository; the language
 //! toolchains (componentize-py, componentize-js) are installed on first use
 //! into a toolchain directory ([`toolchain`]).
 
@@ -22,6 +23,9 @@ use anyhow::{Result, bail};
 
 /// The world's WIT, as plugin toolchains read it.
 pub const WIT: &str = include_str!("../../../wit/sluice.wit");
+// `WASI_HTTP_DEPS` and `WASI_HTTP_VERSION`: the `wasi:http` WIT the host
+// links, from its wasmtime-wasi-http dependency (see build.rs).
+include!(concat!(env!("OUT_DIR"), "/wasi_http_wit.rs"));
 /// The Python helper module (`import sluice`).
 pub const PYTHON_HELPER: &str = include_str!("../../../sdk/python/sluice.py");
 /// The JavaScript helper module (`import … from "./sluice.js"`).

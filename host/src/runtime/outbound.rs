@@ -282,9 +282,18 @@ impl WasiHttpHooks for Hooks {
     }
 }
 
-/// `options` with every wait cut to what is left of the call.
+/// How far past the call's deadline a request's waits may reach. Cut to the
+/// deadline itself, a read timing out in the same millisecond as the call
+/// would race it: the guest might see `ConnectionReadTimeout` first and
+/// answer something of its own (a reject, say) for what is a timeout. A
+/// little beyond it, the call's deadline always ends the call first.
+const PAST_DEADLINE: Duration = Duration::from_millis(100);
+
+/// `options` with every wait cut to what is left of the call (and
+/// [`PAST_DEADLINE`]), so none outlives it.
 fn within(options: Option<RequestOptions>, left: Duration) -> RequestOptions {
     let options = options.unwrap_or_default();
+    let left = left + PAST_DEADLINE;
     let cut = |wait: Option<Duration>| Some(wait.map_or(left, |wait| wait.min(left)));
     RequestOptions {
         connect_timeout: cut(options.connect_timeout),
@@ -390,8 +399,8 @@ mod tests {
             within(Some(given), left),
             RequestOptions {
                 connect_timeout: Some(Duration::from_millis(100)),
-                first_byte_timeout: Some(left),
-                between_bytes_timeout: Some(left),
+                first_byte_timeout: Some(left + PAST_DEADLINE),
+                between_bytes_timeout: Some(left + PAST_DEADLINE),
             }
         );
     }

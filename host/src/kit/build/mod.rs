@@ -6,8 +6,9 @@
 //! language helper are written there, with a copy of the project's sources
 //! (so helper files never land among the author's own). They are skipped
 //! when nothing changed: `target/<name>.wasm.inputs` holds a hash of the
-//! sources, the helper, the WIT and the toolchain versions they were built
-//! from. Rust builds always run cargo, which has its own notion of fresh.
+//! sources, the helper, the WIT (with Python's `wasi:http` WIT) and the
+//! toolchain versions they were built from. Rust builds always run cargo,
+//! which has its own notion of fresh.
 
 mod c;
 mod js;
@@ -137,22 +138,29 @@ fn project_name(project: &Path) -> Result<String> {
 }
 
 /// A hash of everything a non-Rust build reads: the project's files (but
-/// `target/`), the helper and the WIT compiled into this binary, and the
-/// pinned toolchain versions.
+/// `target/`), the helper and the WIT compiled into this binary (Python's
+/// world and the `wasi:http` WIT with it), and the pinned toolchain
+/// versions.
 fn fingerprint(project: &Path, lang: Lang) -> Result<String> {
     let mut files = Vec::new();
     list_files(project, project, &mut files)?;
     files.sort();
     let mut hasher = Sha256::new();
+    let python_world = python::world_wit();
+    let wasi_http = super::WASI_HTTP_DEPS.iter().map(|(_, text)| *text);
     for part in [
         super::WIT,
+        python_world.as_str(),
         super::PYTHON_HELPER,
         super::JS_HELPER,
         super::C_HEADER,
         super::C_SOURCE,
         super::toolchain::COMPONENTIZE_PY,
         super::toolchain::JS_LOCK,
-    ] {
+    ]
+    .into_iter()
+    .chain(wasi_http)
+    {
         hasher.update((part.len() as u64).to_le_bytes());
         hasher.update(part);
     }
