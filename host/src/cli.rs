@@ -15,10 +15,7 @@ use clap::{Args, Parser, Subcommand};
 /// `--version`: this build's version, the plugin world it implements (from
 /// the WIT file's package line) and the backends compiled in.
 static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let world = include_str!("../../wit/sluice.wit")
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("package "))
-        .map_or("unknown", |package| package.trim_end_matches(';').trim());
+    let world = crate::runtime::wit_package().unwrap_or("unknown");
     format!(
         "{}\nplugin world: {world}\nbackends: {}",
         env!("CARGO_PKG_VERSION"),

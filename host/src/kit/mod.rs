@@ -22,7 +22,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 
 /// The world's WIT, as plugin toolchains read it.
-pub const WIT: &str = include_str!("../../../wit/sluice.wit");
+pub const WIT: &str = crate::runtime::WIT;
 // `WASI_HTTP_DEPS` and `WASI_HTTP_VERSION`: the `wasi:http` WIT the host
 // links, from its wasmtime-wasi-http dependency (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/wasi_http_wit.rs"));

@@ -67,6 +67,17 @@ pub const BATCH_WORLD: &str = "sluice:plugin/batch-handler@0.2.0";
 /// The world of plugins built against the first version of the WIT.
 pub const WORLD_0_1: &str = "sluice:plugin/handler@0.1.0";
 
+/// The plugin world's WIT, as this build implements it.
+pub const WIT: &str = include_str!("../../../wit/sluice.wit");
+
+/// The package [`WIT`] declares (`sluice:plugin@0.2.0`), from its package
+/// line.
+pub fn wit_package() -> Option<&'static str> {
+    WIT.lines()
+        .find_map(|line| line.trim().strip_prefix("package "))
+        .map(|package| package.trim_end_matches(';').trim())
+}
+
 /// How often the epoch advances; deadlines are rounded up to this.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 

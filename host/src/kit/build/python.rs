@@ -72,11 +72,7 @@ pub fn build(project: &Path, stage: &Path, out: &Path, toolchains: &Toolchains) 
 
 /// `sluice:plugin/types@VERSION`, from the package line of the WIT.
 fn our_types() -> Result<String> {
-    let package = crate::kit::WIT
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("package "))
-        .map(|package| package.trim_end_matches(';').trim())
-        .context("the world's WIT has no package line")?;
+    let package = crate::runtime::wit_package().context("the world's WIT has no package line")?;
     let (name, version) = package
         .split_once('@')
         .context("the world's WIT package has no version")?;
