@@ -54,8 +54,8 @@ backends! {
          key_affinity";
     #[cfg(feature = "sqs")]
     sqs => targets::sqs::Sqs::queue(),
-        "persistent consumer_groups native_delay lease at_least_once backlog";
+        "persistent consumer_groups native_delay lease wildcards at_least_once backlog";
     #[cfg(feature = "sqs")]
     sns_sqs => targets::sqs::Sqs::fan_out(),
-        "persistent consumer_groups native_delay lease at_least_once backlog";
+        "persistent consumer_groups native_delay lease wildcards at_least_once backlog";
 }

@@ -4,14 +4,16 @@
 //! without control characters other than tab, CR and LF), so other tools
 //! read it as written; otherwise (binary or empty payloads) it is base64.
 //! Everything else rides in one message attribute, `sluice`, a JSON object:
-//! `id`, `ts` (ms since the epoch), `key` (if any), `headers` (list of
+//! `id`, `ts` (ms since the epoch), `topic` (a queue of a topic pattern
+//! holds several), `key` (if any), `headers` (list of
 //! `[name, value]` pairs, names may repeat) and `body` (`"base64"` or
 //! `"empty"` when the body is not the payload itself). One attribute leaves
 //! nine of SQS's ten for other tools, and passes through SNS raw delivery.
 //!
 //! A message without the attribute (sent by another tool) is still read:
 //! its id is the SQS message id, its timestamp SQS's `SentTimestamp`, its
-//! other string attributes become headers, and its body the payload.
+//! topic the queue's (its pattern, on a pattern queue), its other string
+//! attributes become headers, and its body the payload.
 
 use std::collections::HashMap;
 
@@ -34,6 +36,9 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 struct Meta {
     id: String,
     ts: u64,
+    /// Absent in messages of Sluice before patterns: their queue's topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topic: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -101,6 +106,7 @@ pub fn encode(message: &Message) -> Result<Encoded> {
     let meta = Meta {
         id: message.id.clone(),
         ts: message.timestamp_ms,
+        topic: Some(message.topic.clone()),
         key: message.key.clone(),
         headers: message.headers.clone(),
         body: encoding,
@@ -141,7 +147,7 @@ pub struct Received {
     pub receipt_handle: String,
 }
 
-/// Decodes a received message of `topic`.
+/// Decodes a message received from the queue of `topic` (or pattern).
 pub fn decode(raw: SqsMessage, topic: &str) -> Result<Received> {
     let receipt_handle = raw
         .receipt_handle
@@ -175,7 +181,7 @@ pub fn decode(raw: SqsMessage, topic: &str) -> Result<Received> {
             };
             Message {
                 id: meta.id,
-                topic: topic.to_string(),
+                topic: meta.topic.unwrap_or_else(|| topic.to_string()),
                 key: meta.key,
                 headers: meta.headers,
                 payload,
@@ -237,6 +243,11 @@ mod tests {
             assert_eq!(received.attempt, 3);
             assert_eq!(received.receipt_handle, "r");
         }
+        // A pattern queue's messages say their own topic.
+        let message = Message::new("orders.us", "x");
+        let received = decode(as_received(&message), "orders.*").unwrap();
+        assert_eq!(received.message.topic, "orders.us");
+
         let text = encode(&Message::new("t", "hello")).unwrap();
         assert_eq!(text.body, "hello");
         assert!(!text.meta_is_binary);

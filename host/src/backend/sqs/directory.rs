@@ -1,6 +1,11 @@
-//! How a plain `sqs://` publisher finds the groups of a topic: every group
-//! has a queue named `<prefix><topic part>--<group part>`, so the queues
-//! listed with the prefix `<prefix><topic part>--` are the topic's groups.
+//! How a publisher finds the groups of a topic: every group has a queue
+//! named `<prefix><topic part>--<group part>`, so the queues listed with the
+//! prefix `<prefix><topic part>--` are the topic's groups; and every group
+//! subscribed to a topic pattern has a queue listed with the prefix
+//! `<prefix>-`, tagged with its pattern, which gets the messages of every
+//! topic the pattern matches. Plain `sqs://` publishers send to both;
+//! `sns+sqs://` publishers subscribe the matching pattern queues to their
+//! topic's SNS topic (SNS itself has no patterns).
 //!
 //! A listing is trusted for `discover_ms` and then asked again, so a group
 //! created by another process starts receiving within about that time (and
@@ -9,7 +14,7 @@
 //! this process are known at once: every backend handle on the same
 //! account, endpoint and prefix shares one directory.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -18,7 +23,8 @@ use aws_sdk_sqs::Client;
 use tokio::time::Instant;
 
 use super::names::Names;
-use super::queues::list_group_queues;
+use super::queues::{list_group_queues, pattern_of};
+use crate::backend::pattern;
 
 /// The group queues of topics, as last listed or registered here.
 pub struct Directory {
@@ -28,16 +34,26 @@ pub struct Directory {
     listings: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Listing>>>>>,
     /// Queues of groups subscribed in this process, by topic.
     local: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Pattern queues as last listed, with their patterns.
+    patterns: tokio::sync::Mutex<Option<Listing<PatternQueues>>>,
+    /// The pattern of every pattern queue whose tags were read (`None`: the
+    /// queue has no pattern tag), so each queue is asked once.
+    tagged: Mutex<HashMap<String, Option<String>>>,
+    /// Pattern queues of groups subscribed in this process: URL to pattern.
+    local_patterns: Mutex<PatternQueues>,
     /// Queues found gone, and when: SQS may list a deleted queue for up to
     /// a minute.
     gone: Mutex<HashMap<String, Instant>>,
 }
 
+/// Pattern queues by URL, with their patterns.
+type PatternQueues = BTreeMap<String, String>;
+
 /// How long a queue found gone is left out of listings.
 const GONE_FOR: Duration = Duration::from_secs(120);
 
-struct Listing {
-    urls: BTreeSet<String>,
+struct Listing<T = BTreeSet<String>> {
+    urls: T,
     at: Instant,
 }
 
@@ -59,6 +75,9 @@ impl Directory {
             refresh,
             listings: Mutex::default(),
             local: Mutex::default(),
+            patterns: tokio::sync::Mutex::default(),
+            tagged: Mutex::default(),
+            local_patterns: Mutex::default(),
             gone: Mutex::default(),
         });
         shared.insert(scope, Arc::downgrade(&directory));
@@ -91,20 +110,81 @@ impl Directory {
             }
             listing.as_ref().map(|l| l.urls.clone()).unwrap_or_default()
         };
-        {
-            let mut gone = self.gone.lock().unwrap();
-            gone.retain(|_, since| since.elapsed() < GONE_FOR);
-            urls.retain(|url| !gone.contains_key(url));
-        }
+        self.drop_gone(&mut urls);
         if let Some(local) = self.local.lock().unwrap().get(topic) {
             urls.extend(local.iter().cloned());
         }
+        urls.extend(self.pattern_queues_of(topic).await?);
         Ok(urls.into_iter().collect())
     }
 
-    /// A group of this process subscribed to `topic` with queue `url`.
+    /// The queue URLs of every group subscribed to a pattern that matches
+    /// `topic`.
+    pub async fn pattern_queues_of(&self, topic: &str) -> Result<BTreeSet<String>> {
+        let mut urls: BTreeSet<String> = {
+            let mut listing = self.patterns.lock().await;
+            if listing
+                .as_ref()
+                .is_none_or(|l| l.at.elapsed() >= self.refresh)
+            {
+                *listing = Some(Listing {
+                    urls: self.list_pattern_queues().await?,
+                    at: Instant::now(),
+                });
+            }
+            listing
+                .as_ref()
+                .map(|l| matching(&l.urls, topic))
+                .unwrap_or_default()
+        };
+        self.drop_gone(&mut urls);
+        urls.extend(matching(&self.local_patterns.lock().unwrap(), topic));
+        Ok(urls)
+    }
+
+    /// Every pattern queue with its pattern, reading the tags of queues not
+    /// seen before.
+    async fn list_pattern_queues(&self) -> Result<PatternQueues> {
+        let prefix = self.names.pattern_queue_prefix();
+        let mut queues = PatternQueues::new();
+        for url in list_group_queues(&self.sqs, &prefix).await? {
+            let known = self.tagged.lock().unwrap().get(&url).cloned();
+            let pattern = match known {
+                Some(pattern) => pattern,
+                None => {
+                    let pattern = pattern_of(&self.sqs, &url).await?;
+                    self.tagged
+                        .lock()
+                        .unwrap()
+                        .insert(url.clone(), pattern.clone());
+                    pattern
+                }
+            };
+            if let Some(pattern) = pattern {
+                queues.insert(url, pattern);
+            }
+        }
+        Ok(queues)
+    }
+
+    /// Leaves out queues found gone lately.
+    fn drop_gone(&self, urls: &mut BTreeSet<String>) {
+        let mut gone = self.gone.lock().unwrap();
+        gone.retain(|_, since| since.elapsed() < GONE_FOR);
+        urls.retain(|url| !gone.contains_key(url));
+    }
+
+    /// A group of this process subscribed to `topic` (or a topic pattern)
+    /// with queue `url`.
     pub fn register(&self, topic: &str, url: &str) {
         self.gone.lock().unwrap().remove(url);
+        if pattern::is_pattern(topic) {
+            self.local_patterns
+                .lock()
+                .unwrap()
+                .insert(url.to_string(), topic.to_string());
+            return;
+        }
         self.local
             .lock()
             .unwrap()
@@ -119,9 +199,19 @@ impl Directory {
         if let Some(local) = self.local.lock().unwrap().get_mut(topic) {
             local.remove(url);
         }
+        self.local_patterns.lock().unwrap().remove(url);
         self.gone
             .lock()
             .unwrap()
             .insert(url.to_string(), Instant::now());
     }
+}
+
+/// The queues among `queues` whose pattern matches `topic`.
+fn matching(queues: &PatternQueues, topic: &str) -> BTreeSet<String> {
+    queues
+        .iter()
+        .filter(|(_, p)| pattern::matches(p, topic))
+        .map(|(url, _)| url.clone())
+        .collect()
 }

@@ -31,13 +31,13 @@
 //! |---|---|---|
 //! | delivery | at least once: a received message is invisible for the lease, deleted on ack, visible again after a nack's delay or when the lease runs out | the same |
 //! | groups | a queue per topic and group ([`names`]); members of a group share it, and a publisher sends each message to every group's queue of its topic, found by listing queues by name ([`directory`]) | an SNS topic per topic; a queue per topic and group, subscribed to the topic with raw delivery |
-//! | history | no: a group receives what is published once it exists (and, across processes, once publishers have listed it, within `discover_ms`); `start` makes no difference | no: a group receives what is published once its subscription is in place |
+//! | history | no: a group receives what is published once it exists (and, across processes, once publishers have listed it, within `discover_ms`); `start` makes no difference | no: a group receives what is published once its subscription is in place (for a pattern: once a publisher of the topic has listed it) |
 //! | ordering | none (standard queues); the host orders per key for `ordered` routes | none |
 //! | persistence | SQS's: an accepted publish is stored redundantly; messages are kept `retention_s` | the same, once SNS delivered it to the queues |
 //! | nack with delay | native: ChangeMessageVisibility to the delay (whole seconds, rounded up; at most 12 hours after the first receive) | the same |
 //! | lease | the receive's visibility timeout = the route's lease (whole seconds, at least 1); a heartbeat extends what a live consumer holds | the same |
 //! | attempts | `ApproximateReceiveCount` | the same |
-//! | patterns | none (`*` and `>` are refused) | none |
+//! | patterns | `*` and `>`: a group's pattern has a queue of its own, tagged with the pattern ([`names`]); publishers list the pattern queues (trusting the list `discover_ms`) and send each message to those whose pattern matches its topic too | the same queues; publishers subscribe those whose pattern matches to their topic's SNS topic before they publish to it |
 //! | what the host adds | dead-lettering (to the route's dead-letter topic) and the retry policy; the per-queue dead-letter queue after `max_receive` receives is only a safety net, see [`queues`] | the same |
 //!
 //! Receiving long polls (WaitTimeSeconds from the fetch's wait, at most 20
@@ -87,7 +87,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     ordered_per_key: false,
     native_delay: true,
     lease: true,
-    wildcards: false,
+    wildcards: true,
     at_least_once: true,
     lease_checked: false,
     backlog: true,
@@ -103,21 +103,59 @@ fn by_topic(messages: &[Message]) -> HashMap<&str, Vec<&Message>> {
     by_topic
 }
 
-/// The distinct topics of a subscription; patterns are refused.
-fn exact_topics(options: &SubscribeOptions, scheme: &str) -> Result<Vec<String>> {
+/// The distinct topics and patterns of a subscription.
+fn subscribed_topics(options: &SubscribeOptions, scheme: &str) -> Result<Vec<String>> {
     let mut topics = options.topics.clone();
     topics.sort();
     topics.dedup();
     if topics.is_empty() {
         bail!("group `{}` subscribes to no topic", options.group);
     }
-    if let Some(p) = topics.iter().find(|t| pattern::is_pattern(t)) {
+    if let Some(p) = topics
+        .iter()
+        .find(|t| pattern::is_pattern(t) && t.len() > names::MAX_PATTERN_BYTES)
+    {
         bail!(
-            "{scheme}: topic pattern `{p}` of group `{}`: SQS has no wildcard subscriptions; name the topics",
-            options.group
+            "{scheme}: topic pattern `{p}` of group `{}` is longer than the {} bytes an SQS tag holds",
+            options.group,
+            names::MAX_PATTERN_BYTES
         );
     }
     Ok(topics)
+}
+
+/// A group's queue for one of its topics or patterns: its name, and the
+/// pattern it is tagged with.
+fn group_queue(
+    names: &names::Names,
+    topic: &str,
+    options: &SubscribeOptions,
+    group_key: &str,
+) -> (String, Option<String>) {
+    if pattern::is_pattern(topic) {
+        let name = names.pattern_queue(topic, &options.group, group_key);
+        (name, Some(topic.to_string()))
+    } else {
+        (names.queue(topic, &options.group, group_key), None)
+    }
+}
+
+/// The process's directory of group queues for one deployment: what tells
+/// deployments apart is the endpoint, region, credentials' key and prefix.
+fn directory(
+    config: &config::SqsConfig,
+    sdk: &aws_config::SdkConfig,
+    sqs: &aws_sdk_sqs::Client,
+    names: &names::Names,
+) -> std::sync::Arc<directory::Directory> {
+    let scope = format!(
+        "{:?}|{:?}|{:?}|{}",
+        config.endpoint,
+        sdk.region(),
+        config.credentials.as_ref().map(|(key, _)| key),
+        config.prefix
+    );
+    directory::Directory::shared(scope, sqs.clone(), names.clone(), config.discover)
 }
 
 /// The queues of the groups subscribed through one backend handle, by

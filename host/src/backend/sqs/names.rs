@@ -13,6 +13,13 @@
 //! The group part hashes [`SubscribeOptions::group_key`], so the same group
 //! name used with other topics is another group.
 //!
+//! A group subscribed to a topic pattern has a queue of the same form with
+//! the pattern in place of the topic and one more `-` after the prefix:
+//! `<prefix>-<pattern part>--<group part>`. No topic's queue starts with
+//! `<prefix>-` (a topic's readable part is never empty), so a listing with
+//! that prefix finds every pattern queue, and each says its pattern in a
+//! tag ([`PATTERN_TAG`]).
+//!
 //! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
 
 use sha2::{Digest, Sha256};
@@ -25,6 +32,13 @@ const HASH_HEX: usize = 12;
 pub const DLQ_SUFFIX: &str = "-dlq";
 /// Between the topic part and the group part.
 const SEPARATOR: &str = "--";
+/// After the prefix of a pattern queue's name.
+const PATTERN_MARK: &str = "-";
+/// The tag of a pattern queue that holds its pattern, hex-encoded (tag
+/// values take few characters besides letters and digits).
+pub const PATTERN_TAG: &str = "sluice-pattern";
+/// SQS's longest tag value, over two hex digits a byte.
+pub const MAX_PATTERN_BYTES: usize = 128;
 
 /// Names of one deployment's queues and topics (one prefix).
 #[derive(Debug, Clone)]
@@ -59,6 +73,25 @@ impl Names {
         let name = format!(
             "{}{}",
             self.topic_queue_prefix(topic),
+            part(group, group_key, room)
+        );
+        debug_assert!(name.len() + DLQ_SUFFIX.len() <= MAX_QUEUE_NAME);
+        name
+    }
+
+    /// What every pattern queue starts with.
+    pub fn pattern_queue_prefix(&self) -> String {
+        format!("{}{PATTERN_MARK}", self.prefix)
+    }
+
+    /// The queue of group `group_key` (named `group`) for topic pattern
+    /// `pattern`.
+    pub fn pattern_queue(&self, pattern: &str, group: &str, group_key: &str) -> String {
+        let pattern_part = self.topic_part(pattern);
+        let room = self.room() - PATTERN_MARK.len() - pattern_part.len();
+        let name = format!(
+            "{}{pattern_part}{SEPARATOR}{}",
+            self.pattern_queue_prefix(),
             part(group, group_key, room)
         );
         debug_assert!(name.len() + DLQ_SUFFIX.len() <= MAX_QUEUE_NAME);
@@ -123,6 +156,10 @@ mod tests {
         assert!(valid(&Names::dead_letter_queue(&a)));
         assert!(Names::is_group_queue(&a));
         assert!(!Names::is_group_queue(&Names::dead_letter_queue(&a)));
+        let p = names.pattern_queue("orders.*", "billing", "billing[orders.*]");
+        assert!(p.starts_with(&names.pattern_queue_prefix()), "{p}");
+        assert!(!a.starts_with(&names.pattern_queue_prefix()));
+        assert!(valid(&Names::dead_letter_queue(&p)));
 
         let long = "x".repeat(300);
         let names = Names::new(&"p".repeat(20));
@@ -130,6 +167,9 @@ mod tests {
         assert!(valid(&Names::dead_letter_queue(&q)), "{q}");
         assert_ne!(q, names.queue(&long, &long, "other"));
         assert!(names.sns_topic(&long).len() <= 256);
+
+        let wide = names.pattern_queue(&format!("{long}.>"), &long, "k");
+        assert!(valid(&Names::dead_letter_queue(&wide)), "{wide}");
 
         // A topic whose readable part looks like another's full part.
         let tricky = names.topic_queue_prefix("a");

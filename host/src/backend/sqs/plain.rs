@@ -14,7 +14,9 @@ use super::directory::Directory;
 use super::names::Names;
 use super::send::{Sent, batches, send_batch};
 use super::subscription::{QueueSource, Restore, SqsSubscription, SubscriptionSpec, Teardown};
-use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
+use super::{
+    CAPABILITIES, GroupQueues, by_topic, client, directory, group_queue, queues, subscribed_topics,
+};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -41,14 +43,7 @@ impl SqsBackend {
         queues::ping(&sqs, &config.prefix)
             .await
             .with_context(|| format!("cannot reach SQS at `{}`", config.shown))?;
-        let scope = format!(
-            "{:?}|{:?}|{:?}|{}",
-            config.endpoint,
-            sdk.region(),
-            config.credentials.as_ref().map(|(key, _)| key),
-            config.prefix
-        );
-        let directory = Directory::shared(scope, sqs.clone(), names.clone(), config.discover);
+        let directory = directory(&config, &sdk, &sqs, &names);
         Ok(SqsBackend {
             sqs,
             config,
@@ -124,17 +119,23 @@ impl Backend for SqsBackend {
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
-        let topics = exact_topics(&options, SCHEME)?;
+        let topics = subscribed_topics(&options, SCHEME)?;
         let group_key = options.group_key();
         let mut sources = Vec::new();
         let mut names = Vec::new();
         for topic in topics {
-            let name = self.names.queue(&topic, &options.group, &group_key);
-            let url = queues::ensure_group_queue(&self.sqs, &self.config, &name, options.ephemeral)
-                .await?;
+            let (name, pattern) = group_queue(&self.names, &topic, &options, &group_key);
+            let url = queues::ensure_group_queue(
+                &self.sqs,
+                &self.config,
+                &name,
+                pattern.as_deref(),
+                options.ephemeral,
+            )
+            .await?;
             self.directory.register(&topic, &url);
             sources.push(QueueSource { url, topic });
-            names.push(name);
+            names.push((name, pattern));
         }
         let restore: Restore = {
             let (sqs, config, directory) = (
@@ -146,9 +147,16 @@ impl Backend for SqsBackend {
             let ephemeral = options.ephemeral;
             Box::new(move |queue| {
                 let (sqs, config, directory) = (sqs.clone(), config.clone(), directory.clone());
-                let (topic, name) = (topics[queue].clone(), names[queue].clone());
+                let (topic, (name, pattern)) = (topics[queue].clone(), names[queue].clone());
                 Box::pin(async move {
-                    let url = queues::ensure_group_queue(&sqs, &config, &name, ephemeral).await?;
+                    let url = queues::ensure_group_queue(
+                        &sqs,
+                        &config,
+                        &name,
+                        pattern.as_deref(),
+                        ephemeral,
+                    )
+                    .await?;
                     // Publishers of this process send to it again at once.
                     directory.register(&topic, &url);
                     Ok(url)

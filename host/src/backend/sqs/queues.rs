@@ -17,17 +17,19 @@ use aws_sdk_sqs::types::QueueAttributeName;
 
 use super::client::{error_code, is_missing_queue};
 use super::config::SqsConfig;
-use super::names::{Names, queue_name_of};
+use super::names::{Names, PATTERN_TAG, queue_name_of};
 
 /// Dead letters are kept as long as SQS allows.
 const DEAD_LETTER_RETENTION_S: u64 = 1_209_600;
 
 /// Creates queue `name` for a group (with its dead-letter queue, for a
-/// durable group) if it does not exist, and returns its URL.
+/// durable group) if it does not exist, and returns its URL. A group's
+/// queue for a topic pattern is tagged with the pattern.
 pub async fn ensure_group_queue(
     sqs: &Client,
     config: &SqsConfig,
     name: &str,
+    pattern: Option<&str>,
     ephemeral: bool,
 ) -> Result<String> {
     let mut attributes = vec![(
@@ -43,6 +45,7 @@ pub async fn ensure_group_queue(
                 QueueAttributeName::MessageRetentionPeriod,
                 DEAD_LETTER_RETENTION_S.to_string(),
             )],
+            None,
         )
         .await?;
         let policy = serde_json::json!({
@@ -51,7 +54,7 @@ pub async fn ensure_group_queue(
         });
         attributes.push((QueueAttributeName::RedrivePolicy, policy.to_string()));
     }
-    create(sqs, name, attributes).await
+    create(sqs, name, attributes, pattern).await
 }
 
 /// CreateQueue, which returns the existing queue when its attributes are
@@ -61,8 +64,12 @@ async fn create(
     sqs: &Client,
     name: &str,
     attributes: Vec<(QueueAttributeName, String)>,
+    pattern: Option<&str>,
 ) -> Result<String> {
     let mut request = sqs.create_queue().queue_name(name);
+    if let Some(pattern) = pattern {
+        request = request.tags(PATTERN_TAG, hex::encode(pattern));
+    }
     for (attribute, value) in attributes {
         request = request.attributes(attribute, value);
     }
@@ -144,6 +151,24 @@ pub async fn list_group_queues(sqs: &Client, prefix: &str) -> Result<Vec<String>
             return Ok(urls);
         }
     }
+}
+
+/// The topic pattern a pattern queue was tagged with, if it has one.
+pub async fn pattern_of(sqs: &Client, url: &str) -> Result<Option<String>> {
+    let out = match sqs.list_queue_tags().queue_url(url).send().await {
+        Ok(out) => out,
+        // Listed a while after it was deleted.
+        Err(e) if is_missing_queue(error_code(&e)) => return Ok(None),
+        Err(e) => {
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("SQS ListQueueTags of `{}`", queue_name_of(url)));
+        }
+    };
+    Ok(out
+        .tags
+        .and_then(|mut tags| tags.remove(PATTERN_TAG))
+        .and_then(|hex_text| hex::decode(hex_text).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok()))
 }
 
 /// One of the queue's approximate counts (SQS's estimates settle within

@@ -1,8 +1,16 @@
 //! `sns+sqs://`: an SNS topic per topic, and a queue per topic and group
 //! subscribed to it with raw delivery (without it SNS wraps each body in a
 //! JSON envelope). Each queue's policy lets only its topic send to it.
+//!
+//! SNS has no topic patterns, so a group's queue for a pattern is
+//! subscribed by publishers: before publishing to a topic, a publisher
+//! subscribes the pattern queues whose pattern matches it (found through
+//! the [`Directory`]) to the topic's SNS topic, once each. Such a queue's
+//! policy lets every SNS topic of the deployment (its prefix) send to it.
+//! Those subscriptions outlive an ephemeral group's queue; SNS then fails
+//! to deliver to it, which costs nothing but the attempt.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -14,10 +22,13 @@ use futures::{StreamExt, TryStreamExt};
 use super::client::error_code;
 use super::codec::{Encoded, META_ATTRIBUTE, encode};
 use super::config::SqsConfig;
+use super::directory::Directory;
 use super::names::{Names, queue_name_of};
 use super::send::{EntryFailure, Sent, batches, with_entry_retries};
 use super::subscription::{QueueSource, Restore, SqsSubscription, SubscriptionSpec, Teardown};
-use super::{CAPABILITIES, GroupQueues, by_topic, client, exact_topics, queues};
+use super::{
+    CAPABILITIES, GroupQueues, by_topic, client, directory, group_queue, queues, subscribed_topics,
+};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
 
@@ -35,6 +46,11 @@ pub struct SnsSqsBackend {
     names: Names,
     /// Topic ARNs by Sluice topic.
     topics: Arc<Mutex<HashMap<String, String>>>,
+    /// The pattern queues of the deployment.
+    directory: Arc<Directory>,
+    /// Pattern queues subscribed to an SNS topic by this handle: (topic ARN,
+    /// queue URL).
+    connected: Arc<Mutex<HashSet<(String, String)>>>,
     groups: Arc<GroupQueues>,
 }
 
@@ -53,12 +69,15 @@ impl SnsSqsBackend {
             .await
             .context("SNS ListTopics")
             .with_context(|| format!("cannot reach SNS at `{}`", config.shown))?;
+        let names = Names::new(&config.prefix);
         Ok(SnsSqsBackend {
-            names: Names::new(&config.prefix),
+            directory: directory(&config, &sdk, &sqs, &names),
+            names,
             sqs,
             sns,
             config,
             topics: Arc::default(),
+            connected: Arc::default(),
             groups: Arc::default(),
         })
     }
@@ -86,10 +105,17 @@ impl SnsSqsBackend {
         Ok(arn)
     }
 
-    /// Subscribes the queue at `url` to the SNS topic `topic_arn`; returns
-    /// the subscription's ARN.
-    async fn connect_queue(&self, topic_arn: &str, url: &str) -> Result<String> {
+    /// Lets SNS topics send to the queue at `url`: the one topic
+    /// `topic_arn`, or (`None`, for a pattern queue) every topic of the
+    /// deployment. Returns the queue's ARN.
+    async fn allow_senders(&self, url: &str, topic_arn: Option<&str>) -> Result<String> {
         let queue_arn = queues::queue_arn(&self.sqs, url).await?;
+        let condition = match topic_arn {
+            Some(arn) => serde_json::json!({ "ArnEquals": { "aws:SourceArn": arn } }),
+            None => serde_json::json!({
+                "ArnLike": { "aws:SourceArn": self.deployment_topics(&queue_arn) }
+            }),
+        };
         let policy = serde_json::json!({
             "Version": "2012-10-17",
             "Statement": [{
@@ -98,7 +124,7 @@ impl SnsSqsBackend {
                 "Principal": { "Service": "sns.amazonaws.com" },
                 "Action": "sqs:SendMessage",
                 "Resource": queue_arn,
-                "Condition": { "ArnEquals": { "aws:SourceArn": topic_arn } },
+                "Condition": condition,
             }],
         });
         self.sqs
@@ -113,23 +139,93 @@ impl SnsSqsBackend {
                     queue_name_of(url)
                 )
             })?;
+        Ok(queue_arn)
+    }
+
+    /// The ARN pattern of every SNS topic of the deployment, in the
+    /// partition, region and account of the queue `queue_arn`.
+    fn deployment_topics(&self, queue_arn: &str) -> String {
+        let parts: Vec<&str> = queue_arn.splitn(6, ':').collect();
+        let (partition, region, account) = match parts.as_slice() {
+            [_, partition, _, region, account, _] => (*partition, *region, *account),
+            _ => ("*", "*", "*"),
+        };
+        format!(
+            "arn:{partition}:sns:{region}:{account}:{}*",
+            self.config.prefix
+        )
+    }
+
+    /// Subscribes the queue `queue_arn` to the SNS topic `topic_arn`
+    /// (SNS returns the subscription that exists); returns the
+    /// subscription's ARN.
+    async fn subscribe_queue(&self, topic_arn: &str, queue_arn: &str) -> Result<String> {
         let out = self
             .sns
             .subscribe()
             .topic_arn(topic_arn)
             .protocol("sqs")
-            .endpoint(&queue_arn)
+            .endpoint(queue_arn)
             .attributes("RawMessageDelivery", "true")
             .return_subscription_arn(true)
             .send()
             .await
-            .with_context(|| format!("SNS Subscribe of `{}`", queue_name_of(url)))?;
-        out.subscription_arn.with_context(|| {
-            format!(
-                "SNS returned no subscription ARN for `{}`",
-                queue_name_of(url)
-            )
-        })
+            .with_context(|| format!("SNS Subscribe of `{queue_arn}` to `{topic_arn}`"))?;
+        out.subscription_arn
+            .with_context(|| format!("SNS returned no subscription ARN for `{queue_arn}`"))
+    }
+
+    /// Subscribes the queue at `url` to the SNS topic `topic_arn` alone;
+    /// returns the subscription's ARN.
+    async fn connect_queue(&self, topic_arn: &str, url: &str) -> Result<String> {
+        let queue_arn = self.allow_senders(url, Some(topic_arn)).await?;
+        self.subscribe_queue(topic_arn, &queue_arn).await
+    }
+
+    /// Makes a group's queue `name` for `topic` (tagged with `pattern` for a
+    /// pattern) and lets SNS deliver to it: subscribed to the topic's SNS
+    /// topic, or, for a pattern, open to the deployment's topics and made
+    /// known to this process's publishers. Returns the queue's URL and the
+    /// subscription made.
+    async fn set_up_queue(
+        &self,
+        topic: &str,
+        (name, pattern): &(String, Option<String>),
+        ephemeral: bool,
+    ) -> Result<(String, Option<String>)> {
+        let url = queues::ensure_group_queue(
+            &self.sqs,
+            &self.config,
+            name,
+            pattern.as_deref(),
+            ephemeral,
+        )
+        .await?;
+        if pattern.is_none() {
+            let topic_arn = self.topic_arn(topic).await?;
+            let subscription = self.connect_queue(&topic_arn, &url).await?;
+            return Ok((url, Some(subscription)));
+        }
+        self.allow_senders(&url, None).await?;
+        // A queue made again is subscribed again.
+        self.connected.lock().unwrap().retain(|(_, u)| *u != url);
+        self.directory.register(topic, &url);
+        Ok((url, None))
+    }
+
+    /// Subscribes the pattern queues that match `topic` and are not yet
+    /// subscribed to its SNS topic `topic_arn`.
+    async fn connect_pattern_queues(&self, topic: &str, topic_arn: &str) -> Result<()> {
+        for url in self.directory.pattern_queues_of(topic).await? {
+            let pair = (topic_arn.to_string(), url);
+            if self.connected.lock().unwrap().contains(&pair) {
+                continue;
+            }
+            let queue_arn = queues::queue_arn(&self.sqs, &pair.1).await?;
+            self.subscribe_queue(topic_arn, &queue_arn).await?;
+            self.connected.lock().unwrap().insert(pair);
+        }
+        Ok(())
     }
 
     /// Publishes `messages` (all of `topic`) to its SNS topic.
@@ -137,6 +233,7 @@ impl SnsSqsBackend {
         let encoded: Vec<Encoded> = messages.iter().map(|m| encode(m)).collect::<Result<_>>()?;
         let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
         let arn = self.topic_arn(topic).await?;
+        self.connect_pattern_queues(topic, &arn).await?;
         let sends: Vec<_> = batches(&encoded)
             .into_iter()
             .map(|run| self.publish_run(topic, &arn, &encoded[run.clone()], &ids[run]))
@@ -229,19 +326,17 @@ impl Backend for SnsSqsBackend {
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
-        let topics = exact_topics(&options, SCHEME)?;
+        let topics = subscribed_topics(&options, SCHEME)?;
         let group_key = options.group_key();
         let mut sources = Vec::new();
         let mut subscriptions = Vec::new();
         let mut names = Vec::new();
         for topic in topics {
-            let topic_arn = self.topic_arn(&topic).await?;
-            let name = self.names.queue(&topic, &options.group, &group_key);
-            let url = queues::ensure_group_queue(&self.sqs, &self.config, &name, options.ephemeral)
-                .await?;
-            subscriptions.push(self.connect_queue(&topic_arn, &url).await?);
+            let queue = group_queue(&self.names, &topic, &options, &group_key);
+            let (url, subscription) = self.set_up_queue(&topic, &queue, options.ephemeral).await?;
+            subscriptions.extend(subscription);
             sources.push(QueueSource { url, topic });
-            names.push(name);
+            names.push(queue);
         }
         let restore: Restore = {
             let backend = self.clone();
@@ -253,12 +348,7 @@ impl Backend for SnsSqsBackend {
                 Box::pin(async move {
                     // The topic may be gone too (a server that lost everything).
                     backend.topics.lock().unwrap().remove(&topic);
-                    let topic_arn = backend.topic_arn(&topic).await?;
-                    let url =
-                        queues::ensure_group_queue(&backend.sqs, &backend.config, &name, ephemeral)
-                            .await?;
-                    backend.connect_queue(&topic_arn, &url).await?;
-                    Ok(url)
+                    Ok(backend.set_up_queue(&topic, &name, ephemeral).await?.0)
                 })
             })
         };
@@ -268,7 +358,8 @@ impl Backend for SnsSqsBackend {
         );
         let teardown: Option<Teardown> = options.ephemeral.then(|| {
             let (sqs, sns, groups) = (self.sqs.clone(), self.sns.clone(), self.groups.clone());
-            let urls: Vec<String> = sources.iter().map(|s| s.url.clone()).collect();
+            let directory = self.directory.clone();
+            let sources = sources.clone();
             Box::new(move || {
                 Box::pin(async move {
                     groups.remove(&group_key);
@@ -279,8 +370,9 @@ impl Backend for SnsSqsBackend {
                             .await
                             .with_context(|| format!("SNS Unsubscribe `{arn}`"))?;
                     }
-                    for url in urls {
-                        queues::delete(&sqs, &url).await?;
+                    for source in &sources {
+                        directory.forget(&source.topic, &source.url);
+                        queues::delete(&sqs, &source.url).await?;
                     }
                     Ok(())
                 }) as futures::future::BoxFuture<'static, Result<()>>
