@@ -103,8 +103,8 @@ async fn attack(backend: &Arc<dyn Backend>, settings: PluginSettings, payload: &
         )
         .await
         .unwrap();
-    let letter = letters.wait_for(1, LIMIT).await.remove(0);
-    served.wait_for(50, LIMIT).await;
+    let letter = letters.wait_for(1, LIMIT).await.unwrap().remove(0);
+    served.wait_for(50, LIMIT).await.unwrap();
     attacker.stop().await;
     good.stop().await;
     letter
@@ -253,7 +253,7 @@ async fn a_log_flood_is_rate_limited_and_counted() {
         ])
         .await
         .unwrap();
-    outputs.wait_for(2, LIMIT).await;
+    outputs.wait_for(2, LIMIT).await.unwrap();
     running.stop().await;
     let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     let written = text.lines().filter(|l| l.contains("flood line")).count();
@@ -292,8 +292,8 @@ async fn a_plugin_cannot_set_host_headers_nor_bad_ones() {
         ])
         .await
         .unwrap();
-    let output = outputs.wait_for(1, LIMIT).await.remove(0);
-    let letter = letters.wait_for(1, LIMIT).await.remove(0);
+    let output = outputs.wait_for(1, LIMIT).await.unwrap().remove(0);
+    let letter = letters.wait_for(1, LIMIT).await.unwrap().remove(0);
     running.stop().await;
     assert_eq!(output.header(headers::DEAD_LETTER_CAUSE), None);
     assert_eq!(output.header("Sluice-Original-Topic"), None);
@@ -325,7 +325,7 @@ async fn a_loop_stops_at_the_hop_limit() {
         .publish(vec![Message::new("loop.in", "again")])
         .await
         .unwrap();
-    let letter = letters.wait_for(1, LIMIT).await.remove(0);
+    let letter = letters.wait_for(1, LIMIT).await.unwrap().remove(0);
     running.stop().await;
     assert_eq!(header(&letter, headers::DEAD_LETTER_CAUSE), "hop-limit");
     assert_eq!(header(&letter, headers::HOPS), "16");
@@ -360,7 +360,7 @@ async fn a_plugin_without_grants_publishes_nowhere() {
         .publish(vec![Message::new("nogrant.in", "hello")])
         .await
         .unwrap();
-    let letter = letters.wait_for(1, LIMIT).await.remove(0);
+    let letter = letters.wait_for(1, LIMIT).await.unwrap().remove(0);
     running.stop().await;
     let reason = header(&letter, headers::DEAD_LETTER_REASON);
     assert!(reason.contains("plugins.hostile.publish_to"), "{reason}");
@@ -436,7 +436,7 @@ async fn healthy_rate(backend: &Arc<dyn Backend>, count: usize) -> f64 {
         )
         .await
         .unwrap();
-    served.wait_for(count, LIMIT * 3).await;
+    served.wait_for(count, LIMIT * 3).await.unwrap();
     let elapsed = started.elapsed();
     good.stop().await;
     count as f64 / elapsed.as_secs_f64()

@@ -144,7 +144,8 @@ async fn replacing_the_plugin_under_load_loses_and_repeats_nothing() {
     let published = publisher.await.unwrap();
     let got = outputs
         .wait_for(published.len(), Duration::from_secs(120))
-        .await;
+        .await
+        .unwrap();
     running.stop().await;
     watching.cancel();
 

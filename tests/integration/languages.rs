@@ -60,8 +60,8 @@ async fn run_enrich(plugin: Arc<Plugin>) -> Results {
         )
         .await
         .unwrap();
-    let got = outputs.wait_for(2, Duration::from_secs(30)).await;
-    let dead_got = dead.wait_for(3, Duration::from_secs(30)).await;
+    let got = outputs.wait_for(2, Duration::from_secs(30)).await.unwrap();
+    let dead_got = dead.wait_for(3, Duration::from_secs(30)).await.unwrap();
     running.stop().await;
 
     let mut outputs: Vec<_> = got

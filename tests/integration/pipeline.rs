@@ -34,7 +34,7 @@ async fn success_path_transforms_and_publishes() {
             .with_header("trace", "t-1");
         backend.publish(vec![input.clone()]).await.unwrap();
 
-        let got = outputs.wait_for(1, LIMIT).await;
+        let got = outputs.wait_for(1, LIMIT).await.unwrap();
         assert_eq!(got.len(), 1, "{kind}");
         assert_eq!(text(&got[0]), "HELLO SLUICE", "{kind}");
         assert_eq!(got[0].key.as_deref(), Some("k1"), "{kind}");
@@ -67,7 +67,7 @@ async fn retry_then_success() {
             .await
             .unwrap();
 
-        let got = outputs.wait_for(1, LIMIT).await;
+        let got = outputs.wait_for(1, LIMIT).await.unwrap();
         assert_eq!(got.len(), 1, "{kind}");
         assert_eq!(
             got[0].header("attempt"),
@@ -96,7 +96,7 @@ async fn reject_goes_straight_to_dead_letter_with_reason() {
         let input = Message::new("orders", "reject").with_key("order-7");
         backend.publish(vec![input.clone()]).await.unwrap();
 
-        let got = letters.wait_for(1, LIMIT).await;
+        let got = letters.wait_for(1, LIMIT).await.unwrap();
         let letter = &got[0];
         assert_eq!(text(letter), "reject", "{kind}: payload kept");
         assert_eq!(letter.key.as_deref(), Some("order-7"), "{kind}");
@@ -145,7 +145,7 @@ async fn exhausted_attempts_go_to_dead_letter() {
             .await
             .unwrap();
 
-        let got = letters.wait_for(1, LIMIT).await;
+        let got = letters.wait_for(1, LIMIT).await.unwrap();
         assert_eq!(got.len(), 1, "{kind}");
         assert_eq!(
             got[0].header(headers::DEAD_LETTER_CAUSE),
@@ -183,7 +183,7 @@ async fn plugin_failure_is_contained(command: &str, expected_reason: &str) {
             .await
             .unwrap();
 
-        let got = letters.wait_for(1, LIMIT).await;
+        let got = letters.wait_for(1, LIMIT).await.unwrap();
         let reason = got[0].header(headers::DEAD_LETTER_REASON).unwrap();
         assert!(
             reason.contains(expected_reason),
@@ -194,7 +194,7 @@ async fn plugin_failure_is_contained(command: &str, expected_reason: &str) {
             Some("2"),
             "{kind}/{command}"
         );
-        let ok = outputs.wait_for(1, LIMIT).await;
+        let ok = outputs.wait_for(1, LIMIT).await.unwrap();
         assert_eq!(
             text(&ok[0]),
             "ok",
@@ -242,7 +242,7 @@ async fn plugins_have_no_ambient_authority() {
         ])
         .await
         .unwrap();
-    let got = outputs.wait_for(2, LIMIT).await;
+    let got = outputs.wait_for(2, LIMIT).await.unwrap();
     assert_eq!(text(&got[0]), "<unset>", "host environment is not visible");
     assert!(
         text(&got[1]).starts_with("<denied"),
@@ -269,7 +269,7 @@ async fn plugins_have_no_ambient_authority() {
         ])
         .await
         .unwrap();
-    let got = outputs.wait_for(2, LIMIT).await;
+    let got = outputs.wait_for(2, LIMIT).await.unwrap();
     assert_eq!(text(&got[0]), "yes");
     assert_eq!(text(&got[1]), "hello from the host");
     running.stop().await;
@@ -292,11 +292,11 @@ async fn host_publish_is_limited_to_granted_topics() {
         ])
         .await
         .unwrap();
-    let got = outputs.wait_for(2, LIMIT).await;
+    let got = outputs.wait_for(2, LIMIT).await.unwrap();
     let mut topics: Vec<&str> = got.iter().map(|m| m.topic.as_str()).collect();
     topics.sort();
     assert_eq!(topics, ["out", "side.a"]);
-    let letters = letters.wait_for(1, LIMIT).await;
+    let letters = letters.wait_for(1, LIMIT).await.unwrap();
     let reason = letters[0].header(headers::DEAD_LETTER_REASON).unwrap();
     assert!(
         reason.contains("may not publish to `elsewhere`"),
@@ -322,7 +322,7 @@ async fn ordered_route_keeps_per_key_order() {
             }
         }
         backend.publish(batch).await.unwrap();
-        let got = outputs.wait_for(250, LIMIT).await;
+        let got = outputs.wait_for(250, LIMIT).await.unwrap();
         for key in ["a", "b", "c", "d", "e"] {
             let seen: Vec<String> = got
                 .iter()
@@ -349,7 +349,7 @@ async fn concurrent_workers_lose_nothing() {
             .map(|i| Message::new("in", format!("m{i}")))
             .collect();
         backend.publish(inputs).await.unwrap();
-        let got = outputs.wait_for(500, LIMIT).await;
+        let got = outputs.wait_for(500, LIMIT).await.unwrap();
         let mut payloads: Vec<String> = got.iter().map(text).collect();
         payloads.sort();
         payloads.dedup();
@@ -384,7 +384,7 @@ async fn prefetch_never_outlasts_the_lease() {
             .map(|_| Message::new("in", "sleep:30"))
             .collect();
         backend.publish(inputs).await.unwrap();
-        let got = outputs.wait_for(MESSAGES, LIMIT).await;
+        let got = outputs.wait_for(MESSAGES, LIMIT).await.unwrap();
         // Anything handled twice would show up within a lease.
         tokio::time::sleep(Duration::from_millis(1_600)).await;
         let stats = running.stats.snapshot();
@@ -445,7 +445,7 @@ async fn a_lost_lease_is_counted_and_not_handled_again() {
         .publish(vec![Message::new("in", "ok")])
         .await
         .unwrap();
-    outputs.wait_for(1, LIMIT).await;
+    outputs.wait_for(1, LIMIT).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stats = running.stats.snapshot();
     running.stop().await;
@@ -459,7 +459,7 @@ async fn a_lost_lease_is_counted_and_not_handled_again() {
         (1, 1, 0, 0),
         "{stats}"
     );
-    assert_eq!(outputs.wait_for(1, LIMIT).await.len(), 1);
+    assert_eq!(outputs.wait_for(1, LIMIT).await.unwrap().len(), 1);
 }
 
 /// A backend whose acks all fail with one error.
@@ -532,7 +532,7 @@ async fn in_flight_deliveries_stay_within_max_in_flight() {
             }
             most
         });
-        outputs.wait_for(60, LIMIT).await;
+        outputs.wait_for(60, LIMIT).await.unwrap();
         let most = most.await.unwrap();
         running.stop().await;
         assert!(most > 0, "{kind}: never saw a delivery in flight");
@@ -583,7 +583,7 @@ async fn graceful_stop_settles_in_flight_work() {
             .map(|i| Message::new("in", format!("m{i}")))
             .collect();
         backend.publish(inputs).await.unwrap();
-        outputs.wait_for(1, LIMIT).await;
+        outputs.wait_for(1, LIMIT).await.unwrap();
         running.stop().await;
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.in_flight, 0, "{kind}: nothing left unsettled");
@@ -610,7 +610,7 @@ async fn run_over(
     let task = tokio::spawn(subscribed.run(token.clone()));
     let mut got = Vec::new();
     for (collector, count) in collectors {
-        got.push(collector.wait_for(*count, LIMIT).await);
+        got.push(collector.wait_for(*count, LIMIT).await.unwrap());
     }
     token.cancel();
     task.await.unwrap().expect("route ran");
@@ -837,9 +837,9 @@ async fn trace_context_follows_a_message_through_two_routes_and_a_dead_letter() 
         .await
         .unwrap();
 
-    let mid = middle.wait_for(2, LIMIT).await;
-    let out = outputs.wait_for(2, LIMIT).await;
-    let letter = &letters.wait_for(1, LIMIT).await[0];
+    let mid = middle.wait_for(2, LIMIT).await.unwrap();
+    let out = outputs.wait_for(2, LIMIT).await.unwrap();
+    let letter = &letters.wait_for(1, LIMIT).await.unwrap()[0];
     let find = |messages: &[Message], payload: &str| {
         messages
             .iter()
@@ -953,7 +953,10 @@ async fn dead_letters_are_kept_unread_and_go_where_the_route_says() {
             Some("rejected")
         );
         if dead_letters.is_some() {
-            let strays = strays.wait_for(0, Duration::from_millis(300)).await;
+            let strays = strays
+                .wait_for(0, Duration::from_millis(300))
+                .await
+                .unwrap();
             assert!(
                 strays.is_empty(),
                 "{name}: a dead letter went to the output backend: {strays:?}"

@@ -70,7 +70,7 @@ async fn a_plugin_written_against_the_sdk_builds_and_runs() {
         .publish(vec![Message::new("words", "hello")])
         .await
         .unwrap();
-    let got = outputs.wait_for(1, Duration::from_secs(20)).await;
+    let got = outputs.wait_for(1, Duration::from_secs(20)).await.unwrap();
     running.stop().await;
     assert_eq!(got[0].payload, b"HELLO");
     assert_eq!(got[0].header("by"), Some("shout"));

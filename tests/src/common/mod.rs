@@ -248,20 +248,25 @@ impl Collector {
         Collector { seen, token }
     }
 
-    /// Waits until `count` messages arrived (panics after `limit`), then a
-    /// little longer to catch extras, and returns them all.
-    pub async fn wait_for(&self, count: usize, limit: Duration) -> Vec<Message> {
+    /// Waits until `count` messages arrived (an error naming those that
+    /// did after `limit`), then a little longer to catch extras, and
+    /// returns them all.
+    pub async fn wait_for(&self, count: usize, limit: Duration) -> anyhow::Result<Vec<Message>> {
         let give_up = tokio::time::Instant::now() + limit;
-        while self.seen.lock().unwrap().len() < count {
-            assert!(
+        loop {
+            let seen = self.now();
+            if seen.len() >= count {
+                break;
+            }
+            anyhow::ensure!(
                 tokio::time::Instant::now() < give_up,
-                "expected {count} messages, got {:?}",
-                self.seen.lock().unwrap()
+                "expected {count} messages within {limit:?}, got {}: {seen:?}",
+                seen.len()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        self.seen.lock().unwrap().clone()
+        Ok(self.now())
     }
 
     pub fn now(&self) -> Vec<Message> {

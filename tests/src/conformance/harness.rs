@@ -173,10 +173,20 @@ async fn run_once(
             prefix: format!("conf{round}x{index}x{}", short_id()),
         };
         let started = Instant::now();
-        let verdict = match tokio::time::timeout(CASE_LIMIT, (case.run)(ctx)).await {
-            Ok(Ok(())) => Verdict::Pass(started.elapsed()),
-            Ok(Err(e)) => Verdict::Fail(format!("{e:#}")),
-            Err(_) => Verdict::Fail(format!("timed out after {CASE_LIMIT:?}")),
+        // On a task of its own, so that a panic fails this case alone and
+        // the table still says which.
+        let mut running = tokio::spawn((case.run)(ctx));
+        let verdict = match tokio::time::timeout(CASE_LIMIT, &mut running).await {
+            Ok(Ok(Ok(()))) => Verdict::Pass(started.elapsed()),
+            Ok(Ok(Err(e))) => Verdict::Fail(format!("{e:#}")),
+            Ok(Err(e)) => Verdict::Fail(match e.try_into_panic() {
+                Ok(panic) => format!("panicked: {}", panic_text(&panic)),
+                Err(e) => format!("{e}"),
+            }),
+            Err(_) => {
+                running.abort();
+                Verdict::Fail(format!("timed out after {CASE_LIMIT:?}"))
+            }
         };
         results.push((case.name, verdict));
     }
@@ -321,6 +331,15 @@ pub async fn run_suite(target: Arc<dyn Target>, pinned: Capabilities) {
         target.name(),
         failures.join("\n")
     );
+}
+
+/// What a panic said, if it said it in text.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)")
 }
 
 fn short_id() -> String {

@@ -79,7 +79,7 @@ async fn host_retry_with_backoff_then_success(ctx: Ctx) -> Result<()> {
     ctx.backend
         .publish(vec![Message::new(ctx.topic("in"), "retry:2")])
         .await?;
-    let got = outputs.wait_for(1, LIMIT).await;
+    let got = outputs.wait_for(1, LIMIT).await?;
     ensure!(
         got[0].header("attempt") == Some("3"),
         "succeeded on attempt {:?}",
@@ -96,7 +96,7 @@ async fn host_dead_letter_after_max_attempts(ctx: Ctx) -> Result<()> {
     let running = Running::start(chaos_route(&ctx, "r", 3)).await;
     let input = Message::new(ctx.topic("in"), "retry");
     ctx.backend.publish(vec![input.clone()]).await?;
-    let got = letters.wait_for(1, LIMIT).await;
+    let got = letters.wait_for(1, LIMIT).await?;
     running.stop().await;
     let letter = &got[0];
     ensure!(
@@ -123,7 +123,7 @@ async fn host_reject_goes_straight_to_dead_letter(ctx: Ctx) -> Result<()> {
     ctx.backend
         .publish(vec![Message::new(ctx.topic("in"), "reject")])
         .await?;
-    let got = letters.wait_for(1, LIMIT).await;
+    let got = letters.wait_for(1, LIMIT).await?;
     let stats = running.stats.snapshot();
     running.stop().await;
     ensure!(
@@ -251,7 +251,7 @@ async fn host_a_replay_sends_history_back_through_its_route_only(ctx: Ctx) -> Re
     ctx.backend
         .publish(vec![Message::new(ctx.topic("in"), "before")])
         .await?;
-    outputs.wait_for(1, LIMIT).await;
+    outputs.wait_for(1, LIMIT).await?;
     tokio::time::sleep(Duration::from_millis(5)).await;
     let from = sluice::message::now_ms();
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -260,7 +260,7 @@ async fn host_a_replay_sends_history_back_through_its_route_only(ctx: Ctx) -> Re
         Message::new(ctx.topic("in"), "after-2"),
     ];
     ctx.backend.publish(later).await?;
-    outputs.wait_for(3, LIMIT).await;
+    outputs.wait_for(3, LIMIT).await?;
     let replay = Replay {
         route: "r".into(),
         backend: ctx.backend.clone(),
@@ -269,7 +269,7 @@ async fn host_a_replay_sends_history_back_through_its_route_only(ctx: Ctx) -> Re
     };
     let sent = replay.run(from, None, None, |_| {}).await?;
     ensure!(sent == 2, "replayed {sent}");
-    let got = outputs.wait_for(5, LIMIT).await;
+    let got = outputs.wait_for(5, LIMIT).await?;
     running_redriven.stop().await;
     running.stop().await;
     let mut again: Vec<String> = got[3..].iter().map(text).collect();
@@ -290,8 +290,8 @@ async fn host_trapping_plugin_is_retried_then_dead_lettered(ctx: Ctx) -> Result<
             Message::new(ctx.topic("in"), "ok"),
         ])
         .await?;
-    let got = letters.wait_for(1, LIMIT).await;
-    outputs.wait_for(1, LIMIT).await;
+    let got = letters.wait_for(1, LIMIT).await?;
+    outputs.wait_for(1, LIMIT).await?;
     let stats = running.stats.snapshot();
     running.stop().await;
     let reason = got[0].header(headers::DEAD_LETTER_REASON).unwrap_or("");
@@ -316,7 +316,7 @@ async fn host_outputs_published_before_ack(ctx: Ctx) -> Result<()> {
     let running = Running::start(first).await;
     let input = Message::new(ctx.topic("in"), "ok");
     ctx.backend.publish(vec![input.clone()]).await?;
-    outputs.wait_for(1, LIMIT).await;
+    outputs.wait_for(1, LIMIT).await?;
     ensure!(
         failing_acks.load(Ordering::SeqCst) < FAILING,
         "the ack was never attempted"
@@ -327,7 +327,7 @@ async fn host_outputs_published_before_ack(ctx: Ctx) -> Result<()> {
     let mut second = chaos_route(&ctx, "r", 3);
     second.spec.subscribe.lease = Duration::from_secs(1);
     let running = Running::start(second).await;
-    let got = outputs.wait_for(2, LIMIT).await;
+    let got = outputs.wait_for(2, LIMIT).await?;
     let stats = running.stats.snapshot();
     running.stop().await;
     let from_input = got
@@ -358,7 +358,7 @@ async fn host_graceful_shutdown_settles_in_flight(ctx: Ctx) -> Result<()> {
     for chunk in inputs.chunks(20) {
         ctx.backend.publish(chunk.to_vec()).await?;
     }
-    outputs.wait_for(10, LIMIT).await;
+    outputs.wait_for(10, LIMIT).await?;
     let stats = running.stats.clone();
     running.stop().await;
     let after_stop = stats.snapshot();
@@ -375,7 +375,7 @@ async fn host_graceful_shutdown_settles_in_flight(ctx: Ctx) -> Result<()> {
     second.spec.subscribe.lease = Duration::from_secs(600);
     second.spec.concurrency = 4;
     let running = Running::start(second).await;
-    let got = outputs.wait_for(200, LIMIT).await;
+    let got = outputs.wait_for(200, LIMIT).await?;
     running.stop().await;
     let distinct: std::collections::HashSet<String> = got.iter().map(text).collect();
     ensure!(distinct.len() == 200, "{} of 200 handled", distinct.len());
@@ -462,7 +462,7 @@ async fn host_ordered_route_keeps_key_order_while_batching(ctx: Ctx) -> Result<(
         }
     }
     ctx.backend.publish(inputs.clone()).await?;
-    let got = outputs.wait_for(inputs.len(), LIMIT).await;
+    let got = outputs.wait_for(inputs.len(), LIMIT).await?;
     running.stop().await;
     for key in KEYS {
         let published: Vec<&str> = inputs
