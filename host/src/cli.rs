@@ -60,12 +60,16 @@ enum Command {
     },
     /// Check a config and that every plugin implements the handler world.
     #[command(
-        after_help = "Examples:\n  sluice check examples/anywhere.toml\n  SLUICE_BACKEND_URL=redis://127.0.0.1 sluice check   # with the override"
+        after_help = "Examples:\n  sluice check examples/anywhere.toml\n  SLUICE_BACKEND_URL=redis://127.0.0.1 sluice check   # with the override\n  sluice check --connect examples/anywhere.toml   # reach every backend too\n\nExit status: 0 when all is well, 1 when the config is wrong or (with --connect) a backend cannot be reached."
     )]
     Check {
         /// The TOML config.
         #[arg(default_value = "sluice.toml")]
         config: PathBuf,
+        /// Also connect to every configured backend (credentials, server,
+        /// where Sluice's state stands), changing nothing; one line each.
+        #[arg(long)]
+        connect: bool,
     },
     /// Publish messages to a topic.
     #[command(
@@ -270,7 +274,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             config,
             exit_when_idle,
         } => run(&config, exit_when_idle.map(Duration::from_secs_f64)).await,
-        Command::Check { config } => check(&config),
+        Command::Check { config, connect } => check(&config, connect).await,
         Command::Replay {
             config,
             route,
@@ -405,9 +409,11 @@ async fn replay(
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(path: &Path) -> Result<ExitCode> {
+async fn check(path: &Path, connect: bool) -> Result<ExitCode> {
     use std::io::Write;
     use std::sync::Mutex;
+
+    use tracing::instrument::WithSubscriber;
 
     /// Log lines held while checking, written after the verdict so none
     /// lands in the middle of it.
@@ -423,7 +429,11 @@ fn check(path: &Path) -> Result<ExitCode> {
         }
     }
 
-    fn verdict(path: &Path) -> Result<Vec<String>> {
+    /// Backend URLs by name.
+    type Urls = Vec<(String, String)>;
+
+    /// The lines that describe a valid config, and its backends' URLs.
+    fn verdict(path: &Path) -> Result<(Vec<String>, Urls)> {
         let loaded = config::load(path)?;
         // At most once: nothing keeps a message for a reader not connected.
         // (`run` starts such a route anyway, warning, so one config still
@@ -496,7 +506,35 @@ fn check(path: &Path) -> Result<ExitCode> {
                 loaded.dead_letter_backend(route)
             ));
         }
-        Ok(lines)
+        let backends = loaded
+            .config
+            .backends
+            .iter()
+            .map(|(name, backend)| (name.clone(), backend.url.clone()))
+            .collect();
+        Ok((lines, backends))
+    }
+
+    /// One line per backend, and the names of those that cannot be reached.
+    async fn reach(backends: &Urls) -> (Vec<String>, Vec<String>) {
+        let probes = backends.iter().map(|(name, url)| async move {
+            let found = tokio::time::timeout(PROBE_LIMIT, backend::probe(url))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {PROBE_LIMIT:?}")));
+            (name, found)
+        });
+        let mut lines = Vec::new();
+        let mut unreachable = Vec::new();
+        for (name, found) in futures::future::join_all(probes).await {
+            match found {
+                Ok(detail) => lines.push(format!("  connect {name}: ok: {detail}")),
+                Err(e) => {
+                    lines.push(format!("  connect {name}: failed: {e:#}"));
+                    unreachable.push(name.clone());
+                }
+            }
+        }
+        (lines, unreachable)
     }
 
     let held = Held::default();
@@ -509,14 +547,31 @@ fn check(path: &Path) -> Result<ExitCode> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .finish();
-    let result = tracing::subscriber::with_default(log, || verdict(path));
-    if let Ok(lines) = &result {
+    let log = tracing::Dispatch::new(log);
+    let mut result = tracing::dispatcher::with_default(&log, || verdict(path));
+    if let Ok((lines, backends)) = &mut result
+        && connect
+    {
+        let (reached, unreachable) = reach(backends).with_subscriber(log.clone()).await;
+        lines.extend(reached);
+        if !unreachable.is_empty() {
+            println!("{}", lines.join("\n"));
+            result = Err(anyhow::anyhow!(
+                "cannot reach backend(s) {}",
+                unreachable.join(", ")
+            ));
+        }
+    }
+    if let Ok((lines, _)) = &result {
         println!("{}", lines.join("\n"));
     }
     let logged = std::mem::take(&mut *held.0.lock().unwrap());
     std::io::stderr().write_all(&logged)?;
     result.map(|_| ExitCode::SUCCESS)
 }
+
+/// How long `check --connect` waits for each backend.
+const PROBE_LIMIT: Duration = Duration::from_secs(20);
 
 async fn tail(
     backend: Arc<dyn Backend>,

@@ -1105,3 +1105,95 @@ fn every_command_shows_an_example() {
     }
     assert!(checked > commands.len(), "no nested commands were checked");
 }
+
+/// `check --connect` reaches every backend and says where Sluice's state
+/// stands there, without making any of it: no SQLite file, no PostgreSQL
+/// schema. A backend that cannot be reached fails the check, by name.
+#[cfg(feature = "postgres")]
+#[test]
+fn check_connect_reaches_every_backend_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!("check_{}", std::process::id());
+    let pg = format!("postgres://postgres@127.0.0.1/test?schema={schema}");
+    let body =
+        pipeline_config(dir.path(), &plugin_path("uppercase").display().to_string()).replace(
+            "plugin = \"upper\"\n",
+            "plugin = \"upper\"\nbackend = \"main\"\n",
+        ) + &format!("\n[backends.pg]\nurl = \"{pg}\"\n");
+    let config = write_config(dir.path(), &body);
+    let schema_exists = || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1/test")
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = $1)",
+            )
+            .bind(&schema)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+        })
+    };
+
+    let out = sluice(&["check", "--connect", &config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("connect main: ok:") && said.contains("sluice.db` does not exist yet"),
+        "{said}"
+    );
+    assert!(
+        said.contains("connect pg: ok: PostgreSQL ")
+            && said.contains(&format!("schema `{schema}` does not exist yet")),
+        "{said}"
+    );
+    assert!(
+        !dir.path().join("sluice.db").exists(),
+        "check made the database"
+    );
+    assert!(!schema_exists(), "check made the schema");
+
+    // Once something has connected for real, the schema is up to date.
+    let out = sluice(&["publish", "--url", &pg, "words", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sluice(&["check", "--connect", &config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("schema `{schema}` at version ")),
+        "{}",
+        stdout(&out)
+    );
+
+    // Nothing listens on port 1.
+    let gone = body + "\n[backends.gone]\nurl = \"redis://127.0.0.1:1\"\n";
+    let out = sluice(&["check", "--connect", &write_config(dir.path(), &gone)]);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("connect gone: failed: "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("connect pg: ok: "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("cannot reach backend(s) gone"),
+        "{}",
+        stderr(&out)
+    );
+
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1/test")
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+}

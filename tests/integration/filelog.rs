@@ -627,3 +627,25 @@ fn append(path: &Path, bytes: &[u8]) {
     let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     file.write_all(bytes).unwrap();
 }
+
+/// The probe of `check --connect` looks at the log's directory without
+/// taking it or making it.
+#[tokio::test]
+async fn the_probe_makes_no_directory_and_takes_no_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("a").join("log");
+    let url = format!("file://{}", log.display());
+    let found = backend::probe(&url).await.unwrap();
+    assert!(found.contains("does not exist yet"), "{found}");
+    assert!(!log.exists() && !dir.path().join("a").exists());
+
+    let open = backend::connect(&url).await.unwrap();
+    let found = backend::probe(&url).await.unwrap();
+    assert!(found.contains("exists"), "{found}");
+    drop(open);
+
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let under_a_file = format!("file://{}", dir.path().join("file").join("log").display());
+    let err = backend::probe(&under_a_file).await.unwrap_err();
+    assert!(format!("{err:#}").contains("is not a directory"), "{err:#}");
+}

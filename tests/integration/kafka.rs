@@ -337,3 +337,21 @@ async fn a_mixed_batch_settles_each_item_and_refuses_stale_ones() -> Result<()> 
     long.close().await?;
     only_new_messages_come(backend.as_ref(), options(Duration::from_secs(30))).await
 }
+
+/// The probe of `check --connect` reads the cluster's metadata, and names
+/// a broker that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_read_the_metadata_or_name_the_broker() -> Result<()> {
+    let tansu = Server::tansu();
+    let found = backend::probe(&tansu.kafka_url("")).await?;
+    ensure!(found.contains("broker(s)"), "{found}");
+    let err = backend::probe("kafka://127.0.0.1:1?timeout_ms=1000")
+        .await
+        .err()
+        .context("a closed port answered")?;
+    ensure!(
+        format!("{err:#}").contains("no Kafka broker answered"),
+        "{err:#}"
+    );
+    Ok(())
+}

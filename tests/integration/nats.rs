@@ -497,3 +497,47 @@ fn the_same_plugin_and_config_run_on_jetstream_by_environment() {
             .all(|m| m["payload"] == "MOVED" && m["topic"] == shouted.as_str())
     );
 }
+
+/// The probe of `check --connect` reaches both NATS backends and says
+/// whether JetStream's named stream exists, without making it.
+#[tokio::test]
+async fn probes_reach_the_server_and_make_no_stream() -> Result<()> {
+    if !server_up("probes_reach_the_server_and_make_no_stream") {
+        return Ok(());
+    }
+    let core = backend::probe(&format!("nats://{SERVER}")).await?;
+    ensure!(core.starts_with("NATS "), "{core}");
+    let token = unique("probe");
+    let without_subjects = format!("jetstream://{SERVER}?stream=T{token}");
+    let err = backend::probe(&without_subjects)
+        .await
+        .err()
+        .context("a missing stream with no subjects to make it passed")?;
+    ensure!(format!("{err:#}").contains("give subjects="), "{err:#}");
+    let named = format!("{without_subjects}&subjects={token}.>");
+    let found = backend::probe(&named).await?;
+    ensure!(
+        found.contains(&format!("stream `T{token}` does not exist yet")),
+        "{found}"
+    );
+    let client = async_nats::connect(SERVER).await?;
+    let js = async_nats::jetstream::new(client);
+    ensure!(
+        js.get_stream(format!("T{token}")).await.is_err(),
+        "the probe made the stream"
+    );
+    // Once the backend has connected for real, the stream is there.
+    drop(backend::connect(&named).await?);
+    let found = backend::probe(&named).await?;
+    ensure!(
+        found.contains(&format!("stream `T{token}` exists")),
+        "{found}"
+    );
+    js.delete_stream(format!("T{token}")).await?;
+    let err = backend::probe("nats://127.0.0.1:1")
+        .await
+        .err()
+        .context("a closed port answered")?;
+    ensure!(format!("{err:#}").contains("127.0.0.1:1"), "{err:#}");
+    Ok(())
+}

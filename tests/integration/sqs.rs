@@ -353,3 +353,20 @@ async fn overlong_patterns_and_oversized_messages_are_refused_clearly() -> Resul
     ensure!(err.to_string().contains("max_receive"), "{err}");
     Ok(())
 }
+
+/// The probe of `check --connect` reaches SQS (and SNS) with the URL's
+/// credentials, and names an endpoint that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_reach_the_endpoint_or_name_it() -> Result<()> {
+    let moto = Server::moto();
+    let found = backend::probe(&moto.aws_url("sqs", "a", "")).await?;
+    ensure!(found.contains("SQS answers"), "{found}");
+    let found = backend::probe(&moto.aws_url("sns+sqs", "a", "")).await?;
+    ensure!(found.contains("SNS"), "{found}");
+    let err = backend::probe("sqs://a:b@127.0.0.1:1?region=us-east-1")
+        .await
+        .err()
+        .context("a closed port answered")?;
+    ensure!(format!("{err:#}").contains("cannot reach SQS"), "{err:#}");
+    Ok(())
+}

@@ -382,10 +382,26 @@ pub struct BackendKind {
     pub parse: fn(&str) -> Result<()>,
     /// Opens the backend a URL of this kind names.
     pub connect: Connect,
+    /// Reaches the backend a URL of this kind names, changing nothing, and
+    /// says what it found (`sluice check --connect`).
+    pub probe: Probe,
 }
 
 /// How a [`BackendKind`] opens a backend.
 pub type Connect = fn(&str) -> BoxFuture<'_, Result<Arc<dyn Backend>>>;
+
+/// How a [`BackendKind`] reaches a backend without changing it.
+pub type Probe = fn(&str) -> BoxFuture<'_, Result<String>>;
+
+/// The [`Probe`] of an `async fn(&str) -> Result<String>`.
+macro_rules! probe_with {
+    ($probe:path) => {{
+        fn probe(url: &str) -> BoxFuture<'_, Result<String>> {
+            Box::pin($probe(url))
+        }
+        probe
+    }};
+}
 
 /// The [`Connect`] of a backend type with an `async fn connect(&str)`.
 #[allow(unused_macros)] // every backend that uses it may be left out of a build
@@ -407,11 +423,12 @@ fn connect_memory(url: &str) -> BoxFuture<'_, Result<Arc<dyn Backend>>> {
 /// Every kind of backend this build can open: adding a backend is its
 /// module and one entry here.
 pub fn kinds() -> Vec<BackendKind> {
-    let kind = |schemes, capabilities, parse, connect| BackendKind {
+    let kind = |schemes, capabilities, parse, connect, probe| BackendKind {
         schemes,
         capabilities,
         parse,
         connect,
+        probe,
     };
     #[allow(unused_mut)]
     let mut kinds = vec![kind(
@@ -419,6 +436,7 @@ pub fn kinds() -> Vec<BackendKind> {
         memory::CAPABILITIES,
         |url| memory::MemoryBackend::from_url(url).map(drop),
         connect_memory,
+        probe_with!(memory::probe),
     )];
     #[cfg(feature = "sqlite")]
     kinds.push(kind(
@@ -426,6 +444,7 @@ pub fn kinds() -> Vec<BackendKind> {
         sqlite::CAPABILITIES,
         |url| sqlite::parse_url(url).map(drop),
         connect_with!(sqlite::SqliteBackend),
+        probe_with!(sqlite::probe),
     ));
     #[cfg(feature = "filelog")]
     kinds.push(kind(
@@ -433,6 +452,7 @@ pub fn kinds() -> Vec<BackendKind> {
         filelog::CAPABILITIES,
         |url| filelog::parse_url(url).map(drop),
         connect_with!(filelog::FileLogBackend),
+        probe_with!(filelog::probe),
     ));
     #[cfg(feature = "redis")]
     kinds.extend([
@@ -441,12 +461,14 @@ pub fn kinds() -> Vec<BackendKind> {
             redis::streams::CAPABILITIES,
             |url| redis::RedisStreamsBackend::parse(url).map(drop),
             connect_with!(redis::RedisStreamsBackend),
+            probe_with!(redis::streams::probe),
         ),
         kind(
             &["redis+pubsub", "rediss+pubsub"],
             redis::pubsub::CAPABILITIES,
             |url| redis::RedisPubSubBackend::parse(url).map(drop),
             connect_with!(redis::RedisPubSubBackend),
+            probe_with!(redis::pubsub::probe),
         ),
     ]);
     #[cfg(feature = "nats")]
@@ -456,12 +478,14 @@ pub fn kinds() -> Vec<BackendKind> {
             nats::core::CAPABILITIES,
             |url| nats::core::parse_url(url).map(drop),
             connect_with!(nats::core::NatsCoreBackend),
+            probe_with!(nats::core::probe),
         ),
         kind(
             &["jetstream"],
             nats::jetstream::CAPABILITIES,
             |url| nats::jetstream::JetStreamBackend::parse(url).map(drop),
             connect_with!(nats::jetstream::JetStreamBackend),
+            probe_with!(nats::jetstream::probe),
         ),
     ]);
     #[cfg(feature = "postgres")]
@@ -470,6 +494,7 @@ pub fn kinds() -> Vec<BackendKind> {
         postgres::CAPABILITIES,
         |url| postgres::PostgresSettings::parse(url).map(drop),
         connect_with!(postgres::PostgresBackend),
+        probe_with!(postgres::probe),
     ));
     #[cfg(feature = "kafka")]
     kinds.push(kind(
@@ -477,6 +502,7 @@ pub fn kinds() -> Vec<BackendKind> {
         kafka::CAPABILITIES,
         |url| kafka::KafkaConfig::parse(url).map(drop),
         connect_with!(kafka::KafkaBackend),
+        probe_with!(kafka::probe),
     ));
     #[cfg(feature = "sqs")]
     kinds.extend([
@@ -485,15 +511,27 @@ pub fn kinds() -> Vec<BackendKind> {
             sqs::CAPABILITIES,
             |url| sqs::config::SqsConfig::parse(url, sqs::plain::SCHEME).map(drop),
             connect_with!(sqs::SqsBackend),
+            probe_with!(sqs::probe_sqs),
         ),
         kind(
             &["sns+sqs"],
             sqs::CAPABILITIES,
             |url| sqs::config::SqsConfig::parse(url, sqs::sns::SCHEME).map(drop),
             connect_with!(sqs::SnsSqsBackend),
+            probe_with!(sqs::probe_sns_sqs),
         ),
     ]);
     kinds
+}
+
+/// Reaches the backend a URL names without changing anything there, and
+/// says what it found.
+pub async fn probe(url: &str) -> Result<String> {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    match kinds().iter().find(|kind| kind.schemes.contains(&scheme)) {
+        Some(kind) => (kind.probe)(url).await,
+        None => bail!("{}", unsupported_scheme(scheme, &supported_schemes())),
+    }
 }
 
 /// Parses a backend URL as connecting would, without connecting: an

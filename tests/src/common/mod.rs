@@ -269,6 +269,35 @@ impl Collector {
         Ok(self.now())
     }
 
+    /// Waits until `count` messages arrived, for as long as more keep
+    /// arriving: an error only once none came for `idle` (a loaded machine
+    /// may be slow; a stall fails), naming how many did.
+    pub async fn wait_while_arriving(
+        &self,
+        count: usize,
+        idle: Duration,
+    ) -> anyhow::Result<Vec<Message>> {
+        let mut arrived = 0;
+        let mut last_change = tokio::time::Instant::now();
+        loop {
+            let now = self.seen.lock().unwrap().len();
+            if now >= count {
+                break;
+            }
+            if now != arrived {
+                arrived = now;
+                last_change = tokio::time::Instant::now();
+            }
+            anyhow::ensure!(
+                last_change.elapsed() < idle,
+                "expected {count} messages, got {arrived}, and none more for {idle:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(self.now())
+    }
+
     pub fn now(&self) -> Vec<Message> {
         self.seen.lock().unwrap().clone()
     }

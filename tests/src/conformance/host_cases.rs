@@ -462,8 +462,22 @@ async fn host_ordered_route_keeps_key_order_while_batching(ctx: Ctx) -> Result<(
         }
     }
     ctx.backend.publish(inputs.clone()).await?;
-    let got = outputs.wait_for(inputs.len(), LIMIT).await?;
+    let got = outputs.wait_while_arriving(inputs.len(), LIMIT).await;
     running.stop().await;
+    let got = got.with_context(|| {
+        let seen = outputs.now();
+        let per_key: Vec<String> = KEYS
+            .iter()
+            .map(|key| {
+                let n = seen
+                    .iter()
+                    .filter(|m| m.key.as_deref() == Some(key))
+                    .count();
+                format!("{key}: {n}")
+            })
+            .collect();
+        format!("outputs per key: {}", per_key.join(", "))
+    })?;
     for key in KEYS {
         let published: Vec<&str> = inputs
             .iter()

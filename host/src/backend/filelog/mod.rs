@@ -138,6 +138,56 @@ pub struct FileLogBackend {
     store: Arc<Store>,
 }
 
+/// Looks at the log's directory without opening the log (which would take
+/// its lock): it exists, or it can be made.
+pub async fn probe(url: &str) -> Result<String> {
+    let (dir, _) = parse_url(url)?;
+    if dir.is_dir() {
+        let metadata = std::fs::metadata(&dir)
+            .with_context(|| format!("cannot read directory `{}`", dir.display()))?;
+        anyhow::ensure!(
+            !metadata.permissions().readonly(),
+            "directory `{}` is read-only",
+            dir.display()
+        );
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot list directory `{}`", dir.display()))?
+            .count();
+        return Ok(format!(
+            "directory `{}` exists ({entries} entries)",
+            dir.display()
+        ));
+    }
+    anyhow::ensure!(
+        !dir.exists(),
+        "`{}` exists and is not a directory",
+        dir.display()
+    );
+    // The first run makes every missing directory on the way.
+    let existing = dir
+        .ancestors()
+        .skip(1)
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                a
+            }
+        })
+        .find(|a| a.exists())
+        .unwrap_or(std::path::Path::new("."));
+    anyhow::ensure!(
+        existing.is_dir(),
+        "`{}` cannot be made: `{}` is not a directory",
+        dir.display(),
+        existing.display()
+    );
+    Ok(format!(
+        "directory `{}` does not exist yet; the first run makes it",
+        dir.display()
+    ))
+}
+
 impl FileLogBackend {
     /// Opens (creating if needed) the log a `file://` URL names.
     pub async fn connect(url: &str) -> Result<Self> {

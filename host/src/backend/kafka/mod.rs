@@ -222,25 +222,36 @@ impl KafkaBackend {
         }
     }
 
-    /// How many partitions `topic` has, from the cluster's metadata.
+    /// How many partitions `topic` has, from the cluster's metadata. A topic
+    /// made a moment ago may show none for a while (the broker's metadata
+    /// catches up), so it is asked again until `timeout_ms` has passed.
     async fn partition_count(&self, topic: &str) -> Result<i32> {
-        let producer = self.producer.clone();
-        let timeout = self.config.timeout;
-        let name = topic.to_string();
-        let metadata = tokio::task::spawn_blocking(move || {
-            producer.get().client().fetch_metadata(Some(&name), timeout)
-        })
-        .await?
-        .with_context(|| format!("cannot read the metadata of Kafka topic `{topic}`"))?;
-        let count = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map_or(0, |t| t.partitions().len());
-        if count == 0 {
-            bail!("Kafka topic `{topic}` has no partitions");
+        let give_up = tokio::time::Instant::now() + self.config.timeout;
+        loop {
+            let producer = self.producer.clone();
+            let timeout = self.config.timeout;
+            let name = topic.to_string();
+            let metadata = tokio::task::spawn_blocking(move || {
+                producer.get().client().fetch_metadata(Some(&name), timeout)
+            })
+            .await?
+            .with_context(|| format!("cannot read the metadata of Kafka topic `{topic}`"))?;
+            let count = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map_or(0, |t| t.partitions().len());
+            if count > 0 {
+                return Ok(i32::try_from(count).unwrap_or(i32::MAX));
+            }
+            if tokio::time::Instant::now() >= give_up {
+                bail!(
+                    "Kafka topic `{topic}` has no partitions (still none after {:?})",
+                    self.config.timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(i32::try_from(count).unwrap_or(i32::MAX))
     }
 
     /// Starts a group member whose first subscription is `first`: its
@@ -464,11 +475,21 @@ impl Backend for KafkaBackend {
     }
 }
 
+/// Asks for the cluster's metadata, as connecting does; changes nothing.
+pub async fn probe(url: &str) -> Result<String> {
+    let config = KafkaConfig::parse(url)?;
+    config.check_files()?;
+    let shown = config.shown.clone();
+    tokio::task::spawn_blocking(move || probe_metadata(&config))
+        .await?
+        .map_err(|cause| anyhow::anyhow!("no Kafka broker answered at `{shown}`: {cause}"))
+}
+
 /// Asks for the cluster's metadata for at most `timeout_ms`, with a client
 /// of its own whose context keeps librdkafka's errors, in short tries so
 /// that a failed TLS handshake or login ends the wait at once; the error
 /// is the broker's reason when librdkafka reported one.
-fn probe_metadata(config: &KafkaConfig) -> std::result::Result<(), String> {
+fn probe_metadata(config: &KafkaConfig) -> std::result::Result<String, String> {
     let mut settings = client_config(config);
     apply_properties(&mut settings, config);
     let probe: rdkafka::producer::BaseProducer<ProbeContext> = settings
@@ -483,7 +504,13 @@ fn probe_metadata(config: &KafkaConfig) -> std::result::Result<(), String> {
             .client()
             .fetch_metadata(None, left.min(Duration::from_millis(500)));
         let error = match tried {
-            Ok(_) => return Ok(()),
+            Ok(metadata) => {
+                return Ok(format!(
+                    "{} broker(s), {} topic(s)",
+                    metadata.brokers().len(),
+                    metadata.topics().len()
+                ));
+            }
             Err(error) => error,
         };
         // Hands the events librdkafka queued (logs, errors) to the

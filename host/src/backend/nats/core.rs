@@ -65,6 +65,14 @@ pub struct NatsCoreBackend {
     echo_count: AtomicU64,
 }
 
+/// Connects and waits for the server's answer to a flush; changes nothing.
+pub async fn probe(url: &str) -> Result<String> {
+    let (server, _) = parse_url(url)?;
+    let client = server.connect(1).await?;
+    flush(&client, &server).await?;
+    Ok(format!("NATS {}", client.server_info().version))
+}
+
 impl NatsCoreBackend {
     pub async fn connect(url: &str) -> Result<Self> {
         let (server, pending) = parse_url(url)?;

@@ -79,6 +79,36 @@ async fn check_available(client: &Client, server: &ServerUrl) -> Result<()> {
     Ok(())
 }
 
+/// Connects, checks that JetStream answers and, for a URL that names one
+/// stream for every topic, whether it exists; changes nothing.
+pub async fn probe(url: &str) -> Result<String> {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let (server, settings) = JetStreamBackend::parse(url)?;
+    let client = server.connect(1).await?;
+    check_available(&client, &server).await?;
+    let found = format!("NATS {} with JetStream", client.server_info().version);
+    let Some(name) = &settings.stream else {
+        return Ok(found);
+    };
+    match jetstream::new(client).get_stream(name).await {
+        Ok(_) => Ok(format!("{found}, stream `{name}` exists")),
+        Err(e)
+            if matches!(e.kind(), GetStreamErrorKind::JetStream(ref js)
+                if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            anyhow::ensure!(
+                settings.subjects.is_some(),
+                "{found}, but stream `{name}` does not exist; give subjects= to create it"
+            );
+            Ok(format!(
+                "{found}, stream `{name}` does not exist yet; the first run makes it"
+            ))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read stream `{name}`")),
+    }
+}
+
 /// What this backend guarantees.
 pub const CAPABILITIES: Capabilities = Capabilities {
     persistent: true,

@@ -241,6 +241,9 @@ impl ServerUrl {
                         async_nats::Event::Disconnected => {
                             tracing::warn!(url = %shown, "NATS disconnected; reconnecting")
                         }
+                        async_nats::Event::Closed => {
+                            tracing::debug!(url = %shown, "NATS connection closed")
+                        }
                         other => tracing::warn!(url = %shown, "NATS: {other}"),
                     }
                 }

@@ -143,6 +143,26 @@ impl PostgresBackend {
     }
 }
 
+/// Connects once, reads the server's version and where the schema stands,
+/// and changes nothing.
+pub async fn probe(url: &str) -> Result<String> {
+    use sqlx::ConnectOptions;
+    let settings = PostgresSettings::parse(url)?;
+    settings.check_files()?;
+    let mut conn = settings.connect.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at `{}`: {}",
+            settings.redacted,
+            crate::backend::cause_line(&e)
+        )
+    })?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut conn)
+        .await?;
+    let schema = schema::describe(&mut conn, &settings.schema).await?;
+    Ok(format!("PostgreSQL {version}, {schema}"))
+}
+
 /// The columns of messages to insert, as arrays to bind to one statement.
 #[derive(Default)]
 struct OutputColumns<'a> {

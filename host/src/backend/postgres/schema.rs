@@ -5,6 +5,7 @@
 //! that records it in `sluice_migrations`, under an advisory lock so that
 //! processes starting together neither race nor apply one twice. A database
 //! whose schema is newer than this build is refused rather than misread.
+//! [`describe`] reads where a schema stands without changing it.
 
 use anyhow::{Context, Result, bail};
 use sqlx::PgPool;
@@ -123,4 +124,51 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<bool> {
     }
     tx.commit().await?;
     Ok(applied < known)
+}
+
+/// Where `schema` stands, read without changing anything: at which version
+/// of this build's, or, if it does not exist yet, whether the user may make
+/// it.
+pub async fn describe(conn: &mut sqlx::PgConnection, schema: &str) -> Result<String> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = $1)",
+    )
+    .bind(schema)
+    .fetch_one(&mut *conn)
+    .await?;
+    let known = MIGRATIONS.len();
+    if !exists {
+        let may_create: bool =
+            sqlx::query_scalar("SELECT has_database_privilege(current_database(), 'CREATE')")
+                .fetch_one(&mut *conn)
+                .await?;
+        if !may_create {
+            bail!("schema `{schema}` does not exist, and this user may not create it");
+        }
+        return Ok(format!(
+            "schema `{schema}` does not exist yet; the first run makes it"
+        ));
+    }
+    let applied: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT MAX(version) FROM {schema}.sluice_migrations"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .ok()
+    .flatten();
+    let applied = applied.unwrap_or(0) as usize;
+    if applied > known {
+        bail!(
+            "schema `{schema}` is at version {applied}, newer than this build of Sluice \
+             knows ({known})"
+        );
+    }
+    Ok(format!(
+        "schema `{schema}` at version {applied} of {known}{}",
+        if applied < known {
+            " (the first run upgrades it)"
+        } else {
+            ""
+        }
+    ))
 }

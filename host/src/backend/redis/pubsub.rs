@@ -87,6 +87,15 @@ impl Group {
     }
 }
 
+/// Connects and reads the server's version; changes nothing.
+pub async fn probe(url: &str) -> Result<String> {
+    let (url, tls, _) = RedisPubSubBackend::parse(url)?;
+    let client = url.client(&tls)?;
+    let mut conn = super::streams::manage(&client, &url.redacted).await?;
+    let version = super::streams::server_version(&mut conn, &url.redacted).await?;
+    Ok(format!("Redis {version}"))
+}
+
 impl RedisPubSubBackend {
     /// Connects to `redis[s]+pubsub://[user:password@]host[:port][?params]`.
     /// The URL's address, TLS and settings, every parameter checked.

@@ -399,17 +399,8 @@ impl RedisStreamsBackend {
 }
 
 /// XAUTOCLAIM needs 6.2; refuse older servers up front.
-async fn check_version(conn: &mut ConnectionManager, redacted: &str) -> Result<()> {
-    let info: String = ::redis::cmd("INFO")
-        .arg("server")
-        .query_async(conn)
-        .await
-        .with_context(|| format!("cannot query Redis at `{redacted}`"))?;
-    let version = info
-        .lines()
-        .find_map(|line| line.strip_prefix("redis_version:"))
-        .unwrap_or("")
-        .trim();
+async fn check_version(conn: &mut ConnectionManager, redacted: &str) -> Result<String> {
+    let version = server_version(conn, redacted).await?;
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (6, 2) {
@@ -417,7 +408,32 @@ async fn check_version(conn: &mut ConnectionManager, redacted: &str) -> Result<(
             "Redis at `{redacted}` is version `{version}`; the Streams backend needs 6.2 or newer"
         );
     }
-    Ok(())
+    Ok(version)
+}
+
+/// The server's `redis_version`.
+pub(super) async fn server_version(conn: &mut ConnectionManager, redacted: &str) -> Result<String> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .with_context(|| format!("cannot query Redis at `{redacted}`"))?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
+/// Connects and reads the server's version (the Streams backend needs 6.2
+/// or newer); changes nothing.
+pub async fn probe(url: &str) -> Result<String> {
+    let (url, tls, _) = RedisStreamsBackend::parse(url)?;
+    let client = url.client(&tls)?;
+    let mut conn = manage(&client, &url.redacted).await?;
+    let version = check_version(&mut conn, &url.redacted).await?;
+    Ok(format!("Redis {version}"))
 }
 
 #[async_trait]

@@ -125,6 +125,49 @@ impl SqliteBackend {
     }
 }
 
+/// Opens the database file read-only, if it exists, and counts Sluice's
+/// messages; a file not there yet needs a directory to be made in.
+pub async fn probe(url: &str) -> Result<String> {
+    let (path, _, _) = parse_url(url)?;
+    let file = std::path::Path::new(&path);
+    if !file.exists() {
+        let dir = match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
+        };
+        anyhow::ensure!(
+            dir.is_dir(),
+            "`{path}` does not exist, nor its directory `{}`",
+            dir.display()
+        );
+        return Ok(format!(
+            "`{path}` does not exist yet; the first run makes it in `{}`",
+            dir.display()
+        ));
+    }
+    let mut conn = SqliteConnectOptions::new()
+        .filename(file)
+        .read_only(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot open SQLite database `{path}`"))?;
+    let ours: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sluice_messages')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .with_context(|| format!("`{path}` is not an SQLite database"))?;
+    if !ours {
+        return Ok(format!(
+            "`{path}` opens; Sluice's tables are made on the first run"
+        ));
+    }
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM sluice_messages")
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(format!("`{path}` opens: {messages} message(s) kept"))
+}
+
 /// Splits a `sqlite://` URL into the database file, how commits are
 /// synced, and how often consumers look for other processes' messages.
 pub(crate) fn parse_url(url: &str) -> Result<(String, SqliteSynchronous, Duration)> {

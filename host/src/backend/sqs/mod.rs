@@ -79,6 +79,20 @@ pub use sns::SnsSqsBackend;
 use super::{Capabilities, SubscribeOptions, pattern};
 use crate::message::Message;
 
+/// Connects as `sqs://` does (a queue listing, which also checks the
+/// credentials); changes nothing.
+pub async fn probe_sqs(url: &str) -> Result<String> {
+    SqsBackend::connect(url).await?;
+    Ok("SQS answers ListQueues".into())
+}
+
+/// Connects as `sns+sqs://` does (a queue and a topic listing); changes
+/// nothing.
+pub async fn probe_sns_sqs(url: &str) -> Result<String> {
+    SnsSqsBackend::connect(url).await?;
+    Ok("SQS answers ListQueues, SNS ListTopics".into())
+}
+
 /// What both backends guarantee.
 pub const CAPABILITIES: Capabilities = Capabilities {
     persistent: true,
