@@ -411,14 +411,14 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         if released > 0 {
             tracing::warn!(
                 group = %behaviour.group_id,
-                "Kafka: {released} message(s) held by a subscription that has not fetched for its lease go back in line"
+                "Kafka: {released} message(s) held by a subscription that has neither fetched nor settled for its lease go back in line"
             );
             shared.changed.notify_waiters();
         }
         if leave {
             tracing::warn!(
                 group = %behaviour.group_id,
-                "Kafka: no subscription fetched for its lease while messages wait; leaving the group so other members take them"
+                "Kafka: no subscription fetched or settled for its lease while messages wait; leaving the group so other members take them"
             );
             consumer.unsubscribe();
         }

@@ -60,11 +60,13 @@
 //!
 //! Eager rebalancing: on revocation the member commits, then forgets the
 //! partitions; acks and nacks of their deliveries become no-ops and the next
-//! owner delivers what was unfinished. A subscription that has not fetched
-//! for its lease while it holds deliveries is taken for dead, as Kafka's
-//! `max.poll.interval.ms` would: its deliveries go back in line for the
-//! member's other subscriptions. If no subscription of the member fetches
-//! for its lease while messages wait, the member leaves the group so members
+//! owner delivers what was unfinished. A subscription that has neither
+//! fetched nor settled for its lease while it holds deliveries is taken for
+//! dead, as Kafka's `max.poll.interval.ms` would: its deliveries go back in
+//! line for the member's other subscriptions. (A busy route may not fetch
+//! for longer than a lease, its workers' queues full, while it settles all
+//! along.) If no subscription of the member fetches or settles for its
+//! lease while messages wait, the member leaves the group so members
 //! elsewhere take its partitions, and joins again on the next fetch. A
 //! crashed process keeps its partitions for the session timeout, by default
 //! the lease. A subscription that closes puts its deliveries back in line;

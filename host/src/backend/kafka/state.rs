@@ -245,11 +245,12 @@ impl State {
         count
     }
 
-    /// Subscriptions that are not fetching and have not for their lease.
+    /// Subscriptions that are not fetching and have neither fetched nor
+    /// settled for their lease.
     pub fn idle_subscribers(&self) -> Vec<u64> {
         self.subscribers
             .iter()
-            .filter(|(_, s)| s.fetching == 0 && s.last_fetch.elapsed() >= s.lease)
+            .filter(|(_, s)| s.fetching == 0 && s.last_active.elapsed() >= s.lease)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -263,9 +264,11 @@ impl State {
 /// One subscription sharing the member.
 #[derive(Debug)]
 pub struct Subscriber {
-    /// When it last fetched, and fetches in progress: a subscription that
-    /// holds messages and has not fetched for a lease is taken for dead.
-    pub last_fetch: Instant,
+    /// When it last fetched or settled, and fetches in progress: a
+    /// subscription that holds messages and has done neither for a lease
+    /// is taken for dead. (A busy route may go longer than a lease without
+    /// fetching, its workers' lanes full, while it settles all along.)
+    pub last_active: Instant,
     pub fetching: usize,
     pub lease: std::time::Duration,
     /// Asked for key affinity ([`crate::backend::SubscribeOptions::ordered`]).
@@ -275,7 +278,7 @@ pub struct Subscriber {
 impl Subscriber {
     pub fn new(lease: std::time::Duration, ordered: bool) -> Self {
         Subscriber {
-            last_fetch: Instant::now(),
+            last_active: Instant::now(),
             fetching: 0,
             lease,
             ordered,

@@ -178,7 +178,7 @@ impl Drop for Fetching<'_> {
     fn drop(&mut self) {
         if let Some(subscriber) = self.0.lock().subscribers.get_mut(&self.1) {
             subscriber.fetching -= 1;
-            subscriber.last_fetch = std::time::Instant::now();
+            subscriber.last_active = std::time::Instant::now();
         }
     }
 }
@@ -193,7 +193,7 @@ impl Subscription for KafkaSubscription {
                 return Err(closed_error(&self.group));
             };
             subscriber.fetching += 1;
-            subscriber.last_fetch = std::time::Instant::now();
+            subscriber.last_active = std::time::Instant::now();
         }
         let _fetching = Fetching(self.shared(), self.id);
         loop {
@@ -234,6 +234,9 @@ impl Subscription for KafkaSubscription {
         let results: Vec<Result<(), SettleError>> = {
             let mut state = self.shared().lock();
             let now = std::time::Instant::now();
+            if let Some(subscriber) = state.subscribers.get_mut(&self.id) {
+                subscriber.last_active = now;
+            }
             let results = batch
                 .iter()
                 .map(|(delivery, settlement)| {
