@@ -327,3 +327,29 @@ headers = { x-collector-key = "${COLLECTOR_KEY}" }
     );
     assert!(by_id.contains_key(&hex(&rejected.span_id)));
 }
+
+/// A debug directive for one module keeps every info line of the others:
+/// creating a Kafka client asks the `log` crate whether debug is on, which
+/// made a log filtered per layer drop the next event (the host's "backend
+/// connected" and "route subscribed").
+#[cfg(feature = "kafka")]
+#[test]
+fn a_debug_directive_for_one_module_loses_no_info_line() {
+    let tansu = common::servers::Server::tansu();
+    let dir = tempfile::tempdir().unwrap();
+    let body = common::upper_config(dir.path(), &plugin_path("uppercase"), "").replace(
+        &format!("sqlite://{}", dir.path().join("sluice.db").display()),
+        &tansu.kafka_url(""),
+    );
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, body).unwrap();
+    let out = sluice(
+        &["run", config.to_str().unwrap(), "--exit-when-idle", "1"],
+        &[("SLUICE_LOG", "info,sluice::nothing_here=debug")],
+    );
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    for line in ["backend connected", "route subscribed", "route stopped"] {
+        assert!(log.contains(line), "no `{line}` in:\n{log}");
+    }
+}

@@ -71,11 +71,23 @@ pub fn init(telemetry: Option<&TelemetryConfig>) -> Result<Guard> {
     let filter =
         EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let exporter = telemetry.map(otlp::Exporter::start).transpose()?;
-    let spans = exporter.as_ref().map(|e| e.layer().with_filter(exported()));
-    tracing_subscriber::registry()
-        .with(log_layer(format).with_filter(filter))
-        .with(spans)
-        .init();
+    match &exporter {
+        // The log alone: `SLUICE_LOG` filters the whole subscriber. Filtering
+        // the log layer only would lose the next event after a `log` crate
+        // query the filter answers no to (tokio-rs/tracing#2519): creating
+        // a Kafka client asks one, and with a debug directive in
+        // `SLUICE_LOG` the host's following info line went missing.
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(log_layer(format))
+            .init(),
+        // Each layer has its own filter, as the exporter takes the delivery
+        // spans whatever `SLUICE_LOG` says; that upstream issue remains.
+        Some(exporter) => tracing_subscriber::registry()
+            .with(log_layer(format).with_filter(filter))
+            .with(exporter.layer().with_filter(exported()))
+            .init(),
+    }
     Ok(Guard { exporter })
 }
 
