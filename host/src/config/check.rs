@@ -205,22 +205,6 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
                     ),
                 ));
             }
-            if let Some(topic) = route
-                .topics
-                .iter()
-                .find(|t| pattern::is_pattern(t.get_ref()))
-                && !caps.wildcards
-            {
-                return Err(fail(
-                    "topics",
-                    format!(
-                        "`{}` is a pattern, and backend `{source}` ({scheme}://) reads exact \
-                         topics only; these take patterns: {}",
-                        topic.get_ref(),
-                        schemes(backend::schemes_with(|c| c.wildcards))
-                    ),
-                ));
-            }
         }
         let redrive = route.redrive_topic();
         if route.redrive && (pattern::validate(&redrive).is_err() || pattern::is_pattern(&redrive))

@@ -622,13 +622,10 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
         assert!(err.contains("postgres://"), "{scheme}: {err}");
     }
 
+    // Every backend takes topic patterns, SQS's included.
     let on_sqs = GOOD.replace("sqlite://demo.db", "sqs://localhost:4566");
-    let err = parse_with(&on_sqs, &[]).unwrap_err().to_string();
-    assert!(err.contains("routes[0].topics"), "{err}");
-    assert!(err.contains("`orders.*` is a pattern"), "{err}");
-    assert!(err.contains("redis://"), "{err}");
-    let exact = on_sqs.replace("orders.*", "orders");
-    assert!(parse_with(&exact, &[]).is_ok());
+    assert!(on_sqs.contains("orders.*"));
+    assert!(parse_with(&on_sqs, &[]).is_ok());
 }
 
 /// `start = "earliest"` asks for what was published before the group
