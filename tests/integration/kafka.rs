@@ -355,3 +355,48 @@ async fn probes_read_the_metadata_or_name_the_broker() -> Result<()> {
     );
     Ok(())
 }
+
+/// A subscription that settles is alive even when it fetches nothing for
+/// longer than its lease (a busy route whose workers' queues are full):
+/// what it still holds is not put back in line for the group's other
+/// subscription, and its settlements stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_settles_keeps_what_it_holds_past_its_lease() -> Result<()> {
+    let tansu = Server::tansu();
+    let backend = backend::connect(&tansu.kafka_url("")).await?;
+    let lease = Duration::from_secs(2);
+    let options = || {
+        let mut options = SubscribeOptions::new(vec!["busy".into()], "g");
+        options.lease = lease;
+        options
+    };
+    let busy = backend.subscribe(options()).await?;
+    let other = backend.subscribe(options()).await?;
+    let messages: Vec<Message> = (0..4)
+        .map(|i| Message::new("busy", format!("{i}")))
+        .collect();
+    backend.publish(messages).await?;
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let mut held = Vec::new();
+    while held.len() < 4 {
+        ensure!(Instant::now() < give_up, "fetched {} of 4", held.len());
+        held.extend(
+            busy.fetch(4 - held.len(), Duration::from_millis(500))
+                .await?,
+        );
+    }
+    // One settlement per half lease and no fetch, for twice the lease,
+    // while the other subscription fetches all along.
+    for delivery in &held {
+        let taken = other.fetch(10, lease / 2).await?;
+        ensure!(
+            taken.is_empty(),
+            "held deliveries went to the other subscription: {:?}",
+            taken.iter().map(|d| &d.message.payload).collect::<Vec<_>>()
+        );
+        let settled = busy.settle(vec![(delivery, Settlement::Ack)]).await;
+        ensure!(settled.iter().all(Result::is_ok), "{settled:?}");
+    }
+    busy.close().await?;
+    other.close().await
+}

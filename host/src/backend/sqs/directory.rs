@@ -146,8 +146,15 @@ impl Directory {
     /// seen before.
     async fn list_pattern_queues(&self) -> Result<PatternQueues> {
         let prefix = self.names.pattern_queue_prefix();
+        let listed = list_group_queues(&self.sqs, &prefix).await?;
+        // Queues no longer listed are forgotten, so ephemeral groups coming
+        // and going leave nothing behind.
+        self.tagged
+            .lock()
+            .unwrap()
+            .retain(|url, _| listed.contains(url));
         let mut queues = PatternQueues::new();
-        for url in list_group_queues(&self.sqs, &prefix).await? {
+        for url in listed {
             let known = self.tagged.lock().unwrap().get(&url).cloned();
             let pattern = match known {
                 Some(pattern) => pattern,

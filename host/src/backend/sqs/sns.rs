@@ -48,9 +48,8 @@ pub struct SnsSqsBackend {
     topics: Arc<Mutex<HashMap<String, String>>>,
     /// The pattern queues of the deployment.
     directory: Arc<Directory>,
-    /// Pattern queues subscribed to an SNS topic by this handle: (topic ARN,
-    /// queue URL).
-    connected: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Pattern queues subscribed by this handle, by SNS topic ARN.
+    connected: Arc<Mutex<HashMap<String, HashSet<String>>>>,
     groups: Arc<GroupQueues>,
 }
 
@@ -208,7 +207,9 @@ impl SnsSqsBackend {
         }
         self.allow_senders(&url, None).await?;
         // A queue made again is subscribed again.
-        self.connected.lock().unwrap().retain(|(_, u)| *u != url);
+        for known in self.connected.lock().unwrap().values_mut() {
+            known.remove(&url);
+        }
         self.directory.register(topic, &url);
         Ok((url, None))
     }
@@ -216,15 +217,30 @@ impl SnsSqsBackend {
     /// Subscribes the pattern queues that match `topic` and are not yet
     /// subscribed to its SNS topic `topic_arn`.
     async fn connect_pattern_queues(&self, topic: &str, topic_arn: &str) -> Result<()> {
-        for url in self.directory.pattern_queues_of(topic).await? {
-            let pair = (topic_arn.to_string(), url);
-            if self.connected.lock().unwrap().contains(&pair) {
-                continue;
-            }
-            let queue_arn = queues::queue_arn(&self.sqs, &pair.1).await?;
-            self.subscribe_queue(topic_arn, &queue_arn).await?;
-            self.connected.lock().unwrap().insert(pair);
+        let urls = self.directory.pattern_queues_of(topic).await?;
+        let (missing, stale) = {
+            let connected = self.connected.lock().unwrap();
+            let known = connected.get(topic_arn);
+            let missing: Vec<String> = urls
+                .iter()
+                .filter(|url| !known.is_some_and(|k| k.contains(*url)))
+                .cloned()
+                .collect();
+            // Known queues that no longer match are gone: forget them.
+            let stale = known.is_some_and(|k| k.len() + missing.len() != urls.len());
+            (missing, stale)
+        };
+        if missing.is_empty() && !stale {
+            return Ok(());
         }
+        for url in &missing {
+            let queue_arn = queues::queue_arn(&self.sqs, url).await?;
+            self.subscribe_queue(topic_arn, &queue_arn).await?;
+        }
+        let mut connected = self.connected.lock().unwrap();
+        let known = connected.entry(topic_arn.to_string()).or_default();
+        known.retain(|url| urls.contains(url));
+        known.extend(missing);
         Ok(())
     }
 
