@@ -496,12 +496,14 @@ async fn check(path: &Path, connect: bool) -> Result<ExitCode> {
         for route in &loaded.config.routes {
             let topics: Vec<&str> = route.topics.iter().map(|t| t.get_ref().as_str()).collect();
             lines.push(format!(
-                "  route {}: {} on {} -> plugin {} -> {}; dead letters to {} on {}",
+                "  route {}: {} on {} -> {} -> {}; dead letters to {} on {}",
                 route.name,
                 topics.join(", "),
                 loaded.source_backend(route),
-                route.plugin.get_ref(),
-                loaded.output_backend(route),
+                route
+                    .plugin_name()
+                    .map_or("forward".into(), |plugin| format!("plugin {plugin}")),
+                loaded.output_backends(route).join(" and "),
                 route.dead_letter_topic(),
                 loaded.dead_letter_backend(route)
             ));

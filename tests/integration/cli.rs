@@ -486,6 +486,32 @@ fn the_kubernetes_manifests_config_passes_check() {
     assert!(out.status.success(), "{}\n{config}", stderr(&out));
 }
 
+/// The three steps of the migration guide are configs `sluice check`
+/// accepts, and it shows where each route's outputs go.
+#[test]
+fn the_migration_guides_configs_pass_check() {
+    plugin_path("uppercase");
+    let dir = common::repo_root().join("examples/migration");
+    let mut steps: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    steps.sort();
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    let mut said = String::new();
+    for step in &steps {
+        let out = common::sluice()
+            .args(["check", step.to_str().unwrap()])
+            .env_remove("SLUICE_BACKEND_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", step.display(), stderr(&out));
+        said += &String::from_utf8_lossy(&out.stdout);
+    }
+    assert!(said.contains("-> nats and sqs;"), "{said}");
+    assert!(said.contains("on nats -> forward -> sqs;"), "{said}");
+}
+
 /// `sluice tail --json` prints what `sluice publish --lines --json` reads:
 /// key, headers and payload (binary too) come through byte for byte.
 #[test]

@@ -17,7 +17,7 @@ use sluice::message::headers;
 use sluice_tests::common;
 
 /// A `sluice run` process whose stderr is watched for progress.
-struct Host {
+pub(crate) struct Host {
     child: Child,
     lines: mpsc::Receiver<String>,
 }
@@ -41,11 +41,11 @@ impl Drop for Host {
 }
 
 impl Host {
-    fn start(config: &Path) -> Host {
+    pub(crate) fn start(config: &Path) -> Host {
         Host::start_with(config, &[])
     }
 
-    fn start_with(config: &Path, extra: &[&str]) -> Host {
+    pub(crate) fn start_with(config: &Path, extra: &[&str]) -> Host {
         let mut child = common::sluice()
             .args(["run", config.to_str().unwrap()])
             .args(extra)
@@ -71,7 +71,7 @@ impl Host {
     }
 
     /// Waits until every route has subscribed.
-    fn wait_subscribed(&self, routes: usize) {
+    pub(crate) fn wait_subscribed(&self, routes: usize) {
         let mut seen = 0;
         while seen < routes {
             let line = self
@@ -85,7 +85,7 @@ impl Host {
     }
 
     /// Waits for the process to exit by itself; its `succeeded` count.
-    fn wait(mut self, limit: Duration) -> u64 {
+    pub(crate) fn wait(mut self, limit: Duration) -> u64 {
         let give_up = Instant::now() + limit;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -109,7 +109,7 @@ impl Host {
         text
     }
 
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().unwrap();
     }

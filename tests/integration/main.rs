@@ -20,6 +20,8 @@ mod kafka;
 mod kit;
 #[cfg(feature = "languages")]
 mod languages;
+#[cfg(all(feature = "redis", feature = "nats"))]
+mod migration;
 #[cfg(feature = "nats")]
 mod nats;
 mod outbound_http;

@@ -110,7 +110,7 @@ async fn request_is_answered_by_a_route_through_sluice_reply_to() -> Result<()> 
             ..RouteSpec::new("rpc", options(&topic, "rpc", Duration::from_secs(5)))
         },
         source: backend.clone(),
-        sink: backend.clone(),
+        outputs: vec![backend.clone()],
         dead_letters: None,
         handler: Arc::new(handler),
         stats: Arc::new(RouteStats::default()),

@@ -116,7 +116,7 @@ impl Pipeline {
                 ..RouteSpec::new("bench", SubscribeOptions::new(vec![INPUT.into()], "bench"))
             },
             source: backend.clone(),
-            sink: backend.clone(),
+            outputs: vec![backend.clone()],
             dead_letters: None,
             handler,
             stats: stats.clone(),

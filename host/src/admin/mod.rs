@@ -39,7 +39,8 @@ pub struct RouteHandle {
     pub name: String,
     pub topics: Vec<String>,
     pub group: String,
-    pub plugin: String,
+    /// The route's plugin; none on a forwarding route.
+    pub plugin: Option<String>,
     pub backend: String,
     pub stats: Arc<RouteStats>,
     pub control: Arc<RouteControl>,

@@ -15,7 +15,9 @@ use crate::backend::{self, Backend, SubscribeOptions};
 use crate::config::{Loaded, RouteConfig};
 use crate::deploy::Deployer;
 use crate::dlq::DeadLetters;
-use crate::router::{Route, RouteControl, RouteSpec, RouteStats, WasmHandler};
+use crate::router::{
+    Forward, MessageHandler, Route, RouteControl, RouteSpec, RouteStats, WasmHandler,
+};
 
 /// What a route keeps while it has the same name: a reload that restarts
 /// it hands these to the new one.
@@ -226,11 +228,12 @@ impl Generation {
         after: &RouteConfig,
     ) -> bool {
         let wired = |loaded: &Loaded, route: &RouteConfig| {
-            [
+            let mut names = vec![
                 loaded.source_backend(route).to_string(),
-                loaded.output_backend(route).to_string(),
                 loaded.dead_letter_backend(route).to_string(),
-            ]
+            ];
+            names.extend(loaded.output_backends(route).into_iter().map(String::from));
+            names
         };
         let names = wired(&self.loaded, before);
         let same_backends = names == wired(next, after)
@@ -242,7 +245,9 @@ impl Generation {
             );
         before == after
             && same_backends
-            && next_deployer.same_slot(&self.deployer, after.plugin.get_ref())
+            && after
+                .plugin_name()
+                .is_none_or(|plugin| next_deployer.same_slot(&self.deployer, plugin))
             && self.loaded.config.runtime.max_message_bytes == next.config.runtime.max_message_bytes
     }
 
@@ -257,11 +262,12 @@ impl Generation {
             .find(|r| r.name == name)
             .expect("a configured route");
         let state = &self.routes[name];
-        let slot = self
-            .deployer
-            .slot(route.plugin.get_ref())
-            .expect("checked plugin")
-            .clone();
+        let handler: Arc<dyn MessageHandler> = match route.plugin_name() {
+            Some(plugin) => Arc::new(WasmHandler::over(
+                self.deployer.slot(plugin).expect("checked plugin").clone(),
+            )),
+            None => Arc::new(Forward::new(route.rename.clone())),
+        };
         let spec = RouteSpec {
             name: route.name.clone(),
             subscribe: subscribe_options(route),
@@ -275,14 +281,19 @@ impl Generation {
             max_message_bytes: loaded.config.runtime.max_message_bytes,
             max_rate: route.max_rate,
             redriven: false,
+            output_failure: route.output_failure,
         };
         let wire = |spec: RouteSpec| Route {
             spec,
             source: self.backends[loaded.source_backend(route)].clone(),
-            sink: self.backends[loaded.output_backend(route)].clone(),
+            outputs: loaded
+                .output_backends(route)
+                .into_iter()
+                .map(|name| self.backends[name].clone())
+                .collect(),
             dead_letters: (loaded.dead_letter_backend(route) != loaded.output_backend(route))
                 .then(|| self.backends[loaded.dead_letter_backend(route)].clone()),
-            handler: Arc::new(WasmHandler::over(slot.clone())),
+            handler: handler.clone(),
             stats: state.stats.clone(),
         };
         let mut parts = Vec::new();
@@ -324,7 +335,7 @@ impl Generation {
                     name: route.name.clone(),
                     topics: subscribe.topics.clone(),
                     group: route.group().to_string(),
-                    plugin: route.plugin.get_ref().clone(),
+                    plugin: route.plugin_name().map(String::from),
                     backend: loaded.source_backend(route).to_string(),
                     stats: state.stats.clone(),
                     control: state.control.clone(),

@@ -132,21 +132,75 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         for topic in &route.topics {
             pattern::validate(topic.get_ref()).map_err(|m| fail("topics", m))?;
         }
-        if !config.plugins.contains_key(route.plugin.get_ref()) {
+        match (&route.plugin, route.forward) {
+            (None, false) => {
+                return Err(fail(
+                    "plugin",
+                    "a route needs a plugin, or `forward = true` to forward its messages as \
+                     they are"
+                        .into(),
+                ));
+            }
+            (Some(_), true) => {
+                return Err(fail(
+                    "forward",
+                    "a forwarding route has no plugin: remove `plugin` or `forward`".into(),
+                ));
+            }
+            (Some(plugin), false) if !config.plugins.contains_key(plugin.get_ref()) => {
+                return Err(fail(
+                    "plugin",
+                    format!(
+                        "no plugin named `{}` (defined: {})",
+                        plugin.get_ref(),
+                        list(config.plugins.keys())
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if !route.rename.is_empty() && !route.forward {
             return Err(fail(
-                "plugin",
-                format!(
-                    "no plugin named `{}` (defined: {})",
-                    route.plugin.get_ref(),
-                    list(config.plugins.keys())
-                ),
+                "rename",
+                "only a forwarding route (`forward = true`) renames topics; a plugin names its \
+                 outputs' topics itself"
+                    .into(),
             ));
         }
-        for (field, backend) in [
-            ("backend", &route.backend),
-            ("output_backend", &route.output_backend),
-            ("dead_letter_backend", &route.dead_letter_backend),
-        ] {
+        for (i, rule) in route.rename.iter().enumerate() {
+            rule.validate()
+                .map_err(|m| fail(&format!("rename[{i}]"), m))?;
+        }
+        if route.output_backend.is_some() && !route.output_backends.is_empty() {
+            return Err(fail(
+                "output_backends",
+                "give `output_backend` or `output_backends`, not both".into(),
+            ));
+        }
+        let mut outputs = std::collections::BTreeSet::new();
+        if let Some(name) = route
+            .output_backends
+            .iter()
+            .find(|name| !outputs.insert(name.get_ref()))
+        {
+            return Err(fail(
+                "output_backends",
+                format!("`{}` is listed twice", name.get_ref()),
+            ));
+        }
+        let named = [
+            ("backend", route.backend.as_ref()),
+            ("output_backend", route.output_backend.as_ref()),
+            ("dead_letter_backend", route.dead_letter_backend.as_ref()),
+        ]
+        .into_iter()
+        .chain(
+            route
+                .output_backends
+                .iter()
+                .map(|name| ("output_backends", Some(name))),
+        );
+        for (field, backend) in named {
             if let Some(name) = backend
                 && !config.backends.contains_key(name.get_ref())
             {
@@ -273,7 +327,9 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         if !(0.0..=1.0).contains(&retry.jitter) {
             return Err(fail("retry.jitter", "must be within 0..=1".into()));
         }
-        let plugin_timeout = config.plugins[route.plugin.get_ref()].timeout_ms;
+        let plugin_timeout = route
+            .plugin_name()
+            .map_or(0, |plugin| config.plugins[plugin].timeout_ms);
         if route.lease_ms <= plugin_timeout {
             return Err(fail(
                 "lease_ms",

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::backend::StartFrom;
+use crate::router::{OutputFailure, Rename};
 use crate::runtime::{OutboundHttp, OutputLimits, PluginSettings};
 
 mod check;
@@ -202,6 +203,22 @@ pub struct RouteConfig {
     /// The backend outputs and dead letters go to; the input backend if absent.
     #[serde(default)]
     pub output_backend: Option<Spanned<String>>,
+    /// Backends every output goes to, each of them (dual publish, while
+    /// moving from one backend to another); instead of `output_backend`.
+    /// An input is acked only once all of them have taken its outputs.
+    /// Dead letters go to the first, unless `dead_letter_backend` says
+    /// otherwise.
+    #[serde(default)]
+    pub output_backends: Vec<Spanned<String>>,
+    /// What becomes of a message whose outputs an output backend does not
+    /// take: `wait` (the default) sends them to that backend again, and
+    /// only to it, after the route's backoff, until it takes them (the
+    /// input stays unacked, and the route fetches nothing new once
+    /// `max_in_flight` messages wait); `dead-letter` gives up after
+    /// `retry.max_attempts` tries and dead-letters the input (cause
+    /// `output-failed`), while the backends that took its outputs keep them.
+    #[serde(default)]
+    pub output_failure: OutputFailure,
     /// The consumer group; the route's name if absent.
     #[serde(default)]
     pub group: Option<String>,
@@ -210,8 +227,19 @@ pub struct RouteConfig {
     /// must keep history, or the route is refused.
     #[serde(default)]
     pub start: Option<StartFrom>,
-    /// The plugin that handles each message.
-    pub plugin: Spanned<String>,
+    /// The plugin that handles each message; none on a forwarding route.
+    #[serde(default)]
+    pub plugin: Option<Spanned<String>>,
+    /// Forward each message as it is, without a plugin: a bridge from
+    /// `backend` to the output backends, keeping each message's id, key,
+    /// headers and payload (the far side can deduplicate on the id).
+    #[serde(default)]
+    pub forward: bool,
+    /// On a forwarding route, topics to forward under another name: the
+    /// first rule whose `from` matches renames (`{ from = "orders.>",
+    /// to = "legacy.orders.>" }`); other topics keep theirs.
+    #[serde(default)]
+    pub rename: Vec<Rename>,
     /// Messages handled at once.
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
@@ -396,12 +424,20 @@ impl Loaded {
         }
     }
 
-    /// The backend a route publishes to.
-    pub fn output_backend<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
-        match &route.output_backend {
-            Some(name) => name.get_ref(),
-            None => self.source_backend(route),
+    /// The backends a route publishes to: one, or several with
+    /// `output_backends`.
+    pub fn output_backends<'a>(&'a self, route: &'a RouteConfig) -> Vec<&'a str> {
+        match (&route.output_backend, route.output_backends.as_slice()) {
+            (Some(name), _) => vec![name.get_ref()],
+            (None, []) => vec![self.source_backend(route)],
+            (None, names) => names.iter().map(|name| name.get_ref().as_str()).collect(),
         }
+    }
+
+    /// The backend a route publishes to first (its only one, unless it has
+    /// `output_backends`).
+    pub fn output_backend<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
+        self.output_backends(route)[0]
     }
 
     /// The backend a route's dead letters go to.
@@ -414,6 +450,11 @@ impl Loaded {
 }
 
 impl RouteConfig {
+    /// The plugin's name; none on a forwarding route.
+    pub fn plugin_name(&self) -> Option<&str> {
+        self.plugin.as_ref().map(|name| name.get_ref().as_str())
+    }
+
     pub fn group(&self) -> &str {
         self.group.as_deref().unwrap_or(&self.name)
     }

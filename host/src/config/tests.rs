@@ -711,3 +711,49 @@ fn backend_parameters_are_checked_without_connecting() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+#[test]
+fn a_route_may_publish_to_several_backends() {
+    let text = GOOD.replace(
+        "url = \"sqlite://demo.db\"",
+        "url = \"sqlite://demo.db\"\n[backends.nats]\nurl = \"nats://127.0.0.1:4222\"\n\
+         [backends.sqs]\nurl = \"sqs://127.0.0.1:4566\"",
+    );
+    let with_outputs = |outputs: &str| {
+        format!(
+            "{}[[routes]]\nname = \"r\"\ntopics = [\"t\"]\nplugin = \"upper\"\nbackend = \"main\"\n{outputs}\n",
+            text.split("[[routes]]").next().unwrap()
+        )
+    };
+    let loaded = parse_with(
+        &with_outputs("output_backends = [\"nats\", \"sqs\"]\noutput_failure = \"dead-letter\""),
+        &[],
+    )
+    .unwrap();
+    let route = &loaded.config.routes[0];
+    assert_eq!(loaded.output_backends(route), ["nats", "sqs"]);
+    assert_eq!(loaded.dead_letter_backend(route), "nats");
+    assert_eq!(route.output_failure, OutputFailure::DeadLetter);
+
+    let one = parse_with(&with_outputs(""), &[]).unwrap();
+    assert_eq!(one.output_backends(&one.config.routes[0]), ["main"]);
+    assert_eq!(one.config.routes[0].output_failure, OutputFailure::Wait);
+
+    for (outputs, expected) in [
+        (
+            "output_backend = \"nats\"\noutput_backends = [\"sqs\"]",
+            "not both",
+        ),
+        ("output_backends = [\"nats\", \"nats\"]", "listed twice"),
+        (
+            "output_backends = [\"nats\", \"kafka\"]",
+            "no backend named `kafka`",
+        ),
+        ("output_failure = \"drop\"", "unknown variant"),
+    ] {
+        let err = format!("{:#}", parse_with(&with_outputs(outputs), &[]).unwrap_err());
+        assert!(err.contains(expected), "{outputs}: {err}");
+        let key = outputs.split(' ').next().unwrap();
+        assert!(err.contains(key), "{outputs}: {err}");
+    }
+}

@@ -220,7 +220,7 @@ impl Local {
         let route = Route {
             spec,
             source: backend.clone(),
-            sink: backend.clone(),
+            outputs: vec![backend.clone()],
             dead_letters: None,
             handler: Arc::new(Printing {
                 inner: WasmHandler::over(slot.clone()),

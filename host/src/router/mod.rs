@@ -25,6 +25,7 @@
 //! of it, and the subscription is closed.
 
 mod fetch;
+mod forward;
 mod handler;
 mod retry;
 mod settle;
@@ -40,6 +41,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use forward::{Forward, Rename};
 pub use handler::{FnHandler, MessageHandler, WasmHandler, Worker};
 pub use retry::RetryPolicy;
 pub use stats::{Histogram, LATENCY_BUCKETS, RouteStats, StatsSnapshot};
@@ -72,6 +74,25 @@ pub struct RouteSpec {
     /// The route reads redriven dead letters: each is handled under the
     /// topic it was dead-lettered from (`sluice-original-topic`).
     pub redriven: bool,
+    /// What becomes of a message whose outputs an output backend refuses.
+    pub output_failure: OutputFailure,
+}
+
+/// What becomes of a message whose outputs an output backend refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFailure {
+    /// Try again after the route's backoff for as long as it takes: in
+    /// place, and only on the backends that refused, where the route has
+    /// several output backends or is ordered (so neither a backend that
+    /// took the outputs gets them twice nor a key's later message
+    /// overtakes); otherwise the input comes back (nack) and is handled
+    /// again.
+    #[default]
+    Wait,
+    /// As `Wait`, until the route's `retry.max_attempts` are used up; then
+    /// the input is dead-lettered (cause `output-failed`) and acked.
+    DeadLetter,
 }
 
 impl RouteSpec {
@@ -98,6 +119,7 @@ impl RouteSpec {
             max_message_bytes: crate::runtime::OutputLimits::default().max_message_bytes,
             max_rate: None,
             redriven: false,
+            output_failure: OutputFailure::Wait,
         }
     }
 }
@@ -106,8 +128,9 @@ impl RouteSpec {
 pub struct Route {
     pub spec: RouteSpec,
     pub source: Arc<dyn Backend>,
-    pub sink: Arc<dyn Backend>,
-    /// Where dead letters go, if not to `sink`.
+    /// Where outputs go: every one of these (at least one).
+    pub outputs: Vec<Arc<dyn Backend>>,
+    /// Where dead letters go, if not to the first of `outputs`.
     pub dead_letters: Option<Arc<dyn Backend>>,
     pub handler: Arc<dyn MessageHandler>,
     pub stats: Arc<RouteStats>,
@@ -117,10 +140,12 @@ pub struct Route {
 struct Context {
     spec: RouteSpec,
     subscription: Box<dyn Subscription>,
-    sink: Arc<dyn Backend>,
-    /// Where dead letters go, when not to `sink`.
+    /// Where outputs go: every one of these.
+    outputs: Vec<Arc<dyn Backend>>,
+    /// Where dead letters go, when not with the outputs (always, where
+    /// there are several output backends).
     dead_letters: Option<Arc<dyn Backend>>,
-    /// Outputs and the input's ack go in one transaction: the route's sink
+    /// Outputs and the input's ack go in one transaction: the route's one output backend
     /// is its source and that backend can do it.
     atomic: bool,
     stats: Arc<RouteStats>,
@@ -152,7 +177,7 @@ pub const DEAD_LETTER_GROUP: &str = "sluice-dead-letters";
 impl Route {
     /// The backend this route's dead letters go to.
     pub fn dead_letter_backend(&self) -> &Arc<dyn Backend> {
-        self.dead_letters.as_ref().unwrap_or(&self.sink)
+        self.dead_letters.as_ref().unwrap_or(&self.outputs[0])
     }
 
     /// Makes sure the dead-letter topic's messages are kept from the first
@@ -293,16 +318,22 @@ impl Subscribed {
             subscription,
         } = self;
         let handler = route.handler;
+        assert!(!route.outputs.is_empty(), "a route has an output backend");
         let atomic = subscription.transactional()
-            && std::ptr::addr_eq(Arc::as_ptr(&route.source), Arc::as_ptr(&route.sink));
+            && route.outputs.len() == 1
+            && std::ptr::addr_eq(Arc::as_ptr(&route.source), Arc::as_ptr(&route.outputs[0]));
+        let dead_letters = match route.dead_letters {
+            None if route.outputs.len() > 1 => Some(route.outputs[0].clone()),
+            dead_letters => dead_letters,
+        };
         // A route stopping on its own must not stop the rest of the host.
         let shutdown = shutdown.child_token();
         let max_in_flight = route.spec.max_in_flight.max(1);
         let context = Arc::new(Context {
             spec: route.spec,
             subscription,
-            sink: route.sink,
-            dead_letters: route.dead_letters,
+            outputs: route.outputs,
+            dead_letters,
             atomic,
             stats: route.stats,
             shutdown,
@@ -376,4 +407,14 @@ enum Verdict {
     },
     /// Deliver again after the delay.
     Nack(Duration),
+}
+
+impl Verdict {
+    /// Publish `letter`, the input's dead letter, then ack.
+    fn dead_letter(letter: Message) -> Self {
+        Verdict::Publish {
+            outputs: vec![letter],
+            dead_letter: true,
+        }
+    }
 }

@@ -5,28 +5,32 @@
 //! and a lone message at a low rate never waits for company), then:
 //!
 //! - publishes the outputs and dead letters of the whole batch in one
-//!   `publish` call (the dead letters in a second one, at the same time,
-//!   where the route sends them to a backend of their own), and once the
-//!   backends have accepted them, acks and nacks the
-//!   inputs in one `settle` call; or, on a transactional route, hands each
-//!   delivery's outputs and ack to the backend in one `settle` call, each
+//!   `publish` call per output backend, at the same time (the dead letters
+//!   in a call of their own where the route sends them to a backend of
+//!   their own, as it always does with several output backends), and once
+//!   every backend has accepted them, acks and nacks the inputs in one
+//!   `settle` call; or, on a transactional route, hands each delivery's
+//!   outputs and ack to the backend in one `settle` call, each
 //!   all-or-nothing;
 //! - retries what failed for a transient reason, with the route's backoff;
-//!   a publish that still fails sends its inputs back (nack), except on an
-//!   ordered route, where it is retried in place so no later message of a
-//!   key overtakes it;
+//!   a refused publish is tried again in place, on the refusing backends
+//!   alone, where the route has several or is ordered (so no backend gets
+//!   outputs twice and no later message of a key overtakes), and otherwise
+//!   sends its inputs back (nack); with `output_failure = "dead-letter"`,
+//!   an input whose outputs are refused past its attempts is dead-lettered;
 //! - counts a lost lease (the delivery is another consumer's now) and
 //!   stops the route on a fatal error.
 //!
 //! One settler per route settles its batches one after another, so outputs
 //! reach the sink in the order the workers finished them.
 
-use anyhow::{Error, Result};
+use anyhow::Error;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{Context, Finished, RouteStats, Verdict};
+use super::trace::Trace;
+use super::{Context, Finished, OutputFailure, RouteStats, Verdict};
 use crate::backend::{Backend, Delivery, SettleError, Settlement};
 use crate::message::Message;
 use crate::telemetry::DELIVERY;
@@ -65,16 +69,18 @@ impl Context {
         }
     }
 
-    /// All outputs in one publish (and dead letters in one more, where
-    /// they go to a backend of their own), then all inputs settled in one
-    /// call.
+    /// All outputs in one publish per output backend (and dead letters in
+    /// one more, where they go to a backend of their own), then all inputs
+    /// settled in one call.
     async fn publish_then_settle(&self, batch: impl Iterator<Item = Finished>) {
         let mut outputs = Vec::new();
         let mut letters = Vec::new();
         let mut publishing = Vec::new();
         let mut nacks = Vec::new();
         for Finished {
-            delivery, verdict, ..
+            delivery,
+            verdict,
+            span,
         } in batch
         {
             match verdict {
@@ -83,7 +89,13 @@ impl Context {
                     dead_letter,
                 } => {
                     let apart = dead_letter && self.dead_letters.is_some();
-                    publishing.push((delivery, these.len() as u64, dead_letter, apart));
+                    publishing.push(Publishing {
+                        delivery,
+                        span,
+                        outputs: these.len() as u64,
+                        dead_letter,
+                        apart,
+                    });
                     if apart {
                         letters.append(&mut these);
                     } else {
@@ -94,43 +106,102 @@ impl Context {
             }
         }
         let (published, letters_published) = tokio::join!(
-            self.publish(&self.sink, outputs),
+            self.publish_to(&self.outputs, outputs),
             self.publish_dead_letters(letters)
         );
+        let mut fates: Vec<Fate> = publishing
+            .iter()
+            .map(|p| match (p.apart, &published, &letters_published) {
+                (false, Ok(()), _) | (true, _, Ok(())) => Fate::Published,
+                (false, Err(refused), _)
+                    if !p.dead_letter && self.gives_up(&p.delivery, refused) =>
+                {
+                    Fate::DeadLetter(self.output_failed(p, refused))
+                }
+                _ => Fate::Refused,
+            })
+            .collect();
+        self.publish_late_letters(&mut fates).await;
         let mut items = Vec::with_capacity(publishing.len() + nacks.len());
-        for (delivery, _, _, apart) in &publishing {
-            let published = if *apart {
-                &letters_published
-            } else {
-                &published
+        for (p, fate) in publishing.iter().zip(&fates) {
+            let settlement = match fate {
+                Fate::Published | Fate::DeadLetter(_) => Settlement::Ack,
+                Fate::Refused => self.publish_failed(&p.delivery),
             };
-            let settlement = match published {
-                Ok(()) => Settlement::Ack,
-                Err(_) => self.publish_failed(delivery),
-            };
-            items.push((delivery, settlement));
+            items.push((&p.delivery, settlement));
         }
         items.extend(nacks.iter().map(|(d, delay)| (d, Settlement::Nack(*delay))));
         let results = self.settle_retrying(items).await;
         let (acks, nacks) = results.split_at(publishing.len());
-        for (result, (_, outputs, dead_letter, apart)) in acks.iter().zip(&publishing) {
-            let published = if *apart {
-                &letters_published
-            } else {
-                &published
-            };
-            match published {
-                Ok(()) => self.account(result, *outputs, *dead_letter),
-                Err(_) => self.account_nack(result),
+        for ((result, p), fate) in acks.iter().zip(&publishing).zip(&fates) {
+            match fate {
+                Fate::Published => self.account(result, p.outputs, p.dead_letter),
+                Fate::DeadLetter(_) => self.account(result, 0, true),
+                Fate::Refused => self.account_nack(result),
             }
         }
         nacks.iter().for_each(|result| self.account_nack(result));
     }
 
+    /// Whether a delivery whose outputs were refused is dead-lettered now
+    /// rather than sent back: so the route's `output_failure` says, and
+    /// its attempts are used up (tried in place, or delivered that often).
+    fn gives_up(&self, delivery: &Delivery, refused: &Refused) -> bool {
+        self.spec.output_failure == OutputFailure::DeadLetter
+            && !self.shutdown.is_cancelled()
+            && (refused.exhausted || !self.spec.retry.may_retry(delivery.attempt))
+    }
+
+    /// The dead letter of an input whose outputs were refused.
+    fn output_failed(&self, publishing: &Publishing, refused: &Refused) -> Message {
+        let delivery = &publishing.delivery;
+        let trace = Trace::exported(&delivery.message, &publishing.span)
+            .unwrap_or_else(|| Trace::of(&delivery.message));
+        publishing.span.in_scope(|| {
+            self.dead_letter(
+                &delivery.message,
+                delivery.attempt,
+                "output-failed",
+                &format!("publishing its outputs failed: {:#}", refused.error),
+                trace,
+            )
+        })
+    }
+
+    /// Publishes the dead letters of inputs whose outputs were refused;
+    /// those it cannot publish are sent back after all.
+    async fn publish_late_letters(&self, fates: &mut [Fate]) {
+        let letters: Vec<Message> = fates
+            .iter()
+            .filter_map(|fate| match fate {
+                Fate::DeadLetter(letter) => Some(letter.clone()),
+                _ => None,
+            })
+            .collect();
+        if letters.is_empty() {
+            return;
+        }
+        let backend = std::slice::from_ref(self.dead_letter_backend());
+        if self.publish_to(backend, letters).await.is_err() {
+            for fate in fates.iter_mut() {
+                if matches!(fate, Fate::DeadLetter(_)) {
+                    *fate = Fate::Refused;
+                }
+            }
+        }
+    }
+
+    fn dead_letter_backend(&self) -> &Arc<dyn Backend> {
+        self.dead_letters.as_ref().unwrap_or(&self.outputs[0])
+    }
+
     /// Publishes dead letters to their own backend, if they have one.
-    async fn publish_dead_letters(&self, letters: Vec<Message>) -> Result<()> {
+    async fn publish_dead_letters(&self, letters: Vec<Message>) -> Result<(), Refused> {
         match &self.dead_letters {
-            Some(backend) => self.publish(backend, letters).await,
+            Some(backend) => {
+                self.publish_to(std::slice::from_ref(backend), letters)
+                    .await
+            }
             None => Ok(()),
         }
     }
@@ -204,46 +275,76 @@ impl Context {
         }
     }
 
-    /// Publishes `outputs` to `backend`; on an ordered route a failure is
-    /// retried here, so that no later output of a key can overtake these.
-    /// A failure that stays is logged and returned.
-    async fn publish(&self, backend: &Arc<dyn Backend>, outputs: Vec<Message>) -> Result<()> {
-        let published = self.publish_ordered(backend, outputs).await;
-        if let Err(e) = &published {
-            self.backend_failed(format_args!("publishing outputs failed: {e:#}"));
-        }
-        published
-    }
-
-    async fn publish_ordered(
+    /// Publishes `messages` to each of `backends`. A lone backend of an
+    /// unordered route gets one try (a failure sends the inputs back,
+    /// to be handled again). Otherwise a backend that refuses them gets
+    /// them again, alone, after the route's backoff, until it takes them,
+    /// the route stops, or its `output_failure` gives up: so no backend
+    /// gets them twice and, on an ordered route, no later output of a key
+    /// overtakes them.
+    async fn publish_to(
         &self,
-        backend: &Arc<dyn Backend>,
-        outputs: Vec<Message>,
-    ) -> Result<()> {
-        if outputs.is_empty() {
+        backends: &[Arc<dyn Backend>],
+        messages: Vec<Message>,
+    ) -> Result<(), Refused> {
+        if messages.is_empty() {
             return Ok(());
         }
-        if !self.spec.ordered {
-            return backend.publish(outputs).await;
+        if let [backend] = backends
+            && !self.spec.ordered
+        {
+            return backend
+                .publish(messages)
+                .await
+                .map_err(|error| self.refused(error, false));
         }
+        let mut pending: Vec<&Arc<dyn Backend>> = backends.iter().collect();
         let mut attempt = 1;
         loop {
-            match backend.publish(outputs.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) if self.spec.retry.may_retry(attempt) && !self.shutdown.is_cancelled() => {
-                    let delay = self.spec.retry.backoff(attempt);
-                    self.backend_failed(format_args!(
-                        "publishing outputs failed, retrying in {delay:?}: {e:#}"
-                    ));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => {}
-                    }
-                    attempt += 1;
+            let results = futures::future::join_all(
+                pending
+                    .iter()
+                    .map(|backend| backend.publish(messages.clone())),
+            )
+            .await;
+            let mut refusing = Vec::new();
+            let mut errors = Vec::new();
+            for (backend, result) in pending.iter().zip(results) {
+                if let Err(e) = result {
+                    errors.push(format!("{}: {e:#}", backend.kind()));
+                    refusing.push(*backend);
                 }
-                Err(e) => return Err(e),
             }
+            if refusing.is_empty() {
+                return Ok(());
+            }
+            pending = refusing;
+            let error = Error::msg(errors.join("; "));
+            let exhausted = self.spec.output_failure == OutputFailure::DeadLetter
+                && !self.spec.retry.may_retry(attempt);
+            if exhausted || self.shutdown.is_cancelled() {
+                return Err(self.refused(error, exhausted));
+            }
+            let delay = self.spec.retry.backoff(attempt);
+            self.backend_failed(format_args!(
+                "publishing {} messages failed on {} of {} backends, trying them again in \
+                 {delay:?}: {error:#}",
+                messages.len(),
+                pending.len(),
+                backends.len()
+            ));
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
+            attempt += 1;
         }
+    }
+
+    /// A publish that failed for good: logged, and said why.
+    fn refused(&self, error: Error, exhausted: bool) -> Refused {
+        self.backend_failed(format_args!("publishing outputs failed: {error:#}"));
+        Refused { error, exhausted }
     }
 
     /// Settles `items`, trying again with the route's backoff those that
@@ -357,4 +458,32 @@ fn repeatable(settlement: &Settlement, ordered: bool) -> Option<Settlement> {
         }
         Settlement::PublishAndAck(_) => None,
     }
+}
+
+/// A delivery whose outputs (or dead letter) the settler publishes.
+struct Publishing {
+    delivery: Delivery,
+    span: tracing::Span,
+    outputs: u64,
+    dead_letter: bool,
+    /// Its dead letter goes to a backend of its own.
+    apart: bool,
+}
+
+/// How a publishing delivery ends.
+enum Fate {
+    /// Its outputs (or dead letter) were published: ack it.
+    Published,
+    /// Its outputs were refused: send it back.
+    Refused,
+    /// Its outputs were refused for good: dead-letter it, then ack it.
+    DeadLetter(Message),
+}
+
+/// Why messages were not published.
+struct Refused {
+    error: Error,
+    /// Tried in place until the route's `output_failure` gave up (not
+    /// tried once only, nor cut short by the route stopping).
+    exhausted: bool,
 }

@@ -88,7 +88,7 @@ impl Context {
                     match self.unfit(&delivery.message) {
                         Some((cause, reason)) => {
                             let trace = traced.trace(&delivery.message);
-                            let verdict = traced.span.in_scope(|| {
+                            let verdict = Verdict::dead_letter(traced.span.in_scope(|| {
                                 self.dead_letter(
                                     &delivery.message,
                                     delivery.attempt,
@@ -96,7 +96,7 @@ impl Context {
                                     &reason,
                                     trace,
                                 )
-                            });
+                            }));
                             let span = traced.ended("dead-lettered");
                             finished.push(Finished {
                                 delivery,
@@ -200,9 +200,9 @@ impl Context {
                 Ok(Outcome::Retry(reason)) => ("retry", reason),
                 Ok(Outcome::Reject(reason)) => {
                     let trace = traced.trace(&delivery.message);
-                    let verdict = traced.span.in_scope(|| {
+                    let verdict = Verdict::dead_letter(traced.span.in_scope(|| {
                         self.dead_letter(&delivery.message, attempt, "rejected", &reason, trace)
-                    });
+                    }));
                     return (verdict, traced.ended("dead-lettered"));
                 }
                 Err(error) => {
@@ -213,7 +213,7 @@ impl Context {
             if !self.spec.retry.may_retry(attempt) {
                 let reason = format!("{reason} (after {attempt} attempts)");
                 let trace = traced.trace(&delivery.message);
-                let verdict = traced.span.in_scope(|| {
+                let verdict = Verdict::dead_letter(traced.span.in_scope(|| {
                     self.dead_letter(
                         &delivery.message,
                         attempt,
@@ -221,7 +221,7 @@ impl Context {
                         &reason,
                         trace,
                     )
-                });
+                }));
                 return (verdict, traced.ended("dead-lettered"));
             }
             RouteStats::add(&self.stats.retried, 1);
@@ -286,14 +286,14 @@ impl Context {
 
     /// The input, unchanged, addressed to the dead-letter topic with headers
     /// saying why.
-    fn dead_letter(
+    pub(super) fn dead_letter(
         &self,
         original: &Message,
         attempt: u32,
         cause: &str,
         reason: &str,
         trace: Trace,
-    ) -> Verdict {
+    ) -> Message {
         let mut letter = Message::new(
             self.spec.dead_letter_topic.clone(),
             original.payload.clone(),
@@ -308,9 +308,6 @@ impl Context {
         letter.set_header(headers::ROUTE, self.spec.name.clone());
         trace.stamp(&mut letter);
         tracing::warn!(message = %original.id, topic = %self.spec.dead_letter_topic, cause, "dead-lettering: {reason}");
-        Verdict::Publish {
-            outputs: vec![letter],
-            dead_letter: true,
-        }
+        letter
     }
 }

@@ -181,7 +181,7 @@ pub fn route(
             ..RouteSpec::new(name, subscribe)
         },
         source: backend.clone(),
-        sink: backend.clone(),
+        outputs: vec![backend.clone()],
         dead_letters: None,
         handler: Arc::new(WasmHandler::new(plugin)),
         stats: Arc::new(RouteStats::default()),

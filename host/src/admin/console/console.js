@@ -247,7 +247,7 @@
     const c = row.cells;
     setText(
       row.detail,
-      `${(route.topics || []).join(", ")} → ${route.plugin} on ${route.backend}` +
+      `${(route.topics || []).join(", ")} → ${route.plugin ?? "forward"} on ${route.backend}` +
         (route.group ? ` (group ${route.group})` : ""),
     );
 

@@ -211,6 +211,20 @@ impl ServerProcess {
         *child = (self.spawn)(self.port, self.dir.path());
         wait_ready(self.port, self.ready);
     }
+
+    /// Kills the server (SIGKILL), to be started again by [`Self::start_again`].
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again on its port and data after [`Self::kill`].
+    fn start_again(&self) {
+        let mut child = self.child.lock().unwrap();
+        *child = (self.spawn)(self.port, self.dir.path());
+        wait_ready(self.port, self.ready);
+    }
 }
 
 impl Drop for ServerProcess {
@@ -292,6 +306,11 @@ impl Redis {
         }
     }
 
+    /// The server's URL, for another process.
+    pub fn url(&self) -> String {
+        self.server.url(self.scheme, self.rest)
+    }
+
     pub fn pubsub() -> Self {
         Redis {
             server: ServerProcess::start(Self::spawn),
@@ -309,7 +328,7 @@ impl Target for Redis {
     }
 
     async fn open(&self) -> Result<Arc<dyn Backend>> {
-        backend::connect(&self.server.url(self.scheme, self.rest)).await
+        backend::connect(&self.url()).await
     }
 
     fn reports_backlog(&self) -> bool {
@@ -399,6 +418,21 @@ impl Nats {
             server: ServerProcess::start(Self::spawn_jetstream),
             name: "jetstream",
         }
+    }
+
+    /// The server's URL, with `query` (`?timeout_ms=1000`).
+    pub fn url(&self, query: &str) -> String {
+        self.server.url(self.name, query)
+    }
+
+    /// Kills the server (SIGKILL) and leaves it down.
+    pub fn kill(&self) {
+        self.server.kill();
+    }
+
+    /// Starts the killed server again, with what it stored.
+    pub fn start_again(&self) {
+        self.server.start_again();
     }
 }
 

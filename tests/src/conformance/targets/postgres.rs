@@ -22,6 +22,14 @@ impl Postgres {
             server: ServerProcess::start_with(spawn, ready),
         }
     }
+
+    /// The server's URL, for another process.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?schema=conformance&poll_ms=200",
+            self.server.port
+        )
+    }
 }
 
 /// Where Debian installs the server binaries (they are not on `PATH`).
@@ -118,11 +126,7 @@ impl Target for Postgres {
     }
 
     async fn open(&self) -> Result<Arc<dyn Backend>> {
-        let url = format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?schema=conformance&poll_ms=200",
-            self.server.port
-        );
-        backend::connect(&url).await
+        backend::connect(&self.url()).await
     }
 
     fn can_restart(&self) -> bool {

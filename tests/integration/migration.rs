@@ -1,0 +1,359 @@
+//! Moving between backends: a route that publishes to several backends at
+//! once (dual publish), acking its input only once every one of them has
+//! taken the outputs; and bridges (forwarding routes) that carry a topic
+//! from one backend to another through SIGKILLs and broker restarts.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::backend::{self, Backend, Settlement, SubscribeOptions};
+use sluice::message::{Message, headers};
+use sluice::router::{OutputFailure, RouteStats};
+use sluice_tests::common::{Collector, Running, load, quick_retry, route, runtime, settings, text};
+use sluice_tests::conformance::Target;
+#[cfg(feature = "postgres")]
+use sluice_tests::conformance::targets::postgres::Postgres;
+use sluice_tests::conformance::targets::{Nats, Redis};
+
+use crate::crash::Host;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A route from SQLite to Redis Streams and JetStream (each on a server of
+/// its own, so the test can kill it), uppercasing `dual.in` to `dual.out`.
+struct Dual {
+    source: Arc<dyn Backend>,
+    redis: Arc<dyn Backend>,
+    jetstream: Arc<dyn Backend>,
+    jetstream_server: Nats,
+    _redis_server: Redis,
+    _dir: tempfile::TempDir,
+}
+
+impl Dual {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?poll_ms=20", dir.path().join("in.db").display());
+        let source = backend::connect(&url).await.unwrap();
+        let redis_server = Redis::streams();
+        let redis = redis_server.open().await.unwrap();
+        let jetstream_server = Nats::jetstream();
+        // A publish to the dead server gives up after a second.
+        let jetstream = backend::connect(&jetstream_server.url("?timeout_ms=1000"))
+            .await
+            .unwrap();
+        Dual {
+            source,
+            redis,
+            jetstream,
+            jetstream_server,
+            _redis_server: redis_server,
+            _dir: dir,
+        }
+    }
+
+    async fn start(&self, output_failure: OutputFailure) -> Running {
+        let runtime = runtime();
+        let plugin = load(
+            &runtime,
+            "uppercase",
+            settings("uppercase", &[("output", "dual.out")]),
+        );
+        let mut route = route("dual", &self.source, "dual.in", plugin, quick_retry(3));
+        // Long enough that no input comes back while a backend is down: a
+        // second handling would repeat outputs on the backend that is up.
+        route.spec.subscribe.lease = Duration::from_secs(120);
+        route.spec.concurrency = 4;
+        route.spec.output_failure = output_failure;
+        route.outputs = vec![self.redis.clone(), self.jetstream.clone()];
+        route.dead_letters = Some(self.source.clone());
+        Running::start(route).await
+    }
+
+    async fn publish(&self, numbers: std::ops::Range<usize>) {
+        let messages = numbers
+            .map(|n| Message::new("dual.in", format!("message {n}")))
+            .collect();
+        self.source.publish(messages).await.unwrap();
+    }
+}
+
+/// Each output's input, once: the count of distinct inputs and of repeats.
+fn inputs(outputs: &[Message]) -> (usize, usize) {
+    let distinct: BTreeSet<String> = outputs.iter().map(text).collect();
+    (distinct.len(), outputs.len() - distinct.len())
+}
+
+async fn wait_until(stats: &RouteStats, what: &str, done: impl Fn(&RouteStats) -> bool) {
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    while !done(stats) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{what} within {LIMIT:?}: {}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With JetStream killed, the inputs stay unacked; once JetStream is back,
+/// it gets every output it missed and the inputs are acked. Nothing is
+/// lost, and Redis, which stayed up, gets nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dual_publish_waits_out_a_killed_backend_and_loses_nothing() {
+    let dual = Dual::new().await;
+    let on_redis = Collector::start(&dual.redis, &["dual.out"]).await;
+    let running = dual.start(OutputFailure::Wait).await;
+    let stats = running.stats.clone();
+
+    dual.publish(0..100).await;
+    wait_until(&stats, "100 acked", |s| s.snapshot().succeeded == 100).await;
+
+    dual.jetstream_server.kill();
+    dual.publish(100..200).await;
+    // JetStream cannot take their outputs: the inputs must wait.
+    wait_until(&stats, "the new inputs handled", |s| {
+        s.snapshot().received >= 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stats.snapshot().succeeded,
+        100,
+        "inputs acked before every output backend took their outputs"
+    );
+
+    dual.jetstream_server.start_again();
+    wait_until(&stats, "200 acked once JetStream is back", |s| {
+        s.snapshot().succeeded == 200
+    })
+    .await;
+    let on_jetstream = Collector::start(&dual.jetstream, &["dual.out"]).await;
+    let (distinct, _) = inputs(&on_jetstream.wait_for(200, LIMIT).await.unwrap());
+    assert_eq!(distinct, 200, "JetStream lost outputs");
+    let (distinct, repeats) = inputs(&on_redis.wait_for(200, LIMIT).await.unwrap());
+    assert_eq!(
+        (distinct, repeats),
+        (200, 0),
+        "Redis, up throughout, lost outputs or got some twice"
+    );
+    running.stop().await;
+}
+
+/// With `output_failure = dead-letter`, inputs whose outputs JetStream
+/// keeps refusing are dead-lettered once their attempts are used up (cause
+/// `output-failed`), and acked; Redis keeps the outputs it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dual_publish_dead_letters_what_a_dead_backend_refuses() {
+    let dual = Dual::new().await;
+    let on_redis = Collector::start(&dual.redis, &["dual.out"]).await;
+    let letters = Collector::start(&dual.source, &["dual.dead-letter"]).await;
+    dual.jetstream_server.kill();
+    let running = dual.start(OutputFailure::DeadLetter).await;
+
+    dual.publish(0..20).await;
+    let letters = letters.wait_for(20, LIMIT).await.unwrap();
+    assert_eq!(inputs(&letters), (20, 0));
+    for letter in &letters {
+        assert_eq!(
+            letter.header(headers::DEAD_LETTER_CAUSE),
+            Some("output-failed")
+        );
+        let reason = letter.header(headers::DEAD_LETTER_REASON).unwrap();
+        assert!(reason.contains("jetstream"), "{reason}");
+    }
+    assert_eq!(inputs(&on_redis.wait_for(20, LIMIT).await.unwrap()).0, 20);
+    let stats = running.stats.snapshot();
+    assert_eq!((stats.succeeded, stats.dead_lettered), (0, 20), "{stats}");
+    running.stop().await;
+}
+
+/// A config with one forwarding route, `bridge`, from backend `from` to
+/// backend `to`: `<ns>.orders.>` forwarded as `<ns>.moved.>`.
+fn bridge_config(ns: &str, dir: &Path, from: &str, to: &str) -> PathBuf {
+    let body = format!(
+        r#"[backends.from]
+url = "{from}"
+
+[backends.to]
+url = "{to}"
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "bridge"
+topics = ["{ns}.orders.>"]
+backend = "from"
+output_backend = "to"
+forward = true
+rename = [{{ from = "{ns}.orders.>", to = "{ns}.moved.>" }}]
+concurrency = 4
+lease_ms = 5000
+"#,
+        cache = dir.join("cache").display(),
+    );
+    let path = dir.join("bridge.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+/// Each forwarded message's id, with how often it arrived and under which
+/// topics, read from `pattern` by a throwaway group once nothing more comes.
+async fn arrived(backend: &Arc<dyn Backend>, pattern: &str) -> HashMap<String, Vec<String>> {
+    let mut options = SubscribeOptions::new(vec![pattern.to_string()], "count");
+    options.ephemeral = true;
+    let subscription = backend.subscribe(options).await.unwrap();
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let mut quiet_since = tokio::time::Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) {
+        let batch = subscription
+            .fetch(1000, Duration::from_millis(200))
+            .await
+            .unwrap();
+        if !batch.is_empty() {
+            quiet_since = tokio::time::Instant::now();
+        }
+        for delivery in &batch {
+            let message = &delivery.message;
+            seen.entry(message.id.clone())
+                .or_default()
+                .push(message.topic.clone());
+        }
+        let settlements = batch.iter().map(|d| (d, Settlement::Ack)).collect();
+        for result in subscription.settle(settlements).await {
+            result.unwrap();
+        }
+    }
+    subscription.close().await.unwrap();
+    seen
+}
+
+/// Waits until at least `count` messages have arrived on `pattern`
+/// (read by a throwaway group, which disturbs no one); how many had.
+async fn wait_for_some(backend: &Arc<dyn Backend>, pattern: &str, count: usize) -> usize {
+    let mut options = SubscribeOptions::new(vec![pattern.to_string()], "peek");
+    options.ephemeral = true;
+    let subscription = backend.subscribe(options).await.unwrap();
+    let give_up = tokio::time::Instant::now() + LIMIT;
+    let mut seen = 0;
+    while seen < count {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{seen} of {count} messages arrived within {LIMIT:?}"
+        );
+        let batch = subscription
+            .fetch(1000, Duration::from_millis(100))
+            .await
+            .unwrap();
+        seen += batch.len();
+        let acks = batch.iter().map(|d| (d, Settlement::Ack)).collect();
+        subscription.settle(acks).await;
+    }
+    subscription.close().await.unwrap();
+    seen
+}
+
+/// A bridge from `from` to `to` forwards `total` messages although its
+/// host is SIGKILLed part way and started again, and each broker that can
+/// be restarted is, the source's while the host is down, the target's
+/// while the second host forwards. Every message arrives, under its
+/// renamed topic, with its id; returns how many arrived more than once.
+async fn bridge_survives_kills_and_restarts(
+    total: usize,
+    from: (&str, Option<&dyn Target>),
+    to: (&str, Option<&dyn Target>),
+) -> usize {
+    let ns = format!("bridge{}", &Message::new("x", "").id[24..]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(&ns, dir.path(), from.0, to.0);
+    let source = backend::connect(from.0).await.unwrap();
+    let messages: Vec<Message> = (0..total)
+        .map(|i| {
+            let region = ["eu", "us"][i % 2];
+            Message::new(format!("{ns}.orders.{region}"), format!("order {i}"))
+        })
+        .collect();
+    let sent: HashMap<String, String> = messages
+        .iter()
+        .map(|m| (m.id.clone(), m.topic.replace(".orders.", ".moved.")))
+        .collect();
+    for chunk in messages.chunks(1000) {
+        source.publish(chunk.to_vec()).await.unwrap();
+    }
+
+    let target = backend::connect(to.0).await.unwrap();
+    let moved = format!("{ns}.moved.>");
+    let host = Host::start(&config);
+    host.wait_subscribed(1);
+    // Killed mid-run: once a tenth has arrived.
+    let arrived_first = wait_for_some(&target, &moved, total / 10).await;
+    host.kill();
+    if let Some(server) = from.1 {
+        server.restart().await.unwrap();
+    }
+    // Idle for longer than the lease, so that what the killed host held
+    // has come back and been forwarded before the second one exits.
+    let host = Host::start_with(&config, &["--exit-when-idle", "8"]);
+    host.wait_subscribed(1);
+    if let Some(server) = to.1 {
+        std::thread::sleep(Duration::from_millis(500));
+        server.restart().await.unwrap();
+    }
+    host.wait(Duration::from_secs(600));
+
+    let got = arrived(&target, &moved).await;
+    let missing = sent.keys().filter(|id| !got.contains_key(*id)).count();
+    assert_eq!(missing, 0, "{missing} of {total} messages never forwarded");
+    for (id, topics) in &got {
+        let expected = sent.get(id).expect("only what was sent arrives");
+        assert!(
+            topics.iter().all(|t| t == expected),
+            "{id}: {topics:?}, not {expected}"
+        );
+    }
+    assert!(arrived_first < total, "the bridge was done before the kill");
+    let duplicates = got.values().map(|t| t.len() - 1).sum();
+    println!(
+        "bridge {} -> {}: {total} messages, {arrived_first} before SIGKILL, none lost, \
+         {duplicates} duplicate(s)",
+        from.0, to.0
+    );
+    duplicates
+}
+
+/// SQLite to JetStream: JetStream drops what the bridge sends twice,
+/// since the forwarded message keeps its id (`Nats-Msg-Id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_from_sqlite_to_jetstream_loses_nothing_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!(
+        "sqlite://{}?poll_ms=20",
+        dir.path().join("old.db").display()
+    );
+    let jetstream = Nats::jetstream();
+    let duplicates = bridge_survives_kills_and_restarts(
+        20_000,
+        (&sqlite, None),
+        (&jetstream.url(""), Some(&jetstream)),
+    )
+    .await;
+    assert_eq!(duplicates, 0, "JetStream kept a repeated id");
+}
+
+/// Redis Streams (its append-only file fsynced on every write) to
+/// PostgreSQL, both servers restarted.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_from_redis_streams_to_postgres_loses_nothing() {
+    let redis = Redis::streams();
+    let postgres = Postgres::new();
+    bridge_survives_kills_and_restarts(
+        20_000,
+        (&redis.url(), Some(&redis)),
+        (&postgres.url(), Some(&postgres)),
+    )
+    .await;
+}
