@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::backend::{self, Backend, Settlement, SubscribeOptions};
+use sluice::backend::{self, Backend, Settlement, SubscribeOptions, Subscription};
 use sluice::message::{Message, headers};
 use sluice::router::{OutputFailure, RouteStats};
+#[cfg(any(feature = "kafka", feature = "sqs"))]
+use sluice_tests::common::servers::Server;
 use sluice_tests::common::{Collector, Running, load, quick_retry, route, runtime, settings, text};
 use sluice_tests::conformance::Target;
 #[cfg(feature = "postgres")]
@@ -200,16 +202,22 @@ lease_ms = 5000
     path
 }
 
-/// Each forwarded message's id, with how often it arrived and under which
-/// topics, read from `pattern` by a throwaway group once nothing more comes.
-async fn arrived(backend: &Arc<dyn Backend>, pattern: &str) -> HashMap<String, Vec<String>> {
-    let mut options = SubscribeOptions::new(vec![pattern.to_string()], "count");
+/// Reads what a bridge forwards to `pattern`, as a throwaway group of its
+/// own, subscribed before anything is forwarded (SQS keeps messages only
+/// for the groups it has).
+async fn watch(backend: &Arc<dyn Backend>, pattern: &str, group: &str) -> Box<dyn Subscription> {
+    let mut options = SubscribeOptions::new(vec![pattern.to_string()], group);
     options.ephemeral = true;
-    let subscription = backend.subscribe(options).await.unwrap();
+    backend.subscribe(options).await.unwrap()
+}
+
+/// Each forwarded message's id, with the topics it arrived under (one per
+/// arrival), once nothing more has come for three seconds.
+async fn arrived(watching: Box<dyn Subscription>) -> HashMap<String, Vec<String>> {
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
     let mut quiet_since = tokio::time::Instant::now();
     while quiet_since.elapsed() < Duration::from_secs(3) {
-        let batch = subscription
+        let batch = watching
             .fetch(1000, Duration::from_millis(200))
             .await
             .unwrap();
@@ -223,20 +231,16 @@ async fn arrived(backend: &Arc<dyn Backend>, pattern: &str) -> HashMap<String, V
                 .push(message.topic.clone());
         }
         let settlements = batch.iter().map(|d| (d, Settlement::Ack)).collect();
-        for result in subscription.settle(settlements).await {
+        for result in watching.settle(settlements).await {
             result.unwrap();
         }
     }
-    subscription.close().await.unwrap();
+    watching.close().await.unwrap();
     seen
 }
 
-/// Waits until at least `count` messages have arrived on `pattern`
-/// (read by a throwaway group, which disturbs no one); how many had.
-async fn wait_for_some(backend: &Arc<dyn Backend>, pattern: &str, count: usize) -> usize {
-    let mut options = SubscribeOptions::new(vec![pattern.to_string()], "peek");
-    options.ephemeral = true;
-    let subscription = backend.subscribe(options).await.unwrap();
+/// Waits until at least `count` messages have arrived; how many had.
+async fn wait_for_some(watching: Box<dyn Subscription>, count: usize) -> usize {
     let give_up = tokio::time::Instant::now() + LIMIT;
     let mut seen = 0;
     while seen < count {
@@ -244,16 +248,62 @@ async fn wait_for_some(backend: &Arc<dyn Backend>, pattern: &str, count: usize) 
             tokio::time::Instant::now() < give_up,
             "{seen} of {count} messages arrived within {LIMIT:?}"
         );
-        let batch = subscription
+        let batch = watching
             .fetch(1000, Duration::from_millis(100))
             .await
             .unwrap();
         seen += batch.len();
         let acks = batch.iter().map(|d| (d, Settlement::Ack)).collect();
-        subscription.settle(acks).await;
+        watching.settle(acks).await;
     }
-    subscription.close().await.unwrap();
+    watching.close().await.unwrap();
     seen
+}
+
+/// `total` messages on `<ns>.orders.eu` and `.us`, and the topic each must
+/// arrive under, by id.
+fn orders(ns: &str, total: usize) -> (Vec<Message>, HashMap<String, String>) {
+    let messages: Vec<Message> = (0..total)
+        .map(|i| {
+            let region = ["eu", "us"][i % 2];
+            Message::new(format!("{ns}.orders.{region}"), format!("order {i}"))
+        })
+        .collect();
+    let renamed = messages
+        .iter()
+        .map(|m| (m.id.clone(), m.topic.replace(".orders.", ".moved.")))
+        .collect();
+    (messages, renamed)
+}
+
+async fn publish(backend: &Arc<dyn Backend>, messages: &[Message]) {
+    for chunk in messages.chunks(1000) {
+        backend.publish(chunk.to_vec()).await.unwrap();
+    }
+}
+
+/// Checks that every message of `sent` arrived, under its renamed topic;
+/// how many of those arrived more than once.
+fn every_one_arrived(sent: &HashMap<String, String>, got: &HashMap<String, Vec<String>>) -> usize {
+    let missing = sent.keys().filter(|id| !got.contains_key(*id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} messages never forwarded",
+        sent.len()
+    );
+    for (id, expected) in sent {
+        let topics = &got[id];
+        assert!(
+            topics.iter().all(|t| t == expected),
+            "{id}: {topics:?}, not {expected}"
+        );
+    }
+    sent.keys().map(|id| got[id].len() - 1).sum()
+}
+
+fn unique_namespace() -> String {
+    format!("bridge{}", &Message::new("x", "").id[24..])
 }
 
 /// A bridge from `from` to `to` forwards `total` messages although its
@@ -266,30 +316,23 @@ async fn bridge_survives_kills_and_restarts(
     from: (&str, Option<&dyn Target>),
     to: (&str, Option<&dyn Target>),
 ) -> usize {
-    let ns = format!("bridge{}", &Message::new("x", "").id[24..]);
+    let ns = unique_namespace();
     let dir = tempfile::tempdir().unwrap();
     let config = bridge_config(&ns, dir.path(), from.0, to.0);
     let source = backend::connect(from.0).await.unwrap();
-    let messages: Vec<Message> = (0..total)
-        .map(|i| {
-            let region = ["eu", "us"][i % 2];
-            Message::new(format!("{ns}.orders.{region}"), format!("order {i}"))
-        })
-        .collect();
-    let sent: HashMap<String, String> = messages
-        .iter()
-        .map(|m| (m.id.clone(), m.topic.replace(".orders.", ".moved.")))
-        .collect();
-    for chunk in messages.chunks(1000) {
-        source.publish(chunk.to_vec()).await.unwrap();
-    }
-
+    let (messages, sent) = orders(&ns, total);
+    publish(&source, &messages).await;
     let target = backend::connect(to.0).await.unwrap();
     let moved = format!("{ns}.moved.>");
+    let (counting, peeking) = (
+        watch(&target, &moved, "count").await,
+        watch(&target, &moved, "peek").await,
+    );
+
     let host = Host::start(&config);
     host.wait_subscribed(1);
     // Killed mid-run: once a tenth has arrived.
-    let arrived_first = wait_for_some(&target, &moved, total / 10).await;
+    let before_kill = wait_for_some(peeking, total / 10).await;
     host.kill();
     if let Some(server) = from.1 {
         server.restart().await.unwrap();
@@ -304,20 +347,12 @@ async fn bridge_survives_kills_and_restarts(
     }
     host.wait(Duration::from_secs(600));
 
-    let got = arrived(&target, &moved).await;
-    let missing = sent.keys().filter(|id| !got.contains_key(*id)).count();
-    assert_eq!(missing, 0, "{missing} of {total} messages never forwarded");
-    for (id, topics) in &got {
-        let expected = sent.get(id).expect("only what was sent arrives");
-        assert!(
-            topics.iter().all(|t| t == expected),
-            "{id}: {topics:?}, not {expected}"
-        );
-    }
-    assert!(arrived_first < total, "the bridge was done before the kill");
-    let duplicates = got.values().map(|t| t.len() - 1).sum();
+    let got = arrived(counting).await;
+    assert!(before_kill < total, "the bridge was done before the kill");
+    let duplicates = every_one_arrived(&sent, &got);
+    assert_eq!(got.len(), total, "only what was sent arrives");
     println!(
-        "bridge {} -> {}: {total} messages, {arrived_first} before SIGKILL, none lost, \
+        "bridge {} -> {}: {total} messages, {before_kill} before SIGKILL, none lost, \
          {duplicates} duplicate(s)",
         from.0, to.0
     );
@@ -356,4 +391,72 @@ async fn bridge_from_redis_streams_to_postgres_loses_nothing() {
         (&postgres.url(), Some(&postgres)),
     )
     .await;
+}
+
+/// JetStream to Kafka; JetStream restarted while the bridge is down (the
+/// broker here keeps Kafka's messages in memory, so restarting it would
+/// lose them whatever the bridge did).
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_from_jetstream_to_kafka_loses_nothing() {
+    let jetstream = Nats::jetstream();
+    let kafka = Server::tansu();
+    bridge_survives_kills_and_restarts(
+        20_000,
+        (&jetstream.url(""), Some(&jetstream)),
+        (&kafka.kafka_url(""), None),
+    )
+    .await;
+}
+
+/// NATS core to SQS. NATS core keeps nothing: what reaches a subscriber
+/// that dies with it is gone, as is what is published while nobody
+/// subscribes. So: a first host killed while it forwards, NATS restarted,
+/// a second host, and a second lot published once it subscribed, all of
+/// which must arrive; of the first lot, what the killed host held is lost
+/// and counted.
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_from_nats_core_to_sqs_loses_only_what_nats_core_cannot_keep() {
+    let nats = Nats::core();
+    let moto = Server::moto();
+    let ns = unique_namespace();
+    let dir = tempfile::tempdir().unwrap();
+    let to = moto.aws_url("sqs", "bridge", "");
+    let config = bridge_config(&ns, dir.path(), &nats.url(""), &to);
+    let target = backend::connect(&to).await.unwrap();
+    let moved = format!("{ns}.moved.>");
+    let (counting, peeking) = (
+        watch(&target, &moved, "count").await,
+        watch(&target, &moved, "peek").await,
+    );
+
+    let host = Host::start(&config);
+    host.wait_subscribed(1);
+    // Few: the SQS emulator slows down as its queues fill.
+    let (first, first_sent) = orders(&ns, 300);
+    publish(&nats.open().await.unwrap(), &first).await;
+    let before_kill = wait_for_some(peeking, 30).await;
+    host.kill();
+    nats.restart().await.unwrap();
+
+    let host = Host::start_with(&config, &["--exit-when-idle", "8"]);
+    host.wait_subscribed(1);
+    let (second, second_sent) = orders(&ns, 300);
+    publish(&nats.open().await.unwrap(), &second).await;
+    host.wait(Duration::from_secs(600));
+
+    let got = arrived(counting).await;
+    let duplicates = every_one_arrived(&second_sent, &got);
+    let lost = first_sent
+        .keys()
+        .filter(|id| !got.contains_key(*id))
+        .count();
+    println!(
+        "bridge nats -> sqs: {} published before SIGKILL ({before_kill} forwarded by then), \
+         {lost} of them lost with the killed host; {} published after, none lost; \
+         {duplicates} duplicate(s)",
+        first.len(),
+        second.len()
+    );
 }
