@@ -1,7 +1,7 @@
 //! The `sluice` command: run a config, check it, publish and tail messages;
 //! create, build and test plugins.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -99,6 +99,30 @@ enum Command {
         /// Publish the payload this many times.
         #[arg(long, default_value_t = 1)]
         count: usize,
+    },
+    /// Send a request and print its reply's payload (exit 1 if none came in time).
+    #[command(
+        after_help = "Examples:\n  sluice request --url nats://127.0.0.1:4222 prices.quote '{\"sku\": \"a1\"}' --timeout-ms 2000\n  sluice request -c sluice.toml prices.quote a1 --json"
+    )]
+    Request {
+        #[command(flatten)]
+        target: Target,
+        /// The topic a responder reads.
+        topic: String,
+        /// The request's payload.
+        payload: String,
+        /// The message key.
+        #[arg(long)]
+        key: Option<String>,
+        /// A header, NAME=VALUE; repeatable.
+        #[arg(long = "header", short = 'H', value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// How long to wait for the reply, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Print the whole reply as `sluice tail --json` does.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the messages of topics (patterns allowed), e.g. a dead-letter topic.
     #[command(
@@ -302,13 +326,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             count,
         } => {
             let backend = target.connect().await?;
-            let mut headers_parsed = Vec::new();
-            for header in headers {
-                let (name, value) = header
-                    .split_once('=')
-                    .with_context(|| format!("header `{header}` is not NAME=VALUE"))?;
-                headers_parsed.push((name.to_string(), value.to_string()));
-            }
+            let headers_parsed = parse_headers(&headers)?;
             let mut messages = Vec::new();
             if lines {
                 for (number, line) in std::io::stdin().lock().lines().enumerate() {
@@ -340,6 +358,37 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             eprintln!("published {total} message(s) to {topic}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Request {
+            target,
+            topic,
+            payload,
+            key,
+            headers,
+            timeout_ms,
+            json,
+        } => {
+            let backend = target.connect().await?;
+            let mut request = Message::new(topic, payload);
+            request.key = key;
+            request.headers = parse_headers(&headers)?;
+            let requester = crate::request::Requester::new(backend);
+            match requester
+                .request(request, Duration::from_millis(timeout_ms))
+                .await
+            {
+                Ok(reply) if json => println!("{}", crate::message::json::write(&reply, &[])),
+                Ok(reply) => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&reply.payload)?;
+                    out.write_all(b"\n")?;
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Tail {
             target,
             topics,
@@ -355,6 +404,19 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         #[cfg(feature = "filelog")]
         Command::Log { command } => Ok(backend::filelog::run_cli(command)),
     }
+}
+
+/// `NAME=VALUE` headers, as given on the command line.
+fn parse_headers(headers: &[String]) -> Result<Vec<(String, String)>> {
+    headers
+        .iter()
+        .map(|header| {
+            let (name, value) = header
+                .split_once('=')
+                .with_context(|| format!("header `{header}` is not NAME=VALUE"))?;
+            Ok((name.to_string(), value.to_string()))
+        })
+        .collect()
 }
 
 async fn run(path: &Path, exit_when_idle: Option<Duration>) -> Result<ExitCode> {

@@ -31,6 +31,7 @@ pub mod kit;
 pub mod message;
 pub mod rate;
 pub mod replay;
+pub mod request;
 pub mod router;
 pub mod runtime;
 pub mod telemetry;

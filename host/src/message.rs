@@ -237,6 +237,12 @@ pub mod headers {
     /// On an output: routes its chain has passed through (its input's
     /// count plus one).
     pub const HOPS: &str = "sluice-hops";
+    /// Where a request's reply goes: a topic of the requester's (on NATS
+    /// core, also a native request's reply subject).
+    pub const REPLY_TO: &str = "sluice-reply-to";
+    /// Ties a reply to its request; the host copies it from a request onto
+    /// the reply.
+    pub const CORRELATION_ID: &str = "sluice-correlation-id";
     /// On a delivery a backend could not decode: why (its payload is the
     /// raw stored bytes).
     pub const UNDECODABLE: &str = "sluice-undecodable";

@@ -3,8 +3,8 @@
 //! Thin wrappers so plugin code does not depend on the generated module
 //! layout, which follows the WIT package name and would change with it.
 
-use crate::Outgoing;
 use crate::bindings::sluice::plugin::host;
+use crate::{Message, Outgoing};
 
 /// Publishes `msg` in addition to the handler's returned outputs.
 ///
@@ -24,6 +24,22 @@ pub fn publish(msg: &Outgoing) -> Result<(), String> {
         return Ok(());
     }
     host::publish(msg)
+}
+
+/// Sends `msg` as a request and waits for its reply, at most `timeout_ms`
+/// and never past the call's deadline.
+///
+/// The request goes out on the route's output backend; the responder's
+/// plugin answers with [`Message::reply`].
+///
+/// # Errors
+///
+/// The host's reason: `timeout: …` when no reply came in time (no
+/// responder, or a slow one), `denied: …` when this plugin may not send
+/// requests to that topic (grant it with `request_to`), `failed: …`
+/// otherwise.
+pub fn request(msg: &Outgoing, timeout_ms: u32) -> Result<Message, String> {
+    host::request(msg, timeout_ms)
 }
 
 /// Reads `key` from this plugin's `config` table in the host config.

@@ -66,7 +66,7 @@ mod types;
 
 pub use bindings::sluice::plugin::types::Header;
 pub use bindings::{Failure, Message, Outgoing};
-pub use host::{config_get, publish};
+pub use host::{config_get, publish, request};
 
 pub mod prelude {
     //! Everything a typical plugin needs, as one glob import:
@@ -74,6 +74,6 @@ pub mod prelude {
 
     pub use crate::log;
     pub use crate::{
-        Failure, Header, Message, Outgoing, batch_handler, config_get, handler, publish,
+        Failure, Header, Message, Outgoing, batch_handler, config_get, handler, publish, request,
     };
 }

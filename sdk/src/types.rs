@@ -60,6 +60,17 @@ impl Message {
             .map_err(|e| Failure::reject(format!("payload is not valid UTF-8: {e}")))
     }
 
+    /// The reply to this message, if it is a request (it carries a
+    /// `sluice-reply-to` header): an output to the requester's reply topic,
+    /// to which the host adds the request's correlation id. Sending it
+    /// needs the reply topics in the plugin's `publish_to`: `sluice-reply.>`
+    /// (and `_INBOX.>` for requests from NATS clients).
+    #[must_use]
+    pub fn reply(&self, payload: impl Into<Vec<u8>>) -> Option<Outgoing> {
+        self.header("sluice-reply-to")
+            .map(|topic| Outgoing::new(topic, payload))
+    }
+
     /// Turns this message into an output on `topic`, moving the key,
     /// headers and payload across so forwarding costs no copies.
     #[must_use]

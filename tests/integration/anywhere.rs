@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use sluice::Message;
 use sluice::backend::{self, SubscribeOptions};
-use sluice_tests::common;
+use sluice_tests::common::{self, unique};
 
 const INPUTS: [&str; 3] = ["espresso", "green tea", "croissant"];
 
@@ -87,12 +87,6 @@ async fn shouts_on(url: &str) {
     assert_eq!(got, expected, "on {}", backend::redact(url));
 }
 
-/// A name of this run's own on a shared server.
-fn unique(prefix: &str) -> String {
-    let id = Message::new("x", "").id.replace('-', "");
-    format!("{prefix}{}", &id[id.len() - 10..])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,20 +144,8 @@ async fn nats_core_then_jetstream() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres() {
-    let schema = unique("anywhere_").to_lowercase();
-    shouts_on(&format!(
-        "postgres://postgres@127.0.0.1:5432/test?schema={schema}"
-    ))
-    .await;
-    let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {schema} CASCADE"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let schema = common::postgres::PostgresSchema::new();
+    shouts_on(&schema.url("")).await;
 }
 
 #[cfg(feature = "kafka")]

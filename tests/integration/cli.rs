@@ -486,6 +486,60 @@ fn the_kubernetes_manifests_config_passes_check() {
     assert!(out.status.success(), "{}\n{config}", stderr(&out));
 }
 
+/// `sluice request` prints the reply a running host's route gives; when
+/// nothing answers, it says so and exits 1.
+#[test]
+fn sluice_request_prints_the_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?poll_ms=20",
+        dir.path().join("sluice.db").display()
+    );
+    write_config(
+        dir.path(),
+        &format!(
+            r#"[backends.main]
+url = "{url}"
+
+[plugins.rpc]
+path = "{plugin}"
+config = {{ role = "answer" }}
+publish_to = ["sluice-reply.>"]
+
+[runtime]
+cache_dir = "{cache}"
+
+[[routes]]
+name = "answer"
+topics = ["questions"]
+plugin = "rpc"
+"#,
+            plugin = plugin_path("rpc").display(),
+            cache = dir.path().join("cache").display(),
+        ),
+    );
+    let _host = common::run_host(dir.path());
+    let request = |topic: &str, timeout_ms: &str| {
+        common::sluice()
+            .args(["request", "--url", &url, topic, "hello there"])
+            .args(["--timeout-ms", timeout_ms])
+            .env("SLUICE_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    // The host may still be starting: its route reads the request once up.
+    let out = request("questions", "30000");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "HELLO THERE\n");
+    let out = request("nobody", "300");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("timeout: no reply to `nobody` within 300ms"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// The three steps of the migration guide are configs `sluice check`
 /// accepts, and it shows where each route's outputs go.
 #[test]

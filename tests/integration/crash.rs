@@ -10,11 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::plugin_path;
+use common::{plugin_path, unique};
 use sluice::Message;
 use sluice::backend::{self, SubscribeOptions};
 use sluice::message::headers;
 use sluice_tests::common;
+#[cfg(feature = "postgres")]
+use sluice_tests::common::postgres::PostgresSchema;
 
 /// A `sluice run` process whose stderr is watched for progress.
 pub(crate) struct Host {
@@ -492,12 +494,6 @@ async fn sqlite_three_processes_keep_each_keys_order() {
     three_processes_keep_each_keys_order("order", &url, dir.path()).await;
 }
 
-/// A namespace of its own on a shared server.
-fn unique(prefix: &str) -> String {
-    let id = Message::new("x", "").id.replace('-', "");
-    format!("{prefix}{}", &id[id.len() - 10..])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(feature = "redis"), ignore = "needs Redis (feature `redis`)")]
 async fn redis_streams_three_processes_share_a_group_and_take_over() {
@@ -547,38 +543,6 @@ async fn drop_stream(name: &str) {
     let _ = async_nats::jetstream::new(client).delete_stream(name).await;
 }
 
-/// A schema of its own on the shared PostgreSQL server, dropped afterwards.
-#[cfg(feature = "postgres")]
-struct PostgresSchema {
-    name: String,
-}
-
-#[cfg(feature = "postgres")]
-impl PostgresSchema {
-    const SERVER: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-    fn new() -> Self {
-        PostgresSchema {
-            name: unique("sluicetest_").to_lowercase(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("{}?schema={}", Self::SERVER, self.name)
-    }
-
-    async fn drop_schema(&self) {
-        let pool = sqlx::PgPool::connect(Self::SERVER).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {} CASCADE",
-            self.name
-        )))
-        .execute(&pool)
-        .await
-        .unwrap();
-    }
-}
-
 /// A route whose input and output are one PostgreSQL database publishes its
 /// outputs and acks its input in one transaction, so SIGKILLs mid-run cause
 /// neither loss nor duplicates: every input has exactly one output.
@@ -587,8 +551,7 @@ impl PostgresSchema {
 async fn postgres_sigkill_mid_run_is_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let schema = PostgresSchema::new();
-    sigkill_mid_run_is_exactly_once("crash", &schema.url(), dir.path()).await;
-    schema.drop_schema().await;
+    sigkill_mid_run_is_exactly_once("crash", &schema.url(""), dir.path()).await;
 }
 
 /// SIGKILLs a host twice mid-run, with batches being settled, on a route
@@ -638,8 +601,7 @@ async fn sigkill_mid_run_is_exactly_once(ns: &str, url: &str, dir: &Path) {
 async fn postgres_three_processes_share_a_group_and_take_over() {
     let dir = tempfile::tempdir().unwrap();
     let schema = PostgresSchema::new();
-    three_processes_share_a_group_and_take_over("crash", &schema.url(), dir.path()).await;
-    schema.drop_schema().await;
+    three_processes_share_a_group_and_take_over("crash", &schema.url(""), dir.path()).await;
 }
 
 #[cfg(feature = "postgres")]
@@ -647,8 +609,7 @@ async fn postgres_three_processes_share_a_group_and_take_over() {
 async fn postgres_three_processes_keep_each_keys_order() {
     let dir = tempfile::tempdir().unwrap();
     let schema = PostgresSchema::new();
-    three_processes_keep_each_keys_order("order", &schema.url(), dir.path()).await;
-    schema.drop_schema().await;
+    three_processes_keep_each_keys_order("order", &schema.url(""), dir.path()).await;
 }
 
 #[cfg(feature = "kafka")]

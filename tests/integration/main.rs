@@ -30,6 +30,7 @@ mod pipeline;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+mod request_reply;
 mod sdk;
 mod sqlite;
 #[cfg(feature = "sqs")]

@@ -13,7 +13,9 @@ use sluice::message::{Message, headers};
 use sluice::router::{OutputFailure, RouteStats};
 #[cfg(any(feature = "kafka", feature = "sqs"))]
 use sluice_tests::common::servers::Server;
-use sluice_tests::common::{Collector, Running, load, quick_retry, route, runtime, settings, text};
+use sluice_tests::common::{
+    Collector, Running, load, quick_retry, route, runtime, settings, text, unique,
+};
 use sluice_tests::conformance::Target;
 #[cfg(feature = "postgres")]
 use sluice_tests::conformance::targets::postgres::Postgres;
@@ -302,10 +304,6 @@ fn every_one_arrived(sent: &HashMap<String, String>, got: &HashMap<String, Vec<S
     sent.keys().map(|id| got[id].len() - 1).sum()
 }
 
-fn unique_namespace() -> String {
-    format!("bridge{}", &Message::new("x", "").id[24..])
-}
-
 /// A bridge from `from` to `to` forwards `total` messages although its
 /// host is SIGKILLed part way and started again, and each broker that can
 /// be restarted is, the source's while the host is down, the target's
@@ -316,7 +314,7 @@ async fn bridge_survives_kills_and_restarts(
     from: (&str, Option<&dyn Target>),
     to: (&str, Option<&dyn Target>),
 ) -> usize {
-    let ns = unique_namespace();
+    let ns = unique("bridge");
     let dir = tempfile::tempdir().unwrap();
     let config = bridge_config(&ns, dir.path(), from.0, to.0);
     let source = backend::connect(from.0).await.unwrap();
@@ -420,7 +418,7 @@ async fn bridge_from_jetstream_to_kafka_loses_nothing() {
 async fn bridge_from_nats_core_to_sqs_loses_only_what_nats_core_cannot_keep() {
     let nats = Nats::core();
     let moto = Server::moto();
-    let ns = unique_namespace();
+    let ns = unique("bridge");
     let dir = tempfile::tempdir().unwrap();
     let to = moto.aws_url("sqs", "bridge", "");
     let config = bridge_config(&ns, dir.path(), &nats.url(""), &to);

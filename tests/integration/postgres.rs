@@ -9,53 +9,11 @@ use std::time::Duration;
 
 use sluice::Message;
 use sluice::backend::{self, Delivery, SettleError, Settlement, SubscribeOptions, Subscription};
-
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// A schema of this test's own, dropped when the test ends.
-struct Schema(String);
-
-impl Schema {
-    fn new() -> Self {
-        let id = Message::new("x", "").id.replace('-', "");
-        Schema(format!("sluicetest_{}", &id[id.len() - 10..]))
-    }
-
-    fn url(&self, params: &str) -> String {
-        format!("{SERVER}?schema={}&{params}", self.0)
-    }
-
-    async fn pool(&self) -> sqlx::PgPool {
-        sqlx::PgPool::connect(&format!("{SERVER}?options=-csearch_path%3D{}", self.0))
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        // Dropped inside the test's runtime: drop the schema from a thread
-        // with a runtime of its own.
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async {
-                let pool = sqlx::PgPool::connect(SERVER).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP SCHEMA IF EXISTS {name} CASCADE"
-                )))
-                .execute(&pool)
-                .await
-                .unwrap();
-            })
-        })
-        .join()
-        .unwrap();
-    }
-}
+use sluice_tests::common::postgres::PostgresSchema;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_wakes_a_waiting_consumer_without_polling() {
-    let schema = Schema::new();
+    let schema = PostgresSchema::new();
     // Polling once a minute: only a notification can deliver within the wait.
     let url = schema.url("poll_ms=60000");
     let consumer_side = backend::connect(&url).await.unwrap();
@@ -81,7 +39,7 @@ async fn a_publish_wakes_a_waiting_consumer_without_polling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_messages_are_deleted_after_their_retention() {
-    let schema = Schema::new();
+    let schema = PostgresSchema::new();
     let backend = backend::connect(&schema.url("retention_ms=0&cleanup_ms=100"))
         .await
         .unwrap();
@@ -117,7 +75,7 @@ async fn settled_messages_are_deleted_after_their_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_run_once_and_a_newer_schema_is_refused() {
-    let schema = Schema::new();
+    let schema = PostgresSchema::new();
     let url = schema.url("pool=2");
     drop(backend::connect(&url).await.unwrap());
     drop(backend::connect(&url).await.unwrap());
@@ -146,7 +104,7 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() {
 /// the indexes of migrations 2 and 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_schema_is_upgraded_with_its_messages() {
-    let schema = Schema::new();
+    let schema = PostgresSchema::new();
     let url = schema.url("pool=2");
     let backend = backend::connect(&url).await.unwrap();
     drop(
@@ -262,7 +220,7 @@ fn text(delivery: &Delivery) -> String {
 /// refused delivery stays claimed, its outputs unpublished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_the_database_refuses_fails_only_its_own_item() {
-    let schema = Schema::new();
+    let schema = PostgresSchema::new();
     let backend = backend::connect(&schema.url("")).await.unwrap();
     let reader = backend
         .subscribe(SubscribeOptions::new(vec!["out".into()], "reader"))

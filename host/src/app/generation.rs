@@ -15,6 +15,7 @@ use crate::backend::{self, Backend, SubscribeOptions};
 use crate::config::{Loaded, RouteConfig};
 use crate::deploy::Deployer;
 use crate::dlq::DeadLetters;
+use crate::request::Requester;
 use crate::router::{
     Forward, MessageHandler, Route, RouteControl, RouteSpec, RouteStats, WasmHandler,
 };
@@ -263,9 +264,17 @@ impl Generation {
             .expect("a configured route");
         let state = &self.routes[name];
         let handler: Arc<dyn MessageHandler> = match route.plugin_name() {
-            Some(plugin) => Arc::new(WasmHandler::over(
-                self.deployer.slot(plugin).expect("checked plugin").clone(),
-            )),
+            Some(plugin) => {
+                let slot = self.deployer.slot(plugin).expect("checked plugin").clone();
+                let handler = WasmHandler::over(slot);
+                // Requests go out on the route's (first) output backend.
+                Arc::new(if loaded.config.plugins[plugin].request_to.is_empty() {
+                    handler
+                } else {
+                    let output = &self.backends[loaded.output_backend(route)];
+                    handler.requesting(Arc::new(Requester::new(output.clone())))
+                })
+            }
             None => Arc::new(Forward::new(route.rename.clone())),
         };
         let spec = RouteSpec {

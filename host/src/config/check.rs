@@ -80,8 +80,13 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
         ] {
             within(value, range, unit).map_err(|m| error(format!("plugins.{name}.{key}"), m))?;
         }
-        for topic in &plugin.publish_to {
-            pattern::validate(topic).map_err(|m| error(format!("plugins.{name}.publish_to"), m))?;
+        for (key, topics) in [
+            ("publish_to", &plugin.publish_to),
+            ("request_to", &plugin.request_to),
+        ] {
+            for topic in topics {
+                pattern::validate(topic).map_err(|m| error(format!("plugins.{name}.{key}"), m))?;
+            }
         }
         for origin in &plugin.allowed_outbound_hosts {
             origin

@@ -154,6 +154,10 @@ pub struct PluginConfig {
     /// plugin that produces outputs needs this.
     #[serde(default)]
     pub publish_to: Vec<String>,
+    /// Topic patterns the plugin may send requests to with `request`
+    /// (each waits for its reply); none if absent.
+    #[serde(default)]
+    pub request_to: Vec<String>,
     /// Environment variables the plugin sees (none by default).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -400,6 +404,7 @@ impl Loaded {
         };
         settings.config = plugin.config.clone();
         settings.publish_to = plugin.publish_to.clone();
+        settings.request_to = plugin.request_to.clone();
         settings.env = plugin.env.clone();
         settings.read_dirs = plugin
             .read_dirs

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use crate::deploy::PluginSlot;
 use crate::message::{Message, headers};
+use crate::request::Requester;
 use crate::runtime::{BatchError, CallError, Gate, Instance, Outcome, Plugin, Share};
 
 /// Makes one [`Worker`] per concurrent slot of a route.
@@ -42,6 +43,8 @@ pub trait Worker: Send {
 pub struct WasmHandler {
     pub slot: Arc<PluginSlot>,
     share: Share,
+    /// Sends the plugin's requests, when it may send any.
+    requester: Option<Arc<Requester>>,
 }
 
 impl WasmHandler {
@@ -56,7 +59,14 @@ impl WasmHandler {
         WasmHandler {
             slot,
             share: Gate::process().share(),
+            requester: None,
         }
+    }
+
+    /// The plugin's requests go out through `requester`.
+    pub fn requesting(mut self, requester: Arc<Requester>) -> Self {
+        self.requester = Some(requester);
+        self
     }
 }
 
@@ -65,6 +75,7 @@ impl MessageHandler for WasmHandler {
         Box::new(WasmWorker {
             slot: self.slot.clone(),
             share: self.share.clone(),
+            requester: self.requester.clone(),
             instance: None,
             candidate: None,
         })
@@ -79,6 +90,7 @@ impl MessageHandler for WasmHandler {
 struct WasmWorker {
     slot: Arc<PluginSlot>,
     share: Share,
+    requester: Option<Arc<Requester>>,
     /// Dropped after a failed call or when the slot's version changes.
     instance: Option<Instance>,
     /// A warm instance of the slot's shadow candidate, while it has one.
@@ -100,7 +112,7 @@ impl WasmWorker {
         }
         if self.instance.is_none() {
             let fresh = current
-                .instantiate_sharing(self.share.clone())
+                .instantiate_sharing(self.share.clone(), self.requester.clone())
                 .await
                 .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
             self.instance = Some(fresh);
@@ -127,7 +139,8 @@ impl WasmWorker {
             Some(instance) => Ok(instance),
             None => shadow
                 .plugin
-                .instantiate_sharing(self.share.clone())
+                // A shadow run sends nothing anywhere: no requests either.
+                .instantiate_sharing(self.share.clone(), None)
                 .await
                 .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}"))),
         };

@@ -185,10 +185,20 @@ impl Context {
                     if !outputs.is_empty() {
                         let hops = (delivery.message.hops() + 1).to_string();
                         let trace = traced.trace(&delivery.message);
+                        let input = &delivery.message;
+                        // An output to the input's reply topic is its reply.
+                        let reply = input
+                            .header(headers::REPLY_TO)
+                            .zip(input.header(headers::CORRELATION_ID));
                         for output in &mut outputs {
-                            output.set_header(headers::CAUSATION_ID, delivery.message.id.clone());
+                            output.set_header(headers::CAUSATION_ID, input.id.clone());
                             output.set_header(headers::HOPS, hops.clone());
                             trace.stamp(output);
+                            if let Some((reply_to, correlation)) = reply
+                                && output.topic == reply_to
+                            {
+                                output.set_header(headers::CORRELATION_ID, correlation);
+                            }
                         }
                     }
                     let verdict = Verdict::Publish {

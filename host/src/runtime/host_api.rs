@@ -1,6 +1,8 @@
 //! The host capabilities a plugin imports (`sluice:plugin/host`), under the
 //! current version's name and under 0.1.0's, whose interface is the same.
 
+use std::time::Duration;
+
 use wasmtime::StoreContextMut;
 use wasmtime::component::Linker;
 
@@ -27,6 +29,41 @@ impl host::Host for State {
             .map_err(|e| e.unwrap_or_else(|over| over))?;
         self.published.push(message);
         Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        msg: types::Outgoing,
+        timeout_ms: u32,
+    ) -> Result<types::MessageResult, String> {
+        let request = self.take_request(msg)?;
+        let Some(requester) = self.requester.clone() else {
+            return Err(
+                "failed: requests are not available here (a shadow run, or a plugin \
+                 called outside a route)"
+                    .into(),
+            );
+        };
+        let timeout = self.request_time(Duration::from_millis(timeout_ms.into()));
+        // Waiting is not running: the route's other calls may have the CPU.
+        let (share, slot) = self.slot_handles();
+        self.leave_slot();
+        let reply = requester.request(request, timeout).await;
+        State::reenter_slot(share, slot).await;
+        let reply = reply.map_err(|e| e.to_string())?;
+        Ok(types::MessageResult {
+            id: reply.id,
+            topic: reply.topic,
+            key: reply.key,
+            headers: reply
+                .headers
+                .into_iter()
+                .map(|(name, value)| types::HeaderResult { name, value })
+                .collect(),
+            payload: reply.payload,
+            attempt: 1,
+            timestamp_ms: reply.timestamp_ms,
+        })
     }
 
     fn log(&mut self, level: host::LogLevel, message: String) {

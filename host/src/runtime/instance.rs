@@ -22,6 +22,7 @@ use super::sluice::plugin::types;
 use super::{BatchHandler, EPOCH_TICK, Exports, Handler, Plugin, PluginSettings};
 use crate::backend::pattern;
 use crate::message::Message;
+use crate::request::Requester;
 
 /// What a successful call decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +100,8 @@ pub struct State {
     /// The slot the current call runs in; given up and taken again at an
     /// epoch tick when another route waits (see `runtime/gate.rs`).
     slot: Arc<Mutex<Option<Slot>>>,
+    /// Sends the plugin's requests, where it runs for a route.
+    pub(super) requester: Option<Arc<Requester>>,
 }
 
 impl State {
@@ -127,6 +130,66 @@ impl State {
     /// be granted, its headers are cleaned, and it counts against the
     /// call's limits. `Err(Ok)` refuses the output (the plugin's fault, for
     /// good); `Err(Err)` means the call went over a limit.
+    /// A request the plugin may send: to a topic its `request_to` grants,
+    /// with clean headers, within the call's caps (a request counts as an
+    /// output).
+    pub(super) fn take_request(
+        &mut self,
+        mut outgoing: types::Outgoing,
+    ) -> Result<Message, String> {
+        let topic = &outgoing.topic;
+        pattern::validate(topic).map_err(|e| format!("denied: {e}"))?;
+        let granted = self
+            .settings
+            .request_to
+            .iter()
+            .any(|p| pattern::matches(p, topic));
+        if pattern::is_pattern(topic) || !granted {
+            return Err(format!(
+                "denied: plugin `{}` may not send requests to `{topic}` ({})",
+                self.settings.name,
+                match self.settings.request_to.as_slice() {
+                    [] => format!(
+                        "it is granted none: add `plugins.{}.request_to` to the config",
+                        self.settings.name
+                    ),
+                    granted => format!("allowed: {}", granted.join(", ")),
+                }
+            ));
+        }
+        clean_headers(&mut outgoing.headers).map_err(|e| format!("denied: {e}"))?;
+        let request = to_message(outgoing);
+        self.tally
+            .admit(&self.settings.limits, &request)
+            .map_err(|e| format!("denied: {e}"))?;
+        Ok(request)
+    }
+
+    /// How long a request may wait for its reply: what it asks, but never
+    /// past the call's deadline, less a margin for the plugin to carry on.
+    pub(super) fn request_time(&self, asked: Duration) -> Duration {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        asked.min(left.saturating_sub(REQUEST_MARGIN))
+    }
+
+    /// Gives up the call's CPU slot while it waits in the host.
+    pub(super) fn leave_slot(&self) {
+        drop(take(&self.slot));
+    }
+
+    /// Takes a slot again after [`State::leave_slot`].
+    pub(super) async fn reenter_slot(share: Option<Share>, slot: Arc<Mutex<Option<Slot>>>) {
+        if let Some(share) = share {
+            let again = share.enter().await;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(again);
+        }
+    }
+
+    /// What [`State::reenter_slot`] needs, taken before an await.
+    pub(super) fn slot_handles(&self) -> (Option<Share>, Arc<Mutex<Option<Slot>>>) {
+        (self.share.clone(), self.slot.clone())
+    }
+
     pub(super) fn take_output(
         &mut self,
         mut outgoing: types::Outgoing,
@@ -182,6 +245,10 @@ struct MemoryCap {
 }
 
 /// What one table element is counted as: a reference, as the host holds it.
+/// What a request leaves of the call's time for the plugin to go on with
+/// once it gave up waiting.
+const REQUEST_MARGIN: Duration = Duration::from_millis(50);
+
 const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
 
 impl MemoryCap {
@@ -235,7 +302,11 @@ enum Bindings {
 }
 
 impl Instance {
-    pub(super) async fn new(plugin: Arc<Plugin>, share: Option<Share>) -> Result<Self> {
+    pub(super) async fn new(
+        plugin: Arc<Plugin>,
+        share: Option<Share>,
+        requester: Option<Arc<Requester>>,
+    ) -> Result<Self> {
         let settings = plugin.settings.clone();
         let mut wasi = WasiCtx::builder();
         for (name, value) in &settings.env {
@@ -266,6 +337,7 @@ impl Instance {
             deadline,
             share,
             slot: Arc::new(Mutex::new(None)),
+            requester,
         };
         let mut store = Store::new(&plugin.engine, state);
         store.limiter(|state| &mut state.memory);
@@ -351,7 +423,7 @@ impl Instance {
             .iter()
             .map(|(message, _)| header_params(message))
             .collect();
-        let inputs: Vec<types::Message> = batch
+        let inputs: Vec<types::MessageParam> = batch
             .iter()
             .zip(&headers)
             .map(|((message, attempt), headers)| to_input(message, *attempt, headers))
@@ -455,8 +527,8 @@ fn to_input<'a>(
     message: &'a Message,
     attempt: u32,
     headers: &'a [types::HeaderParam<'a>],
-) -> types::Message<'a> {
-    types::Message {
+) -> types::MessageParam<'a> {
+    types::MessageParam {
         id: &message.id,
         topic: &message.topic,
         key: message.key.as_deref(),

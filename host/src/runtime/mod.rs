@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
+use crate::request::Requester;
+
 pub use gate::{Gate, Share};
 pub use instance::{BatchError, CallError, Instance, Outcome};
 pub use log::{LogBudget, escape};
@@ -40,6 +42,8 @@ wasmtime::component::bindgen!({
     path: "../wit",
     world: "batch-handler",
     exports: { default: async },
+    // A request waits for its reply without blocking the thread.
+    imports: { "sluice:plugin/host.request": async },
     // Messages go into a call borrowed from the delivery, not copied first.
     ownership: Borrowing { duplicate_if_necessary: true },
 });
@@ -99,6 +103,9 @@ pub struct PluginSettings {
     /// Topic patterns the plugin may publish to (outputs and `publish`);
     /// none unless granted.
     pub publish_to: Vec<String>,
+    /// Topic patterns the plugin may send requests to (`request`); none
+    /// unless granted.
+    pub request_to: Vec<String>,
     /// Environment variables visible to the plugin.
     pub env: BTreeMap<String, String>,
     /// Host directories the plugin may read, by the path it sees them at.
@@ -118,6 +125,7 @@ impl PluginSettings {
             log_budget: Arc::new(LogBudget::default()),
             config: BTreeMap::new(),
             publish_to: Vec::new(),
+            request_to: Vec::new(),
             env: BTreeMap::new(),
             read_dirs: BTreeMap::new(),
             outbound_http: Arc::default(),
@@ -258,13 +266,18 @@ impl Plugin {
     /// A fresh warm instance for one worker, outside any route's share of
     /// the CPU (for tools and tests that call a plugin directly).
     pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
-        Instance::new(self.clone(), None).await
+        Instance::new(self.clone(), None, None).await
     }
 
     /// A fresh warm instance for a worker of the route holding `share`:
-    /// its calls run only in a slot of the route's share.
-    pub async fn instantiate_sharing(self: &Arc<Self>, share: Share) -> Result<Instance> {
-        Instance::new(self.clone(), Some(share)).await
+    /// its calls run only in a slot of the route's share, and send their
+    /// requests with `requester` (without one, `request` fails).
+    pub async fn instantiate_sharing(
+        self: &Arc<Self>,
+        share: Share,
+        requester: Option<Arc<Requester>>,
+    ) -> Result<Instance> {
+        Instance::new(self.clone(), Some(share), requester).await
     }
 
     /// Whether the plugin exports `handle-batch`.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: building the example plugins,
 //! opening backends, running routes and collecting what they publish.
 
+pub mod postgres;
 pub mod servers;
 
 use std::path::{Path, PathBuf};
@@ -382,6 +383,13 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .unwrap()
         .port()
+}
+
+/// A name of its own on a shared server: `prefix` and ten characters of a
+/// fresh message id.
+pub fn unique(prefix: &str) -> String {
+    let id = Message::new("x", "").id.replace('-', "");
+    format!("{prefix}{}", &id[id.len() - 10..])
 }
 
 /// A child process killed when the test ends, however it ends.

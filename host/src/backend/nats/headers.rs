@@ -29,7 +29,7 @@ pub const TIMESTAMP: &str = "sluice-ts";
 pub const ORDER: &str = "sluice-order";
 /// On a message delivered by NATS core: the subject a request expects its
 /// answer on. Publish the answer to this topic.
-pub const REPLY_TO: &str = "sluice-reply-to";
+pub use crate::message::headers::REPLY_TO;
 
 fn reserved(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();

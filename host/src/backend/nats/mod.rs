@@ -19,10 +19,11 @@
 //! | lease | none (nothing to recover) | AckWait = the route's lease; in-progress acks keep a held delivery alive |
 //! | what the host adds | attempts counting for in-process redeliveries; dead-lettering | dead-lettering (publish then ack; `+TERM` is never needed) and the retry policy, counting attempts from the server's delivery count |
 //!
-//! Request-reply (NATS core only): a request's reply subject is put on the
-//! delivered message as the header `sluice-reply-to`; a handler answers by
-//! publishing an output to that topic (its plugin needs `_INBOX.>` in
-//! `publish_to`). See [`core`].
+//! Request-reply: besides Sluice's own (`crate::request`, alike on every
+//! backend), a NATS core request from any NATS client has its reply
+//! subject put on the delivered message as the header `sluice-reply-to`; a
+//! handler answers by publishing an output to that topic (its plugin needs
+//! `_INBOX.>` in `publish_to`). See [`core`].
 //!
 //! Both schemes take `tls=true` (require TLS), `ca`, `cert` and `key` (PEM
 //! files), and one of `creds` (a `.creds` file), `nkey` (a file holding a
