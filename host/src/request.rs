@@ -27,6 +27,11 @@ use crate::message::{Message, headers};
 /// The first token of every requester's reply topic.
 pub const REPLY_PREFIX: &str = "sluice-reply";
 
+/// How long the reader of replies waits after a failed fetch, at first and
+/// at most.
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
+const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+
 /// Why a request got no reply.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -123,16 +128,32 @@ impl Requester {
                 let waiting = self.waiting.clone();
                 let stopped = stop.clone();
                 tokio::spawn(async move {
+                    // While the backend is down: a warning once, then
+                    // tries further and further apart.
+                    let mut pause: Option<Duration> = None;
                     while !stopped.is_cancelled() {
                         let batch = tokio::select! {
                             batch = subscription.fetch(64, Duration::from_millis(250)) => batch,
                             _ = stopped.cancelled() => break,
                         };
                         let batch = match batch {
-                            Ok(batch) => batch,
+                            Ok(batch) => {
+                                pause = None;
+                                batch
+                            }
                             Err(e) => {
-                                tracing::warn!("reading replies failed: {e:#}");
-                                tokio::time::sleep(Duration::from_millis(250)).await;
+                                let wait = match pause {
+                                    None => {
+                                        tracing::warn!("reading replies failed: {e:#}");
+                                        FIRST_PAUSE
+                                    }
+                                    Some(wait) => (wait * 2).min(LONGEST_PAUSE),
+                                };
+                                pause = Some(wait);
+                                tokio::select! {
+                                    _ = tokio::time::sleep(wait) => {}
+                                    _ = stopped.cancelled() => break,
+                                }
                                 continue;
                             }
                         };
