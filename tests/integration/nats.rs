@@ -205,10 +205,22 @@ async fn jetstream_nak_delay_is_counted_in_attempts() -> Result<()> {
             "back after {:?}, before the delay",
             nacked_at.elapsed()
         );
-        ensure!(second.attempt == 2 && second.message.id == first.message.id);
+        // The server's delivery count: 2, or more if on a loaded machine it
+        // also redelivered the message after AckWait before it was read.
+        ensure!(
+            second.attempt >= 2 && second.message.id == first.message.id,
+            "attempt {} of {}",
+            second.attempt,
+            second.message.id
+        );
         sub.nack(&second, Duration::ZERO).await?;
         let third = fetch_one(sub.as_ref(), LIMIT).await?;
-        ensure!(third.attempt == 3, "attempt {}", third.attempt);
+        ensure!(
+            third.attempt > second.attempt,
+            "attempt {} after {}",
+            third.attempt,
+            second.attempt
+        );
         sub.ack(&third).await?;
         ensure!(
             sub.fetch(1, Duration::from_millis(500)).await?.is_empty(),
