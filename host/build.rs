@@ -9,6 +9,10 @@
 //! are copied into `OUT_DIR`, and `wasi_http_wit.rs` there names them for
 //! `include_str!`, with the `wasi:http` version they declare. Without the
 //! `kit` feature nothing is needed and nothing is done.
+//!
+//! It also puts the `wasi:messaging` draft's WIT, which the runtime's
+//! second world is generated from, under `target/wit/` (see the
+//! sluice-witdeps crate): fetched once, from a registry package.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +25,12 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     // The dependency's version is pinned here; a new pin may bring new WIT.
     println!("cargo:rerun-if-changed=Cargo.toml");
+    let root = Path::new(&env("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the host crate sits in the repository")
+        .to_path_buf();
+    let messaging = sluice_witdeps::ensure(&root).unwrap_or_else(|e| panic!("{e:#}"));
+    println!("cargo:rerun-if-changed={}", messaging.display());
     if std::env::var_os("CARGO_FEATURE_KIT").is_none() {
         return;
     }

@@ -58,6 +58,39 @@ fn check_names_a_dangling_reference() {
     assert!(err.contains("line 15"), "{err}");
 }
 
+/// `sluice check` says which world each plugin implements, the
+/// `wasi:messaging` draft's included, and takes `reject_on`.
+#[test]
+fn check_names_the_world_of_a_wasi_messaging_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pipeline_config(
+        dir.path(),
+        &plugin_path("wasi_messaging").display().to_string(),
+    )
+    .replace(
+        "publish_to = [\"shouted\"]\n",
+        "publish_to = [\"shouted\"]\nreject_on = [\"permission-denied\"]\n",
+    );
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "plugin upper: implements wasi:messaging/messaging-request-reply@0.2.0-draft"
+        ),
+        "{text}"
+    );
+
+    let body = body.replace("\"permission-denied\"", "\"forbidden\"");
+    let out = sluice(&["check", &write_config(dir.path(), &body)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("reject_on") || err.contains("unknown variant"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_refuses_a_component_of_another_world() {
     let dir = tempfile::tempdir().unwrap();

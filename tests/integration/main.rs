@@ -38,3 +38,4 @@ mod sqs;
 mod telemetry;
 #[cfg(all(feature = "redis", feature = "nats", feature = "postgres"))]
 mod tls;
+mod wasi_messaging;

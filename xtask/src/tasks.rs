@@ -27,6 +27,11 @@ pub const LANGUAGE_EXAMPLES: &[&str] = &[
     "plugins/c/enrich",
 ];
 
+/// The Python component written against `wasi:messaging@0.2.0-draft`
+/// alone (world `messaging-core`), which `sluice build` cannot build: it
+/// knows only Sluice's own world.
+const PYTHON_WASI_MESSAGING: &str = "plugins/python/wasi_messaging";
+
 /// Builds every plugin: the Rust ones, then the other languages' examples.
 pub fn plugins() -> Result<()> {
     rust_plugins()?;
@@ -34,15 +39,19 @@ pub fn plugins() -> Result<()> {
 }
 
 /// Builds the Rust plugins in release, installing the wasm target if needed.
+/// The `wasi:messaging` WIT is fetched first: `plugins/wasi_messaging`
+/// generates its bindings from it.
 pub fn rust_plugins() -> Result<()> {
     ensure_wasm_target()?;
+    sluice_witdeps::ensure(&root())?;
     println!("==> building plugins…");
     run(guest_cargo().args(["build", "--target", WASM_TARGET, "--release"]))
 }
 
 /// Builds the Python, JavaScript and C examples with `sluice build`,
 /// installing the system toolchains when missing (componentize-py and
-/// componentize-js go into target/toolchains).
+/// componentize-js go into target/toolchains), then the Python
+/// `wasi:messaging` component.
 pub fn language_examples() -> Result<()> {
     crate::toolchains::ensure()?;
     crate::brokers::build_deps()?;
@@ -53,7 +62,25 @@ pub fn language_examples() -> Result<()> {
             .args(["--", "build", example])
             .env("SLUICE_TOOLCHAINS", crate::toolchains::dir()))?;
     }
-    Ok(())
+    python_wasi_messaging()
+}
+
+/// Builds [`PYTHON_WASI_MESSAGING`] into its `target/` with componentize-py
+/// itself, the one `sluice build` installed for the Python example above
+/// (in the venv `target/toolchains/python`).
+fn python_wasi_messaging() -> Result<()> {
+    let wit = sluice_witdeps::ensure(&root())?;
+    let componentize = crate::toolchains::dir().join("python/bin/componentize-py");
+    let project = root().join(PYTHON_WASI_MESSAGING);
+    println!("==> building the Python wasi:messaging component…");
+    run(Command::new(componentize)
+        .arg("--wit-path")
+        .arg(wit)
+        .args(["--world", "messaging-core", "componentize", "app"])
+        .arg("--python-path")
+        .arg(&project)
+        .arg("--output")
+        .arg(project.join("target/wasi_messaging.wasm")))
 }
 
 /// Host tests (with `extra` passed on to `cargo test`), then the SDK's own

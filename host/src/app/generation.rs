@@ -266,7 +266,8 @@ impl Generation {
         let handler: Arc<dyn MessageHandler> = match route.plugin_name() {
             Some(plugin) => {
                 let slot = self.deployer.slot(plugin).expect("checked plugin").clone();
-                let handler = WasmHandler::over(slot);
+                let handler = WasmHandler::over(slot)
+                    .publishing_to(loaded.output_backends(route).into_iter().map(str::to_owned));
                 // Requests go out on the route's (first) output backend.
                 Arc::new(if loaded.config.plugins[plugin].request_to.is_empty() {
                     handler

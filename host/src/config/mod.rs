@@ -175,11 +175,39 @@ pub struct PluginConfig {
     /// call's deadline.
     #[serde(default = "defaults::max_outbound_requests")]
     pub max_outbound_requests: usize,
+    /// For a component built for `wasi:messaging`: the kinds of `error`
+    /// its handler returns that dead-letter the message at once
+    /// (`timeout`, `connection`, `permission-denied`, `other`); every
+    /// other error is retried. None if absent.
+    #[serde(default)]
+    pub reject_on: Vec<DraftErrorKind>,
     /// A candidate version to run in the shadow of this one: it handles
     /// the same messages with the same settings, its results are compared
     /// and never published (`sluice shadow report`).
     #[serde(default)]
     pub shadow: Option<ShadowConfig>,
+}
+
+/// A kind of `wasi:messaging` `error`, as `reject_on` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DraftErrorKind {
+    Timeout,
+    Connection,
+    PermissionDenied,
+    Other,
+}
+
+impl DraftErrorKind {
+    /// The variant's name in the WIT.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DraftErrorKind::Timeout => "timeout",
+            DraftErrorKind::Connection => "connection",
+            DraftErrorKind::PermissionDenied => "permission-denied",
+            DraftErrorKind::Other => "other",
+        }
+    }
 }
 
 /// A shadow run's candidate.
@@ -405,6 +433,11 @@ impl Loaded {
         settings.config = plugin.config.clone();
         settings.publish_to = plugin.publish_to.clone();
         settings.request_to = plugin.request_to.clone();
+        settings.reject_on = plugin
+            .reject_on
+            .iter()
+            .map(|kind| kind.as_str().to_owned())
+            .collect();
         settings.env = plugin.env.clone();
         settings.read_dirs = plugin
             .read_dirs

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::deploy::PluginSlot;
 use crate::message::{Message, headers};
 use crate::request::Requester;
-use crate::runtime::{BatchError, CallError, Gate, Instance, Outcome, Plugin, Share};
+use crate::runtime::{BatchError, CallError, Gate, Instance, Outcome, Plugin, RouteLink, Share};
 
 /// Makes one [`Worker`] per concurrent slot of a route.
 pub trait MessageHandler: Send + Sync + 'static {
@@ -43,8 +43,8 @@ pub trait Worker: Send {
 pub struct WasmHandler {
     pub slot: Arc<PluginSlot>,
     share: Share,
-    /// Sends the plugin's requests, when it may send any.
-    requester: Option<Arc<Requester>>,
+    /// What the plugin's calls reach of the route.
+    link: RouteLink,
 }
 
 impl WasmHandler {
@@ -59,13 +59,20 @@ impl WasmHandler {
         WasmHandler {
             slot,
             share: Gate::process().share(),
-            requester: None,
+            link: RouteLink::default(),
         }
     }
 
     /// The plugin's requests go out through `requester`.
     pub fn requesting(mut self, requester: Arc<Requester>) -> Self {
-        self.requester = Some(requester);
+        self.link.requester = Some(requester);
+        self
+    }
+
+    /// The route publishes to the backends named `names` (what a
+    /// `wasi:messaging` client may connect to).
+    pub fn publishing_to(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.link.output_backends = names.into_iter().collect();
         self
     }
 }
@@ -75,7 +82,7 @@ impl MessageHandler for WasmHandler {
         Box::new(WasmWorker {
             slot: self.slot.clone(),
             share: self.share.clone(),
-            requester: self.requester.clone(),
+            link: self.link.clone(),
             instance: None,
             candidate: None,
         })
@@ -90,7 +97,7 @@ impl MessageHandler for WasmHandler {
 struct WasmWorker {
     slot: Arc<PluginSlot>,
     share: Share,
-    requester: Option<Arc<Requester>>,
+    link: RouteLink,
     /// Dropped after a failed call or when the slot's version changes.
     instance: Option<Instance>,
     /// A warm instance of the slot's shadow candidate, while it has one.
@@ -112,7 +119,7 @@ impl WasmWorker {
         }
         if self.instance.is_none() {
             let fresh = current
-                .instantiate_sharing(self.share.clone(), self.requester.clone())
+                .instantiate_sharing(self.share.clone(), self.link.clone())
                 .await
                 .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
             self.instance = Some(fresh);
@@ -140,7 +147,13 @@ impl WasmWorker {
             None => shadow
                 .plugin
                 // A shadow run sends nothing anywhere: no requests either.
-                .instantiate_sharing(self.share.clone(), None)
+                .instantiate_sharing(
+                    self.share.clone(),
+                    RouteLink {
+                        requester: None,
+                        ..self.link.clone()
+                    },
+                )
                 .await
                 .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}"))),
         };

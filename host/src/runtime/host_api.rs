@@ -37,7 +37,7 @@ impl host::Host for State {
         timeout_ms: u32,
     ) -> Result<types::MessageResult, String> {
         let request = self.take_request(msg)?;
-        let Some(requester) = self.requester.clone() else {
+        let Some(requester) = self.link.requester.clone() else {
             return Err(
                 "failed: requests are not available here (a shadow run, or a plugin \
                  called outside a route)"

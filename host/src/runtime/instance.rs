@@ -16,13 +16,13 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::gate::{Share, Slot};
 use super::log::{MAX_TEXT, escape};
+use super::messaging::{self, DraftMessage};
 use super::outbound::Hooks;
 use super::outputs::{Tally, clean_headers};
 use super::sluice::plugin::types;
-use super::{BatchHandler, EPOCH_TICK, Exports, Handler, Plugin, PluginSettings};
+use super::{BatchHandler, EPOCH_TICK, Exports, Handler, Plugin, PluginSettings, RouteLink};
 use crate::backend::pattern;
 use crate::message::Message;
-use crate::request::Requester;
 
 /// What a successful call decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,7 +84,7 @@ pub struct State {
     http: WasiHttpCtx,
     /// Outbound HTTP: the plugin's grant and the current call's deadline.
     http_hooks: Hooks,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     memory: MemoryCap,
     pub(super) settings: Arc<PluginSettings>,
     /// Messages sent with the host's `publish` during the current call.
@@ -100,8 +100,10 @@ pub struct State {
     /// The slot the current call runs in; given up and taken again at an
     /// epoch tick when another route waits (see `runtime/gate.rs`).
     slot: Arc<Mutex<Option<Slot>>>,
-    /// Sends the plugin's requests, where it runs for a route.
-    pub(super) requester: Option<Arc<Requester>>,
+    /// What the plugin reaches of the route it runs for.
+    pub(super) link: RouteLink,
+    /// Bytes of `wasi:messaging` messages the host holds for the plugin.
+    pub(super) draft_bytes: usize,
 }
 
 impl State {
@@ -299,13 +301,14 @@ pub struct Instance {
 enum Bindings {
     Single(Handler),
     Batch(BatchHandler),
+    Messaging(messaging::Bindings),
 }
 
 impl Instance {
     pub(super) async fn new(
         plugin: Arc<Plugin>,
         share: Option<Share>,
-        requester: Option<Arc<Requester>>,
+        link: RouteLink,
     ) -> Result<Self> {
         let settings = plugin.settings.clone();
         let mut wasi = WasiCtx::builder();
@@ -337,7 +340,8 @@ impl Instance {
             deadline,
             share,
             slot: Arc::new(Mutex::new(None)),
-            requester,
+            link,
+            draft_bytes: 0,
         };
         let mut store = Store::new(&plugin.engine, state);
         store.limiter(|state| &mut state.memory);
@@ -372,6 +376,9 @@ impl Instance {
             Exports::Batch(pre) => Bindings::Batch(
                 tokio::time::timeout(limit, pre.instantiate_async(&mut store)).await??,
             ),
+            Exports::Messaging(pre, _) => Bindings::Messaging(
+                tokio::time::timeout(limit, pre.instantiate_async(&mut store)).await??,
+            ),
         };
         Ok(Instance {
             plugin,
@@ -387,6 +394,9 @@ impl Instance {
     /// Calls the plugin's `handle`. After an `Err` this instance must be
     /// dropped: wasmtime refuses to enter a trapped instance again.
     pub async fn handle(&mut self, message: &Message, attempt: u32) -> Result<Outcome, CallError> {
+        if matches!(self.bindings, Bindings::Messaging(_)) {
+            return self.handle_draft(message).await;
+        }
         let headers = header_params(message);
         let input = to_input(message, attempt, &headers);
         let timeout = self.plugin.settings.timeout;
@@ -396,6 +406,7 @@ impl Instance {
             match &self.bindings {
                 Bindings::Single(bindings) => bindings.call_handle(&mut self.store, input).await,
                 Bindings::Batch(bindings) => bindings.call_handle(&mut self.store, input).await,
+                Bindings::Messaging(_) => unreachable!("handled above"),
             }
         };
         let result = cut_at_deadline(timeout, call).await?;
@@ -456,6 +467,46 @@ impl Instance {
             .map_err(BatchError::Failed)
     }
 
+    /// Calls a `wasi:messaging` component's `handle` with the delivery as
+    /// a `message` resource. The attempt has no place in the draft.
+    async fn handle_draft(&mut self, message: &Message) -> Result<Outcome, CallError> {
+        let Bindings::Messaging(bindings) = &self.bindings else {
+            unreachable!("called for draft components only");
+        };
+        let timeout = self.plugin.settings.timeout;
+        let _slot = self.enter().await;
+        start_call(&mut self.store, timeout, false);
+        let input = DraftMessage::delivered(message);
+        let state = self.store.data_mut();
+        state.draft_bytes = state.draft_bytes.saturating_add(input.size());
+        let input = state
+            .table
+            .push(input)
+            .map_err(|e| CallError::Trap(format!("handing the message over: {e}")))?;
+        let call = bindings
+            .wasi_messaging_incoming_handler()
+            .call_handle(&mut self.store, input);
+        let result = cut_at_deadline(timeout, call).await?;
+        let returned = result.map_err(|error| self.call_error(error))?;
+        let state = self.store.data_mut();
+        if let Some(reason) = &state.tally.exceeded {
+            return Err(CallError::OutputLimit(reason.clone()));
+        }
+        let published = std::mem::take(&mut state.published);
+        Ok(match returned {
+            Ok(()) => Outcome::Outputs(published),
+            Err(error) => {
+                let reason = escape(&messaging::describe(&error), MAX_TEXT);
+                let kind = messaging::error_kind(&error);
+                if state.settings.reject_on.iter().any(|k| k == kind) {
+                    Outcome::Reject(reason)
+                } else {
+                    Outcome::Retry(reason)
+                }
+            }
+        })
+    }
+
     /// Takes a slot of the route's share for a call about to start; the
     /// guard gives whatever slot the call holds at its end back.
     fn enter(&self) -> impl Future<Output = SlotGuard> + Send + 'static {
@@ -473,7 +524,9 @@ impl Instance {
     /// What a call that did not return ran into.
     fn call_error(&self, error: wasmtime::Error) -> CallError {
         let state = self.store.data();
-        if state.memory.hit {
+        if let Some(reason) = &state.tally.exceeded {
+            CallError::OutputLimit(reason.clone())
+        } else if state.memory.hit {
             CallError::MemoryLimit(state.memory.limit)
         } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
             CallError::Timeout(self.plugin.settings.timeout)

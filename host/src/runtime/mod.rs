@@ -16,6 +16,7 @@ mod gate;
 mod host_api;
 mod instance;
 mod log;
+mod messaging;
 mod outbound;
 mod outputs;
 
@@ -85,6 +86,16 @@ pub fn wit_package() -> Option<&'static str> {
 /// How often the epoch advances; deadlines are rounded up to this.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// What a plugin's calls reach of the route they run for.
+#[derive(Clone, Default)]
+pub struct RouteLink {
+    /// Sends the plugin's requests (without one, a request fails).
+    pub requester: Option<Arc<Requester>>,
+    /// The names of the route's output backends: what a `wasi:messaging`
+    /// client may connect to besides `default`.
+    pub output_backends: Arc<[String]>,
+}
+
 /// Limits and grants of one plugin, from its config.
 #[derive(Debug, Clone)]
 pub struct PluginSettings {
@@ -113,6 +124,9 @@ pub struct PluginSettings {
     /// The origins the plugin may send HTTP requests to (none unless
     /// granted), shared by all its instances.
     pub outbound_http: Arc<OutboundHttp>,
+    /// Error kinds of a `wasi:messaging` handler's result that reject
+    /// (dead-letter) the message instead of retrying it.
+    pub reject_on: Vec<String>,
 }
 
 impl PluginSettings {
@@ -129,6 +143,7 @@ impl PluginSettings {
             env: BTreeMap::new(),
             read_dirs: BTreeMap::new(),
             outbound_http: Arc::default(),
+            reject_on: Vec::new(),
         }
     }
 }
@@ -154,11 +169,14 @@ pub struct Plugin {
     v0_1: bool,
 }
 
-/// The plugin's exports, typed: `handle`, and `handle-batch` if it has it.
+/// The plugin's exports, typed: `handle`, and `handle-batch` if it has it,
+/// or the `wasi:messaging` draft's `incoming-handler`.
 #[derive(Clone)]
 enum Exports {
     Single(HandlerPre<instance::State>),
     Batch(BatchHandlerPre<instance::State>),
+    /// A draft component; `true` if it imports `request-reply`.
+    Messaging(messaging::MessagingRequestReplyPre<instance::State>, bool),
 }
 
 impl Runtime {
@@ -180,6 +198,7 @@ impl Runtime {
             |s| s,
         )?;
         host_api::add_v0_1_to_linker(&mut linker)?;
+        messaging::add_to_linker(&mut linker)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticking_engine = engine.clone();
@@ -233,7 +252,19 @@ impl Runtime {
         let ty = component.component_type();
         // A `handle-batch` of the wrong type is refused, not ignored: its
         // author meant the host to call it.
-        let exports = if ty.get_export(&self.engine, "handle-batch").is_some() {
+        let exports = if ty
+            .get_export(&self.engine, messaging::HANDLER_EXPORT)
+            .is_some()
+        {
+            let request_reply = ty
+                .imports(&self.engine)
+                .any(|(name, _)| name == messaging::REQUEST_REPLY_IMPORT);
+            Exports::Messaging(
+                messaging::MessagingRequestReplyPre::new(pre)
+                    .map_err(|e| wrong_world(e, &component, &self.engine))?,
+                request_reply,
+            )
+        } else if ty.get_export(&self.engine, "handle-batch").is_some() {
             Exports::Batch(
                 BatchHandlerPre::new(pre).map_err(|e| wrong_world(e, &component, &self.engine))?,
             )
@@ -266,18 +297,18 @@ impl Plugin {
     /// A fresh warm instance for one worker, outside any route's share of
     /// the CPU (for tools and tests that call a plugin directly).
     pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
-        Instance::new(self.clone(), None, None).await
+        Instance::new(self.clone(), None, RouteLink::default()).await
     }
 
     /// A fresh warm instance for a worker of the route holding `share`:
-    /// its calls run only in a slot of the route's share, and send their
-    /// requests with `requester` (without one, `request` fails).
+    /// its calls run only in a slot of the route's share, and reach what
+    /// `link` gives of the route.
     pub async fn instantiate_sharing(
         self: &Arc<Self>,
         share: Share,
-        requester: Option<Arc<Requester>>,
+        link: RouteLink,
     ) -> Result<Instance> {
-        Instance::new(self.clone(), Some(share), requester).await
+        Instance::new(self.clone(), Some(share), link).await
     }
 
     /// Whether the plugin exports `handle-batch`.
@@ -288,6 +319,8 @@ impl Plugin {
     /// The world the plugin implements.
     pub fn world(&self) -> &'static str {
         match (&self.exports, self.v0_1) {
+            (Exports::Messaging(_, false), _) => messaging::CORE_WORLD,
+            (Exports::Messaging(_, true), _) => messaging::REQUEST_REPLY_WORLD,
             (Exports::Batch(_), _) => BATCH_WORLD,
             (Exports::Single(_), true) => WORLD_0_1,
             (Exports::Single(_), false) => WORLD,
@@ -344,15 +377,19 @@ fn wrong_world(e: wasmtime::Error, component: &Component, engine: &Engine) -> an
         .collect();
     // The SDKs export `handle` from one macro or decorator; a component
     // without it most likely left that out.
-    let hint = if exports.iter().any(|name| name == "handle") {
+    let hint = if exports
+        .iter()
+        .any(|name| name == "handle" || name == messaging::HANDLER_EXPORT)
+    {
         ""
     } else {
         "; it does not export `handle`: in Rust, did you forget `sluice_sdk::handler!`?"
     };
     anyhow::anyhow!(
         "component does not implement the `{WORLD}` world (nor `batch-handler`, nor 0.1.0's \
-         `handler`): {e:#} (it exports [{}]; it imports [{}]; a handler must export `handle`, \
+         `handler`, nor `{}`'s `messaging-core` or `messaging-request-reply`): {e:#} (it exports [{}]; it imports [{}]; a handler must export `handle`, \
          may export `handle-batch`, and may import only `sluice:plugin/host` and WASI 0.2, `wasi:http` included){hint}",
+        messaging::PACKAGE,
         exports.join(", "),
         imports.join(", ")
     )
