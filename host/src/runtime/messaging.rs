@@ -198,6 +198,15 @@ impl State {
 
     /// One output of the call, as the draft's `send` and `reply` hand it in.
     fn send_output(&mut self, message: DraftMessage, topic: String) -> Result<(), Error> {
+        if self.in_batch {
+            // A Sluice component may import the draft too; in a batch its
+            // sends could not be told apart by input.
+            return Err(Error::Other(
+                "`send` is not available during `handle-batch`: put the message in its \
+                 input's result"
+                    .into(),
+            ));
+        }
         match self.take_output(message.into_outgoing(topic)) {
             Ok(output) => {
                 self.published.push(output);
