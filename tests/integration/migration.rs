@@ -174,6 +174,77 @@ async fn dual_publish_dead_letters_what_a_dead_backend_refuses() {
     running.stop().await;
 }
 
+/// An ordered route with one output backend waits out that backend's
+/// death in place (`output_failure = wait`): no input is acked while
+/// JetStream is down, and once it is back every key's outputs are all
+/// there, in publish order: no later output of a key overtook a refused
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ordered_route_retries_a_refused_publish_in_place() {
+    const KEYS: usize = 10;
+    let dual = Dual::new().await;
+    let runtime = runtime();
+    let plugin = load(
+        &runtime,
+        "uppercase",
+        settings("uppercase", &[("output", "ordered.out")]),
+    );
+    let mut route = route(
+        "ordered",
+        &dual.source,
+        "ordered.in",
+        plugin,
+        quick_retry(3),
+    );
+    route.spec.subscribe.lease = Duration::from_secs(120);
+    route.spec.concurrency = 4;
+    route.spec.ordered = true;
+    route.outputs = vec![dual.jetstream.clone()];
+    route.dead_letters = Some(dual.source.clone());
+    let running = Running::start(route).await;
+    let stats = running.stats.clone();
+    let publish = |numbers: std::ops::Range<usize>| {
+        let messages: Vec<Message> = numbers
+            .map(|n| {
+                Message::new("ordered.in", format!("key {} message {n:04}", n % KEYS))
+                    .with_key(format!("key-{}", n % KEYS))
+            })
+            .collect();
+        let source = dual.source.clone();
+        async move { source.publish(messages).await.unwrap() }
+    };
+
+    publish(0..100).await;
+    wait_until(&stats, "100 acked", |s| s.snapshot().succeeded == 100).await;
+    dual.jetstream_server.kill();
+    publish(100..200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stats.snapshot().succeeded,
+        100,
+        "inputs acked while their outputs were refused"
+    );
+    dual.jetstream_server.start_again();
+    wait_until(&stats, "200 acked once JetStream is back", |s| {
+        s.snapshot().succeeded == 200
+    })
+    .await;
+    assert_eq!(stats.snapshot().dead_lettered, 0);
+
+    let on_jetstream = Collector::start(&dual.jetstream, &["ordered.out"]).await;
+    let outputs = on_jetstream.wait_for(200, LIMIT).await.unwrap();
+    assert_eq!(inputs(&outputs), (200, 0), "outputs lost or repeated");
+    let mut last: HashMap<String, String> = HashMap::new();
+    for output in &outputs {
+        let payload = text(output);
+        let (key, number) = payload.split_once(" MESSAGE ").unwrap();
+        if let Some(before) = last.insert(key.to_owned(), number.to_owned()) {
+            assert!(before.as_str() < number, "{key}: {number} after {before}");
+        }
+    }
+    running.stop().await;
+}
+
 /// A config with one forwarding route, `bridge`, from backend `from` to
 /// backend `to`: `<ns>.orders.>` forwarded as `<ns>.moved.>`.
 fn bridge_config(ns: &str, dir: &Path, from: &str, to: &str) -> PathBuf {

@@ -170,6 +170,15 @@ impl Context {
     }
 }
 
+/// Where a route's dead letters go: their own backend, or the first output
+/// backend.
+fn dead_letter_backend<'a>(
+    dead_letters: Option<&'a Arc<dyn Backend>>,
+    outputs: &'a [Arc<dyn Backend>],
+) -> &'a Arc<dyn Backend> {
+    dead_letters.unwrap_or(&outputs[0])
+}
+
 /// The durable group the host makes for every dead-letter topic, so that
 /// dead letters are kept before anyone reads them.
 pub const DEAD_LETTER_GROUP: &str = "sluice-dead-letters";
@@ -177,7 +186,7 @@ pub const DEAD_LETTER_GROUP: &str = "sluice-dead-letters";
 impl Route {
     /// The backend this route's dead letters go to.
     pub fn dead_letter_backend(&self) -> &Arc<dyn Backend> {
-        self.dead_letters.as_ref().unwrap_or(&self.outputs[0])
+        dead_letter_backend(self.dead_letters.as_ref(), &self.outputs)
     }
 
     /// Makes sure the dead-letter topic's messages are kept from the first

@@ -192,7 +192,7 @@ impl Context {
     }
 
     fn dead_letter_backend(&self) -> &Arc<dyn Backend> {
-        self.dead_letters.as_ref().unwrap_or(&self.outputs[0])
+        super::dead_letter_backend(self.dead_letters.as_ref(), &self.outputs)
     }
 
     /// Publishes dead letters to their own backend, if they have one.
