@@ -272,7 +272,7 @@ static sluice_message take_message(batch_handler_message_t *raw) {
     return msg;
 }
 
-static void free_message(sluice_message *msg) {
+void sluice_message_free(sluice_message *msg) {
     free((char *)msg->id);
     free((char *)msg->topic);
     free((char *)msg->key);
@@ -282,6 +282,35 @@ static void free_message(sluice_message *msg) {
     }
     free((void *)msg->headers);
     free((void *)msg->payload);
+    /* A second free of the same message then frees nothing. */
+    *msg = (sluice_message){0};
+}
+
+bool sluice_request(const char *topic, const char *key, const void *payload, size_t len,
+                    uint32_t timeout_ms, sluice_message *reply, char **error) {
+    sluice_outputs one = {0};
+    sluice_output *o = sluice_emit(&one, topic, key, payload, len);
+    sluice_plugin_types_outgoing_t g = to_outgoing(o);
+    free(one.items);
+    sluice_plugin_host_message_t raw;
+    batch_handler_string_t reason;
+    bool ok = sluice_plugin_host_request(&g, timeout_ms, &raw, &reason);
+    sluice_plugin_types_outgoing_free(&g);
+    if (ok) {
+        *reply = take_message(&raw);
+    } else {
+        if (error != NULL) {
+            *error = copy_string(&reason);
+        }
+        batch_handler_string_free(&reason);
+    }
+    return ok;
+}
+
+sluice_output *sluice_reply(sluice_outputs *out, const sluice_message *msg, const void *payload,
+                            size_t len) {
+    const char *topic = sluice_header_value(msg, "sluice-reply-to");
+    return topic == NULL ? NULL : sluice_emit(out, topic, NULL, payload, len);
 }
 
 /* The generated result for one message: on SLUICE_OK what it published,
@@ -348,7 +377,7 @@ bool exports_batch_handler_handle(batch_handler_message_t *raw,
     } else {
         no_handler();
     }
-    free_message(&msg);
+    sluice_message_free(&msg);
     batch_handler_result_list_outgoing_failure_t result = answer(status, &published, &out);
     if (!result.is_err) {
         *ret = result.val.ok;
@@ -390,7 +419,7 @@ void exports_batch_handler_handle_batch(batch_handler_list_message_t *raw,
     ret->ptr = checked(malloc(room * sizeof *ret->ptr));
     for (size_t i = 0; i < count; i++) {
         ret->ptr[i] = answer(statuses[i], &published[i], &outs[i]);
-        free_message(&msgs[i]);
+        sluice_message_free(&msgs[i]);
     }
     free(msgs);
     free(published);

@@ -34,6 +34,26 @@
  * Each message gets its own outputs (`outs[i]`) and status (`statuses[i]`,
  * SLUICE_OK unless set, e.g. `statuses[i] = sluice_retry(&outs[i], ...)`).
  * sluice_publish fails during sluice_handle_batch: emit into `outs[i]`.
+ *
+ * A handler may ask another route and wait for the answer with
+ * sluice_request, which gives the reply message; the host sends it only to
+ * topics the plugin's config grants (`request_to`). The answering route
+ * replies with sluice_reply, an output to the requester's reply topic:
+ *
+ *     // checkout: asks, and waits at most 2 s
+ *     sluice_message quote;
+ *     char *why;
+ *     if (!sluice_request("prices.quote", NULL, msg->payload, msg->payload_len, 2000,
+ *                         &quote, &why)) {
+ *         sluice_status status = sluice_retry(out, "%s", why);
+ *         free(why);
+ *         return status;
+ *     }
+ *     sluice_emit(out, "orders.priced", NULL, quote.payload, quote.payload_len);
+ *     sluice_message_free(&quote);
+ *
+ *     // pricing: a route reading `prices.quote` answers each request
+ *     if (!sluice_reply(out, msg, "4.20", 4)) return sluice_reject(out, "not a request");
  */
 #ifndef SLUICE_H
 #define SLUICE_H
@@ -135,6 +155,28 @@ char *sluice_config(const char *key);
  * sluice_handle_batch the host always refuses. */
 bool sluice_publish(const char *topic, const char *key, const void *payload, size_t len,
                     char **error);
+/* Sends a request to `topic` (`key` may be NULL) and waits for its reply, at
+ * most `timeout_ms` and never past the call's deadline. The request goes
+ * out on the route's output backend; the responder's plugin answers with
+ * sluice_reply. Returns true with the reply in *reply (free it with
+ * sluice_message_free), or false with the host's reason in *error (if not
+ * NULL; malloc'd, free it): "timeout: ..." when no reply came in time (no
+ * responder, or a slow one), "denied: ..." when the plugin may not send
+ * requests to that topic (grant it with `request_to`), "failed: ..."
+ * otherwise. */
+bool sluice_request(const char *topic, const char *key, const void *payload, size_t len,
+                    uint32_t timeout_ms, sluice_message *reply, char **error);
+/* Frees what a message from sluice_request holds (not `msg` itself). */
+void sluice_message_free(sluice_message *msg);
+/* Adds the reply to `msg`, if it is a request (it carries a
+ * `sluice-reply-to` header): an output with a copy of `payload` to the
+ * requester's reply topic, to which the host adds the request's
+ * correlation id; as sluice_emit's, the pointer stays valid until the next
+ * sluice_emit. Returns NULL, adding nothing, if `msg` is not a request.
+ * Sending it needs the reply topics in the plugin's `publish_to`:
+ * `sluice-reply.>` (and `_INBOX.>` for requests from NATS clients). */
+sluice_output *sluice_reply(sluice_outputs *out, const sluice_message *msg, const void *payload,
+                            size_t len);
 /* Writes a line to the host's log (printf-style). */
 void sluice_log(sluice_level level, const char *format, ...)
     __attribute__((format(printf, 2, 3)));

@@ -30,6 +30,32 @@
 //       msgs.map((msg) => msg.text() === "" ? new Reject("empty payload")
 //                                           : [output("copied", msg.payload)]));
 //
+// A handler may ask another route and wait for the answer with
+// `request(out, timeoutMs)`, which returns the reply message; the host sends
+// it only to topics the plugin's config grants (`request_to`). A request
+// that gets no reply throws `RequestFailed`, whose `kind` says why. The
+// answering route replies with `reply(msg, payload)`, an output to the
+// requester's reply topic:
+//
+//     // checkout: asks, and waits at most 2 s
+//     export const handle = handler((msg) => {
+//       let quote;
+//       try {
+//         quote = request(output("prices.quote", msg.payload), 2000);
+//       } catch (e) {
+//         if (e instanceof RequestFailed) throw new Retry(e.message);
+//         throw e;
+//       }
+//       return [output("orders.priced", quote.payload)];
+//     });
+//
+//     // pricing: a route reading `prices.quote` answers each request
+//     export const handle = handler((msg) => {
+//       const answer = reply(msg, "4.20");
+//       if (answer === undefined) throw new Reject("not a request");
+//       return [answer];
+//     });
+//
 // `sluice build` puts this file next to the plugin's own sources and turns
 // them into a component with componentize-js; the component's
 // `handleBatch` export comes from the plugin's `handle` (see `batchOf`),
@@ -37,8 +63,11 @@
 //
 // Outside a component (`node --test` in the project) the file works on its
 // own, with a stand-in host: `config` reads `testing.config`, `publish`
-// appends to `testing.published` and `log` writes to stderr. `message(payload,
-// ...)` makes a message to hand a handler; an exported `handle` called
+// appends to `testing.published` and `log` writes to stderr; `request` calls
+// `testing.request` (a function of the outgoing message and the timeout
+// returning the reply, e.g. made with `message`, or throwing
+// `RequestFailed`) and, while it is unset, fails. `message(payload, ...)`
+// makes a message to hand a handler; an exported `handle` called
 // directly returns its outputs, or throws an error whose `payload` is the
 // failure (`{ tag: "reject", val: reason }` or `tag: "retry"`):
 //
@@ -53,13 +82,19 @@
 //     });
 
 /** What the stand-in host reads and keeps, outside a component. */
-export const testing = { config: {}, published: [] };
+export const testing = { config: {}, published: [], request: undefined };
 
 // The host's capabilities: the stand-in until `connectHost` is called.
 let host = {
   configGet: (key) => testing.config[key],
   publish: (out) => {
     testing.published.push(out);
+  },
+  request: (out, timeoutMs) => {
+    if (typeof testing.request !== "function") {
+      throw new RequestFailed(`failed: no stand-in for a request to ${out.topic} (testing.request)`);
+    }
+    return testing.request(out, timeoutMs);
   },
   log: (level, message) => console.error(`${level}: ${message}`),
 };
@@ -139,6 +174,54 @@ export function publish(out) {
   } catch (e) {
     throw new Reject(String(e?.payload ?? e));
   }
+}
+
+/**
+ * A request that got no reply; `message` is the host's reason. `kind` is
+ * the reason's first word: `timeout` when no reply came in time (no
+ * responder, or a slow one), `denied` when the plugin may not send requests
+ * to that topic (its `request_to` grant), `failed` otherwise.
+ */
+export class RequestFailed extends Error {
+  constructor(reason) {
+    super(reason);
+    this.kind = reason.split(":", 1)[0];
+  }
+}
+
+/**
+ * Sends `out` as a request and waits for its reply, at most `timeoutMs` and
+ * never past the call's deadline, and returns the reply (a message, with
+ * `text()`, `json()` and `header(name)`). The request goes out on the
+ * route's output backend; the responder's plugin answers with `reply`.
+ * Throws `RequestFailed` with the host's reason when no reply comes:
+ * `timeout: ...` when none came in time (no responder, or a slow one),
+ * `denied: ...` when the plugin may not send requests to that topic (grant
+ * it with `request_to`), `failed: ...` otherwise.
+ */
+export function request(out, timeoutMs = 1000) {
+  let raw;
+  try {
+    raw = host.request(out, timeoutMs);
+  } catch (e) {
+    if (e instanceof RequestFailed) throw e;
+    // componentize-js throws an import's error result as `{ payload }`.
+    throw new RequestFailed(String(e?.payload ?? e));
+  }
+  return new Message(raw);
+}
+
+/**
+ * The reply to `msg`, if it is a request (it carries a `sluice-reply-to`
+ * header): an output to the requester's reply topic, to which the host adds
+ * the request's correlation id; `undefined` if it is not. The payload is
+ * encoded as `output` encodes one. Sending it needs the reply topics in the
+ * plugin's `publish_to`: `sluice-reply.>` (and `_INBOX.>` for requests from
+ * NATS clients).
+ */
+export function reply(msg, payload) {
+  const topic = msg.headers.find((h) => h.name === "sluice-reply-to")?.value;
+  return topic === undefined ? undefined : output(topic, payload);
 }
 
 /** Writes a line to the host's log: level is trace, debug, info, warn or error. */

@@ -44,6 +44,30 @@ origin not granted)::
             raise sluice.Retry(str(e))
         return [sluice.output("users.enriched", body)]
 
+A handler may ask another route and wait for the answer with
+``request(out, timeout_ms)``, which answers the reply message; the host
+sends it only to topics the plugin's config grants (``request_to``). A
+request that gets no reply raises ``RequestFailed``, whose ``kind`` says
+why. The answering route replies with ``reply(msg, payload)``, an output to
+the requester's reply topic::
+
+    # checkout: asks, and waits at most 2 s
+    @sluice.handler
+    def handle(msg):
+        try:
+            quote = sluice.request(sluice.output("prices.quote", msg.payload), 2000)
+        except sluice.RequestFailed as e:
+            raise sluice.Retry(str(e))
+        return [sluice.output("orders.priced", quote.payload)]
+
+    # pricing: a route reading `prices.quote` answers each request
+    @sluice.handler
+    def handle(msg):
+        answer = sluice.reply(msg, "4.20")
+        if answer is None:
+            raise sluice.Reject("not a request")
+        return [answer]
+
 ``sluice build`` puts this module on the path and turns the project into a
 component with componentize-py.
 
@@ -52,7 +76,10 @@ works on its own, with a stand-in host: ``config`` reads ``testing.config``
 (a dict), ``publish`` appends to ``testing.published`` and ``log`` writes
 to stderr; ``http_get`` calls ``testing.http`` (a function of the URL and
 the headers answering ``(status, body)``, or raising ``HttpError``) and,
-while it is ``None``, is denied as in a plugin granted no origin.
+while it is ``None``, is denied as in a plugin granted no origin;
+``request`` calls ``testing.request`` (a function of the outgoing message
+and the timeout answering the reply, e.g. made with ``message``, or
+raising ``RequestFailed``) and, while it is ``None``, fails.
 ``message(payload, ...)`` makes a message to hand a handler, and
 a handler called directly returns its outputs or raises its ``Retry`` or
 ``Reject``::
@@ -74,7 +101,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 # What the stand-in host reads and keeps, outside a component.
-testing = SimpleNamespace(config={}, published=[], http=None)
+testing = SimpleNamespace(config={}, published=[], http=None, request=None)
 
 
 def _stand_ins():
@@ -130,6 +157,11 @@ def _stand_ins():
     def log(level, message):
         print(f"{level.name.lower()}: {message}", file=sys.stderr)
 
+    def request(out, timeout_ms):
+        if testing.request is None:
+            raise Err(f"failed: no stand-in for a request to {out.topic} (sluice.testing.request)")
+        return testing.request(out, timeout_ms)
+
     for cls in (Header, Message, Outgoing, Failure_Retry, Failure_Reject, Ok):
         cls.__qualname__ = cls.__name__  # reads as `Outgoing(...)` in a failed test
 
@@ -145,6 +177,7 @@ def _stand_ins():
         # Looked up at each call, so a test may replace either.
         config_get=lambda key: testing.config.get(key),
         publish=lambda out: testing.published.append(out),
+        request=request,
         log=log,
     )
     return Err, Ok, stand_in_host, wit_types
@@ -263,6 +296,44 @@ def publish(out: Outgoing) -> None:
         host.publish(out)
     except Err as e:
         raise Reject(str(e.value)) from None
+
+
+class RequestFailed(Exception):
+    """A request that got no reply; ``str()`` is the host's reason. ``kind``
+    is the reason's first word: ``timeout`` when no reply came in time (no
+    responder, or a slow one), ``denied`` when the plugin may not send
+    requests to that topic (its ``request_to`` grant), ``failed``
+    otherwise."""
+
+    def __init__(self, reason: str):
+        self.kind = reason.partition(":")[0]
+        super().__init__(reason)
+
+
+def request(out: Outgoing, timeout_ms: int = 1000) -> Message:
+    """Sends ``out`` as a request and waits for its reply, at most
+    ``timeout_ms`` and never past the call's deadline, and answers the
+    reply. The request goes out on the route's output backend; the
+    responder's plugin answers with ``reply``. Raises ``RequestFailed``
+    with the host's reason when no reply comes: ``timeout: ...`` when none
+    came in time (no responder, or a slow one), ``denied: ...`` when the
+    plugin may not send requests to that topic (grant it with
+    ``request_to``), ``failed: ...`` otherwise."""
+    try:
+        return host.request(out, timeout_ms)
+    except Err as e:
+        raise RequestFailed(str(e.value)) from None
+
+
+def reply(msg: Message, payload: Payload) -> Optional[Outgoing]:
+    """The reply to ``msg``, if it is a request (it carries a
+    ``sluice-reply-to`` header): an output to the requester's reply topic,
+    to which the host adds the request's correlation id; ``None`` if it is
+    not. The payload is encoded as ``output`` encodes one. Sending it needs
+    the reply topics in the plugin's ``publish_to``: ``sluice-reply.>``
+    (and ``_INBOX.>`` for requests from NATS clients)."""
+    topic = header(msg, "sluice-reply-to")
+    return None if topic is None else output(topic, payload)
 
 
 def log(level: str, message: str) -> None:

@@ -3,18 +3,24 @@
 //! outputs and dead-letter the same messages, through a retry, a reject and
 //! an exhausted retry, and answer a batch as it answers each message. The
 //! batch example in every language answers a batch with mixed results, and
-//! a trap in the middle of a batch fails only the message that traps. Also:
+//! a trap in the middle of a batch fails only the message that traps. The
+//! request-reply example in every language asks and answers as the Rust one
+//! does, and across languages. Also:
 //! what the host accepts from those toolchains (newer WASI 0.2 imports, an
 //! extra `init` export, wasi:http imports). JavaScript's `fetch` under the
 //! outbound grant is tested in `outbound_http`.
 
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Collector, Running, quick_retry, route, runtime, settings};
 use sluice::Message;
-use sluice::router::{MessageHandler, WasmHandler};
-use sluice::runtime::{BATCH_WORLD, CallError, Outcome, Plugin};
+use sluice::backend::{Backend, SubscribeOptions};
+use sluice::request::Requester;
+use sluice::router::{MessageHandler, Route, RouteSpec, RouteStats, WasmHandler};
+use sluice::runtime::{BATCH_WORLD, CallError, Outcome, Plugin, Runtime};
 use sluice_tests::common;
 
 const LANGS: [&str; 4] = ["rust", "python", "js", "c"];
@@ -313,6 +319,219 @@ async fn every_language_batches_a_per_message_handler() {
         assert!(
             matches!(&together[3], Answer::Out(o) if o.len() == 1),
             "{lang}: {together:?}"
+        );
+    }
+}
+
+fn rpc_path(lang: &str) -> std::path::PathBuf {
+    match lang {
+        "rust" => common::plugin_path("rpc"),
+        other => common::example_path(other, "rpc"),
+    }
+}
+
+/// A route over `rpc.<input>` running the `rpc` plugin at `plugin` with
+/// `config`; an asking one sends its requests on `backend` and may ask
+/// `rpc.questions` and `rpc.nobody`.
+fn rpc_route(
+    runtime: &Runtime,
+    backend: &Arc<dyn Backend>,
+    plugin: &Path,
+    input: &str,
+    config: &[(&str, &str)],
+) -> Route {
+    let mut plugin_settings = settings("rpc", config);
+    // The call's deadline must outlast the longest request it waits for.
+    plugin_settings.timeout = Duration::from_secs(20);
+    plugin_settings.request_to = vec!["rpc.questions".into(), "rpc.nobody".into()];
+    let plugin = runtime
+        .load_file(plugin, plugin_settings)
+        .unwrap_or_else(|e| panic!("{} does not load: {e:#}", plugin.display()));
+    let name = format!("rpc-{input}");
+    let mut subscribe = SubscribeOptions::new(vec![format!("rpc.{input}")], name.clone());
+    subscribe.lease = Duration::from_secs(60);
+    let mut handler = WasmHandler::new(Arc::new(plugin));
+    if config.contains(&("role", "ask")) {
+        handler = handler.requesting(Arc::new(Requester::new(backend.clone())));
+    }
+    Route {
+        spec: RouteSpec {
+            retry: quick_retry(3),
+            concurrency: 2,
+            ..RouteSpec::new(name, subscribe)
+        },
+        source: backend.clone(),
+        outputs: vec![backend.clone()],
+        dead_letters: None,
+        handler: Arc::new(handler),
+        stats: Arc::new(RouteStats::default()),
+    }
+}
+
+/// An asking route: each message of `rpc.<input>` becomes a request to
+/// `rpc.<ask>`, and its answer (or why there is none) an output on
+/// `rpc.answers`.
+fn asker(
+    runtime: &Runtime,
+    backend: &Arc<dyn Backend>,
+    plugin: &Path,
+    input: &str,
+    ask: &str,
+    timeout_ms: &str,
+) -> Route {
+    let ask = format!("rpc.{ask}");
+    rpc_route(
+        runtime,
+        backend,
+        plugin,
+        input,
+        &[
+            ("role", "ask"),
+            ("ask", &ask),
+            ("timeout_ms", timeout_ms),
+            ("output", "rpc.answers"),
+        ],
+    )
+}
+
+/// A responding route on `rpc.<input>`: replies with the payload
+/// uppercased.
+fn answerer(runtime: &Runtime, backend: &Arc<dyn Backend>, plugin: &Path, input: &str) -> Route {
+    rpc_route(runtime, backend, plugin, input, &[("role", "answer")])
+}
+
+/// An asker's output in a comparable form: (`question` header, `failed`
+/// header, payload).
+type Answered = (Option<String>, Option<String>, String);
+
+/// What the asking plugin published when the answering plugin answered three
+/// requests and nobody answered a fourth.
+async fn ask_and_answer(runtime: &Runtime, asking: &Path, answering: &Path) -> Vec<Answered> {
+    let backend = sluice::backend::connect("memory://").await.unwrap();
+    let answers = Collector::start(&backend, &["rpc.answers"]).await;
+    let routes = [
+        answerer(runtime, &backend, answering, "questions"),
+        asker(runtime, &backend, asking, "asks", "questions", "15000"),
+        asker(runtime, &backend, asking, "lonely", "nobody", "500"),
+    ];
+    let mut running = Vec::new();
+    for route in routes {
+        running.push(Running::start(route).await);
+    }
+    let publish = |topic: &str, payloads: &[&str]| {
+        let messages = payloads.iter().map(|p| Message::new(topic, *p)).collect();
+        backend.publish(messages)
+    };
+    publish("rpc.asks", &["one", "two", "three"]).await.unwrap();
+    publish("rpc.lonely", &["anyone?"]).await.unwrap();
+    let got = answers.wait_for(4, Duration::from_secs(60)).await.unwrap();
+    for route in running {
+        route.stop().await;
+    }
+    let header = |m: &Message, name: &str| m.header(name).map(str::to_string);
+    let mut answered: Vec<Answered> = got
+        .iter()
+        .map(|m| (header(m, "question"), header(m, "failed"), common::text(m)))
+        .collect();
+    // The answered ones first (no `failed` header), then by question.
+    answered.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+    answered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_language_asks_and_answers() {
+    let runtime = runtime();
+    let rust = rpc_path("rust");
+    let expected = ask_and_answer(&runtime, &rust, &rust).await;
+    let answer =
+        |question: &str, payload: &str| (Some(question.to_string()), None, payload.to_string());
+    assert_eq!(
+        expected[..3],
+        [
+            answer("one", "ONE"),
+            answer("three", "THREE"),
+            answer("two", "TWO")
+        ],
+        "{expected:?}"
+    );
+    let (question, failed, reason) = &expected[3];
+    assert_eq!(
+        (question.as_deref(), failed.as_deref()),
+        (Some("anyone?"), Some("true")),
+        "{expected:?}"
+    );
+    assert!(
+        reason.starts_with("timeout: no reply to `rpc.nobody`"),
+        "{reason}"
+    );
+
+    for lang in &LANGS[1..] {
+        let theirs = rpc_path(lang);
+        for (asking, answering, pair) in [
+            (&theirs, &theirs, format!("{lang} asking {lang}")),
+            (&rust, &theirs, format!("rust asking {lang}")),
+            (&theirs, &rust, format!("{lang} asking rust")),
+        ] {
+            assert_eq!(
+                ask_and_answer(&runtime, asking, answering).await,
+                expected,
+                "{pair}: not what the Rust plugins do"
+            );
+        }
+    }
+}
+
+/// The Python and JavaScript `rpc` examples' unit tests, which call
+/// `request` and `reply` against the helpers' stand-in host, pass natively
+/// with the repository's helpers.
+#[test]
+fn the_rpc_examples_pass_their_unit_tests() {
+    let root = common::repo_root();
+    let project = |lang: &str, files: &[&str], helper: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        for file in files {
+            std::fs::copy(
+                root.join("plugins").join(lang).join("rpc").join(file),
+                dir.path().join(file),
+            )
+            .unwrap();
+        }
+        std::fs::copy(
+            root.join("sdk").join(lang).join(helper),
+            dir.path().join(helper),
+        )
+        .unwrap();
+        dir
+    };
+    let python = project("python", &["plugin.py", "test_plugin.py"], "sluice.py");
+    let js = project("js", &["plugin.js", "plugin.test.js"], "sluice.js");
+    std::fs::write(js.path().join("package.json"), r#"{"type": "module"}"#).unwrap();
+    for (dir, command, a_test) in [
+        (
+            &python,
+            &["python3", "-m", "unittest", "-v"][..],
+            "test_publishes_why_a_request_failed",
+        ),
+        (
+            &js,
+            &["node", "--test"][..],
+            "an asker publishes why a request failed",
+        ),
+    ] {
+        let output = Command::new(command[0])
+            .args(&command[1..])
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", command[0]));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{command:?} failed:\n{said}");
+        assert!(
+            said.contains(a_test),
+            "{command:?} did not run `{a_test}`:\n{said}"
         );
     }
 }
