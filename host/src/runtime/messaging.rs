@@ -189,6 +189,21 @@ impl State {
         Ok(())
     }
 
+    /// Changes a message the plugin holds, counting what it grew or shrank
+    /// by.
+    fn change(
+        &mut self,
+        resource: &Resource<DraftMessage>,
+        edit: impl FnOnce(&mut DraftMessage),
+    ) -> wasmtime::Result<()> {
+        let message = self.message_mut(resource)?;
+        let before = message.size();
+        edit(message);
+        let after = message.size();
+        self.draft_bytes = self.draft_bytes.saturating_sub(before);
+        self.hold(after)
+    }
+
     /// Takes a message out of the table, no longer counted as held.
     fn release(&mut self, resource: Resource<DraftMessage>) -> wasmtime::Result<DraftMessage> {
         let message = self.table.delete(resource)?;
@@ -273,9 +288,7 @@ impl types::HostMessage for State {
         message: Resource<DraftMessage>,
         content_type: String,
     ) -> wasmtime::Result<()> {
-        self.hold(content_type.len())?;
-        self.message_mut(&message)?.content_type = Some(content_type);
-        Ok(())
+        self.change(&message, |m| m.content_type = Some(content_type))
     }
 
     fn data(&mut self, message: Resource<DraftMessage>) -> wasmtime::Result<Vec<u8>> {
@@ -283,9 +296,7 @@ impl types::HostMessage for State {
     }
 
     fn set_data(&mut self, message: Resource<DraftMessage>, data: Vec<u8>) -> wasmtime::Result<()> {
-        self.hold(data.len())?;
-        self.message_mut(&message)?.data = data;
-        Ok(())
+        self.change(&message, |m| m.data = data)
     }
 
     fn metadata(
@@ -302,11 +313,10 @@ impl types::HostMessage for State {
         key: String,
         value: String,
     ) -> wasmtime::Result<()> {
-        self.hold(key.len() + value.len())?;
-        let metadata = &mut self.message_mut(&message)?.metadata;
-        metadata.retain(|(name, _)| *name != key);
-        metadata.push((key, value));
-        Ok(())
+        self.change(&message, |m| {
+            m.metadata.retain(|(name, _)| *name != key);
+            m.metadata.push((key, value));
+        })
     }
 
     fn set_metadata(
@@ -314,9 +324,7 @@ impl types::HostMessage for State {
         message: Resource<DraftMessage>,
         meta: types::Metadata,
     ) -> wasmtime::Result<()> {
-        self.hold(meta.iter().map(|(k, v)| k.len() + v.len()).sum())?;
-        self.message_mut(&message)?.metadata = meta;
-        Ok(())
+        self.change(&message, |m| m.metadata = meta)
     }
 
     fn remove_metadata(
@@ -324,10 +332,7 @@ impl types::HostMessage for State {
         message: Resource<DraftMessage>,
         key: String,
     ) -> wasmtime::Result<()> {
-        self.message_mut(&message)?
-            .metadata
-            .retain(|(name, _)| *name != key);
-        Ok(())
+        self.change(&message, |m| m.metadata.retain(|(name, _)| *name != key))
     }
 
     fn drop(&mut self, message: Resource<DraftMessage>) -> wasmtime::Result<()> {
