@@ -152,6 +152,33 @@ async fn the_drafts_results_become_outputs_retries_and_rejections() {
     }
 }
 
+/// Messages a component keeps live in the host, outside its memory cap, so
+/// they count against its `max_output_mb`: a component that hoards them
+/// fails the call (`output-limit`) once it holds more, wherever it spreads
+/// them over calls, and a fresh instance starts from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_component_hoards_are_bounded() {
+    let mut capped = draft_settings("rust");
+    capped.limits.max_bytes = 4 << 20;
+    let plugin = load(&plugin_path("wasi_messaging"), capped);
+    let mut instance = plugin.instantiate().await.unwrap();
+    let hoard = |n: u32| Message::new("orders.in", format!("hoard:{n}"));
+    assert!(matches!(
+        instance.handle(&hoard(2), 1).await,
+        Ok(Outcome::Outputs(_))
+    ));
+    let outcome = instance.handle(&hoard(3), 1).await;
+    assert!(
+        matches!(&outcome, Err(CallError::OutputLimit(reason)) if reason.contains("held at once")),
+        "{outcome:?}"
+    );
+    let mut fresh = plugin.instantiate().await.unwrap();
+    assert!(matches!(
+        fresh.handle(&hoard(3), 1).await,
+        Ok(Outcome::Outputs(_))
+    ));
+}
+
 /// A route `<name>-route` of `plugin` over `input`, three attempts each.
 fn draft_route(backend: &Arc<dyn Backend>, name: &str, input: &str, plugin: Arc<Plugin>) -> Route {
     let mut route = route(

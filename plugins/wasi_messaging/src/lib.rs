@@ -11,6 +11,8 @@
 //! - `ping`: replies `pong`;
 //! - `ask:<topic>`: asks `<topic>` (2 s at most) and sends the first
 //!   reply's data, or `no reply`, to `<topic>.done`;
+//! - `hoard:N`: makes N messages of 1 MiB and keeps them across calls,
+//!   which the host holds for it and must bound;
 //! - anything else: sends it upper-cased to `<topic>.done` as
 //!   `text/plain`, with the input's metadata plus `handled-by` and
 //!   `input-content-type`, so a test sees what crossed the boundary.
@@ -31,6 +33,12 @@ use wasi::messaging::request_reply::{self, RequestOptions};
 use wasi::messaging::types::{Client, Error, Message};
 
 struct Handler;
+
+thread_local! {
+    /// What `hoard:N` keeps: messages live in the host, so holding them
+    /// here costs the component nothing of its own memory.
+    static HOARD: std::cell::RefCell<Vec<Message>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl Guest for Handler {
     fn handle(message: Message) -> Result<(), Error> {
@@ -54,6 +62,17 @@ impl Guest for Handler {
                 .ok_or_else(|| Error::Other("burst: needs a decimal count".to_owned()))?;
             for i in 0..count {
                 send(&client, &done, Message::new(i.to_string().as_bytes()))?;
+            }
+            return Ok(());
+        }
+        if let Some(count) = data.strip_prefix(b"hoard:") {
+            let count: usize = std::str::from_utf8(count)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| Error::Other("hoard: needs a decimal count".to_owned()))?;
+            for _ in 0..count {
+                let kept = Message::new(&vec![0u8; 1 << 20]);
+                HOARD.with(|hoard| hoard.borrow_mut().push(kept));
             }
             return Ok(());
         }
