@@ -11,15 +11,16 @@
 //!   outputs, under the same `publish_to` grant and limits as Sluice's
 //!   outputs, and goes out with them, before the ack, only if `handle`
 //!   succeeds.
-//! - `client.connect(name)` names where sends go: `default`, or one of the
-//!   route's output backends. Sends through any client go to the route's
-//!   outputs (every output backend, for a route that publishes to several).
+//! - `client.connect(name)` takes `default` or the name of one of the
+//!   route's output backends; sends through any client go to the route's
+//!   outputs (every output backend, for a route that publishes to several),
+//!   which is what the route promises about delivery.
 //! - metadata is the message's headers (the host's `sluice-` headers
 //!   excluded from outputs, as always) and the content type is the
 //!   `content-type` header.
 //! - `request-reply.request` is the host's `request` (granted by
-//!   `request_to`); `reply` is an output to the topic the request named,
-//!   which `publish_to` must grant like any other.
+//!   `request_to`); `reply` is an output to the reply topic the delivery
+//!   carries, which `publish_to` must grant like any other.
 //!
 //! The WIT is fetched at build time (see the sluice-witdeps crate).
 
