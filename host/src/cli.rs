@@ -13,12 +13,14 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 /// `--version`: this build's version, the plugin world it implements (from
-/// the WIT file's package line) and the backends compiled in.
+/// the WIT file's package line), the foreign world it also runs, and the
+/// backends compiled in.
 static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let world = crate::runtime::wit_package().unwrap_or("unknown");
     format!(
-        "{}\nplugin world: {world}\nbackends: {}",
+        "{}\nplugin world: {world}\nalso runs: {} (messaging-core, messaging-request-reply)\nbackends: {}",
         env!("CARGO_PKG_VERSION"),
+        crate::runtime::MESSAGING_PACKAGE,
         backend::supported_schemes().join(", ")
     )
 });

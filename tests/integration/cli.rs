@@ -1143,8 +1143,8 @@ fn a_default_config_file_and_shell_completions() {
     assert!(loaded.status.success(), "{}", stderr(&loaded));
 }
 
-/// `--version` names the plugin world, read from the WIT file, and the
-/// backends this build has.
+/// `--version` names the plugin world, read from the WIT file, the
+/// `wasi:messaging` draft it also runs, and the backends this build has.
 #[test]
 fn version_names_the_world_and_the_backends() {
     let wit = std::fs::read_to_string(common::repo_root().join("wit/sluice.wit")).unwrap();
@@ -1162,6 +1162,10 @@ fn version_names_the_world_and_the_backends() {
     );
     assert!(
         version.contains(&format!("plugin world: {world}\n")),
+        "{version}"
+    );
+    assert!(
+        version.contains("also runs: wasi:messaging@0.2.0-draft"),
         "{version}"
     );
     let backends = version

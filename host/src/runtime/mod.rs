@@ -36,6 +36,7 @@ use crate::request::Requester;
 pub use gate::{Gate, Share};
 pub use instance::{BatchError, CallError, Instance, Outcome};
 pub use log::{LogBudget, escape};
+pub use messaging::PACKAGE as MESSAGING_PACKAGE;
 pub use outbound::{Origin, OutboundHttp};
 pub use outputs::{HOST_HEADER_PREFIX, OutputLimits};
 
