@@ -15,11 +15,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Collector, Running, quick_retry, route, runtime, settings};
+use common::{Collector, Running, quick_retry, route, rpc, runtime, settings};
 use sluice::Message;
-use sluice::backend::{Backend, SubscribeOptions};
-use sluice::request::Requester;
-use sluice::router::{MessageHandler, Route, RouteSpec, RouteStats, WasmHandler};
+use sluice::router::{MessageHandler, WasmHandler};
 use sluice::runtime::{BATCH_WORLD, CallError, Outcome, Plugin, Runtime};
 use sluice_tests::common;
 
@@ -330,76 +328,6 @@ fn rpc_path(lang: &str) -> std::path::PathBuf {
     }
 }
 
-/// A route over `rpc.<input>` running the `rpc` plugin at `plugin` with
-/// `config`; an asking one sends its requests on `backend` and may ask
-/// `rpc.questions` and `rpc.nobody`.
-fn rpc_route(
-    runtime: &Runtime,
-    backend: &Arc<dyn Backend>,
-    plugin: &Path,
-    input: &str,
-    config: &[(&str, &str)],
-) -> Route {
-    let mut plugin_settings = settings("rpc", config);
-    // The call's deadline must outlast the longest request it waits for.
-    plugin_settings.timeout = Duration::from_secs(20);
-    plugin_settings.request_to = vec!["rpc.questions".into(), "rpc.nobody".into()];
-    let plugin = runtime
-        .load_file(plugin, plugin_settings)
-        .unwrap_or_else(|e| panic!("{} does not load: {e:#}", plugin.display()));
-    let name = format!("rpc-{input}");
-    let mut subscribe = SubscribeOptions::new(vec![format!("rpc.{input}")], name.clone());
-    subscribe.lease = Duration::from_secs(60);
-    let mut handler = WasmHandler::new(Arc::new(plugin));
-    if config.contains(&("role", "ask")) {
-        handler = handler.requesting(Arc::new(Requester::new(backend.clone())));
-    }
-    Route {
-        spec: RouteSpec {
-            retry: quick_retry(3),
-            concurrency: 2,
-            ..RouteSpec::new(name, subscribe)
-        },
-        source: backend.clone(),
-        outputs: vec![backend.clone()],
-        dead_letters: None,
-        handler: Arc::new(handler),
-        stats: Arc::new(RouteStats::default()),
-    }
-}
-
-/// An asking route: each message of `rpc.<input>` becomes a request to
-/// `rpc.<ask>`, and its answer (or why there is none) an output on
-/// `rpc.answers`.
-fn asker(
-    runtime: &Runtime,
-    backend: &Arc<dyn Backend>,
-    plugin: &Path,
-    input: &str,
-    ask: &str,
-    timeout_ms: &str,
-) -> Route {
-    let ask = format!("rpc.{ask}");
-    rpc_route(
-        runtime,
-        backend,
-        plugin,
-        input,
-        &[
-            ("role", "ask"),
-            ("ask", &ask),
-            ("timeout_ms", timeout_ms),
-            ("output", "rpc.answers"),
-        ],
-    )
-}
-
-/// A responding route on `rpc.<input>`: replies with the payload
-/// uppercased.
-fn answerer(runtime: &Runtime, backend: &Arc<dyn Backend>, plugin: &Path, input: &str) -> Route {
-    rpc_route(runtime, backend, plugin, input, &[("role", "answer")])
-}
-
 /// An asker's output in a comparable form: (`question` header, `failed`
 /// header, payload).
 type Answered = (Option<String>, Option<String>, String);
@@ -410,9 +338,17 @@ async fn ask_and_answer(runtime: &Runtime, asking: &Path, answering: &Path) -> V
     let backend = sluice::backend::connect("memory://").await.unwrap();
     let answers = Collector::start(&backend, &["rpc.answers"]).await;
     let routes = [
-        answerer(runtime, &backend, answering, "questions"),
-        asker(runtime, &backend, asking, "asks", "questions", "15000"),
-        asker(runtime, &backend, asking, "lonely", "nobody", "500"),
+        rpc::answerer(runtime, &backend, answering, "rpc", "questions"),
+        rpc::asker(
+            runtime,
+            &backend,
+            asking,
+            "rpc",
+            "asks",
+            "questions",
+            "15000",
+        ),
+        rpc::asker(runtime, &backend, asking, "rpc", "lonely", "nobody", "500"),
     ];
     let mut running = Vec::new();
     for route in routes {

@@ -9,76 +9,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::backend::{self, Backend, SubscribeOptions};
+use sluice::backend::{self, Backend};
 use sluice::message::Message;
-use sluice::request::Requester;
-use sluice::router::{Route, RouteSpec, RouteStats, WasmHandler};
+use sluice::router::Route;
 #[cfg(feature = "kafka")]
 use sluice_tests::common::servers::Server;
-use sluice_tests::common::{
-    Collector, Running, load, quick_retry, runtime, settings, text, unique,
-};
+use sluice_tests::common::{Collector, Running, plugin_path, rpc, runtime, text, unique};
 #[cfg(feature = "nats")]
 use sluice_tests::conformance::targets::Nats;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A route over `input` running the `rpc` plugin with `config`; an asking
-/// one sends its requests on `backend` and may ask any topic of `ns` but
-/// `<ns>.forbidden`.
-fn rpc_route(backend: &Arc<dyn Backend>, ns: &str, input: &str, config: &[(&str, &str)]) -> Route {
-    let mut plugin_settings = settings("rpc", config);
-    // Long enough for a Kafka group to settle in before the first reply.
-    plugin_settings.timeout = Duration::from_secs(20);
-    plugin_settings.request_to = vec![
-        format!("{ns}.questions"),
-        format!("{ns}.nobody"),
-        format!("{ns}.late"),
-    ];
-    let plugin = load(&runtime(), "rpc", plugin_settings);
-    let mut subscribe =
-        SubscribeOptions::new(vec![format!("{ns}.{input}")], format!("{ns}-{input}"));
-    subscribe.lease = Duration::from_secs(60);
-    let mut handler = WasmHandler::new(plugin);
-    if config.contains(&("role", "ask")) {
-        handler = handler.requesting(Arc::new(Requester::new(backend.clone())));
-    }
-    Route {
-        spec: RouteSpec {
-            retry: quick_retry(3),
-            concurrency: 2,
-            ..RouteSpec::new(format!("{ns}-{input}"), subscribe)
-        },
-        source: backend.clone(),
-        outputs: vec![backend.clone()],
-        dead_letters: None,
-        handler: Arc::new(handler),
-        stats: Arc::new(RouteStats::default()),
-    }
-}
-
-/// An asking route: each message of `<ns>.<input>` becomes a request to
-/// `<ns>.<ask>`, and its answer (or why there is none) an output on
-/// `<ns>.answers`.
+/// An asking route of the Rust `rpc` plugin (see `common::rpc::asker`).
 fn asker(backend: &Arc<dyn Backend>, ns: &str, input: &str, ask: &str, timeout_ms: &str) -> Route {
-    let (ask, output) = (format!("{ns}.{ask}"), format!("{ns}.answers"));
-    rpc_route(
-        backend,
-        ns,
-        input,
-        &[
-            ("role", "ask"),
-            ("ask", &ask),
-            ("timeout_ms", timeout_ms),
-            ("output", &output),
-        ],
-    )
+    let plugin = plugin_path("rpc");
+    rpc::asker(&runtime(), backend, &plugin, ns, input, ask, timeout_ms)
 }
 
-/// A responding route on `<ns>.<input>`: replies with the payload
+/// A responding route of the Rust `rpc` plugin: replies with the payload
 /// uppercased.
 fn answerer(backend: &Arc<dyn Backend>, ns: &str, input: &str) -> Route {
-    rpc_route(backend, ns, input, &[("role", "answer")])
+    rpc::answerer(&runtime(), backend, &plugin_path("rpc"), ns, input)
 }
 
 async fn publish(backend: &Arc<dyn Backend>, topic: String, payloads: &[&str]) {

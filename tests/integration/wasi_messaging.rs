@@ -192,7 +192,8 @@ fn draft_route(backend: &Arc<dyn Backend>, name: &str, input: &str, plugin: Arc<
     route
 }
 
-/// Every message handled once and its output published; one that fails
+/// Every message handled once and its output published, through a client
+/// connected to the route's output backend by its name; one that fails
 /// every attempt is retried, then dead-lettered, and so is one whose sends
 /// go over the output limit.
 async fn draft_components_run_on(url: &str) {
@@ -204,13 +205,12 @@ async fn draft_components_run_on(url: &str) {
         let dead = Collector::start(&backend, &[&dead_letter_topic]).await;
         let mut capped = draft_settings(lang);
         capped.limits.max_outputs = 10;
-        let running = Running::start(draft_route(
-            &backend,
-            &ns,
-            &format!("{ns}.in"),
-            load(&path, capped),
-        ))
-        .await;
+        // The client names the route's output backend, as a config would.
+        capped.env = [("MESSAGING_CLIENT".into(), "main".into())].into();
+        let plugin = load(&path, capped);
+        let mut route = draft_route(&backend, &ns, &format!("{ns}.in"), plugin.clone());
+        route.handler = Arc::new(WasmHandler::new(plugin).publishing_to(["main".to_owned()]));
+        let running = Running::start(route).await;
 
         let mut messages: Vec<Message> = (0..40)
             .map(|i| Message::new(format!("{ns}.in"), format!("m{i}")))

@@ -56,21 +56,13 @@ impl Guest for Handler {
             return request_reply::reply(&message, Message::new(b"pong"));
         }
         if let Some(count) = data.strip_prefix(b"burst:") {
-            let count: u64 = std::str::from_utf8(count)
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| Error::Other("burst: needs a decimal count".to_owned()))?;
-            for i in 0..count {
+            for i in 0..decimal(count, "burst")? {
                 send(&client, &done, Message::new(i.to_string().as_bytes()))?;
             }
             return Ok(());
         }
         if let Some(count) = data.strip_prefix(b"hoard:") {
-            let count: usize = std::str::from_utf8(count)
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| Error::Other("hoard: needs a decimal count".to_owned()))?;
-            for _ in 0..count {
+            for _ in 0..decimal(count, "hoard")? {
                 let kept = Message::new(&vec![0u8; 1 << 20]);
                 HOARD.with(|hoard| hoard.borrow_mut().push(kept));
             }
@@ -98,6 +90,14 @@ impl Guest for Handler {
         );
         send(&client, &done, out)
     }
+}
+
+/// The count after `<what>:`, or the error a malformed one is.
+fn decimal(count: &[u8], what: &str) -> Result<u64, Error> {
+    std::str::from_utf8(count)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::Other(format!("{what}: needs a decimal count")))
 }
 
 export!(Handler);

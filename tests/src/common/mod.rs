@@ -2,6 +2,7 @@
 //! opening backends, running routes and collecting what they publish.
 
 pub mod postgres;
+pub mod rpc;
 pub mod servers;
 
 use std::path::{Path, PathBuf};
