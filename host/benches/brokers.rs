@@ -10,8 +10,8 @@
 //!
 //! Both get the same pre-published 1 KiB messages and are timed from the
 //! start of consuming until the last output is counted. On backends that
-//! keep a key with one consumer at a time (SQLite, PostgreSQL, Kafka), an ordered
-//! route over 1,000 keys runs too, and its rate is given as a share of the
+//! keep a key with one consumer at a time (SQLite, PostgreSQL, Redis Streams,
+//! Kafka), an ordered route over 1,000 keys runs too, and its rate is given as a share of the
 //! unordered route's at the same concurrency. Results go to the
 //! terminal, to `target/bench/brokers.json` and to an SVG chart beside it.
 //!

@@ -34,7 +34,8 @@ backends! {
          at_least_once backlog";
     #[cfg_attr(not(feature = "redis"), ignore = "needs redis-server (feature `redis`)")]
     redis_streams => targets::Redis::streams(),
-        "persistent history consumer_groups lease wildcards at_least_once lease_checked backlog";
+        "persistent history consumer_groups ordered_per_key lease wildcards at_least_once \
+         lease_checked backlog key_affinity";
     #[cfg_attr(not(feature = "redis"), ignore = "needs redis-server (feature `redis`)")]
     redis_pubsub => targets::Redis::pubsub(),
         "consumer_groups ordered_per_key wildcards";

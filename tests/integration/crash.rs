@@ -316,16 +316,26 @@ async fn file_log_refuses_a_second_process() {
 /// Starts three hosts of `config` and SIGKILLs the first once they have
 /// worked for `after`; the survivors are returned.
 fn three_hosts_one_killed(config: &Path, after: Duration) -> impl Iterator<Item = Host> {
+    let hosts = three_hosts(config);
+    std::thread::sleep(after);
+    kill_first(hosts)
+}
+
+/// Three hosts of `config`, each subscribed.
+fn three_hosts(config: &Path) -> Vec<Host> {
     // One after another: tansu 0.6.0 forks a new group's state when its
     // first members join at the same moment.
-    let hosts: Vec<Host> = (0..3)
+    (0..3)
         .map(|_| {
             let host = Host::start(config);
             host.wait_subscribed(1);
             host
         })
-        .collect();
-    std::thread::sleep(after);
+        .collect()
+}
+
+/// Kills the first host; the others go on.
+fn kill_first(hosts: Vec<Host>) -> impl Iterator<Item = Host> {
     let mut hosts = hosts.into_iter();
     hosts.next().unwrap().kill();
     hosts
@@ -392,8 +402,9 @@ async fn three_processes_keep_each_keys_order(ns: &str, url: &str, dir: &Path) {
     let backend = backend::connect(url).await.unwrap();
     let messages: Vec<Message> = (0..TOTAL)
         .map(|i| {
-            // A retry every seventh message, or a short job.
-            let command = if i % 7 == 3 { "retry:1" } else { "sleep:3" };
+            // A retry every seventh message, or a job slow enough that the
+            // run outlasts the kill and a key's messages overlap in time.
+            let command = if i % 7 == 3 { "retry:1" } else { "sleep:40" };
             let mut message = Message::new(format!("{ns}.jobs"), command);
             message.key = Some(format!("key-{}", i % KEYS));
             message
@@ -404,11 +415,15 @@ async fn three_processes_keep_each_keys_order(ns: &str, url: &str, dir: &Path) {
         .enumerate()
         .map(|(i, m)| (m.id.clone(), i))
         .collect();
+    // Published once all three are in the group, so they share the
+    // work from the start.
+    let hosts = three_hosts(&config);
     for chunk in messages.chunks(1000) {
         backend.publish(chunk.to_vec()).await.unwrap();
     }
-
-    let hosts = three_hosts_one_killed(&config, Duration::from_secs(2));
+    // Twelve workers at 40 ms a job take ten seconds: the kill is mid-run.
+    std::thread::sleep(Duration::from_secs(1));
+    let hosts = kill_first(hosts);
 
     let give_up = Instant::now() + Duration::from_secs(180);
     let outputs = loop {
@@ -501,6 +516,16 @@ async fn redis_streams_three_processes_share_a_group_and_take_over() {
     let ns = unique("scale");
     let prefix = format!("sluicetest-{ns}:");
     three_processes_share_a_group_and_take_over(&ns, &redis_url(&prefix), dir.path()).await;
+    drop_redis_keys(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "redis"), ignore = "needs Redis (feature `redis`)")]
+async fn redis_streams_three_processes_keep_each_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("order");
+    let prefix = format!("sluicetest-{ns}:");
+    three_processes_keep_each_keys_order(&ns, &redis_url(&prefix), dir.path()).await;
     drop_redis_keys(&prefix).await;
 }
 

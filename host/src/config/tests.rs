@@ -599,16 +599,19 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
         "plugin = \"upper\"\nordered = true\n",
     );
     assert!(parse_with(&ordered, &[]).is_ok());
-    let on_redis = ordered.replace("sqlite://demo.db", "redis://localhost");
-    let err = parse_with(&on_redis, &[]).unwrap_err().to_string();
+    let on_jetstream = ordered.replace("sqlite://demo.db", "jetstream://localhost");
+    let err = parse_with(&on_jetstream, &[]).unwrap_err().to_string();
     assert!(err.contains("routes[0].ordered"), "{err}");
     assert!(err.contains("line 12"), "{err}");
     assert!(
-        err.contains("(redis://) does not keep each key's messages in order"),
+        err.contains("(jetstream://) does not keep each key's messages in order"),
         "{err}"
     );
     assert!(err.contains("sqlite://"), "{err}");
-    assert!(!err.contains("jetstream://"), "{err}");
+    assert!(err.contains("redis://"), "{err}");
+    assert!(!err.contains("sqs://"), "{err}");
+    let on_redis = ordered.replace("sqlite://demo.db", "redis://localhost");
+    assert!(parse_with(&on_redis, &[]).is_ok());
     // At-most-once backends keep order for one subscriber only.
     for scheme in ["nats://localhost", "redis+pubsub://localhost"] {
         let at_most_once = ordered.replace("sqlite://demo.db", scheme);

@@ -89,7 +89,7 @@ fn redis_entry() {
         };
         let keys = Keys::new("sluice:");
         decode_entry(&keys, &stream, &mut entry.clone());
-        decode_retry(&mut entry.clone());
+        decode_retry(&keys, &mut entry.clone());
     });
 }
 

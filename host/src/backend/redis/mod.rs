@@ -18,7 +18,8 @@
 //! | delivery | at least once; an unacknowledged entry comes back after the lease; exactly once for a route whose input and output are this backend |
 //! | groups | Redis consumer groups, one per [`SubscribeOptions::group_key`] (name and topics); members compete, groups fan out, across processes too |
 //! | patterns | `*` and `>`: matching streams are found by SCAN (at subscribe, every `scan_ms`, and at once for topics this process publishes to) and read in the same XREADGROUP |
-//! | ordering | per stream while nothing fails; a nacked message is redelivered after later ones (`ordered_per_key` is false) |
+//! | ordering | per stream while nothing fails; a nacked message is redelivered after later ones, unless the group is ordered |
+//! | key affinity | an ordered group ([`SubscribeOptions::ordered`]) hands out a key's next message, to any member in any process, only once its previous one is acked or dead-lettered; a nack keeps the key for the retry |
 //! | persistence | as the server's: with `appendonly yes` and `appendfsync always` an accepted publish survives a crash; the server's default snapshots may lose the last minutes |
 //! | history | yes: a new group starting `earliest` reads what the streams still hold |
 //! | start | `earliest` → `0`; `latest` → the end of each stream when the group is born, and the group's birth time for streams found later |
@@ -51,6 +52,21 @@
 //! route's input and output are the same backend, a delivery's outputs
 //! (XADD) and its ack are one all-or-nothing step of that script, so
 //! processing within Redis is exactly once, across crashes too.
+//!
+//! Key affinity: a member of an ordered group reads through a script
+//! ([`scripts::READ_ORDERED`]) that gives each keyed entry its key's turn.
+//! An entry whose key has no message in flight takes the key (the group's
+//! busy hash records the message's id) and is delivered. One whose key is
+//! busy is moved, in the same step, to the end of the key's waiting list
+//! and acknowledged in its stream, so no consumer holds it while it waits.
+//! Settling the key's holder (ack, or publish-and-ack; a dead letter is
+//! one) moves the key's next waiting message to the group's retry stream,
+//! which every member reads, and hands it the key; a nack keeps the key
+//! for its retry. A crashed member's entries are claimed as usual and
+//! still hold their keys. Unkeyed messages wait for nothing. Every member
+//! of a group should agree on `ordered`: an unordered member hands keys on
+//! when it settles their holders but ignores whose turn it is. A waiting
+//! message counts in the group's backlog.
 //!
 //! Close hands unsettled entries to a placeholder consumer
 //! (`sluice-returned`), idle for years so the next XAUTOCLAIM takes them, and
@@ -85,6 +101,7 @@
 //!
 //! [`SubscribeOptions::group_key`]: crate::backend::SubscribeOptions::group_key
 //! [`SettleError::LeaseLost`]: crate::backend::SettleError::LeaseLost
+//! [`SubscribeOptions::ordered`]: crate::backend::SubscribeOptions::ordered
 
 pub(crate) mod config;
 mod delayed;

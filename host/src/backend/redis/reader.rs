@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::delayed;
 use super::envelope;
+use super::scripts;
 use super::streams::{Keys, Shared};
 use super::subscription::{EntryReceipt, Held, StreamSubscription};
 use crate::backend::{Delivery, Receipt, pattern};
@@ -158,7 +159,8 @@ impl Reader {
     }
 
     /// One XREADGROUP for new entries on every stream, blocking up to
-    /// `block` (not at all if it is under a millisecond).
+    /// `block` (not at all if it is under a millisecond). An ordered
+    /// group reads through [`scripts::READ_ORDERED`] instead.
     pub async fn read_new(
         &mut self,
         sub: &StreamSubscription,
@@ -166,6 +168,9 @@ impl Reader {
         block: Duration,
     ) -> Result<()> {
         let count = max.min(sub.shared.config.count);
+        if sub.ordered {
+            return self.read_ordered(sub, count, block).await;
+        }
         let streams = self.all_streams();
         let mut cmd = ::redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -187,20 +192,79 @@ impl Reader {
         )
         .await
         .context("XREADGROUP did not answer")?;
-        let reply = match reply {
+        match reply {
+            Ok(reply) => {
+                self.buffer_read(sub, reply.unwrap_or_default());
+                Ok(())
+            }
+            Err(e) if is_nogroup(&e) => self.rejoin(sub).await,
+            Err(e) => Err(e).context("XREADGROUP"),
+        }
+    }
+
+    /// Reads new entries giving each key its turn; when there was nothing
+    /// to read, waits up to `block` for a stream to grow.
+    async fn read_ordered(
+        &mut self,
+        sub: &StreamSubscription,
+        count: usize,
+        block: Duration,
+    ) -> Result<()> {
+        let streams = self.all_streams();
+        let keys = &sub.shared.keys;
+        let mut invocation = scripts::READ_ORDERED.prepare_invoke();
+        invocation.key(keys.busy(&sub.group));
+        for stream in &streams {
+            invocation.key(stream);
+        }
+        invocation
+            .arg(&sub.group)
+            .arg(&sub.consumer)
+            .arg(count)
+            .arg(keys.waiting_prefix(&sub.group));
+        let reply = invocation
+            .invoke_async::<(StreamReadReply, u64, Vec<String>)>(&mut self.conn)
+            .await;
+        let (delivered, read, tails) = match reply {
             Ok(reply) => reply,
             Err(e) if is_nogroup(&e) => return self.rejoin(sub).await,
-            Err(e) => return Err(e).context("XREADGROUP"),
+            Err(e) => return Err(e).context("reading an ordered group"),
         };
+        self.buffer_read(sub, delivered);
+        let block_ms = block.as_millis() as u64;
+        if read > 0 || block_ms == 0 || tails.len() != streams.len() {
+            return Ok(());
+        }
+        // Wakes on the next entry after what was there; whoever reads it
+        // first takes it, so the caller reads again through the script.
+        let mut wait = ::redis::cmd("XREAD");
+        wait.arg("BLOCK")
+            .arg(block_ms)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(&streams)
+            .arg(&tails);
+        tokio::time::timeout(
+            block + READ_GRACE,
+            wait.query_async::<Value>(&mut self.conn),
+        )
+        .await
+        .context("XREAD did not answer")?
+        .context("XREAD")?;
+        Ok(())
+    }
+
+    /// Turns what a read returned into buffered deliveries.
+    fn buffer_read(&mut self, sub: &StreamSubscription, reply: StreamReadReply) {
         let now = Instant::now();
         let mut held = sub.held.lock().unwrap();
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+        for stream in reply.keys {
             for entry in stream.ids {
                 let delivery = self.deliver(sub, &stream.key, entry, 1, &mut held);
                 self.buffer.push_back((delivery, now));
             }
         }
-        Ok(())
     }
 
     /// Claims entries idle longer than the claim time from whichever
@@ -289,7 +353,7 @@ impl Reader {
         held: &mut HashMap<(String, String), Held>,
     ) -> Delivery {
         let (message, attempts_before) = if stream == self.retry {
-            decode_retry(&mut entry)
+            decode_retry(&sub.shared.keys, &mut entry)
         } else {
             (decode_entry(&sub.shared.keys, stream, &mut entry), 0)
         };
@@ -350,7 +414,11 @@ pub(crate) fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> M
                 let id =
                     field_text(entry, "id").unwrap_or_else(|| format!("{stream}/{}", entry.id));
                 let payload = field_bytes(entry, "payload").unwrap_or_default();
-                return Message::undecodable(id, topic, payload, error);
+                // The key still counts: in an ordered group, settling this
+                // message hands its key on.
+                let mut message = Message::undecodable(id, topic, payload, error);
+                message.key = field_text(entry, "key");
+                return message;
             }
         },
     };
@@ -372,8 +440,13 @@ pub(crate) fn decode_entry(keys: &Keys, stream: &str, entry: &mut StreamId) -> M
     }
 }
 
-/// A retry stream entry: the envelope parked by a nack.
-pub(crate) fn decode_retry(entry: &mut StreamId) -> (Message, u32) {
+/// A retry stream entry: the envelope parked by a nack, or a topic entry
+/// that waited for its key's turn (with its stream in `src`), not yet
+/// attempted.
+pub(crate) fn decode_retry(keys: &Keys, entry: &mut StreamId) -> (Message, u32) {
+    if let Some(source) = field_text(entry, "src") {
+        return (decode_entry(keys, &source, entry), 0);
+    }
     let bytes = field_bytes(entry, "m").unwrap_or_default();
     envelope::decode(&bytes).unwrap_or_else(|e| {
         // Only Sluice writes retry streams; a broken entry is delivered as

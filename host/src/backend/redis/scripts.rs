@@ -52,6 +52,73 @@ return start
     )
 });
 
+/// One read of an ordered group's member: XREADGROUP of new entries on
+/// every stream it covers, then per keyed topic entry, the key's turn: an
+/// entry whose key has no message in flight takes the key (the busy hash
+/// records its message id) and is delivered; one whose key is busy joins
+/// the end of the key's waiting list and is acknowledged in the stream, in
+/// the same step, so it is never in any consumer's hands while it waits.
+/// Settling the message that holds a key ([`SETTLE`]) moves the key's next
+/// waiting message to the group's retry stream, which every member reads,
+/// and hands it the key. Retry stream entries, unkeyed entries and
+/// entries claimed from a consumer's pending list hold their key already
+/// or need none.
+///
+/// XREADGROUP cannot block inside a script, so when nothing at all was
+/// read the script answers each stream's last entry id, from which a
+/// blocking XREAD waits for the next one.
+///
+/// KEYS: busy hash, retry stream, topic streams…. ARGV: group, consumer,
+/// COUNT, waiting-list prefix. Returns the delivered entries (in
+/// XREADGROUP's shape), how many entries were read, and the streams' last
+/// ids when that is none.
+pub static READ_ORDERED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local group, waitp = ARGV[1], ARGV[4]
+local busy, retry = KEYS[1], KEYS[2]
+local args = {'GROUP', group, ARGV[2], 'COUNT', ARGV[3], 'STREAMS'}
+for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
+for i = 2, #KEYS do args[#args + 1] = '>' end
+local reply = redis.call('XREADGROUP', unpack(args))
+local out, read = {}, 0
+for _, s in ipairs(reply or {}) do
+  local stream, kept = s[1], {}
+  for _, e in ipairs(s[2]) do
+    read = read + 1
+    local fields, key, mid = e[2], nil, nil
+    if stream ~= retry then
+      for j = 1, #fields, 2 do
+        if fields[j] == 'key' then key = fields[j + 1]
+        elseif fields[j] == 'id' then mid = fields[j + 1] end
+      end
+    end
+    if not mid then mid = stream .. '/' .. e[1] end
+    if key == nil or redis.call('HSETNX', busy, key, mid) == 1 then
+      kept[#kept + 1] = e
+    else
+      if mid == stream .. '/' .. e[1] then
+        fields[#fields + 1] = 'id'
+        fields[#fields + 1] = mid
+      end
+      redis.call('RPUSH', waitp .. key, cmsgpack.pack({stream, mid, fields}))
+      redis.call('XACK', stream, group, e[1])
+    end
+  end
+  if #kept > 0 then out[#out + 1] = {stream, kept} end
+end
+local tails = {}
+if read == 0 then
+  for i = 2, #KEYS do
+    local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+    tails[#tails + 1] = (last[1] and last[1][1]) or '0-0'
+  end
+end
+return {out, read, tails}
+"#,
+    )
+});
+
 /// Settles a batch of deliveries, each on its own and all or nothing: only
 /// if this consumer still holds the entry with the delivery count it was
 /// given (else its lease ran out and another consumer, or a later delivery
@@ -65,6 +132,11 @@ return start
 ///   straight in the retry stream for no delay;
 /// - `p` (publish and ack): XADD of each output, then as an ack.
 ///
+/// An ack or a publish-and-ack of the message that holds its key in an
+/// ordered group ([`READ_ORDERED`]) hands the key on: the key's next
+/// waiting message goes to the retry stream and takes the key, or, with
+/// none waiting, the key is free. A nack keeps the key for the retry.
+///
 /// What the consumer holds is read with one XPENDING per source stream,
 /// over the range of ids the batch settles (an entry missing from a reply
 /// that may have been cut short is looked up alone), and the acks go in one
@@ -72,11 +144,13 @@ return start
 /// the order, and a batch costs the server a few calls instead of a few per
 /// delivery. An entry settled twice in one batch counts once.
 ///
-/// KEYS: retry stream, delayed set, then every source and output stream.
-/// ARGV: group, consumer, MAXLEN (`` for none), the number of source
-/// ranges, then per source stream its KEYS index, lowest and highest id
-/// settled and the most entries the consumer can hold in that range; then
-/// per delivery: kind, source (KEYS index), entry id, delivery count; for
+/// KEYS: retry stream, delayed set, busy hash, then every source and
+/// output stream. ARGV: group, consumer, MAXLEN (`` for none), the
+/// waiting-list prefix, the number of source ranges, then per source
+/// stream its KEYS index, lowest and highest id settled and the most
+/// entries the consumer can hold in that range; then per delivery: kind,
+/// source (KEYS index), entry id, delivery count, the message's key (``
+/// for none) and id; for
 /// `n` the delay ms and the envelope; for `p` the number of outputs, and
 /// per output its stream (KEYS index), the number of field arguments and
 /// the fields. Returns, per delivery, 1 (done), 0 (no longer this
@@ -84,11 +158,12 @@ return start
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local group, consumer, maxlen = ARGV[1], ARGV[2], ARGV[3]
-local retry, delayed = KEYS[1], KEYS[2]
+local group, consumer, maxlen, waitp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local retry, delayed, busy = KEYS[1], KEYS[2], KEYS[3]
+local ordered = redis.call('EXISTS', busy) == 1
 local held, complete = {}, {}
-local i = 5
-for _ = 1, tonumber(ARGV[4]) do
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
   local source, most = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 3])
   local mine = {}
   local ok, p = pcall(redis.call, 'XPENDING', source, group, ARGV[i + 1], ARGV[i + 2], most, consumer)
@@ -129,7 +204,8 @@ local out = {}
 while i <= #ARGV do
   local kind, source, id = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
   local count = tonumber(ARGV[i + 3])
-  i = i + 4
+  local key, mid = ARGV[i + 4], ARGV[i + 5]
+  i = i + 6
   local delay, parked
   local outputs = {}
   if kind == 'n' then
@@ -180,6 +256,15 @@ while i <= #ARGV do
           now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         end
         redis.call('ZADD', delayed, string.format('%.0f', now + delay), parked)
+      end
+    elseif ordered and key ~= '' and redis.call('HGET', busy, key) == mid then
+      local nxt = redis.call('LPOP', waitp .. key)
+      if nxt then
+        local waiting = cmsgpack.unpack(nxt)
+        redis.call('XADD', retry, '*', 'src', waiting[1], unpack(waiting[3]))
+        redis.call('HSET', busy, key, waiting[2])
+      else
+        redis.call('HDEL', busy, key)
       end
     end
   end
@@ -279,13 +364,14 @@ return removed
 
 /// Removes an ephemeral group everywhere.
 ///
-/// KEYS: groups hash, stream set, retry stream, delayed set, topic streams….
-/// ARGV: group.
+/// KEYS: groups hash, stream set, retry stream, delayed set, busy hash,
+/// topic streams…. ARGV: group, waiting-list prefix.
 pub static DESTROY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-for i = 5, #KEYS do pcall(redis.call, 'XGROUP', 'DESTROY', KEYS[i], ARGV[1]) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+for i = 6, #KEYS do pcall(redis.call, 'XGROUP', 'DESTROY', KEYS[i], ARGV[1]) end
+for _, key in ipairs(redis.call('HKEYS', KEYS[5])) do redis.call('DEL', ARGV[2] .. key) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#,

@@ -34,6 +34,9 @@ pub struct Request {
     id: String,
     /// The entry's delivery count when this consumer got it.
     count: u64,
+    /// A keyed message's key and id: in an ordered group, settling the
+    /// message that holds its key hands the key on.
+    keyed: Option<(String, String)>,
     kind: Kind,
 }
 
@@ -58,6 +61,7 @@ impl Request {
             stream: receipt.stream.clone(),
             id: receipt.id.clone(),
             count: receipt.count,
+            keyed: (delivery.message.key.clone()).map(|key| (key, delivery.message.id.clone())),
             kind,
         })
     }
@@ -87,6 +91,7 @@ async fn settle_requests(
     let mut keys = KeyList::default();
     keys.add(sub.shared.keys.retry(&sub.group));
     keys.add(sub.shared.keys.delayed(&sub.group));
+    keys.add(sub.shared.keys.busy(&sub.group));
     let mut items = Vec::with_capacity(requests.len());
     for (at, request) in requests.iter().enumerate() {
         match request
@@ -237,7 +242,9 @@ impl<'a> Item<'a> {
         cmd.arg(kind)
             .arg(self.source)
             .arg(&request.id)
-            .arg(request.count);
+            .arg(request.count)
+            .arg(request.keyed.as_ref().map_or("", |(key, _)| key.as_str()))
+            .arg(request.keyed.as_ref().map_or("", |(_, id)| id.as_str()));
         match &request.kind {
             Kind::Ack => {}
             Kind::Nack { delay_ms, parked } => {
@@ -336,6 +343,7 @@ async fn call(
                 .maxlen
                 .map_or(String::new(), |n| n.to_string()),
         )
+        .arg(sub.shared.keys.waiting_prefix(&sub.group))
         .arg(ranges.len());
     for (source, (low, high)) in ranges {
         cmd.arg(source).arg(low).arg(high).arg(most);

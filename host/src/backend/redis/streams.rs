@@ -27,9 +27,9 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     persistent: true,
     history: true,
     consumer_groups: true,
-    // A nacked message waits in the retry stream while later ones
-    // of its key are delivered.
-    ordered_per_key: false,
+    // Per stream; with `ordered`, through nacks and across the
+    // members of a group too (key affinity).
+    ordered_per_key: true,
     native_delay: false,
     lease: true,
     wildcards: true,
@@ -40,7 +40,9 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: true,
     // XINFO GROUPS `lag` (Redis 7 and later).
     backlog: true,
-    key_affinity: false,
+    // An ordered group hands out a key's next message only once its
+    // previous one is settled: see `READ_ORDERED` in `scripts.rs`.
+    key_affinity: true,
 };
 
 /// Where everything lives, under the configured prefix `P`:
@@ -52,6 +54,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 /// | `P.delayed:<group>` | sorted set | envelopes waiting for their delay, scored by due time |
 /// | `P.streams:<group>` | set | every stream the group has joined |
 /// | `P.groups` | hash | group → the id it starts new streams at |
+/// | `P.busy:<group>` | hash | for an ordered group: each key with a message in flight → that message's id |
+/// | `P.waiting:<group>:<key>` | list | for an ordered group: the key's later messages, read and waiting for it, in order |
 ///
 /// A topic never starts with `.` (its first token would be empty), so the
 /// bookkeeping keys can never collide with a topic's stream.
@@ -91,6 +95,15 @@ impl Keys {
 
     pub fn groups(&self) -> String {
         format!("{}.groups", self.prefix)
+    }
+
+    pub fn busy(&self, group: &str) -> String {
+        format!("{}.busy:{group}", self.prefix)
+    }
+
+    /// What a key's waiting list is named after: the key follows.
+    pub fn waiting_prefix(&self, group: &str) -> String {
+        format!("{}.waiting:{group}:", self.prefix)
     }
 
     /// A SCAN MATCH glob covering every stream a pattern could match: the
@@ -389,7 +402,28 @@ impl RedisStreamsBackend {
                 }
             }
         }
-        Ok(Some(total))
+        Ok(Some(total + self.waiting(group).await?))
+    }
+
+    /// Messages of an ordered group read and waiting for their key's turn
+    /// (no longer in any stream's lag).
+    async fn waiting(&self, group: &str) -> Result<u64> {
+        let keys = &self.shared.keys;
+        let mut conn = self.shared.conn.clone();
+        let busy: Vec<String> = ::redis::cmd("HKEYS")
+            .arg(keys.busy(group))
+            .query_async(&mut conn)
+            .await?;
+        if busy.is_empty() {
+            return Ok(0);
+        }
+        let prefix = keys.waiting_prefix(group);
+        let mut pipe = ::redis::pipe();
+        for key in &busy {
+            pipe.cmd("LLEN").arg(format!("{prefix}{key}"));
+        }
+        let lengths: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lengths.iter().sum())
     }
 
     /// The key layout this backend uses.

@@ -58,6 +58,9 @@ pub struct StreamSubscription {
     /// The subscribed topics that are patterns.
     pub patterns: Vec<String>,
     pub ephemeral: bool,
+    /// A key's next message waits until its previous one is settled, in
+    /// every member of the group (`scripts::READ_ORDERED`).
+    pub ordered: bool,
     /// How idle another consumer's entry must be before this one takes it.
     pub claim_idle: Duration,
     closed: AtomicBool,
@@ -124,6 +127,7 @@ impl StreamSubscription {
             start: options.start,
             patterns,
             ephemeral: options.ephemeral,
+            ordered: options.ordered,
             claim_idle,
             closed: AtomicBool::new(false),
             reader: tokio::sync::Mutex::new(reader),
@@ -257,11 +261,14 @@ impl StreamSubscription {
             .key(keys.groups())
             .key(keys.streams_of(&self.group))
             .key(keys.retry(&self.group))
-            .key(keys.delayed(&self.group));
+            .key(keys.delayed(&self.group))
+            .key(keys.busy(&self.group));
         for stream in &streams {
             invocation.key(stream);
         }
-        invocation.arg(&self.group);
+        invocation
+            .arg(&self.group)
+            .arg(keys.waiting_prefix(&self.group));
         let invocation = &invocation;
         let _: i64 = transient::retry(|| {
             let mut conn = self.shared.conn.clone();
