@@ -66,7 +66,10 @@
 //! still hold their keys. Unkeyed messages wait for nothing. Every member
 //! of a group should agree on `ordered`: an unordered member hands keys on
 //! when it settles their holders but ignores whose turn it is. A waiting
-//! message counts in the group's backlog.
+//! message counts in the group's backlog. An entry that `maxlen` trims
+//! while it holds its key (already a lost message) leaves the key busy.
+//! Ordered groups need the server's Lua `cmsgpack` library (in every
+//! Redis build, not in some forks).
 //!
 //! Close hands unsettled entries to a placeholder consumer
 //! (`sluice-returned`), idle for years so the next XAUTOCLAIM takes them, and
