@@ -1,7 +1,8 @@
 //! The Redis backends on the shared server at 127.0.0.1:6379: what the
 //! conformance suite does not show — a dead consumer's entries reclaimed
 //! with the attempt count going on, a batch settled around a delivery whose
-//! lease was lost, MAXLEN trimming, the pending count,
+//! lease was lost, MAXLEN trimming (and an ordered group's key whose
+//! holder it trimmed), the pending count,
 //! pub/sub fan-out, and the same plugin and config moved to Redis by the
 //! environment alone.
 //!
@@ -433,6 +434,44 @@ async fn concurrent_single_settlements_each_get_their_own_answer() {
     lost.b.ack(&lost.claimed).await.unwrap();
     lost.a.close().await.unwrap();
     lost.b.close().await.unwrap();
+}
+
+/// In an ordered group, a key whose holder is trimmed from its stream
+/// before it is settled (as `maxlen` does past a lagging group) goes on to
+/// its next message once a reclaim finds the holder gone, instead of
+/// staying busy for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_by_a_trimmed_entry_goes_on_to_its_next_message() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let backend = RedisStreamsBackend::connect(&ns.url("redis", "&claim_idle_ms=100"))
+        .await
+        .unwrap();
+    let mut ordered = options("jobs", "g", 30_000);
+    ordered.ordered = true;
+    let sub = backend.subscribe(ordered).await.unwrap();
+    let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
+    backend
+        .publish(vec![keyed("first"), keyed("second")])
+        .await
+        .unwrap();
+    // One read takes both: the first holds the key, the second waits.
+    let read = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    let payloads: Vec<&[u8]> = read.iter().map(|d| &d.message.payload[..]).collect();
+    assert_eq!(payloads, [b"first"]);
+
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(format!("{}jobs", ns.prefix))
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut ns.conn().await)
+        .await
+        .unwrap();
+    let second = next(sub.as_ref(), Duration::from_secs(5)).await;
+    assert_eq!(second.message.payload, b"second");
+    sub.ack(&second).await.unwrap();
+    sub.close().await.unwrap();
 }
 
 #[tokio::test]

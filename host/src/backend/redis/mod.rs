@@ -67,8 +67,8 @@
 //! of a group should agree on `ordered`: an unordered member hands keys on
 //! when it settles their holders but ignores whose turn it is. A waiting
 //! message counts in the group's backlog. An entry that `maxlen` trims
-//! while it holds its key (already a lost message) leaves the key busy.
-//! Ordered groups need the server's Lua `cmsgpack` library (in every
+//! while it holds its key (a lost message) hands its key on when the next
+//! reclaim finds it gone. Ordered groups need the server's Lua `cmsgpack` library (in every
 //! Redis build, not in some forks).
 //!
 //! Close hands unsettled entries to a placeholder consumer

@@ -307,6 +307,9 @@ impl Reader {
                     lost = reply.deleted_ids.len(),
                     "pending entries were trimmed from the stream before they were acknowledged"
                 );
+                if *stream != self.retry {
+                    release_trimmed(sub, stream, &reply.deleted_ids).await?;
+                }
             }
             full |= reply.claimed.len() >= count;
             self.cursors
@@ -374,6 +377,32 @@ impl Reader {
             }),
         }
     }
+}
+
+/// Hands on the keys that entries trimmed from `stream` held (their
+/// holders will never be settled), for an ordered group.
+async fn release_trimmed(sub: &StreamSubscription, stream: &str, ids: &[String]) -> Result<()> {
+    let keys = &sub.shared.keys;
+    let mut invocation = scripts::RELEASE_TRIMMED.prepare_invoke();
+    invocation
+        .key(keys.busy(&sub.group))
+        .key(keys.retry(&sub.group))
+        .arg(keys.waiting_prefix(&sub.group))
+        .arg(stream)
+        .arg(ids);
+    let handed_on: u64 = invocation
+        .invoke_async(&mut sub.shared.conn.clone())
+        .await
+        .context("handing on the keys of trimmed entries")?;
+    if handed_on > 0 {
+        tracing::warn!(
+            group = %sub.group,
+            stream,
+            keys = handed_on,
+            "keys held by trimmed entries were handed to their next messages"
+        );
+    }
+    Ok(())
 }
 
 fn is_nogroup(e: &RedisError) -> bool {

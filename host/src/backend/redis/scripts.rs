@@ -7,6 +7,32 @@ use std::sync::LazyLock;
 
 use ::redis::Script;
 
+/// Lua shared by the scripts of ordered groups: `hand_on(busy, retry,
+/// waitp, key)` gives a key whose holder is settled (or gone) to its next
+/// waiting message, moved to the retry stream, or frees it; and
+/// `held_by(holder, mid)` says whether a busy hash value names message
+/// `mid` (a holder read from a topic stream also records where it is:
+/// `<id>\n<stream>\n<entry id>`).
+macro_rules! key_turns {
+    () => {
+        r#"
+local function hand_on(busy, retry, waitp, key)
+  local nxt = redis.call('LPOP', waitp .. key)
+  if nxt then
+    local waiting = cmsgpack.unpack(nxt)
+    redis.call('XADD', retry, '*', 'src', waiting[1], unpack(waiting[3]))
+    redis.call('HSET', busy, key, waiting[2])
+  else
+    redis.call('HDEL', busy, key)
+  end
+end
+local function held_by(holder, mid)
+  return holder == mid or (holder and string.sub(holder, 1, #mid + 1) == mid .. '\n')
+end
+"#
+    };
+}
+
 /// Creates the group on the retry stream (at `0`) and on topic streams
 /// (MKSTREAM), recording when the group was born so every member starts a
 /// stream it discovers later at the same place.
@@ -55,7 +81,8 @@ return start
 /// One read of an ordered group's member: XREADGROUP of new entries on
 /// every stream it covers, then per keyed topic entry, the key's turn: an
 /// entry whose key has no message in flight takes the key (the busy hash
-/// records its message id) and is delivered; one whose key is busy joins
+/// records its message id, and where the entry is, for
+/// [`RELEASE_TRIMMED`]) and is delivered; one whose key is busy joins
 /// the end of the key's waiting list and is acknowledged in the stream, in
 /// the same step, so it is never in any consumer's hands while it waits.
 /// Settling the message that holds a key ([`SETTLE`]) moves the key's next
@@ -94,7 +121,7 @@ for _, s in ipairs(reply or {}) do
       end
     end
     if not mid then mid = stream .. '/' .. e[1] end
-    if key == nil or redis.call('HSETNX', busy, key, mid) == 1 then
+    if key == nil or redis.call('HSETNX', busy, key, mid .. '\n' .. stream .. '\n' .. e[1]) == 1 then
       kept[#kept + 1] = e
     else
       if mid == stream .. '/' .. e[1] then
@@ -156,7 +183,8 @@ return {out, read, tails}
 /// the fields. Returns, per delivery, 1 (done), 0 (no longer this
 /// consumer's: nothing changed) or why it was refused.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        key_turns!(),
         r#"
 local group, consumer, maxlen, waitp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local retry, delayed, busy = KEYS[1], KEYS[2], KEYS[3]
@@ -257,15 +285,8 @@ while i <= #ARGV do
         end
         redis.call('ZADD', delayed, string.format('%.0f', now + delay), parked)
       end
-    elseif ordered and key ~= '' and redis.call('HGET', busy, key) == mid then
-      local nxt = redis.call('LPOP', waitp .. key)
-      if nxt then
-        local waiting = cmsgpack.unpack(nxt)
-        redis.call('XADD', retry, '*', 'src', waiting[1], unpack(waiting[3]))
-        redis.call('HSET', busy, key, waiting[2])
-      else
-        redis.call('HDEL', busy, key)
-      end
+    elseif ordered and key ~= '' and held_by(redis.call('HGET', busy, key), mid) then
+      hand_on(busy, retry, waitp, key)
     end
   end
   out[#out + 1] = result
@@ -279,8 +300,35 @@ for _, source in ipairs(order) do
   end
 end
 return out
-"#,
-    )
+"#
+    ))
+});
+
+/// Hands on the keys whose holders were trimmed from a topic stream
+/// (`maxlen`) before they were settled: XAUTOCLAIM reports such entries
+/// once, and dropping them from the pending list would otherwise leave
+/// their keys busy for good.
+///
+/// KEYS: busy hash, retry stream. ARGV: waiting-list prefix, stream, the
+/// ids of its entries that are gone. Returns keys handed on.
+pub static RELEASE_TRIMMED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        key_turns!(),
+        r#"
+local gone = {}
+for i = 3, #ARGV do gone[ARGV[2] .. '\n' .. ARGV[i]] = true end
+local busy = redis.call('HGETALL', KEYS[1])
+local n = 0
+for j = 1, #busy, 2 do
+  local at = string.find(busy[j + 1], '\n', 1, true)
+  if at and gone[string.sub(busy[j + 1], at + 1)] then
+    hand_on(KEYS[1], KEYS[2], ARGV[1], busy[j])
+    n = n + 1
+  end
+end
+return n
+"#
+    ))
 });
 
 /// Moves due delayed retries into the retry stream.
