@@ -474,6 +474,35 @@ async fn a_key_held_by_a_trimmed_entry_goes_on_to_its_next_message() {
     sub.close().await.unwrap();
 }
 
+/// In an ordered group, an empty key is no key: such messages wait for
+/// nothing, as unkeyed ones do (and none is left waiting for a key that
+/// settling would never hand on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_key_waits_for_nothing_in_an_ordered_group() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let backend = RedisStreamsBackend::connect(&ns.url("redis", ""))
+        .await
+        .unwrap();
+    let mut ordered = options("jobs", "g", 30_000);
+    ordered.ordered = true;
+    let sub = backend.subscribe(ordered).await.unwrap();
+    let blank = |text: &str| Message::new("jobs", text.to_string()).with_key("");
+    backend.publish(vec![blank("1"), blank("2")]).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let batch = sub.fetch(10, Duration::from_secs(2)).await.unwrap();
+        assert!(!batch.is_empty(), "only {got:?} delivered");
+        got.extend(batch);
+    }
+    let acks = got.iter().map(|d| (d, Settlement::Ack)).collect();
+    for result in sub.settle(acks).await {
+        result.unwrap();
+    }
+    sub.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn maxlen_trims_each_topic_stream() {
     let Some(ns) = Namespace::new().await else {

@@ -121,6 +121,8 @@ for _, s in ipairs(reply or {}) do
       end
     end
     if not mid then mid = stream .. '/' .. e[1] end
+    -- An empty key is no key, as the settling script sees it.
+    if key == '' then key = nil end
     if key == nil or redis.call('HSETNX', busy, key, mid .. '\n' .. stream .. '\n' .. e[1]) == 1 then
       kept[#kept + 1] = e
     else
