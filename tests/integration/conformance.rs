@@ -55,7 +55,8 @@ backends! {
          key_affinity";
     #[cfg(feature = "sqs")]
     sqs => targets::sqs::Sqs::queue(),
-        "persistent consumer_groups native_delay lease wildcards at_least_once backlog";
+        "persistent consumer_groups ordered_per_key native_delay lease wildcards at_least_once \
+         backlog key_affinity";
     #[cfg(feature = "sqs")]
     sns_sqs => targets::sqs::Sqs::fan_out(),
         "persistent consumer_groups native_delay lease wildcards at_least_once backlog";

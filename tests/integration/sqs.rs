@@ -71,7 +71,7 @@ async fn poison_messages_move_to_the_dead_letter_queue_after_max_receive() -> Re
     let sqs = client(&moto).await;
     let backend = backend::connect(&moto.aws_url("sqs", "a", "&max_receive=2")).await?;
     let options = options("jobs", "workers", Duration::from_secs(5));
-    let queue = Names::new("sluice-").queue("jobs", "workers", &options.group_key());
+    let queue = Names::new("sluice-").queue("jobs", "workers", &options.group_key(), false);
     let sub = backend.subscribe(options).await?;
     let poison = Message::new("jobs", "crash me");
     backend.publish(vec![poison.clone()]).await?;
@@ -158,7 +158,7 @@ async fn messages_of_other_tools_are_read_and_pending_is_counted() -> Result<()>
     let backend = backend::connect(&moto.aws_url("sqs", "a", "")).await?;
     let options = options("inbox", "readers", Duration::from_secs(30));
     let group_key = options.group_key();
-    let queue = Names::new("sluice-").queue("inbox", "readers", &group_key);
+    let queue = Names::new("sluice-").queue("inbox", "readers", &group_key, false);
     let sub = backend.subscribe(options).await?;
     let sent = sqs
         .send_message()

@@ -508,7 +508,7 @@ pub fn kinds() -> Vec<BackendKind> {
     kinds.extend([
         kind(
             &["sqs"],
-            sqs::CAPABILITIES,
+            sqs::SQS_CAPABILITIES,
             |url| sqs::config::SqsConfig::parse(url, sqs::plain::SCHEME).map(drop),
             connect_with!(sqs::SqsBackend),
             probe_with!(sqs::probe_sqs),

@@ -609,7 +609,10 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
     );
     assert!(err.contains("sqlite://"), "{err}");
     assert!(err.contains("redis://"), "{err}");
-    assert!(!err.contains("sqs://"), "{err}");
+    assert!(
+        err.contains("sqs://") && !err.contains("sns+sqs://"),
+        "{err}"
+    );
     let on_redis = ordered.replace("sqlite://demo.db", "redis://localhost");
     assert!(parse_with(&on_redis, &[]).is_ok());
     // At-most-once backends keep order for one subscriber only.

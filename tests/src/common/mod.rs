@@ -226,10 +226,22 @@ impl Collector {
     /// Subscribes now (so nothing published later is missed, even on a
     /// backend that keeps no history).
     pub async fn start(backend: &Arc<dyn Backend>, topics: &[&str]) -> Self {
+        Self::start_with(backend, topics, false).await
+    }
+
+    /// As [`Collector::start`], as an ordered group: each key's messages
+    /// arrive in the order they were published, on a backend that keeps
+    /// it for ordered groups only (SQS's FIFO queues).
+    pub async fn start_ordered(backend: &Arc<dyn Backend>, topics: &[&str]) -> Self {
+        Self::start_with(backend, topics, true).await
+    }
+
+    async fn start_with(backend: &Arc<dyn Backend>, topics: &[&str], ordered: bool) -> Self {
         let group = format!("collector-{}", Message::new("x", "").id);
         let mut options =
             SubscribeOptions::new(topics.iter().map(|t| t.to_string()).collect(), group);
         options.ephemeral = true;
+        options.ordered = ordered;
         let subscription = backend.subscribe(options).await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let token = CancellationToken::new();

@@ -448,7 +448,7 @@ impl Subscription for AckFailsSubscription {
 async fn host_ordered_route_keeps_key_order_while_batching(ctx: Ctx) -> Result<()> {
     const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
     let per_key = ctx.volume(60);
-    let outputs = Collector::start(&ctx.backend, &[&ctx.topic("out")]).await;
+    let outputs = Collector::start_ordered(&ctx.backend, &[&ctx.topic("out")]).await;
     let mut ordered = chaos_route(&ctx, "r", 3);
     ordered.spec.ordered = true;
     ordered.spec.concurrency = 4;

@@ -32,7 +32,7 @@
 //! | delivery | at least once: a received message is invisible for the lease, deleted on ack, visible again after a nack's delay or when the lease runs out | the same |
 //! | groups | a queue per topic and group ([`names`]); members of a group share it, and a publisher sends each message to every group's queue of its topic, found by listing queues by name ([`directory`]) | an SNS topic per topic; a queue per topic and group, subscribed to the topic with raw delivery |
 //! | history | no: a group receives what is published once it exists (and, across processes, once publishers have listed it, within `discover_ms`); `start` makes no difference | no: a group receives what is published once its subscription is in place (for a pattern: once a publisher of the topic has listed it) |
-//! | ordering | none (standard queues); the host orders per key for `ordered` routes | none |
+//! | ordering | none for standard queues; an ordered group (`ordered` route) reads a FIFO queue whose message groups are the keys: SQS hands a key's next message to no member while one is in flight, so each key's order holds across the group's members, through nacks and crashes (see [`subscription`] for the few messages of a key one receive may bring) | none: SNS standard topics deliver to standard queues |
 //! | persistence | SQS's: an accepted publish is stored redundantly; messages are kept `retention_s` | the same, once SNS delivered it to the queues |
 //! | nack with delay | native: ChangeMessageVisibility to the delay (whole seconds, rounded up; at most 12 hours after the first receive) | the same |
 //! | lease | the receive's visibility timeout = the route's lease (whole seconds, at least 1); a heartbeat extends what a live consumer holds | the same |
@@ -93,7 +93,7 @@ pub async fn probe_sns_sqs(url: &str) -> Result<String> {
     Ok("SQS answers ListQueues, SNS ListTopics".into())
 }
 
-/// What both backends guarantee.
+/// What `sns+sqs://` guarantees.
 pub const CAPABILITIES: Capabilities = Capabilities {
     persistent: true,
     history: false,
@@ -106,6 +106,14 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     lease_checked: false,
     backlog: true,
     key_affinity: false,
+};
+
+/// What `sqs://` guarantees: as `sns+sqs://`, and an ordered group's FIFO
+/// queue keeps each key's order across its members.
+pub const SQS_CAPABILITIES: Capabilities = Capabilities {
+    ordered_per_key: true,
+    key_affinity: true,
+    ..CAPABILITIES
 };
 
 /// A publish's messages by topic: each topic is sent on its own.
@@ -138,19 +146,20 @@ fn subscribed_topics(options: &SubscribeOptions, scheme: &str) -> Result<Vec<Str
     Ok(topics)
 }
 
-/// A group's queue for one of its topics or patterns: its name, and the
-/// pattern it is tagged with.
+/// A group's queue for one of its topics or patterns (a FIFO queue if
+/// `fifo`): its name, and the pattern it is tagged with.
 fn group_queue(
     names: &names::Names,
     topic: &str,
     options: &SubscribeOptions,
     group_key: &str,
+    fifo: bool,
 ) -> (String, Option<String>) {
     if pattern::is_pattern(topic) {
-        let name = names.pattern_queue(topic, &options.group, group_key);
+        let name = names.pattern_queue(topic, &options.group, group_key, fifo);
         (name, Some(topic.to_string()))
     } else {
-        (names.queue(topic, &options.group, group_key), None)
+        (names.queue(topic, &options.group, group_key, fifo), None)
     }
 }
 

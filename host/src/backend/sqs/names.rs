@@ -10,6 +10,10 @@
 //! with the prefix `<prefix><topic part>--` finds exactly that topic's group
 //! queues. A queue's dead-letter queue has the same name with `-dlq`
 //! appended, which a group part (ending in hex digits) never has.
+//!
+//! An ordered group's queue is a FIFO queue: the same name with `.fifo`
+//! after it (as SQS requires; the group part is cut 5 characters shorter
+//! where it must), and its dead-letter queue `…-dlq.fifo`.
 //! The group part hashes [`SubscribeOptions::group_key`], so the same group
 //! name used with other topics is another group.
 //!
@@ -30,6 +34,8 @@ const MAX_QUEUE_NAME: usize = 80;
 const HASH_HEX: usize = 12;
 /// Appended to a queue's name for its dead-letter queue.
 pub const DLQ_SUFFIX: &str = "-dlq";
+/// At the end of a FIFO queue's name, as SQS requires.
+pub const FIFO_SUFFIX: &str = ".fifo";
 /// Between the topic part and the group part.
 const SEPARATOR: &str = "--";
 /// After the prefix of a pattern queue's name.
@@ -67,15 +73,17 @@ impl Names {
         format!("{}{}{SEPARATOR}", self.prefix, self.topic_part(topic))
     }
 
-    /// The queue of group `group_key` (named `group`) for `topic`.
-    pub fn queue(&self, topic: &str, group: &str, group_key: &str) -> String {
-        let room = self.room() - self.topic_part(topic).len();
+    /// The queue of group `group_key` (named `group`) for `topic`: a FIFO
+    /// queue if `fifo`.
+    pub fn queue(&self, topic: &str, group: &str, group_key: &str, fifo: bool) -> String {
+        let suffix = if fifo { FIFO_SUFFIX } else { "" };
+        let room = self.room() - self.topic_part(topic).len() - suffix.len();
         let name = format!(
-            "{}{}",
+            "{}{}{suffix}",
             self.topic_queue_prefix(topic),
             part(group, group_key, room)
         );
-        debug_assert!(name.len() + DLQ_SUFFIX.len() <= MAX_QUEUE_NAME);
+        debug_assert!(Self::dead_letter_queue(&name).len() <= MAX_QUEUE_NAME);
         name
     }
 
@@ -85,28 +93,40 @@ impl Names {
     }
 
     /// The queue of group `group_key` (named `group`) for topic pattern
-    /// `pattern`.
-    pub fn pattern_queue(&self, pattern: &str, group: &str, group_key: &str) -> String {
+    /// `pattern`: a FIFO queue if `fifo`.
+    pub fn pattern_queue(&self, pattern: &str, group: &str, group_key: &str, fifo: bool) -> String {
+        let suffix = if fifo { FIFO_SUFFIX } else { "" };
         let pattern_part = self.topic_part(pattern);
-        let room = self.room() - PATTERN_MARK.len() - pattern_part.len();
+        let room = self.room() - PATTERN_MARK.len() - pattern_part.len() - suffix.len();
         let name = format!(
-            "{}{pattern_part}{SEPARATOR}{}",
+            "{}{pattern_part}{SEPARATOR}{}{suffix}",
             self.pattern_queue_prefix(),
             part(group, group_key, room)
         );
-        debug_assert!(name.len() + DLQ_SUFFIX.len() <= MAX_QUEUE_NAME);
+        debug_assert!(Self::dead_letter_queue(&name).len() <= MAX_QUEUE_NAME);
         name
     }
 
-    /// The dead-letter queue of queue `queue`.
+    /// The dead-letter queue of queue `queue` (a FIFO queue's is FIFO too).
     pub fn dead_letter_queue(queue: &str) -> String {
-        format!("{queue}{DLQ_SUFFIX}")
+        match queue.strip_suffix(FIFO_SUFFIX) {
+            Some(base) => format!("{base}{DLQ_SUFFIX}{FIFO_SUFFIX}"),
+            None => format!("{queue}{DLQ_SUFFIX}"),
+        }
     }
 
     /// Whether a queue found by listing is a group queue, not a dead-letter
     /// queue.
     pub fn is_group_queue(name: &str) -> bool {
-        !name.ends_with(DLQ_SUFFIX)
+        !name
+            .strip_suffix(FIFO_SUFFIX)
+            .unwrap_or(name)
+            .ends_with(DLQ_SUFFIX)
+    }
+
+    /// Whether a queue (by name or URL) is a FIFO queue.
+    pub fn is_fifo(queue: &str) -> bool {
+        queue.ends_with(FIFO_SUFFIX)
     }
 
     /// The SNS topic of a Sluice topic.
@@ -147,8 +167,8 @@ mod tests {
     #[test]
     fn names_are_valid_distinct_and_found_by_their_topic_prefix() {
         let names = Names::new("sluice-");
-        let a = names.queue("orders.eu", "billing", "billing[orders.eu]");
-        let b = names.queue("orders_eu", "billing", "billing[orders_eu]");
+        let a = names.queue("orders.eu", "billing", "billing[orders.eu]", false);
+        let b = names.queue("orders_eu", "billing", "billing[orders_eu]", false);
         assert_ne!(a, b);
         assert!(a.starts_with("sluice-orders_eu-"), "{a}");
         assert!(a.starts_with(&names.topic_queue_prefix("orders.eu")));
@@ -156,24 +176,46 @@ mod tests {
         assert!(valid(&Names::dead_letter_queue(&a)));
         assert!(Names::is_group_queue(&a));
         assert!(!Names::is_group_queue(&Names::dead_letter_queue(&a)));
-        let p = names.pattern_queue("orders.*", "billing", "billing[orders.*]");
+        let p = names.pattern_queue("orders.*", "billing", "billing[orders.*]", false);
         assert!(p.starts_with(&names.pattern_queue_prefix()), "{p}");
         assert!(!a.starts_with(&names.pattern_queue_prefix()));
         assert!(valid(&Names::dead_letter_queue(&p)));
 
         let long = "x".repeat(300);
         let names = Names::new(&"p".repeat(20));
-        let q = names.queue(&long, &long, &format!("{long}[{long}]"));
+        let q = names.queue(&long, &long, &format!("{long}[{long}]"), false);
         assert!(valid(&Names::dead_letter_queue(&q)), "{q}");
-        assert_ne!(q, names.queue(&long, &long, "other"));
+        assert_ne!(q, names.queue(&long, &long, "other", false));
         assert!(names.sns_topic(&long).len() <= 256);
 
-        let wide = names.pattern_queue(&format!("{long}.>"), &long, "k");
+        let wide = names.pattern_queue(&format!("{long}.>"), &long, "k", false);
         assert!(valid(&Names::dead_letter_queue(&wide)), "{wide}");
+
+        // An ordered group's FIFO queue, and its dead-letter queue, for
+        // the longest names too; listed by the topic's prefix like others.
+        for fifo in [
+            names.queue(&long, &long, "k", true),
+            names.pattern_queue(&format!("{long}.>"), &long, "k", true),
+        ] {
+            let dead = Names::dead_letter_queue(&fifo);
+            assert!(
+                fifo.ends_with(".fifo") && dead.ends_with("-dlq.fifo"),
+                "{dead}"
+            );
+            assert!(valid(&fifo.replace(".fifo", "")) && fifo.len() <= MAX_QUEUE_NAME);
+            assert!(dead.len() <= MAX_QUEUE_NAME, "{dead}");
+            assert!(Names::is_group_queue(&fifo) && !Names::is_group_queue(&dead));
+            assert!(Names::is_fifo(&fifo) && !Names::is_fifo(&q));
+        }
+        assert!(
+            names
+                .queue(&long, &long, "k", true)
+                .starts_with(&names.topic_queue_prefix(&long))
+        );
 
         // A topic whose readable part looks like another's full part.
         let tricky = names.topic_queue_prefix("a");
-        let other = names.queue(&format!("a-{}", "0".repeat(12)), "g", "g[x]");
+        let other = names.queue(&format!("a-{}", "0".repeat(12)), "g", "g[x]", false);
         assert!(!other.starts_with(&tricky));
     }
 }

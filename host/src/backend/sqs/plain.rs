@@ -1,11 +1,13 @@
 //! `sqs://`: a queue per topic and group, and publishers that send each
 //! message to every group queue of its topic.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 
 use super::codec::{Encoded, encode};
@@ -15,7 +17,8 @@ use super::names::Names;
 use super::send::{Sent, batches, send_batch};
 use super::subscription::{QueueSource, Restore, SqsSubscription, SubscriptionSpec, Teardown};
 use super::{
-    CAPABILITIES, GroupQueues, by_topic, client, directory, group_queue, queues, subscribed_topics,
+    GroupQueues, SQS_CAPABILITIES, by_topic, client, directory, group_queue, queues,
+    subscribed_topics,
 };
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription};
 use crate::message::Message;
@@ -53,15 +56,24 @@ impl SqsBackend {
         })
     }
 
-    /// Sends one batch to one group queue of `topic`.
+    /// Sends the run `run` of `out` (one batch) to one group queue of
+    /// `topic`.
     async fn send_run(
         &self,
         topic: &str,
         url: &str,
-        encoded: &[Encoded],
-        ids: &[&str],
+        out: &Outgoing<'_>,
+        run: Range<usize>,
     ) -> Result<()> {
-        if send_batch(&self.sqs, url, encoded, ids).await? == Sent::Gone {
+        let sent = send_batch(
+            &self.sqs,
+            url,
+            &out.encoded[run.clone()],
+            &out.ids[run.clone()],
+            &out.keys[run],
+        )
+        .await?;
+        if sent == Sent::Gone {
             tracing::info!(
                 topic,
                 queue = url,
@@ -72,10 +84,27 @@ impl SqsBackend {
         Ok(())
     }
 
+    /// Sends every run of `out` to the queue at `url`, one after another.
+    async fn send_in_order(
+        &self,
+        topic: &str,
+        url: &str,
+        out: &Outgoing<'_>,
+        runs: &[Range<usize>],
+    ) -> Result<()> {
+        for run in runs {
+            self.send_run(topic, url, out, run.clone()).await?;
+        }
+        Ok(())
+    }
+
     /// Sends `messages` (all of `topic`) to every group queue of the topic.
     async fn publish_topic(&self, topic: &str, messages: &[&Message]) -> Result<()> {
-        let encoded: Vec<Encoded> = messages.iter().map(|m| encode(m)).collect::<Result<_>>()?;
-        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        let out = Outgoing {
+            encoded: messages.iter().map(|m| encode(m)).collect::<Result<_>>()?,
+            ids: messages.iter().map(|m| m.id.as_str()).collect(),
+            keys: messages.iter().map(|m| m.key.as_deref()).collect(),
+        };
         let urls = self.directory.queues_of(topic).await?;
         if urls.is_empty() {
             tracing::debug!(
@@ -84,11 +113,17 @@ impl SqsBackend {
             );
             return Ok(());
         }
-        let runs = batches(&encoded);
-        let mut sends = Vec::new();
+        let runs = batches(&out.encoded);
+        // A FIFO queue keeps the order its batches arrive in, so its
+        // batches go one after another; other queues take them at once.
+        let mut sends: Vec<BoxFuture<'_, Result<()>>> = Vec::new();
         for url in &urls {
-            for run in &runs {
-                sends.push(self.send_run(topic, url, &encoded[run.clone()], &ids[run.clone()]));
+            if Names::is_fifo(url) {
+                sends.push(Box::pin(self.send_in_order(topic, url, &out, &runs)));
+            } else {
+                for run in &runs {
+                    sends.push(Box::pin(self.send_run(topic, url, &out, run.clone())));
+                }
             }
         }
         futures::stream::iter(sends)
@@ -98,6 +133,13 @@ impl SqsBackend {
     }
 }
 
+/// A publish's messages for one topic: encoded, with their ids and keys.
+struct Outgoing<'a> {
+    encoded: Vec<Encoded>,
+    ids: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+}
+
 #[async_trait]
 impl Backend for SqsBackend {
     fn kind(&self) -> &'static str {
@@ -105,7 +147,7 @@ impl Backend for SqsBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        SQS_CAPABILITIES
     }
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
@@ -124,7 +166,8 @@ impl Backend for SqsBackend {
         let mut sources = Vec::new();
         let mut names = Vec::new();
         for topic in topics {
-            let (name, pattern) = group_queue(&self.names, &topic, &options, &group_key);
+            let (name, pattern) =
+                group_queue(&self.names, &topic, &options, &group_key, options.ordered);
             let url = queues::ensure_group_queue(
                 &self.sqs,
                 &self.config,
@@ -193,6 +236,7 @@ impl Backend for SqsBackend {
                 lease: options.lease,
                 ack_batch: self.config.ack_batch,
                 heartbeat: self.config.heartbeat,
+                ordered: options.ordered,
                 teardown,
                 restore,
             },

@@ -32,22 +32,21 @@ pub async fn ensure_group_queue(
     pattern: Option<&str>,
     ephemeral: bool,
 ) -> Result<String> {
+    // An ordered group's queue, and its dead-letter queue with it.
+    let fifo = || Names::is_fifo(name).then(|| (QueueAttributeName::FifoQueue, "true".to_string()));
     let mut attributes = vec![(
         QueueAttributeName::MessageRetentionPeriod,
         config.retention.as_secs().to_string(),
     )];
+    attributes.extend(fifo());
     if config.max_receive > 0 && !ephemeral {
         let dead_letters = Names::dead_letter_queue(name);
-        let url = create(
-            sqs,
-            &dead_letters,
-            vec![(
-                QueueAttributeName::MessageRetentionPeriod,
-                DEAD_LETTER_RETENTION_S.to_string(),
-            )],
-            None,
-        )
-        .await?;
+        let mut dead_attributes = vec![(
+            QueueAttributeName::MessageRetentionPeriod,
+            DEAD_LETTER_RETENTION_S.to_string(),
+        )];
+        dead_attributes.extend(fifo());
+        let url = create(sqs, &dead_letters, dead_attributes, None).await?;
         let policy = serde_json::json!({
             "deadLetterTargetArn": queue_arn(sqs, &url).await?,
             "maxReceiveCount": config.max_receive.to_string(),

@@ -74,6 +74,9 @@ async fn receive(inner: Arc<Inner>, queue: usize, max: i32, wait_seconds: i32) {
                         Ok(received) => {
                             let token = state.next_token;
                             state.next_token += 1;
+                            let key = (received.message.key.as_ref())
+                                .filter(|key| inner.ordered && !key.is_empty())
+                                .cloned();
                             state.held.insert(
                                 token,
                                 Held {
@@ -81,6 +84,7 @@ async fn receive(inner: Arc<Inner>, queue: usize, max: i32, wait_seconds: i32) {
                                     receipt: received.receipt_handle.clone(),
                                     received: now,
                                     extended: now,
+                                    key,
                                 },
                             );
                             state.ready.push_back((token, received));

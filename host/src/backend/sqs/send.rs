@@ -3,7 +3,14 @@
 //! batch reports failed through no fault of the sender (throttling, a
 //! server error) are sent again a few times; any other failure fails the
 //! publish, naming the message.
+//!
+//! A FIFO queue (an ordered group's) gets each message's key as its message
+//! group, so SQS hands a key's next message to no member while one is in
+//! flight, and the message's id for deduplication (a publish repeated
+//! within SQS's five minutes is kept once). An unkeyed message is a group
+//! of its own.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::ops::Range;
 use std::time::Duration;
@@ -14,7 +21,7 @@ use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 
 use super::client::{error_code, is_missing_queue};
 use super::codec::{Encoded, MAX_MESSAGE_BYTES, META_ATTRIBUTE};
-use super::names::queue_name_of;
+use super::names::{Names, queue_name_of};
 
 /// Entries per batch request, for SQS and SNS alike.
 pub const MAX_BATCH: usize = 10;
@@ -131,24 +138,32 @@ where
 }
 
 /// Sends `messages` (one batch, see [`batches`]) to the queue at `url`.
-/// `ids` name them in errors.
+/// `ids` are their ids (which also name them in errors) and `keys` their
+/// keys.
 pub async fn send_batch(
     sqs: &Client,
     url: &str,
     messages: &[Encoded],
     ids: &[&str],
+    keys: &[Option<&str>],
 ) -> Result<Sent> {
     let target = queue_name_of(url);
+    let fifo = Names::is_fifo(url);
     with_entry_retries(messages.len(), ids, target, |indices| async move {
         let entries = indices
             .iter()
             .map(|&i| {
-                SendMessageBatchRequestEntry::builder()
+                let mut entry = SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(&messages[i].body)
-                    .message_attributes(META_ATTRIBUTE, messages[i].sqs_attribute())
-                    .build()
-                    .expect("id and body are set")
+                    .message_attributes(META_ATTRIBUTE, messages[i].sqs_attribute());
+                if fifo {
+                    let group = keys[i].filter(|key| !key.is_empty()).unwrap_or(ids[i]);
+                    entry = entry
+                        .message_group_id(fifo_token(group))
+                        .message_deduplication_id(fifo_token(ids[i]));
+                }
+                entry.build().expect("id and body are set")
             })
             .collect();
         let out = match sqs
@@ -176,10 +191,33 @@ pub async fn send_batch(
     .await
 }
 
+/// `text` as a FIFO message group or deduplication id: itself where SQS
+/// takes it (1 to 128 of ASCII's letters, digits and punctuation), else
+/// the hex of its SHA-256, so any key keeps a group of its own.
+fn fifo_token(text: &str) -> Cow<'_, str> {
+    if (1..=128).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic()) {
+        Cow::Borrowed(text)
+    } else {
+        use sha2::Digest;
+        Cow::Owned(hex::encode(sha2::Sha256::digest(text.as_bytes())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::Message;
+
+    #[test]
+    fn fifo_tokens_are_what_sqs_takes() {
+        assert_eq!(fifo_token("order-17/eu"), "order-17/eu");
+        for odd in ["", "has space", "ünïcode", &"x".repeat(129)] {
+            let token = fifo_token(odd);
+            assert_eq!(token.len(), 64, "{odd:?}");
+            assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_ne!(fifo_token("a b"), fifo_token("a  b"));
+    }
 
     #[test]
     fn batches_respect_count_and_size() {

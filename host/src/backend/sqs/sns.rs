@@ -348,7 +348,8 @@ impl Backend for SnsSqsBackend {
         let mut subscriptions = Vec::new();
         let mut names = Vec::new();
         for topic in topics {
-            let queue = group_queue(&self.names, &topic, &options, &group_key);
+            // SNS standard topics deliver to standard queues only.
+            let queue = group_queue(&self.names, &topic, &options, &group_key, false);
             let (url, subscription) = self.set_up_queue(&topic, &queue, options.ephemeral).await?;
             subscriptions.extend(subscription);
             sources.push(QueueSource { url, topic });
@@ -402,6 +403,8 @@ impl Backend for SnsSqsBackend {
                 lease: options.lease,
                 ack_batch: self.config.ack_batch,
                 heartbeat: self.config.heartbeat,
+                // Standard queues: no order to keep.
+                ordered: false,
                 teardown,
                 restore,
             },

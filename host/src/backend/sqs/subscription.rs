@@ -19,12 +19,21 @@
 //! same URL), warns once and counts it (see
 //! [`crate::backend::record_restored`]). Messages it held are gone with it.
 //!
+//! An ordered group reads a FIFO queue, where SQS keeps a key (its message
+//! group) from every other member while one of its messages is in flight
+//! here. A receive may still bring several messages of one key; the
+//! subscription hands out only the oldest and holds the rest (kept alive
+//! as any received message) until that one is settled. A nack makes the
+//! held ones visible again with it, since SQS would not hand the nacked
+//! message to anyone while later ones of its key are in flight; each of
+//! them then counts one receive more.
+//!
 //! Close waits for the receives under way (each ends within its long poll,
 //! at most 20 s), sends the queued deletes, hands every delivery not
 //! settled back with visibility 0, and for an ephemeral group removes its
 //! queues.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +80,8 @@ pub struct SubscriptionSpec {
     pub lease: Duration,
     pub ack_batch: Duration,
     pub heartbeat: bool,
+    /// Hands out one message of a key at a time (on a FIFO queue).
+    pub ordered: bool,
     pub teardown: Option<Teardown>,
     pub restore: Restore,
 }
@@ -92,6 +103,7 @@ pub(super) struct Inner {
     /// Woken when a receive ends, and on close.
     pub arrived: Notify,
     pub closed: AtomicBool,
+    pub ordered: bool,
     pub last_call: Mutex<Instant>,
     acks: Arc<AckBatcher>,
     teardown: Mutex<Option<Teardown>>,
@@ -116,6 +128,9 @@ pub(super) struct State {
     /// Per queue: its receive found it missing.
     pub missing: Vec<bool>,
     pub next_token: u64,
+    /// On an ordered subscription: the keys with a delivery handed out and
+    /// not settled.
+    pub keys_out: HashSet<String>,
 }
 
 pub(super) struct Held {
@@ -124,6 +139,8 @@ pub(super) struct Held {
     pub received: Instant,
     /// Received or last kept alive.
     pub extended: Instant,
+    /// On an ordered subscription, the message's key.
+    pub key: Option<String>,
 }
 
 impl SqsSubscription {
@@ -148,9 +165,11 @@ impl SqsSubscription {
                 errors: vec![None; count],
                 missing: vec![false; count],
                 next_token: 0,
+                keys_out: HashSet::new(),
             }),
             arrived: Notify::new(),
             closed: AtomicBool::new(false),
+            ordered: spec.ordered,
             last_call: Mutex::new(Instant::now()),
             acks,
             teardown: Mutex::new(spec.teardown),
@@ -176,10 +195,18 @@ impl Inner {
         *self.last_call.lock().unwrap() = Instant::now();
     }
 
+    /// Takes a delivery being settled out of the held map, and frees its
+    /// key for the next message of it.
     fn take_held(&self, delivery: &Delivery) -> Result<Held> {
         let SqsReceipt(token) = delivery.receipt.get::<SqsReceipt>()?;
-        match self.state.lock().unwrap().held.remove(token) {
-            Some(held) => Ok(held),
+        let mut state = self.state.lock().unwrap();
+        match state.held.remove(token) {
+            Some(held) => {
+                if let Some(key) = &held.key {
+                    state.keys_out.remove(key);
+                }
+                Ok(held)
+            }
             None => bail!(
                 "delivery of message {} was already settled (or its subscription closed)",
                 delivery.message.id
@@ -189,20 +216,28 @@ impl Inner {
 
     /// Up to `max` received deliveries, leaving out any whose lease ran out
     /// while it waited (it is visible again, maybe already delivered to
-    /// another member: handing it out would only make a duplicate).
+    /// another member: handing it out would only make a duplicate), and
+    /// holding back, in order, any whose key has a delivery out.
     fn take_ready(&self, state: &mut State, max: usize) -> Vec<Delivery> {
         let now = Instant::now();
         let mut out = Vec::new();
+        let mut held_back = Vec::new();
         while out.len() < max {
             let Some((token, received)) = state.ready.pop_front() else {
                 break;
             };
-            let live = state
+            let Some(held) = state
                 .held
                 .get(&token)
-                .is_some_and(|held| now + STALE_MARGIN < held.extended + self.lease.duration);
-            if !live {
+                .filter(|held| now + STALE_MARGIN < held.extended + self.lease.duration)
+            else {
                 state.held.remove(&token);
+                continue;
+            };
+            if let Some(key) = &held.key
+                && !state.keys_out.insert(key.clone())
+            {
+                held_back.push((token, received));
                 continue;
             }
             out.push(Delivery {
@@ -211,7 +246,26 @@ impl Inner {
                 receipt: Receipt::new(SqsReceipt(token)),
             });
         }
+        for waiting in held_back.into_iter().rev() {
+            state.ready.push_front(waiting);
+        }
         out
+    }
+
+    /// Takes the received messages of `key` not handed out yet, to make
+    /// them visible again with a nacked one of their key.
+    fn take_held_back(&self, key: &str) -> Vec<Held> {
+        let mut state = self.state.lock().unwrap();
+        let State { ready, held, .. } = &mut *state;
+        let mut taken = Vec::new();
+        ready.retain(|(token, _)| {
+            if held.get(token).and_then(|h| h.key.as_deref()) != Some(key) {
+                return true;
+            }
+            taken.extend(held.remove(token));
+            false
+        });
+        taken
     }
 
     /// Makes the queues found missing again.
@@ -247,6 +301,27 @@ impl Inner {
             );
         }
         Ok(())
+    }
+
+    /// Makes `deliveries` visible again at once, queue by queue; what fails
+    /// comes back after its lease.
+    async fn hand_back(&self, deliveries: Vec<Held>) -> Result<()> {
+        let mut first_error = None;
+        for (index, queue) in self.queues.iter().enumerate() {
+            let entries: Vec<(String, i32)> = deliveries
+                .iter()
+                .filter(|h| h.queue == index)
+                .map(|h| (h.receipt.clone(), 0))
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            if let Err(e) = change_visibility(&self.sqs, &queue.url, &entries).await {
+                tracing::warn!(group = %self.group, "deliveries not handed back return after their lease: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Waits (at most [`CLOSE_WAIT`]) until no receive is under way.
@@ -328,6 +403,9 @@ impl Subscription for SqsSubscription {
         let inner = &self.inner;
         inner.touch();
         let held = inner.take_held(delivery)?;
+        if let Some(key) = &held.key {
+            inner.hand_back(inner.take_held_back(key)).await?;
+        }
         let url = &inner.queues[held.queue].url;
         inner
             .sqs
@@ -363,31 +441,11 @@ impl Subscription for SqsSubscription {
             state.ready.clear();
             state.held.drain().map(|(_, held)| held).collect()
         };
-        let mut first_error = None;
-        for (index, queue) in inner.queues.iter().enumerate() {
-            let entries: Vec<(String, i32)> = unsettled
-                .iter()
-                .filter(|h| h.queue == index)
-                .map(|h| (h.receipt.clone(), 0))
-                .collect();
-            if entries.is_empty() {
-                continue;
-            }
-            if let Err(e) = change_visibility(&inner.sqs, &queue.url, &entries).await {
-                tracing::warn!(group = %inner.group, "deliveries not handed back return after their lease: {e:#}");
-                first_error.get_or_insert(e);
-            }
-        }
+        let handed_back = inner.hand_back(unsettled).await;
         let teardown = inner.teardown.lock().unwrap().take();
         if let Some(teardown) = teardown {
             teardown().await?;
         }
-        match first_error {
-            Some(e) => Err(e.context(format!(
-                "closing the subscription of group `{}`",
-                inner.group
-            ))),
-            None => Ok(()),
-        }
+        handed_back.with_context(|| format!("closing the subscription of group `{}`", inner.group))
     }
 }
