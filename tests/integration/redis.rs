@@ -99,6 +99,13 @@ fn options(topic: &str, group: &str, lease_ms: u64) -> SubscribeOptions {
     options
 }
 
+/// A member of the ordered group `g` reading `topic`.
+async fn ordered_member(backend: &RedisStreamsBackend, topic: &str) -> Box<dyn Subscription> {
+    let mut ordered = options(topic, "g", 30_000);
+    ordered.ordered = true;
+    backend.subscribe(ordered).await.unwrap()
+}
+
 async fn next(sub: &dyn Subscription, within: Duration) -> Delivery {
     let give_up = tokio::time::Instant::now() + within;
     loop {
@@ -448,9 +455,7 @@ async fn a_key_held_by_a_trimmed_entry_goes_on_to_its_next_message() {
     let backend = RedisStreamsBackend::connect(&ns.url("redis", "&claim_idle_ms=100"))
         .await
         .unwrap();
-    let mut ordered = options("jobs", "g", 30_000);
-    ordered.ordered = true;
-    let sub = backend.subscribe(ordered).await.unwrap();
+    let sub = ordered_member(&backend, "jobs").await;
     let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
     backend
         .publish(vec![keyed("first"), keyed("second")])
@@ -474,6 +479,30 @@ async fn a_key_held_by_a_trimmed_entry_goes_on_to_its_next_message() {
     sub.close().await.unwrap();
 }
 
+/// In an ordered group, a message waiting for its key's turn (read, and
+/// no longer in the stream's lag) still counts in the group's backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waiting_for_its_key_counts_in_the_backlog() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let backend = RedisStreamsBackend::connect(&ns.url("redis", ""))
+        .await
+        .unwrap();
+    let sub = ordered_member(&backend, "jobs").await;
+    let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
+    backend
+        .publish(vec![keyed("first"), keyed("second")])
+        .await
+        .unwrap();
+    let read = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(read.len(), 1, "the second waits for the first");
+    let group = options("jobs", "g", 30_000).group_key();
+    assert_eq!(backend.backlog(&group).await.unwrap(), Some(1));
+    sub.ack(&read[0]).await.unwrap();
+    sub.close().await.unwrap();
+}
+
 /// In an ordered group, an empty key is no key: such messages wait for
 /// nothing, as unkeyed ones do (and none is left waiting for a key that
 /// settling would never hand on).
@@ -485,9 +514,7 @@ async fn an_empty_key_waits_for_nothing_in_an_ordered_group() {
     let backend = RedisStreamsBackend::connect(&ns.url("redis", ""))
         .await
         .unwrap();
-    let mut ordered = options("jobs", "g", 30_000);
-    ordered.ordered = true;
-    let sub = backend.subscribe(ordered).await.unwrap();
+    let sub = ordered_member(&backend, "jobs").await;
     let blank = |text: &str| Message::new("jobs", text.to_string()).with_key("");
     backend.publish(vec![blank("1"), blank("2")]).await.unwrap();
     let mut got = Vec::new();
