@@ -45,6 +45,10 @@ backends! {
     #[cfg_attr(not(feature = "nats"), ignore = "needs nats-server (feature `nats`)")]
     jetstream => targets::Nats::jetstream(),
         "persistent history consumer_groups native_delay lease wildcards at_least_once backlog";
+    #[cfg_attr(not(feature = "nats"), ignore = "needs nats-server (feature `nats`)")]
+    jetstream_sharded => targets::Nats::jetstream_sharded(),
+        "persistent history consumer_groups ordered_per_key native_delay lease wildcards \
+         at_least_once backlog key_affinity";
     #[cfg_attr(not(feature = "postgres"), ignore = "needs PostgreSQL (feature `postgres`)")]
     postgres => targets::postgres::Postgres::new(),
         "persistent history consumer_groups ordered_per_key native_delay lease wildcards \

@@ -621,6 +621,19 @@ async fn jetstream_three_processes_share_a_group_and_take_over() {
     drop_stream(&format!("{prefix}_{ns}")).await;
 }
 
+/// Ordered groups on JetStream read a sharded stream one message of a
+/// shard at a time, whichever of the three processes asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "nats"), ignore = "needs NATS (feature `nats`)")]
+async fn jetstream_three_processes_keep_each_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("order");
+    let prefix = unique("ORDER");
+    let url = format!("jetstream://127.0.0.1:4222?stream_prefix={prefix}&shards=64");
+    three_processes_keep_each_keys_order(&ns, &url, dir.path()).await;
+    drop_stream(&format!("{prefix}_{ns}")).await;
+}
+
 /// Removes a test's stream from the shared NATS server.
 async fn drop_stream(name: &str) {
     let client = async_nats::connect("127.0.0.1:4222").await.unwrap();

@@ -233,6 +233,50 @@ async fn jetstream_nak_delay_is_counted_in_attempts() -> Result<()> {
     result
 }
 
+/// A stream's shard count is fixed when it is made: a URL that says
+/// another, or none, is refused with both named, and stores nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_shards_are_fixed_when_the_stream_is_made() -> Result<()> {
+    if !server_up("jetstream_shards_are_fixed_when_the_stream_is_made") {
+        return Ok(());
+    }
+    let token = unique("shards");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let url = jetstream_url(&token);
+        let sharded = backend::connect(&format!("{url}&shards=4")).await?;
+        sharded.publish(vec![Message::new(&topic, "a")]).await?;
+        for (other, says) in [("&shards=8", "shards=8"), ("", "no shards")] {
+            let backend = backend::connect(&format!("{url}{other}")).await?;
+            let err = backend
+                .publish(vec![Message::new(&topic, "b")])
+                .await
+                .expect_err("a URL with other shards was accepted");
+            let text = format!("{err:#}");
+            ensure!(
+                text.contains("shards=4") && text.contains(says),
+                "unclear refusal: {text}"
+            );
+        }
+        let sub = sharded.subscribe(options(&topic, "g", LIMIT)).await?;
+        let got = fetch_all(sub.as_ref(), 1).await?;
+        ensure!(
+            got[0].message.topic == topic && nothing_more(sub.as_ref()).await?,
+            "the stream holds {:?}",
+            got.iter().map(|d| &d.message.topic).collect::<Vec<_>>()
+        );
+        sub.close().await
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
+}
+
+/// Whether a subscription gets nothing more for a while.
+async fn nothing_more(sub: &dyn Subscription) -> Result<bool> {
+    Ok(sub.fetch(10, Duration::from_millis(500)).await?.is_empty())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_abandoned_delivery_returns_after_ack_wait() -> Result<()> {
     if !server_up("jetstream_abandoned_delivery_returns_after_ack_wait") {

@@ -375,8 +375,9 @@ pub(crate) fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
 pub struct BackendKind {
     /// Its URL schemes.
     pub schemes: &'static [&'static str],
-    /// What it guarantees, known before anything is connected.
-    pub capabilities: Capabilities,
+    /// What it guarantees with a given URL, known before anything is
+    /// connected (a URL that does not parse gets the scheme's defaults).
+    pub capabilities: fn(&str) -> Capabilities,
     /// Parses a URL of this kind as `connect` would, every parameter
     /// checked, without connecting.
     pub parse: fn(&str) -> Result<()>,
@@ -433,7 +434,7 @@ pub fn kinds() -> Vec<BackendKind> {
     #[allow(unused_mut)]
     let mut kinds = vec![kind(
         &["memory"],
-        memory::CAPABILITIES,
+        |_| memory::CAPABILITIES,
         |url| memory::MemoryBackend::from_url(url).map(drop),
         connect_memory,
         probe_with!(memory::probe),
@@ -441,7 +442,7 @@ pub fn kinds() -> Vec<BackendKind> {
     #[cfg(feature = "sqlite")]
     kinds.push(kind(
         &["sqlite"],
-        sqlite::CAPABILITIES,
+        |_| sqlite::CAPABILITIES,
         |url| sqlite::parse_url(url).map(drop),
         connect_with!(sqlite::SqliteBackend),
         probe_with!(sqlite::probe),
@@ -449,7 +450,7 @@ pub fn kinds() -> Vec<BackendKind> {
     #[cfg(feature = "filelog")]
     kinds.push(kind(
         &["file"],
-        filelog::CAPABILITIES,
+        |_| filelog::CAPABILITIES,
         |url| filelog::parse_url(url).map(drop),
         connect_with!(filelog::FileLogBackend),
         probe_with!(filelog::probe),
@@ -458,14 +459,14 @@ pub fn kinds() -> Vec<BackendKind> {
     kinds.extend([
         kind(
             &["redis", "rediss"],
-            redis::streams::CAPABILITIES,
+            |_| redis::streams::CAPABILITIES,
             |url| redis::RedisStreamsBackend::parse(url).map(drop),
             connect_with!(redis::RedisStreamsBackend),
             probe_with!(redis::streams::probe),
         ),
         kind(
             &["redis+pubsub", "rediss+pubsub"],
-            redis::pubsub::CAPABILITIES,
+            |_| redis::pubsub::CAPABILITIES,
             |url| redis::RedisPubSubBackend::parse(url).map(drop),
             connect_with!(redis::RedisPubSubBackend),
             probe_with!(redis::pubsub::probe),
@@ -475,14 +476,14 @@ pub fn kinds() -> Vec<BackendKind> {
     kinds.extend([
         kind(
             &["nats"],
-            nats::core::CAPABILITIES,
+            |_| nats::core::CAPABILITIES,
             |url| nats::core::parse_url(url).map(drop),
             connect_with!(nats::core::NatsCoreBackend),
             probe_with!(nats::core::probe),
         ),
         kind(
             &["jetstream"],
-            nats::jetstream::CAPABILITIES,
+            nats::jetstream::capabilities_for,
             |url| nats::jetstream::JetStreamBackend::parse(url).map(drop),
             connect_with!(nats::jetstream::JetStreamBackend),
             probe_with!(nats::jetstream::probe),
@@ -491,7 +492,7 @@ pub fn kinds() -> Vec<BackendKind> {
     #[cfg(feature = "postgres")]
     kinds.push(kind(
         &["postgres", "postgresql"],
-        postgres::CAPABILITIES,
+        |_| postgres::CAPABILITIES,
         |url| postgres::PostgresSettings::parse(url).map(drop),
         connect_with!(postgres::PostgresBackend),
         probe_with!(postgres::probe),
@@ -499,7 +500,7 @@ pub fn kinds() -> Vec<BackendKind> {
     #[cfg(feature = "kafka")]
     kinds.push(kind(
         &["kafka"],
-        kafka::CAPABILITIES,
+        |_| kafka::CAPABILITIES,
         |url| kafka::KafkaConfig::parse(url).map(drop),
         connect_with!(kafka::KafkaBackend),
         probe_with!(kafka::probe),
@@ -508,14 +509,14 @@ pub fn kinds() -> Vec<BackendKind> {
     kinds.extend([
         kind(
             &["sqs"],
-            sqs::SQS_CAPABILITIES,
+            |_| sqs::SQS_CAPABILITIES,
             |url| sqs::config::SqsConfig::parse(url, sqs::plain::SCHEME).map(drop),
             connect_with!(sqs::SqsBackend),
             probe_with!(sqs::probe_sqs),
         ),
         kind(
             &["sns+sqs"],
-            sqs::CAPABILITIES,
+            |_| sqs::CAPABILITIES,
             |url| sqs::config::SqsConfig::parse(url, sqs::sns::SCHEME).map(drop),
             connect_with!(sqs::SnsSqsBackend),
             probe_with!(sqs::probe_sns_sqs),
@@ -552,12 +553,13 @@ pub fn supported_schemes() -> Vec<&'static str> {
         .collect()
 }
 
-/// What the backend a URL scheme opens guarantees, if this build has it.
-pub fn capabilities_of(scheme: &str) -> Option<Capabilities> {
+/// What the backend a URL opens guarantees, if this build has it.
+pub fn capabilities_of(url: &str) -> Option<Capabilities> {
+    let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
     kinds()
         .into_iter()
         .find(|kind| kind.schemes.contains(&scheme))
-        .map(|kind| kind.capabilities)
+        .map(|kind| (kind.capabilities)(url))
 }
 
 /// The schemes of this build's backends that guarantee what `has` asks,
@@ -565,7 +567,7 @@ pub fn capabilities_of(scheme: &str) -> Option<Capabilities> {
 pub fn schemes_with(has: impl Fn(&Capabilities) -> bool) -> Vec<&'static str> {
     kinds()
         .iter()
-        .filter(|kind| has(&kind.capabilities))
+        .filter(|kind| has(&(kind.capabilities)(&format!("{}://", kind.schemes[0]))))
         .flat_map(|kind| kind.schemes.iter().copied())
         .collect()
 }

@@ -232,17 +232,15 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
             Some(name) => name.get_ref().as_str(),
             None => config.backends.keys().next().map_or("", String::as_str),
         };
-        let scheme = config.backends[source]
-            .url
-            .split_once("://")
-            .map_or("", |(scheme, _)| scheme);
-        if let Some(caps) = backend::capabilities_of(scheme) {
+        let url = &config.backends[source].url;
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        if let Some(caps) = backend::capabilities_of(url) {
             if route.ordered && !keeps_order(&caps) {
                 return Err(fail(
                     "ordered",
                     format!(
                         "backend `{source}` ({scheme}://) does not keep each key's messages in \
-                         order{}; these do: {}",
+                         order{}; these do: {}{}",
                         if caps.ordered_per_key {
                             " across the consumers of a group (it is at-most-once: a group's \
                              members split a key between them, and what one held is lost \
@@ -250,7 +248,14 @@ pub(super) fn check(config: &Config, sources: &Sources<'_>) -> Result<()> {
                         } else {
                             ""
                         },
-                        schemes(backend::schemes_with(keeps_order))
+                        schemes(backend::schemes_with(keeps_order)),
+                        if backend::capabilities_of("jetstream://localhost?shards=1")
+                            .is_some_and(|caps| keeps_order(&caps))
+                        {
+                            ", and jetstream:// with shards=N"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }

@@ -609,6 +609,9 @@ fn a_route_needing_what_its_backend_lacks_is_refused() {
     );
     assert!(err.contains("sqlite://"), "{err}");
     assert!(err.contains("redis://"), "{err}");
+    assert!(err.contains("jetstream:// with shards=N"), "{err}");
+    let sharded = ordered.replace("sqlite://demo.db", "jetstream://localhost?shards=16");
+    assert!(parse_with(&sharded, &[]).is_ok());
     assert!(
         err.contains("sqs://") && !err.contains("sns+sqs://"),
         "{err}"

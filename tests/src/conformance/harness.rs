@@ -121,7 +121,11 @@ async fn run_once(
         // What the registry says of the backend's kind (its scheme) must
         // be what the backend itself declares, and both what is pinned.
         let declared = backend.capabilities();
-        let registered = sluice::backend::capabilities_of(backend.kind());
+        let registered = sluice::backend::capabilities_of(
+            &target
+                .backend_url()
+                .unwrap_or_else(|| backend.kind().to_string()),
+        );
         results.push((
             "declares_the_pinned_capabilities",
             if declared != pinned {

@@ -13,6 +13,7 @@
 //! | `replicas`, `max_age_ms`, `max_bytes`, `max_msgs`, `duplicate_window_ms` | stream limits |
 //! | `max_ack_pending` | unacked deliveries a group may hold (default 1000) |
 //! | `progress` | `true` (default): keep held deliveries alive with in-progress acks, see `pull.rs` |
+//! | `shards` | keep each topic in this many key shards (1 to 1024), so ordered groups keep each key's order, see `shards.rs`; fixed when a stream is made |
 //! | `name`, `tls`, `timeout_ms` | connection name, require TLS, API and publish timeout (default 10000) |
 //!
 //! Streams: without `stream`, a topic is kept in the stream
@@ -37,7 +38,8 @@
 //! subscription's lease, unlimited deliveries (the host's retry policy
 //! decides, counting from the server's delivery count), deliver-all for
 //! `earliest` and deliver-new for `latest`. A subscription to overlapping
-//! patterns gets a message that matches both twice. Ephemeral groups get a
+//! patterns gets a message that matches both twice. With `shards`, an
+//! ordered group has a consumer per shard instead (see `shards.rs`). Ephemeral groups get a
 //! consumer that the server also removes by itself after inactivity, and
 //! that `close` deletes.
 
@@ -51,10 +53,10 @@ use async_trait::async_trait;
 
 use super::core::check_publish_topic;
 use super::provision::Provision;
-use super::pull::{JsSubscription, PullTarget};
+use super::pull::JsSubscription;
 use super::settings::{SCHEME, Settings};
 use super::window::{self, Outgoing, WINDOW};
-use super::{ServerUrl, nats_name, split_url};
+use super::{ServerUrl, split_url};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription, pattern};
 use crate::message::Message;
 
@@ -128,6 +130,22 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     key_affinity: false,
 };
 
+/// What a JetStream URL's backend guarantees: with `shards`, order per key.
+pub fn capabilities_for(url: &str) -> Capabilities {
+    match JetStreamBackend::parse(url) {
+        Ok((_, settings)) if settings.shards.is_some() => SHARDED_CAPABILITIES,
+        _ => CAPABILITIES,
+    }
+}
+
+/// What this backend guarantees with `shards=N`: an ordered group takes a
+/// key's messages one at a time (see `shards.rs`).
+pub const SHARDED_CAPABILITIES: Capabilities = Capabilities {
+    ordered_per_key: true,
+    key_affinity: true,
+    ..CAPABILITIES
+};
+
 pub struct JetStreamBackend {
     client: Client,
     server: ServerUrl,
@@ -171,7 +189,10 @@ impl Backend for JetStreamBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        match self.provision.settings.shards {
+            Some(_) => SHARDED_CAPABILITIES,
+            None => CAPABILITIES,
+        }
     }
 
     async fn backlog(&self, group_key: &str) -> Result<Option<u64>> {
@@ -187,7 +208,11 @@ impl Backend for JetStreamBackend {
             }
         }
         drop(checked);
-        let outgoing: Vec<Outgoing> = messages.into_iter().map(Outgoing::new).collect();
+        let shards = self.provision.settings.shards;
+        let outgoing: Vec<Outgoing> = messages
+            .into_iter()
+            .map(|message| Outgoing::new(message, shards))
+            .collect();
         let js = &self.provision.js;
         let mut failed = window::publish(&self.client, js, &outgoing).await;
         if failed.iter().any(|f| f.no_stream) && self.provision.settings.stream.is_none() {
@@ -205,7 +230,7 @@ impl Backend for JetStreamBackend {
             }
         }
         if let Some(failure) = failed.into_iter().next() {
-            let topic = outgoing[failure.index].subject.as_str();
+            let topic = outgoing[failure.index].topic(shards);
             if failure.no_stream {
                 bail!(
                     "no JetStream stream keeps the topic `{topic}`{}",
@@ -233,15 +258,12 @@ impl Backend for JetStreamBackend {
         let mut targets = Vec::with_capacity(topics.len());
         for topic in &topics {
             let stream = self.provision.stream_for(topic).await?;
-            let name = nats_name(&options.group, &format!("{key}\n{topic}"));
-            self.provision
-                .ensure_consumer(&stream, &name, topic, &options)
-                .await?;
-            targets.push(PullTarget {
-                stream,
-                consumer: name,
-                topic: topic.clone(),
-            });
+            for target in self.provision.targets(&stream, &key, topic, &options)? {
+                self.provision
+                    .ensure_consumer(&stream, &target, &options)
+                    .await?;
+                targets.push(target);
+            }
         }
         self.provision.note_group(
             key,

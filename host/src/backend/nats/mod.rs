@@ -37,6 +37,7 @@ pub mod jetstream;
 mod provision;
 mod pull;
 pub(crate) mod settings;
+mod shards;
 mod window;
 
 use std::path::PathBuf;

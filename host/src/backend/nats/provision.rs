@@ -16,7 +16,9 @@ use async_nats::jetstream::stream::Config as StreamConfig;
 use async_nats::jetstream::{self, ErrorCode};
 
 use super::nats_name;
+use super::pull::PullTarget;
 use super::settings::{SCHEME, Settings};
+use super::shards::{self, Shard};
 use crate::backend::{StartFrom, SubscribeOptions};
 
 pub(crate) struct Provision {
@@ -79,6 +81,7 @@ impl Provision {
         match self.js.get_stream(name).await {
             Ok(mut stream) => {
                 let current = stream.info().await?.config.clone();
+                shards::check_stream(name, current.description.as_deref(), self.settings.shards)?;
                 let mut wanted = current.clone();
                 self.settings.apply(&mut wanted);
                 if wanted != current {
@@ -97,6 +100,7 @@ impl Provision {
                 }
                 let mut config = StreamConfig {
                     name: name.to_string(),
+                    description: self.settings.shards.map(shards::describe),
                     ..Default::default()
                 };
                 self.settings.apply(&mut config);
@@ -142,9 +146,12 @@ impl Provision {
         } else {
             nats_name(&format!("{}_{token}", self.settings.prefix), token)
         };
+        let subjects = [token.to_string(), format!("{token}.>")]
+            .map(|subject| self.settings.stored_subject(&subject));
         let mut config = StreamConfig {
             name: name.clone(),
-            subjects: vec![token.to_string(), format!("{token}.>")],
+            subjects: subjects.to_vec(),
+            description: self.settings.shards.map(shards::describe),
             ..Default::default()
         };
         self.settings.apply(&mut config);
@@ -158,15 +165,16 @@ impl Provision {
         };
         if code == Some(ErrorCode::STREAM_NAME_EXIST) {
             // It exists with other settings (someone tuned it): use it as it is.
+            self.check_shards(&name).await?;
             return Ok(name);
         }
         if code == Some(ErrorCode::STREAM_SUBJECT_OVERLAP) {
             // Another stream already keeps this token's topics.
-            if let Ok(other) = self.js.stream_by_subject(format!("{token}.>")).await {
-                return Ok(other);
-            }
-            if let Ok(other) = self.js.stream_by_subject(token).await {
-                return Ok(other);
+            for subject in subjects.iter().rev() {
+                if let Ok(other) = self.js.stream_by_subject(subject).await {
+                    self.check_shards(&other).await?;
+                    return Ok(other);
+                }
             }
         }
         Err(error).with_context(|| {
@@ -174,23 +182,61 @@ impl Provision {
         })
     }
 
-    /// Makes the group's consumer for one topic unless it exists; the
-    /// group's first subscription decides where it starts.
-    /// Makes the stream and the group's consumer for one topic again, after
-    /// the server lost them; answers the stream that keeps the topic now.
-    pub async fn restore(
+    /// Refuses an existing stream made with other shards than the URL's.
+    async fn check_shards(&self, name: &str) -> Result<()> {
+        let mut stream = self
+            .js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("cannot look up JetStream stream `{name}`"))?;
+        let info = stream.info().await?;
+        shards::check_stream(
+            name,
+            info.config.description.as_deref(),
+            self.settings.shards,
+        )
+    }
+
+    /// The consumers a group reads `topic` through: one, or for an ordered
+    /// group on sharded streams one per shard.
+    pub fn targets(
         &self,
-        consumer: &str,
+        stream: &str,
+        group_key: &str,
         topic: &str,
         options: &SubscribeOptions,
-    ) -> Result<String> {
+    ) -> Result<Vec<PullTarget>> {
+        let target = |filter: String, shard: Option<Shard>| {
+            let identity = match shard {
+                Some(shard) => format!("{group_key}\n{topic}\n{shard:?}"),
+                None => format!("{group_key}\n{topic}"),
+            };
+            PullTarget {
+                stream: stream.to_string(),
+                consumer: nats_name(&options.group, &identity),
+                topic: topic.to_string(),
+                filter,
+                one_at_a_time: matches!(shard, Some(Shard::Keyed(_))),
+            }
+        };
+        Ok(match self.settings.shards {
+            None => vec![target(topic.to_string(), None)],
+            Some(_) if !options.ordered => vec![target(shards::filter(topic, None)?, None)],
+            Some(count) => Shard::all(count)
+                .map(|shard| Ok(target(shards::filter(topic, Some(shard))?, Some(shard))))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Makes the stream and the group's consumer for one topic again, after
+    /// the server lost them; answers the stream that keeps the topic now.
+    pub async fn restore(&self, target: &PullTarget, options: &SubscribeOptions) -> Result<String> {
         self.forget_streams();
         if let Some(name) = &self.settings.stream {
             self.ensure_named(name).await?;
         }
-        let stream = self.stream_for(topic).await?;
-        self.ensure_consumer(&stream, consumer, topic, options)
-            .await?;
+        let stream = self.stream_for(&target.topic).await?;
+        self.ensure_consumer(&stream, target, options).await?;
         Ok(stream)
     }
 
@@ -214,13 +260,16 @@ impl Provision {
         }
     }
 
+    /// Makes the group's consumer for one target unless it exists; the
+    /// group's first subscription decides where it starts.
     pub async fn ensure_consumer(
         &self,
         stream: &str,
-        name: &str,
-        topic: &str,
+        target: &PullTarget,
         options: &SubscribeOptions,
     ) -> Result<()> {
+        let name = target.consumer.as_str();
+        let topic = target.topic.as_str();
         let handle = self.js.get_stream_no_info(stream).await?;
         match handle.consumer_info(name).await {
             Ok(info) => {
@@ -239,7 +288,15 @@ impl Provision {
         }
         let config = pull::Config {
             durable_name: Some(name.to_string()),
-            description: Some(format!("sluice group {} on {topic}", options.group)),
+            description: Some(format!(
+                "sluice group {} on {topic}{}",
+                options.group,
+                if target.filter == topic {
+                    String::new()
+                } else {
+                    format!(" ({})", target.filter)
+                }
+            )),
             deliver_policy: match options.start {
                 StartFrom::Earliest => DeliverPolicy::All,
                 StartFrom::Latest => DeliverPolicy::New,
@@ -247,8 +304,12 @@ impl Provision {
             ack_policy: AckPolicy::Explicit,
             ack_wait: options.lease,
             max_deliver: -1,
-            filter_subject: topic.to_string(),
-            max_ack_pending: self.settings.max_ack_pending,
+            filter_subject: target.filter.clone(),
+            max_ack_pending: if target.one_at_a_time {
+                1
+            } else {
+                self.settings.max_ack_pending
+            },
             // An ephemeral group left behind by a crash goes away by itself.
             inactive_threshold: if options.ephemeral {
                 (options.lease * 2).max(Duration::from_secs(300))

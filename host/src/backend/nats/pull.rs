@@ -61,7 +61,7 @@ use tokio::time::Instant;
 
 use super::core::flush;
 use super::provision::Provision;
-use super::{ServerUrl, headers};
+use super::{ServerUrl, headers, shards};
 use crate::backend::{
     Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription, closed_error,
     record_restored,
@@ -81,8 +81,12 @@ const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(250);
 pub(crate) struct PullTarget {
     pub stream: String,
     pub consumer: String,
-    /// The topic (or pattern) it filters on.
+    /// The topic (or pattern) it reads.
     pub topic: String,
+    /// The subject it filters on: the topic, or with shards its shard.
+    pub filter: String,
+    /// Lets one message out at a time (a key shard of an ordered group).
+    pub one_at_a_time: bool,
 }
 
 pub(crate) struct JsSubscription {
@@ -331,9 +335,13 @@ impl Inner {
         let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
         let raw = message.message;
         let decoded = headers::decode_lossy(raw.headers.as_ref());
+        let topic = match self.provision.settings.shards {
+            Some(_) => shards::topic(&raw.subject),
+            None => raw.subject.to_string(),
+        };
         let message = Message {
             id: decoded.id.unwrap_or(fallback_id),
-            topic: raw.subject.to_string(),
+            topic,
             key: decoded.key,
             headers: decoded.headers,
             payload: raw.payload.to_vec(),
@@ -372,7 +380,7 @@ impl Inner {
             }
             streams[index] = self
                 .provision
-                .restore(&target.consumer, &target.topic, &self.options)
+                .restore(target, &self.options)
                 .await
                 .with_context(|| {
                     format!(

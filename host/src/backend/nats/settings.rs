@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 
-use super::{COMMON_PARAMS, ServerUrl};
+use super::{COMMON_PARAMS, ServerUrl, shards};
 use crate::backend::pattern;
 use crate::backend::url::BackendUrl;
 
@@ -27,6 +27,8 @@ pub(crate) struct Settings {
     duplicate_window: Option<Duration>,
     pub max_ack_pending: i64,
     pub progress: bool,
+    /// Key shards per topic (`shards=N`), see [`super::shards`].
+    pub shards: Option<u32>,
 }
 
 impl Settings {
@@ -43,6 +45,7 @@ impl Settings {
         "duplicate_window_ms",
         "max_ack_pending",
         "progress",
+        "shards",
     ];
 
     /// Takes the connection's parameters into `server`, and the rest.
@@ -73,6 +76,7 @@ impl Settings {
             duplicate_window: url.take_ms("duplicate_window_ms")?,
             max_ack_pending: url.take("max_ack_pending", "a number")?.unwrap_or(1000),
             progress: url.take_bool("progress")?.unwrap_or(true),
+            shards: url.take_with("shards", shard_count)?,
         };
         url.finish(&[Self::PARAMS, COMMON_PARAMS].concat())?;
         if settings.subjects.is_some() && settings.stream.is_none() {
@@ -81,10 +85,22 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The subject a stream captures for `pattern`: with shards, every
+    /// shard of it.
+    pub fn stored_subject(&self, pattern: &str) -> String {
+        match self.shards {
+            Some(_) => shards::filter(pattern, None).unwrap_or_else(|_| pattern.to_string()),
+            None => pattern.to_string(),
+        }
+    }
+
     /// Applies the URL's stream parameters over `config`.
     pub fn apply(&self, config: &mut StreamConfig) {
         if let Some(subjects) = &self.subjects {
-            config.subjects = subjects.clone();
+            config.subjects = subjects
+                .iter()
+                .map(|subject| self.stored_subject(subject))
+                .collect();
         }
         if let Some(retention) = self.retention {
             config.retention = retention;
@@ -122,6 +138,14 @@ fn stream_name(value: &str) -> Result<String, String> {
         );
     }
     Ok(value.to_string())
+}
+
+/// A shard count (`shards`).
+fn shard_count(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if (1..=shards::MAX).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {}", shards::MAX)),
+    }
 }
 
 /// A stream's subjects, comma-separated.
@@ -166,5 +190,11 @@ mod tests {
         assert!(err("subjects=x").contains("needs stream"));
         assert!(err("max_msgs=lots").contains("max_msgs"));
         assert!(err("colour=red").contains("unknown parameter `colour`"));
+        assert!(err("shards=0").contains("shards"));
+        assert!(err("shards=5000").contains("1 to 1024"));
+        let sharded = settings("stream=ORDERS&subjects=orders.>,jobs&shards=8").unwrap();
+        let mut config = StreamConfig::default();
+        sharded.apply(&mut config);
+        assert_eq!(config.subjects, ["orders.*.>", "jobs.*"]);
     }
 }

@@ -20,6 +20,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 
 use super::headers;
+use super::shards::{self, Shard};
 use crate::message::Message;
 
 /// Publishes awaiting their acknowledgement at once, per publish call.
@@ -34,18 +35,35 @@ const RESENDS: u32 = 3;
 /// payload.
 #[derive(Clone)]
 pub(crate) struct Outgoing {
+    /// Where the stream keeps it: the topic, or with `shards` its shard.
     pub subject: Subject,
     publish: PublishMessage,
 }
 
 impl Outgoing {
-    pub fn new(message: Message) -> Self {
+    pub fn new(message: Message, shards: Option<u32>) -> Self {
         let headers = headers::encode(&message);
+        let subject = match shards {
+            Some(count) => {
+                shards::subject(&message.topic, Shard::of(message.key.as_deref(), count))
+            }
+            None => message.topic,
+        };
         Outgoing {
-            subject: Subject::from(message.topic),
+            subject: Subject::from(subject),
             publish: PublishMessage::build()
                 .payload(message.payload.into())
                 .headers(headers),
+        }
+    }
+}
+
+impl Outgoing {
+    /// The topic it was published to.
+    pub fn topic(&self, shards: Option<u32>) -> String {
+        match shards {
+            Some(_) => shards::topic(&self.subject),
+            None => self.subject.to_string(),
         }
     }
 }

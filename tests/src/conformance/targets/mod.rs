@@ -20,6 +20,12 @@ pub trait Target: Send + Sync + 'static {
     /// publishes, another can consume.
     async fn open(&self) -> Result<Arc<dyn Backend>>;
 
+    /// The URL the backend is opened with, where its capabilities depend
+    /// on it (the registry is asked with it instead of the kind).
+    fn backend_url(&self) -> Option<String> {
+        None
+    }
+
     /// A factor on the message counts of volume-heavy cases, below 1 for an
     /// emulator too slow for the full volume (reported with the results).
     fn volume_scale(&self) -> f64 {
@@ -377,7 +383,12 @@ impl Target for Redis {
 /// the restart case tests a process crash, not a power failure).
 pub struct Nats {
     server: ServerProcess,
+    /// The URL scheme: `nats` or `jetstream`.
+    scheme: &'static str,
+    /// What the suite reports it as.
     name: &'static str,
+    /// The URL's parameters.
+    query: &'static str,
 }
 
 impl Nats {
@@ -409,20 +420,34 @@ impl Nats {
     pub fn core() -> Self {
         Nats {
             server: ServerProcess::start(Self::spawn_core),
+            scheme: "nats",
             name: "nats",
+            query: "",
         }
     }
 
     pub fn jetstream() -> Self {
         Nats {
             server: ServerProcess::start(Self::spawn_jetstream),
+            scheme: "jetstream",
             name: "jetstream",
+            query: "",
+        }
+    }
+
+    /// JetStream with each topic kept in key shards (`shards=16`).
+    pub fn jetstream_sharded() -> Self {
+        Nats {
+            server: ServerProcess::start(Self::spawn_jetstream),
+            scheme: "jetstream",
+            name: "jetstream_sharded",
+            query: "?shards=16",
         }
     }
 
     /// The server's URL, with `query` (`?timeout_ms=1000`).
     pub fn url(&self, query: &str) -> String {
-        self.server.url(self.name, query)
+        self.server.url(self.scheme, query)
     }
 
     /// Kills the server (SIGKILL) and leaves it down.
@@ -442,13 +467,17 @@ impl Target for Nats {
         self.name
     }
 
+    fn backend_url(&self) -> Option<String> {
+        Some(self.server.url(self.scheme, self.query))
+    }
+
     async fn open(&self) -> Result<Arc<dyn Backend>> {
-        backend::connect(&self.server.url(self.name, "")).await
+        backend::connect(&self.server.url(self.scheme, self.query)).await
     }
 
     fn reports_backlog(&self) -> bool {
         // NATS core keeps nothing that could wait.
-        self.name == "jetstream"
+        self.scheme == "jetstream"
     }
 
     fn can_restart(&self) -> bool {
@@ -461,7 +490,7 @@ impl Target for Nats {
     }
 
     fn can_restart_empty(&self) -> bool {
-        self.name == "jetstream"
+        self.scheme == "jetstream"
     }
 
     async fn restart_empty(&self) -> Result<()> {
@@ -471,7 +500,7 @@ impl Target for Nats {
 
     fn restores_within(&self) -> Option<std::time::Duration> {
         // The next pull finds the consumer gone and makes it again.
-        (self.name == "jetstream").then_some(std::time::Duration::from_secs(10))
+        (self.scheme == "jetstream").then_some(std::time::Duration::from_secs(10))
     }
 
     /// Deletes every consumer of the stream that keeps `topic` (each case
@@ -480,7 +509,12 @@ impl Target for Nats {
         use futures::TryStreamExt;
         let client = async_nats::connect(self.server.url("nats", "")).await?;
         let js = async_nats::jetstream::new(client);
-        let stream_name = js.stream_by_subject(topic).await?;
+        // A sharded stream keeps the topic's unkeyed messages one token in.
+        let subject = match (self.query.is_empty(), topic.split_once('.')) {
+            (false, Some((first, rest))) => format!("{first}.~u.{rest}"),
+            _ => topic.to_string(),
+        };
+        let stream_name = js.stream_by_subject(subject).await?;
         let stream = js.get_stream(&stream_name).await?;
         let names: Vec<String> = stream.consumer_names().try_collect().await?;
         anyhow::ensure!(!names.is_empty(), "stream `{stream_name}` has no consumer");
