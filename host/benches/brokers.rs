@@ -11,10 +11,11 @@
 //! Both get the same pre-published 1 KiB messages and are timed from the
 //! start of consuming until the last output is counted. On backends that
 //! keep a key with one consumer at a time (SQLite, PostgreSQL, Redis Streams,
-//! Kafka; SQS too, but not on its emulator, see
-//! `Broker::ordered_rate_means_something`), an ordered route over 1,000
-//! keys runs too, and its rate is given as a share of the
-//! unordered route's at the same concurrency. Results go to the
+//! Kafka, JetStream on a stream with 64 key shards; SQS too, but not on
+//! its emulator, see `Broker::ordered_rate_means_something`), an ordered
+//! route over 1,000 keys runs too, and its rate is given as a share of the
+//! unordered route's at the same concurrency (on JetStream the unordered
+//! runs read a stream without shards). Results go to the
 //! terminal, to `target/bench/brokers.json` and to an SVG chart beside it.
 //!
 //! Needs Redis on 127.0.0.1:6379 and NATS with JetStream on 127.0.0.1:4222
@@ -69,6 +70,10 @@ const CONCURRENCIES: [usize; 3] = [1, 8, 32];
 /// at a time (`key_affinity`), and the concurrency it is compared at.
 const ORDERED_KEYS: usize = 1_000;
 const ORDERED_CONCURRENCY: usize = 32;
+/// Key shards of the JetStream stream an ordered run reads (`shards=`):
+/// 256 ran at 0.6 and 1,024 at 0.25 of this one's rate, as the server does
+/// work per consumer for every message its stream stores.
+const JETSTREAM_SHARDS: u32 = 64;
 /// Enough for connections, wasm instances and code paths to be warm.
 const WARMUP_MESSAGES: usize = 1_000;
 /// Publish batch of the plain loops' producers.
@@ -211,12 +216,19 @@ impl Broker {
     }
 
     /// The backend URL of a phase; on Kafka, the phase's fresh broker.
-    fn sluice_url(self, namespace: &str) -> Result<String> {
+    /// An ordered run's URL on JetStream keeps topics in key shards.
+    fn sluice_url(self, namespace: &str, ordered: bool) -> Result<String> {
         Ok(match self {
             Broker::RedisStreams => format!("redis://{}/0?prefix={namespace}:", self.address()),
-            Broker::JetStream => {
-                format!("jetstream://{}?stream_prefix={namespace}", self.address())
-            }
+            Broker::JetStream => format!(
+                "jetstream://{}?stream_prefix={namespace}{}",
+                self.address(),
+                if ordered {
+                    format!("&shards={JETSTREAM_SHARDS}")
+                } else {
+                    String::new()
+                }
+            ),
             #[cfg(feature = "postgres")]
             Broker::Postgres => plain_postgres::sluice_url(namespace),
             #[cfg(feature = "sqlite")]
@@ -353,7 +365,13 @@ async fn measure(
         cleaned?;
     }
     let keyed = namespace(broker, "ordered");
-    let ordered = match sluice::backend::capabilities_of(broker.scheme()) {
+    // Asked of the scheme (a Kafka URL starts a broker), with JetStream's
+    // shards.
+    let ordered_caps = match broker {
+        Broker::JetStream => format!("jetstream://localhost?shards={JETSTREAM_SHARDS}"),
+        _ => broker.scheme().to_string(),
+    };
+    let ordered = match sluice::backend::capabilities_of(&ordered_caps) {
         Some(caps) if caps.key_affinity && broker.ordered_rate_means_something() => {
             let keys = Some(ORDERED_KEYS);
             let rate =
@@ -399,7 +417,7 @@ async fn sluice_rate(
         refuse_foreign_stream().await?;
     }
     println!("{phase} warming up…");
-    let backend = sluice::backend::connect(&broker.sluice_url(namespace)?).await?;
+    let backend = sluice::backend::connect(&broker.sluice_url(namespace, keys.is_some())?).await?;
     let mut run = Pipeline::start(backend, handler.clone(), concurrency, keys).await?;
     run.publish(broker.warmup_messages()).await?;
     run.collect(broker.warmup_messages()).await?;

@@ -18,6 +18,12 @@
 //! message is redelivered, first, when its lease (`AckWait`) ends. Keys
 //! that share a shard wait for each other; unkeyed messages have a
 //! consumer of their own that waits for nothing.
+//!
+//! Choosing N: an ordered group has at most N messages out at once, and
+//! each shard is a consumer the server does some work for on every message
+//! its stream stores. A few dozen suit most streams: in the broker bench an
+//! ordered route ran fastest with 64 (256 shards gave 0.6 of that rate, 1,024
+//! a quarter).
 
 use anyhow::{Result, bail};
 
