@@ -702,7 +702,8 @@ fn backend_parameters_are_checked_without_connecting() {
         ("postgres://h/db?pool=none", "pool"),
         ("postgres://h/db?poool=3", "poool"),
         ("kafka://h:9092?timeout_ms=soon", "timeout_ms"),
-        ("sqs://localhost:4566?wait_s=3", "wait_s"),
+        ("sqs://localhost:4566?wait_s=30", "wait_s"),
+        ("sqs://localhost:4566?wiat_s=3", "wiat_s"),
         ("sns+sqs://localhost:4566?prefix=a&prefix=b", "prefix"),
     ];
     let mut wrong = Vec::new();

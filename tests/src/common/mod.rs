@@ -247,13 +247,20 @@ impl Collector {
         let token = CancellationToken::new();
         let (seen2, token2) = (seen.clone(), token.clone());
         tokio::spawn(async move {
+            // A message the backend delivers to the collector again (it is
+            // at least once) is not a second output: one the route
+            // published twice comes with an attempt of 1 each time.
+            let mut ids = std::collections::HashSet::new();
             while !token2.is_cancelled() {
                 for delivery in subscription
                     .fetch(100, Duration::from_millis(50))
                     .await
                     .unwrap()
                 {
-                    seen2.lock().unwrap().push(delivery.message.clone());
+                    let first = ids.insert(delivery.message.id.clone());
+                    if first || delivery.attempt == 1 {
+                        seen2.lock().unwrap().push(delivery.message.clone());
+                    }
                     subscription.ack(&delivery).await.unwrap();
                 }
             }

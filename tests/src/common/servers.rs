@@ -56,9 +56,12 @@ impl Server {
     /// An `sqs://` or `sns+sqs://` URL on this emulator; `key` picks the
     /// (static) credentials, which also tell backend handles apart as if
     /// in other processes.
+    /// With one-second long polls: moto busy-waits a FIFO long poll while
+    /// one of the queue's message groups is in flight, which slowed every
+    /// other call until leases ran out under live consumers.
     pub fn aws_url(&self, scheme: &str, key: &str, params: &str) -> String {
         format!(
-            "{scheme}://{key}:secret@127.0.0.1:{}?region=us-east-1{params}",
+            "{scheme}://{key}:secret@127.0.0.1:{}?region=us-east-1&wait_s=1{params}",
             self.port
         )
     }

@@ -272,13 +272,19 @@ pub async fn run_suite(target: Arc<dyn Target>, pinned: Capabilities) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1);
-    let runs = (0..rounds).map(|round| {
-        let target = target.clone();
-        tokio::spawn(async move { run_once(target, pinned, round, false).await })
-    });
     let mut all = Vec::new();
-    for run in futures::future::join_all(runs).await {
-        all.push(run.expect("suite task"));
+    if target.rounds_in_parallel() {
+        let runs = (0..rounds).map(|round| {
+            let target = target.clone();
+            tokio::spawn(async move { run_once(target, pinned, round, false).await })
+        });
+        for run in futures::future::join_all(runs).await {
+            all.push(run.expect("suite task"));
+        }
+    } else {
+        for round in 0..rounds {
+            all.push(run_once(target.clone(), pinned, round, false).await);
+        }
     }
     // Then the restart cases, once each, with nothing else running; their
     // verdicts take the first round's place in the table.

@@ -491,8 +491,17 @@ async fn host_ordered_route_keeps_key_order_while_batching(ctx: Ctx) -> Result<(
             .collect();
         ensure!(
             handled == published,
-            "key {key}: outputs of {} inputs out of order or repeated",
-            handled.len()
+            "key {key}: outputs of {} inputs out of order or repeated (their publish \
+             positions: {})",
+            handled.len(),
+            handled
+                .iter()
+                .map(|h| published
+                    .iter()
+                    .position(|p| p == h)
+                    .map_or("?".to_string(), |i| i.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())

@@ -48,6 +48,10 @@ pub struct SqsConfig {
     /// Extend the visibility of deliveries held longer than half the lease
     /// (`heartbeat`, default true).
     pub heartbeat: bool,
+    /// The longest a receive long-polls, in seconds (`wait_s`, 1 to 20,
+    /// default 20). A shorter wait suits an emulator: moto busy-waits a
+    /// FIFO long poll while one of the queue's message groups is in flight.
+    pub wait_s: u8,
     /// The URL with the secret hidden, for messages and logs.
     pub shown: String,
 }
@@ -61,6 +65,7 @@ impl SqsConfig {
         "discover_ms",
         "ack_batch_ms",
         "heartbeat",
+        "wait_s",
         "tls",
         "profile",
     ];
@@ -133,6 +138,7 @@ impl SqsConfig {
                 .take_ms("ack_batch_ms")?
                 .unwrap_or(Duration::from_millis(10)),
             heartbeat: url.take_bool("heartbeat")?.unwrap_or(true),
+            wait_s: url.take_in("wait_s", 1..=20)?.unwrap_or(20),
             shown: url.redacted.clone(),
         };
         let tls = url.take_bool("tls")?;
@@ -210,6 +216,14 @@ mod tests {
         assert!(err("sqs://h:1?region=eu&region=us").contains("given twice"));
         assert!(err("sqs://?region=eu").contains("names no endpoint"));
         assert!(err("sqs://aws?tls=false").contains("tls=false"));
+        assert!(err("sqs://h:1?wait_s=21").contains("wait_s"));
+        assert_eq!(
+            SqsConfig::parse("sqs://h:1?wait_s=1", "sqs")
+                .unwrap()
+                .wait_s,
+            1
+        );
+        assert_eq!(SqsConfig::parse("sqs://h:1", "sqs").unwrap().wait_s, 20);
         let leaked = err("sqs://KEY:abc/s3kr1t@h:1");
         assert!(
             !leaked.contains("s3kr1t") && !leaked.contains("abc"),

@@ -20,7 +20,10 @@
 //! `retention_s` (default 14 days, SQS's most); `discover_ms` (`sqs://`
 //! only: how long a publisher trusts its list of a topic's groups, default
 //! 2000); `ack_batch_ms` (how long acks wait to be deleted together,
-//! default 10); `heartbeat` (extend held deliveries, default true); `tls`;
+//! default 10); `heartbeat` (extend held deliveries, default true);
+//! `wait_s` (the longest a receive long-polls, 1 to 20 seconds, default
+//! 20; the tests run moto with 1, as it busy-waits a FIFO long poll while a
+//! message group is in flight); `tls`;
 //! `profile` (the shared files' profile the chain reads, instead of
 //! `AWS_PROFILE`). The chain is asked for credentials when the backend
 //! connects, so having none is one error naming the URL and the reason.

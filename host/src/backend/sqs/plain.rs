@@ -236,6 +236,7 @@ impl Backend for SqsBackend {
                 lease: options.lease,
                 ack_batch: self.config.ack_batch,
                 heartbeat: self.config.heartbeat,
+                wait_s: self.config.wait_s,
                 ordered: options.ordered,
                 teardown,
                 restore,

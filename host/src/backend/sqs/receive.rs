@@ -14,8 +14,6 @@ use super::names::queue_name_of;
 use super::send::MAX_BATCH;
 use super::subscription::{Held, Inner, State};
 
-/// SQS's longest long poll.
-const MAX_WAIT_SECONDS: u64 = 20;
 /// Receives under way at once on a busy queue.
 const MAX_PARALLEL: usize = 4;
 /// How long a queue rests after a failed receive.
@@ -26,7 +24,8 @@ const REST_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// `wait` (in whole seconds, at least one).
 pub fn start(inner: &Arc<Inner>, state: &mut State, max: usize, wait: Duration) {
     let now = Instant::now();
-    let wait_seconds = (wait.as_millis().div_ceil(1000) as u64).clamp(1, MAX_WAIT_SECONDS) as i32;
+    let wait_seconds =
+        (wait.as_millis().div_ceil(1000) as u64).clamp(1, inner.wait_s.into()) as i32;
     let per_receive = max.min(MAX_BATCH) as i32;
     for queue in 0..inner.queues.len() {
         if state.rest_until[queue].is_some_and(|until| now < until) {

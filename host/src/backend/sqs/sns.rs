@@ -403,6 +403,7 @@ impl Backend for SnsSqsBackend {
                 lease: options.lease,
                 ack_batch: self.config.ack_batch,
                 heartbeat: self.config.heartbeat,
+                wait_s: self.config.wait_s,
                 // Standard queues: no order to keep.
                 ordered: false,
                 teardown,

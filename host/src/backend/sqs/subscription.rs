@@ -80,6 +80,8 @@ pub struct SubscriptionSpec {
     pub lease: Duration,
     pub ack_batch: Duration,
     pub heartbeat: bool,
+    /// The longest a receive long-polls, in seconds.
+    pub wait_s: u8,
     /// Hands out one message of a key at a time (on a FIFO queue).
     pub ordered: bool,
     pub teardown: Option<Teardown>,
@@ -104,6 +106,8 @@ pub(super) struct Inner {
     pub arrived: Notify,
     pub closed: AtomicBool,
     pub ordered: bool,
+    /// The longest a receive long-polls, in seconds.
+    pub wait_s: u8,
     pub last_call: Mutex<Instant>,
     acks: Arc<AckBatcher>,
     teardown: Mutex<Option<Teardown>>,
@@ -170,6 +174,7 @@ impl SqsSubscription {
             arrived: Notify::new(),
             closed: AtomicBool::new(false),
             ordered: spec.ordered,
+            wait_s: spec.wait_s,
             last_call: Mutex::new(Instant::now()),
             acks,
             teardown: Mutex::new(spec.teardown),
@@ -217,21 +222,27 @@ impl Inner {
     /// Up to `max` received deliveries, leaving out any whose lease ran out
     /// while it waited (it is visible again, maybe already delivered to
     /// another member: handing it out would only make a duplicate), and
-    /// holding back, in order, any whose key has a delivery out.
+    /// holding back, in order, any whose key has a delivery out. A key
+    /// whose oldest waiting message is left out loses its later ones here
+    /// too: SQS hands that message out again only once they are no longer
+    /// in flight, and handing them out first would reorder the key.
     fn take_ready(&self, state: &mut State, max: usize) -> Vec<Delivery> {
         let now = Instant::now();
         let mut out = Vec::new();
         let mut held_back = Vec::new();
+        let mut left_out: HashSet<String> = HashSet::new();
         while out.len() < max {
             let Some((token, received)) = state.ready.pop_front() else {
                 break;
             };
-            let Some(held) = state
-                .held
-                .get(&token)
-                .filter(|held| now + STALE_MARGIN < held.extended + self.lease.duration)
-            else {
-                state.held.remove(&token);
+            let fresh = state.held.get(&token).filter(|held| {
+                now + STALE_MARGIN < held.extended + self.lease.duration
+                    && !held.key.as_ref().is_some_and(|key| left_out.contains(key))
+            });
+            let Some(held) = fresh else {
+                if let Some(key) = state.held.remove(&token).and_then(|held| held.key) {
+                    left_out.insert(key);
+                }
                 continue;
             };
             if let Some(key) = &held.key

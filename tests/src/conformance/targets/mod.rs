@@ -32,6 +32,13 @@ pub trait Target: Send + Sync + 'static {
         1.0
     }
 
+    /// Whether stress rounds may run at the same time: not on an emulator
+    /// that slows down so far under them that leases run out under live
+    /// consumers (a redelivery the test cannot tell from a route's own).
+    fn rounds_in_parallel(&self) -> bool {
+        true
+    }
+
     /// Whether the backend reports a group's backlog. Pinned here rather
     /// than read from its capabilities, so a backend that stops reporting
     /// it (and says so) fails instead of skipping the check.
