@@ -31,7 +31,12 @@ pub fn start(inner: &Arc<Inner>, state: &mut State, max: usize, wait: Duration) 
         if state.rest_until[queue].is_some_and(|until| now < until) {
             continue;
         }
-        let wanted = if state.busy[queue] {
+        // One at a time on an ordered group's FIFO queue, so a key's
+        // messages arrive in the order SQS hands them out even where
+        // concurrent receives are not kept off each other's message groups
+        // (moto's are not: two took later messages of a key while earlier
+        // ones were on their way).
+        let wanted = if state.busy[queue] && !inner.ordered {
             max.div_ceil(MAX_BATCH).clamp(1, MAX_PARALLEL)
         } else {
             1
