@@ -106,6 +106,24 @@ async fn ordered_member(backend: &RedisStreamsBackend, topic: &str) -> Box<dyn S
     backend.subscribe(ordered).await.unwrap()
 }
 
+/// An ordered member of `jobs` that read two messages of one key at once:
+/// the first, handed out, holds the key; the second waits for it.
+async fn first_holds_the_key_second_waits(
+    backend: &RedisStreamsBackend,
+) -> (Box<dyn Subscription>, Delivery) {
+    let sub = ordered_member(backend, "jobs").await;
+    let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
+    backend
+        .publish(vec![keyed("first"), keyed("second")])
+        .await
+        .unwrap();
+    let mut read = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    let payloads: Vec<&[u8]> = read.iter().map(|d| &d.message.payload[..]).collect();
+    assert_eq!(payloads, [b"first"], "the second waits for the first");
+    let first = read.pop().unwrap();
+    (sub, first)
+}
+
 async fn next(sub: &dyn Subscription, within: Duration) -> Delivery {
     let give_up = tokio::time::Instant::now() + within;
     loop {
@@ -455,16 +473,7 @@ async fn a_key_held_by_a_trimmed_entry_goes_on_to_its_next_message() {
     let backend = RedisStreamsBackend::connect(&ns.url("redis", "&claim_idle_ms=100"))
         .await
         .unwrap();
-    let sub = ordered_member(&backend, "jobs").await;
-    let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
-    backend
-        .publish(vec![keyed("first"), keyed("second")])
-        .await
-        .unwrap();
-    // One read takes both: the first holds the key, the second waits.
-    let read = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
-    let payloads: Vec<&[u8]> = read.iter().map(|d| &d.message.payload[..]).collect();
-    assert_eq!(payloads, [b"first"]);
+    let (sub, _first) = first_holds_the_key_second_waits(&backend).await;
 
     let _: u64 = redis::cmd("XTRIM")
         .arg(format!("{}jobs", ns.prefix))
@@ -489,17 +498,10 @@ async fn a_message_waiting_for_its_key_counts_in_the_backlog() {
     let backend = RedisStreamsBackend::connect(&ns.url("redis", ""))
         .await
         .unwrap();
-    let sub = ordered_member(&backend, "jobs").await;
-    let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
-    backend
-        .publish(vec![keyed("first"), keyed("second")])
-        .await
-        .unwrap();
-    let read = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(read.len(), 1, "the second waits for the first");
+    let (sub, first) = first_holds_the_key_second_waits(&backend).await;
     let group = options("jobs", "g", 30_000).group_key();
     assert_eq!(backend.backlog(&group).await.unwrap(), Some(1));
-    sub.ack(&read[0]).await.unwrap();
+    sub.ack(&first).await.unwrap();
     sub.close().await.unwrap();
 }
 
