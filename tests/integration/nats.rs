@@ -555,7 +555,8 @@ fn the_same_plugin_and_config_run_on_jetstream_by_environment() {
 }
 
 /// The probe of `check --connect` reaches both NATS backends and says
-/// whether JetStream's named stream exists, without making it.
+/// whether JetStream's named stream exists, without making it, and refuses
+/// one whose key shards are not what the URL says.
 #[tokio::test]
 async fn probes_reach_the_server_and_make_no_stream() -> Result<()> {
     if !server_up("probes_reach_the_server_and_make_no_stream") {
@@ -588,6 +589,14 @@ async fn probes_reach_the_server_and_make_no_stream() -> Result<()> {
     ensure!(
         found.contains(&format!("stream `T{token}` exists")),
         "{found}"
+    );
+    let err = backend::probe(&format!("{named}&shards=8"))
+        .await
+        .err()
+        .context("a stream without shards passed for one with 8")?;
+    ensure!(
+        format!("{err:#}").contains("with no shards, and the URL says shards=8"),
+        "{err:#}"
     );
     js.delete_stream(format!("T{token}")).await?;
     let err = backend::probe("nats://127.0.0.1:1")

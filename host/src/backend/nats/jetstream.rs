@@ -56,7 +56,7 @@ use super::provision::Provision;
 use super::pull::JsSubscription;
 use super::settings::{SCHEME, Settings};
 use super::window::{self, Outgoing, WINDOW};
-use super::{ServerUrl, split_url};
+use super::{ServerUrl, shards, split_url};
 use crate::backend::{Backend, Capabilities, SubscribeOptions, Subscription, pattern};
 use crate::message::Message;
 
@@ -82,7 +82,8 @@ async fn check_available(client: &Client, server: &ServerUrl) -> Result<()> {
 }
 
 /// Connects, checks that JetStream answers and, for a URL that names one
-/// stream for every topic, whether it exists; changes nothing.
+/// stream for every topic, whether it exists and keeps the shards the URL
+/// says; changes nothing.
 pub async fn probe(url: &str) -> Result<String> {
     use async_nats::jetstream::ErrorCode;
     use async_nats::jetstream::context::GetStreamErrorKind;
@@ -94,7 +95,11 @@ pub async fn probe(url: &str) -> Result<String> {
         return Ok(found);
     };
     match jetstream::new(client).get_stream(name).await {
-        Ok(_) => Ok(format!("{found}, stream `{name}` exists")),
+        Ok(stream) => {
+            let description = stream.cached_info().config.description.as_deref();
+            shards::check_stream(name, description, settings.shards)?;
+            Ok(format!("{found}, stream `{name}` exists"))
+        }
         Err(e)
             if matches!(e.kind(), GetStreamErrorKind::JetStream(ref js)
                 if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
