@@ -519,16 +519,19 @@ impl OrderedOutputs {
         }
     }
 
-    /// Everything read so far, after reading what came since.
+    /// Everything read so far, after reading what came since, for at most
+    /// a couple of seconds: a group that hands messages out again and again
+    /// keeps outputs coming, and the caller must still get to its limit.
     async fn read(&mut self) -> &[(String, String)] {
-        loop {
+        let enough = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < enough {
             let batch = self
                 .sub
                 .fetch(1000, Duration::from_millis(500))
                 .await
                 .unwrap();
             if batch.is_empty() {
-                return &self.read;
+                break;
             }
             for d in batch {
                 let input = d.message.header(headers::CAUSATION_ID).unwrap().to_string();
@@ -537,6 +540,7 @@ impl OrderedOutputs {
                 self.sub.ack(&d).await.unwrap();
             }
         }
+        &self.read
     }
 }
 

@@ -173,8 +173,8 @@ impl KafkaBackend {
             let config = config.clone();
             tokio::task::spawn_blocking(move || probe_metadata(&config)).await?
         };
-        if let Err(cause) = probed {
-            bail!("no Kafka broker answered at `{}`: {cause}", config.shown);
+        if let Err(unreachable) = probed {
+            bail!(unreachable.explain(&config));
         }
         Ok(KafkaBackend {
             config,
@@ -481,22 +481,49 @@ impl Backend for KafkaBackend {
 pub async fn probe(url: &str) -> Result<String> {
     let config = KafkaConfig::parse(url)?;
     config.check_files()?;
-    let shown = config.shown.clone();
-    tokio::task::spawn_blocking(move || probe_metadata(&config))
-        .await?
-        .map_err(|cause| anyhow::anyhow!("no Kafka broker answered at `{shown}`: {cause}"))
+    let probed = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || probe_metadata(&config)).await?
+    };
+    probed.map_err(|unreachable| anyhow::anyhow!(unreachable.explain(&config)))
+}
+
+/// Why the cluster's metadata could not be had.
+enum Unreachable {
+    /// A broker answered and turned this client away (a refused login or
+    /// TLS handshake): trying again cannot help, so the wait ends at once.
+    Refused(String),
+    /// No broker answered within `timeout_ms`; the last error librdkafka
+    /// reported, if any.
+    NoAnswer(String),
+}
+
+impl Unreachable {
+    fn explain(&self, config: &KafkaConfig) -> String {
+        match self {
+            Unreachable::Refused(reason) => format!(
+                "the Kafka broker at `{}` refused this client: {reason}",
+                config.shown
+            ),
+            Unreachable::NoAnswer(reason) => format!(
+                "no Kafka broker answered at `{}` within {} ms: {reason}",
+                config.shown,
+                config.timeout.as_millis()
+            ),
+        }
+    }
 }
 
 /// Asks for the cluster's metadata for at most `timeout_ms`, with a client
 /// of its own whose context keeps librdkafka's errors, in short tries so
 /// that a failed TLS handshake or login ends the wait at once; the error
 /// is the broker's reason when librdkafka reported one.
-fn probe_metadata(config: &KafkaConfig) -> std::result::Result<String, String> {
+fn probe_metadata(config: &KafkaConfig) -> std::result::Result<String, Unreachable> {
     let mut settings = client_config(config);
     apply_properties(&mut settings, config);
     let probe: rdkafka::producer::BaseProducer<ProbeContext> = settings
         .create_with_context(ProbeContext::default())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Unreachable::NoAnswer(e.to_string()))?;
     let probe = Detached::new(probe);
     let give_up = std::time::Instant::now() + config.timeout;
     loop {
@@ -520,10 +547,12 @@ fn probe_metadata(config: &KafkaConfig) -> std::result::Result<String, String> {
         probe.get().poll(Duration::from_millis(100));
         let context = probe.get().context();
         if let Some(reason) = context.refusal() {
-            return Err(reason);
+            return Err(Unreachable::Refused(reason));
         }
         if std::time::Instant::now() >= give_up {
-            return Err(context.last_error().unwrap_or_else(|| error.to_string()));
+            return Err(Unreachable::NoAnswer(
+                context.last_error().unwrap_or_else(|| error.to_string()),
+            ));
         }
     }
 }
