@@ -268,7 +268,7 @@ impl Broker {
             }
             #[cfg(feature = "postgres")]
             Broker::Postgres => {
-                "input consumed and outputs written in one transaction, synchronous_commit=off, plain TCP (no TLS), on both sides"
+                "every payload to the client and back; input consumed and outputs written in one transaction, synchronous_commit=off, plain TCP (no TLS), on both sides"
             }
             #[cfg(feature = "sqlite")]
             Broker::Sqlite => {

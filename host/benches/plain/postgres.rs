@@ -1,16 +1,17 @@
 //! The plain PostgreSQL loop of the broker benchmark: a job table per
 //! topic, worked the way a hand-written SKIP LOCKED queue is. The worker
 //! takes a batch (`DELETE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED)
-//! RETURNING`), writes each payload to the output table and commits, so
+//! RETURNING payload`) into the client, where its handler would run, writes
+//! each payload back to the output table in one statement and commits, so
 //! inputs are consumed and outputs published in one transaction — the same
-//! exactly-once guarantee Sluice gives a route within one database. A
-//! second loop takes and counts the outputs. Both sides commit with
-//! `synchronous_commit = off`, as Sluice's settlements do, and connect
-//! over plain TCP: the server offers TLS, which sqlx would take, and
-//! over TLS sqlx sends a large statement slowly (a settlement of a few
-//! hundred 1 KiB outputs took about 40 ms to send). That cost falls on Sluice
-//! alone, since the plain loop moves payloads inside the server and sends
-//! none, so the ratio would measure the driver's TLS and not the host.
+//! exactly-once guarantee Sluice gives a route within one database, and the
+//! same round trip of every payload to the client and back as the plain
+//! SQLite loop. A second loop takes and counts the outputs. Both sides
+//! commit with `synchronous_commit = off`, as Sluice's settlements do, and
+//! connect over plain TCP: the server offers TLS, which sqlx would take,
+//! and over TLS sqlx sends a large statement slowly (a settlement of a few
+//! hundred 1 KiB outputs took about 40 ms to send), a cost of the driver
+//! rather than of either loop.
 
 use anyhow::Result;
 use sqlx::PgPool;
@@ -71,20 +72,28 @@ impl PlainPostgres {
             let mut done = 0;
             while done < count {
                 let mut tx = self.pool.begin().await?;
-                let moved = sqlx::query(
-                    "WITH taken AS ( \
-                         DELETE FROM plain_in WHERE seq IN ( \
-                             SELECT seq FROM plain_in ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
-                         RETURNING seq, payload) \
-                     INSERT INTO plain_out (payload) SELECT payload FROM taken ORDER BY seq",
+                let taken: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                    "DELETE FROM plain_in WHERE seq IN ( \
+                         SELECT seq FROM plain_in ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                     RETURNING seq, payload",
                 )
                 .bind(BATCH)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut taken = taken;
+                taken.sort_unstable_by_key(|(seq, _)| *seq);
+                let outputs: Vec<Vec<u8>> = taken.into_iter().map(|(_, payload)| payload).collect();
+                if !outputs.is_empty() {
+                    sqlx::query(
+                        "INSERT INTO plain_out (payload) SELECT * FROM UNNEST($1::bytea[])",
+                    )
+                    .bind(&outputs)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 tx.commit().await?;
-                done += moved as usize;
-                super::idle_if_empty(moved as usize).await;
+                done += outputs.len();
+                super::idle_if_empty(outputs.len()).await;
             }
             anyhow::Ok(())
         };
