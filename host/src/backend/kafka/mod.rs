@@ -496,6 +496,8 @@ enum Unreachable {
     /// No broker answered within `timeout_ms`; the last error librdkafka
     /// reported, if any.
     NoAnswer(String),
+    /// librdkafka would not make a client of these settings.
+    Unusable(String),
 }
 
 impl Unreachable {
@@ -510,6 +512,10 @@ impl Unreachable {
                 config.shown,
                 config.timeout.as_millis()
             ),
+            Unreachable::Unusable(reason) => format!(
+                "cannot make a Kafka client for `{}`: {reason}",
+                config.shown
+            ),
         }
     }
 }
@@ -523,7 +529,7 @@ fn probe_metadata(config: &KafkaConfig) -> std::result::Result<String, Unreachab
     apply_properties(&mut settings, config);
     let probe: rdkafka::producer::BaseProducer<ProbeContext> = settings
         .create_with_context(ProbeContext::default())
-        .map_err(|e| Unreachable::NoAnswer(e.to_string()))?;
+        .map_err(|e| Unreachable::Unusable(e.to_string()))?;
     let probe = Detached::new(probe);
     let give_up = std::time::Instant::now() + config.timeout;
     loop {
