@@ -509,10 +509,14 @@ async fn bridge_from_nats_core_to_sqs_loses_only_what_nats_core_cannot_keep() {
     host.kill();
     nats.restart().await.unwrap();
 
-    let host = Host::start_with(&config, &["--exit-when-idle", "8"]);
+    // The host's idle clock starts when it subscribes, and NATS core
+    // drops what is published once it has gone: the publisher connects
+    // first, and the host waits long enough for a loaded machine.
+    let publisher = nats.open().await.unwrap();
+    let host = Host::start_with(&config, &["--exit-when-idle", "20"]);
     host.wait_subscribed(1);
     let (second, second_sent) = orders(&ns, 300);
-    publish(&nats.open().await.unwrap(), &second).await;
+    publish(&publisher, &second).await;
     host.wait(Duration::from_secs(600));
 
     let got = arrived(counting).await;
