@@ -285,11 +285,12 @@ async fn watch(backend: &Arc<dyn Backend>, pattern: &str, group: &str) -> Box<dy
 }
 
 /// Each forwarded message's id, with the topics it arrived under (one per
-/// arrival), once nothing more has come for three seconds.
+/// arrival), once nothing more has come for ten seconds (an emulator on a
+/// loaded machine can answer a few receives in a row with nothing).
 async fn arrived(watching: Box<dyn Subscription>) -> HashMap<String, Vec<String>> {
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
     let mut quiet_since = tokio::time::Instant::now();
-    while quiet_since.elapsed() < Duration::from_secs(3) {
+    while quiet_since.elapsed() < Duration::from_secs(10) {
         let batch = watching
             .fetch(1000, Duration::from_millis(200))
             .await
