@@ -682,3 +682,21 @@ impl<T: Send + 'static> Drop for Detached<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A setting librdkafka refuses is named as such, not taken for a
+    /// broker that did not answer.
+    #[test]
+    fn settings_librdkafka_refuses_are_not_an_unanswered_broker() {
+        let config = KafkaConfig::parse("kafka://127.0.0.1:1?rdkafka.no.such.property=1").unwrap();
+        let Err(unreachable) = probe_metadata(&config) else {
+            panic!("a client was made of an unknown property");
+        };
+        let said = unreachable.explain(&config);
+        assert!(said.starts_with("cannot make a Kafka client for"), "{said}");
+        assert!(said.contains("no.such.property"), "{said}");
+    }
+}
