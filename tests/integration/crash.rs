@@ -446,7 +446,9 @@ async fn three_processes_keep_each_keys_order_of(keys: usize, ns: &str, url: &st
     std::thread::sleep(Duration::from_secs(1));
     let hosts = kill_first(hosts);
 
-    let give_up = Instant::now() + Duration::from_secs(180);
+    // A bound on liveness, not a timing: the run takes 20-70 s here, longer
+    // beside the rest of the suite on two cores.
+    let give_up = Instant::now() + Duration::from_secs(300);
     let outputs = loop {
         std::thread::sleep(Duration::from_secs(1));
         let outputs = outputs.read().await;

@@ -217,23 +217,25 @@ fn restore_topics(deliveries: &mut [Delivery]) {
 /// more than they can start within a lease.
 #[derive(Default)]
 pub(super) struct Pace {
-    /// Deliveries handed to the lanes and not yet taken by a worker.
+    /// Deliveries handed to the lanes and not yet started by a worker.
     queued: AtomicUsize,
-    /// Handler time per message, in nanoseconds (a moving average; 0 until
+    /// A worker's time per message, in nanoseconds: its handler calls and,
+    /// on an ordered route, its retries in place (a moving average; 0 until
     /// the first call).
     per_message_nanos: AtomicU64,
-    /// Woken when a worker takes a chunk.
+    /// Woken when a worker starts deliveries.
     taken: Notify,
 }
 
 impl Pace {
-    /// A worker took `count` deliveries from its lane.
+    /// A worker started `count` more deliveries of what it took from its
+    /// lane.
     pub(super) fn took(&self, count: usize) {
         self.queued.fetch_sub(count, Ordering::Relaxed);
         self.taken.notify_one();
     }
 
-    /// A handler call took `elapsed` for `count` messages.
+    /// A worker spent `elapsed` on `count` messages.
     pub(super) fn handled(&self, count: usize, elapsed: Duration) {
         let sample = (elapsed.as_nanos() / count.max(1) as u128).min(u64::MAX as u128) as u64;
         let old = self.per_message_nanos.load(Ordering::Relaxed);

@@ -77,13 +77,14 @@ impl Context {
     ) {
         let batch_size = self.spec.batch_size.max(1);
         while let Ok(chunk) = lane.recv().await {
-            self.pace.took(chunk.len());
             let mut finished = Vec::with_capacity(chunk.len());
             let mut handed_in = Instant::now();
             let mut chunk = chunk.into_iter().peekable();
             while chunk.peek().is_some() {
                 let mut batch = Vec::with_capacity(batch_size.min(chunk.len()));
+                let mut taken = 0;
                 for delivery in chunk.by_ref() {
+                    taken += 1;
                     let mut traced = Traced::new(self, &delivery, worker);
                     match self.unfit(&delivery.message) {
                         Some((cause, reason)) => {
@@ -110,10 +111,13 @@ impl Context {
                         break;
                     }
                 }
+                // Taken as each starts, not as the chunk leaves the lane: the
+                // rest of a chunk in hand waits as long as one in the lane.
+                self.pace.took(taken);
                 if batch.is_empty() {
                     continue;
                 }
-                let results = {
+                let (started, results) = {
                     let inputs: Vec<(&Message, u32)> = batch
                         .iter()
                         .map(|(delivery, _)| (&delivery.message, delivery.attempt))
@@ -140,11 +144,10 @@ impl Context {
                         _ => worker.handle_batch(&inputs).instrument(first).await,
                     };
                     drop(handling);
-                    let elapsed = started.elapsed();
-                    self.stats.handler_latency.observe(elapsed);
-                    self.pace.handled(inputs.len(), elapsed);
-                    results
+                    self.stats.handler_latency.observe(started.elapsed());
+                    (started, results)
                 };
+                let count = batch.len();
                 for ((delivery, traced), result) in batch.into_iter().zip(results) {
                     let (verdict, span) = self.verdict(worker, &delivery, traced, result).await;
                     finished.push(Finished {
@@ -153,6 +156,9 @@ impl Context {
                         span,
                     });
                 }
+                // The pace counts an ordered route's retries in place too,
+                // since the lane waits through them.
+                self.pace.handled(count, started.elapsed());
                 // A slow handler's results must not wait for the rest of
                 // the chunk: what a long call finished goes in at once.
                 if handed_in.elapsed() >= HAND_IN_AFTER {
