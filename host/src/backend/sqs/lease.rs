@@ -74,9 +74,10 @@ pub async fn keep_alive(inner: Weak<Inner>) {
         }
         let now = Instant::now();
         let mut due: Vec<Vec<(String, i32)>> = vec![Vec::new(); inner.queues.len()];
+        let mut tokens: Vec<Vec<u64>> = vec![Vec::new(); inner.queues.len()];
         {
-            let mut state = inner.state.lock().unwrap();
-            for held in state.held.values_mut() {
+            let state = inner.state.lock().unwrap();
+            for (token, held) in &state.held {
                 if now.duration_since(held.extended) < lease.duration / 2 {
                     continue;
                 }
@@ -84,16 +85,33 @@ pub async fn keep_alive(inner: Weak<Inner>) {
                 if seconds == 0 {
                     continue;
                 }
-                held.extended = now;
                 due[held.queue].push((held.receipt.clone(), seconds));
+                tokens[held.queue].push(*token);
             }
         }
         for (queue, entries) in due.iter().enumerate() {
             if entries.is_empty() {
                 continue;
             }
-            if let Err(e) = change_visibility(&inner.sqs, &inner.queues[queue].url, entries).await {
-                tracing::debug!(group = %inner.group, "lease extension: {e:#}");
+            // Counted from when it was asked for, and only where SQS took
+            // it: a delivery whose extension failed keeps its old lease, so
+            // it is not handed out after SQS made it visible again.
+            let refused =
+                match change_visibility(&inner.sqs, &inner.queues[queue].url, entries).await {
+                    Ok(refused) => refused,
+                    Err(e) => {
+                        tracing::debug!(group = %inner.group, "lease extension: {e:#}");
+                        continue;
+                    }
+                };
+            let mut state = inner.state.lock().unwrap();
+            for (i, token) in tokens[queue].iter().enumerate() {
+                if refused.contains(&i) {
+                    continue;
+                }
+                if let Some(held) = state.held.get_mut(token) {
+                    held.extended = now;
+                }
             }
         }
     }

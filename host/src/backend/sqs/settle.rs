@@ -165,16 +165,17 @@ async fn delete_batch(sqs: &Client, url: &str, receipts: &[String]) -> Result<()
 }
 
 /// Sets the visibility timeout of received messages of the queue at
-/// `url`: `(receipt handle, seconds)` pairs. Returns how many SQS refused
-/// (their receipt is stale: the message was deleted, or its visibility had
-/// already run out and it went to another consumer).
+/// `url`: `(receipt handle, seconds)` pairs. Returns the positions in
+/// `entries` of those SQS refused (their receipt is stale: the message was
+/// deleted, or its visibility had already run out and it went to another
+/// consumer).
 pub async fn change_visibility(
     sqs: &Client,
     url: &str,
     entries: &[(String, i32)],
-) -> Result<usize> {
-    let mut refused = 0;
-    for chunk in entries.chunks(MAX_BATCH) {
+) -> Result<Vec<usize>> {
+    let mut refused = Vec::new();
+    for (n, chunk) in entries.chunks(MAX_BATCH).enumerate() {
         let request = chunk
             .iter()
             .enumerate()
@@ -207,7 +208,12 @@ pub async fn change_visibility(
                 failed.message().unwrap_or("")
             );
         }
-        refused += out.failed().len();
+        refused.extend(
+            out.failed()
+                .iter()
+                .filter_map(|failed| failed.id().parse::<usize>().ok())
+                .map(|i| n * MAX_BATCH + i),
+        );
     }
     Ok(refused)
 }
