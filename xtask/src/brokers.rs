@@ -1,11 +1,17 @@
 //! What the tests need for the backends whose servers do not run on the
 //! machine already, installed only when missing: an SQS/SNS emulator (moto)
-//! and a Kafka-protocol broker (tansu), from which the tests start private
-//! servers of their own, and what librdkafka's build needs (cmake,
-//! libcurl's headers, which it includes even with curl off, and OpenSSL's).
+//! and two Kafka-protocol brokers (tansu, and nisshi, its later releases
+//! under a new name), from which the tests start private servers of their
+//! own, and what librdkafka's build needs (cmake, libcurl's headers, which
+//! it includes even with curl off, and OpenSSL's).
+//!
+//! The brokers are long builds, so they are built in the background while
+//! the host builds: on two cores that takes far less than one after the
+//! other, since neither build keeps both cores busy throughout.
 
 use std::path::Path;
 use std::process::Command;
+use std::thread::JoinHandle;
 
 use anyhow::Result;
 
@@ -26,22 +32,63 @@ const TANSU: [&str; 6] = [
     "dynostore",
 ];
 
-/// Installs whatever the tests need and is missing.
-pub fn ensure() -> Result<()> {
+/// The broker for the one Kafka test tansu 0.6.0 fails for a fault of its
+/// own (a member whose session lapsed leaves its partitions to no one),
+/// fixed in 0.7.0-pre.1. Its 0.7.0 and later releases need a newer Rust
+/// than Sluice does.
+const NISSHI: [&str; 7] = [
+    "nisshi",
+    "--version",
+    "0.7.0-pre.2",
+    "--locked",
+    "--no-default-features",
+    "--features",
+    "dynostore",
+];
+
+/// Brokers being installed in the background.
+#[must_use = "wait for the brokers before the tests start them"]
+pub struct Installing(Vec<JoinHandle<Result<()>>>);
+
+impl Installing {
+    /// Waits for every install; the first that failed is the error.
+    pub fn wait(self) -> Result<()> {
+        let mut first_failure = None;
+        for install in self.0 {
+            let result = install
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a broker's install panicked")));
+            if let Err(error) = result {
+                first_failure.get_or_insert(error);
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Installs whatever the tests need and is missing: what builds take and
+/// the emulator now, the brokers in the background (wait for them with
+/// [`Installing::wait`]).
+pub fn ensure() -> Result<Installing> {
     build_deps()?;
     if !on_path("moto_server") {
         println!("==> installing the moto SQS/SNS emulator…");
         run(Command::new("python3").args(["-m", "pip", "install", "--quiet", MOTO_REQUIREMENT]))?;
     }
-    if std::env::var_os("SLUICE_TANSU").is_none() && !on_path("tansu") {
-        println!("==> installing the tansu Kafka-protocol broker (a long build, once)…");
-        run(
-            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .arg("install")
-                .args(TANSU),
-        )?;
+    let mut installs = Vec::new();
+    for (crate_args, variable) in [(&TANSU[..], "SLUICE_TANSU"), (&NISSHI[..], "SLUICE_NISSHI")] {
+        let program = crate_args[0];
+        if std::env::var_os(variable).is_some() || on_path(program) {
+            continue;
+        }
+        println!(
+            "==> installing the {program} Kafka-protocol broker in the background (a long build, once)…"
+        );
+        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        command.arg("install").args(crate_args);
+        installs.push(std::thread::spawn(move || run(&mut command)));
     }
-    Ok(())
+    Ok(Installing(installs))
 }
 
 /// Installs what building every backend needs and is missing: librdkafka

@@ -87,7 +87,12 @@ fn python_wasi_messaging() -> Result<()> {
 /// tests, which run natively.
 pub fn test(extra: &[String]) -> Result<()> {
     plugins()?;
-    crate::brokers::ensure()?;
+    let brokers = crate::brokers::ensure()?;
+    if extra.is_empty() {
+        println!("==> building the host workspace's tests, every backend…");
+        run(cargo().args(["test", "--workspace", "--no-run", "--features", EVERYTHING]))?;
+    }
+    brokers.wait()?;
     println!("==> testing the host workspace, every backend…");
     let mut host = cargo();
     // Every test binary runs even after one fails, so a run shows all that
@@ -145,7 +150,7 @@ pub fn bench() -> Result<()> {
         ])
         .env("SLUICE_TOOLCHAINS", crate::toolchains::dir()))?;
     println!("==> benchmarking the brokers (release build)…");
-    crate::brokers::ensure()?;
+    crate::brokers::ensure()?.wait()?;
     run(cargo().args([
         "bench",
         "-p",
