@@ -400,16 +400,23 @@ async fn sqlite_three_processes_share_a_group_and_take_over() {
 /// since a key's next message is handed to no one while its previous one
 /// is unsettled, in whichever process.
 async fn three_processes_keep_each_keys_order(ns: &str, url: &str, dir: &Path) {
-    three_processes_keep_each_keys_order_of(1_000, ns, url, dir).await
+    three_processes_keep_each_keys_order_of(1_000, 2_000, ns, url, dir).await
 }
 
-/// [`three_processes_keep_each_keys_order`] with `keys` keys.
-async fn three_processes_keep_each_keys_order_of(keys: usize, ns: &str, url: &str, dir: &Path) {
+/// [`three_processes_keep_each_keys_order`] with `keys` keys and leases of
+/// `lease_ms`.
+async fn three_processes_keep_each_keys_order_of(
+    keys: usize,
+    lease_ms: u64,
+    ns: &str,
+    url: &str,
+    dir: &Path,
+) {
     let total = 3 * keys;
     // Twelve workers take about ten seconds in all, so the kill (after
     // one) is mid-run.
     let job_ms = 10_000 * 12 / total;
-    let config = config(ns, dir, url, 1_000, 2_000, 4);
+    let config = config(ns, dir, url, 1_000, lease_ms, 4);
     let mut route = std::fs::read_to_string(&config).unwrap();
     route.push_str("ordered = true\n");
     std::fs::write(&config, route).unwrap();
@@ -741,9 +748,15 @@ async fn sqs_fifo_three_processes_keep_each_keys_order() {
     let dir = tempfile::tempdir().unwrap();
     let moto = common::servers::Server::moto();
     // 100 keys, not 1,000: the emulator's FIFO queues take time that grows
-    // with the square of what they hold (1,500 sends took 98 s).
+    // with the square of what they hold (1,500 sends took 98 s). Leases of
+    // 5 s, not 2: with the machine's cores busy the emulator took up to
+    // 1.75 s to extend a lease, so with 2 s leases (extended once half is
+    // gone) live hosts lost them and messages went round the group again
+    // and again (one was received 12 times), enough to use up a message's
+    // attempts: a run ended with 2 of 300 unhandled. With 5 s none was
+    // received more than twice.
     let url = moto.aws_url("sqs", "a", "");
-    three_processes_keep_each_keys_order_of(100, "order", &url, dir.path()).await;
+    three_processes_keep_each_keys_order_of(100, 5_000, "order", &url, dir.path()).await;
 }
 
 #[cfg(feature = "kafka")]
