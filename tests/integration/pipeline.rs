@@ -336,6 +336,47 @@ async fn ordered_route_keeps_per_key_order() {
     }
 }
 
+/// At shutdown an ordered route sends a retried message back to the
+/// backend, and with it the later messages of its key it already holds,
+/// unhandled: on a backend that hands out several messages of a key at
+/// once, none of them overtakes the retry.
+#[tokio::test]
+async fn a_retry_sent_back_at_shutdown_takes_its_keys_later_messages_with_it() {
+    let runtime = runtime();
+    for (kind, backend, _dir) in embedded_backends().await {
+        let outputs = Collector::start(&backend, &["out"]).await;
+        let ordered_route = || {
+            let plugin = load(&runtime, "chaos", settings("chaos", &[]));
+            let mut retry = quick_retry(10);
+            retry.initial_backoff = Duration::from_millis(300);
+            retry.max_backoff = retry.initial_backoff;
+            let mut ordered = route("held", &backend, "in", plugin, retry);
+            ordered.spec.ordered = true;
+            ordered.spec.concurrency = 1;
+            ordered
+        };
+        let running = Running::start(ordered_route()).await;
+        let keyed = |text: &str| Message::new("in", text.to_string()).with_key("k");
+        backend
+            .publish(vec![keyed("retry:1"), keyed("after-1"), keyed("after-2")])
+            .await
+            .unwrap();
+        let give_up = tokio::time::Instant::now() + LIMIT;
+        while running.stats.snapshot().retried == 0 {
+            assert!(tokio::time::Instant::now() < give_up, "{kind}: no retry");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Stopped during the retry's backoff.
+        running.stop().await;
+
+        let running = Running::start(ordered_route()).await;
+        let got = outputs.wait_for(3, LIMIT).await.unwrap();
+        running.stop().await;
+        let order: Vec<String> = got.iter().map(text).collect();
+        assert_eq!(order, ["retry:1", "after-1", "after-2"], "{kind}");
+    }
+}
+
 #[tokio::test]
 async fn concurrent_workers_lose_nothing() {
     let runtime = runtime();

@@ -5,6 +5,7 @@
 //! child span around each handler call, so the plugin's log lines land in
 //! the delivery they belong to.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -76,6 +77,11 @@ impl Context {
         settler: UnboundedSender<Vec<Finished>>,
     ) {
         let batch_size = self.spec.batch_size.max(1);
+        // On an ordered route, the keys whose message went back to the
+        // backend (a retry at shutdown) with its delay: their later
+        // messages go back too, unhandled, so that none overtakes it on a
+        // backend that had handed out several messages of the key.
+        let mut sent_back: HashMap<String, Duration> = HashMap::new();
         while let Ok(chunk) = lane.recv().await {
             let mut finished = Vec::with_capacity(chunk.len());
             let mut handed_in = Instant::now();
@@ -86,6 +92,16 @@ impl Context {
                 for delivery in chunk.by_ref() {
                     taken += 1;
                     let mut traced = Traced::new(self, &delivery, worker);
+                    let held_back = delivery.message.key.as_ref().and_then(|k| sent_back.get(k));
+                    if let Some(&delay) = held_back {
+                        let span = traced.ended("retry");
+                        finished.push(Finished {
+                            delivery,
+                            verdict: Verdict::Nack(delay),
+                            span,
+                        });
+                        continue;
+                    }
                     match self.unfit(&delivery.message) {
                         Some((cause, reason)) => {
                             let trace = traced.trace(&delivery.message);
@@ -150,6 +166,11 @@ impl Context {
                 let count = batch.len();
                 for ((delivery, traced), result) in batch.into_iter().zip(results) {
                     let (verdict, span) = self.verdict(worker, &delivery, traced, result).await;
+                    if let (true, Verdict::Nack(delay), Some(key)) =
+                        (self.spec.ordered, &verdict, &delivery.message.key)
+                    {
+                        sent_back.insert(key.clone(), *delay);
+                    }
                     finished.push(Finished {
                         delivery,
                         verdict,
