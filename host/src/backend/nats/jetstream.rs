@@ -39,7 +39,10 @@
 //! decides, counting from the server's delivery count), deliver-all for
 //! `earliest` and deliver-new for `latest`. A subscription to overlapping
 //! patterns gets a message that matches both twice. With `shards`, an
-//! ordered group has a consumer per shard instead (see `shards.rs`). Ephemeral groups get a
+//! ordered group has a consumer per shard instead, each read by the member
+//! that leases it (see `shards.rs`, `leases.rs` and `turns.rs`); the leases
+//! are kept in the key-value bucket `sluice_shard_leases`, made on first
+//! use. Ephemeral groups get a
 //! consumer that the server also removes by itself after inactivity, and
 //! that `close` deletes.
 
@@ -52,8 +55,9 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 
 use super::core::check_publish_topic;
+use super::leases::ShardLeases;
 use super::provision::Provision;
-use super::pull::JsSubscription;
+use super::pull::{JsSubscription, MAX_PULL};
 use super::settings::{SCHEME, Settings};
 use super::window::{self, Outgoing, WINDOW};
 use super::{ServerUrl, shards, split_url};
@@ -277,12 +281,29 @@ impl Backend for JetStreamBackend {
                 .map(|t| (t.stream.clone(), t.consumer.clone()))
                 .collect(),
         );
+        let leases = match targets.iter().any(|t| t.leased) {
+            true => Some(
+                ShardLeases::start(
+                    &self.provision.js,
+                    &options.group_key(),
+                    targets
+                        .iter()
+                        .map(|t| (t.consumer.clone(), t.leased))
+                        .collect(),
+                    options.lease,
+                    MAX_PULL,
+                )
+                .await?,
+            ),
+            false => None,
+        };
         let subscription = JsSubscription::start(
             self.client.clone(),
             self.provision.clone(),
             self.server.clone(),
             targets,
             options,
+            leases,
         )
         .await?;
         Ok(Box::new(subscription))

@@ -34,10 +34,12 @@
 pub mod core;
 pub mod headers;
 pub mod jetstream;
+mod leases;
 mod provision;
 mod pull;
 pub(crate) mod settings;
 mod shards;
+mod turns;
 mod window;
 
 use std::path::PathBuf;

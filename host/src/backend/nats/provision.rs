@@ -216,7 +216,7 @@ impl Provision {
                 consumer: nats_name(&options.group, &identity),
                 topic: topic.to_string(),
                 filter,
-                one_at_a_time: matches!(shard, Some(Shard::Keyed(_))),
+                leased: matches!(shard, Some(Shard::Keyed(_))),
             }
         };
         Ok(match self.settings.shards {
@@ -305,11 +305,7 @@ impl Provision {
             ack_wait: options.lease,
             max_deliver: -1,
             filter_subject: target.filter.clone(),
-            max_ack_pending: if target.one_at_a_time {
-                1
-            } else {
-                self.settings.max_ack_pending
-            },
+            max_ack_pending: self.settings.max_ack_pending,
             // An ephemeral group left behind by a crash goes away by itself.
             inactive_threshold: if options.ephemeral {
                 (options.lease * 2).max(Duration::from_secs(300))

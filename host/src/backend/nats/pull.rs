@@ -60,7 +60,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::core::flush;
+use super::leases::ShardLeases;
 use super::provision::Provision;
+use super::turns::KeyTurns;
 use super::{ServerUrl, headers, shards};
 use crate::backend::{
     Delivery, Receipt, SettleError, Settlement, SubscribeOptions, Subscription, closed_error,
@@ -76,6 +78,9 @@ const GRACE: Duration = Duration::from_millis(200);
 const MIN_PULL: Duration = Duration::from_millis(20);
 /// A pause before pulling again after the server had no responder.
 const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(250);
+/// An ordered group pulls no more while this many messages of its leased
+/// shards wait behind their keys' previous ones.
+const MAX_WAITING: usize = 1024;
 
 /// A consumer this subscription pulls from.
 pub(crate) struct PullTarget {
@@ -85,13 +90,15 @@ pub(crate) struct PullTarget {
     pub topic: String,
     /// The subject it filters on: the topic, or with shards its shard.
     pub filter: String,
-    /// Lets one message out at a time (a key shard of an ordered group).
-    pub one_at_a_time: bool,
+    /// Read only by the member that leases it (a key shard of an ordered
+    /// group, see `leases.rs`).
+    pub leased: bool,
 }
 
 pub(crate) struct JsSubscription {
     inner: Arc<Inner>,
     ticker: Option<tokio::task::JoinHandle<()>>,
+    leaser: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -108,6 +115,12 @@ struct Inner {
     lease: Duration,
     ephemeral: bool,
     pulls: tokio::sync::Mutex<Pulls>,
+    /// Per target: until when its pending pull request may still deliver.
+    open: Vec<Mutex<Option<Instant>>>,
+    /// Which member reads which key shard, for an ordered group.
+    leases: Option<ShardLeases>,
+    /// Which message of each key of the leased shards is out.
+    turns: Mutex<KeyTurns>,
     held: Mutex<HashMap<u64, Held>>,
     next_token: AtomicU64,
     closed: AtomicBool,
@@ -130,6 +143,11 @@ struct Pulls {
 
 struct Held {
     ack_subject: Subject,
+    /// Its target's index.
+    target: usize,
+    stream_sequence: u64,
+    /// Its key, if it takes turns with its key's other messages.
+    key: Option<String>,
     /// Fetched or last kept alive.
     since: Instant,
 }
@@ -142,6 +160,7 @@ impl JsSubscription {
         server: ServerUrl,
         targets: Vec<PullTarget>,
         options: SubscribeOptions,
+        leases: Option<ShardLeases>,
     ) -> Result<Self> {
         let inbox_prefix = client.new_inbox();
         let inbox = client
@@ -170,6 +189,9 @@ impl JsSubscription {
                 suspect: vec![false; count],
                 streams: targets.iter().map(|t| t.stream.clone()).collect(),
             }),
+            open: targets.iter().map(|_| Mutex::new(None)).collect(),
+            leases,
+            turns: Mutex::new(KeyTurns::default()),
             targets,
             by_name,
             inbox_prefix,
@@ -180,14 +202,22 @@ impl JsSubscription {
             last_call: Mutex::new(Instant::now()),
         });
         let ticker = progress.then(|| tokio::spawn(keep_alive(Arc::downgrade(&inner))));
-        Ok(JsSubscription { inner, ticker })
+        let leaser = inner.leases.is_some().then(|| {
+            let inner = Arc::downgrade(&inner);
+            tokio::spawn(keep_leases(inner))
+        });
+        Ok(JsSubscription {
+            inner,
+            ticker,
+            leaser,
+        })
     }
 }
 
 impl Drop for JsSubscription {
     fn drop(&mut self) {
-        if let Some(ticker) = &self.ticker {
-            ticker.abort();
+        for task in self.ticker.iter().chain(&self.leaser) {
+            task.abort();
         }
     }
 }
@@ -215,7 +245,7 @@ async fn keep_alive(inner: Weak<Inner>) {
         let due: Vec<Subject> = {
             let mut held = inner.held.lock().unwrap();
             held.values_mut()
-                .filter(|h| now.duration_since(h.since) >= lease / 2)
+                .filter(|h| now.duration_since(h.since) >= lease / 2 && inner.holds(h.target))
                 .map(|h| {
                     h.since = now;
                     h.ack_subject.clone()
@@ -230,7 +260,62 @@ async fn keep_alive(inner: Weak<Inner>) {
     }
 }
 
+/// Takes, keeps and hands over the key shards of an ordered group.
+async fn keep_leases(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if strong.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(leases) = &strong.leases else {
+            return;
+        };
+        let period = leases.period();
+        leases.tick(|index| strong.quiet(index)).await;
+        drop(strong);
+        tokio::time::sleep(period).await;
+    }
+}
+
 impl Inner {
+    /// Whether to pull from target `index` now.
+    fn reading(&self, index: usize) -> bool {
+        self.leases.as_ref().is_none_or(|l| l.reading(index))
+    }
+
+    /// Whether this member may keep target `index`'s deliveries alive.
+    fn holds(&self, index: usize) -> bool {
+        self.leases.as_ref().is_none_or(|l| l.holds(index))
+    }
+
+    /// Whether nothing of target `index` is held or may still be delivered.
+    fn quiet(&self, index: usize) -> bool {
+        let open = *self.open[index].lock().unwrap();
+        if open.is_some_and(|until| Instant::now() < until + GRACE) {
+            return false;
+        }
+        !self
+            .held
+            .lock()
+            .unwrap()
+            .values()
+            .any(|h| h.target == index)
+    }
+
+    /// Records that target `index`'s pull request ended, or was sent and
+    /// lasts until `until`.
+    fn set_pending(
+        &self,
+        pending: &mut [Option<(Instant, usize)>],
+        index: usize,
+        request: Option<(Instant, usize)>,
+    ) {
+        pending[index] = request;
+        *self.open[index].lock().unwrap() = request.map(|(until, _)| until);
+    }
+
     fn touch(&self) {
         *self.last_call.lock().unwrap() = Instant::now();
     }
@@ -252,8 +337,23 @@ impl Inner {
     ) -> Result<()> {
         let now = Instant::now();
         let expires = wait.clamp(MIN_PULL, MAX_PULL);
-        for (index, slot) in pending.iter_mut().enumerate() {
-            if matches!(slot, Some((until, _)) if now < *until + GRACE) {
+        // An ordered group's fetch shares what it asks for among the
+        // shards it reads, so that many shards do not bring in many times
+        // as much.
+        if self.turns.lock().unwrap().waiting() >= MAX_WAITING {
+            return Ok(());
+        }
+        let max = match self.leases {
+            Some(_) => {
+                let reading = (0..pending.len()).filter(|&i| self.reading(i)).count();
+                max.div_ceil(reading.max(1))
+            }
+            None => max,
+        };
+        for index in 0..pending.len() {
+            if matches!(pending[index], Some((until, _)) if now < until + GRACE)
+                || !self.reading(index)
+            {
                 continue;
             }
             let target = &self.targets[index];
@@ -272,7 +372,7 @@ impl Inner {
                 )
                 .await
                 .context("NATS publish of a pull request")?;
-            *slot = Some((now + expires, max));
+            self.set_pending(pending, index, Some((now + expires, max)));
         }
         Ok(())
     }
@@ -297,17 +397,20 @@ impl Inner {
             };
             match status {
                 StatusCode::IDLE_HEARTBEAT => {}
-                StatusCode::NOT_FOUND | StatusCode::TIMEOUT => pending[index] = None,
+                StatusCode::NOT_FOUND | StatusCode::TIMEOUT => {
+                    self.set_pending(pending, index, None)
+                }
                 StatusCode::NO_RESPONDERS => {
                     // JetStream not ready (just restarted) or the consumer is gone.
                     tracing::debug!(group = %self.group, consumer = %self.targets[index].consumer, "JetStream did not answer a pull request");
                     pending[index] = Some((Instant::now() + UNAVAILABLE_PAUSE - GRACE, 0));
+                    *self.open[index].lock().unwrap() = None;
                     suspect[index] = true;
                 }
                 _ => {
                     let why = raw.description.clone().unwrap_or_default();
                     tracing::debug!(group = %self.group, "pull request ended: {status} {why}");
-                    pending[index] = None;
+                    self.set_pending(pending, index, None);
                     if why.to_ascii_lowercase().contains("consumer deleted") {
                         suspect[index] = true;
                     }
@@ -325,11 +428,13 @@ impl Inner {
         let info = message
             .info()
             .map_err(|e| anyhow::anyhow!("malformed JetStream ack subject: {e}"))?;
-        if let Some(&index) = self.by_name.get(info.consumer)
+        let target = self.by_name.get(info.consumer).copied();
+        if let Some(index) = target
             && let Some((until, owed)) = pending[index]
         {
-            pending[index] = (owed > 1).then(|| (until, owed - 1));
+            self.set_pending(pending, index, (owed > 1).then_some((until, owed - 1)));
         }
+        let stream_sequence = info.stream_sequence;
         let attempt = u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1);
         let fallback_id = format!("{}:{}", info.stream, info.stream_sequence);
         let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
@@ -348,18 +453,33 @@ impl Inner {
             timestamp_ms: decoded.timestamp_ms.unwrap_or(published_ms),
         };
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.held.lock().unwrap().insert(
-            token,
-            Held {
-                ack_subject,
-                since: Instant::now(),
-            },
-        );
-        Ok(Some(Delivery {
+        let target = target.unwrap_or(usize::MAX);
+        let takes_turns = self.targets.get(target).is_some_and(|t| t.leased);
+        let key = message.key.clone().filter(|_| takes_turns);
+        let delivery = Delivery {
             message,
             attempt,
             receipt: Receipt::new(token),
-        }))
+        };
+        let held = Held {
+            ack_subject,
+            target,
+            stream_sequence,
+            key: key.clone(),
+            since: Instant::now(),
+        };
+        let Some(key) = key else {
+            self.held.lock().unwrap().insert(token, held);
+            return Ok(Some(delivery));
+        };
+        // Held before its turn may come, so a settle finds it.
+        self.held.lock().unwrap().insert(token, held);
+        let place = (target, stream_sequence);
+        if !self.turns.lock().unwrap().admit(key, place, delivery) {
+            // A redelivery of one this member holds: its ack settles both.
+            self.held.lock().unwrap().remove(&token);
+        }
+        Ok(None)
     }
 
     /// Asks the server whether each suspect target's consumer still exists,
@@ -451,6 +571,8 @@ impl Subscription for JsSubscription {
                     None => break,
                 }
             }
+            let room = max.saturating_sub(out.len());
+            out.extend(inner.turns.lock().unwrap().take(room));
             if !out.is_empty() {
                 inner.touch();
                 return Ok(out);
@@ -489,12 +611,18 @@ impl Subscription for JsSubscription {
                 .await?;
             asked = true;
             let until = give_up.max(now + MIN_PULL);
+            let retry = inner.turns.lock().unwrap().next_retry();
             tokio::select! {
                 raw = inbox.next() => match raw {
                     Some(raw) => out.extend(inner.receive(raw, pending, suspect)?),
                     None => bail!("the NATS connection of group `{}` was closed", inner.group),
                 },
-                _ = tokio::time::sleep_until(until) => return Ok(out),
+                _ = tokio::time::sleep_until(until) => {
+                    out.extend(inner.turns.lock().unwrap().take(max));
+                    return Ok(out);
+                }
+                // A retry came due, or a settle gave a key's next its turn.
+                _ = tokio::time::sleep_until(retry.unwrap_or(until)), if retry.is_some() => {}
                 _ = woken => {}
             }
         }
@@ -525,7 +653,8 @@ impl Subscription for JsSubscription {
         };
         let mut unsent = Vec::new();
         let mut results = Vec::with_capacity(batch.len());
-        for ((_, settlement), taken) in batch.into_iter().zip(taken) {
+        let mut turned = false;
+        for ((delivery, settlement), taken) in batch.into_iter().zip(taken) {
             let (token, held) = match taken {
                 Ok(taken) => taken,
                 Err(e) => {
@@ -533,13 +662,36 @@ impl Subscription for JsSubscription {
                     continue;
                 }
             };
+            if let Settlement::Nack(delay) = settlement
+                && held.key.is_some()
+            {
+                // Kept here, its key held: the server would hand it out
+                // again only after the key's later messages.
+                let again = Delivery {
+                    message: delivery.message.clone(),
+                    attempt: delivery.attempt.saturating_add(1),
+                    receipt: Receipt::new(token),
+                };
+                inner.held.lock().unwrap().insert(token, held);
+                inner.turns.lock().unwrap().retry(again, delay);
+                inner.woken.notify_waiters();
+                results.push(Ok(()));
+                continue;
+            }
             let kind = match settlement {
                 Settlement::Nack(delay) => AckKind::Nak((!delay.is_zero()).then_some(delay)),
                 _ => AckKind::Ack,
             };
             // Into the connection's queue: the whole batch goes out together.
             match inner.send_ack(held.ack_subject.clone(), kind).await {
-                Ok(()) => results.push(Ok(())),
+                Ok(()) => {
+                    if let Some(key) = &held.key {
+                        let place = (held.target, held.stream_sequence);
+                        inner.turns.lock().unwrap().settled(key, place);
+                        turned = true;
+                    }
+                    results.push(Ok(()))
+                }
                 Err(e) => {
                     unsent.push((token, held));
                     results.push(Err(SettleError::Unavailable(e)));
@@ -549,6 +701,9 @@ impl Subscription for JsSubscription {
         if !unsent.is_empty() {
             // Still held, so settling them again can work.
             inner.held.lock().unwrap().extend(unsent);
+        }
+        if turned {
+            inner.woken.notify_waiters();
         }
         results
     }
@@ -591,17 +746,18 @@ impl Subscription for JsSubscription {
                 tracing::debug!(group = %inner.group, "NATS unsubscribe: {e}");
             }
         }
-        let held: Vec<Subject> = inner
-            .held
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, h)| h.ack_subject)
-            .collect();
-        for subject in held {
-            inner.send_ack(subject, AckKind::Nak(None)).await?;
+        // In stream order, so a key shard's next reader gets them back in
+        // the order they were published.
+        inner.turns.lock().unwrap().clear();
+        let mut held: Vec<Held> = inner.held.lock().unwrap().drain().map(|(_, h)| h).collect();
+        held.sort_by_key(|h| h.stream_sequence);
+        for held in held {
+            inner.send_ack(held.ack_subject, AckKind::Nak(None)).await?;
         }
         flush(&inner.client, &inner.server).await?;
+        if let Some(leases) = &inner.leases {
+            leases.release_all().await;
+        }
         if inner.ephemeral {
             for (target, stream) in inner.targets.iter().zip(streams.iter()) {
                 if let Err(e) = inner

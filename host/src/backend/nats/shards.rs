@@ -11,19 +11,27 @@
 //! description records it) and a URL that says otherwise is refused.
 //!
 //! An unordered group reads every shard through one consumer (`orders.*.eu`).
-//! An ordered group has one consumer per shard that lets one message out at
-//! a time (`max_ack_pending` 1), whoever of its members pulls: a key's next
-//! message is handed out only once the previous one is settled, a nacked
-//! one comes back before anything later of its shard, and a dead member's
-//! message is redelivered, first, when its lease (`AckWait`) ends. Keys
-//! that share a shard wait for each other; unkeyed messages have a
-//! consumer of their own that waits for nothing.
+//! An ordered group has one consumer per shard, and each shard is read by
+//! one member of the group at a time, the one that leases it (see
+//! `leases.rs`): the member pulls many of the shard's messages at once and
+//! hands out each key's next message only once the previous one is settled,
+//! keeping a nacked one for its retry (see `turns.rs`). When a member dies,
+//! another takes its shards once what it held has come back, and gets that
+//! first, in stream order. Keys that share a shard share its member but
+//! not their turns; unkeyed messages have a consumer of their own that
+//! every member reads and that waits for nothing.
 //!
-//! Choosing N: an ordered group has at most N messages out at once, and
-//! each shard is a consumer the server does some work for on every message
-//! its stream stores. A few dozen suit most streams: in the broker bench an
-//! ordered route ran fastest with 64 (256 shards gave 0.6 of that rate, 1,024
-//! a quarter).
+//! Choosing N: each shard is the unit the members of a group divide among
+//! themselves, and a consumer the server does some work for on every
+//! message its stream stores. A few times the number of members suits most
+//! groups; more than needed costs speed (in the broker bench, one member
+//! over 1,000 keys ran at 0.85 of an unordered route with 8 shards and 0.55
+//! with 64).
+//!
+//! Consumers that an ordered group made before shard leases let one message
+//! out at a time (`max_ack_pending` 1). They are used as they are (order
+//! holds, at the old pace); delete them while the group is stopped to have
+//! them made again.
 
 use anyhow::{Result, bail};
 
