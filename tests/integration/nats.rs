@@ -1,7 +1,8 @@
 //! NATS-specific behaviour on the shared server at 127.0.0.1:4222 (with
 //! JetStream): request-reply, queue-group splits, JetStream nak delays and
-//! attempts, AckWait redelivery, in-progress acks, batch settlement, and the
-//! `sluice` binary moved onto JetStream by `SLUICE_BACKEND_URL` alone.
+//! attempts, AckWait redelivery, in-progress acks, batch settlement, the
+//! key shards an ordered group's members divide, and the `sluice` binary
+//! moved onto JetStream by `SLUICE_BACKEND_URL` alone.
 //!
 //! The server is shared with other test runs: every test uses subjects and
 //! streams of its own (a unique first token and stream prefix) and deletes
@@ -81,6 +82,107 @@ async fn fetch_one(sub: &dyn Subscription, within: Duration) -> Result<sluice::b
             "nothing delivered within {within:?}"
         );
     }
+}
+
+/// Everything `subs` are handed within `quiet` of each other fetch,
+/// acked, as (member, payload).
+async fn drain(subs: &[&dyn Subscription], quiet: Duration) -> Result<Vec<(usize, String)>> {
+    let mut got = Vec::new();
+    loop {
+        let before = got.len();
+        for (member, sub) in subs.iter().enumerate() {
+            for delivery in sub.fetch(100, quiet).await? {
+                got.push((
+                    member,
+                    String::from_utf8_lossy(&delivery.message.payload).into_owned(),
+                ));
+                sub.ack(&delivery).await?;
+            }
+        }
+        if got.len() == before {
+            return Ok(got);
+        }
+    }
+}
+
+/// The members of an ordered group on a sharded stream divide the key
+/// shards among themselves, and the shards of a member that closes go to
+/// the others: every later message reaches the one left, each key's in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_ordered_members_divide_the_key_shards() -> Result<()> {
+    if !server_up("jetstream_ordered_members_divide_the_key_shards") {
+        return Ok(());
+    }
+    let token = unique("lease");
+    let result = async {
+        let topic = format!("{token}.jobs");
+        let backend = backend::connect(&format!("{}&shards=16", jetstream_url(&token))).await?;
+        let ordered = || {
+            let mut options = options(&topic, "g", Duration::from_secs(2));
+            options.ordered = true;
+            options
+        };
+        let first = backend.subscribe(ordered()).await?;
+        let second = backend.subscribe(ordered()).await?;
+        let members = [first.as_ref(), second.as_ref()];
+        let keyed = |round: usize, key: usize| {
+            Message::new(&topic, format!("{key}:{round}")).with_key(format!("k{key}"))
+        };
+
+        // The first member took every shard; it hands the second its share
+        // once it sees it. Until both get keys of their own (a bound on
+        // liveness, not a timing).
+        let give_up = tokio::time::Instant::now() + LIMIT;
+        let mut got_by = [0, 0];
+        let mut round = 0;
+        while got_by.contains(&0) {
+            ensure!(
+                tokio::time::Instant::now() < give_up,
+                "the members did not divide the shards: {got_by:?} messages"
+            );
+            backend
+                .publish((0..32).map(|key| keyed(round, key)).collect())
+                .await?;
+            for (member, _) in drain(&members, Duration::from_millis(200)).await? {
+                got_by[member] += 1;
+            }
+            round += 1;
+        }
+
+        // What is published after the first member closed reaches the
+        // second, all of it, each key's in order.
+        first.close().await?;
+        let after: Vec<Message> = (0..3)
+            .flat_map(|r| (0..32).map(move |key| (r, key)))
+            .map(|(r, key)| keyed(round + r, key))
+            .collect();
+        backend.publish(after).await?;
+        let mut seen = Vec::new();
+        while seen.len() < 96 {
+            ensure!(
+                tokio::time::Instant::now() < give_up + LIMIT,
+                "the second member got {} of 96 after the first closed",
+                seen.len()
+            );
+            seen.extend(drain(&members[1..], Duration::from_millis(200)).await?);
+        }
+        for key in 0..32 {
+            let rounds: Vec<usize> = seen
+                .iter()
+                .filter_map(|(_, text)| text.split_once(':'))
+                .filter(|(k, _)| k.parse() == Ok(key))
+                .map(|(_, r)| r.parse().unwrap())
+                .collect();
+            let expected: Vec<usize> = (round..round + 3).collect();
+            ensure!(rounds == expected, "key {key}: rounds {rounds:?}");
+        }
+        second.close().await?;
+        Ok(())
+    }
+    .await;
+    delete_own_stream(&token).await;
+    result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
