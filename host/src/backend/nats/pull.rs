@@ -146,8 +146,9 @@ struct Held {
     /// Its target's index.
     target: usize,
     stream_sequence: u64,
-    /// Its key, if it takes turns with its key's other messages.
-    key: Option<String>,
+    /// Keyed, from a leased shard: it takes turns with its key's other
+    /// messages (the key is the delivery's own).
+    takes_turns: bool,
     /// Fetched or last kept alive.
     since: Instant,
 }
@@ -455,25 +456,27 @@ impl Inner {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let target = target.unwrap_or(usize::MAX);
         let takes_turns = self.targets.get(target).is_some_and(|t| t.leased);
-        let key = message.key.clone().filter(|_| takes_turns);
+        // Cloned only for a message that takes turns: the turns key it.
+        let key = takes_turns.then(|| message.key.clone()).flatten();
         let delivery = Delivery {
             message,
             attempt,
             receipt: Receipt::new(token),
         };
-        let held = Held {
-            ack_subject,
-            target,
-            stream_sequence,
-            key: key.clone(),
-            since: Instant::now(),
-        };
+        // Held before its turn may come, so a settle finds it.
+        self.held.lock().unwrap().insert(
+            token,
+            Held {
+                ack_subject,
+                target,
+                stream_sequence,
+                takes_turns: key.is_some(),
+                since: Instant::now(),
+            },
+        );
         let Some(key) = key else {
-            self.held.lock().unwrap().insert(token, held);
             return Ok(Some(delivery));
         };
-        // Held before its turn may come, so a settle finds it.
-        self.held.lock().unwrap().insert(token, held);
         let place = (target, stream_sequence);
         if !self.turns.lock().unwrap().admit(key, place, delivery) {
             // A redelivery of one this member holds: its ack settles both.
@@ -663,7 +666,7 @@ impl Subscription for JsSubscription {
                 }
             };
             if let Settlement::Nack(delay) = settlement
-                && held.key.is_some()
+                && held.takes_turns
             {
                 // Kept here, its key held: the server would hand it out
                 // again only after the key's later messages.
@@ -685,7 +688,9 @@ impl Subscription for JsSubscription {
             // Into the connection's queue: the whole batch goes out together.
             match inner.send_ack(held.ack_subject.clone(), kind).await {
                 Ok(()) => {
-                    if let Some(key) = &held.key {
+                    if held.takes_turns
+                        && let Some(key) = &delivery.message.key
+                    {
                         let place = (held.target, held.stream_sequence);
                         inner.turns.lock().unwrap().settled(key, place);
                         turned = true;
