@@ -9,7 +9,13 @@
 //!   batch, and a second loop counting (and acking) the outputs.
 //!
 //! Both get the same pre-published 1 KiB messages and are timed from the
-//! start of consuming until the last output is counted. On backends that
+//! start of consuming until the last output is counted. Rates on a shared
+//! two-core machine move from run to run (the same plain loop has run at
+//! 25k and 52k msgs/s within minutes), so every phase runs in each of
+//! several rounds (`SLUICE_BENCH_ROUNDS`, default 3), one round after
+//! another. A ratio is taken within each round, between phases that ran
+//! minutes apart at most, and the tables give the median round with the
+//! lowest and highest beside it. On backends that
 //! keep a key with one consumer at a time (SQLite, PostgreSQL, Redis Streams,
 //! Kafka, JetStream on a stream with 8 key shards; SQS too, but not on
 //! its emulator, see `Broker::ordered_rate_means_something`), an ordered
@@ -95,6 +101,7 @@ const PLAIN_COLOUR: &str = "#f0883e";
 #[tokio::main]
 async fn main() -> Result<()> {
     let messages = positive_env("SLUICE_BENCH_BROKER_MESSAGES", 20_000)?;
+    let rounds = positive_env("SLUICE_BENCH_ROUNDS", 3)?;
     let runtime = Runtime::new(None)?;
     let handler = echo_handler(&runtime)?;
     let mut results = Vec::new();
@@ -109,13 +116,17 @@ async fn main() -> Result<()> {
             println!("{}: {why}, skipped", broker.name());
             continue;
         }
-        results.push(measure(broker, &handler, messages).await?);
+        results.push(measure(broker, &handler, messages, rounds).await?);
     }
     if results.is_empty() {
         bail!("no broker could be reached");
     }
     print_tables(&results);
-    save("brokers", &to_json(&results, messages), &to_svg(&results))
+    save(
+        "brokers",
+        &to_json(&results, messages, rounds),
+        &to_svg(&results),
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -330,34 +341,121 @@ struct BrokerResult {
     broker: Broker,
     /// Timed messages per run.
     messages: usize,
-    /// Messages per second at each router concurrency.
+    rounds: Vec<Round>,
+}
+
+/// The rates (msgs/s) of one round, whose phases ran one after another.
+struct Round {
+    /// At each router concurrency.
     sluice: Vec<(usize, f64)>,
-    /// Messages per second of an ordered route over [`ORDERED_KEYS`] keys,
-    /// at [`ORDERED_CONCURRENCY`], where the backend has key affinity.
+    /// An ordered route over [`ORDERED_KEYS`] keys at
+    /// [`ORDERED_CONCURRENCY`], where the backend has key affinity.
     ordered: Option<f64>,
     plain: f64,
 }
 
-impl BrokerResult {
-    /// The ordered route's rate over the unordered one's, at the same
-    /// concurrency in the same run.
-    fn ordered_over_unordered(&self) -> Option<f64> {
-        let unordered = self
-            .sluice
+impl Round {
+    fn sluice_at(&self, concurrency: usize) -> Option<f64> {
+        self.sluice
             .iter()
-            .find(|(concurrency, _)| *concurrency == ORDERED_CONCURRENCY)?
-            .1;
-        Some(self.ordered? / unordered)
+            .find(|(c, _)| *c == concurrency)
+            .map(|(_, rate)| *rate)
+    }
+
+    /// The ordered route's rate over the unordered one's, at the same
+    /// concurrency.
+    fn ordered_over_unordered(&self) -> Option<f64> {
+        Some(self.ordered? / self.sluice_at(ORDERED_CONCURRENCY)?)
     }
 }
 
-/// Every Sluice concurrency, then the plain loop, each on fresh keys.
+/// The median of what each round gives (the upper one of an even count),
+/// with the lowest and highest; `None` if no round gives one.
+#[derive(Clone, Copy)]
+struct Spread {
+    median: f64,
+    low: f64,
+    high: f64,
+}
+
+impl Spread {
+    fn of(rounds: &[Round], value: impl Fn(&Round) -> Option<f64>) -> Option<Spread> {
+        let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
+        values.sort_by(f64::total_cmp);
+        Some(Spread {
+            median: *values.get(values.len() / 2)?,
+            low: *values.first()?,
+            high: *values.last()?,
+        })
+    }
+
+    /// `median (low-high)`, each written by `show`; the median alone for
+    /// one round.
+    fn show(&self, show: impl Fn(f64) -> String) -> String {
+        if self.low == self.high {
+            return show(self.median);
+        }
+        format!(
+            "{} ({}-{})",
+            show(self.median),
+            show(self.low),
+            show(self.high)
+        )
+    }
+}
+
+impl BrokerResult {
+    fn sluice(&self, concurrency: usize) -> Option<Spread> {
+        Spread::of(&self.rounds, |round| round.sluice_at(concurrency))
+    }
+
+    /// Sluice over the plain loop of the same round.
+    fn sluice_over_plain(&self, concurrency: usize) -> Option<Spread> {
+        Spread::of(&self.rounds, |round| {
+            Some(round.sluice_at(concurrency)? / round.plain)
+        })
+    }
+
+    fn plain(&self) -> Option<Spread> {
+        Spread::of(&self.rounds, |round| Some(round.plain))
+    }
+
+    fn ordered(&self) -> Option<Spread> {
+        Spread::of(&self.rounds, |round| round.ordered)
+    }
+
+    fn ordered_over_unordered(&self) -> Option<Spread> {
+        Spread::of(&self.rounds, Round::ordered_over_unordered)
+    }
+}
+
+/// `rounds` rounds of every phase, one round after another.
 async fn measure(
     broker: Broker,
     handler: &Arc<dyn MessageHandler>,
     messages: usize,
+    rounds: usize,
 ) -> Result<BrokerResult> {
     let messages = broker.messages(messages)?;
+    let mut done = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        println!("{}: round {round} of {rounds}", broker.name());
+        done.push(measure_round(broker, handler, messages).await?);
+    }
+    Ok(BrokerResult {
+        broker,
+        messages,
+        rounds: done,
+    })
+}
+
+/// Every Sluice concurrency, the ordered route, then the plain loop, each
+/// on fresh keys.
+async fn measure_round(
+    broker: Broker,
+    handler: &Arc<dyn MessageHandler>,
+    messages: usize,
+) -> Result<Round> {
     let mut sluice = Vec::new();
     for concurrency in CONCURRENCIES {
         let namespace = namespace(broker, &format!("c{concurrency}"));
@@ -391,9 +489,7 @@ async fn measure(
     let cleaned = broker.clean(&namespace).await;
     let plain = plain?;
     cleaned?;
-    Ok(BrokerResult {
-        broker,
-        messages,
+    Ok(Round {
         sluice,
         ordered,
         plain,
@@ -901,49 +997,76 @@ async fn jetstream_clean(namespace: &str) -> Result<()> {
 
 fn print_tables(results: &[BrokerResult]) {
     println!();
+    let ratio = |r: f64| format!("{r:.2}");
+    let rate = |r: f64| thousands(r);
     for result in results {
         println!(
-            "{}: {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better)",
+            "{}: {} messages of {PAYLOAD_BYTES} B, msgs/s (higher is better), \
+             median of {} rounds (lowest-highest)",
             result.broker.name(),
-            thousands(result.messages as f64)
+            thousands(result.messages as f64),
+            result.rounds.len()
         );
         println!("  durability: {}", result.broker.durability());
         println!("  route: echo plugin, batch_size {}", pipeline::BATCH_SIZE);
         println!(
-            "  {:>11}  {:>10}  {:>12}  {:>12}",
+            "  {:>11}  {:>24}  {:>24}  {:>18}",
             "concurrency", "sluice", "plain client", "sluice/plain"
         );
-        for (concurrency, rate) in &result.sluice {
+        let plain = result.plain().map_or_else(String::new, |p| p.show(rate));
+        for concurrency in CONCURRENCIES {
+            let (Some(sluice), Some(over)) = (
+                result.sluice(concurrency),
+                result.sluice_over_plain(concurrency),
+            ) else {
+                continue;
+            };
             println!(
-                "  {concurrency:>11}  {:>10}  {:>12}  {:>12.2}",
-                thousands(*rate),
-                thousands(result.plain),
-                rate / result.plain
+                "  {concurrency:>11}  {:>24}  {plain:>24}  {:>18}",
+                sluice.show(rate),
+                over.show(ratio)
             );
         }
-        if let (Some(ordered), Some(ratio)) = (result.ordered, result.ordered_over_unordered()) {
+        if let (Some(ordered), Some(over)) = (result.ordered(), result.ordered_over_unordered()) {
             println!(
                 "  ordered over {ORDERED_KEYS} keys, concurrency {ORDERED_CONCURRENCY}: {} msgs/s, \
-                 {ratio:.2} of unordered",
-                thousands(ordered)
+                 {} of unordered",
+                ordered.show(rate),
+                over.show(ratio)
             );
         }
         println!();
     }
 }
 
-fn to_json(results: &[BrokerResult], messages: usize) -> serde_json::Value {
+/// The medians (rates rounded, ratios to two places), and every round's
+/// own figures under `rounds`.
+fn to_json(results: &[BrokerResult], messages: usize, rounds: usize) -> serde_json::Value {
+    let median = |spread: Option<Spread>, show: fn(f64) -> f64| spread.map(|s| show(s.median));
     let brokers: Vec<_> = results
         .iter()
         .map(|result| {
-            let sluice: Vec<_> = result
-                .sluice
+            let sluice: Vec<_> = CONCURRENCIES
                 .iter()
-                .map(|(concurrency, rate)| {
+                .map(|&concurrency| {
                     json!({
                         "concurrency": concurrency,
-                        "msgs_per_sec": rate.round(),
-                        "sluice_over_plain": round2(rate / result.plain),
+                        "msgs_per_sec": median(result.sluice(concurrency), f64::round),
+                        "sluice_over_plain": median(result.sluice_over_plain(concurrency), round2),
+                    })
+                })
+                .collect();
+            let each: Vec<_> = result
+                .rounds
+                .iter()
+                .map(|round| {
+                    json!({
+                        "sluice": round.sluice.iter().map(|(concurrency, rate)| json!({
+                            "concurrency": concurrency,
+                            "msgs_per_sec": rate.round(),
+                        })).collect::<Vec<_>>(),
+                        "ordered_msgs_per_sec": round.ordered.map(f64::round),
+                        "plain_msgs_per_sec": round.plain.round(),
                     })
                 })
                 .collect();
@@ -951,20 +1074,22 @@ fn to_json(results: &[BrokerResult], messages: usize) -> serde_json::Value {
                 "broker": result.broker.slug(),
                 "durability": result.broker.durability(),
                 "messages": result.messages,
-                "plain_msgs_per_sec": result.plain.round(),
+                "plain_msgs_per_sec": median(result.plain(), f64::round),
                 "sluice": sluice,
-                "ordered": result.ordered.map(|rate| json!({
+                "ordered": result.ordered().map(|rate| json!({
                     "keys": ORDERED_KEYS,
                     "concurrency": ORDERED_CONCURRENCY,
-                    "msgs_per_sec": rate.round(),
-                    "ordered_over_unordered": result.ordered_over_unordered().map(round2),
+                    "msgs_per_sec": rate.median.round(),
+                    "ordered_over_unordered": median(result.ordered_over_unordered(), round2),
                 })),
+                "rounds": each,
             })
         })
         .collect();
     json!({
         "payload_bytes": PAYLOAD_BYTES,
         "messages_per_run": messages,
+        "rounds": rounds,
         "warmup_messages": WARMUP_MESSAGES,
         "plain_batch": PLAIN_BATCH,
         "brokers": brokers,
@@ -980,7 +1105,9 @@ const TOP: f64 = 80.0;
 fn to_svg(results: &[BrokerResult]) -> String {
     let width = MARGIN + results.len() as f64 * (PANEL_WIDTH + MARGIN);
     let height = TOP + PANEL_HEIGHT + MARGIN;
-    let title = format!("Sluice (echo plugin) vs a plain client loop, {PAYLOAD_BYTES} B, msgs/s");
+    let title = format!(
+        "Sluice (echo plugin) vs a plain client loop, {PAYLOAD_BYTES} B, msgs/s, median round"
+    );
     let mut svg = svg_open(width, height, MARGIN, &title);
     let mut entries: Vec<(String, &str)> = CONCURRENCIES
         .iter()
@@ -1001,13 +1128,16 @@ fn to_svg(results: &[BrokerResult]) -> String {
 fn panel(result: &BrokerResult, x: f64, y: f64) -> String {
     let plot_top = y + 40.0;
     let baseline = y + PANEL_HEIGHT - 40.0;
-    let mut bars: Vec<(String, f64, &str)> = result
-        .sluice
+    let median = |spread: Option<Spread>| spread.map_or(0.0, |s| s.median);
+    let mut bars: Vec<(String, f64, &str)> = CONCURRENCIES
         .iter()
         .zip(SLUICE_COLOURS)
-        .map(|((concurrency, rate), colour)| (format!("c{concurrency}"), *rate, colour))
+        .map(|(&concurrency, colour)| {
+            let rate = median(result.sluice(concurrency));
+            (format!("c{concurrency}"), rate, colour)
+        })
         .collect();
-    bars.push(("plain".into(), result.plain, PLAIN_COLOUR));
+    bars.push(("plain".into(), median(result.plain()), PLAIN_COLOUR));
     // Headroom above the tallest bar for its value label.
     let max = bars.iter().map(|(_, v, _)| *v).fold(0.0, f64::max) * 1.1;
     let scale = if max > 0.0 {
