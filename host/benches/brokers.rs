@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
-use chart::{bar, legend, round2, save, svg_open, thousands};
+use chart::{bar, legend, median, round2, save, svg_open, thousands};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
@@ -381,9 +381,8 @@ struct Spread {
 impl Spread {
     fn of(rounds: &[Round], value: impl Fn(&Round) -> Option<f64>) -> Option<Spread> {
         let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
-        values.sort_by(f64::total_cmp);
         Some(Spread {
-            median: *values.get(values.len() / 2)?,
+            median: median(&mut values)?,
             low: *values.first()?,
             high: *values.last()?,
         })
@@ -1106,7 +1105,7 @@ fn to_svg(results: &[BrokerResult]) -> String {
     let width = MARGIN + results.len() as f64 * (PANEL_WIDTH + MARGIN);
     let height = TOP + PANEL_HEIGHT + MARGIN;
     let title = format!(
-        "Sluice (echo plugin) vs a plain client loop, {PAYLOAD_BYTES} B, msgs/s, median round"
+        "Sluice (echo plugin) vs a plain client loop, {PAYLOAD_BYTES} B, msgs/s, median of rounds"
     );
     let mut svg = svg_open(width, height, MARGIN, &title);
     let mut entries: Vec<(String, &str)> = CONCURRENCIES

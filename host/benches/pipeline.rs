@@ -14,8 +14,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use chart::{bar, legend, round2, save, svg_open, thousands};
+use anyhow::{Context, Result};
+use chart::{bar, legend, median, round2, save, svg_open, thousands};
 use serde_json::json;
 use sluice::Message;
 use sluice::backend::memory::MemoryBackend;
@@ -130,8 +130,8 @@ async fn measure_throughput(
     }
     pipelines.stop().await?;
     let rate = Pair {
-        wasm: median(rates.wasm),
-        native: median(rates.native),
+        wasm: median(&mut rates.wasm).context("no throughput run")?,
+        native: median(&mut rates.native).context("no throughput run")?,
     };
     println!(
         "{phase} wasm {} msgs/s, native {} msgs/s",
@@ -278,11 +278,6 @@ impl Latency {
             mean,
         }
     }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// Nearest-rank percentile of sorted samples.

@@ -1,11 +1,19 @@
-//! What the benchmarks share: number formatting, the pieces of their
-//! hand-written SVG bar charts, and writing results under `target/bench`.
+//! What the benchmarks share: the median of repeated runs, number
+//! formatting, the pieces of their hand-written SVG bar charts, and writing
+//! results under `target/bench`.
 //! Included by each benchmark with `#[path]`, so it is not a bench itself.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+
+/// Sorts `values` and gives their median (the upper one of an even count);
+/// `None` if there are none.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
 
 /// The opening of a chart: the root element, a white background, a title.
 pub fn svg_open(width: f64, height: f64, margin: f64, title: &str) -> String {
