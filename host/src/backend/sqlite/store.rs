@@ -18,6 +18,12 @@ const MATERIALIZE_BATCH: i64 = 2_000;
 /// Messages per `INSERT` (6 parameters each, far below SQLite's limit).
 const INSERT_ROWS: usize = 64;
 
+/// How long a delivery held back by its key stays parked (see [`claim`]).
+/// Settling the delivery that holds it back brings it back at once; this
+/// bounds the wait where that does not happen (its holder settled by a
+/// build of Sluice that does not park).
+const PARK: Duration = Duration::from_secs(2);
+
 /// Where a delivery lives, and which claim of it this is.
 pub struct SqliteReceipt {
     pub seq: i64,
@@ -97,6 +103,14 @@ macro_rules! claim_sql {
 /// turning the log rows past its cursors into deliveries. `ordered` claims
 /// only the oldest unsettled delivery of each key, so a key's next message
 /// waits until its previous one is settled, whichever consumer holds it.
+///
+/// An ordered claim then parks the deliveries it passed because their keys
+/// were held (out of sight for [`PARK`]), and settling a key's holder
+/// brings the key's next one back ([`delete_claimed`]). Without that, a
+/// claim read every held delivery before it found a free one: with more in
+/// flight than there are keys, the group's whole backlog, one index probe
+/// per row, on every claim, while the writer could do nothing else (with
+/// 100 keys and 20,000 messages, 6.4 ms a claim, against 1.6 ms parked).
 pub async fn claim(
     conn: &mut SqliteConnection,
     group: &str,
@@ -122,6 +136,15 @@ pub async fn claim(
         .bind(max as i64)
         .fetch_all(&mut *conn)
         .await?;
+    if ordered {
+        // Past the last row claimed nothing was looked at, unless the claim
+        // came up short and looked at everything.
+        let passed = match claimed.iter().map(|(seq, _)| *seq).max() {
+            Some(last) if claimed.len() == max => last,
+            _ => i64::MAX,
+        };
+        park_held(conn, group, now, passed).await?;
+    }
     if claimed.is_empty() {
         return Ok(Vec::new());
     }
@@ -154,6 +177,54 @@ pub async fn claim(
         });
     }
     Ok(deliveries)
+}
+
+/// Parks the visible deliveries of `group` before `passed` that an earlier
+/// delivery of their key holds back. Only a delivery never claimed can be
+/// held back (a key's oldest is claimed first), so `attempt = 0` with
+/// `visible_at` ahead marks a parked one.
+async fn park_held(conn: &mut SqliteConnection, group: &str, now: i64, passed: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE sluice_deliveries AS d SET visible_at = ?1 \
+         WHERE d.group_name = ?2 AND d.visible_at <= ?3 AND d.seq < ?4 \
+           AND d.msg_key IS NOT NULL AND EXISTS ( \
+               SELECT 1 FROM sluice_deliveries e \
+               WHERE e.group_name = ?2 AND e.msg_key = d.msg_key AND e.seq < d.seq)",
+    )
+    .bind(now + PARK.as_millis() as i64)
+    .bind(group)
+    .bind(now)
+    .bind(passed)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Brings back the parked delivery that comes next after each of
+/// `settled` (seq and key), if it is parked: its key is free.
+async fn unpark_next(
+    conn: &mut SqliteConnection,
+    group: &str,
+    settled: &[(i64, &str)],
+) -> Result<()> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE sluice_deliveries AS d SET visible_at = 0 \
+         WHERE d.group_name = ?1 AND d.attempt = 0 AND d.visible_at > ?3 \
+           AND (d.msg_key, d.seq) IN ( \
+               SELECT value ->> 1, ( \
+                   SELECT MIN(e.seq) FROM sluice_deliveries e \
+                   WHERE e.group_name = ?1 AND e.msg_key = value ->> 1 AND e.seq > value ->> 0) \
+               FROM json_each(?2))",
+    )
+    .bind(group)
+    .bind(serde_json::to_string(settled)?)
+    .bind(now_ms() as i64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Turns log rows past the group's cursors into deliveries of the group.
@@ -211,27 +282,39 @@ async fn materialize(conn: &mut SqliteConnection, group: &str) -> Result<()> {
 }
 
 /// Deletes the rows of `claims` whose claim is still current; returns the
-/// claims it deleted.
+/// claims it deleted. In an `ordered` group, each deleted delivery's key
+/// passes to its next delivery, which comes out of parking.
 pub async fn delete_claimed(
     conn: &mut SqliteConnection,
     group: &str,
+    ordered: bool,
     claims: &[(i64, i64)],
 ) -> Result<HashSet<(i64, i64)>> {
     if claims.is_empty() {
         return Ok(HashSet::new());
     }
-    let deleted: Vec<(i64, i64)> = sqlx::query_as(
+    let deleted: Vec<(i64, i64, Option<String>)> = sqlx::query_as(
         "DELETE FROM sluice_deliveries \
          WHERE group_name = ?1 \
            AND seq IN (SELECT value ->> 0 FROM json_each(?2)) \
            AND (seq, attempt) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?2)) \
-         RETURNING seq, attempt",
+         RETURNING seq, attempt, msg_key",
     )
     .bind(group)
     .bind(serde_json::to_string(claims)?)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(deleted.into_iter().collect())
+    if ordered {
+        let keyed: Vec<(i64, &str)> = deleted
+            .iter()
+            .filter_map(|(seq, _, key)| Some((*seq, key.as_deref()?)))
+            .collect();
+        unpark_next(conn, group, &keyed).await?;
+    }
+    Ok(deleted
+        .into_iter()
+        .map(|(seq, attempt, _)| (seq, attempt))
+        .collect())
 }
 
 /// Settles `items` of `group`; returns the claims it settled (the others'
@@ -239,6 +322,7 @@ pub async fn delete_claimed(
 pub async fn settle(
     conn: &mut SqliteConnection,
     group: &str,
+    ordered: bool,
     items: &[Item],
 ) -> Result<HashSet<(i64, i64)>> {
     let acks: Vec<(i64, i64)> = items
@@ -246,7 +330,7 @@ pub async fn settle(
         .filter(|item| !matches!(item.settlement, Settlement::Nack(_)))
         .map(|item| (item.seq, item.attempt))
         .collect();
-    let mut held = delete_claimed(conn, group, &acks).await?;
+    let mut held = delete_claimed(conn, group, ordered, &acks).await?;
     let mut outputs = Vec::new();
     for item in items {
         match &item.settlement {

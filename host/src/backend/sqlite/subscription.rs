@@ -92,7 +92,7 @@ impl Subscription for SqliteSubscription {
         forget_claim(&mut self.mine.lock().unwrap(), receipt.seq, receipt.attempt);
         self.shared
             .writer
-            .ack(&self.group, (receipt.seq, receipt.attempt))
+            .ack(&self.group, self.ordered, (receipt.seq, receipt.attempt))
             .await;
         Ok(())
     }
@@ -113,7 +113,10 @@ impl Subscription for SqliteSubscription {
     async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
         let claim = |r: &SqliteReceipt| (r.seq, r.attempt);
         settle_claims(batch, claim, &self.mine, async |items| {
-            self.shared.writer.settle(&self.group, items).await
+            self.shared
+                .writer
+                .settle(&self.group, self.ordered, items)
+                .await
         })
         .await
     }

@@ -60,12 +60,15 @@ enum Request {
     },
     Settle {
         group: String,
+        /// The group keeps per-key order (see `store::delete_claimed`).
+        ordered: bool,
         items: Vec<Item>,
         done: oneshot::Sender<Settled>,
     },
     /// An ack nobody waits for.
     Ack {
         group: String,
+        ordered: bool,
         claim: (i64, i64),
         /// Room in the ack queue, given back once the ack is committed.
         room: OwnedSemaphorePermit,
@@ -184,11 +187,12 @@ impl Writer {
         .await
     }
 
-    pub async fn settle(&self, group: &str, items: Vec<Item>) -> Settled {
+    pub async fn settle(&self, group: &str, ordered: bool, items: Vec<Item>) -> Settled {
         let count = items.len();
         let (done, answer) = oneshot::channel();
         let request = Request::Settle {
             group: group.to_string(),
+            ordered,
             items,
             done,
         };
@@ -210,12 +214,13 @@ impl Writer {
 
     /// Queues an ack and returns: it is written with the next transaction.
     /// Waits while [`QUEUED_ACKS_MAX`] acks are queued.
-    pub async fn ack(&self, group: &str, claim: (i64, i64)) {
+    pub async fn ack(&self, group: &str, ordered: bool, claim: (i64, i64)) {
         let Ok(room) = self.ack_room.clone().acquire_owned().await else {
             return;
         };
         let _ = self.requests.send(Request::Ack {
             group: group.to_string(),
+            ordered,
             claim,
             room,
         });
@@ -266,15 +271,20 @@ async fn run(
 /// Runs `requests` in one transaction and answers them; whether messages
 /// became visible.
 async fn commit(conn: &mut SqliteConnection, requests: impl Iterator<Item = Request>) -> bool {
-    let mut acks: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    let mut acks: HashMap<(String, bool), Vec<(i64, i64)>> = HashMap::new();
     // Held until the transaction ends, so the queue's room comes back only
     // for acks that are written (or failed).
     let mut _ack_room = Vec::new();
     let mut others = Vec::new();
     for request in requests {
         match request {
-            Request::Ack { group, claim, room } => {
-                acks.entry(group).or_default().push(claim);
+            Request::Ack {
+                group,
+                ordered,
+                claim,
+                room,
+            } => {
+                acks.entry((group, ordered)).or_default().push(claim);
                 _ack_room.push(room);
             }
             other => others.push(other),
@@ -286,8 +296,8 @@ async fn commit(conn: &mut SqliteConnection, requests: impl Iterator<Item = Requ
     let result = async {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         // Each is one statement, all or nothing on its own.
-        for (group, claims) in &acks {
-            store::delete_claimed(&mut tx, group, claims).await?;
+        for ((group, ordered), claims) in &acks {
+            store::delete_claimed(&mut tx, group, *ordered, claims).await?;
         }
         for request in pending.by_ref() {
             visible |= makes_visible(&request);
@@ -363,9 +373,12 @@ async fn carry_out(conn: &mut SqliteConnection, request: Request) -> Result<Outc
             .await?;
             Outcome::Claimed(done, result)
         }
-        Request::Settle { group, items, done } => {
-            Outcome::Settled(done, settle(conn, &group, &items).await?)
-        }
+        Request::Settle {
+            group,
+            ordered,
+            items,
+            done,
+        } => Outcome::Settled(done, settle(conn, &group, ordered, &items).await?),
         Request::Release {
             group,
             claims,
@@ -386,13 +399,22 @@ async fn carry_out(conn: &mut SqliteConnection, request: Request) -> Result<Outc
 
 /// Settles a batch under one savepoint; if that fails, each item under one
 /// of its own.
-async fn settle(conn: &mut SqliteConnection, group: &str, items: &[Item]) -> Result<Settled> {
+async fn settle(
+    conn: &mut SqliteConnection,
+    group: &str,
+    ordered: bool,
+    items: &[Item],
+) -> Result<Settled> {
     let answer =
         |held: &HashSet<(i64, i64)>, item: &Item| match held.contains(&(item.seq, item.attempt)) {
             true => Ok(()),
             false => Err(SettleError::LeaseLost),
         };
-    let error = match savepoint(conn, async |conn| store::settle(conn, group, items).await).await? {
+    let error = match savepoint(conn, async |conn| {
+        store::settle(conn, group, ordered, items).await
+    })
+    .await?
+    {
         Ok(held) => return Ok(items.iter().map(|item| answer(&held, item)).collect()),
         Err(e) => e,
     };
@@ -403,7 +425,11 @@ async fn settle(conn: &mut SqliteConnection, group: &str, items: &[Item]) -> Res
     for item in items {
         let one = std::slice::from_ref(item);
         results.push(
-            match savepoint(conn, async |conn| store::settle(conn, group, one).await).await? {
+            match savepoint(conn, async |conn| {
+                store::settle(conn, group, ordered, one).await
+            })
+            .await?
+            {
                 Ok(held) => answer(&held, item),
                 Err(e) => Err(SettleError::Unavailable(e)),
             },
