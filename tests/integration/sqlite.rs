@@ -146,3 +146,56 @@ async fn deliveries_made_before_keys_were_kept_gain_their_keys() {
     sub.ack(&next[0]).await.unwrap();
     sub.close().await.unwrap();
 }
+
+/// An ordered claim parks the deliveries it passed because their keys were
+/// held, so later claims do not read them again; settling a key's holder,
+/// by a single ack or in a batch, brings its next delivery back at once,
+/// not when the parking runs out (two seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_claim_parks_held_deliveries_and_settling_frees_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("parked.db").display());
+    let backend = backend::connect(&url).await.unwrap();
+    let mut options = SubscribeOptions::new(vec!["t".into()], "g");
+    options.ordered = true;
+    let sub = backend.subscribe(options).await.unwrap();
+    let keyed = |text: &str, key: &str| Message::new("t", text.to_string()).with_key(key);
+    backend
+        .publish(vec![
+            keyed("a1", "a"),
+            keyed("a2", "a"),
+            keyed("b1", "b"),
+            keyed("a3", "a"),
+        ])
+        .await
+        .unwrap();
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let parked = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT CAST(m.payload AS TEXT) FROM sluice_deliveries d JOIN sluice_messages m ON m.seq = d.seq \
+             WHERE d.attempt = 0 AND d.visible_at > unixepoch('subsec') * 1000 ORDER BY d.seq",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+
+    let heads = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    let texts: HashSet<String> = heads.iter().map(text).collect();
+    assert_eq!(texts, HashSet::from(["a1".to_string(), "b1".to_string()]));
+    assert_eq!(parked().await, ["a2", "a3"]);
+
+    let a1 = heads.iter().find(|d| text(d) == "a1").unwrap();
+    sub.ack(a1).await.unwrap();
+    let next = sub.fetch(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(next.iter().map(text).collect::<Vec<_>>(), ["a2"]);
+    assert_eq!(parked().await, ["a3"]);
+
+    for result in sub.settle(vec![(&next[0], Settlement::Ack)]).await {
+        result.unwrap();
+    }
+    let last = sub.fetch(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(last.iter().map(text).collect::<Vec<_>>(), ["a3"]);
+    assert!(parked().await.is_empty());
+    sub.close().await.unwrap();
+}

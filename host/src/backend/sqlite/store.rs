@@ -293,15 +293,17 @@ pub async fn delete_claimed(
     if claims.is_empty() {
         return Ok(HashSet::new());
     }
+    // The key only where it is handed on: no string per ack otherwise.
     let deleted: Vec<(i64, i64, Option<String>)> = sqlx::query_as(
         "DELETE FROM sluice_deliveries \
          WHERE group_name = ?1 \
            AND seq IN (SELECT value ->> 0 FROM json_each(?2)) \
            AND (seq, attempt) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?2)) \
-         RETURNING seq, attempt, msg_key",
+         RETURNING seq, attempt, CASE WHEN ?3 THEN msg_key END",
     )
     .bind(group)
     .bind(serde_json::to_string(claims)?)
+    .bind(ordered)
     .fetch_all(&mut *conn)
     .await?;
     if ordered {
