@@ -5,8 +5,10 @@
 //! - Sluice: a route running the `echo` plugin from `bench.in` to
 //!   `bench.out`, and a counting subscription on `bench.out`;
 //! - plain: the broker's own client crate reading batches of 100 from an
-//!   input stream, writing each to an output stream (pipelined), acking the
-//!   batch, and a second loop counting (and acking) the outputs.
+//!   input stream, writing each to an output stream (pipelined; on
+//!   JetStream with a `Nats-Msg-Id` each, as Sluice publishes, so both
+//!   sides pay for the server's deduplication), acking the batch, and a
+//!   second loop counting (and acking) the outputs.
 //!
 //! Both get the same pre-published 1 KiB messages and are timed from the
 //! start of consuming until the last output is counted. Rates on a shared
@@ -40,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, anyhow, bail};
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
 use chart::{bar, legend, median, round2, save, svg_open, thousands};
 use futures::StreamExt;
@@ -278,7 +281,7 @@ impl Broker {
                 "the server's own settings on both sides; outputs XADDed before the input is XACKed"
             }
             Broker::JetStream => {
-                "file streams; every publish confirmed by its PubAck before the input is acked, on both sides"
+                "file streams; every output published with its own Nats-Msg-Id (deduplicated by the server) and confirmed by its PubAck before the input is acked, on both sides"
             }
             #[cfg(feature = "postgres")]
             Broker::Postgres => {
@@ -902,8 +905,9 @@ impl PlainJetStream {
         Ok(())
     }
 
-    /// Fetches a batch, publishes each payload and awaits the PubAcks
-    /// together, then acks the batch.
+    /// Fetches a batch, publishes each payload (with a `Nats-Msg-Id`, so a
+    /// retried publish is stored once) and awaits the PubAcks together, then
+    /// acks the batch.
     async fn work_loop(&self, count: usize) -> Result<()> {
         let mut done = 0;
         while done < count {
@@ -920,8 +924,12 @@ impl PlainJetStream {
             }
             let mut acks = Vec::with_capacity(messages.len());
             for message in &messages {
-                let payload = message.payload.clone();
-                acks.push(self.js.publish(self.output.clone(), payload).await?);
+                // A fresh id per output, as Sluice gives each: the server
+                // stores a publish retried after a lost PubAck once.
+                let publish = PublishMessage::build()
+                    .payload(message.payload.clone())
+                    .message_id(uuid::Uuid::now_v7().to_string());
+                acks.push(self.js.send_publish(self.output.clone(), publish).await?);
             }
             futures::future::try_join_all(acks.into_iter().map(IntoFuture::into_future)).await?;
             for message in &messages {
