@@ -235,42 +235,14 @@ async fn materialize(conn: &mut SqliteConnection, group: &str) -> Result<()> {
             .fetch_all(&mut *conn)
             .await?;
     for (topic_pattern, cursor) in cursors {
-        let rows: Vec<(i64, String)> = if pattern::is_pattern(&topic_pattern) {
-            sqlx::query_as(
-                "SELECT seq, topic FROM sluice_messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .bind(cursor)
-            .bind(MATERIALIZE_BATCH)
-            .fetch_all(&mut *conn)
-            .await?
+        let last = if pattern::is_pattern(&topic_pattern) {
+            materialize_pattern(conn, group, &topic_pattern, cursor).await?
         } else {
-            sqlx::query_as(
-                "SELECT seq, topic FROM sluice_messages WHERE topic = ?1 AND seq > ?2 \
-                 ORDER BY seq LIMIT ?3",
-            )
-            .bind(&topic_pattern)
-            .bind(cursor)
-            .bind(MATERIALIZE_BATCH)
-            .fetch_all(&mut *conn)
-            .await?
+            materialize_topic(conn, group, &topic_pattern, cursor).await?
         };
-        let Some(&(last, _)) = rows.last() else {
+        let Some(last) = last else {
             continue;
         };
-        let matching: Vec<i64> = rows
-            .iter()
-            .filter(|(_, topic)| pattern::matches(&topic_pattern, topic))
-            .map(|(seq, _)| *seq)
-            .collect();
-        sqlx::query(
-            "INSERT OR IGNORE INTO sluice_deliveries (group_name, seq, attempt, visible_at, msg_key) \
-             SELECT ?1, m.seq, 0, 0, m.msg_key FROM sluice_messages m \
-             WHERE m.seq IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(group)
-        .bind(serde_json::to_string(&matching)?)
-        .execute(&mut *conn)
-        .await?;
         sqlx::query("UPDATE sluice_groups SET cursor = ?1 WHERE group_name = ?2 AND pattern = ?3")
             .bind(last)
             .bind(group)
@@ -279,6 +251,77 @@ async fn materialize(conn: &mut SqliteConnection, group: &str) -> Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// Turns up to [`MATERIALIZE_BATCH`] rows of `topic` past `cursor` into
+/// deliveries, inside the database: the topic index says where the batch
+/// ends, and one statement copies it. Returns the batch's last row.
+async fn materialize_topic(
+    conn: &mut SqliteConnection,
+    group: &str,
+    topic: &str,
+    cursor: i64,
+) -> Result<Option<i64>> {
+    let last: Option<i64> = sqlx::query_scalar(
+        "SELECT MAX(seq) FROM (SELECT seq FROM sluice_messages \
+         WHERE topic = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)",
+    )
+    .bind(topic)
+    .bind(cursor)
+    .bind(MATERIALIZE_BATCH)
+    .fetch_one(&mut *conn)
+    .await?;
+    if let Some(last) = last {
+        sqlx::query(
+            "INSERT OR IGNORE INTO sluice_deliveries (group_name, seq, attempt, visible_at, msg_key) \
+             SELECT ?1, seq, 0, 0, msg_key FROM sluice_messages \
+             WHERE topic = ?2 AND seq > ?3 AND seq <= ?4",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(cursor)
+        .bind(last)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(last)
+}
+
+/// Turns the rows matching `topic_pattern` among up to
+/// [`MATERIALIZE_BATCH`] rows of the log past `cursor` into deliveries
+/// (the match is Sluice's, so the rows come to the client). Returns the
+/// last row looked at.
+async fn materialize_pattern(
+    conn: &mut SqliteConnection,
+    group: &str,
+    topic_pattern: &str,
+    cursor: i64,
+) -> Result<Option<i64>> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT seq, topic FROM sluice_messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )
+    .bind(cursor)
+    .bind(MATERIALIZE_BATCH)
+    .fetch_all(&mut *conn)
+    .await?;
+    let Some(&(last, _)) = rows.last() else {
+        return Ok(None);
+    };
+    let matching: Vec<i64> = rows
+        .iter()
+        .filter(|(_, topic)| pattern::matches(topic_pattern, topic))
+        .map(|(seq, _)| *seq)
+        .collect();
+    sqlx::query(
+        "INSERT OR IGNORE INTO sluice_deliveries (group_name, seq, attempt, visible_at, msg_key) \
+         SELECT ?1, m.seq, 0, 0, m.msg_key FROM sluice_messages m \
+         WHERE m.seq IN (SELECT value FROM json_each(?2))",
+    )
+    .bind(group)
+    .bind(serde_json::to_string(&matching)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(last))
 }
 
 /// Deletes the rows of `claims` whose claim is still current; returns the
