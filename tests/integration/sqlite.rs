@@ -1,7 +1,8 @@
 //! SQLite backend specifics, each test on a file of its own: two backends
 //! sharing one file (as two processes do) settle batches side by side
 //! without losing or repeating a message. (A batch around a lost lease is
-//! a conformance case.)
+//! a conformance case.) A claim crosses the batch of log rows it turns into
+//! deliveries at once without a gap.
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -198,4 +199,57 @@ async fn an_ordered_claim_parks_held_deliveries_and_settling_frees_the_next() {
     assert_eq!(last.iter().map(text).collect::<Vec<_>>(), ["a3"]);
     assert!(parked().await.is_empty());
     sub.close().await.unwrap();
+}
+
+/// A claim turns at most 2,000 log rows past a group's cursor into
+/// deliveries at a time. With 2,500 messages on each of two topics,
+/// interleaved, a group of one topic and a group of a pattern each get all
+/// of theirs, once and in publish order, across that boundary, and nothing
+/// of the other topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_cross_the_materializing_batch_in_order() {
+    const PER_TOPIC: usize = 2_500;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("long.db").display());
+    let backend = backend::connect(&url).await.unwrap();
+    let by_topic = backend
+        .subscribe(SubscribeOptions::new(vec!["t.a".into()], "topic"))
+        .await
+        .unwrap();
+    let by_pattern = backend
+        .subscribe(SubscribeOptions::new(vec!["*.a".into()], "pattern"))
+        .await
+        .unwrap();
+    for chunk in 0..PER_TOPIC / 100 {
+        let batch = (0..100)
+            .flat_map(|i| {
+                let n = chunk * 100 + i;
+                [
+                    Message::new("t.a", format!("{n}")),
+                    Message::new("t.b", format!("{n}")),
+                ]
+            })
+            .collect();
+        backend.publish(batch).await.unwrap();
+    }
+    for sub in [&by_topic, &by_pattern] {
+        let mut texts = Vec::new();
+        loop {
+            let batch = sub.fetch(300, Duration::from_millis(500)).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            assert!(batch.iter().all(|d| d.message.topic == "t.a"));
+            texts.extend(batch.iter().map(text));
+            let acks = batch.iter().map(|d| (d, Settlement::Ack)).collect();
+            for result in sub.settle(acks).await {
+                result.unwrap();
+            }
+        }
+        let expected: Vec<String> = (0..PER_TOPIC).map(|n| n.to_string()).collect();
+        assert_eq!(texts.len(), PER_TOPIC);
+        assert!(texts == expected, "deliveries out of publish order");
+    }
+    by_topic.close().await.unwrap();
+    by_pattern.close().await.unwrap();
 }
