@@ -193,6 +193,47 @@ async fn a_full_buffer_skips_nothing() -> Result<()> {
     Ok(())
 }
 
+/// An ordered member whose line is mostly messages waiting behind their
+/// keys' earlier ones keeps taking records until what it could hand out
+/// fills its buffer: every message comes, each key's in offset order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_member_with_a_small_buffer_keeps_each_keys_order() -> Result<()> {
+    const TOTAL: usize = 2_000;
+    const KEYS: usize = 40;
+    init_tracing();
+    let tansu = Server::tansu();
+    let backend = backend::connect(&tansu.kafka_url("?partitions=1&buffer=10")).await?;
+    let mut options = SubscribeOptions::new(vec!["keyed".into()], "g");
+    options.ordered = true;
+    let sub = backend.subscribe(options).await?;
+    let messages: Vec<Message> = (0..TOTAL)
+        .map(|i| Message::new("keyed", format!("{i}")).with_key(format!("k{}", i % KEYS)))
+        .collect();
+    backend.publish(messages).await?;
+    let mut seen: Vec<Vec<usize>> = vec![Vec::new(); KEYS];
+    let mut count = 0;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while count < TOTAL && Instant::now() < give_up {
+        let batch = sub.fetch(100, Duration::from_millis(200)).await?;
+        for d in &batch {
+            let n: usize = String::from_utf8_lossy(&d.message.payload).parse()?;
+            seen[n % KEYS].push(n);
+        }
+        count += batch.len();
+        let acks = batch.iter().map(|d| (d, Settlement::Ack)).collect();
+        for result in sub.settle(acks).await {
+            result?;
+        }
+    }
+    ensure!(count == TOTAL, "{count} of {TOTAL} delivered");
+    for (key, numbers) in seen.iter().enumerate() {
+        let expected: Vec<usize> = (key..TOTAL).step_by(KEYS).collect();
+        ensure!(*numbers == expected, "key k{key} out of order: {numbers:?}");
+    }
+    sub.close().await?;
+    Ok(())
+}
+
 /// Fetches until `count` deliveries are in hand.
 async fn fetch_all(sub: &dyn Subscription, count: usize) -> Result<Vec<Delivery>> {
     let give_up = Instant::now() + Duration::from_secs(30);

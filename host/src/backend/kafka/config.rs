@@ -41,7 +41,9 @@ pub struct KafkaConfig {
     /// sees new topics (`metadata_refresh_ms`, default 1000).
     pub metadata_refresh: Duration,
     /// Messages a group member buffers before it takes records from
-    /// librdkafka only now and then (`buffer`, default 1000).
+    /// librdkafka only now and then (`buffer`, default 1000). In an ordered
+    /// group, those it could hand out now, or an eighth of all it holds if
+    /// that is more.
     pub buffer: usize,
     /// Longest wait in `subscribe` for the group to hand this member its
     /// partitions (`join_timeout_ms`, default 15000).

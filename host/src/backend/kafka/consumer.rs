@@ -393,7 +393,7 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
             Err(TryRecvError::Disconnected) => break None,
             Err(TryRecvError::Empty) => {}
         }
-        let (leave, rejoin, buffered, released) = {
+        let (leave, rejoin, fill, released) = {
             let mut state = shared.lock();
             let idle = state.idle_subscribers();
             let released: usize = idle.iter().map(|id| state.release(*id)).sum();
@@ -406,7 +406,7 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
             if rejoin {
                 state.parked = false;
             }
-            (leave, rejoin, state.buffered(), released)
+            (leave, rejoin, state.fill(behaviour.buffer / 2), released)
         };
         if released > 0 {
             tracing::warn!(
@@ -428,9 +428,9 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
         // Full at the limit, and again taking records once half of it is
         // handed out, so the line never runs dry while records wait.
         let now_full = if full {
-            buffered > behaviour.buffer / 2
+            fill > behaviour.buffer / 2
         } else {
-            buffered >= behaviour.buffer
+            fill >= behaviour.buffer
         };
         if now_full != full {
             full = now_full;

@@ -13,7 +13,7 @@
 //! | `heartbeat_ms` | 500 | consumer heartbeat; members notice a rebalance within about one |
 //! | `session_timeout_ms` | the lease, within 6 s–30 min | how long a crashed member keeps its partitions |
 //! | `metadata_refresh_ms` | 1000 | how often metadata is refreshed, so patterns see new topics |
-//! | `buffer` | 1000 | messages a group member buffers before it takes records only now and then (librdkafka prefetches besides, up to its `queued.max.messages.kbytes`, then stops fetching) |
+//! | `buffer` | 1000 | messages a group member buffers before it takes records only now and then; in an ordered group, those it could hand out now, or an eighth of all it holds if that is more (librdkafka prefetches besides, up to its `queued.max.messages.kbytes`, then stops fetching) |
 //! | `join_timeout_ms` | 15000 | longest `subscribe` waits for the group to assign this member |
 //! | `rdkafka.NAME` | | any librdkafka property (e.g. `rdkafka.security.protocol=SASL_SSL`), applied last to producer, consumers and admin client; values percent-decoded |
 //!
