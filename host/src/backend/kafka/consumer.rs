@@ -406,7 +406,7 @@ pub fn run(consumer: BaseConsumer<Context>, shared: Arc<Shared>, commands: Recei
             if rejoin {
                 state.parked = false;
             }
-            (leave, rejoin, state.fill(behaviour.buffer / 2), released)
+            (leave, rejoin, state.fill(), released)
         };
         if released > 0 {
             tracing::warn!(

@@ -9,7 +9,7 @@
 //! (see [`Prior`]) so that the member that gets the partition next, after a
 //! rebalance or a crash, counts on from them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::landing::{Arrival, Landing};
 use crate::message::Message;
@@ -40,6 +40,9 @@ struct Entry {
     stage: Stage,
     /// The subscription it was last handed to.
     holder: u64,
+    /// Out of the line: an ordered group's message behind an unsettled
+    /// one of its key (see [`Ledger::park`]).
+    shelved: bool,
 }
 
 /// What an earlier owner of the partition left in its last commit's
@@ -157,6 +160,22 @@ pub struct Ledger {
     /// A committed start not yet confirmed by what arrived (see
     /// [`super::landing`]).
     pub landing: Option<Landing>,
+    /// The unsettled offsets of each key, kept as messages arrive and
+    /// settle so that an ordered group finds a key's oldest one without a
+    /// scan of the partition.
+    unsettled_by_key: HashMap<Box<str>, BTreeSet<i64>>,
+    /// Entries shelved.
+    shelved: usize,
+}
+
+/// What [`Ledger::ack`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// Nothing: the offset was settled already, or never received.
+    Already,
+    /// Settled it. `unshelved` is the key's next message if it was shelved:
+    /// it goes back in line.
+    Now { unshelved: Option<i64> },
 }
 
 /// What became of a received record.
@@ -182,6 +201,8 @@ impl Ledger {
             prior,
             committed: None,
             landing: None,
+            unsettled_by_key: HashMap::new(),
+            shelved: 0,
         }
     }
 
@@ -215,6 +236,17 @@ impl Ledger {
         }
         self.next_offset = Some(offset + 1);
         let settled = self.prior.is_settled(offset);
+        if let Some(key) = &message.key {
+            match self.unsettled_by_key.get_mut(key.as_str()) {
+                Some(offsets) => {
+                    offsets.insert(offset);
+                }
+                None => {
+                    self.unsettled_by_key
+                        .insert(key.as_str().into(), BTreeSet::from([offset]));
+                }
+            }
+        }
         self.entries.insert(
             offset,
             Entry {
@@ -222,6 +254,7 @@ impl Ledger {
                 attempts: self.prior.attempts(offset),
                 stage: Stage::Buffered,
                 holder: 0,
+                shelved: false,
             },
         );
         if settled {
@@ -247,40 +280,89 @@ impl Ledger {
         Some((message, entry.attempts))
     }
 
-    /// The key of the message at `offset`, while it is unsettled.
-    pub fn key(&self, offset: i64) -> Option<&str> {
-        self.entries.get(&offset)?.message.as_ref()?.key.as_deref()
+    /// Whether the message at `offset` has an older unsettled one of its
+    /// key in the partition: an ordered group hands it out only after that
+    /// one is settled.
+    pub fn behind_its_key(&self, offset: i64) -> bool {
+        let key = self
+            .entries
+            .get(&offset)
+            .and_then(|entry| entry.message.as_ref()?.key.as_deref());
+        key.and_then(|key| self.unsettled_by_key.get(key)?.first())
+            .is_some_and(|&first| first < offset)
     }
 
-    /// The oldest unsettled offset of each key in the partition: a message
-    /// of an ordered group may go out only if it is its key's.
-    pub fn first_of_keys(&self) -> HashMap<&str, i64> {
-        let mut first = HashMap::new();
-        for (offset, entry) in &self.entries {
-            if let Some(key) = entry.message.as_ref().and_then(|m| m.key.as_deref()) {
-                first.entry(key).or_insert(*offset);
-            }
+    /// Takes a message out of the line until the older unsettled message
+    /// of its key is settled; [`Ledger::ack`] of that one says when.
+    pub fn shelve(&mut self, offset: i64) {
+        if let Some(entry) = self.entries.get_mut(&offset)
+            && !entry.shelved
+        {
+            entry.shelved = true;
+            self.shelved += 1;
         }
-        first
     }
 
-    /// Settles a message for good; false if it was not out.
-    pub fn ack(&mut self, offset: i64) -> bool {
+    /// Messages shelved.
+    pub fn shelved(&self) -> usize {
+        self.shelved
+    }
+
+    /// Unshelves every shelved message: its offset, to go back in line.
+    pub fn unshelve_all(&mut self) -> Vec<i64> {
+        self.shelved = 0;
+        self.entries
+            .iter_mut()
+            .filter(|(_, entry)| entry.shelved)
+            .map(|(offset, entry)| {
+                entry.shelved = false;
+                *offset
+            })
+            .collect()
+    }
+
+    /// Settles a message for good.
+    pub fn ack(&mut self, offset: i64) -> Acked {
         let Some(entry) = self.entries.get_mut(&offset) else {
-            return false;
+            return Acked::Already;
         };
         if entry.stage == Stage::Done {
-            return false;
+            return Acked::Already;
         }
         entry.stage = Stage::Done;
-        entry.message = None;
+        if entry.shelved {
+            entry.shelved = false;
+            self.shelved -= 1;
+        }
+        let key = entry.message.take().and_then(|message| message.key);
+        let unshelved = key.and_then(|key| self.next_of_key(&key, offset));
         while let Some(first) = self.entries.first_entry() {
             if first.get().stage != Stage::Done {
                 break;
             }
             first.remove();
         }
-        true
+        Acked::Now { unshelved }
+    }
+
+    /// Forgets settled `offset` among its key's unsettled ones; the key's
+    /// next one, unshelved, if `offset` was the oldest and the next was
+    /// shelved.
+    fn next_of_key(&mut self, key: &str, offset: i64) -> Option<i64> {
+        let offsets = self.unsettled_by_key.get_mut(key)?;
+        let was_first = offsets.first() == Some(&offset);
+        offsets.remove(&offset);
+        let Some(&next) = offsets.first() else {
+            self.unsettled_by_key.remove(key);
+            return None;
+        };
+        let entry = self.entries.get_mut(&next).filter(|_| was_first)?;
+        if !entry.shelved {
+            return None;
+        }
+        entry.shelved = false;
+        self.shelved -= 1;
+        Some(next)
     }
 
     /// Marks a message handed out as `attempt` as waiting for redelivery;
@@ -399,10 +481,10 @@ mod tests {
         for offset in 10..15 {
             assert_eq!(ledger.hand_out(offset, 1).unwrap().1, 1);
         }
-        assert!(ledger.ack(11));
-        assert!(ledger.ack(13));
+        assert_ne!(ledger.ack(11), Acked::Already);
+        assert_ne!(ledger.ack(13), Acked::Already);
         assert_eq!(ledger.commit_offset(), Some(10));
-        assert!(ledger.ack(10));
+        assert_ne!(ledger.ack(10), Acked::Already);
         assert_eq!(ledger.commit_offset(), Some(12));
         assert!(ledger.nack(12, 1));
         assert!(!ledger.nack(12, 1), "settled once");
@@ -410,11 +492,11 @@ mod tests {
         assert_eq!(ledger.hand_out(12, 1).unwrap().1, 2);
         assert!(ledger.superseded(12, 1), "the first delivery is stale");
         assert!(!ledger.superseded(12, 2));
-        assert!(ledger.ack(12));
-        assert!(ledger.ack(14));
+        assert_ne!(ledger.ack(12), Acked::Already);
+        assert_ne!(ledger.ack(14), Acked::Already);
         assert_eq!(ledger.commit_offset(), Some(15));
         assert!(!ledger.holds_work());
-        assert!(!ledger.ack(14));
+        assert_eq!(ledger.ack(14), Acked::Already);
     }
 
     #[test]
@@ -503,5 +585,43 @@ mod tests {
         assert!(ledger.landing.is_none());
         assert_eq!(ledger.receive(5, message(5), || 0), Received::Filed);
         assert_eq!(ledger.receive(16, message(16), || 0), Received::Filed);
+    }
+
+    #[test]
+    fn only_settling_a_keys_oldest_message_unshelves_the_next() {
+        let mut ledger = Ledger::new(1, Some(0), Prior::default());
+        for (offset, key) in ["a", "b", "a", "a", "b"].iter().enumerate() {
+            let offset = offset as i64;
+            ledger.receive(offset, message(offset).with_key(*key), || 0);
+        }
+        assert!(!ledger.behind_its_key(0));
+        assert!(!ledger.behind_its_key(1));
+        assert!(ledger.behind_its_key(2));
+        assert!(ledger.behind_its_key(3));
+        assert!(ledger.behind_its_key(4));
+        for offset in [2, 3, 4] {
+            ledger.shelve(offset);
+        }
+        ledger.shelve(4);
+        assert_eq!(ledger.shelved(), 3, "shelving twice counts once");
+
+        // Settled out of turn (as an unordered group may), a later message
+        // of `a` unshelves nothing: the oldest is still unsettled.
+        ledger.hand_out(3, 1);
+        assert_eq!(ledger.ack(3), Acked::Now { unshelved: None });
+        assert_eq!(ledger.shelved(), 2, "an acked shelved message is not");
+        ledger.hand_out(0, 1);
+        assert_eq!(ledger.ack(0), Acked::Now { unshelved: Some(2) });
+        assert!(!ledger.behind_its_key(2));
+        ledger.hand_out(1, 1);
+        assert_eq!(ledger.ack(1), Acked::Now { unshelved: Some(4) });
+        assert_eq!(ledger.ack(1), Acked::Already);
+        assert_eq!(ledger.shelved(), 0);
+        ledger.hand_out(2, 1);
+        assert_eq!(ledger.ack(2), Acked::Now { unshelved: None });
+        assert!(
+            !ledger.unsettled_by_key.contains_key("a"),
+            "a key settled is forgotten"
+        );
     }
 }

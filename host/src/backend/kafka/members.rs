@@ -42,18 +42,16 @@ impl Member {
     pub fn attach(&self, id: u64, lease: std::time::Duration, ordered: bool) {
         self.shared
             .lock()
-            .subscribers
-            .insert(id, Subscriber::new(lease, ordered));
+            .attach(id, Subscriber::new(lease, ordered));
     }
 
     /// Removes a subscription, putting what it holds back in line; true if
     /// it was the last.
     pub fn detach(&self, id: u64) -> bool {
         let mut state = self.shared.lock();
-        if state.subscribers.remove(&id).is_none() {
+        if !state.detach(id) {
             return false;
         }
-        state.release(id);
         let last = state.subscribers.is_empty();
         drop(state);
         self.shared.changed.notify_waiters();

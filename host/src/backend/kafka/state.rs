@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::ledger::{Ledger, Ledgers, Prior, Received};
+use super::ledger::{Acked, Ledger, Ledgers, Prior, Received};
 use crate::backend::{Delivery, Receipt};
 use crate::message::Message;
 
@@ -42,7 +42,8 @@ pub struct KafkaReceipt {
 pub struct State {
     pub ledgers: Ledgers,
     /// In the order to hand out: per partition in offset order, redeliveries
-    /// first.
+    /// first. An ordered group's messages behind an unsettled one of their
+    /// key are shelved in their ledgers instead, out of line.
     pub ready: VecDeque<Ticket>,
     /// Nacked messages by the time they are due.
     pub delayed: BinaryHeap<Reverse<(Instant, Ticket)>>,
@@ -57,6 +58,9 @@ pub struct State {
     /// The member left the group because no subscription fetched while
     /// messages waited; the next fetch makes it join again.
     pub parked: bool,
+    /// Whether a subscription asked for key affinity
+    /// ([`crate::backend::SubscribeOptions::ordered`]).
+    ordered: bool,
 }
 
 impl State {
@@ -97,11 +101,16 @@ impl State {
             return Received::Ignored;
         };
         let epoch = ledger.epoch;
+        let ordered = self.ordered;
         let ledger = self
             .ledger_at(&topic, partition, epoch)
             .expect("found above");
         let received = ledger.receive(offset, message, log_start);
         if received == Received::Filed {
+            if ordered && ledger.behind_its_key(offset) {
+                ledger.shelve(offset);
+                return received;
+            }
             self.ready.push_back(Ticket {
                 topic,
                 partition,
@@ -151,29 +160,24 @@ impl State {
 
     /// Up to `max` deliveries from the front of the line. For an ordered
     /// group, a message whose key has an older unsettled one in its
-    /// partition (out, or waiting out a nack) stays in line, in its place.
+    /// partition (out, or waiting out a nack) is shelved instead: settling
+    /// that one puts it back in line ([`State::settled`]).
     pub fn hand_out(&mut self, max: usize, subscription: u64) -> Vec<Delivery> {
-        let held_back = if self.ordered() {
-            self.held_back()
-        } else {
-            Vec::new()
-        };
+        let ordered = self.ordered;
         let mut deliveries = Vec::new();
-        let mut kept = VecDeque::new();
-        let mut position = 0;
         while deliveries.len() < max {
             let Some(ticket) = self.ready.pop_front() else {
                 break;
             };
-            position += 1;
-            if held_back.get(position - 1) == Some(&true) {
-                kept.push_back(ticket);
+            let Some(ledger) = self.ledger(&ticket) else {
+                continue;
+            };
+            // Filed before the group asked for order, or handed back.
+            if ordered && ledger.behind_its_key(ticket.offset) {
+                ledger.shelve(ticket.offset);
                 continue;
             }
-            let Some((message, attempt)) = self
-                .ledger(&ticket)
-                .and_then(|l| l.hand_out(ticket.offset, subscription))
-            else {
+            let Some((message, attempt)) = ledger.hand_out(ticket.offset, subscription) else {
                 continue;
             };
             deliveries.push(Delivery {
@@ -186,68 +190,77 @@ impl State {
                 }),
             });
         }
-        while let Some(ticket) = kept.pop_back() {
-            self.ready.push_front(ticket);
-        }
         deliveries
     }
 
-    /// Whether a subscription of the member asked for key affinity.
-    fn ordered(&self) -> bool {
-        self.subscribers.values().any(|s| s.ordered)
+    /// Settles `ticket` for good in its ledger; the key's next message, if
+    /// it was shelved and goes back in line now.
+    pub fn settled(&mut self, ticket: &Ticket) -> Option<Ticket> {
+        match self.ledger(ticket)?.ack(ticket.offset) {
+            Acked::Now {
+                unshelved: Some(offset),
+            } => Some(Ticket {
+                offset,
+                ..ticket.clone()
+            }),
+            _ => None,
+        }
     }
 
-    /// For each ticket in line, in order, whether its key has an older
-    /// unsettled message in its partition. Handing messages out does not
-    /// change the answer, since an unsettled message counts whether it is
-    /// out or not.
-    fn held_back(&self) -> Vec<bool> {
-        let mut firsts: HashMap<(&str, i32, u64), HashMap<&str, i64>> = HashMap::new();
-        self.ready
-            .iter()
-            .map(|ticket| {
-                let Some(ledger) = self
-                    .ledgers
-                    .get(&ticket.topic)
-                    .and_then(|partitions| partitions.get(&ticket.partition))
-                    .filter(|ledger| ledger.epoch == ticket.epoch)
-                else {
-                    return false;
-                };
-                let Some(key) = ledger.key(ticket.offset) else {
-                    return false;
-                };
-                let first = firsts
-                    .entry((&ticket.topic, ticket.partition, ticket.epoch))
-                    .or_insert_with(|| ledger.first_of_keys());
-                first.get(key).is_some_and(|&offset| offset < ticket.offset)
-            })
-            .collect()
+    /// Adds a subscription.
+    pub fn attach(&mut self, id: u64, subscriber: Subscriber) {
+        self.subscribers.insert(id, subscriber);
+        self.ordered = self.subscribers.values().any(|s| s.ordered);
+    }
+
+    /// Removes a subscription and puts what it holds back in line; false if
+    /// it was not there. When no subscription asks for order any more,
+    /// shelved messages go back in line too.
+    pub fn detach(&mut self, id: u64) -> bool {
+        if self.subscribers.remove(&id).is_none() {
+            return false;
+        }
+        let mut back = self.take_from_ledgers(|ledger| ledger.release(id));
+        self.ordered = self.subscribers.values().any(|s| s.ordered);
+        if !self.ordered {
+            back.extend(self.take_from_ledgers(Ledger::unshelve_all));
+        }
+        self.put_first(back);
+        true
+    }
+
+    /// Puts tickets at the front of the line, lowest offsets first.
+    pub fn put_first(&mut self, mut tickets: Vec<Ticket>) {
+        tickets.sort();
+        for ticket in tickets.into_iter().rev() {
+            self.ready.push_front(ticket);
+        }
     }
 
     /// Puts what `subscription` holds back in line, first, for any
     /// subscription to take: it stopped fetching for a lease, or closed.
     /// Returns how many.
     pub fn release(&mut self, subscription: u64) -> usize {
-        let mut released = Vec::new();
+        let released = self.take_from_ledgers(|ledger| ledger.release(subscription));
+        let count = released.len();
+        self.put_first(released);
+        count
+    }
+
+    /// The tickets of the offsets `take` takes from each ledger.
+    fn take_from_ledgers(&mut self, mut take: impl FnMut(&mut Ledger) -> Vec<i64>) -> Vec<Ticket> {
+        let mut tickets = Vec::new();
         for (topic, partitions) in &mut self.ledgers {
             for (partition, ledger) in partitions.iter_mut() {
-                for offset in ledger.release(subscription) {
-                    released.push(Ticket {
-                        topic: topic.clone(),
-                        partition: *partition,
-                        offset,
-                        epoch: ledger.epoch,
-                    });
-                }
+                tickets.extend(take(ledger).into_iter().map(|offset| Ticket {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset,
+                    epoch: ledger.epoch,
+                }));
             }
         }
-        released.sort();
-        let count = released.len();
-        for ticket in released.into_iter().rev() {
-            self.ready.push_front(ticket);
-        }
-        count
+        tickets
     }
 
     /// Subscriptions that are not fetching and have neither fetched nor
@@ -262,20 +275,24 @@ impl State {
 
     /// How full the line is, against the member's `buffer`: the messages
     /// in it. For an ordered group, those it could hand out now, or a
-    /// [`WAITING_PER_BUFFER`]th of the line if that is more: behind each
-    /// key's message out come the key's later ones, which feed no route
-    /// until it is settled, and with many keys they filled the buffer while
-    /// little of it could go out (in the broker bench, over 1,000 keys, an
-    /// ordered route ran at about half the rate of an unordered one while
-    /// they counted in full). Only a line of more than `half` is looked
-    /// into: less cannot be full, nor stay so.
-    pub fn fill(&self, half: usize) -> usize {
+    /// [`WAITING_PER_BUFFER`]th of them and the shelved ones together if
+    /// that is more: shelved messages feed no route until their keys'
+    /// earlier ones are settled, and with many keys they filled the buffer
+    /// while little of it could go out (in the broker bench, over 1,000
+    /// keys, an ordered route ran at about half the rate of an unordered
+    /// one while they counted in full).
+    pub fn fill(&self) -> usize {
         let in_line = self.ready.len();
-        if in_line <= half || !self.ordered() {
+        if !self.ordered {
             return in_line;
         }
-        let free = self.held_back().iter().filter(|held| !**held).count();
-        free.max(in_line / WAITING_PER_BUFFER)
+        let shelved: usize = self
+            .ledgers
+            .values()
+            .flat_map(|partitions| partitions.values())
+            .map(Ledger::shelved)
+            .sum();
+        in_line.max((in_line + shelved) / WAITING_PER_BUFFER)
     }
 }
 
@@ -341,9 +358,12 @@ mod tests {
     use crate::backend::kafka::ledger::Prior;
 
     /// A member's books with one partition of `orders` holding `keys`, in
-    /// offset order, and one subscription (`ordered` or not).
+    /// offset order, filed after one subscription (`ordered` or not)
+    /// attached.
     fn books(keys: &[&str], ordered: bool) -> State {
         let mut state = State::default();
+        let lease = std::time::Duration::from_secs(30);
+        state.attach(1, Subscriber::new(lease, ordered));
         let epoch = state.new_epoch();
         state
             .ledgers
@@ -354,8 +374,6 @@ mod tests {
             let message = Message::new("orders", offset.to_string()).with_key(*key);
             state.file("orders", 0, offset as i64, message, || 0);
         }
-        let lease = std::time::Duration::from_secs(30);
-        state.subscribers.insert(1, Subscriber::new(lease, ordered));
         state
     }
 
@@ -366,6 +384,15 @@ mod tests {
             .collect()
     }
 
+    fn ticket(delivery: &Delivery) -> Ticket {
+        delivery
+            .receipt
+            .get::<KafkaReceipt>()
+            .unwrap()
+            .ticket
+            .clone()
+    }
+
     #[test]
     fn an_ordered_member_hands_out_a_key_only_after_its_previous_message() {
         let mut state = books(&["a", "b", "a", "c", "b"], true);
@@ -374,11 +401,11 @@ mod tests {
         assert!(state.hand_out(10, 1).is_empty(), "a and b are out");
 
         // Acked, `a` lets its next go; nacked, `b` holds its key.
-        let ticket = |d: &Delivery| d.receipt.get::<KafkaReceipt>().unwrap().ticket.clone();
         let (a, b) = (ticket(&first[0]), ticket(&first[1]));
-        state.ledger(&a).unwrap().ack(a.offset);
+        let next_of_a = state.settled(&a);
+        assert_eq!(next_of_a.as_ref().map(|t| t.offset), Some(2));
         assert!(state.ledger(&b).unwrap().nack(b.offset, 1));
-        state.ready.push_front(b);
+        state.put_first(vec![b].into_iter().chain(next_of_a).collect());
         assert_eq!(payloads(&state.hand_out(10, 1)), ["1", "2"]);
         assert!(
             state.hand_out(10, 1).is_empty(),
@@ -391,20 +418,58 @@ mod tests {
         let keys: Vec<String> = (0..40).map(|i| format!("k{}", i % 2)).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let unordered = books(&keys, false);
-        assert_eq!(unordered.fill(0), 40);
+        assert_eq!(unordered.fill(), 40);
         let mut ordered = books(&keys, true);
-        // Each key's first could go out; the rest wait behind it, and count
-        // an eighth.
-        assert_eq!(ordered.fill(0), 5);
-        assert_eq!(
-            ordered.fill(40),
-            40,
-            "a line within half is not looked into"
-        );
+        // Each key's first could go out; the rest are shelved behind it,
+        // and count an eighth.
+        assert_eq!(ordered.ready.len(), 2);
+        assert_eq!(ordered.fill(), 40 / WAITING_PER_BUFFER);
         assert_eq!(payloads(&ordered.hand_out(10, 1)), ["0", "1"]);
-        assert_eq!(ordered.fill(0), 38 / WAITING_PER_BUFFER);
+        assert_eq!(ordered.fill(), 38 / WAITING_PER_BUFFER);
         let keys = ["a", "b", "c", "a"];
-        assert_eq!(books(&keys, true).fill(0), 3);
+        assert_eq!(books(&keys, true).fill(), 3);
+    }
+
+    #[test]
+    fn settling_a_key_in_turn_brings_out_each_of_its_messages_in_order() {
+        let keys: Vec<String> = (0..300).map(|i| format!("k{}", i % 7)).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut state = books(&keys, true);
+        let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
+        let mut out = state.hand_out(3, 1);
+        while !out.is_empty() {
+            let mut again = Vec::new();
+            for delivery in &out {
+                let ticket = ticket(delivery);
+                let key = delivery.message.key.clone().unwrap();
+                seen.entry(key).or_default().push(ticket.offset);
+                again.extend(state.settled(&ticket));
+            }
+            state.put_first(again);
+            out = state.hand_out(3, 1);
+        }
+        assert_eq!(seen.values().map(Vec::len).sum::<usize>(), 300);
+        for (key, offsets) in &seen {
+            assert!(offsets.is_sorted(), "{key}: {offsets:?}");
+        }
+        assert!(!state.holds_work());
+    }
+
+    #[test]
+    fn a_member_shelves_when_a_subscription_asks_for_order_and_unshelves_when_none_does() {
+        let mut state = books(&["a", "a", "b", "a"], false);
+        let lease = std::time::Duration::from_secs(30);
+        state.attach(2, Subscriber::new(lease, true));
+        // Filed in line before; shelved as they come to the front.
+        assert_eq!(payloads(&state.hand_out(10, 2)), ["0", "2"]);
+        assert!(state.ready.is_empty());
+        assert!(state.detach(2), "it was attached");
+        assert_eq!(
+            payloads(&state.hand_out(10, 1)),
+            ["0", "1", "2", "3"],
+            "with no one asking for order, the shelved go back in line, and what the \
+             one detached held"
+        );
     }
 
     #[test]

@@ -113,9 +113,7 @@ impl KafkaSubscription {
                     again.later = true;
                 }
             }
-            _ => {
-                ledger.ack(ticket.offset);
-            }
+            _ => again.now.extend(state.settled(ticket)),
         }
         Ok(())
     }
@@ -155,7 +153,7 @@ pub async fn joined(shared: &Shared, limit: Duration) -> bool {
 /// Nacked deliveries of a settled batch, to queue once the batch is done.
 #[derive(Default)]
 struct Again {
-    /// With no delay: first in line again.
+    /// Nacked with no delay, or unshelved by an ack: first in line again.
     now: Vec<Ticket>,
     /// Some wait out a delay.
     later: bool,
@@ -244,10 +242,7 @@ impl Subscription for KafkaSubscription {
                 })
                 .collect();
             // Lowest offsets first, as they were handed out.
-            again.now.sort();
-            for ticket in again.now.iter().rev() {
-                state.ready.push_front(ticket.clone());
-            }
+            state.put_first(again.now.clone());
             results
         };
         if !again.now.is_empty() || again.later {
