@@ -41,7 +41,7 @@ struct Entry {
     /// The subscription it was last handed to.
     holder: u64,
     /// Out of the line: an ordered group's message behind an unsettled
-    /// one of its key (see [`Ledger::park`]).
+    /// one of its key (see [`Ledger::shelve`]).
     shelved: bool,
 }
 

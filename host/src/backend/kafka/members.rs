@@ -42,7 +42,8 @@ impl Member {
     pub fn attach(&self, id: u64, lease: std::time::Duration, ordered: bool) {
         self.shared
             .lock()
-            .attach(id, Subscriber::new(lease, ordered));
+            .subscribers
+            .insert(id, Subscriber::new(lease, ordered));
     }
 
     /// Removes a subscription, putting what it holds back in line; true if

@@ -14,9 +14,9 @@ use super::ledger::{Acked, Ledger, Ledgers, Prior, Received};
 use crate::backend::{Delivery, Receipt};
 use crate::message::Message;
 
-/// How many buffers' worth of messages an ordered group's line may hold,
-/// most of them waiting behind their keys' earlier ones (see
-/// [`State::fill`]).
+/// How many buffers' worth of messages an ordered group's member may hold,
+/// in line and shelved together, most of them shelved behind their keys'
+/// earlier ones (see [`State::fill`]).
 const WAITING_PER_BUFFER: usize = 8;
 
 /// One offset of one assignment of a partition.
@@ -58,9 +58,6 @@ pub struct State {
     /// The member left the group because no subscription fetched while
     /// messages waited; the next fetch makes it join again.
     pub parked: bool,
-    /// Whether a subscription asked for key affinity
-    /// ([`crate::backend::SubscribeOptions::ordered`]).
-    ordered: bool,
 }
 
 impl State {
@@ -101,7 +98,7 @@ impl State {
             return Received::Ignored;
         };
         let epoch = ledger.epoch;
-        let ordered = self.ordered;
+        let ordered = self.ordered();
         let ledger = self
             .ledger_at(&topic, partition, epoch)
             .expect("found above");
@@ -163,7 +160,7 @@ impl State {
     /// partition (out, or waiting out a nack) is shelved instead: settling
     /// that one puts it back in line ([`State::settled`]).
     pub fn hand_out(&mut self, max: usize, subscription: u64) -> Vec<Delivery> {
-        let ordered = self.ordered;
+        let ordered = self.ordered();
         let mut deliveries = Vec::new();
         while deliveries.len() < max {
             let Some(ticket) = self.ready.pop_front() else {
@@ -172,7 +169,7 @@ impl State {
             let Some(ledger) = self.ledger(&ticket) else {
                 continue;
             };
-            // Filed before the group asked for order, or handed back.
+            // Filed before a subscription asked for order.
             if ordered && ledger.behind_its_key(ticket.offset) {
                 ledger.shelve(ticket.offset);
                 continue;
@@ -207,10 +204,9 @@ impl State {
         }
     }
 
-    /// Adds a subscription.
-    pub fn attach(&mut self, id: u64, subscriber: Subscriber) {
-        self.subscribers.insert(id, subscriber);
-        self.ordered = self.subscribers.values().any(|s| s.ordered);
+    /// Whether a subscription of the member asked for key affinity.
+    fn ordered(&self) -> bool {
+        self.subscribers.values().any(|s| s.ordered)
     }
 
     /// Removes a subscription and puts what it holds back in line; false if
@@ -221,8 +217,7 @@ impl State {
             return false;
         }
         let mut back = self.take_from_ledgers(|ledger| ledger.release(id));
-        self.ordered = self.subscribers.values().any(|s| s.ordered);
-        if !self.ordered {
+        if !self.ordered() {
             back.extend(self.take_from_ledgers(Ledger::unshelve_all));
         }
         self.put_first(back);
@@ -283,7 +278,7 @@ impl State {
     /// one while they counted in full).
     pub fn fill(&self) -> usize {
         let in_line = self.ready.len();
-        if !self.ordered {
+        if !self.ordered() {
             return in_line;
         }
         let shelved: usize = self
@@ -363,7 +358,7 @@ mod tests {
     fn books(keys: &[&str], ordered: bool) -> State {
         let mut state = State::default();
         let lease = std::time::Duration::from_secs(30);
-        state.attach(1, Subscriber::new(lease, ordered));
+        state.subscribers.insert(1, Subscriber::new(lease, ordered));
         let epoch = state.new_epoch();
         state
             .ledgers
@@ -459,7 +454,7 @@ mod tests {
     fn a_member_shelves_when_a_subscription_asks_for_order_and_unshelves_when_none_does() {
         let mut state = books(&["a", "a", "b", "a"], false);
         let lease = std::time::Duration::from_secs(30);
-        state.attach(2, Subscriber::new(lease, true));
+        state.subscribers.insert(2, Subscriber::new(lease, true));
         // Filed in line before; shelved as they come to the front.
         assert_eq!(payloads(&state.hand_out(10, 2)), ["0", "2"]);
         assert!(state.ready.is_empty());

@@ -229,7 +229,7 @@ impl Subscription for KafkaSubscription {
 
     async fn settle(&self, batch: Vec<(&Delivery, Settlement)>) -> Vec<Result<(), SettleError>> {
         let mut again = Again::default();
-        let results: Vec<Result<(), SettleError>> = {
+        let (results, wake): (Vec<Result<(), SettleError>>, bool) = {
             let mut state = self.shared().lock();
             let now = std::time::Instant::now();
             if let Some(subscriber) = state.subscribers.get_mut(&self.id) {
@@ -241,11 +241,12 @@ impl Subscription for KafkaSubscription {
                     self.settle_one(&mut state, delivery, settlement, now, &mut again)
                 })
                 .collect();
+            let wake = !again.now.is_empty() || again.later;
             // Lowest offsets first, as they were handed out.
-            state.put_first(again.now.clone());
-            results
+            state.put_first(again.now);
+            (results, wake)
         };
-        if !again.now.is_empty() || again.later {
+        if wake {
             self.shared().changed.notify_waiters();
         }
         results
