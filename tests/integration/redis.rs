@@ -2,7 +2,8 @@
 //! conformance suite does not show — a dead consumer's entries reclaimed
 //! with the attempt count going on, a batch settled around a delivery whose
 //! lease was lost, MAXLEN trimming (and an ordered group's key whose
-//! holder it trimmed), the pending count,
+//! holder it trimmed), an ordered group's message whose reader died
+//! before its key's turn, the pending count,
 //! pub/sub fan-out, and the same plugin and config moved to Redis by the
 //! environment alone.
 //!
@@ -482,6 +483,76 @@ async fn a_key_held_by_a_trimmed_entry_goes_on_to_its_next_message() {
         .query_async(&mut ns.conn().await)
         .await
         .unwrap();
+    let second = next(sub.as_ref(), Duration::from_secs(5)).await;
+    assert_eq!(second.message.payload, b"second");
+    sub.ack(&second).await.unwrap();
+    sub.close().await.unwrap();
+}
+
+/// In an ordered group, a message read by a member that died before it
+/// asked for its key's turn keeps its place: the next member to read a
+/// later message of that key gives the earlier one its turn first, so the
+/// later one waits until the earlier one is claimed and settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_read_by_a_member_that_died_before_its_turn_keeps_its_place() {
+    let Some(ns) = Namespace::new().await else {
+        return;
+    };
+    let backend = RedisStreamsBackend::connect(&ns.url("redis", ""))
+        .await
+        .unwrap();
+    let sub = ordered_member(&backend, "jobs").await;
+    let group = options("jobs", "g", 30_000).group_key();
+    let stream = format!("{}jobs", ns.prefix);
+    let keyed = |text: &str| Message::new("jobs", text.to_string()).with_key("k");
+    backend.publish(vec![keyed("first")]).await.unwrap();
+    let mut conn = ns.conn().await;
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&group)
+        .arg("died-before-its-turn")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first_entry = read.keys[0].ids[0].id.clone();
+    backend.publish(vec![keyed("second")]).await.unwrap();
+
+    let early = sub.fetch(10, Duration::from_secs(1)).await.unwrap();
+    let early: Vec<_> = early
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message.payload))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "{early:?} overtook the dead member's message"
+    );
+
+    // The dead member's entry becomes claimable at once, as a closing
+    // member's would.
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&stream)
+        .arg(&group)
+        .arg("sluice-returned")
+        .arg(0)
+        .arg(&first_entry)
+        .arg("IDLE")
+        .arg(1_000_000_000u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first = next(sub.as_ref(), Duration::from_secs(10)).await;
+    assert_eq!(first.message.payload, b"first");
+    let meanwhile = sub.fetch(10, Duration::from_secs(1)).await.unwrap();
+    assert!(
+        meanwhile.is_empty(),
+        "the later message came while the earlier one held the key"
+    );
+    sub.ack(&first).await.unwrap();
     let second = next(sub.as_ref(), Duration::from_secs(5)).await;
     assert_eq!(second.message.payload, b"second");
     sub.ack(&second).await.unwrap();

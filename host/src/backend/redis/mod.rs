@@ -53,17 +53,19 @@
 //! (XADD) and its ack are one all-or-nothing step of that script, so
 //! processing within Redis is exactly once, across crashes too.
 //!
-//! Key affinity: a member of an ordered group reads through a script
-//! ([`scripts::READ_ORDERED`]) that gives each keyed entry its key's turn.
-//! An entry whose key has no message in flight takes the key (the group's
-//! busy hash records the message's id) and is delivered. One whose key is
+//! Key affinity: a member of an ordered group reads with XREADGROUP, then
+//! a script ([`scripts::TAKE_TURNS`]) gives each keyed entry read its
+//! key's turn, in stream order across the group's members. An entry whose
+//! key has no message in flight takes the key (the group's busy hash
+//! records the message's id) and is delivered. One whose key is
 //! busy is moved, in the same step, to the end of the key's waiting list
 //! and acknowledged in its stream, so no consumer holds it while it waits.
 //! Settling the key's holder (ack, or publish-and-ack; a dead letter is
 //! one) moves the key's next waiting message to the group's retry stream,
 //! which every member reads, and hands it the key; a nack keeps the key
 //! for its retry. A crashed member's entries are claimed as usual and
-//! still hold their keys. Unkeyed messages wait for nothing. Every member
+//! still hold their keys (or get their turn then, if it died before
+//! asking). Unkeyed messages wait for nothing. Every member
 //! of a group should agree on `ordered`: an unordered member hands keys on
 //! when it settles their holders but ignores whose turn it is. A waiting
 //! message counts in the group's backlog. An entry that `maxlen` trims

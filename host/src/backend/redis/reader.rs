@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
-use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamKey, StreamReadReply};
 use ::redis::{RedisError, Value};
 use anyhow::{Context, Result};
 use tokio::time::Instant;
@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::delayed;
 use super::envelope;
 use super::scripts;
+use super::settle::entry_order;
 use super::streams::{Keys, Shared};
 use super::subscription::{EntryReceipt, Held, StreamSubscription};
 use crate::backend::{Delivery, Receipt, pattern};
@@ -160,7 +161,8 @@ impl Reader {
 
     /// One XREADGROUP for new entries on every stream, blocking up to
     /// `block` (not at all if it is under a millisecond). An ordered
-    /// group reads through [`scripts::READ_ORDERED`] instead.
+    /// group's member then asks for the keyed entries' turns
+    /// ([`scripts::TAKE_TURNS`]) and keeps those that got them.
     pub async fn read_new(
         &mut self,
         sub: &StreamSubscription,
@@ -168,9 +170,6 @@ impl Reader {
         block: Duration,
     ) -> Result<()> {
         let count = max.min(sub.shared.config.count);
-        if sub.ordered {
-            return self.read_ordered(sub, count, block).await;
-        }
         let streams = self.all_streams();
         let mut cmd = ::redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -192,66 +191,70 @@ impl Reader {
         )
         .await
         .context("XREADGROUP did not answer")?;
-        match reply {
-            Ok(reply) => {
-                self.buffer_read(sub, reply.unwrap_or_default());
-                Ok(())
-            }
-            Err(e) if is_nogroup(&e) => self.rejoin(sub).await,
-            Err(e) => Err(e).context("XREADGROUP"),
+        let mut reply = match reply {
+            Ok(reply) => reply.unwrap_or_default(),
+            Err(e) if is_nogroup(&e) => return self.rejoin(sub).await,
+            Err(e) => return Err(e).context("XREADGROUP"),
+        };
+        if sub.ordered {
+            self.take_turns(sub, &mut reply.keys, true).await?;
         }
+        self.buffer_read(sub, reply);
+        Ok(())
     }
 
-    /// Reads new entries giving each key its turn; when there was nothing
-    /// to read, waits up to `block` for a stream to grow.
-    async fn read_ordered(
+    /// Drops from `read` the topic entries that did not get their key's
+    /// turn (they wait on their key's list now, or another member holds
+    /// them). `run`: each stream's entries are one XREADGROUP's, with no
+    /// other entry between them.
+    async fn take_turns(
         &mut self,
         sub: &StreamSubscription,
-        count: usize,
-        block: Duration,
+        read: &mut [StreamKey],
+        run: bool,
     ) -> Result<()> {
-        let streams = self.all_streams();
         let keys = &sub.shared.keys;
-        let mut invocation = scripts::READ_ORDERED.prepare_invoke();
-        invocation.key(keys.busy(&sub.group));
-        for stream in &streams {
-            invocation.key(stream);
-        }
+        let mut invocation = scripts::TAKE_TURNS.prepare_invoke();
+        invocation
+            .key(keys.busy(&sub.group))
+            .key(keys.turned(&sub.group));
         invocation
             .arg(&sub.group)
             .arg(&sub.consumer)
-            .arg(count)
             .arg(keys.waiting_prefix(&sub.group));
-        let reply = invocation
-            .invoke_async::<(StreamReadReply, u64, Vec<String>)>(&mut self.conn)
-            .await;
-        let (delivered, read, tails) = match reply {
-            Ok(reply) => reply,
-            Err(e) if is_nogroup(&e) => return self.rejoin(sub).await,
-            Err(e) => return Err(e).context("reading an ordered group"),
-        };
-        self.buffer_read(sub, delivered);
-        let block_ms = block.as_millis() as u64;
-        if read > 0 || block_ms == 0 || tails.len() != streams.len() {
+        let mut asked = 0;
+        for stream in read.iter_mut() {
+            if stream.key == self.retry || stream.ids.is_empty() {
+                continue;
+            }
+            stream.ids.sort_by_key(|entry| entry_order(&entry.id));
+            asked += 1;
+            invocation
+                .key(&stream.key)
+                .arg(asked + 2)
+                .arg(if run { "1" } else { "0" })
+                .arg(stream.ids.len());
+            for entry in &stream.ids {
+                let key = peek_text(entry, "key").unwrap_or_default();
+                let message_id = peek_text(entry, "id")
+                    .unwrap_or_else(|| format!("{}/{}", stream.key, entry.id));
+                invocation.arg(&entry.id).arg(key).arg(message_id);
+            }
+        }
+        if asked == 0 {
             return Ok(());
         }
-        // Wakes on the next entry after what was there; whoever reads it
-        // first takes it, so the caller reads again through the script.
-        let mut wait = ::redis::cmd("XREAD");
-        wait.arg("BLOCK")
-            .arg(block_ms)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg(&streams)
-            .arg(&tails);
-        tokio::time::timeout(
-            block + READ_GRACE,
-            wait.query_async::<Value>(&mut self.conn),
-        )
-        .await
-        .context("XREAD did not answer")?
-        .context("XREAD")?;
+        let turns: Vec<i64> = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .context("giving read entries their keys' turns")?;
+        let mut turns = turns.into_iter();
+        for stream in read.iter_mut() {
+            if stream.key == self.retry || stream.ids.is_empty() {
+                continue;
+            }
+            stream.ids.retain(|_| turns.next() == Some(1));
+        }
         Ok(())
     }
 
@@ -316,6 +319,24 @@ impl Reader {
                 .insert(stream.clone(), reply.next_stream_id.clone());
             for entry in reply.claimed {
                 claimed.push((stream.clone(), entry));
+            }
+        }
+        if sub.ordered {
+            let mut by_stream: Vec<StreamKey> = Vec::new();
+            for (stream, entry) in claimed.drain(..) {
+                match by_stream.iter_mut().find(|s| s.key == stream) {
+                    Some(s) => s.ids.push(entry),
+                    None => by_stream.push(StreamKey {
+                        key: stream,
+                        ids: vec![entry],
+                    }),
+                }
+            }
+            self.take_turns(sub, &mut by_stream, false).await?;
+            for stream in by_stream {
+                for entry in stream.ids {
+                    claimed.push((stream.key.clone(), entry));
+                }
             }
         }
         if claimed.is_empty() {
@@ -415,6 +436,16 @@ fn field_bytes(entry: &mut StreamId, name: &str) -> Option<Vec<u8>> {
         Value::BulkString(bytes) => Some(bytes),
         Value::SimpleString(text) => Some(text.into_bytes()),
         Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// A field's value as text, left in the entry.
+fn peek_text(entry: &StreamId, name: &str) -> Option<String> {
+    match entry.map.get(name)? {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(n) => Some(n.to_string()),
         _ => None,
     }
 }

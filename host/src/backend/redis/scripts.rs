@@ -33,12 +33,36 @@ end
     };
 }
 
+/// Lua shared by scripts that compare stream entry ids: `after(a, b)`
+/// says whether id `a` comes after id `b` (`<ms>-<seq>`, or `<ms>`).
+macro_rules! entry_ids {
+    () => {
+        r#"
+local function id_parts(id)
+  local dash = string.find(id, '-', 1, true)
+  if not dash then return tonumber(id), 0 end
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local function after(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+"#
+    };
+}
+
 /// Creates the group on the retry stream (at `0`) and on topic streams
 /// (MKSTREAM), recording when the group was born so every member starts a
-/// stream it discovers later at the same place.
+/// stream it discovers later at the same place, and, per topic stream,
+/// the entry before the group's first one as where its turns begin
+/// ([`TAKE_TURNS`]). A group made by a Sluice that kept no such record
+/// gave every entry it delivered its turn as it read it, so its record
+/// starts at the last entry delivered.
 ///
-/// KEYS: groups hash, the group's stream set, retry stream, topic streams….
-/// ARGV: group, `earliest` | `latest`. Returns the group's start id.
+/// KEYS: groups hash, the group's stream set, retry stream, turned hash,
+/// topic streams…. ARGV: group, `earliest` | `latest`. Returns the group's
+/// start id.
 pub static ENSURE_GROUPS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -61,91 +85,125 @@ local function create(key, id)
     if not string.find(text, 'BUSYGROUP', 1, true) then return text end
   end
   redis.call('SADD', KEYS[2], key)
-  return nil
+  return nil, ok
 end
 local failed = create(KEYS[3], '0')
 if failed then return redis.error_reply(failed) end
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   -- The first member starts existing streams exactly at their end; streams
   -- found later start at the group's birth.
   local id = start
   if born and start ~= '0' then id = '$' end
-  failed = create(KEYS[i], id)
+  local made
+  failed, made = create(KEYS[i], id)
   if failed then return redis.error_reply(failed) end
+  if made or redis.call('HEXISTS', KEYS[4], KEYS[i]) == 0 then
+    local first = '0-0'
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+      local info = {}
+      for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+      if info['name'] == ARGV[1] then first = info['last-delivered-id'] end
+    end
+    redis.call('HSET', KEYS[4], KEYS[i], first)
+  end
 end
 return start
 "#,
     )
 });
 
-/// One read of an ordered group's member: XREADGROUP of new entries on
-/// every stream it covers, then per keyed topic entry, the key's turn: an
-/// entry whose key has no message in flight takes the key (the busy hash
-/// records its message id, and where the entry is, for
-/// [`RELEASE_TRIMMED`]) and is delivered; one whose key is busy joins
-/// the end of the key's waiting list and is acknowledged in the stream, in
-/// the same step, so it is never in any consumer's hands while it waits.
-/// Settling the message that holds a key ([`SETTLE`]) moves the key's next
-/// waiting message to the group's retry stream, which every member reads,
-/// and hands it the key. Retry stream entries, unkeyed entries and
-/// entries claimed from a consumer's pending list hold their key already
-/// or need none.
+/// Gives each keyed topic entry an ordered group's member has just read
+/// (or claimed) its key's turn, in stream order across the group: an entry
+/// whose key has no message in flight takes the key (the busy hash records
+/// its message id, and where the entry is, for [`RELEASE_TRIMMED`]) and
+/// is delivered; one whose key is busy joins the end of the key's waiting
+/// list and is acknowledged in its stream, in the same step, so it is
+/// never in any consumer's hands while it waits. Settling the message that
+/// holds a key ([`SETTLE`]) moves the key's next waiting message to the
+/// group's retry stream, which every member reads, and hands it the key.
+/// Retry stream entries hold their key already; unkeyed entries need none.
 ///
-/// XREADGROUP cannot block inside a script, so when nothing at all was
-/// read the script answers each stream's last entry id, from which a
-/// blocking XREAD waits for the next one.
+/// The member reads with a plain XREADGROUP, so payloads never pass
+/// through Lua; only ids and keys come here. Turns must still follow the
+/// stream's order, though two members may read one after the other and
+/// ask for their turns the other way round, or one may die in between.
+/// So the `turned` hash keeps, per stream, the last entry that had its
+/// turn, and an entry past it first gives the entries between their turns
+/// (read here from the stream: those another member read and has not
+/// asked for yet, if still pending). An entry at or before that point had
+/// its turn already: it is delivered only if the caller still holds it
+/// (it took its key, or had none), not if it was put on a waiting list.
 ///
-/// KEYS: busy hash, retry stream, topic streams…. ARGV: group, consumer,
-/// COUNT, waiting-list prefix. Returns the delivered entries (in
-/// XREADGROUP's shape), how many entries were read, and the streams' last
-/// ids when that is none.
-pub static READ_ORDERED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// KEYS: busy hash, turned hash, topic streams…. ARGV: group, consumer,
+/// waiting-list prefix, then per stream: its KEYS index, 1 if its entries
+/// are one XREADGROUP's run (no other entry between them) else 0, their
+/// number, and per entry (in stream order) its id, key (`` for none) and
+/// message id. Returns, per entry, 1 to deliver it or 0 to drop it.
+pub static TAKE_TURNS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        entry_ids!(),
         r#"
-local group, waitp = ARGV[1], ARGV[4]
-local busy, retry = KEYS[1], KEYS[2]
-local args = {'GROUP', group, ARGV[2], 'COUNT', ARGV[3], 'STREAMS'}
-for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
-for i = 2, #KEYS do args[#args + 1] = '>' end
-local reply = redis.call('XREADGROUP', unpack(args))
-local out, read = {}, 0
-for _, s in ipairs(reply or {}) do
-  local stream, kept = s[1], {}
-  for _, e in ipairs(s[2]) do
-    read = read + 1
-    local fields, key, mid = e[2], nil, nil
-    if stream ~= retry then
+local busy, turned = KEYS[1], KEYS[2]
+local group, consumer, waitp = ARGV[1], ARGV[2], ARGV[3]
+local function take(stream, id, key, mid, fields)
+  if key == '' then return 1 end
+  local holder = mid .. '\n' .. stream .. '\n' .. id
+  if redis.call('HSETNX', busy, key, holder) == 1 then return 1 end
+  if redis.call('HGET', busy, key) == holder then return 1 end
+  if not fields then
+    local e = redis.call('XRANGE', stream, id, id)[1]
+    fields = (e and e[2]) or {}
+  end
+  if mid == stream .. '/' .. id then
+    fields[#fields + 1] = 'id'
+    fields[#fields + 1] = mid
+  end
+  redis.call('RPUSH', waitp .. key, cmsgpack.pack({stream, mid, fields}))
+  redis.call('XACK', stream, group, id)
+  return 0
+end
+local function pending_to(stream, id)
+  local ok, p = pcall(redis.call, 'XPENDING', stream, group, id, id, 1)
+  if ok and #p == 1 then return p[1][2] end
+  return nil
+end
+-- Entries another member read between the last turn and `upto`.
+local function fill_gap(stream, from, upto)
+  for _, e in ipairs(redis.call('XRANGE', stream, '(' .. from, '(' .. upto)) do
+    if pending_to(stream, e[1]) then
+      local fields, key, mid = e[2], '', nil
       for j = 1, #fields, 2 do
         if fields[j] == 'key' then key = fields[j + 1]
         elseif fields[j] == 'id' then mid = fields[j + 1] end
       end
+      take(stream, e[1], key, mid or (stream .. '/' .. e[1]), fields)
     end
-    if not mid then mid = stream .. '/' .. e[1] end
-    -- An empty key is no key, as the settling script sees it.
-    if key == '' then key = nil end
-    if key == nil or redis.call('HSETNX', busy, key, mid .. '\n' .. stream .. '\n' .. e[1]) == 1 then
-      kept[#kept + 1] = e
+  end
+end
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local stream, run, n = KEYS[tonumber(ARGV[i])], ARGV[i + 1] == '1', tonumber(ARGV[i + 2])
+  i = i + 3
+  local last = redis.call('HGET', turned, stream)
+  local moved, previous = false, nil
+  for _ = 1, n do
+    local id, key, mid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    i = i + 3
+    if last and not after(id, last) then
+      out[#out + 1] = (pending_to(stream, id) == consumer) and 1 or 0
     else
-      if mid == stream .. '/' .. e[1] then
-        fields[#fields + 1] = 'id'
-        fields[#fields + 1] = mid
-      end
-      redis.call('RPUSH', waitp .. key, cmsgpack.pack({stream, mid, fields}))
-      redis.call('XACK', stream, group, e[1])
+      if last and not (run and previous == last) then fill_gap(stream, last, id) end
+      out[#out + 1] = take(stream, id, key, mid, nil)
+      last, moved = id, true
     end
+    previous = id
   end
-  if #kept > 0 then out[#out + 1] = {stream, kept} end
+  if moved then redis.call('HSET', turned, stream, last) end
 end
-local tails = {}
-if read == 0 then
-  for i = 2, #KEYS do
-    local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
-    tails[#tails + 1] = (last[1] and last[1][1]) or '0-0'
-  end
-end
-return {out, read, tails}
-"#,
-    )
+return out
+"#
+    ))
 });
 
 /// Settles a batch of deliveries, each on its own and all or nothing: only
@@ -162,7 +220,7 @@ return {out, read, tails}
 /// - `p` (publish and ack): XADD of each output, then as an ack.
 ///
 /// An ack or a publish-and-ack of the message that holds its key in an
-/// ordered group ([`READ_ORDERED`]) hands the key on: the key's next
+/// ordered group ([`TAKE_TURNS`]) hands the key on: the key's next
 /// waiting message goes to the retry stream and takes the key, or, with
 /// none waiting, the key is free. A nack keeps the key for the retry.
 ///
@@ -415,13 +473,13 @@ return removed
 /// Removes an ephemeral group everywhere.
 ///
 /// KEYS: groups hash, stream set, retry stream, delayed set, busy hash,
-/// topic streams…. ARGV: group, waiting-list prefix.
+/// turned hash, topic streams…. ARGV: group, waiting-list prefix.
 pub static DESTROY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-for i = 6, #KEYS do pcall(redis.call, 'XGROUP', 'DESTROY', KEYS[i], ARGV[1]) end
+for i = 7, #KEYS do pcall(redis.call, 'XGROUP', 'DESTROY', KEYS[i], ARGV[1]) end
 for _, key in ipairs(redis.call('HKEYS', KEYS[5])) do redis.call('DEL', ARGV[2] .. key) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#,

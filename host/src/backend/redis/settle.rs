@@ -316,7 +316,7 @@ fn ranges<'a>(items: &[Item<'a>]) -> BTreeMap<usize, (&'a str, &'a str)> {
 }
 
 /// A stream entry id (`millis-sequence`) as something that sorts like it.
-fn entry_order(id: &str) -> (u64, u64) {
+pub(super) fn entry_order(id: &str) -> (u64, u64) {
     let (millis, sequence) = id.split_once('-').unwrap_or((id, "0"));
     (millis.parse().unwrap_or(0), sequence.parse().unwrap_or(0))
 }

@@ -41,7 +41,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // XINFO GROUPS `lag` (Redis 7 and later).
     backlog: true,
     // An ordered group hands out a key's next message only once its
-    // previous one is settled: see `READ_ORDERED` in `scripts.rs`.
+    // previous one is settled: see `TAKE_TURNS` in `scripts.rs`.
     key_affinity: true,
 };
 
@@ -56,6 +56,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 /// | `P.groups` | hash | group → the id it starts new streams at |
 /// | `P.busy:<group>` | hash | for an ordered group: each key with a message in flight → that message's id |
 /// | `P.waiting:<group>:<key>` | list | for an ordered group: the key's later messages, read and waiting for it, in order |
+/// | `P.turned:<group>` | hash | each topic stream → its last entry that had its key's turn in the group (kept for every group, used by ordered ones) |
 ///
 /// A topic never starts with `.` (its first token would be empty), so the
 /// bookkeeping keys can never collide with a topic's stream.
@@ -99,6 +100,10 @@ impl Keys {
 
     pub fn busy(&self, group: &str) -> String {
         format!("{}.busy:{group}", self.prefix)
+    }
+
+    pub fn turned(&self, group: &str) -> String {
+        format!("{}.turned:{group}", self.prefix)
     }
 
     /// What a key's waiting list is named after: the key follows.
@@ -188,7 +193,8 @@ impl Shared {
         invocation
             .key(self.keys.groups())
             .key(self.keys.streams_of(group))
-            .key(self.keys.retry(group));
+            .key(self.keys.retry(group))
+            .key(self.keys.turned(group));
         for stream in streams {
             invocation.key(stream);
         }

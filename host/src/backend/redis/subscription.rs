@@ -59,7 +59,7 @@ pub struct StreamSubscription {
     pub patterns: Vec<String>,
     pub ephemeral: bool,
     /// A key's next message waits until its previous one is settled, in
-    /// every member of the group (`scripts::READ_ORDERED`).
+    /// every member of the group (`scripts::TAKE_TURNS`).
     pub ordered: bool,
     /// How idle another consumer's entry must be before this one takes it.
     pub claim_idle: Duration,
@@ -262,7 +262,8 @@ impl StreamSubscription {
             .key(keys.streams_of(&self.group))
             .key(keys.retry(&self.group))
             .key(keys.delayed(&self.group))
-            .key(keys.busy(&self.group));
+            .key(keys.busy(&self.group))
+            .key(keys.turned(&self.group));
         for stream in &streams {
             invocation.key(stream);
         }
