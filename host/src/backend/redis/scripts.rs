@@ -129,8 +129,8 @@ return start
 /// ask for their turns the other way round, or one may die in between.
 /// So the `turned` hash keeps, per stream, the last entry that had its
 /// turn, and an entry past it first gives the entries between their turns
-/// (read here from the stream: those another member read and has not
-/// asked for yet, if still pending). An entry at or before that point had
+/// (those another member read and has not asked for yet: the pending ones
+/// in that stretch). An entry at or before that point had
 /// its turn already: it is delivered only if the caller still holds it
 /// (it took its key, or had none), not if it was put on a waiting list.
 ///
@@ -167,18 +167,26 @@ local function pending_to(stream, id)
   if ok and #p == 1 then return p[1][2] end
   return nil
 end
--- Entries another member read between the last turn and `upto`.
+-- Entries another member read between the last turn and `upto`, still
+-- pending (looked up in the pending list, so a long stretch the group
+-- has settled costs nothing).
 local function fill_gap(stream, from, upto)
-  for _, e in ipairs(redis.call('XRANGE', stream, '(' .. from, '(' .. upto)) do
-    if pending_to(stream, e[1]) then
-      local fields, key, mid = e[2], '', nil
-      for j = 1, #fields, 2 do
-        if fields[j] == 'key' then key = fields[j + 1]
-        elseif fields[j] == 'id' then mid = fields[j + 1] end
+  local start = '(' .. from
+  repeat
+    local page = redis.call('XPENDING', stream, group, start, '(' .. upto, 1000)
+    for _, p in ipairs(page) do
+      local e = redis.call('XRANGE', stream, p[1], p[1])[1]
+      if e then
+        local fields, key, mid = e[2], '', nil
+        for j = 1, #fields, 2 do
+          if fields[j] == 'key' then key = fields[j + 1]
+          elseif fields[j] == 'id' then mid = fields[j + 1] end
+        end
+        take(stream, e[1], key, mid or (stream .. '/' .. e[1]), fields)
       end
-      take(stream, e[1], key, mid or (stream .. '/' .. e[1]), fields)
     end
-  end
+    if #page > 0 then start = '(' .. page[#page][1] end
+  until #page < 1000
 end
 local out = {}
 local i = 4
