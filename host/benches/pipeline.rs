@@ -3,7 +3,9 @@
 //! the cost of the sandbox shows as a ratio: throughput at concurrency 1 and
 //! 4, and round-trip latency one message at a time. The route's
 //! `batch_size` is [`pipeline::BATCH_SIZE`]: the plugin gets up to that many
-//! messages per `handle-batch` call. Results go to the
+//! messages per `handle-batch` call. An ordered route over 1,000 keys runs
+//! too, against the same route unordered: what keeping each key's order
+//! costs the router itself, with no backend to wait for. Results go to the
 //! terminal, to `target/bench/pipeline.json` and to an SVG chart beside it.
 //!
 //! `SLUICE_BENCH_MESSAGES` (default 20000) sets the messages per throughput
@@ -35,6 +37,10 @@ use pipeline::{
 
 const CONCURRENCIES: [usize; 2] = [1, 4];
 const LATENCY_CONCURRENCY: usize = 1;
+/// The ordered run's keys and concurrency, as in the broker benchmark, so
+/// that its ratio there can be read against this one.
+const ORDERED_KEYS: usize = 1_000;
+const ORDERED_CONCURRENCY: usize = 32;
 /// Enough for every worker's instance to exist and every code path to be hot.
 const WARMUP_MESSAGES: usize = 2_000;
 const WARMUP_ROUNDS: usize = 500;
@@ -55,10 +61,12 @@ async fn main() -> Result<()> {
         let rate = measure_throughput(&handlers, concurrency, &settings).await?;
         throughput.push(Throughput { concurrency, rate });
     }
+    let order = measure_order_cost(&handlers, &settings).await?;
     let latency = measure_latency(&handlers, &settings).await?;
     let results = Results {
         settings,
         throughput,
+        order,
         latency,
     };
     results.print();
@@ -123,10 +131,10 @@ async fn measure_throughput(
     for _ in 0..REPEATS {
         rates
             .wasm
-            .push(throughput(&mut pipelines.wasm, settings.messages).await?);
+            .push(throughput(&mut pipelines.wasm, settings.messages, None).await?);
         rates
             .native
-            .push(throughput(&mut pipelines.native, settings.messages).await?);
+            .push(throughput(&mut pipelines.native, settings.messages, None).await?);
     }
     pipelines.stop().await?;
     let rate = Pair {
@@ -139,6 +147,45 @@ async fn measure_throughput(
         thousands(rate.native)
     );
     Ok(rate)
+}
+
+/// Median messages per second of the wasm route unordered and ordered,
+/// measured in turn.
+async fn measure_order_cost(handlers: &Handlers, settings: &Settings) -> Result<OrderCost> {
+    let phase =
+        format!("ordered over {ORDERED_KEYS} keys, concurrency {ORDERED_CONCURRENCY}, wasm:");
+    println!("{phase} warming up…");
+    let keys = Some(ORDERED_KEYS);
+    let mut unordered = wasm_pipeline(handlers, None).await?;
+    let mut ordered = wasm_pipeline(handlers, keys).await?;
+    warm_up(&mut unordered).await?;
+    warm_up(&mut ordered).await?;
+    println!(
+        "{phase} {REPEATS} × {} messages, unordered and ordered in turn…",
+        settings.messages
+    );
+    let (mut unordered_rates, mut ordered_rates) = (Vec::new(), Vec::new());
+    for _ in 0..REPEATS {
+        unordered_rates.push(throughput(&mut unordered, settings.messages, None).await?);
+        ordered_rates.push(throughput(&mut ordered, settings.messages, keys).await?);
+    }
+    unordered.stop().await?;
+    ordered.stop().await?;
+    let cost = OrderCost {
+        unordered: median(&mut unordered_rates).context("no throughput run")?,
+        ordered: median(&mut ordered_rates).context("no throughput run")?,
+    };
+    println!(
+        "{phase} unordered {} msgs/s, ordered {} msgs/s",
+        thousands(cost.unordered),
+        thousands(cost.ordered)
+    );
+    Ok(cost)
+}
+
+async fn wasm_pipeline(handlers: &Handlers, keys: Option<usize>) -> Result<Pipeline> {
+    let backend = Arc::new(MemoryBackend::from_url("memory://")?);
+    Pipeline::start(backend, handlers.wasm.clone(), ORDERED_CONCURRENCY, keys).await
 }
 
 /// Round trips one message at a time, both handlers.
@@ -211,10 +258,11 @@ async fn warm_up(pipeline: &mut Pipeline) -> Result<()> {
 }
 
 /// Messages per second from the first publish until the last output is
-/// consumed, publishing as fast as back-pressure allows.
-async fn throughput(pipeline: &mut Pipeline, messages: usize) -> Result<f64> {
+/// consumed, publishing as fast as back-pressure allows; with `keys`, the
+/// messages take that many keys in turn.
+async fn throughput(pipeline: &mut Pipeline, messages: usize, keys: Option<usize>) -> Result<f64> {
     // Built beforehand: the publisher's own costs are not the pipeline's.
-    let batches = batches(messages, None);
+    let batches = batches(messages, keys);
     let backend = pipeline.backend.clone();
     let started = Instant::now();
     let publisher = tokio::spawn(async move {
@@ -261,6 +309,18 @@ struct Throughput {
     rate: Pair<f64>,
 }
 
+/// The wasm route's messages per second, unordered and ordered.
+struct OrderCost {
+    unordered: f64,
+    ordered: f64,
+}
+
+impl OrderCost {
+    fn ratio(&self) -> f64 {
+        self.ordered / self.unordered
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Latency {
     p50: Duration,
@@ -304,6 +364,7 @@ impl Pair<Latency> {
 struct Results {
     settings: Settings,
     throughput: Vec<Throughput>,
+    order: OrderCost,
     latency: Pair<Latency>,
 }
 
@@ -327,6 +388,12 @@ impl Results {
                 run.rate.ratio()
             );
         }
+        println!(
+            "  ordered over {ORDERED_KEYS} keys, concurrency {ORDERED_CONCURRENCY}, wasm: {} msgs/s, {:.2} of unordered ({} msgs/s)",
+            thousands(self.order.ordered),
+            self.order.ratio(),
+            thousands(self.order.unordered)
+        );
         println!();
         println!(
             "Round-trip latency: {} messages one at a time, concurrency {LATENCY_CONCURRENCY}, µs (lower is better)",
@@ -380,6 +447,14 @@ impl Results {
                 "runs_per_figure": REPEATS,
                 "statistic": "median",
                 "figures": runs,
+                "ordered": {
+                    "keys": ORDERED_KEYS,
+                    "concurrency": ORDERED_CONCURRENCY,
+                    "handler": "wasm",
+                    "unordered_msgs_per_sec": self.order.unordered.round(),
+                    "ordered_msgs_per_sec": self.order.ordered.round(),
+                    "ordered_over_unordered": round2(self.order.ratio()),
+                },
             },
             "latency": {
                 "rounds": self.settings.rounds,
