@@ -131,10 +131,10 @@ async fn measure_throughput(
     for _ in 0..REPEATS {
         rates
             .wasm
-            .push(throughput(&mut pipelines.wasm, settings.messages, None).await?);
+            .push(throughput(&mut pipelines.wasm, settings.messages).await?);
         rates
             .native
-            .push(throughput(&mut pipelines.native, settings.messages, None).await?);
+            .push(throughput(&mut pipelines.native, settings.messages).await?);
     }
     pipelines.stop().await?;
     let rate = Pair {
@@ -155,9 +155,13 @@ async fn measure_order_cost(handlers: &Handlers, settings: &Settings) -> Result<
     let phase =
         format!("ordered over {ORDERED_KEYS} keys, concurrency {ORDERED_CONCURRENCY}, wasm:");
     println!("{phase} warming up…");
-    let keys = Some(ORDERED_KEYS);
-    let mut unordered = wasm_pipeline(handlers, None).await?;
-    let mut ordered = wasm_pipeline(handlers, keys).await?;
+    let mut unordered = memory_pipeline(handlers.wasm.clone(), ORDERED_CONCURRENCY, None).await?;
+    let mut ordered = memory_pipeline(
+        handlers.wasm.clone(),
+        ORDERED_CONCURRENCY,
+        Some(ORDERED_KEYS),
+    )
+    .await?;
     warm_up(&mut unordered).await?;
     warm_up(&mut ordered).await?;
     println!(
@@ -166,8 +170,8 @@ async fn measure_order_cost(handlers: &Handlers, settings: &Settings) -> Result<
     );
     let (mut unordered_rates, mut ordered_rates) = (Vec::new(), Vec::new());
     for _ in 0..REPEATS {
-        unordered_rates.push(throughput(&mut unordered, settings.messages, None).await?);
-        ordered_rates.push(throughput(&mut ordered, settings.messages, keys).await?);
+        unordered_rates.push(throughput(&mut unordered, settings.messages).await?);
+        ordered_rates.push(throughput(&mut ordered, settings.messages).await?);
     }
     unordered.stop().await?;
     ordered.stop().await?;
@@ -181,11 +185,6 @@ async fn measure_order_cost(handlers: &Handlers, settings: &Settings) -> Result<
         thousands(cost.ordered)
     );
     Ok(cost)
-}
-
-async fn wasm_pipeline(handlers: &Handlers, keys: Option<usize>) -> Result<Pipeline> {
-    let backend = Arc::new(MemoryBackend::from_url("memory://")?);
-    Pipeline::start(backend, handlers.wasm.clone(), ORDERED_CONCURRENCY, keys).await
 }
 
 /// Round trips one message at a time, both handlers.
@@ -232,8 +231,8 @@ async fn measure_latency(handlers: &Handlers, settings: &Settings) -> Result<Pai
 impl Pair<Pipeline> {
     async fn start(handlers: &Handlers, concurrency: usize) -> Result<Self> {
         let mut pipelines = Pair {
-            wasm: memory_pipeline(handlers.wasm.clone(), concurrency).await?,
-            native: memory_pipeline(handlers.native.clone(), concurrency).await?,
+            wasm: memory_pipeline(handlers.wasm.clone(), concurrency, None).await?,
+            native: memory_pipeline(handlers.native.clone(), concurrency, None).await?,
         };
         warm_up(&mut pipelines.wasm).await?;
         warm_up(&mut pipelines.native).await?;
@@ -246,10 +245,15 @@ impl Pair<Pipeline> {
     }
 }
 
-/// A pipeline on a fresh in-memory backend of its own.
-async fn memory_pipeline(handler: Arc<dyn MessageHandler>, concurrency: usize) -> Result<Pipeline> {
+/// A pipeline on a fresh in-memory backend of its own; with `keys`, an
+/// ordered one whose inputs take that many keys in turn.
+async fn memory_pipeline(
+    handler: Arc<dyn MessageHandler>,
+    concurrency: usize,
+    keys: Option<usize>,
+) -> Result<Pipeline> {
     let backend = Arc::new(MemoryBackend::from_url("memory://")?);
-    Pipeline::start(backend, handler, concurrency, None).await
+    Pipeline::start(backend, handler, concurrency, keys).await
 }
 
 async fn warm_up(pipeline: &mut Pipeline) -> Result<()> {
@@ -258,11 +262,11 @@ async fn warm_up(pipeline: &mut Pipeline) -> Result<()> {
 }
 
 /// Messages per second from the first publish until the last output is
-/// consumed, publishing as fast as back-pressure allows; with `keys`, the
-/// messages take that many keys in turn.
-async fn throughput(pipeline: &mut Pipeline, messages: usize, keys: Option<usize>) -> Result<f64> {
+/// consumed, publishing as fast as back-pressure allows, with the
+/// pipeline's keys.
+async fn throughput(pipeline: &mut Pipeline, messages: usize) -> Result<f64> {
     // Built beforehand: the publisher's own costs are not the pipeline's.
-    let batches = batches(messages, keys);
+    let batches = batches(messages, pipeline.keys);
     let backend = pipeline.backend.clone();
     let started = Instant::now();
     let publisher = tokio::spawn(async move {

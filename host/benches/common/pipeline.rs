@@ -87,7 +87,7 @@ pub struct Pipeline {
     counter: JoinHandle<Result<()>>,
     outputs: mpsc::UnboundedReceiver<usize>,
     /// The keys inputs take in turn, on an ordered route.
-    keys: Option<usize>,
+    pub keys: Option<usize>,
 }
 
 impl Pipeline {
